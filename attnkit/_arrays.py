@@ -1,0 +1,69 @@
+"""NumPy arrays and torch tensors: telling them apart and moving between them.
+
+torch is imported only when a tensor is actually seen, so NumPy users never pay
+for importing it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+def is_tensor(x):
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def family(x):
+    """'numpy', 'torch', or None for anything else."""
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if is_tensor(x):
+        return "torch"
+    return None
+
+
+def type_name(x):
+    """A short name for error messages: numpy.ndarray, torch.Tensor, list, ..."""
+    if family(x) == "numpy":
+        return "numpy.ndarray"
+    if family(x) == "torch":
+        return "torch.Tensor"
+    return type(x).__name__
+
+
+def dtype_name(x):
+    """'float32', 'bfloat16', ... for arrays and tensors alike."""
+    return str(x.dtype).removeprefix("torch.")
+
+
+def device_name(x):
+    return str(x.device) if family(x) == "torch" else "cpu"
+
+
+def to_numpy(x):
+    """A NumPy view or copy of x. bfloat16 (which NumPy lacks) becomes float32."""
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    import torch
+
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    return x.cpu().numpy()
+
+
+def like(result, reference, keep_dtype=False):
+    """Convert a NumPy result to the array type and device of `reference`.
+
+    The result takes `reference`'s dtype, unless keep_dtype is True (lse, say,
+    stays float32 whatever the inputs were).
+    """
+    if isinstance(reference, np.ndarray):
+        return result if keep_dtype else result.astype(reference.dtype, copy=False)
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(result))
+    return tensor.to(device=reference.device, dtype=None if keep_dtype else reference.dtype)

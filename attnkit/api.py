@@ -1,0 +1,209 @@
+"""The public functions: attention(), scaled_dot_product_attention(), explain().
+
+Each call flows one way: validate the arguments, choose a backend, run it (under
+torch autograd when a tensor requires grad), and hand back the input's array
+type, device and dtype.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _arrays
+from .backends import Request, backend_status, choose_backend
+from .validation import as_heads, validate_attention
+
+
+def _draw_dropout_keep(spec, dropout_p, q):
+    """A fresh boolean mask of kept weights, (..., Hq, Nq, Nk), each kept with probability 1 - p."""
+    if spec.kind == "torch":
+        import torch
+
+        return torch.rand(spec.scores_shape, device=q.device) >= dropout_p
+    return np.random.default_rng().random(spec.scores_shape) >= dropout_p
+
+
+def _needs_grad(spec, q, k, v):
+    if spec.kind != "torch":
+        return False
+    import torch
+
+    return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+
+
+def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0):
+    q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
+    grad = _needs_grad(spec, q, k, v)
+    request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=grad)
+    choice = choose_backend(spec, backend, request)
+    keep = _draw_dropout_keep(spec, dropout_p, q) if dropout_p > 0 else None
+
+    if grad:
+        from .autograd import AttentionFunction
+
+        results = AttentionFunction.apply(
+            q, k, v, mask, keep, choice.backend, spec, dropout_p, return_weights
+        )
+        out, lse = results[0], results[1]
+        weights = results[2] if return_weights else None
+    else:
+        out, lse, weights = choice.backend.forward(
+            q, k, v, mask, spec,
+            return_weights=return_weights, dropout_p=dropout_p, dropout_keep=keep,
+        )
+
+    results = [out] + [lse] * return_lse + [weights] * return_weights
+    if spec.squeeze:  # every input was (N, D): drop the one-head axis again
+        results = [r[0] for r in results]
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    mask=None,
+    scale=None,
+    window=None,
+    softcap=None,
+    return_lse=False,
+    return_weights=False,
+    backend="auto",
+):
+    """Exact attention, softmax(scale * q k^T + masks) v, on the best backend.
+
+    Args:
+        q: (..., Hq, Nq, D) queries, a NumPy array or a torch tensor.
+        k: (..., Hkv, Nk, D) keys; Hq must be a multiple of Hkv (GQA/MQA:
+            query head h reads kv head h // (Hq // Hkv)).
+        v: (..., Hkv, Nk, Dv) values. Leading axes of q, k, v broadcast.
+            A two-axis input (N, D) is one head.
+        causal: False; True or "top_left" (query i sees keys j <= i, torch's
+            is_causal); "bottom_right" (query i sees j <= i + Nk - Nq, the
+            last query sees the last key, as with a KV cache).
+        mask: boolean (True = may attend) or additive float, broadcastable to
+            (..., Hq, Nq, Nk); same array type and device as q.
+        scale: factor on q.k, default 1/sqrt(D); any finite float.
+        window: (left, right): query at key position p sees keys
+            p - left <= j <= p + right (p includes the causal alignment);
+            None on a side is unlimited.
+        softcap: scores become softcap * tanh(scores / softcap) before masks.
+        return_lse: also return log-sum-exp per row, (..., Hq, Nq), float32
+            (float64 for float64 input), -inf for a row that sees no key.
+        return_weights: also return the attention weights (..., Hq, Nq, Nk).
+        backend: "auto" (fastest that supports the call) or a name from
+            attnkit.available_backends().
+
+    Returns:
+        out (..., Hq, Nq, Dv) with q's type, device and dtype; a tuple
+        (out, lse), (out, weights) or (out, lse, weights) when asked for.
+        A row that sees no key gives 0 (and lse -inf), never NaN.
+
+    Raises:
+        TypeError, ValueError: naming the argument, for any invalid input.
+    """
+    spec = validate_attention(
+        q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
+    )
+    return _attend(
+        q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights
+    )
+
+
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    backend="auto",
+):
+    """A drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+    Same arguments and semantics as torch's: query (..., Hq, L, E), key
+    (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev); is_causal
+    is top-left aligned; attn_mask is boolean (True = attend) or additive;
+    dropout_p drops attention weights and rescales the kept ones by
+    1 / (1 - dropout_p) (on every call: torch's function has no training flag
+    either); enable_gqa lets Hq be a multiple of Hkv. Without enable_gqa the
+    head axes must match or one of them be 1 (broadcast, as torch does).
+    NumPy arrays work as well as tensors. `backend` is attnkit's own extra.
+    """
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, (bool, np.bool_)):
+        raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1]; got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1]; got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(
+            "attn_mask and is_causal=True were both given; as in torch, pass one: "
+            "a causal mask can be folded into attn_mask"
+        )
+
+    if not enable_gqa:
+        query = _broadcast_query_heads(query, key, value)
+    spec = validate_attention(
+        query, key, value, causal=bool(is_causal), mask=attn_mask, scale=scale,
+        window=None, softcap=None,
+    )
+    return _attend(
+        query, key, value, attn_mask, spec, backend,
+        return_lse=False, return_weights=False, dropout_p=float(dropout_p),
+    )
+
+
+def _broadcast_query_heads(query, key, value):
+    """Without enable_gqa torch broadcasts the head axis like a batch axis.
+
+    A single kv head already reads as GQA with Hkv = 1; a single query head
+    against several kv heads is expanded (a view) so the spec's Hq % Hkv rule
+    holds. Any other mismatch is an error, as in torch.
+    """
+    shapes = [getattr(x, "shape", None) for x in (query, key, value)]
+    if any(s is None or len(s) < 3 for s in shapes):
+        return query  # too few axes for a head axis; validation reports anything wrong
+    hq, hkv = shapes[0][-3], shapes[1][-3]
+    if hq == hkv or hkv == 1:
+        return query
+    if hq == 1:
+        target = tuple(shapes[0][:-3]) + (hkv,) + tuple(shapes[0][-2:])
+        if _arrays.family(query) == "torch":
+            return query.expand(target)
+        if _arrays.family(query) == "numpy":
+            return np.broadcast_to(query, target)
+        return query
+    raise ValueError(
+        f"query has {hq} heads and key has {hkv}; without enable_gqa=True the head "
+        f"counts must match or one be 1 (got query {tuple(shapes[0])}, key {tuple(shapes[1])})"
+    )
+
+
+def explain(
+    q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None,
+    return_weights=False, backend="auto",
+):
+    """Which backend attention() would run these arguments on, and why (a string)."""
+    spec = validate_attention(
+        q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
+    )
+    grad = _needs_grad(spec, q, k, v)
+    choice = choose_backend(
+        spec, backend, Request(return_weights=return_weights, grad=grad), warn=False
+    )
+    return choice.explain(spec)
+
+
+def available_backends():
+    """{name: None if it can run on this machine, else the reason it cannot}."""
+    return backend_status()

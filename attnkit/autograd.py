@@ -1,0 +1,38 @@
+"""torch autograd for any backend: its forward, then its backward from the saved lse."""
+
+from __future__ import annotations
+
+import torch
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Differentiable attention over q, k and v (the mask and lse are not differentiated).
+
+    forward(q, k, v, mask, dropout_keep, backend, spec, dropout_p, return_weights)
+    returns (out, lse) or (out, lse, weights): q (..., Hq, Nq, D), k (..., Hkv, Nk, D),
+    v (..., Hkv, Nk, Dv) -> out (..., Hq, Nq, Dv), lse (..., Hq, Nq),
+    weights (..., Hq, Nq, Nk).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout_keep, backend, spec, dropout_p, return_weights):
+        out, lse, weights = backend.forward(
+            q, k, v, mask, spec,
+            return_weights=return_weights, dropout_p=dropout_p, dropout_keep=dropout_keep,
+        )
+        ctx.save_for_backward(q, k, v, mask, dropout_keep, out, lse)
+        ctx.backend, ctx.spec, ctx.dropout_p = backend, spec, dropout_p
+        ctx.mark_non_differentiable(lse)
+        if return_weights:
+            ctx.mark_non_differentiable(weights)
+            return out, lse, weights
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, *unused):
+        q, k, v, mask, dropout_keep, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(
+            q, k, v, mask, out, d_out, lse, ctx.spec,
+            dropout_p=ctx.dropout_p, dropout_keep=dropout_keep,
+        )
+        return dq, dk, dv, None, None, None, None, None, None

@@ -1,0 +1,118 @@
+"""What this machine offers attnkit: library versions, CPU, GPUs, usable backends."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+# Instruction-set extensions that matter for attention kernels, as Linux names them.
+SIMD_FLAGS = (
+    "sse4_2", "avx", "avx2", "fma", "f16c",
+    "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_tile", "amx_bf16", "amx_fp16",
+    "asimd", "asimdhp", "sve", "sve2",
+)
+
+LIBRARIES = ("numpy", "scipy", "numba", "torch", "triton")
+
+
+def library_versions():
+    """{name: version, or 'not installed (reason)'} for the libraries attnkit uses."""
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            module = importlib.import_module(name)
+            versions[name] = getattr(module, "__version__", "unknown version")
+        except Exception as error:  # ImportError, or a broken install raising anything
+            versions[name] = f"not installed ({type(error).__name__}: {error})"
+    return versions
+
+
+def cpu_info():
+    """CPU model, logical cores and the SIMD extensions from SIMD_FLAGS it has."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # first processor only
+    except OSError:
+        pass  # not Linux: the model from platform, no flag list
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def cuda_devices():
+    """One dict per visible CUDA device, or a reason why there are none."""
+    try:
+        import torch
+    except ImportError:
+        return {"devices": [], "reason": "torch is not installed"}
+    if not torch.cuda.is_available():
+        built = torch.version.cuda
+        reason = "torch is a CPU-only build" if built is None else "no CUDA device is visible"
+        return {"devices": [], "reason": reason}
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        devices.append({
+            "index": index,
+            "name": props.name,
+            "capability": f"sm_{props.major}{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "multiprocessors": props.multi_processor_count,
+        })
+    return {"devices": devices, "reason": None}
+
+
+def collect():
+    """Everything `attnkit info` reports, as one JSON-ready dict."""
+    from . import __version__, available_backends
+
+    return {
+        "attnkit": __version__,
+        "executable": sys.executable,
+        "versions": library_versions(),
+        "cpu": cpu_info(),
+        "cuda": cuda_devices(),
+        "backends": available_backends(),
+    }
+
+
+def format_report(info):
+    """The dict from collect() as aligned text."""
+    lines = [f"attnkit {info['attnkit']}  ({info['executable']})", "", "libraries:"]
+    lines += [f"  {name:<8} {version}" for name, version in info["versions"].items()]
+    cpu = info["cpu"]
+    lines += [
+        "",
+        "cpu:",
+        f"  model    {cpu['model']}",
+        f"  cores    {cpu['logical_cores']} logical ({cpu['machine']}, {cpu['system']})",
+        f"  simd     {' '.join(cpu['simd']) or 'none detected'}",
+        "",
+        "cuda:",
+    ]
+    cuda = info["cuda"]
+    if cuda["devices"]:
+        lines += [
+            f"  [{d['index']}] {d['name']}, {d['capability']}, {d['memory_gib']} GiB, "
+            f"{d['multiprocessors']} SMs"
+            for d in cuda["devices"]
+        ]
+    else:
+        lines.append(f"  none: {cuda['reason']}")
+    lines += ["", "backends:"]
+    lines += [
+        f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}"
+        for name, reason in info["backends"].items()
+    ]
+    return "\n".join(lines)

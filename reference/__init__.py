@@ -1,0 +1,29 @@
+"""attnkit.reference: the NumPy specification of attention.
+
+Every backend is tested against these functions. See attention.py for the
+exact definition (order of scale, softcap, masks; fully masked rows).
+"""
+
+from .attention import (
+    CAUSAL_MODES,
+    attention,
+    attention_backward,
+    compute_dtype,
+    resolve_causal,
+    resolve_scale,
+    visible_keys,
+)
+from .mha import multi_head_attention
+from .naive import naive_attention
+
+__all__ = [
+    "CAUSAL_MODES",
+    "attention",
+    "attention_backward",
+    "compute_dtype",
+    "multi_head_attention",
+    "naive_attention",
+    "resolve_causal",
+    "resolve_scale",
+    "visible_keys",
+]

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create (or refresh) the virtual environment that `make test` and `make bench` run in.
+#
+#   ATTNKIT_VENV    the environment's folder               (default: .venv)
+#   ATTNKIT_PYTHON  the interpreter it is created from     (default: python3)
+#   ATTNKIT_TORCH   what pip installs when no torch exists (default: torch==2.13.0)
+#
+# torch is never replaced: when the base interpreter already has one (a CUDA
+# build, say) the environment sees it through --system-site-packages; only when
+# there is none does pip install ATTNKIT_TORCH (on the project's machines that
+# pin resolves to a local CPU wheel, not a multi-GB CUDA download).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=${ATTNKIT_VENV:-.venv}
+base=${ATTNKIT_PYTHON:-python3}
+py="$venv/bin/python"
+
+if [ ! -x "$py" ]; then
+    if "$base" -c "import torch" >/dev/null 2>&1; then
+        echo "bootstrap: $base has torch $("$base" -c 'import torch; print(torch.__version__)'); $venv will reuse it" >&2
+        "$base" -m venv --system-site-packages "$venv"
+    else
+        echo "bootstrap: creating $venv from $("$base" --version)" >&2
+        "$base" -m venv "$venv"
+    fi
+fi
+
+# Reinstall only when the package metadata or this script changed.
+stamp="$venv/.attnkit-installed"
+wanted=$(cat setup.cfg pyproject.toml scripts/bootstrap.sh | sha1sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+    exit 0
+fi
+
+if ! "$py" -c "import torch" >/dev/null 2>&1; then
+    echo "bootstrap: installing ${ATTNKIT_TORCH:-torch==2.13.0}" >&2
+    "$py" -m pip install --quiet --progress-bar off "${ATTNKIT_TORCH:-torch==2.13.0}"
+fi
+echo "bootstrap: installing attnkit (editable) with its test dependencies" >&2
+"$py" -m pip install --quiet --progress-bar off -e ".[test]"
+echo "$wanted" >"$stamp"
