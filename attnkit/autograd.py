@@ -22,10 +22,11 @@ class AttentionFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(q, k, v, mask, dropout_keep, out, lse)
         ctx.backend, ctx.spec, ctx.dropout_p = backend, spec, dropout_p
-        ctx.mark_non_differentiable(lse)
+        # One call: a second mark_non_differentiable would replace the first.
         if return_weights:
-            ctx.mark_non_differentiable(weights)
+            ctx.mark_non_differentiable(lse, weights)
             return out, lse, weights
+        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
