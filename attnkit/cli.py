@@ -30,8 +30,9 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"attnkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     from .bench.cli import add_bench_parser
+    from .viz.cli import add_viz_parser
 
-    for add in (_add_info, add_bench_parser):
+    for add in (_add_info, add_bench_parser, add_viz_parser):
         add(subparsers)
     return parser
 

