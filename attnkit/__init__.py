@@ -20,7 +20,7 @@ if _os.path.isfile(_os.path.join(_checkout, "setup.cfg")) and _os.path.isdir(
 ):
     __path__.append(_checkout)
 
-from .api import attention, available_backends, explain, scaled_dot_product_attention
+from .api import attention, available_backends, explain, scaled_dot_product_attention, warmup
 from .backends import AttnkitFallbackWarning
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "available_backends",
     "explain",
     "scaled_dot_product_attention",
+    "warmup",
 ]

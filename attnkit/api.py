@@ -207,3 +207,17 @@ def explain(
 def available_backends():
     """{name: None if it can run on this machine, else the reason it cannot}."""
     return backend_status()
+
+
+def warmup():
+    """Compile every available JIT backend now, so no later call pays for it.
+
+    The Numba kernel compiles (or loads from its cache) on first use: seconds,
+    once per process. Call this at start-up to move that cost out of the first
+    attention call.
+    """
+    from .backends import BACKENDS
+
+    for backend in BACKENDS.values():
+        if backend.unavailable_reason() is None:
+            backend.warmup()

@@ -14,7 +14,9 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 
-from . import _arrays
+import numpy as np
+
+from . import _arrays, _layout
 from .reference import attention as reference_attention
 from .reference import attention_backward as reference_attention_backward
 
@@ -55,14 +57,13 @@ class Backend:
         """Returns (dq, dk, dv) in the array type, device and dtype of q, k, v."""
         raise NotImplementedError
 
+    def warmup(self):
+        """Compile whatever the backend compiles lazily (nothing by default)."""
+
 
 def _options(spec):
-    return dict(
-        causal=spec.causal or False,
-        scale=spec.scale,
-        window=spec.window,
-        softcap=spec.softcap,
-    )
+    """The spec's attention options as keyword arguments for the reference and the kernels."""
+    return dict(causal=spec.causal, scale=spec.scale, window=spec.window, softcap=spec.softcap)
 
 
 class ReferenceBackend(Backend):
@@ -94,11 +95,74 @@ class ReferenceBackend(Backend):
         return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))
 
 
-BACKENDS = {backend.name: backend for backend in (ReferenceBackend(),)}
+class NumbaBackend(Backend):
+    """The tiled Numba kernel (kernels/numba_attention.py) on CPU data.
+
+    Inputs are folded to (B, H, N, D) without a copy when their layout allows
+    (torch CPU tensors are viewed, not copied); float16 and bfloat16 run in
+    float32 and are cast back.
+    """
+
+    name = "numba"
+
+    def unavailable_reason(self):
+        try:
+            from .kernels import numba_attention  # noqa: F401
+        except Exception as error:  # ImportError, or numba failing to initialise
+            return f"the Numba kernel cannot be imported ({type(error).__name__}: {error})"
+        return None
+
+    def unsupported_reason(self, spec, request):
+        if spec.device != "cpu":
+            return f"it runs on CPU data; these tensors are on {spec.device}"
+        if request.return_weights:
+            return "return_weights needs the whole weight matrix, which a flash kernel never forms"
+        if request.dropout:
+            return "dropout is not implemented in the Numba kernel"
+        return None
+
+    def warmup(self):
+        from .kernels.numba_attention import warmup
+
+        warmup()
+
+    @staticmethod
+    def _fold(x, spec):
+        """x as a C-contiguous (B, H, N, D) array in the kernel's dtype (float32 or float64)."""
+        dtype = np.float64 if spec.dtype == "float64" else np.float32
+        return _layout.fold_batch(_arrays.to_numpy(x).astype(dtype, copy=False), spec.batch)
+
+    def forward(self, q, k, v, mask, spec, *, return_weights=False, dropout_p=0.0, dropout_keep=None):
+        from .kernels.numba_attention import flash_forward
+
+        qn, kn, vn = (self._fold(x, spec) for x in (q, k, v))
+        out, lse = flash_forward(
+            qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, qn.dtype), **_options(spec)
+        )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
+        out, lse = _layout.unfold_batch(out, spec.batch), _layout.unfold_batch(lse, spec.batch)
+        return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
+
+    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, dropout_p=0.0, dropout_keep=None):
+        from .kernels.numba_attention import flash_backward
+
+        qn, kn, vn, on, don = (self._fold(x, spec) for x in (q, k, v, out, d_out))
+        lse_n = np.ascontiguousarray(_arrays.to_numpy(lse).reshape((-1,) + lse.shape[-2:]))
+        grads = flash_backward(
+            qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, qn.dtype), on, don, lse_n,
+            **_options(spec),
+        )  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
+        results = []
+        for g, x in zip(grads, (q, k, v)):
+            g = _layout.sum_to_shape(_layout.unfold_batch(g, spec.batch), tuple(x.shape))
+            results.append(_arrays.like(g, x))
+        return tuple(results)
+
+
+BACKENDS = {backend.name: backend for backend in (ReferenceBackend(), NumbaBackend())}
 
 # Fastest first, per device type; "auto" walks this list.
 AUTO_ORDER = {
-    "cpu": ("reference",),
+    "cpu": ("numba", "reference"),
     "cuda": ("reference",),
 }
 

@@ -224,7 +224,7 @@ def attention(
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def _sum_to_shape(x, shape):
+def sum_to_shape(x, shape):
     """Sum a broadcast gradient back down to the shape of the input it came from."""
     extra = x.ndim - len(shape)
     x = x.sum(axis=tuple(range(extra))) if extra else x
@@ -310,6 +310,6 @@ def attention_backward(
     dk, dv = fold_heads(dk_rep), fold_heads(dv_rep)
     grads = []
     for g, x, shape in zip((dq, dk, dv), (q, k, v), shapes):
-        g = _sum_to_shape(g, x.shape).reshape(shape)
+        g = sum_to_shape(g, x.shape).reshape(shape)
         grads.append(np.ascontiguousarray(g.astype(x.dtype, copy=False)))
     return tuple(grads)

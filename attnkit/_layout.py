@@ -1,0 +1,49 @@
+"""Reshaping validated NumPy inputs into the fixed layout the kernels take.
+
+Kernels see q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with every
+leading axis folded into B, and a mask (Bm, Hm, Mq, Nk) whose first three axes
+are either 1 (broadcast) or full, so a key-padding mask stays (B, 1, 1, Nk)
+instead of growing to (B, H, Nq, Nk).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .reference.attention import sum_to_shape  # noqa: F401  (re-exported for the backends)
+
+
+def fold_batch(x, batch):
+    """(*batch_x, H, N, D) broadcast to batch, then (B, H, N, D), C-contiguous.
+
+    No copy when x already has the full batch and a C-contiguous layout.
+    """
+    x = np.broadcast_to(x, tuple(batch) + x.shape[-3:])
+    return np.ascontiguousarray(x.reshape((math.prod(batch),) + x.shape[-3:]))
+
+
+def unfold_batch(x, batch):
+    """(B, ...) back to (*batch, ...)."""
+    return x.reshape(tuple(batch) + x.shape[1:])
+
+
+def mask_4d(mask, spec, dtype):
+    """The mask as (Bm, Hm, Mq, Nk), Bm in {1, B}, Hm in {1, Hq}, Mq in {1, Nq}.
+
+    Additive masks are cast to the kernel's compute dtype; boolean masks stay bool.
+    """
+    if mask is None:
+        return None
+    mask = mask.reshape((1,) * (len(spec.batch) + 3 - mask.ndim) + mask.shape)
+    batch_axes, (hm, mq, mk) = mask.shape[:-3], mask.shape[-3:]
+    if all(n == 1 for n in batch_axes):
+        mask = mask.reshape((1, hm, mq, mk))
+    else:
+        mask = fold_batch(mask, spec.batch)
+    if mk != spec.nk:  # a mask constant along the keys: the kernels index every key
+        mask = np.broadcast_to(mask, mask.shape[:-1] + (spec.nk,))
+    if mask.dtype != np.bool_:
+        mask = mask.astype(dtype, copy=False)
+    return np.ascontiguousarray(mask)

@@ -1,0 +1,230 @@
+"""The Numba kernel behind the public API: dispatch, torch autograd, layouts,
+concurrency, and installs where the JIT cache cannot be written.
+
+The kernel's own numerical sweeps are in test_numba_kernel.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit import reference
+from attnkit.testing import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def qkv(rng, shape_q, shape_k, dv=None, dtype=np.float32):
+    dv = shape_k[-1] if dv is None else dv
+    return (rng.standard_normal(shape_q).astype(dtype), rng.standard_normal(shape_k).astype(dtype),
+            rng.standard_normal(shape_k[:-1] + (dv,)).astype(dtype))
+
+
+def test_auto_picks_numba_for_cpu_data():
+    q = np.zeros((1, 2, 8, 16), np.float32)
+    assert attnkit.explain(q, q, q).startswith("backend 'numba'")
+    text = attnkit.explain(q, q, q, return_weights=True)
+    assert text.startswith("backend 'reference'") and "skipped 'numba': return_weights" in text
+
+
+def test_fallback_for_weights_is_announced():
+    q = np.zeros((1, 2, 8, 16), np.float32)
+    with pytest.warns(attnkit.AttnkitFallbackWarning, match="return_weights"):
+        attnkit.attention(q, q, q, return_weights=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["fp16", "bf16", "fp32", "fp64"])
+def test_torch_dtypes_round_trip(dtype):
+    q, k, v = (torch.randn(2, 4, 33, 16).to(dtype) for _ in range(3))
+    out, lse = attnkit.attention(q, k, v, causal=True, return_lse=True, backend="numba")
+    assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expected, expected_lse = reference.attention(*(x.double().numpy() for x in (q, k, v)), causal=True,
+                                                 return_lse=True)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5, torch.float64: 1e-10}[dtype]
+    assert_close(out, expected, atol=tol, rtol=tol, name="out")
+    assert_close(lse, expected_lse, atol=tol, rtol=tol, name="lse")
+
+
+def test_broadcast_batch_strided_inputs_and_masks():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((3, 19, 4, 16)).astype(np.float32).transpose(0, 2, 1, 3)  # (B, H, N, D) view
+    k = rng.standard_normal((1, 2, 23, 16)).astype(np.float32)  # shared across the batch
+    v = rng.standard_normal((2, 23, 8)).astype(np.float32)
+    masks = {
+        "key_padding": rng.random((3, 1, 1, 23)) < 0.8,
+        "per_head_additive": rng.standard_normal((4, 19, 23)).astype(np.float32),
+        "per_query_constant": rng.random((3, 4, 19, 1)) < 0.9,
+    }
+    for name, mask in masks.items():
+        out = attnkit.attention(q, k, v, mask=mask, causal="bottom_right", backend="numba")
+        expected = reference.attention(*(x.astype(np.float64) for x in (q, k, v)), mask=mask,
+                                       causal="bottom_right")
+        assert_close(out, expected, atol=2e-5, rtol=2e-5, name=name)
+
+
+def test_torch_tensors_are_viewed_not_copied(monkeypatch):
+    """A contiguous float32 CPU tensor reaches the kernel as a view of its own memory."""
+    from attnkit.kernels import numba_attention
+
+    seen = {}
+    original = numba_attention.flash_forward
+
+    def spy(q, k, v, mask, **options):
+        seen["q"] = q
+        return original(q, k, v, mask, **options)
+
+    monkeypatch.setattr(numba_attention, "flash_forward", spy)
+    q = torch.randn(2, 4, 16, 32)
+    attnkit.attention(q, q, q, backend="numba")
+    assert np.shares_memory(seen["q"], q.numpy())
+
+
+CASES = {
+    "causal_bottom_right-gqa": dict(causal="bottom_right", hkv=2),
+    "window-softcap": dict(window=(2, 1), softcap=1.5),
+    "key_padding_mask-fully_masked_row": dict(mask="bool"),
+    "additive_mask-negative_scale": dict(mask="additive", scale=-0.4),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradcheck_float64(name):
+    options = dict(CASES[name])
+    hkv = options.pop("hkv", 4)
+    q = torch.randn(2, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, hkv, 7, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, hkv, 7, 3, dtype=torch.float64, requires_grad=True)
+    if options.get("mask") == "bool":
+        mask = torch.rand(2, 1, 6, 7) < 0.7
+        mask[:, :, 2] = False
+        options["mask"] = mask
+    elif options.get("mask") == "additive":
+        options["mask"] = torch.randn(4, 6, 7, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: attnkit.attention(q, k, v, backend="numba", **options), (q, k, v))
+
+
+def test_sdpa_gradients_on_cpu_tensors_match_torch():
+    q, k, v = (torch.randn(2, 4, 70, 32, requires_grad=True) for _ in range(3))
+    out = attnkit.scaled_dot_product_attention(q, k, v, is_causal=True)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    expected_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.autograd.grad(expected_out, (q, k, v), d_out)
+    assert_close(out.detach(), expected_out.detach(), atol=2e-5, rtol=2e-5, name="out")
+    for name, g, e in zip(("dq", "dk", "dv"), grads, expected):
+        assert_close(g, e, atol=1e-4, rtol=1e-4, name=name)
+
+
+def test_eight_threads_at_once_get_their_own_answers():
+    rng = np.random.default_rng(2)
+    inputs = [qkv(rng, (1, 4, 97, 32), (1, 2, 131, 32)) for _ in range(8)]
+    expected = [reference.attention(*(x.astype(np.float64) for x in i), causal=True) for i in inputs]
+    results = [None] * 8
+
+    def work(index):
+        for _ in range(3):
+            results[index] = attnkit.attention(*inputs[index], causal=True, backend="numba")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        assert_close(results[i], expected[i], atol=2e-5, rtol=2e-5, name=f"thread {i}")
+
+
+def _run_python(code, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+CONCURRENT = """
+    import threading, numpy as np, attnkit, numba
+    from attnkit import reference
+    rng = np.random.default_rng(0)
+    inputs = [[rng.standard_normal((1, 2, 65, 16), dtype=np.float32) for _ in range(3)] for _ in range(8)]
+    out = [None] * 8
+    def work(i):
+        out[i] = attnkit.attention(*inputs[i], backend="numba")
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]; [t.join() for t in threads]
+    for i in range(8):
+        ref = reference.attention(*(x.astype(np.float64) for x in inputs[i]))
+        assert np.abs(out[i] - ref).max() < 2e-5, i
+    print("layer", numba.threading_layer())
+"""
+
+
+def test_concurrent_calls_under_the_workqueue_layer():
+    """workqueue aborts the process when two threads enter a parallel region: attnkit must serialise."""
+    result = _run_python(CONCURRENT, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layer workqueue" in result.stdout
+
+
+def _installed_copy(target):
+    """attnkit laid out as an install would (kernels/, reference/, bench/ inside attnkit/)."""
+    package = target / "attnkit"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "attnkit", package, ignore=ignore)
+    for sub in ("kernels", "reference", "bench"):
+        shutil.copytree(ROOT / sub, package / sub, ignore=ignore)
+    return target
+
+
+def test_read_only_install_still_runs(tmp_path):
+    """No writable cache anywhere (package folder, HOME): the kernel compiles in memory."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs util-linux's unshare for a read-only bind mount")
+    target = _installed_copy(tmp_path / "site")
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import numpy as np, attnkit; q = np.ones((1, 2, 9, 8), np.float32); "
+            "out = attnkit.attention(q, q, q, backend='numba'); "
+            "assert np.allclose(out, 1); print('ran')")
+    script = (f"mount --bind {target} {target} && mount -o remount,bind,ro {target} && "
+              f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "
+              f"touch {target}/probe 2>/dev/null && echo WRITABLE; "
+              f"{sys.executable} -c \"{code}\"")
+    env = {**os.environ, "PYTHONPATH": str(target), "HOME": str(home), "XDG_CACHE_HOME": str(home)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=tmp_path)
+    if "Operation not permitted" in result.stderr and "ran" not in result.stdout:
+        pytest.skip(f"mount namespaces are not permitted here: {result.stderr.strip()[:200]}")
+    assert "WRITABLE" not in result.stdout
+    assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-3000:]
+
+
+def test_jit_cache_is_written_and_reused(tmp_path):
+    code = """
+        import time, numpy as np, attnkit
+        q = np.ones((1, 2, 9, 8), np.float32)
+        start = time.perf_counter(); attnkit.attention(q, q, q, backend="numba")
+        print(time.perf_counter() - start)
+    """
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    first = _run_python(code, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list(tmp_path.rglob("*.nbi")), "no cache index written"
+    second = _run_python(code, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert float(second.stdout) < float(first.stdout)
+
+
+def test_warmup_compiles_ahead():
+    attnkit.warmup()

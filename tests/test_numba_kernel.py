@@ -1,0 +1,301 @@
+"""The Numba flash kernel (attnkit.kernels.numba_attention) against the NumPy reference.
+
+Accuracy rule (flash-attn's): on the same inputs, the kernel's error against the
+reference computed in float64 may be at most 2x (3x for gradients) the error of
+the reference itself computed in float32, plus a tiny absolute floor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.numba_attention import flash_backward, flash_forward
+from attnkit.reference import attention, attention_backward
+
+ABS_FLOOR = 1e-6
+
+
+class Case:
+    """One kernel call: shapes, features and dtype, with a readable pytest id."""
+
+    def __init__(
+        self, b=1, hq=2, hkv=None, nq=64, nk=None, d=32, dv=None, causal=None, window=None,
+        softcap=None, mask=None, dtype=np.float32, scale=None, seed=0,
+    ):  # fmt: skip
+        self.b, self.hq, self.hkv = b, hq, hkv or hq
+        self.nq, self.nk = nq, nk if nk is not None else nq
+        self.d, self.dv = d, dv or d
+        self.causal, self.window, self.softcap, self.mask = causal, window, softcap, mask
+        self.dtype = np.dtype(dtype)
+        self.scale = 1.0 / math.sqrt(d) if scale is None else scale
+        self.seed = seed
+
+    @property
+    def id(self):
+        parts = [f"B{self.b}", f"H{self.hq}" + (f"kv{self.hkv}" if self.hkv != self.hq else "")]
+        parts.append(f"N{self.nq}" if self.nq == self.nk else f"Nq{self.nq}-Nk{self.nk}")
+        parts.append(f"D{self.d}" + (f"Dv{self.dv}" if self.dv != self.d else ""))
+        if self.causal:
+            parts.append(f"causal_{self.causal}")
+        if self.window:
+            parts.append("window_{}_{}".format(*("inf" if w is None else w for w in self.window)))
+        if self.softcap:
+            parts.append(f"softcap{self.softcap:g}")
+        if self.mask:
+            parts.append(f"mask_{self.mask}")
+        if self.scale != 1.0 / math.sqrt(self.d):
+            parts.append(f"scale{self.scale:g}")
+        parts.append(self.dtype.name)
+        return "-".join(parts)
+
+
+def make_mask(case, rng):
+    """The mask named by case.mask: '<bool|add>_<shape>' with shape key_pad, full, shared, row, head."""
+    if case.mask is None:
+        return None
+    kind, form = case.mask.split("_", 1)
+    shape = {
+        "key_pad": (case.b, 1, 1, case.nk),
+        "full": (case.b, case.hq, case.nq, case.nk),
+        "shared": (1, 1, case.nq, case.nk),
+        "row": (1, 1, 1, case.nk),
+        "head": (1, case.hq, 1, case.nk),
+    }[form]
+    visible = rng.random(shape) < 0.7
+    if form == "key_pad":  # padding at the end of each sequence; batch 0 fully padded
+        lengths = rng.integers(1, case.nk + 1, size=case.b)
+        lengths[0] = 0
+        visible = np.arange(case.nk)[None, None, None, :] < lengths[:, None, None, None]
+    elif form in ("full", "shared"):  # a few rows with no visible key at all
+        visible[..., :: max(1, case.nq // 5), :] = False
+    if kind == "bool":
+        return visible
+    additive = rng.standard_normal(shape).astype(case.dtype)
+    return np.where(visible, additive, case.dtype.type(-np.inf))
+
+
+def make_inputs(case):
+    rng = np.random.default_rng(case.seed)
+    q = rng.standard_normal((case.b, case.hq, case.nq, case.d))
+    k = rng.standard_normal((case.b, case.hkv, case.nk, case.d))
+    v = rng.standard_normal((case.b, case.hkv, case.nk, case.dv))
+    d_out = rng.standard_normal((case.b, case.hq, case.nq, case.dv))
+    return q, k, v, d_out, make_mask(case, rng)
+
+
+def reference(case, q, k, v, d_out, mask, dtype):
+    """Reference forward (out, lse) and gradients computed in `dtype`."""
+    q, k, v, d_out = (x.astype(dtype) for x in (q, k, v, d_out))
+    if mask is not None and mask.dtype != np.bool_:
+        mask = mask.astype(dtype)
+    kw = dict(causal=case.causal or False, mask=mask, scale=case.scale, window=case.window, softcap=case.softcap)
+    out, lse = attention(q, k, v, return_lse=True, **kw)
+    grads = attention_backward(q, k, v, out, d_out, lse, **kw)
+    return out, lse, grads
+
+
+def run_kernel(case, q, k, v, d_out, mask):
+    q, k, v, d_out = (x.astype(case.dtype) for x in (q, k, v, d_out))
+    kw = dict(scale=case.scale, causal=case.causal, window=case.window, softcap=case.softcap)
+    out, lse = flash_forward(q, k, v, mask, **kw)
+    grads = flash_backward(q, k, v, mask, out, d_out, lse, **kw)
+    return out, lse, grads
+
+
+def assert_close(name, got, want64, want32, factor):
+    """max |got - want64| <= factor * max |want32 - want64| + floor, with a located message."""
+    assert got.shape == want64.shape, f"{name}: shape {got.shape}, expected {want64.shape}"
+    assert not np.isnan(got).any(), f"{name}: NaN at {np.argwhere(np.isnan(got))[:5].tolist()}"
+    err = np.abs(got.astype(np.float64) - want64)
+    baseline = float(np.abs(want32.astype(np.float64) - want64).max()) if want64.size else 0.0
+    allowed = factor * baseline + ABS_FLOOR
+    if err.size and err.max() > allowed:
+        where = np.unravel_index(np.argmax(err), err.shape)
+        raise AssertionError(
+            f"{name}: max error {err.max():.3g} at index {tuple(int(i) for i in where)} "
+            f"(kernel {got[where]:.9g}, reference {want64[where]:.9g}); allowed {allowed:.3g} = "
+            f"{factor} x float32-reference error {baseline:.3g} + {ABS_FLOOR:g}"
+        )
+
+
+def check_case(case):
+    q, k, v, d_out, mask = make_inputs(case)
+    out, lse, grads = run_kernel(case, q, k, v, d_out, mask)
+    out64, lse64, grads64 = reference(case, q, k, v, d_out, mask, np.float64)
+    out32, lse32, grads32 = reference(case, q, k, v, d_out, mask, np.float32)
+
+    assert out.dtype == case.dtype and lse.dtype == case.dtype
+    assert out.shape == (case.b, case.hq, case.nq, case.dv) and lse.shape == (case.b, case.hq, case.nq)
+
+    # Rows with no visible key: out exactly 0, lse -inf, no gradient through them.
+    empty = lse64 == -np.inf
+    bad = np.argwhere(empty != (lse == -np.inf))
+    assert bad.size == 0, f"lse: -inf rows differ from the reference at {bad[:5].tolist()}"
+    assert np.all(out[empty] == 0), f"out: fully masked rows not exactly 0 at {np.argwhere(empty)[:5].tolist()}"
+    assert np.all(grads[0][empty] == 0), "dq: fully masked rows not exactly 0"
+
+    assert_close("out", out, out64, out32, 2)
+    finite = ~empty
+    assert_close("lse", lse[finite], lse64[finite], lse32[finite], 2)
+    for name, got, want64, want32 in zip(("dq", "dk", "dv"), grads, grads64, grads32):
+        assert got.dtype == case.dtype
+        assert_close(name, got, want64, want32, 3)
+
+
+F32, F64 = np.float32, np.float64
+CASES = [
+    # sizes at block edges, head dims, dtypes
+    Case(nq=1, d=16),
+    Case(b=2, nq=2, d=32, causal="top_left", dtype=F64),
+    Case(hq=4, nq=127, d=64, causal="top_left"),
+    Case(hq=4, nq=129, d=64, causal="bottom_right"),
+    Case(nq=511, d=59, dtype=F64),
+    Case(b=2, hq=4, hkv=1, nq=1000, d=64, causal="top_left"),
+    Case(hq=1, nq=1000, d=32),
+    Case(nq=300, d=256, causal="top_left"),
+    Case(nq=200, d=80, dv=48),
+    # Nq != Nk both ways; bottom-right with Nq > Nk leaves the first rows empty
+    Case(nq=129, nk=511, d=59, causal="bottom_right"),
+    Case(nq=511, nk=129, d=80, causal="bottom_right"),
+    Case(nq=511, nk=129, d=96, causal="top_left", dtype=F64),
+    Case(nq=129, nk=511, d=96, causal="top_left"),
+    Case(nq=1, nk=1000, d=64, causal="bottom_right"),
+    Case(nq=1000, nk=1, d=64),
+    Case(nq=257, nk=129, d=128, causal="top_left", window=(16, None)),
+    # GQA ratios
+    Case(b=2, hq=4, hkv=2, nq=129, d=64, causal="top_left"),
+    Case(hq=8, hkv=2, nq=257, d=96, window=(64, 0)),
+    Case(hq=8, hkv=1, nq=100, nk=300, d=32, causal="bottom_right", dtype=F64),
+    # windows
+    Case(nq=300, d=128, window=(32, 32)),
+    Case(nq=300, d=32, window=(None, 16)),
+    Case(nq=300, d=32, window=(16, None), dtype=F64),
+    Case(nq=200, nk=300, d=64, causal="bottom_right", window=(40, None)),
+    # softcap
+    Case(nq=129, d=256, causal="top_left", softcap=30.0),
+    Case(nq=200, d=64, softcap=5.0, mask="add_full", dtype=F64),
+    Case(hq=4, hkv=2, nq=129, nk=200, d=64, softcap=2.0, causal="bottom_right"),
+    # masks: every form, bool and additive
+    Case(b=3, nq=129, nk=300, d=64, mask="bool_key_pad"),
+    Case(b=2, nq=129, d=32, mask="add_key_pad", causal="top_left"),
+    Case(b=2, hq=4, nq=127, nk=200, d=64, mask="add_full"),
+    Case(b=2, hq=4, nq=127, d=64, mask="bool_full", dtype=F64),
+    Case(nq=200, nk=129, d=32, mask="bool_shared", causal="bottom_right"),
+    Case(nq=200, d=16, mask="add_shared", window=(8, 8)),
+    Case(nq=100, nk=511, d=64, mask="add_row"),
+    Case(hq=4, hkv=2, nq=100, d=64, mask="bool_head", dtype=F64),
+    # scale: negative and large
+    Case(nq=129, d=64, scale=-0.3),
+    Case(nq=129, d=32, scale=2.0, causal="top_left"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_reference(case):
+    check_case(case)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_no_keys_gives_zeros_and_minus_inf(dtype):
+    q = np.ones((1, 2, 3, 8), dtype)
+    k = np.ones((1, 2, 0, 8), dtype)
+    v = np.ones((1, 2, 0, 4), dtype)
+    out, lse = flash_forward(q, k, v, None, scale=1.0, causal=None, window=None, softcap=None)
+    assert out.shape == (1, 2, 3, 4) and out.dtype == dtype and np.all(out == 0)
+    assert lse.dtype == dtype and np.all(lse == -np.inf)
+    dq, dk, dv = flash_backward(q, k, v, None, out, np.ones_like(out), lse,
+                                scale=1.0, causal=None, window=None, softcap=None)  # fmt: skip
+    assert dq.shape == q.shape and np.all(dq == 0) and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_no_queries_gives_empty():
+    q = np.ones((2, 2, 0, 8), np.float32)
+    k = np.ones((2, 1, 5, 8), np.float32)
+    out, lse = flash_forward(q, k, k, None, scale=1.0, causal="top_left", window=None, softcap=None)
+    assert out.shape == (2, 2, 0, 8) and lse.shape == (2, 2, 0)
+    dq, dk, dv = flash_backward(q, k, k, None, out, out, lse, scale=1.0, causal="top_left", window=None, softcap=None)
+    assert dq.shape == q.shape and np.all(dk == 0) and np.all(dv == 0)
+
+
+def test_everything_masked_is_exact_zero_not_nan():
+    case = Case(b=2, hq=4, hkv=2, nq=70, nk=90, d=32, softcap=3.0)
+    q, k, v, d_out, _ = make_inputs(case)
+    q, k, v, d_out = (x.astype(np.float32) for x in (q, k, v, d_out))
+    for mask in (np.zeros((1, 1, 1, 90), bool), np.full((2, 1, 70, 90), -np.inf, np.float32)):
+        kw = dict(scale=0.2, causal=None, window=None, softcap=3.0)
+        out, lse = flash_forward(q, k, v, mask, **kw)
+        assert np.all(out == 0) and np.all(lse == -np.inf)
+        for g in flash_backward(q, k, v, mask, out, d_out, lse, **kw):
+            assert np.all(g == 0), "gradient of a fully masked input is not exactly 0"
+    # A window that sees nothing (right < -left): no key for any row.
+    out, lse = flash_forward(q, k, v, None, scale=0.2, causal=None, window=(-5, -10), softcap=None)
+    assert np.all(out == 0) and np.all(lse == -np.inf)
+
+
+def test_backward_is_deterministic():
+    # Few (batch, head) pairs: the backward splits query rows into chunks whose
+    # dK/dV partial sums are combined; every run must give the same bits.
+    case = Case(b=1, hq=4, hkv=1, nq=700, nk=650, d=64, causal="bottom_right", mask="add_row")
+    q, k, v, d_out, mask = make_inputs(case)
+    q, k, v, d_out = (x.astype(np.float32) for x in (q, k, v, d_out))
+    kw = dict(scale=0.125, causal="bottom_right", window=None, softcap=None)
+    out, lse = flash_forward(q, k, v, mask, **kw)
+    first = flash_backward(q, k, v, mask, out, d_out, lse, **kw)
+    for _ in range(5):
+        again = flash_backward(q, k, v, mask, out, d_out, lse, **kw)
+        for a, b in zip(first, again):
+            assert np.array_equal(a, b)
+        out2, lse2 = flash_forward(q, k, v, mask, **kw)
+        assert np.array_equal(out, out2) and np.array_equal(lse, lse2)
+
+
+def test_nan_input_stays_in_its_row():
+    q = np.random.default_rng(0).standard_normal((1, 2, 40, 16)).astype(np.float32)
+    k = q.copy()
+    q[0, 1, 7, 3] = np.nan
+    out, lse = flash_forward(q, k, k, None, scale=0.25, causal=None, window=None, softcap=None)
+    assert np.isnan(out[0, 1, 7]).all() and np.isnan(lse[0, 1, 7])
+    clean = np.ones(out.shape[:3], bool)
+    clean[0, 1, 7] = False
+    assert np.isfinite(out[clean]).all() and np.isfinite(lse[clean]).all()
+
+
+def test_inputs_are_not_modified():
+    case = Case(nq=100, d=32, mask="add_full")
+    q, k, v, d_out, mask = make_inputs(case)
+    q, k, v, d_out = (x.astype(np.float32) for x in (q, k, v, d_out))
+    copies = [x.copy() for x in (q, k, v, d_out, mask)]
+    kw = dict(scale=0.1, causal="top_left", window=None, softcap=None)
+    out, lse = flash_forward(q, k, v, mask, **kw)
+    flash_backward(q, k, v, mask, out, d_out, lse, **kw)
+    for x, c in zip((q, k, v, d_out, mask), copies):
+        assert np.array_equal(x, c)
+
+
+def test_uncacheable_location_falls_back_to_no_cache(monkeypatch):
+    # Numba raises RuntimeError at decoration when no cache directory is
+    # writable (read-only installs); the module must still work there.
+    real_njit = kernel.njit
+    seen = []
+
+    def njit_failing_cache(*, cache, **options):
+        seen.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real_njit(cache=cache, **options)
+
+    monkeypatch.setattr(kernel, "njit", njit_failing_cache)
+
+    @kernel._jit()
+    def add_one(x):
+        return x + 1
+
+    assert add_one(1) == 2 and seen == [True, False]
+
+
+def test_warmup_runs():
+    kernel.warmup()
