@@ -158,12 +158,96 @@ class NumbaBackend(Backend):
         return tuple(results)
 
 
-BACKENDS = {backend.name: backend for backend in (ReferenceBackend(), NumbaBackend())}
+class TritonBackend(Backend):
+    """The fused Triton kernel (kernels/triton_attention.py) on CUDA tensors.
+
+    Runs through the torch.library operators of attnkit.triton_ops, so
+    torch.compile traces it. On a machine without CUDA it is available only
+    under TRITON_INTERPRET=1 (the CPU interpreter, for tests), and only when
+    asked for by name.
+    """
+
+    name = "triton"
+
+    def unavailable_reason(self):
+        try:
+            from .kernels.triton_attention import interpreting
+        except Exception as error:  # no triton, or triton failing to initialise
+            return f"the Triton kernel cannot be imported ({type(error).__name__}: {error})"
+        import torch
+
+        if not torch.cuda.is_available() and not interpreting():
+            return "no CUDA device (TRITON_INTERPRET=1 runs it on the CPU interpreter)"
+        return None
+
+    def unsupported_reason(self, spec, request):
+        if spec.kind != "torch":
+            return "it takes torch tensors"
+        if request.return_weights:
+            return "return_weights needs the whole weight matrix, which a flash kernel never forms"
+        if request.dropout:
+            return "dropout is not implemented in the Triton kernel"
+        import torch
+
+        from .kernels.triton_attention import why_unsupported
+
+        return why_unsupported(getattr(torch, spec.dtype), spec.d, spec.dv, spec.device)
+
+    @staticmethod
+    def _fold(x, spec):
+        """(*batch, H, N, D) as (B, H, N, D): a view when the batch is one axis already."""
+        x = x.expand(spec.batch + tuple(x.shape[-3:]))
+        return x if len(spec.batch) == 1 else x.reshape((-1,) + tuple(x.shape[-3:]))
+
+    def _mask(self, mask, spec):
+        if mask is None:
+            return None
+        mask = mask.reshape((1,) * (len(spec.batch) + 3 - mask.dim()) + tuple(mask.shape))
+        if len(spec.batch) == 1:
+            return mask  # 4-D, broadcast axes kept as size 1 (stride 0 in the kernel)
+        return self._fold(mask.expand(spec.batch + tuple(mask.shape[-3:])), spec)
+
+    def forward(self, q, k, v, mask, spec, *, return_weights=False, dropout_p=0.0, dropout_keep=None):
+        from .triton_ops import flash_attention_fwd
+
+        out, lse = flash_attention_fwd(
+            *(self._fold(x, spec) for x in (q, k, v)), self._mask(mask, spec), *_op_options(spec)
+        )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
+        return out.reshape(spec.out_shape), lse.reshape(spec.batch + (spec.hq, spec.nq)), None
+
+    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, dropout_p=0.0, dropout_keep=None):
+        from .triton_ops import flash_attention_bwd
+
+        folded = [self._fold(x, spec) for x in (q, k, v, out, d_out)]
+        lse = lse.reshape((-1, spec.hq, spec.nq))
+        grads = flash_attention_bwd(
+            *folded[:3], self._mask(mask, spec), folded[3], folded[4], lse, None, *_op_options(spec)
+        )  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
+        results = []
+        for g, x in zip(grads, (q, k, v)):
+            g = g.reshape(spec.batch + tuple(g.shape[1:]))
+            extra = g.dim() - x.dim()
+            g = g.sum(dim=tuple(range(extra))) if extra else g
+            stretched = tuple(i for i, n in enumerate(x.shape) if n == 1 and g.shape[i] != 1)
+            results.append(g.sum(dim=stretched, keepdim=True) if stretched else g)
+        return tuple(results)
+
+
+def _op_options(spec):
+    """The spec's options in the positional form of attnkit.triton_ops' operators."""
+    left, right = spec.window or (None, None)
+    causal = {None: 0, "top_left": 1, "bottom_right": 2}[spec.causal]
+    return spec.scale, causal, left, right, spec.softcap
+
+
+BACKENDS = {
+    backend.name: backend for backend in (ReferenceBackend(), NumbaBackend(), TritonBackend())
+}
 
 # Fastest first, per device type; "auto" walks this list.
 AUTO_ORDER = {
     "cpu": ("numba", "reference"),
-    "cuda": ("reference",),
+    "cuda": ("triton", "reference"),
 }
 
 

@@ -1,92 +1,123 @@
-"""A small sequence-length sweep: attnkit's backends against torch's SDPA.
+"""The sequence-length sweep: which contenders run, which points are skipped, the rows.
 
-The first, modest form of `attnkit bench`: forward time and achieved FLOP/s per
-backend as N grows, on the CPU, printed as a table (progress on stderr) and
-optionally saved as JSON.
+sweep() yields one row per (N, contender), smallest N first, so an interrupted
+sweep still holds every contender at the lengths it reached. A row is
+
+    backend, N, status ("ok", "skipped" or "failed"), note (why skipped / the error),
+    median_s, p20_s, p80_s, first_call_s, compile_s, repeats  (seconds, calls)
+    flops (of one call), flops_per_s (at the median), peak_memory_bytes
+
+with None for what a skipped or failed point lacks.
 """
 
 from __future__ import annotations
 
-import json
-import statistics
-import time
+from .accounting import attention_flops, extrapolate, format_bytes, format_seconds
 
-import numpy as np
-from tqdm import tqdm
-
-PEERS = ("torch-sdpa",)
+ROW_FIELDS = ("backend", "N", "status", "note", "median_s", "p20_s", "p80_s", "first_call_s",
+              "compile_s", "repeats", "flops", "flops_per_s", "peak_memory_bytes")
 
 
-def attention_flops(batch, heads, nq, nk, head_dim, causal=False):
-    """Forward FLOPs as everyone counts them: 4 * B * H * Nq * Nk * D, halved if causal."""
-    flops = 4 * batch * heads * nq * nk * head_dim
-    return flops // 2 if causal else flops
+def select_contenders(settings, contenders, requested=None):
+    """Split contenders into (to_run, left_out) for this sweep.
 
-
-def _runner(name, q, k, v, causal):
-    """A no-argument function running one forward pass of `name`."""
-    if name == "torch-sdpa":
-        import torch
-        import torch.nn.functional as F
-
-        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-
-        def run():
-            with torch.no_grad():
-                F.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-
-        return run
-    import attnkit
-
-    return lambda: attnkit.attention(q, k, v, causal=causal, backend=name)
-
-
-def time_call(fn, repeats, warmup=1):
-    """Median, 20th and 80th percentile wall time of fn() in seconds, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    cuts = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return {"median_s": statistics.median(times), "p20_s": cuts[0], "p80_s": cuts[3]}
-
-
-def run_sweep(ns, backends, *, batch=1, heads=8, head_dim=64, causal=False, repeats=5, seed=0):
-    """Time every backend at every N. Returns one dict per (N, backend)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    points = [(n, name) for n in ns for name in backends]
-    for n, name in tqdm(points, desc="bench", unit="point", leave=False):
-        q, k, v = (rng.standard_normal((batch, heads, n, head_dim), dtype=np.float32) for _ in range(3))
-        row = {"backend": name, "N": n, "batch": batch, "heads": heads, "head_dim": head_dim,
-               "causal": causal, "dtype": "float32"}
-        try:
-            row.update(time_call(_runner(name, q, k, v, causal), repeats))
-            flops = attention_flops(batch, heads, n, n, head_dim, causal)
-            row["gflops"] = flops / row["median_s"] / 1e9
-        except Exception as error:  # one failing point is reported, the sweep goes on
-            row["error"] = f"{type(error).__name__}: {error}"
-        rows.append(row)
-    return rows
-
-
-def format_table(rows):
-    header = f"{'N':>6}  {'backend':<12} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} {'GFLOP/s':>8}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['N']:>6}  {r['backend']:<12} failed: {r['error']}")
+    requested: names the user asked for, "all" for everything that can run, or
+    None for the default set. left_out is [(name, reason)] for the record: what
+    could not run here, or is not in the default set (not what was left unrequested).
+    A requested contender that cannot run here raises ValueError.
+    """
+    by_name = {c.name: c for c in contenders}
+    if requested not in (None, "all"):
+        unknown = [name for name in requested if name not in by_name]
+        if unknown:
+            raise ValueError(f"unknown backend(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(by_name)} or all")
+    to_run, left_out = [], []
+    for contender in contenders:
+        if requested not in (None, "all") and contender.name not in requested:
             continue
-        lines.append(
-            f"{r['N']:>6}  {r['backend']:<12} {r['median_s'] * 1e3:>10.2f} {r['p20_s'] * 1e3:>9.2f} "
-            f"{r['p80_s'] * 1e3:>9.2f} {r['gflops']:>8.1f}"
-        )
-    return "\n".join(lines)
+        reason = contender.unavailable_reason(settings)
+        if reason is None and requested is None:
+            reason = contender.default_reason(settings)
+            if reason:
+                reason = f"not in the default set: {reason} (ask for it with --backends)"
+        if reason is None:
+            to_run.append(contender)
+        elif requested not in (None, "all"):
+            raise ValueError(f"backend {contender.name} cannot run this sweep: {reason}")
+        else:
+            left_out.append((contender.name, reason))
+    return to_run, left_out
 
 
-def save_json(rows, path, machine):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"machine": machine, "results": rows}, f, indent=2)
+def predicted_need(contender, settings, n, earlier):
+    """Bytes the process would hold at this point: the inputs plus the call's peak.
+
+    The call's peak is extrapolated from the contender's last two measured
+    points, and is at least what the call returns (the output, or the three
+    gradients) plus, for a contender that holds the score matrix, that matrix.
+    """
+    held = 3 if settings.mode == "forward" else 5  # q, k, v (+ grad_out and the saved output)
+    returned = {"forward": 1, "backward": 3, "both": 4}[settings.mode]
+    floor = returned * settings.tensor_bytes(n)
+    if contender.materializes_scores:
+        floor += settings.score_matrix_bytes(n)
+    measured = [(r["N"], r["peak_memory_bytes"]) for r in earlier if r["status"] == "ok"]
+    peak = extrapolate([m for m, _ in measured], [b for _, b in measured], n)
+    return held * settings.tensor_bytes(n) + max(floor, peak or 0)
+
+
+def skip_reason(contender, settings, n, earlier):
+    """Why the point (contender, n) should not run, or None.
+
+    earlier: this contender's rows at smaller N. A point is skipped when its
+    predicted memory exceeds the budget, or one call is predicted to take longer
+    than the time limit (both extrapolated from the last two measured points).
+    """
+    need = predicted_need(contender, settings, n, earlier)
+    if need > settings.memory_budget_bytes:
+        return (f"{contender.name} at N={n} would need {format_bytes(need)} "
+                f"(memory budget {format_bytes(settings.memory_budget_bytes)})")
+    measured = [(r["N"], r["median_s"]) for r in earlier if r["status"] == "ok"]
+    seconds = extrapolate([m for m, _ in measured], [s for _, s in measured], n)
+    if seconds is not None and seconds > settings.time_limit_s:
+        return (f"{contender.name} at N={n} would take about {format_seconds(seconds)} per call "
+                f"(time limit {format_seconds(settings.time_limit_s)})")
+    return None
+
+
+def make_row(contender_name, n, settings, status, note="", measurement=None):
+    """A result row with the FLOP accounting filled in (see the module docstring)."""
+    row = dict.fromkeys(ROW_FIELDS)
+    row.update(backend=contender_name, N=n, status=status, note=note)
+    row["flops"] = attention_flops(settings.batch, settings.heads, n, n, settings.head_dim,
+                                   settings.causal, settings.mode)
+    if measurement:
+        row.update({key: measurement[key] for key in ROW_FIELDS if key in measurement})
+        if row["median_s"]:
+            row["flops_per_s"] = row["flops"] / row["median_s"]
+    return row
+
+
+def sweep(settings, contenders, measure):
+    """Yield one row per (N, contender), N ascending.
+
+    measure(contender, n) returns {"status": "ok", median_s, ...} or
+    {"status": "failed", "error": ...}; a failed point is a row and the sweep
+    goes on.
+    """
+    rows_by_contender = {c.name: [] for c in contenders}
+    for n in settings.ns:
+        for contender in contenders:
+            earlier = rows_by_contender[contender.name]
+            reason = skip_reason(contender, settings, n, earlier)
+            if reason:
+                row = make_row(contender.name, n, settings, "skipped", reason)
+            else:
+                result = measure(contender, n)
+                if result.get("status") == "ok":
+                    row = make_row(contender.name, n, settings, "ok", measurement=result)
+                else:
+                    row = make_row(contender.name, n, settings, "failed", result.get("error", "?"))
+            earlier.append(row)
+            yield row

@@ -49,4 +49,18 @@ if ! "$py" -c "import torch" >/dev/null 2>&1; then
 fi
 echo "bootstrap: installing attnkit (editable) with its test dependencies" >&2
 "$py" -m pip install --quiet --progress-bar off -e ".[test]"
+# With a CPU-only torch the Triton tests run on triton's interpreter, which needs
+# triton >= 3.9 once numpy >= 2.4. A CUDA torch's own pinned triton is never touched.
+case "$(uname -s)-$(uname -m)" in Linux-x86_64 | Linux-aarch64)
+    if "$py" -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)" 2>/dev/null &&
+        ! "$py" -c "
+import sys, numpy, triton
+v = lambda s: tuple(int(x) for x in s.split('+')[0].split('.')[:2])
+sys.exit(0 if v(triton.__version__) >= (3, 9) or v(numpy.__version__) < (2, 4) else 1)" 2>/dev/null; then
+        echo "bootstrap: installing ${ATTNKIT_TRITON:-triton>=3.9} (Triton interpreter for the CPU tests)" >&2
+        "$py" -m pip install --quiet --progress-bar off "${ATTNKIT_TRITON:-triton>=3.9}" ||
+            echo "bootstrap: triton could not be installed; the Triton tests will be skipped" >&2
+    fi
+    ;;
+esac
 echo "$wanted" >"$stamp"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,19 +34,59 @@ def test_info_reports_versions_cpu_cuda_and_backends(tmp_path):
     assert text.returncode == 0 and "backends:" in text.stdout and "reference" in text.stdout
 
 
-def test_bench_prints_a_table_and_writes_json(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run("bench", "--n", "32,64", "--heads", "2", "--repeats", "2", "--json", str(out), cwd=tmp_path)
+def test_bench_prints_a_table_and_writes_json_csv_and_charts(tmp_path):
+    out = tmp_path / "results"
+    result = run("bench", "--n", "32,64", "--heads", "2", "--backends", "reference,torch-sdpa-flash",
+                 "--repeats", "2", "--min-time", "0.01", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "GFLOP/s" in result.stdout
-    rows = json.loads(out.read_text())["results"]
-    assert {(r["N"], r["backend"]) for r in rows} == {(n, b) for n in (32, 64) for b in ("reference", "torch-sdpa")}
-    assert all(r["median_s"] > 0 and r["p20_s"] <= r["median_s"] <= r["p80_s"] for r in rows)
+    assert "GFLOP/s" in result.stdout and "roofline:" in result.stdout
+    document = json.loads((out / "results.json").read_text())
+    assert document["schema"] == "attnkit-bench/1" and document["complete"] is True
+    assert document["machine"]["cpu"]["model"] and document["roofline"]["flops_per_s"] > 0
+    rows = document["results"]
+    assert {(r["N"], r["backend"]) for r in rows} == {
+        (n, b) for n in (32, 64) for b in ("reference", "torch-sdpa-flash")}
+    assert all(r["status"] == "ok" and r["p20_s"] <= r["median_s"] <= r["p80_s"] for r in rows)
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + len(rows)
+    assert all((out / name).stat().st_size > 0 for name in ("time.png", "memory.png", "flops.png"))
+
+
+def test_bench_interrupted_keeps_its_results_and_exits_130(tmp_path):
+    out = tmp_path / "results"
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "attnkit"]
+    process = subprocess.Popen(
+        command + ["bench", "--n", "32,64,128,256,512,1024,2048", "--heads", "2",
+                   "--backends", "reference", "--repeats", "2", "--min-time", "0.5",
+                   "--out", str(out)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads((out / "results.json").read_text())["results"]:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    document = json.loads((out / "results.json").read_text())
+    assert document["complete"] is False and 1 <= len(document["results"]) < 7
+    assert "interrupted" in stderr and (out / "time.png").exists()
+    replot = run("bench", "--plot", str(out / "results.json"), "--out", str(tmp_path / "again"),
+                 cwd=tmp_path)
+    assert replot.returncode == 0, replot.stderr
+    assert (tmp_path / "again" / "memory.png").exists()
 
 
 @pytest.mark.parametrize("args,message", [
     (("bench", "--n", "0"), "positive integers"),
+    (("bench", "--n", "512..256"), "positive integers or ranges"),
     (("bench", "--backends", "nope"), "unknown backend(s) nope"),
+    (("bench", "--backends", "flash-attn", "--device", "cpu"), "flash-attn cannot run this sweep"),
+    (("bench", "--heads", "0"), "expected a positive number"),
+    (("bench", "--mode", "sideways"), "invalid choice"),
+    (("bench", "--plot", "missing.json"), "--plot"),
     (("frobnicate",), "invalid choice"),
 ])
 def test_bad_arguments_exit_with_a_message(tmp_path, args, message):

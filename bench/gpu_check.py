@@ -1,0 +1,442 @@
+"""One-command GPU check of attnkit's Triton flash-attention kernel.
+
+    python bench/gpu_check.py OUT_DIR [--budget-s 420] [--quick]
+
+On a CUDA machine, in well under 8 minutes, with only torch, triton and numpy
+(matplotlib optional), it:
+
+  1. checks correctness in float16 and bfloat16 against a float32 reference
+     (forward out and lse, gradients dq/dk/dv; flash-attn's rule: error at most
+     2x (3x for gradients) that of a plain attention in the same precision),
+     over causal alignments, windows, softcap, masks, GQA, odd head dims and
+     strided inputs, plus torch.compile(fullgraph=True) and determinism;
+  2. times forward and forward+backward against every torch SDPA backend that
+     runs (cuDNN, flash, efficient) and FlexAttention when it compiles, for
+     D in {64, 128}, causal and not, N from 512 to 16384 at 16k tokens per
+     batch (B = 16384 / N) and H * D = 2048;
+  3. prints a TFLOP/s table (forward 4*B*H*N^2*D, halved when causal,
+     forward+backward 3.5x that) and writes gpu_check.json (and
+     gpu_check.png when matplotlib is installed) into OUT_DIR.
+
+Without a CUDA device it says so and exits with status 0, having checked nothing.
+Works from a plain checkout (no pip install needed) as well as installed
+(python -m attnkit.bench.gpu_check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+
+def _import_attnkit():
+    """attnkit.triton_ops, installed or from this checkout (kernels/ mapped to attnkit.kernels)."""
+    try:
+        from attnkit import triton_ops
+        from attnkit.kernels import triton_attention
+
+        return triton_ops, triton_attention
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parent.parent
+    package = types.ModuleType("attnkit")
+    package.__path__ = [str(root / "attnkit")]
+    sys.modules["attnkit"] = package
+    spec = importlib.util.spec_from_file_location(
+        "attnkit.kernels", root / "kernels" / "__init__.py",
+        submodule_search_locations=[str(root / "kernels")],
+    )
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["attnkit.kernels"] = kernels
+    spec.loader.exec_module(kernels)
+    package.kernels = kernels
+    from attnkit import triton_ops
+    from attnkit.kernels import triton_attention
+
+    return triton_ops, triton_attention
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------ correctness
+
+def reference_attention(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None):
+    """Dense attention in the inputs' dtype (the contract's order of operations), differentiable."""
+    import torch
+
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    nq, nk = q.shape[2], k.shape[2]
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(nq, device=q.device)[:, None] + (nk - nq if causal == "bottom_right" else 0)
+    j = torch.arange(nk, device=q.device)[None, :]
+    visible = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible &= j <= i
+    if window is not None:
+        if window[0] is not None:
+            visible &= j >= i - window[0]
+        if window[1] is not None:
+            visible &= j <= i + window[1]
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            s = s + mask.to(s.dtype)
+    s = s.masked_fill(~visible, float("-inf"))
+    empty = torch.isneginf(s).all(-1, keepdim=True)
+    s = torch.where(empty, torch.zeros_like(s), s)
+    p = torch.where(empty, torch.zeros_like(s), torch.softmax(s, -1))
+    lse = torch.where(empty[..., 0], torch.full_like(s[..., 0], float("-inf")), torch.logsumexp(s, -1))
+    return p @ v, lse
+
+
+def _err(x, ref):
+    import torch
+
+    x, ref = x.double(), ref.double()
+    same_inf = torch.isinf(ref) & (x == ref)
+    d = torch.where(same_inf, torch.zeros_like(x), (x - ref).abs())
+    return float(d.max()) if d.numel() else 0.0
+
+
+def correctness_cases(quick):
+    cases = [
+        dict(name="D64 N1024", b=2, hq=4, nq=1024, nk=1024, d=64),
+        dict(name="D64 N1024 causal", b=2, hq=4, nq=1024, nk=1024, d=64, causal="top_left"),
+        dict(name="D128 GQA 8/2 Nq1000 Nk1500 bottom_right", b=1, hq=8, hkv=2, nq=1000, nk=1500,
+             d=128, causal="bottom_right"),
+        dict(name="D128 top_left Nq1500 Nk1000", b=1, hq=4, nq=1500, nk=1000, d=128, causal="top_left"),
+        dict(name="D80 N517", b=2, hq=3, nq=517, nk=517, d=80),
+        dict(name="D96 causal N777", b=1, hq=4, nq=777, nk=777, d=96, causal="top_left"),
+        dict(name="D160 N400", b=1, hq=2, nq=400, nk=400, d=160),
+        dict(name="D256 causal N513", b=1, hq=2, nq=513, nk=513, d=256, causal="top_left"),
+        dict(name="D64 window(256,0)+softcap30", b=1, hq=4, nq=2048, nk=2048, d=64,
+             window=(256, 0), softcap=30.0),
+        dict(name="D64 window(100,50)", b=1, hq=4, nq=1100, nk=1100, d=64, window=(100, 50)),
+        dict(name="D64 key padding bool mask", b=2, hq=4, nq=700, nk=900, d=64, mask="key_padding"),
+        dict(name="D64 additive (1,H,Nq,Nk) mask", b=1, hq=4, nq=600, nk=650, d=64, mask="additive"),
+        dict(name="D64 MQA 6/1 strided (B,N,H,D)", b=2, hq=6, hkv=1, nq=800, nk=800, d=64,
+             layout="bnhd", causal="top_left"),
+        dict(name="D128 N1 x 239 bottom_right", b=3, hq=4, nq=1, nk=239, d=128, causal="bottom_right"),
+    ]
+    return cases[:4] if quick else cases
+
+
+def run_correctness(triton_ops, dtypes, quick):
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    results = []
+    for case in correctness_cases(quick):
+        for dtype in dtypes:
+            results.append(_check_case(triton_ops, case, dtype))
+            r = results[-1]
+            log(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['case']:<42} {r['dtype']:<9} "
+                + " ".join(f"{k}={v['err']:.2e}/{v['plain']:.2e}" for k, v in r["errors"].items()))
+    return results
+
+
+def _check_case(triton_ops, case, dtype):
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, hkv = case["b"], case["hq"], case.get("hkv", case["hq"])
+    nq, nk, d = case["nq"], case["nk"], case["d"]
+
+    def rand(h, n):
+        t = torch.randn(b, n, h, d, device="cuda", generator=g).to(dtype)
+        return t.transpose(1, 2) if case.get("layout") == "bnhd" else t.transpose(1, 2).contiguous()
+
+    q, k, v = rand(hq, nq), rand(hkv, nk), rand(hkv, nk)
+    mask = None
+    if case.get("mask") == "key_padding":
+        lengths = torch.tensor([nk, nk // 3], device="cuda")[:b]
+        mask = (torch.arange(nk, device="cuda")[None] < lengths[:, None]).reshape(b, 1, 1, nk)
+    elif case.get("mask") == "additive":
+        mask = torch.randn(1, hq, nq, nk, device="cuda", generator=g).to(dtype)
+    opts = dict(scale=1.0 / math.sqrt(d), causal=case.get("causal"), window=case.get("window"),
+                softcap=case.get("softcap"))
+    d_out = torch.randn(b, hq, nq, d, device="cuda", generator=g).to(dtype)
+
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out, lse = triton_ops.triton_attention(*leaves, mask, **opts)
+    grads = torch.autograd.grad(out, leaves, d_out)
+    ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref_out, ref_lse = reference_attention(*ref_leaves, mask, **opts)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, d_out.float())
+    plain_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    plain_out, plain_lse = reference_attention(*plain_leaves, mask, **opts)
+    plain_grads = torch.autograd.grad(plain_out, plain_leaves, d_out)
+
+    errors, ok = {}, True
+    items = [("out", out, plain_out, ref_out, 2), ("lse", lse, plain_lse, ref_lse, 2)]
+    items += [(n, a, p, r, 3) for n, a, p, r in zip(("dq", "dk", "dv"), grads, plain_grads, ref_grads)]
+    for name, got, plain, ref, factor in items:
+        err, budget = _err(got, ref), _err(plain, ref)
+        floor = 1e-3 if dtype == torch.float16 else 8e-3
+        passed = (err <= factor * budget + floor * max(1.0, float(ref.abs().nan_to_num(0, 0, 0).max()))
+                  and not torch.isnan(got).any())
+        ok &= bool(passed)
+        errors[name] = dict(err=err, plain=budget, factor=factor, ok=bool(passed))
+    return dict(case=case["name"], dtype=str(dtype).replace("torch.", ""), ok=ok, errors=errors)
+
+
+def run_integration_checks(triton_ops):
+    """torch.compile(fullgraph=True) through triton_op/wrap_triton, and bitwise-deterministic grads."""
+    import torch
+
+    results = {}
+    q, k, v = (torch.randn(2, 4, 600, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+
+    def loss(q, k, v):
+        return triton_ops.triton_attention(q, k, v, scale=0.125, causal=True)[0].float().square().sum()
+
+    try:
+        compiled = torch.compile(loss, fullgraph=True)
+        got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+        want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+        same = all(torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2) for a, b in zip(got, want))
+        results["torch_compile_fullgraph"] = "ok" if same else "MISMATCH"
+    except Exception as error:  # report, do not abort the whole check
+        results["torch_compile_fullgraph"] = f"FAILED: {type(error).__name__}: {error}"[:300]
+    first = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    same = all(all(torch.equal(a, b) for a, b in zip(first, torch.autograd.grad(loss(q, k, v), (q, k, v))))
+               for _ in range(5))
+    results["deterministic_backward"] = "ok" if same else "NOT BITWISE EQUAL"
+    results["uses_triton_op"] = triton_ops.USES_TRITON_OP
+    for name, value in results.items():
+        log(f"  {name}: {value}")
+    return results
+
+
+# ------------------------------------------------------------------------ timing
+
+def time_ms(fn, budget_ms=120.0, max_reps=200):
+    """Median milliseconds of fn() with CUDA events, after warm-up."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    reps = int(min(max_reps, max(5, budget_ms / estimate)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return times[len(times) // 2]
+
+
+def _peers():
+    """{name: callable(q, k, v, causal) -> out} for every peer that exists in this torch."""
+    import torch
+    import torch.nn.functional as F
+
+    peers = {}
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, backend in (("sdpa_cudnn", "CUDNN_ATTENTION"), ("sdpa_flash", "FLASH_ATTENTION"),
+                              ("sdpa_efficient", "EFFICIENT_ATTENTION")):
+            if hasattr(SDPBackend, backend):
+                def run(q, k, v, causal, _b=getattr(SDPBackend, backend)):
+                    with sdpa_kernel(_b):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                peers[name] = run
+    except ImportError:
+        peers["sdpa_default"] = lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        masks = {}
+
+        def run_flex(q, k, v, causal):
+            block_mask = None
+            if causal:
+                key = (q.shape[2], k.shape[2])
+                if key not in masks:
+                    masks[key] = create_block_mask(lambda b, h, i, j: j <= i, None, None, *key,
+                                                   device="cuda")
+                block_mask = masks[key]
+            return flex(q, k, v, block_mask=block_mask)
+
+        peers["flex_attention"] = run_flex
+    except ImportError:
+        pass
+    return peers
+
+
+def run_timing(triton_ops, deadline, quick):
+    import torch
+
+    peers = _peers()
+    backends = {"attnkit_triton": lambda q, k, v, causal: triton_ops.triton_attention(
+        q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), causal="top_left" if causal else None)[0]}
+    backends.update(peers)
+    broken = {}  # backend -> reason, once it fails to run or compile
+    rows, skipped = [], []
+    lengths = [512, 1024, 2048, 4096, 8192, 16384]
+    if quick:
+        lengths = [1024, 4096]
+    for d in (64, 128):
+        for causal in (False, True):
+            for n in lengths:
+                b, h = max(1, 16384 // n), 2048 // d
+                flops = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)
+                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, requires_grad=True)
+                           for _ in range(3))
+                d_out = torch.randn(b, h, n, d, device="cuda", dtype=torch.float16)
+                for name, fn in backends.items():
+                    if name in broken:
+                        continue
+                    if time.time() > deadline and name != "attnkit_triton":
+                        skipped.append(f"{name} D={d} causal={causal} N={n}: time budget spent")
+                        continue
+                    for mode in ("fwd", "fwd+bwd"):
+                        try:
+                            if mode == "fwd":
+                                with torch.no_grad():
+                                    ms = time_ms(lambda: fn(q, k, v, causal))
+                            else:
+                                ms = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), d_out))
+                        except Exception as error:  # a backend that cannot run this shape
+                            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+                            if name == "flex_attention":
+                                broken[name] = reason
+                            skipped.append(f"{name} D={d} causal={causal} N={n} {mode}: {reason}")
+                            break
+                        total = flops * (3.5 if mode == "fwd+bwd" else 1.0)
+                        rows.append(dict(backend=name, d=d, causal=causal, n=n, b=b, h=h, mode=mode,
+                                         ms=ms, tflops=total / ms / 1e9))
+                del q, k, v, d_out
+                torch.cuda.empty_cache()
+                _print_block(rows, d, causal, n)
+    return rows, skipped
+
+
+def _print_block(rows, d, causal, n):
+    here = [r for r in rows if r["d"] == d and r["causal"] == causal and r["n"] == n]
+    line = " ".join(f"{r['backend']}:{r['mode']}={r['tflops']:.0f}" for r in here)
+    log(f"  D={d} causal={causal!s:<5} N={n:<6} TFLOP/s {line}")
+
+
+def print_table(rows):
+    names = sorted({r["backend"] for r in rows}, key=lambda s: (s != "attnkit_triton", s))
+    for mode in ("fwd", "fwd+bwd"):
+        log(f"\n{mode} TFLOP/s (fp16; B*N = 16384, H*D = 2048)")
+        log(f"{'D':>4} {'causal':>6} {'N':>6} " + " ".join(f"{n:>15}" for n in names))
+        keys = sorted({(r["d"], r["causal"], r["n"]) for r in rows if r["mode"] == mode})
+        for d, causal, n in keys:
+            cells = []
+            for name in names:
+                hit = [r for r in rows if (r["backend"], r["d"], r["causal"], r["n"], r["mode"]) ==
+                       (name, d, causal, n, mode)]
+                cells.append(f"{hit[0]['tflops']:>15.1f}" if hit else f"{'-':>15}")
+            log(f"{d:>4} {causal!s:>6} {n:>6} " + " ".join(cells))
+
+
+def draw_chart(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(2, 4, figsize=(20, 9), sharex=True)
+    for col, (d, causal) in enumerate([(64, False), (64, True), (128, False), (128, True)]):
+        for row, mode in enumerate(("fwd", "fwd+bwd")):
+            ax = axes[row][col]
+            for name in sorted({r["backend"] for r in rows}):
+                pts = sorted((r["n"], r["tflops"]) for r in rows if (r["backend"], r["d"], r["causal"],
+                                                                    r["mode"]) == (name, d, causal, mode))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == "attnkit_triton" else 1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}, D={d}, {'causal' if causal else 'non-causal'}")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", nargs="?", default="gpu_check_results", help="folder for JSON/PNG")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="stop starting peer timings after this many seconds (default 420)")
+    parser.add_argument("--quick", action="store_true", help="a few cases and lengths only")
+    args = parser.parse_args(argv)
+    started = time.time()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        log("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False): "
+            "nothing to check; run this on a machine with an NVIDIA GPU.")
+        return 0
+    triton_ops, kernels = _import_attnkit()
+    import triton
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    info = dict(device=props.name, capability=list(torch.cuda.get_device_capability(0)),
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version())
+    log(f"gpu_check on {info['device']} (sm_{''.join(map(str, info['capability']))}), torch "
+        f"{info['torch']}, triton {info['triton']}")
+
+    log("\n[1/3] correctness vs float32 reference (err/plain-error per output)")
+    correctness = run_correctness(triton_ops, [torch.float16, torch.bfloat16], args.quick)
+    integration = run_integration_checks(triton_ops)
+    log(f"  correctness: {sum(r['ok'] for r in correctness)}/{len(correctness)} cases pass "
+        f"({time.time() - started:.0f} s so far)")
+
+    log("\n[2/3] timing (fp16)")
+    rows, skipped = run_timing(triton_ops, started + args.budget_s, args.quick)
+
+    log("\n[3/3] results")
+    print_table(rows)
+    for line in skipped:
+        log(f"  skipped: {line}")
+    report = dict(info=info, correctness=correctness, integration=integration, timings=rows,
+                  skipped=skipped, seconds=time.time() - started)
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    chart = draw_chart(rows, out_dir / "gpu_check.png")
+    log(f"\nwrote {out_dir / 'gpu_check.json'}" + (f" and {out_dir / 'gpu_check.png'}" if chart
+                                                   else " (no chart: matplotlib is not installed)"))
+    failed = [r for r in correctness if not r["ok"]]
+    log(f"done in {time.time() - started:.0f} s; "
+        + ("ALL CORRECTNESS CHECKS PASS" if not failed else f"{len(failed)} CORRECTNESS FAILURES"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

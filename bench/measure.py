@@ -1,0 +1,229 @@
+"""Measuring one point: time, compile time, peak memory; and the matmul roofline.
+
+Time. CPU: time.perf_counter around each call. CUDA: CUDA events around each
+call, read after a synchronisation. The first call is timed on its own; the
+steady state is the median of the calls after it, and the first call's excess
+over that median is reported as compile time (JIT compilation, autotuning,
+caches warming up).
+
+Peak memory. CPU: the process's peak resident set size above a baseline,
+which sees every allocator alike (NumPy, torch, Numba, BLAS scratch): free
+heap memory is returned to the system (malloc_trim), the baseline RSS is read,
+the kernel's high-water mark is reset (/proc/self/clear_refs, "5"), one call
+runs, and VmHWM minus the baseline is its peak. Only pages actually touched
+count. The baseline includes the inputs (and, for a backward, what the
+forward saved), so the figure is what the call itself needs. CUDA:
+torch.cuda.max_memory_allocated above memory_allocated before the call
+(memory held by torch's caching allocator; other allocators are not seen).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import statistics
+import time
+
+MAX_REPEATS = 100
+
+CPU_MEMORY_METHOD = "peak RSS above the baseline after inputs are built (Linux VmHWM, reset per call)"
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated above memory_allocated before the call"
+
+
+def memory_method(device):
+    return CUDA_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD
+
+
+def make_inputs(settings, n, layout="bhnd", seed=0):
+    """q, k, v and the upstream gradient for one point, as torch tensors on the device.
+
+    Shape (B, H, n, D) for layout "bhnd", (B, n, H, D) for "bnhd". When the
+    sweep times a backward pass q, k and v require grad; for a forward pass the
+    upstream gradient is None.
+    """
+    import torch
+
+    from .contenders import torch_dtype
+
+    generator = torch.Generator().manual_seed(seed)
+    b, h, d = settings.batch, settings.heads, settings.head_dim
+    shape = (b, h, n, d) if layout == "bhnd" else (b, n, h, d)
+    requires_grad = settings.mode != "forward"
+
+    def draw():  # drawn on the CPU so every device sees the same numbers
+        x = torch.randn(shape, generator=generator)
+        return x.to(device=settings.device, dtype=torch_dtype(settings.dtype))
+
+    q, k, v = (draw().requires_grad_(requires_grad) for _ in range(3))
+    return q, k, v, draw() if requires_grad else None
+
+
+def make_step(forward, inputs, mode):
+    """Split one timed call into (setup, run).
+
+    setup() does the untimed preparation and returns a state; run(state) is the
+    work timed and measured: the forward (under no_grad), the backward of a
+    forward done in setup, or forward and backward together.
+    """
+    import torch
+
+    q, k, v, grad_out = inputs
+
+    def clear_grads():
+        for x in (q, k, v):
+            x.grad = None
+
+    if mode == "forward":
+        def setup():
+            return None
+
+        def run(_):
+            with torch.no_grad():
+                return forward(q, k, v)
+    elif mode == "backward":
+        def setup():
+            clear_grads()
+            return forward(q, k, v)
+
+        def run(out):
+            out.backward(grad_out)
+    elif mode == "both":
+        def setup():
+            clear_grads()
+
+        def run(_):
+            forward(q, k, v).backward(grad_out)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return setup, run
+
+
+def time_once(setup, run, device):
+    """Seconds taken by run(setup()), setup excluded."""
+    state = setup()
+    if device == "cuda":
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        run(state)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # milliseconds -> seconds
+    start = time.perf_counter()
+    run(state)
+    return time.perf_counter() - start
+
+
+def summarize(samples):
+    """Median, 20th and 80th percentiles (seconds) of a list of timings."""
+    if len(samples) == 1:
+        return {"median_s": samples[0], "p20_s": samples[0], "p80_s": samples[0]}
+    cuts = statistics.quantiles(samples, n=5, method="inclusive")  # 20, 40, 60, 80 %
+    return {"median_s": statistics.median(samples), "p20_s": cuts[0], "p80_s": cuts[3]}
+
+
+def time_calls(setup, run, device, min_repeats=5, min_time_s=0.2):
+    """First-call time, then the steady state over at least min_repeats calls.
+
+    Calls continue until they add up to min_time_s (at most MAX_REPEATS).
+    Returns median_s, p20_s, p80_s, first_call_s, compile_s and repeats.
+    """
+    first = time_once(setup, run, device)
+    samples = []
+    while len(samples) < min_repeats or (sum(samples) < min_time_s and len(samples) < MAX_REPEATS):
+        samples.append(time_once(setup, run, device))
+    timing = summarize(samples)
+    timing.update(first_call_s=first, compile_s=max(first - timing["median_s"], 0.0),
+                  repeats=len(samples))
+    return timing
+
+
+def _status_bytes(field):
+    """A memory figure from /proc/self/status (reported there in kB)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _release_free_heap():
+    """Hand freed heap memory back to the system, so re-using it shows up in RSS."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only
+        libc.malloc_trim(0)
+
+
+def peak_memory(setup, run, device):
+    """Peak bytes that run(setup()) needs beyond what existed before it, or None.
+
+    See the module docstring for what is measured. None where it cannot be
+    measured (a CPU without Linux's /proc/self/clear_refs).
+    """
+    if device == "cuda":
+        import torch
+
+        state = setup()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        run(state)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        return None
+    state = setup()
+    _release_free_heap()
+    baseline = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    result = run(state)  # noqa: F841 - the result stays alive until the peak is read
+    return max(_status_bytes("VmHWM") - baseline, 0)
+
+
+def measure_point(contender, settings, n):
+    """Time and memory of one contender at sequence length n: a result row without accounting."""
+    forward = contender.forward_function(settings, n)
+    inputs = make_inputs(settings, n, contender.layout)
+    setup, run = make_step(forward, inputs, settings.mode)
+    timing = time_calls(setup, run, settings.device, settings.min_repeats, settings.min_time_s)
+    return {**timing, "peak_memory_bytes": peak_memory(setup, run, settings.device)}
+
+
+def matmul_rate(device, dtype, size=None, repeats=None):
+    """The best matrix-multiply rate here, in FLOP/s: the roofline for attention.
+
+    Times C = A @ B with square (size x size) matrices in the sweep's dtype:
+    torch.matmul on the device and, on the CPU, NumPy's matmul as well (the
+    reference runs on NumPy's BLAS). Returns {"flops_per_s", "what", "rates"}.
+    """
+    import numpy as np
+    import torch
+
+    from .contenders import torch_dtype
+
+    size = size or (8192 if device == "cuda" else 2048)
+    repeats = repeats or (10 if device == "cuda" else 3)
+    flops = 2 * size**3
+    rates = {}
+
+    a, b = (torch.randn(size, size, device=device).to(torch_dtype(dtype)) for _ in range(2))
+    samples = [time_once(lambda: None, lambda _: torch.matmul(a, b), device)
+               for _ in range(repeats + 1)][1:]
+    rates[f"torch.matmul {dtype}"] = flops / statistics.median(samples)
+
+    if device == "cpu" and dtype in ("float32", "float64"):
+        a, b = (np.random.default_rng(0).standard_normal((size, size)).astype(dtype) for _ in range(2))
+        samples = [time_once(lambda: None, lambda _: a @ b, "cpu") for _ in range(repeats + 1)][1:]
+        rates[f"numpy matmul {dtype}"] = flops / statistics.median(samples)
+
+    best = max(rates, key=rates.get)
+    return {"flops_per_s": rates[best], "what": f"{best}, {size}x{size}x{size}",
+            "rates": rates}

@@ -1,0 +1,399 @@
+"""The benchmark suite's own logic: accounting, measurement, sweep, results, charts.
+
+Everything here runs in this process on tiny inputs, except one test that
+starts a worker process; the command line end to end is in test_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from attnkit.bench import contenders, measure, plots, report, sweep
+from attnkit.bench.accounting import (attention_flops, extrapolate, fit_exponent, format_bytes,
+                                      format_seconds)
+from attnkit.bench.cli import sequence_lengths
+from attnkit.bench.settings import Settings
+from attnkit.bench.worker import Worker
+
+MiB = 2**20
+CAN_MEASURE_RSS = os.access("/proc/self/clear_refs", os.W_OK)
+needs_rss = pytest.mark.skipif(not CAN_MEASURE_RSS, reason="needs Linux /proc/self/clear_refs")
+
+FAST = dict(min_repeats=2, min_time_s=0.0)
+
+
+# ---------------------------------------------------------------- accounting
+
+def test_flops_follow_the_common_convention():
+    forward = 4 * 2 * 8 * 1024 * 512 * 64
+    assert attention_flops(2, 8, 1024, 512, 64) == forward
+    assert attention_flops(2, 8, 1024, 512, 64, causal=True) == forward / 2
+    assert attention_flops(2, 8, 1024, 512, 64, mode="backward") == 2.5 * forward
+    assert attention_flops(2, 8, 1024, 512, 64, causal=True, mode="both") == 3.5 * forward / 2
+    with pytest.raises(ValueError, match="mode"):
+        attention_flops(1, 1, 1, 1, 1, mode="sideways")
+
+
+def test_exponent_fit_recovers_power_laws():
+    ns = [256, 512, 1024, 2048]
+    assert fit_exponent(ns, [3e-9 * n**2 for n in ns]) == pytest.approx(2.0)
+    assert fit_exponent(ns, [5.0 * n for n in ns]) == pytest.approx(1.0)
+    assert fit_exponent(ns, [0, 0, 4.0 * 1024, 4.0 * 2048]) == pytest.approx(1.0)  # zeros dropped
+    assert fit_exponent([1024], [1.0]) is None
+
+
+def test_extrapolation_uses_the_last_two_points_with_a_clipped_exponent():
+    assert extrapolate([512, 1024, 2048], [9.0, 1.0, 4.0], 4096) == pytest.approx(16.0)
+    assert extrapolate([1024, 2048], [1.0, 1.0], 4096) == pytest.approx(2.0)  # at least linear
+    assert extrapolate([1024, 2048], [1.0, 1e6], 4096) == pytest.approx(8e6)  # at most cubic
+    assert extrapolate([1024], [1.0], 4096) is None
+
+
+def test_units_read_naturally():
+    assert format_bytes(128 * 2**30) == "128 GiB"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(None) == "-"
+    assert format_seconds(0.00123) == "1.23 ms"
+    assert format_seconds(12.5) == "12.5 s"
+
+
+def test_sequence_length_lists_and_ranges():
+    assert sequence_lengths("256..2048") == [256, 512, 1024, 2048]
+    assert sequence_lengths("100, 300,256..512") == [100, 300, 256, 512]
+    for bad in ("0", "a", "512..256", ""):
+        with pytest.raises(Exception, match="positive"):
+            sequence_lengths(bad)
+
+
+# ---------------------------------------------------------------- measurement
+
+@needs_rss
+@pytest.mark.parametrize("allocate", [
+    lambda size: np.ones(size // 8),
+    lambda size: torch.ones(size // 4),  # torch's CPU allocator, invisible to tracemalloc
+])
+def test_peak_memory_sees_a_known_allocation(allocate):
+    def run(_):
+        block = allocate(48 * MiB)
+        del block  # freed before the peak is read: the high-water mark still has it
+
+    peak = measure.peak_memory(lambda: None, run, "cpu")
+    assert 47 * MiB <= peak <= 52 * MiB
+    assert measure.peak_memory(lambda: None, lambda _: None, "cpu") < 2 * MiB
+
+
+@needs_rss
+def test_peak_memory_excludes_what_setup_built():
+    peak = measure.peak_memory(lambda: np.ones(64 * MiB // 8), lambda state: state.sum(), "cpu")
+    assert peak < 4 * MiB
+
+
+def test_timing_separates_the_first_call_from_the_steady_state():
+    calls = []
+
+    def run(_):
+        time.sleep(0.08 if not calls else 0.01)
+        calls.append(1)
+
+    timing = measure.time_calls(lambda: None, run, "cpu", min_repeats=5, min_time_s=0.0)
+    assert timing["repeats"] == 5 == len(calls) - 1
+    assert timing["p20_s"] <= timing["median_s"] <= timing["p80_s"]
+    assert 0.01 <= timing["median_s"] < 0.05
+    assert timing["compile_s"] == pytest.approx(timing["first_call_s"] - timing["median_s"])
+    assert timing["compile_s"] > 0.03
+
+
+def test_timing_runs_until_the_minimum_time():
+    timing = measure.time_calls(lambda: None, lambda _: time.sleep(0.001), "cpu",
+                                min_repeats=2, min_time_s=0.05)
+    assert 2 < timing["repeats"] <= measure.MAX_REPEATS
+    assert timing["repeats"] * timing["p80_s"] >= 0.04  # it ran until the calls added up
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward", "both"])
+def test_steps_time_the_requested_pass(mode):
+    settings = Settings(heads=2, head_dim=16, mode=mode, **FAST)
+    forwards = []
+
+    def forward(q, k, v):
+        forwards.append(torch.is_grad_enabled())
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    q, k, v, grad_out = inputs = measure.make_inputs(settings, 32)
+    assert q.shape == (1, 2, 32, 16) and q.requires_grad == (mode != "forward")
+    assert (grad_out is None) == (mode == "forward")
+    setup, run = measure.make_step(forward, inputs, mode)
+    state = setup()
+    forwards_in_setup = len(forwards)
+    run(state)
+    assert forwards_in_setup == (1 if mode == "backward" else 0)
+    assert len(forwards) == 1
+    assert forwards[0] == (mode != "forward")
+    assert (q.grad is not None) == (mode != "forward")
+
+
+@needs_rss
+def test_reference_memory_grows_as_n_squared_and_flash_as_n():
+    settings = Settings(heads=4, **FAST)
+    reference, flash = contenders.by_name("reference"), contenders.by_name("torch-sdpa-flash")
+    ns = [512, 1024, 2048]
+    reference_peaks = [measure.measure_point(reference, settings, n)["peak_memory_bytes"] for n in ns]
+    flash_peaks = [measure.measure_point(flash, settings, n)["peak_memory_bytes"] for n in ns]
+    assert 1.8 <= fit_exponent(ns, reference_peaks) <= 2.2
+    assert reference_peaks[-1] >= settings.score_matrix_bytes(2048)  # it holds the scores
+    assert 0.5 <= fit_exponent(ns, flash_peaks) <= 1.3
+    assert flash_peaks[-1] < settings.score_matrix_bytes(2048) / 4
+
+
+def test_roofline_is_a_plausible_matmul_rate():
+    roofline = measure.matmul_rate("cpu", "float32", size=256, repeats=2)
+    assert 1e8 < roofline["flops_per_s"] < 1e14
+    assert set(roofline["rates"]) == {"torch.matmul float32", "numpy matmul float32"}
+    assert roofline["flops_per_s"] == max(roofline["rates"].values())
+
+
+# ---------------------------------------------------------------- the sweep
+
+class FakeContender(contenders.Contender):
+    def __init__(self, name, materializes_scores=False, unavailable=None, default=None):
+        self.name, self.materializes_scores = name, materializes_scores
+        self.unavailable, self.default = unavailable, default
+
+    def unavailable_reason(self, settings):
+        return self.unavailable
+
+    def default_reason(self, settings):
+        return self.default
+
+
+def fake_measure(seconds=lambda n: 1e-9 * n * n, memory=lambda n: 100 * n, fail_at=()):
+    calls = []
+
+    def measure_point(contender, n):
+        calls.append((contender.name, n))
+        if (contender.name, n) in fail_at:
+            return {"status": "failed", "error": "RuntimeError: boom"}
+        t = seconds(n)
+        return {"status": "ok", "median_s": t, "p20_s": t * 0.9, "p80_s": t * 1.1,
+                "first_call_s": t + 0.5, "compile_s": 0.5, "repeats": 5,
+                "peak_memory_bytes": memory(n)}
+
+    measure_point.calls = calls
+    return measure_point
+
+
+def test_sweep_goes_by_length_then_contender_and_survives_a_failure():
+    settings = Settings(ns=(256, 512, 1024), heads=2)
+    pair = [FakeContender("a"), FakeContender("b")]
+    measure_point = fake_measure(fail_at={("a", 512)})
+    rows = list(sweep.sweep(settings, pair, measure_point))
+    assert [(r["N"], r["backend"]) for r in rows] == [(n, c) for n in (256, 512, 1024) for c in "ab"]
+    failed = rows[2]
+    assert failed["status"] == "failed" and "boom" in failed["note"] and failed["median_s"] is None
+    assert all(r["status"] == "ok" for r in rows if r is not failed)
+    assert set(rows[0]) == set(sweep.ROW_FIELDS)
+    ok = rows[-1]
+    assert ok["flops"] == attention_flops(1, 2, 1024, 1024, 64)
+    assert ok["flops_per_s"] == pytest.approx(ok["flops"] / ok["median_s"])
+    assert ok["compile_s"] == 0.5 and ok["peak_memory_bytes"] == 102400
+
+
+def test_a_point_beyond_the_memory_budget_is_skipped_with_the_reason():
+    settings = Settings(ns=(65536,), heads=8, memory_budget_bytes=2**30)
+    measure_point = fake_measure()
+    rows = list(sweep.sweep(settings, [FakeContender("reference", materializes_scores=True),
+                                       FakeContender("tiled")], measure_point))
+    assert rows[0]["status"] == "skipped"
+    assert rows[0]["note"].startswith("reference at N=65536 would need 128 GiB")
+    assert rows[1]["status"] == "ok" and measure_point.calls == [("tiled", 65536)]
+
+
+def test_skips_are_extrapolated_from_measured_points():
+    settings = Settings(ns=(1024, 2048, 4096, 8192), time_limit_s=10.0,
+                        memory_budget_bytes=64 * MiB)
+    slow = FakeContender("slow")  # 1 s at 1024, 4 s at 2048 -> 16 s predicted at 4096
+    hungry = FakeContender("hungry")  # 4 MiB, 16 MiB -> 64 MiB predicted at 4096
+    rows = list(sweep.sweep(settings, [slow], fake_measure(seconds=lambda n: (n / 1024) ** 2)))
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped"]
+    assert "slow at N=4096 would take about 16 s per call (time limit 10 s)" in rows[2]["note"]
+    rows = list(sweep.sweep(settings, [hungry], fake_measure(memory=lambda n: 4 * n * n)))
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped", "skipped"]
+    assert "hungry at N=4096 would need" in rows[2]["note"]
+
+
+def test_an_interrupted_sweep_keeps_its_rows():
+    settings = Settings(ns=(256, 512), heads=2)
+    inner = fake_measure()
+
+    def interrupted(contender, n):
+        if n == 512:
+            raise KeyboardInterrupt
+        return inner(contender, n)
+
+    rows = []
+    with pytest.raises(KeyboardInterrupt):
+        for row in sweep.sweep(settings, [FakeContender("a"), FakeContender("b")], interrupted):
+            rows.append(row)
+    assert [(r["N"], r["backend"]) for r in rows] == [(256, "a"), (256, "b")]
+
+
+def test_contender_selection():
+    settings = Settings()
+    pool = [FakeContender("fast"), FakeContender("slow-compile", default="compiles for ages"),
+            FakeContender("gpu-only", unavailable="runs on CUDA only")]
+    run, left_out = sweep.select_contenders(settings, pool)
+    assert [c.name for c in run] == ["fast"]
+    assert "not in the default set: compiles for ages" in dict(left_out)["slow-compile"]
+    assert dict(left_out)["gpu-only"] == "runs on CUDA only"
+    run, _ = sweep.select_contenders(settings, pool, "all")
+    assert [c.name for c in run] == ["fast", "slow-compile"]
+    run, _ = sweep.select_contenders(settings, pool, ["slow-compile"])
+    assert [c.name for c in run] == ["slow-compile"]
+    with pytest.raises(ValueError, match="unknown backend.s. nope; choose from fast"):
+        sweep.select_contenders(settings, pool, ["fast", "nope"])
+    with pytest.raises(ValueError, match="gpu-only cannot run this sweep: runs on CUDA only"):
+        sweep.select_contenders(settings, pool, ["gpu-only"])
+
+
+def test_every_registry_backend_and_the_cpu_peers_are_contenders():
+    import attnkit
+
+    names = [c.name for c in contenders.all_contenders()]
+    assert names[:len(attnkit.available_backends())] == list(attnkit.available_backends())
+    assert {"torch-sdpa-flash", "torch-sdpa-math", "torch-sdpa-cudnn", "torch-flex",
+            "flash-attn"} <= set(names)
+    settings = Settings()
+    assert contenders.by_name("reference").unavailable_reason(settings) is None
+    assert contenders.by_name("torch-sdpa-flash").unavailable_reason(settings) is None
+    assert "no cudnn kernel on cpu" in contenders.by_name("torch-sdpa-cudnn").unavailable_reason(settings)
+    assert contenders.by_name("flash-attn").unavailable_reason(settings) == "runs on CUDA only"
+
+
+def test_attnkit_contenders_compute_what_the_reference_computes():
+    settings = Settings(heads=2, head_dim=16, causal=True, **FAST)
+    q, k, v, _ = measure.make_inputs(settings, 24)
+    expected = contenders.by_name("reference").forward_function(settings, 24)(q, k, v)
+    for name in ("torch-sdpa-flash", "torch-sdpa-math"):
+        out = contenders.by_name(name).forward_function(settings, 24)(q, k, v)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_worker_that_dies_costs_one_point():
+    settings = Settings(heads=2, head_dim=16, **FAST)
+    worker = Worker("reference", settings)
+    try:
+        assert worker.measure(32)["status"] == "ok"
+        worker.process.kill()
+        reply = worker.measure(64)
+        assert reply["status"] == "failed" and "worker process died (killed by SIGKILL)" in reply["error"]
+        reply = worker.measure(64)  # a fresh worker
+        assert reply["status"] == "ok" and reply["median_s"] > 0
+        assert worker.measure(-1)["status"] == "failed"  # an exception inside is a reply, not a death
+        assert worker.process.poll() is None
+    finally:
+        worker.close()
+
+
+# ---------------------------------------------------------------- results and charts
+
+def synthetic_document(complete=True):
+    """Results shaped like a real run: a quadratic and a linear contender."""
+    settings = Settings(ns=(256, 512, 1024, 2048), heads=8)
+    rows = []
+    for n in settings.ns:
+        for name, seconds, memory in (("quadratic", 1e-9 * n * n, 12 * n * n),
+                                      ("linear", 1e-7 * n, 2048 * n)):
+            rows.append(sweep.make_row(name, n, settings, "ok", measurement={
+                "median_s": seconds, "p20_s": seconds * 0.95, "p80_s": seconds * 1.1,
+                "first_call_s": seconds, "compile_s": 0.0, "repeats": 5,
+                "peak_memory_bytes": memory}))
+    rows.append(sweep.make_row("quadratic", 65536, settings, "skipped",
+                               "quadratic at N=65536 would need 128 GiB"))
+    return {
+        "schema": report.SCHEMA, "complete": complete, "started": "t0", "finished": "t1",
+        "settings": settings.as_dict(),
+        "machine": {"attnkit": "0", "cpu": {"model": "Test CPU", "logical_cores": 2},
+                    "cuda": {"devices": [], "reason": "none"}, "versions": {"torch": "x"}},
+        "roofline": {"flops_per_s": 3e11, "what": "numpy matmul float32, 2048x2048x2048",
+                     "rates": {"numpy matmul float32": 3e11}},
+        "memory_method": measure.CPU_MEMORY_METHOD,
+        "contenders": {"run": ["quadratic", "linear"], "left_out": {"gpu": "runs on CUDA only"}},
+        "results": rows,
+    }
+
+
+def test_json_round_trip_and_schema_checks(tmp_path):
+    document = synthetic_document()
+    path = tmp_path / "results.json"
+    report.write_json(document, path)
+    assert report.load_json(path) == json.loads(json.dumps(document))
+    broken = dict(document)
+    del broken["roofline"]
+    report.write_json(broken, path)
+    with pytest.raises(ValueError, match="lacks roofline"):
+        report.load_json(path)
+    path.write_text(json.dumps({"schema": "something else"}))
+    with pytest.raises(ValueError, match="not an attnkit bench result"):
+        report.load_json(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="not JSON"):
+        report.load_json(path)
+
+
+def test_csv_has_a_line_per_row_with_settings_and_machine(tmp_path):
+    import csv
+
+    document = synthetic_document()
+    report.write_csv(document, tmp_path / "results.csv")
+    with open(tmp_path / "results.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == len(document["results"])
+    assert lines[0]["backend"] == "quadratic" and lines[0]["heads"] == "8"
+    assert lines[0]["cpu"] == "Test CPU" and lines[-1]["status"] == "skipped"
+
+
+def test_table_and_summary_show_figures_reasons_and_exponents():
+    document = synthetic_document(complete=False)
+    table = report.format_table(document["results"])
+    assert "GFLOP/s" in table and "peak mem" in table
+    assert "skipped: quadratic at N=65536 would need 128 GiB" in table
+    summary = report.format_summary(document)
+    assert "time ~ N^k over the largest 3 N: quadratic 2.00, linear 1.00" in summary
+    assert "memory ~ N^k over the largest 3 N: quadratic 2.00, linear 1.00" in summary
+    assert "roofline: 300.0 GFLOP/s" in summary and "interrupted" in summary
+    assert "left out gpu: runs on CUDA only" in summary
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_charts_are_drawn_from_saved_results(tmp_path, complete):
+    report.write_json(synthetic_document(complete), tmp_path / "results.json")
+    paths = plots.plot(report.load_json(tmp_path / "results.json"), tmp_path / "charts")
+    assert sorted(os.path.basename(p) for p in paths) == sorted(plots.CHARTS)
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert 5_000 < os.path.getsize(path) < 300_000
+
+
+def test_replot_command_draws_beside_the_results(tmp_path, capsys):
+    from attnkit.cli import main
+
+    report.write_json(synthetic_document(complete=False), tmp_path / "results.json")
+    assert main(["bench", "--plot", str(tmp_path / "results.json")]) == 0
+    assert all((tmp_path / name).exists() for name in plots.CHARTS)
+    assert "would need 128 GiB" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--plot", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2
+
+
+def test_charts_of_a_run_where_nothing_was_measured(tmp_path):
+    document = synthetic_document(complete=False)
+    document["results"] = [r for r in document["results"] if r["status"] == "skipped"]
+    assert len(plots.plot(document, tmp_path)) == 3
