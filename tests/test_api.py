@@ -139,8 +139,9 @@ GRAD_CASES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["reference", "numba"])
 @pytest.mark.parametrize("name", list(GRAD_CASES))
-def test_gradcheck(name):
+def test_gradcheck(name, backend):
     options = dict(GRAD_CASES[name])
     hkv = options.pop("hkv", 4)
     q = randn(2, 4, 6, 5, dtype=torch.float64, grad=True)
@@ -152,7 +153,8 @@ def test_gradcheck(name):
         options["mask"] = mask
     elif options.get("mask") == "additive":
         options["mask"] = torch.randn(4, 6, 7, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda q, k, v: attnkit.attention(q, k, v, **options), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: attnkit.attention(q, k, v, backend=backend, **options), (q, k, v))
 
 
 def test_fully_masked_row_gradients_are_zero():
