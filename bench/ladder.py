@@ -94,8 +94,8 @@ def format_ladder(rows, n, heads, head_dim):
         if r["status"] != "ok":
             lines.append(f"{r['name']:<18} {r['status']}: {r['reason']}")
             continue
-        speedup = f"{r['speedup']:.1f}" if r["speedup"] else "-"
-        lines.append(f"{r['name']:<18} {r['median_s'] * 1e3:>10.2f} {r['gflops']:>9.2f} {speedup:>7} "
+        speedup = f"{r['speedup']:.3g}" if r["speedup"] else "-"
+        lines.append(f"{r['name']:<18} {r['median_s'] * 1e3:>10.2f} {r['gflops']:>9.3g} {speedup:>7} "
                      f"{r['compile_s']:>9.2f}  {r['idea']}")
     return "\n".join(lines)
 
@@ -110,7 +110,7 @@ def plot_ladder(rows, path, title):
     fig, ax = plt.subplots(figsize=(9, 4.5))
     bars = ax.bar([r["name"] for r in measured], [r["gflops"] for r in measured], color="#4c72b0")
     for bar, r in zip(bars, measured):
-        label = f"{r['gflops']:.2g}" + (f"\n×{r['speedup']:.1f}" if r["speedup"] else "")
+        label = f"{r['gflops']:.2g}" + (f"\n×{r['speedup']:.3g}" if r["speedup"] else "")
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                     va="bottom", fontsize=8)
     ax.set_yscale("log")
