@@ -55,3 +55,37 @@ def max_error(actual, expected):
     a, e = _as_float64(actual), _as_float64(expected)
     finite = np.isfinite(a) & np.isfinite(e)
     return float(np.abs(a - e)[finite].max()) if finite.any() else 0.0
+
+
+def torch_attention(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None):
+    """Dense attention in plain torch ops, in the inputs' own dtype and on their device.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) torch tensors; the
+    contract's order of operations, visibility from reference.visible_keys.
+    Differentiable. Returns out (B, Hq, Nq, Dv) and lse (B, Hq, Nq); a row that
+    sees no key gives 0 and -inf. Run in low precision it is the "plain
+    implementation" whose error sets a kernel's budget (flash-attn's 2x rule).
+    """
+    import torch
+
+    from .reference import visible_keys
+
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    visible = visible_keys(q.shape[2], k.shape[2], causal or False, window)
+    visible = (torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device) if visible is None
+               else torch.as_tensor(visible, device=s.device))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            s = s + mask.to(s.dtype)
+    s = s.masked_fill(~visible, float("-inf"))
+    empty = torch.isneginf(s).all(-1, keepdim=True)  # rows that see no key
+    s = torch.where(empty, torch.zeros_like(s), s)
+    p = torch.where(empty, torch.zeros_like(s), torch.softmax(s, -1))
+    lse = torch.where(empty[..., 0], torch.full_like(s[..., 0], float("-inf")), torch.logsumexp(s, -1))
+    return p @ v, lse

@@ -26,38 +26,21 @@ Works from a plain checkout (no pip install needed) as well as installed
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import platform
 import sys
 import time
-import types
 from pathlib import Path
 
 
 def _import_attnkit():
-    """attnkit.triton_ops, installed or from this checkout (kernels/ mapped to attnkit.kernels)."""
+    """attnkit's Triton modules, installed or from this checkout."""
     try:
-        from attnkit import triton_ops
-        from attnkit.kernels import triton_attention
-
-        return triton_ops, triton_attention
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parent.parent
-    package = types.ModuleType("attnkit")
-    package.__path__ = [str(root / "attnkit")]
-    sys.modules["attnkit"] = package
-    spec = importlib.util.spec_from_file_location(
-        "attnkit.kernels", root / "kernels" / "__init__.py",
-        submodule_search_locations=[str(root / "kernels")],
-    )
-    kernels = importlib.util.module_from_spec(spec)
-    sys.modules["attnkit.kernels"] = kernels
-    spec.loader.exec_module(kernels)
-    package.kernels = kernels
+        import attnkit  # noqa: F401
+    except ImportError:  # a plain checkout: attnkit/__init__.py maps kernels/ and reference/ itself
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from attnkit import triton_ops
     from attnkit.kernels import triton_attention
 
@@ -69,39 +52,6 @@ def log(*args):
 
 
 # ------------------------------------------------------------------------ correctness
-
-def reference_attention(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None):
-    """Dense attention in the inputs' dtype (the contract's order of operations), differentiable."""
-    import torch
-
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    nq, nk = q.shape[2], k.shape[2]
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    i = torch.arange(nq, device=q.device)[:, None] + (nk - nq if causal == "bottom_right" else 0)
-    j = torch.arange(nk, device=q.device)[None, :]
-    visible = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible &= j <= i
-    if window is not None:
-        if window[0] is not None:
-            visible &= j >= i - window[0]
-        if window[1] is not None:
-            visible &= j <= i + window[1]
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            visible = visible & mask
-        else:
-            s = s + mask.to(s.dtype)
-    s = s.masked_fill(~visible, float("-inf"))
-    empty = torch.isneginf(s).all(-1, keepdim=True)
-    s = torch.where(empty, torch.zeros_like(s), s)
-    p = torch.where(empty, torch.zeros_like(s), torch.softmax(s, -1))
-    lse = torch.where(empty[..., 0], torch.full_like(s[..., 0], float("-inf")), torch.logsumexp(s, -1))
-    return p @ v, lse
-
 
 def _err(x, ref):
     import torch
@@ -151,6 +101,8 @@ def run_correctness(triton_ops, dtypes, quick):
 
 
 def _check_case(triton_ops, case, dtype):
+    from attnkit.testing import torch_attention  # float32: the reference; own dtype: the error budget
+
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -176,10 +128,10 @@ def _check_case(triton_ops, case, dtype):
     out, lse = triton_ops.triton_attention(*leaves, mask, **opts)
     grads = torch.autograd.grad(out, leaves, d_out)
     ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref_out, ref_lse = reference_attention(*ref_leaves, mask, **opts)
+    ref_out, ref_lse = torch_attention(*ref_leaves, mask, **opts)
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, d_out.float())
     plain_leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    plain_out, plain_lse = reference_attention(*plain_leaves, mask, **opts)
+    plain_out, plain_lse = torch_attention(*plain_leaves, mask, **opts)
     plain_grads = torch.autograd.grad(plain_out, plain_leaves, d_out)
 
     errors, ok = {}, True

@@ -28,7 +28,8 @@ except Exception as error:  # ImportError, or a triton that fails to initialise
     pytest.skip(f"triton cannot be imported ({type(error).__name__}: {error})", allow_module_level=True)
 
 from attnkit.kernels import triton_attention as ta  # noqa: E402
-from attnkit.reference import attention, attention_backward, visible_keys  # noqa: E402
+from attnkit.reference import attention, attention_backward  # noqa: E402
+from attnkit.testing import torch_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not ta.interpreting():
@@ -46,27 +47,8 @@ def _np64(x):
     return None if x is None else x.detach().to("cpu", torch.float64 if x.is_floating_point() else x.dtype).numpy()
 
 
-def plain_attention(q, k, v, mask, *, scale, causal, window, softcap):
-    """softmax(scale q k^T, masked) v in the inputs' own dtype, differentiable (the error budget)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if softcap is not None:
-        s = softcap * torch.tanh(s / softcap)
-    visible = visible_keys(q.shape[2], k.shape[2], causal or False, window)
-    visible = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device) if visible is None else \
-        torch.as_tensor(visible, device=s.device)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            visible = visible & mask
-        else:
-            s = s + mask.to(s.dtype)
-    s = s.masked_fill(~visible, float("-inf"))
-    empty = torch.isneginf(s).all(-1, keepdim=True)  # rows that see no key
-    s = torch.where(empty, torch.zeros_like(s), s)
-    p = torch.where(empty, torch.zeros_like(s), torch.softmax(s, -1))
-    lse = torch.where(empty[..., 0], torch.full_like(s[..., 0], float("-inf")), torch.logsumexp(s, -1))
-    return p @ v, lse
+# The same-precision "plain implementation" whose error sets the budget.
+plain_attention = torch_attention
 
 
 def _err(x, ref):
