@@ -223,14 +223,10 @@ class TritonBackend(Backend):
         grads = flash_attention_bwd(
             *folded[:3], self._mask(mask, spec), folded[3], folded[4], lse, None, *_op_options(spec)
         )  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
-        results = []
-        for g, x in zip(grads, (q, k, v)):
-            g = g.reshape(spec.batch + tuple(g.shape[1:]))
-            extra = g.dim() - x.dim()
-            g = g.sum(dim=tuple(range(extra))) if extra else g
-            stretched = tuple(i for i, n in enumerate(x.shape) if n == 1 and g.shape[i] != 1)
-            results.append(g.sum(dim=stretched, keepdim=True) if stretched else g)
-        return tuple(results)
+        return tuple(  # sum_to_shape works on tensors too (torch takes axis=/keepdims=)
+            _layout.sum_to_shape(g.reshape(spec.batch + tuple(g.shape[1:])), tuple(x.shape))
+            for g, x in zip(grads, (q, k, v))
+        )
 
 
 def _op_options(spec):

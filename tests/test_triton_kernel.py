@@ -29,7 +29,7 @@ except Exception as error:  # ImportError, or a triton that fails to initialise
 
 from attnkit.kernels import triton_attention as ta  # noqa: E402
 from attnkit.reference import attention, attention_backward  # noqa: E402
-from attnkit.testing import torch_attention  # noqa: E402
+from attnkit.testing import assert_close, torch_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not ta.interpreting():
@@ -380,3 +380,23 @@ def test_gpu_check_without_cuda_says_so(tmp_path):
     done = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "no CUDA device" in done.stdout
+
+
+def test_public_api_backend_triton_with_broadcast_batch_and_gradients():
+    """attnkit.attention(backend="triton"): batch axes folded, broadcast gradients summed back."""
+    import attnkit
+
+    q = torch.randn(2, 4, 17, 16, device=DEVICE)
+    k = torch.randn(1, 2, 19, 16, device=DEVICE)  # shared across the batch, GQA 2:1
+    v = torch.randn(2, 19, 8, device=DEVICE)  # no batch axis
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attnkit.attention(*leaves, causal="bottom_right", backend="triton")
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    numpy64 = [_np64(x) for x in (q, k, v)]
+    expected, lse = attention(*numpy64, causal="bottom_right", return_lse=True)
+    grads = attention_backward(*numpy64, expected, _np64(d_out), lse, causal="bottom_right")
+    assert_close(out, expected, atol=2e-5, rtol=2e-5, name="out")
+    for name, leaf, g in zip(("dq", "dk", "dv"), leaves, grads):
+        assert leaf.grad.shape == leaf.shape
+        assert_close(leaf.grad, g, atol=5e-5, rtol=5e-5, name=name)
