@@ -45,10 +45,10 @@ import warnings
 
 import numba
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba's np.dot calls)
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
+
+from .cpu_blas import matmul, set_threads_local, uses_process_threads
+from .simd import exp2_affine, row_max
 
 __all__ = ["flash_forward", "flash_backward", "warmup"]
 
@@ -73,11 +73,7 @@ _C_INV_SOFTCAP = 4  # 1 / softcap
 _C_NEG_INF = 5  # -inf
 _C_ZERO = 6  # 0
 _C_ONE = 7  # 1
-_C_EXP2_FLOOR = 8  # below this exp2 returns 0 (smallest normal exponent)
-_C_HALF = 9  # 0.5
-_C_PRECISE = 10  # 1 for float64: use the degree-12 polynomial
-_C_POLY = 11  # 13 coefficients of 2**f on [-0.5, 0.5], lowest degree first
-_N_CONSTANTS = _C_POLY + 13
+_N_CONSTANTS = 8
 
 
 def _jit(**options):
@@ -94,130 +90,6 @@ def _jit(**options):
             return njit(cache=False, **options)(func)
 
     return decorate
-
-
-# ---------------------------------------------------------------------------
-# Vectorisable exp2: 2**x = 2**n * 2**f with n = round(x), f in [-0.5, 0.5].
-# 2**n is built from exponent bits, 2**f from a polynomial. Inputs below the
-# smallest normal exponent (including -inf) give exactly 0; NaN stays NaN.
-# ---------------------------------------------------------------------------
-
-
-@intrinsic
-def _round_toward_zero(typingctx, x):
-    """Float -> integer (truncating) -> float, as two vector instructions."""
-    int_type = ir.IntType(32) if x == types.float32 else ir.IntType(64)
-
-    def codegen(context, builder, signature, args):
-        return builder.sitofp(builder.fptosi(args[0], int_type), args[0].type)
-
-    return x(x), codegen
-
-
-@intrinsic
-def _pow2_of_integer(typingctx, n):
-    """2**n for an integral-valued float n in the normal exponent range."""
-    if n == types.float32:
-        int_type, bias, mantissa_bits, float_type = ir.IntType(32), 127, 23, ir.FloatType()
-    else:
-        int_type, bias, mantissa_bits, float_type = ir.IntType(64), 1023, 52, ir.DoubleType()
-
-    def codegen(context, builder, signature, args):
-        exponent = builder.add(builder.fptosi(args[0], int_type), ir.Constant(int_type, bias))
-        bits = builder.shl(exponent, ir.Constant(int_type, mantissa_bits))
-        return builder.bitcast(bits, float_type)
-
-    return n(n), codegen
-
-
-def _exp2_polynomial(degree):
-    """Coefficients (lowest first, padded to 13) of a Chebyshev fit of 2**f on [-0.5, 0.5]."""
-    nodes = 0.5 * np.cos(np.linspace(0.0, np.pi, 4001))
-    fit = np.polynomial.chebyshev.Chebyshev.fit(nodes, np.exp2(nodes), degree)
-    coefficients = fit.convert(kind=np.polynomial.Polynomial).coef
-    return np.concatenate([coefficients, np.zeros(13 - coefficients.size)])
-
-
-# Degree 6 is below float32 rounding (~2e-9); degree 12 is at float64 rounding.
-_EXP2_POLY = {np.dtype(np.float32): _exp2_polynomial(6), np.dtype(np.float64): _exp2_polynomial(12)}
-
-
-@_jit(fastmath=_FASTMATH)
-def _exp2_affine_inplace(row, multiplier, shift, consts):
-    """row[c] = 2**(row[c] * multiplier - shift); returns the sum of the new row.
-
-    The multiplier lets the unmasked path fold scale * log2(e) into one FMA
-    instead of a separate scaling pass over the tile.
-    """
-    floor = consts[_C_EXP2_FLOOR]
-    half = consts[_C_HALF]
-    zero = consts[_C_ZERO]
-    c0, c1, c2, c3 = consts[_C_POLY], consts[_C_POLY + 1], consts[_C_POLY + 2], consts[_C_POLY + 3]
-    c4, c5, c6 = consts[_C_POLY + 4], consts[_C_POLY + 5], consts[_C_POLY + 6]
-    total = zero
-    if consts[_C_PRECISE] == zero:
-        for c in range(row.shape[0]):
-            x = row[c] * multiplier - shift
-            clamped = floor if x < floor else x
-            n = _round_toward_zero(clamped - half)  # round to nearest for x <= 0.5
-            f = clamped - n  # [-0.5, 0.5]
-            p = c0 + f * (c1 + f * (c2 + f * (c3 + f * (c4 + f * (c5 + f * c6)))))
-            y = zero if x < floor else p * _pow2_of_integer(n)
-            row[c] = y
-            total += y
-    else:
-        c7, c8, c9 = consts[_C_POLY + 7], consts[_C_POLY + 8], consts[_C_POLY + 9]
-        c10, c11, c12 = consts[_C_POLY + 10], consts[_C_POLY + 11], consts[_C_POLY + 12]
-        for c in range(row.shape[0]):
-            x = row[c] * multiplier - shift
-            clamped = floor if x < floor else x
-            n = _round_toward_zero(clamped - half)
-            f = clamped - n
-            p = c12
-            p = c11 + f * p
-            p = c10 + f * p
-            p = c9 + f * p
-            p = c8 + f * p
-            p = c7 + f * p
-            p = c6 + f * p
-            p = c5 + f * p
-            p = c4 + f * p
-            p = c3 + f * p
-            p = c2 + f * p
-            p = c1 + f * p
-            p = c0 + f * p
-            y = zero if x < floor else p * _pow2_of_integer(n)
-            row[c] = y
-            total += y
-    return total
-
-
-@_jit(fastmath=_FASTMATH)
-def _row_max(row, initial):
-    """max(initial, max(row)), NaN ignored; 8 independent lanes so it vectorises."""
-    n = row.shape[0]
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = initial
-    c = 0
-    while c + 8 <= n:
-        m0 = row[c] if row[c] > m0 else m0
-        m1 = row[c + 1] if row[c + 1] > m1 else m1
-        m2 = row[c + 2] if row[c + 2] > m2 else m2
-        m3 = row[c + 3] if row[c + 3] > m3 else m3
-        m4 = row[c + 4] if row[c + 4] > m4 else m4
-        m5 = row[c + 5] if row[c + 5] > m5 else m5
-        m6 = row[c + 6] if row[c + 6] > m6 else m6
-        m7 = row[c + 7] if row[c + 7] > m7 else m7
-        c += 8
-    while c < n:
-        m0 = row[c] if row[c] > m0 else m0
-        c += 1
-    m0 = m1 if m1 > m0 else m0
-    m2 = m3 if m3 > m2 else m2
-    m4 = m5 if m5 > m4 else m4
-    m6 = m7 if m7 > m6 else m6
-    m0 = m2 if m2 > m0 else m0
-    m4 = m6 if m6 > m4 else m4
-    return m4 if m4 > m0 else m0
 
 
 # ---------------------------------------------------------------------------
@@ -389,12 +261,13 @@ def _forward_worker(
 
     # Scratch for this worker: O(block) memory, independent of N.
     score_buf = np.empty(block_q * block_k, q.dtype)  # (Bq, Bk) scores, then P
-    pv_buf = np.empty(block_q * dv, q.dtype)  # (Bq, Dv) P @ V of one tile
     acc = np.empty((block_q, dv), q.dtype)  # (Bq, Dv) running numerator
-    row_max = np.empty(block_q, q.dtype)  # (Bq,) running max, base 2
-    row_sum = np.empty(block_q, q.dtype)  # (Bq,) running denominator
+    running_max = np.empty(block_q, q.dtype)  # (Bq,) running max, base 2
+    running_sum = np.empty(block_q, q.dtype)  # (Bq,) running denominator
     rescale = np.empty(block_q, q.dtype)  # (Bq,) exp2(old max - new max)
     unused_grad = np.empty((1, 1), q.dtype)
+    one = consts[_C_ONE]
+    blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     for t in tasks:
         qb = t % n_qblocks
@@ -406,8 +279,8 @@ def _forward_worker(
         bq = i1 - i0
         q_blk = q[b, h, i0:i1]  # (Bq, D)
         for r in range(bq):
-            row_max[r] = neg_inf
-            row_sum[r] = zero
+            running_max[r] = neg_inf
+            running_sum[r] = zero
             for c in range(dv):
                 acc[r, c] = zero
 
@@ -417,30 +290,29 @@ def _forward_worker(
             j1 = min(j0 + block_k, nk)
             bk = j1 - j0
             s = score_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
-            np.dot(q_blk, k[b, hk, j0:j1].T, s)
+            matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)
             multiplier = _tile_scores_base2(
                 s, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
                 bool_mask, additive_mask, False, unused_grad,
             )  # fmt: skip
             for r in range(bq):
                 row = s[r]  # (Bk,)
-                tile_max = _row_max(row, neg_inf) * multiplier
-                old_max = row_max[r]
+                tile_max = row_max(row, neg_inf) * multiplier
+                old_max = running_max[r]
                 new_max = tile_max if tile_max > old_max else old_max
                 # All seen keys invisible so far: shift by 0 so exp2(-inf) stays 0.
                 shift = zero if new_max == neg_inf else new_max
                 rescale[r] = math.exp2(old_max - shift)
-                row_sum[r] = row_sum[r] * rescale[r] + _exp2_affine_inplace(row, multiplier, shift, consts)
-                row_max[r] = new_max
-            pv = pv_buf[: bq * dv].reshape((bq, dv))  # (Bq, Dv)
-            np.dot(s, v[b, hk, j0:j1], pv)
+                running_sum[r] = running_sum[r] * rescale[r] + exp2_affine(row, multiplier, shift)
+                running_max[r] = new_max
             for r in range(bq):
                 alpha = rescale[r]
                 for c in range(dv):
-                    acc[r, c] = acc[r, c] * alpha + pv[r, c]
+                    acc[r, c] *= alpha
+            matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P @ V
 
         for r in range(bq):
-            total = row_sum[r]
+            total = running_sum[r]
             out_row = out[b, h, i0 + r]  # (Dv,)
             if total == zero:  # no visible key: exact zeros, lse -inf
                 for c in range(dv):
@@ -450,7 +322,8 @@ def _forward_worker(
                 inv_total = consts[_C_ONE] / total
                 for c in range(dv):
                     out_row[c] = acc[r, c] * inv_total
-                lse[b, h, i0 + r] = row_max[r] * ln2 + math.log(total)
+                lse[b, h, i0 + r] = running_max[r] * ln2 + math.log(total)
+    set_threads_local(blas_threads)
 
 
 @_jit()
@@ -512,12 +385,10 @@ def _backward_worker(
     p_buf = np.empty(block_q * block_k, q.dtype)  # (Bq, Bk) scores, then P
     ds_buf = np.empty(block_q * block_k, q.dtype)  # (Bq, Bk) dP, then dS
     cap_buf = np.empty(block_q * block_k if has_softcap else 1, q.dtype)  # (Bq, Bk)
-    dq_acc = np.empty((block_q, d), q.dtype)  # (Bq, D)
-    dq_tile = np.empty(block_q * d, q.dtype)  # (Bq, D) one tile's dS @ K
-    dk_tile = np.empty(block_k * d, q.dtype)  # (Bk, D) one tile's dS^T @ Q
-    dv_tile = np.empty(block_k * dv, q.dtype)  # (Bk, Dv) one tile's P^T @ dO
     lse2 = np.empty(block_q, q.dtype)  # (Bq,) lse in base 2, 0 for empty rows
     delta = np.empty(block_q, q.dtype)  # (Bq,) rowsum(dO * O)
+    one = consts[_C_ONE]
+    blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     for t in tasks:
         chunk = t % n_chunks
@@ -539,8 +410,7 @@ def _backward_worker(
                 delta[r] = total
                 row_lse = lse[b, h, i0 + r]
                 lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
-                for c in range(d):
-                    dq_acc[r, c] = zero
+            dq_blk = dq[b, h, i0:i1]  # (Bq, D), zero on entry; accumulated tile by tile
 
             first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
             for kb in range(first, stop):
@@ -552,14 +422,14 @@ def _backward_worker(
                 p = p_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
                 ds = ds_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
-                np.dot(q_blk, k_blk.T, p)
+                matmul(q_blk, k_blk.T, p, one, zero)
                 multiplier = _tile_scores_base2(
                     p, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
                     bool_mask, additive_mask, True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
-                    _exp2_affine_inplace(p[r], multiplier, lse2[r], consts)
-                np.dot(do_blk, v_blk.T, ds)  # dP
+                    exp2_affine(p[r], multiplier, lse2[r])
+                matmul(do_blk, v_blk.T, ds, one, zero)  # dP
                 for r in range(bq):
                     row_delta = delta[r]
                     if has_softcap:
@@ -569,27 +439,10 @@ def _backward_worker(
                         for c in range(bk):
                             ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
 
-                dv_t = dv_tile[: bk * dv].reshape((bk, dv))  # (Bk, Dv)
-                np.dot(p.T, do_blk, dv_t)
-                dv_dst = dv_partial[b, slot, j0:j1]  # (Bk, Dv)
-                for r in range(bk):
-                    for c in range(dv):
-                        dv_dst[r, c] += dv_t[r, c]
-                dk_t = dk_tile[: bk * d].reshape((bk, d))  # (Bk, D)
-                np.dot(ds.T, q_blk, dk_t)
-                dk_dst = dk_partial[b, slot, j0:j1]  # (Bk, D)
-                for r in range(bk):
-                    for c in range(d):
-                        dk_dst[r, c] += dk_t[r, c]
-                dq_t = dq_tile[: bq * d].reshape((bq, d))  # (Bq, D)
-                np.dot(ds, k_blk, dq_t)
-                for r in range(bq):
-                    for c in range(d):
-                        dq_acc[r, c] += dq_t[r, c]
-            dq_dst = dq[b, h, i0:i1]  # (Bq, D)
-            for r in range(bq):
-                for c in range(d):
-                    dq_dst[r, c] = dq_acc[r, c]
+                matmul(p.T, do_blk, dv_partial[b, slot, j0:j1], one, one)  # dV += P^T dO
+                matmul(ds.T, q_blk, dk_partial[b, slot, j0:j1], one, one)  # dK += dS^T Q
+                matmul(ds, k_blk, dq_blk, one, one)  # dQ += dS K
+    set_threads_local(blas_threads)
 
 
 @_jit()
@@ -662,19 +515,25 @@ def _sum_partials(partial, n_slots_per_head, result):
 # ---------------------------------------------------------------------------
 
 # Concurrent calls are serialised: numba's workqueue layer aborts on concurrent
-# parallel calls, and the BLAS thread limit is process-wide state.
+# parallel calls, and OpenBLAS's thread limit is process-wide state.
 _CALL_LOCK = threading.Lock()
 _THREADPOOL_CONTROLLER = None
 
 
 def _single_threaded_blas():
-    """Context manager pinning the BLAS to one thread (each worker calls it already in parallel)."""
+    """Context manager pinning the BLAS to one thread (each worker calls it already in parallel).
+
+    MKL is pinned per worker thread inside the kernels (cpu_blas.set_threads_local);
+    OpenBLAS only has a process-wide setting, set here through threadpoolctl.
+    """
     global _THREADPOOL_CONTROLLER
+    import contextlib
+
+    if not uses_process_threads():
+        return contextlib.nullcontext()
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        import contextlib
-
         return contextlib.nullcontext()
     if _THREADPOOL_CONTROLLER is None:
         _THREADPOOL_CONTROLLER = ThreadpoolController()
@@ -722,10 +581,6 @@ def _constants(dtype, scale, softcap):
     consts[_C_NEG_INF] = -np.inf
     consts[_C_ZERO] = 0.0
     consts[_C_ONE] = 1.0
-    consts[_C_EXP2_FLOOR] = -126.0 if dtype == np.float32 else -1022.0
-    consts[_C_HALF] = 0.5
-    consts[_C_PRECISE] = 1.0 if dtype == np.float64 else 0.0
-    consts[_C_POLY:] = _EXP2_POLY[np.dtype(dtype)]
     return consts
 
 
