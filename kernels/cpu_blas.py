@@ -37,9 +37,11 @@ import sys
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
-from numba import cfunc, njit, types
+from numba import cfunc, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .jit import jit
 
 __all__ = ["BLAS_NAME", "BLAS_DETAIL", "matmul", "set_threads_local", "uses_process_threads"]
 
@@ -193,13 +195,13 @@ _NO_TRANSPOSE = np.int8(ord("N"))
 _TRANSPOSE = np.int8(ord("T"))
 
 
-@njit(cache=True)
+@jit()
 def set_threads_local(n):
     """Per-thread BLAS thread count for the calling thread (MKL only); returns the previous one."""
     return _set_threads_local(np.int32(n))
 
 
-@njit(cache=True)
+@jit()
 def _operand(x):
     """(transpose flag, leading dimension) of a row-major operand with a unit stride somewhere."""
     item = x.itemsize
@@ -210,7 +212,7 @@ def _operand(x):
     raise ValueError("matmul: an operand has no unit stride")
 
 
-@njit(cache=True)
+@jit()
 def matmul(a, b, c, alpha, beta):
     """c = alpha * a @ b + beta * c. a (M, K), b (K, N), c (M, N) with contiguous rows.
 

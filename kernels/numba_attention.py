@@ -45,8 +45,9 @@ import warnings
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from .jit import jit as _jit
 from .cpu_blas import matmul, set_threads_local, uses_process_threads
 from .simd import exp2_affine, row_max
 
@@ -74,22 +75,6 @@ _C_NEG_INF = 5  # -inf
 _C_ZERO = 6  # 0
 _C_ONE = 7  # 1
 _N_CONSTANTS = 8
-
-
-def _jit(**options):
-    """njit with cache=True, falling back to no cache where none can be written.
-
-    Numba raises RuntimeError at decoration time when neither the package
-    directory nor the user cache directory is writable (read-only installs).
-    """
-
-    def decorate(func):
-        try:
-            return njit(cache=True, **options)(func)
-        except RuntimeError:
-            return njit(cache=False, **options)(func)
-
-    return decorate
 
 
 # ---------------------------------------------------------------------------

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .jit import jit
 
 __all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "row_max"]
 
@@ -257,7 +259,7 @@ def _exp2_affine_intrinsic(typingctx, row, multiplier, shift):
     return multiplier(row, multiplier, shift), codegen
 
 
-@njit(cache=True)
+@jit()
 def row_max(row, initial):
     """max(initial, max(row)) of a contiguous 1-D row; NaN entries ignored. initial has row's dtype."""
     if row.shape[0] > 1 and row.strides[0] != row.itemsize:
@@ -265,7 +267,7 @@ def row_max(row, initial):
     return _row_max_intrinsic(row, initial)
 
 
-@njit(cache=True)
+@jit()
 def exp2_affine(row, multiplier, shift):
     """row[c] = 2**(row[c] * multiplier - shift) in place; returns the new row's sum.
 

@@ -279,7 +279,9 @@ def test_inputs_are_not_modified():
 def test_uncacheable_location_falls_back_to_no_cache(monkeypatch):
     # Numba raises RuntimeError at decoration when no cache directory is
     # writable (read-only installs); the module must still work there.
-    real_njit = kernel.njit
+    from attnkit.kernels import jit as jit_module
+
+    real_njit = jit_module.njit
     seen = []
 
     def njit_failing_cache(*, cache, **options):
@@ -288,9 +290,9 @@ def test_uncacheable_location_falls_back_to_no_cache(monkeypatch):
             raise RuntimeError("cannot cache function: no locator available")
         return real_njit(cache=cache, **options)
 
-    monkeypatch.setattr(kernel, "njit", njit_failing_cache)
+    monkeypatch.setattr(jit_module, "njit", njit_failing_cache)
 
-    @kernel._jit()
+    @jit_module.jit()
     def add_one(x):
         return x + 1
 
