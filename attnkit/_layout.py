@@ -18,9 +18,12 @@ from .reference.attention import sum_to_shape  # noqa: F401  (re-exported for th
 def fold_batch(x, batch):
     """(*batch_x, H, N, D) broadcast to batch, then (B, H, N, D), C-contiguous.
 
-    No copy when x already has the full batch and a C-contiguous layout.
+    No copy when x already has the full batch and a C-contiguous layout (and
+    then the result stays writeable: np.broadcast_to would return a read-only
+    view, which the kernels would have to copy).
     """
-    x = np.broadcast_to(x, tuple(batch) + x.shape[-3:])
+    if tuple(x.shape[:-3]) != tuple(batch):
+        x = np.broadcast_to(x, tuple(batch) + x.shape[-3:])
     return np.ascontiguousarray(x.reshape((math.prod(batch),) + x.shape[-3:]))
 
 

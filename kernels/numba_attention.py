@@ -271,8 +271,9 @@ def _forward_worker(
 
         first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
         for kb in range(first, stop):
-            j0 = kb * block_k
-            j1 = min(j0 + block_k, nk)
+            # Columns no row of the block can see (causal / window edges) are not computed.
+            j0 = max(kb * block_k, i0 + lo_offset)
+            j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
             bk = j1 - j0
             s = score_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
             matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)
@@ -399,8 +400,8 @@ def _backward_worker(
 
             first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
             for kb in range(first, stop):
-                j0 = kb * block_k
-                j1 = min(j0 + block_k, nk)
+                j0 = max(kb * block_k, i0 + lo_offset)  # visible columns only, as in the forward
+                j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
                 bk = j1 - j0
                 k_blk = k[b, hk, j0:j1]  # (Bk, D)
                 v_blk = v[b, hk, j0:j1]  # (Bk, Dv)
@@ -526,8 +527,12 @@ def _single_threaded_blas():
 
 
 def _block_sizes(nq, nk):
-    """(query block, key block), starting from torch's CPU flash-attention choices."""
-    block_q = 256 if nq >= 768 else 64 if nq >= 192 else 32
+    """(query block, key block) of the forward pass.
+
+    torch's CPU kernel uses 256 x 512; 128 x 512 measured 5-15% faster here
+    (half the masked work on causal diagonal tiles, same GEMM rate).
+    """
+    block_q = 128 if nq >= 512 else 64 if nq >= 128 else 32
     block_k = 512
     return block_q, max(1, min(block_k, nk))
 

@@ -68,6 +68,8 @@ class _Real:
         self.int_vector = ir.VectorType(self.int_scalar, self.width)
         self.bias, self.mantissa_bits = (127, 23) if single else (1023, 52)
         self.floor = -126.0 if single else -1022.0  # smallest normal exponent
+        # x + 1.5 * 2**mantissa_bits rounds x to an integer (ties to even) for |x| < 2**(mantissa_bits - 1).
+        self.shifter = 1.5 * 2.0**self.mantissa_bits
         self.tag = "f32" if single else "f64"
 
     def constant(self, value, vector):
@@ -91,21 +93,22 @@ def _fma(builder, real, vector, a, b, c):
 
 
 def _exp2_of(builder, real, vector, x):
-    """IR for 2**x, elementwise (the method is in the module docstring)."""
+    """IR for 2**x, elementwise, for x <= 127 (the method is in the module docstring)."""
     floor = real.constant(real.floor, vector)
-    below = builder.fcmp_ordered("<", x, floor)
-    clamped = builder.select(below, floor, x)
-    int_type = real.int_vector if vector else real.int_scalar
-    n_int = builder.fptosi(builder.fsub(clamped, real.constant(0.5, vector)), int_type)
-    n = builder.sitofp(n_int, x.type)
-    f = builder.fsub(clamped, n)  # [-0.5, 0.5] for x <= 0.5
+    below = builder.fcmp_ordered("<", x, floor)  # -inf too; NaN compares false and stays NaN
+    shifter = real.constant(real.shifter, vector)
+    rounded = builder.fadd(x, shifter)  # round(x) lands in the low mantissa bits
+    n = builder.fsub(rounded, shifter)  # round(x) as a float (no fast-math flags: kept exact)
+    f = builder.fsub(x, n)  # [-0.5, 0.5]
     coefficients = EXP2_POLYNOMIAL[real.dtype]
     p = real.constant(coefficients[-1], vector)
     for c in reversed(coefficients[:-1]):
         p = _fma(builder, real, vector, p, f, real.constant(c, vector))
-    exponent = builder.add(n_int, real.int_constant(real.bias, vector))
-    bits = builder.shl(exponent, real.int_constant(real.mantissa_bits, vector))
-    power = builder.bitcast(bits, x.type)
+    # rounded's bits are shifter_bits + n; shifted into the exponent field the
+    # shifter's bits fall off the top, leaving n << mantissa_bits.
+    int_type = real.int_vector if vector else real.int_scalar
+    exponent = builder.shl(builder.bitcast(rounded, int_type), real.int_constant(real.mantissa_bits, vector))
+    power = builder.bitcast(builder.add(exponent, real.int_constant(real.bias << real.mantissa_bits, vector)), x.type)
     return builder.select(below, real.constant(0.0, vector), builder.fmul(p, power))
 
 
