@@ -293,8 +293,9 @@ def _forward_worker(
                 running_max[r] = new_max
             for r in range(bq):
                 alpha = rescale[r]
-                for c in range(dv):
-                    acc[r, c] *= alpha
+                if alpha != one:  # after the first tiles the max rarely moves
+                    for c in range(dv):
+                        acc[r, c] *= alpha
             matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P @ V
 
         for r in range(bq):
@@ -538,9 +539,9 @@ def _block_sizes(nq, nk):
 
 
 def _backward_block_sizes(nq, nk):
-    """(query block, key block) for the backward pass."""
-    block_q = 64 if nq >= 64 else 32
-    block_k = 128
+    """(query block, key block) for the backward pass (128 x 256 measured 0-8% ahead of 64 x 128)."""
+    block_q = 128 if nq >= 256 else 64 if nq >= 64 else 32
+    block_k = 256
     return block_q, max(1, min(block_k, nk))
 
 
