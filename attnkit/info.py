@@ -73,6 +73,15 @@ def cuda_devices():
     return {"devices": devices, "reason": None}
 
 
+def cpu_blas():
+    """The BLAS the Numba kernel's tile products call, or why it is unknown."""
+    try:
+        from .kernels import cpu_blas as blas
+    except Exception as error:  # numba missing or failing to initialise
+        return {"name": None, "detail": f"unavailable ({type(error).__name__}: {error})"}
+    return {"name": blas.BLAS_NAME, "detail": blas.BLAS_DETAIL}
+
+
 def collect():
     """Everything `attnkit info` reports, as one JSON-ready dict."""
     from . import __version__, available_backends
@@ -82,6 +91,7 @@ def collect():
         "executable": sys.executable,
         "versions": library_versions(),
         "cpu": cpu_info(),
+        "cpu_blas": cpu_blas(),
         "cuda": cuda_devices(),
         "backends": available_backends(),
     }
@@ -98,6 +108,7 @@ def format_report(info):
         f"  model    {cpu['model']}",
         f"  cores    {cpu['logical_cores']} logical ({cpu['machine']}, {cpu['system']})",
         f"  simd     {' '.join(cpu['simd']) or 'none detected'}",
+        f"  blas     {info['cpu_blas']['detail']}  (the numba kernel's tile products; ATTNKIT_CPU_BLAS)",
         "",
         "cuda:",
     ]

@@ -91,6 +91,10 @@ def add_bench_parser(subparsers):
     parser.add_argument("--min-time", type=_positive(float), metavar="SECONDS",
                         help=f"keep timing a point until its calls add up to this "
                              f"({both('min_time_s')})")
+    parser.add_argument("--rounds", type=_positive(int), default=1,
+                        help="measure every point this many times, the contenders taking turns "
+                             "(A B A B ...), and pool the timings: on a machine whose speed "
+                             "drifts, each contender sees the same conditions (default 1)")
     parser.add_argument("--time-limit", type=_positive(float), metavar="SECONDS",
                         help="skip a point whose call is predicted to take longer "
                              f"({both('time_limit_s')})")
@@ -130,7 +134,7 @@ def _settings(args, parser):
     budget = (int(args.memory_budget * 2**30) if args.memory_budget
               else default_memory_budget(device))
     return Settings(device=device, causal=args.causal, mode=args.mode,
-                    memory_budget_bytes=budget, **values)
+                    memory_budget_bytes=budget, rounds=args.rounds, **values)
 
 
 def _options(args):
@@ -227,18 +231,21 @@ def _run_bench(args):
     print(report.table_header())
 
     exit_code = 0
-    total = len(settings.ns) * len(to_run)
-    progress = tqdm(total=total, desc="bench", unit="point", file=sys.stderr, leave=False)
+    total = len(settings.ns) * len(to_run) * settings.rounds
+    progress = tqdm(total=total, desc="bench", unit="measurement", file=sys.stderr, leave=False)
     try:
         with WorkerPool(settings) as pool:
             def measure(contender, n):
                 progress.set_postfix_str(f"{contender.name} N={n}")
-                return pool.measure(contender, n)
+                result = pool.measure(contender, n)
+                progress.update()
+                return result
 
             for row in sweep(settings, to_run, measure):
+                if row["status"] == "skipped":
+                    progress.update(settings.rounds)
                 document["results"].append(row)
                 _write_outputs(document, out_dir)  # so that even a killed run leaves its results
-                progress.update()
                 tqdm.write(report.table_line(row), file=sys.stdout)
         document["complete"] = True
     except KeyboardInterrupt:

@@ -130,7 +130,8 @@ def time_calls(setup, run, device, min_repeats=5, min_time_s=0.2):
     """First-call time, then the steady state over at least min_repeats calls.
 
     Calls continue until they add up to min_time_s (at most MAX_REPEATS).
-    Returns median_s, p20_s, p80_s, first_call_s, compile_s and repeats.
+    Returns median_s, p20_s, p80_s, first_call_s, compile_s, repeats and the
+    steady-state samples_s themselves (for pooling rounds).
     """
     first = time_once(setup, run, device)
     samples = []
@@ -138,7 +139,7 @@ def time_calls(setup, run, device, min_repeats=5, min_time_s=0.2):
         samples.append(time_once(setup, run, device))
     timing = summarize(samples)
     timing.update(first_call_s=first, compile_s=max(first - timing["median_s"], 0.0),
-                  repeats=len(samples))
+                  repeats=len(samples), samples_s=samples)
     return timing
 
 

@@ -32,7 +32,10 @@ class Settings:
     timed `min_repeats` times at least, and until the timed calls add up to
     `min_time_s` (at most 100 calls). A point is skipped when its predicted peak
     memory passes `memory_budget_bytes` or one call is predicted to take longer
-    than `time_limit_s`.
+    than `time_limit_s`. With `rounds` > 1 every point is measured that many
+    times, the contenders taking turns (A B A B ...), and the timings of all
+    rounds are pooled: on a machine whose speed drifts, each contender then
+    sees the same spread of conditions.
     """
 
     device: str = "cpu"
@@ -47,6 +50,7 @@ class Settings:
     min_time_s: float = 0.2
     time_limit_s: float = 10.0
     memory_budget_bytes: int = 8 * 2**30
+    rounds: int = 1
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -55,7 +59,7 @@ class Settings:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        for name in ("batch", "heads", "head_dim", "min_repeats"):
+        for name in ("batch", "heads", "head_dim", "min_repeats", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if not self.ns or min(self.ns) < 1:

@@ -99,25 +99,59 @@ def make_row(contender_name, n, settings, status, note="", measurement=None):
     return row
 
 
+def pool_rounds(results):
+    """One measurement from the same point's rounds: their timings pooled.
+
+    The first round's first call (the one that compiled) gives first_call_s;
+    the median and percentiles are over every round's steady-state samples;
+    peak memory is the largest seen. A failed round fails the point.
+    """
+    from .measure import summarize
+
+    failed = [r for r in results if r.get("status") != "ok"]
+    if failed:
+        return failed[0]
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    samples = [s for r in results for s in r["samples_s"]]
+    pooled = {**first, **summarize(samples), "repeats": len(samples)}
+    pooled["compile_s"] = max(first["first_call_s"] - pooled["median_s"], 0.0)
+    memories = [r.get("peak_memory_bytes") for r in results if r.get("peak_memory_bytes") is not None]
+    pooled["peak_memory_bytes"] = max(memories) if memories else None
+    return pooled
+
+
 def sweep(settings, contenders, measure):
     """Yield one row per (N, contender), N ascending.
 
-    measure(contender, n) returns {"status": "ok", median_s, ...} or
+    measure(contender, n) returns {"status": "ok", median_s, samples_s, ...} or
     {"status": "failed", "error": ...}; a failed point is a row and the sweep
-    goes on.
+    goes on. With settings.rounds > 1 the contenders of one N take turns round
+    after round, and each row pools its rounds (pool_rounds).
     """
     rows_by_contender = {c.name: [] for c in contenders}
     for n in settings.ns:
+        rows, results = {}, {}
         for contender in contenders:
-            earlier = rows_by_contender[contender.name]
-            reason = skip_reason(contender, settings, n, earlier)
+            reason = skip_reason(contender, settings, n, rows_by_contender[contender.name])
             if reason:
-                row = make_row(contender.name, n, settings, "skipped", reason)
+                rows[contender.name] = make_row(contender.name, n, settings, "skipped", reason)
             else:
-                result = measure(contender, n)
+                results[contender.name] = []
+        for _ in range(settings.rounds):
+            for contender in contenders:
+                runs = results.get(contender.name)
+                if runs is not None and (not runs or runs[-1].get("status") == "ok"):
+                    runs.append(measure(contender, n))
+        for contender in contenders:
+            if contender.name in results:
+                result = pool_rounds(results[contender.name])
                 if result.get("status") == "ok":
                     row = make_row(contender.name, n, settings, "ok", measurement=result)
                 else:
                     row = make_row(contender.name, n, settings, "failed", result.get("error", "?"))
-            earlier.append(row)
+            else:
+                row = rows[contender.name]
+            rows_by_contender[contender.name].append(row)
             yield row

@@ -22,11 +22,28 @@ same process, since this machine's speed drifts by up to 2x between runs):
       products per tile (S, dP, dV, dK, dQ) with dK/dV summed into per-task
       slots then reduced in a fixed order: 5 GEMMs per tile instead of the 7
       of a split dK/dV pass + dQ pass, and deterministic without atomics.
-  Block sizes: forward keeps torch's (Q 256/64/32 by Nq, KV 512); backward
-  64 x 128. Sweeps of 128-512 x 128-512 moved by less than run-to-run noise.
-  Final: forward 0.72-0.84x torch, backward 0.58-0.87x (1.07x at D=64 N=1024
-  causal). The ceiling is OpenBLAS on these tile shapes: single-threaded sgemm
-  with K = 64 peaks at ~88 GFLOP/s (measured), far below its large-matrix rate.
+  Block sizes then: forward torch's (Q 256/64/32 by Nq, KV 512); backward
+  64 x 128. Result: forward 0.55-0.81x torch, forward+backward 0.64-0.78x.
+  The ceiling was OpenBLAS on these tile shapes: single-threaded sgemm with
+  K = 64 at ~77-88 GFLOP/s.
+  v5  tile products through Intel MKL (inside torch's libtorch_cpu, bound in
+      cpu_blas.py): ~125-140 GFLOP/s on the same tiles in a Numba loop, one
+      thread, against ~85-115 for OpenBLAS. With beta = 1 the dK, dV, dQ and
+      P @ V products accumulate in place (no tile buffer, no add pass).
+      Forward 0.72-1.0x torch (the machine drifted by 2x during the run).
+  v6  row max and exp2 as explicit 16-wide LLVM vector code (simd.py): row
+      max 0.34-0.43 -> 0.13 ns/score, exp2 + sum 0.62-0.70 -> 0.43 ns; exp2's
+      rounding with llvm.rint instead of two conversions: -> 0.35 ns. (Rounding
+      by adding and subtracting 1.5 * 2**23 was as fast but wrong: numba puts a
+      fastmath caller's flags on its callees, and reassoc folded it away.)
+  v7  only visible key columns of a causal / window edge tile are computed;
+      forward blocks 128 x 512 (vs 256 x 512: 5-15% faster, half the masked
+      diagonal work), backward 128 x 256 (0-8% over 64 x 128); the
+      accumulator rescale skipped when a row's max did not move.
+  Not done: skipping the max pass by exponentiating against the previous
+  tile's max and redoing a row only when its max jumps (the max pass is ~4%
+  of the time at D = 64). What is left per score at D = 64, one thread:
+  ~2.5 ns of GEMM, 0.1 ns max, 0.4 ns exp2 (measured on a 2048-key loop).
 
 Semantics follow attnkit.reference.attention exactly: score = scale * q.k,
 then softcap * tanh(score / softcap), then + additive mask, then -inf for keys

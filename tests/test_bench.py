@@ -182,7 +182,7 @@ def fake_measure(seconds=lambda n: 1e-9 * n * n, memory=lambda n: 100 * n, fail_
         t = seconds(n)
         return {"status": "ok", "median_s": t, "p20_s": t * 0.9, "p80_s": t * 1.1,
                 "first_call_s": t + 0.5, "compile_s": 0.5, "repeats": 5,
-                "peak_memory_bytes": memory(n)}
+                "samples_s": [t] * 5, "peak_memory_bytes": memory(n)}
 
     measure_point.calls = calls
     return measure_point
@@ -202,6 +202,36 @@ def test_sweep_goes_by_length_then_contender_and_survives_a_failure():
     assert ok["flops"] == attention_flops(1, 2, 1024, 1024, 64)
     assert ok["flops_per_s"] == pytest.approx(ok["flops"] / ok["median_s"])
     assert ok["compile_s"] == 0.5 and ok["peak_memory_bytes"] == 102400
+
+
+def test_rounds_take_turns_and_pool_their_timings():
+    """--rounds 3: A B A B A B per length, one row per contender from all its samples."""
+    settings = Settings(ns=(256, 512), heads=2, rounds=3)
+    calls, samples = [], {"a": iter([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]] * 2),
+                          "b": iter([[10.0], [30.0], [20.0]] * 2)}
+
+    def measure_point(contender, n):
+        calls.append((n, contender.name))
+        taken = next(samples[contender.name])
+        return {"status": "ok", "median_s": taken[0], "p20_s": taken[0], "p80_s": taken[0],
+                "first_call_s": 9.0, "compile_s": 0.0, "repeats": len(taken), "samples_s": taken,
+                "peak_memory_bytes": 100 * len(calls)}
+
+    rows = list(sweep.sweep(settings, [FakeContender("a"), FakeContender("b")], measure_point))
+    assert calls == [(n, c) for n in (256, 512) for _ in range(3) for c in "ab"]
+    a, b = rows[0], rows[1]
+    assert a["repeats"] == 6 and a["median_s"] == 3.5 and a["first_call_s"] == 9.0
+    assert a["compile_s"] == pytest.approx(9.0 - 3.5)
+    assert b["repeats"] == 3 and b["median_s"] == 20.0
+    assert a["peak_memory_bytes"] == 500  # the largest of its rounds (calls 1, 3, 5)
+
+
+def test_a_failed_round_fails_the_point_and_stops_its_rounds():
+    settings = Settings(ns=(256,), heads=2, rounds=3)
+    measure_point = fake_measure(fail_at={("a", 256)})
+    rows = list(sweep.sweep(settings, [FakeContender("a"), FakeContender("b")], measure_point))
+    assert rows[0]["status"] == "failed" and rows[1]["status"] == "ok"
+    assert measure_point.calls.count(("a", 256)) == 1
 
 
 def test_a_point_beyond_the_memory_budget_is_skipped_with_the_reason():

@@ -1,0 +1,136 @@
+"""attnkit.kernels.simd: the hand-vectorised row max and exp2 of the Numba kernel's softmax."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from attnkit.kernels import simd
+
+# Lengths around the vector widths (16 float32 / 8 float64 lanes) and a tile row.
+LENGTHS = [0, 1, 7, 8, 9, 15, 16, 17, 33, 512, 1000]
+DTYPES = [np.float32, np.float64]
+# Relative error of 2**x against float64 numpy, on top of the rounding of x
+# itself (|x| ulp ln2); the polynomial is below float32 / at float64 rounding.
+EXP2_RTOL = {np.float32: 4e-7, np.float64: 4e-15}
+
+
+def _row(rng, n, dtype, specials=True):
+    row = (rng.standard_normal(n) * 6).astype(dtype)
+    if specials and n >= 4:
+        row[rng.integers(n)] = -np.inf
+        row[rng.integers(n)] = np.nan
+    return row
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("n", LENGTHS, ids=lambda n: f"N{n}")
+def test_row_max_ignores_nan_and_keeps_the_initial_value(n, dtype):
+    rng = np.random.default_rng()
+    row = _row(rng, n, dtype)
+    finite = row[~np.isnan(row)]
+    for initial in (-np.inf, 0.5, 100.0):
+        expected = max([initial, *finite.tolist()])
+        got = simd.row_max(row, dtype(initial))
+        assert got == expected, f"row_max {got} != {expected} (n={n}, initial={initial})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_row_max_of_special_rows(dtype):
+    assert simd.row_max(np.full(20, -np.inf, dtype), dtype(-np.inf)) == -np.inf
+    assert simd.row_max(np.full(20, np.nan, dtype), dtype(-np.inf)) == -np.inf
+    assert simd.row_max(np.array([np.inf, 1.0], dtype), dtype(-np.inf)) == np.inf
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("n", LENGTHS, ids=lambda n: f"N{n}")
+def test_exp2_affine_matches_numpy(n, dtype):
+    """As the kernel calls it: shift = the row's max times the multiplier, so x <= 0."""
+    rng = np.random.default_rng()
+    row = _row(rng, n, dtype)
+    multiplier = dtype(rng.uniform(0.05, 0.5))
+    finite = row[np.isfinite(row)]
+    shift = dtype(finite.max() * multiplier) if finite.size else dtype(0)
+    x = row.astype(np.float64) * np.float64(multiplier) - np.float64(shift)
+    expected = np.exp2(x)
+
+    result = row.copy()
+    total = simd.exp2_affine(result, multiplier, shift)
+
+    nan = np.isnan(x)
+    assert np.all(np.isnan(result[nan])), "NaN in must stay NaN"
+    assert np.all(result[np.isneginf(row)] == 0), "-inf must give exactly 0"
+    ok = ~nan
+    # x is formed in the row's dtype (one fused multiply-add), so its rounding counts too.
+    rounding = np.abs(x[ok]) * np.finfo(dtype).eps * np.log(2)
+    error = np.abs(result[ok] - expected[ok]) / np.maximum(expected[ok], np.finfo(dtype).tiny)
+    allowed = EXP2_RTOL[dtype] + rounding
+    worst = int(np.argmax(error - allowed)) if error.size else 0
+    assert np.all(error <= allowed), f"x={x[ok][worst]!r}: relative error {error[worst]:.3g} > {allowed[worst]:.3g}"
+    if not nan.any():
+        assert total == pytest.approx(result.sum(dtype=np.float64), rel=1e-6 if dtype == np.float32 else 1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_exp2_affine_underflows_to_exact_zero(dtype):
+    floor = -126 if dtype == np.float32 else -1022
+    x = np.array([-np.inf, -1e30, floor - 50, floor - 0.5, floor, floor + 1, -1, 0, 0.25] * 3, dtype)
+    result = x.copy()
+    simd.exp2_affine(result, dtype(1), dtype(0))
+    below = x < floor
+    assert np.all(result[below] == 0)
+    np.testing.assert_allclose(result[~below], np.exp2(x[~below].astype(np.float64)), rtol=EXP2_RTOL[dtype])
+
+
+def test_exp2_affine_is_deterministic():
+    row = _row(np.random.default_rng(), 1000, np.float32, specials=False)
+    first, second = row.copy(), row.copy()
+    total_first = simd.exp2_affine(first, np.float32(0.3), np.float32(row.max() * np.float32(0.3)))
+    total_second = simd.exp2_affine(second, np.float32(0.3), np.float32(row.max() * np.float32(0.3)))
+    assert first.tobytes() == second.tobytes() and total_first == total_second
+
+
+def test_rows_must_be_contiguous():
+    strided = np.zeros(40, np.float32)[::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        simd.row_max(strided, np.float32(0))
+    with pytest.raises(ValueError, match="contiguous"):
+        simd.exp2_affine(strided, np.float32(1), np.float32(0))
+
+
+def test_exact_when_first_compiled_by_a_fastmath_caller(tmp_path):
+    """Numba puts a fastmath caller's flags on what it compiles for it.
+
+    The exp2 must not depend on exact float arithmetic (an add-and-subtract
+    rounding trick folded to nothing under 'reassoc' and gave 2**x = 2**x rounded
+    wrong by up to 41%). A fresh cache directory makes the fastmath kernel the
+    first to compile exp2_affine in the child process.
+    """
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        from numba import njit
+        from attnkit.kernels import simd
+
+        @njit(fastmath={"reassoc", "nsz", "arcp", "contract", "afn"})
+        def through_fastmath(row, multiplier, shift):
+            return simd.exp2_affine(row, multiplier, shift) + simd.row_max(row, shift)
+
+        for dtype in (np.float32, np.float64):
+            x = np.linspace(-30, 0, 301).astype(dtype)
+            through_fastmath(x.copy(), dtype(1), dtype(0))
+            y = x.copy()
+            simd.exp2_affine(y, dtype(1), dtype(0))
+            error = np.abs(y / np.exp2(x.astype(np.float64)) - 1).max()
+            assert error < 1e-6, (dtype, error)
+        print("ok")
+        """
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
