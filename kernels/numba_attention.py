@@ -40,6 +40,10 @@ same process, since this machine's speed drifts by up to 2x between runs):
       forward blocks 128 x 512 (vs 256 x 512: 5-15% faster, half the masked
       diagonal work), backward 128 x 256 (0-8% over 64 x 128); the
       accumulator rescale skipped when a row's max did not move.
+  v8  a work queue instead of the static LPT split: tasks heaviest first,
+      each worker claiming the next one with an atomic add. On this shared
+      2-core VM a core is often slowed for a while; a static split then waits
+      for the slow half.
   Not done: skipping the max pass by exponentiating against the previous
   tile's max and redoing a row only when its max jumps (the max pass is ~4%
   of the time at D = 64). What is left per score at D = 64, one thread:
@@ -62,7 +66,9 @@ import warnings
 
 import numba
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from .jit import jit as _jit
 from .cpu_blas import matmul, set_threads_local, uses_process_threads
@@ -198,12 +204,9 @@ def _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k):
 
 
 @_jit()
-def _balanced_schedule(costs, n_workers):
-    """Static longest-processing-time-first assignment of tasks to workers.
+def _heaviest_first(costs):
+    """Task indices ordered by descending cost (ties by index), for the work queue.
 
-    Returns (starts, tasks): worker w runs tasks[starts[w]:starts[w + 1]]. Heavy
-    tasks (diagonal-far query blocks under causal) are dealt first, each to the
-    least-loaded worker. Depends only on the costs, never on thread timing.
     Costs are small integers (tile counts), so a counting sort orders them; it
     also compiles far faster than np.argsort.
     """
@@ -221,25 +224,20 @@ def _balanced_schedule(costs, n_workers):
         slot = max_cost - costs[t]
         order[bucket_start[slot]] = t
         bucket_start[slot] += 1
+    return order
 
-    load = np.zeros(n_workers, np.int64)
-    owner = np.empty(n_tasks, np.int64)
-    count = np.zeros(n_workers + 1, np.int64)
-    for t in order:
-        w = 0
-        for candidate in range(1, n_workers):
-            if load[candidate] < load[w]:
-                w = candidate
-        owner[t] = w
-        load[w] += costs[t] + 1  # +1: a task with no visible tile still writes its rows
-        count[w + 1] += 1
-    starts = np.cumsum(count)
-    fill = starts[:-1].copy()
-    tasks = np.empty(n_tasks, np.int64)
-    for t in order:
-        tasks[fill[owner[t]]] = t
-        fill[owner[t]] += 1
-    return starts, tasks
+
+@intrinsic
+def _fetch_add(typingctx, counter):
+    """Atomically counter[0] += 1; returns the old value (counter: 1-D int64 array)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", pointer, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
 
 
 # ---------------------------------------------------------------------------
@@ -250,9 +248,15 @@ def _balanced_schedule(costs, n_workers):
 @_jit(fastmath=_FASTMATH)
 def _forward_worker(
     q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, tasks, out, lse,
+    block_q, block_k, order, next_task, out, lse,
 ):  # fmt: skip
-    """Run the query-block tasks `tasks` (flat (batch, head, query block) indices) in order."""
+    """Take (batch, head, query block) tasks from the queue until it is empty.
+
+    The queue is `order` (flat task indices, heaviest first) and the shared
+    counter next_task[0]: each worker claims the next index atomically, so a
+    worker slowed down (a busy core) simply takes fewer tasks. Which worker runs
+    a task never changes what the task computes, so results stay bit-identical.
+    """
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
@@ -271,7 +275,11 @@ def _forward_worker(
     one = consts[_C_ONE]
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
-    for t in tasks:
+    while True:
+        claimed = _fetch_add(next_task)
+        if claimed >= order.shape[0]:
+            break
+        t = order[claimed]
         qb = t % n_qblocks
         h = (t // n_qblocks) % hq
         b = t // (n_qblocks * hq)
@@ -331,8 +339,8 @@ def _forward_worker(
 
 
 @_jit()
-def _forward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k, n_workers):
-    """(starts, tasks) of _balanced_schedule over the (batch, head, query block) tasks."""
+def _forward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k):
+    """The (batch, head, query block) tasks, heaviest first."""
     n_qblocks = (nq + block_q - 1) // block_q
     n_tasks = batch * hq * n_qblocks
     costs = np.empty(n_tasks, np.int64)  # visible key blocks per task
@@ -340,7 +348,7 @@ def _forward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k,
         i0 = (t % n_qblocks) * block_q
         first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
         costs[t] = stop - first
-    return _balanced_schedule(costs, n_workers)
+    return _heaviest_first(costs)
 
 
 # The parallel functions only fan the workers out: parfor compilation is slow,
@@ -350,13 +358,14 @@ def _forward_kernel(
     q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
     block_q, block_k, n_workers, out, lse,
 ):  # fmt: skip
-    starts, tasks = _forward_schedule(
-        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k, n_workers
+    order = _forward_schedule(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
     )
+    next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _forward_worker(
             q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
-            block_q, block_k, tasks[starts[w] : starts[w + 1]], out, lse,
+            block_q, block_k, order, next_task, out, lse,
         )  # fmt: skip
 
 
@@ -368,9 +377,9 @@ def _forward_kernel(
 @_jit(fastmath=_FASTMATH)
 def _backward_worker(
     q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, n_chunks, tasks, dq, dk_partial, dv_partial,
+    block_q, block_k, n_chunks, order, next_task, dq, dk_partial, dv_partial,
 ):  # fmt: skip
-    """Run the tasks `tasks` (flat (batch, query head, query chunk) indices) in order.
+    """Take (batch, query head, query chunk) tasks from the queue (as _forward_worker does).
 
     Each task writes dq for its query rows and adds its dK/dV contributions to
     its own slot h * n_chunks + chunk of dk_partial / dv_partial.
@@ -394,7 +403,11 @@ def _backward_worker(
     one = consts[_C_ONE]
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
-    for t in tasks:
+    while True:
+        claimed = _fetch_add(next_task)
+        if claimed >= order.shape[0]:
+            break
+        t = order[claimed]
         chunk = t % n_chunks
         h = (t // n_chunks) % hq
         b = t // (n_chunks * hq)
@@ -450,8 +463,8 @@ def _backward_worker(
 
 
 @_jit()
-def _backward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k, n_chunks, n_workers):
-    """(starts, tasks) of _balanced_schedule over the (batch, head, query chunk) tasks."""
+def _backward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k, n_chunks):
+    """The (batch, head, query chunk) tasks, heaviest first."""
     n_qblocks = (nq + block_q - 1) // block_q
     blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
     n_tasks = batch * hq * n_chunks
@@ -462,7 +475,7 @@ def _backward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k
             i0 = qb * block_q
             first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
             costs[t] += stop - first
-    return _balanced_schedule(costs, n_workers)
+    return _heaviest_first(costs)
 
 
 @_jit(parallel=True)
@@ -475,14 +488,14 @@ def _backward_kernel(
     dk_partial (B, Hq * n_chunks, Nk, D) and dv_partial (.., Dv) must be zero on
     entry; slot h * n_chunks + chunk belongs to one task only.
     """
-    starts, tasks = _backward_schedule(
-        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset,
-        block_q, block_k, n_chunks, n_workers,
-    )  # fmt: skip
+    order = _backward_schedule(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k, n_chunks
+    )
+    next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _backward_worker(
             q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo_offset, hi_offset, flags,
-            block_q, block_k, n_chunks, tasks[starts[w] : starts[w + 1]], dq, dk_partial, dv_partial,
+            block_q, block_k, n_chunks, order, next_task, dq, dk_partial, dv_partial,
         )  # fmt: skip
 
 
