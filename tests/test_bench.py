@@ -427,3 +427,24 @@ def test_charts_of_a_run_where_nothing_was_measured(tmp_path):
     document = synthetic_document(complete=False)
     document["results"] = [r for r in document["results"] if r["status"] == "skipped"]
     assert len(plots.plot(document, tmp_path)) == 3
+
+
+def test_compare_table_reads_ratios_from_saved_runs(tmp_path):
+    from attnkit.bench import compare
+
+    def row(backend, n, seconds, flops=1e9, memory=2**20, status="ok"):
+        return {"backend": backend, "N": n, "status": status, "median_s": seconds,
+                "flops_per_s": flops / seconds, "peak_memory_bytes": memory}
+
+    document = {"settings": {"ns": [1024, 4096], "mode": "forward", "rounds": 3},
+                "results": [row("numba", 1024, 0.5), row("torch-sdpa-flash", 1024, 1.0),
+                            row("numba", 4096, 2.0), row("torch-sdpa-flash", 4096, 1.0, status="failed")]}
+    run = tmp_path / "d64-forward"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(document))
+    text = compare.table([str(run / "results.json")], "numba", ["torch-sdpa-flash"])
+    lines = text.splitlines()
+    assert lines[0] == ("| run | mode | N | numba GFLOP/s | torch-sdpa-flash GFLOP/s | "
+                        "numba / torch-sdpa-flash | numba peak extra memory | rounds |")
+    assert lines[2] == "| d64-forward | forward | 1024 | 2.0 | 1.0 | 2.00× | 1 MiB | 3 |"
+    assert lines[3] == "| d64-forward | forward | 4096 | 0.5 | – | – | 1 MiB | 3 |"

@@ -301,3 +301,22 @@ def test_uncacheable_location_falls_back_to_no_cache(monkeypatch):
 
 def test_warmup_runs():
     kernel.warmup()
+
+
+def test_a_changed_kernel_source_discards_the_cache(tmp_path):
+    """Numba checks only a function's own file; an edit to a helper module must still recompile."""
+    from attnkit.kernels.jit import discard_stale_cache
+
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    (tmp_path / "helper.py").write_text("y = 1\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    (cache / "kernel.f-10.py311.nbi").write_text("old")
+    assert discard_stale_cache(tmp_path) is True  # no stamp yet: built from unknown sources
+    assert not (cache / "kernel.f-10.py311.nbi").exists()
+    (cache / "kernel.f-10.py311.nbi").write_text("fresh")
+    assert discard_stale_cache(tmp_path) is False  # same sources: kept
+    assert (cache / "kernel.f-10.py311.nbi").exists()
+    (tmp_path / "helper.py").write_text("y = 2\n")  # only the helper changes
+    assert discard_stale_cache(tmp_path) is True
+    assert not (cache / "kernel.f-10.py311.nbi").exists()
