@@ -240,6 +240,13 @@ def _fetch_add(typingctx, counter):
     return types.int64(counter), codegen
 
 
+@_jit()
+def _claim(order, next_task):
+    """The next task of the queue (order, shared counter next_task[0]), or -1 once it is empty."""
+    claimed = _fetch_add(next_task)
+    return order[claimed] if claimed < order.shape[0] else -1
+
+
 # ---------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------
@@ -276,10 +283,9 @@ def _forward_worker(
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
-        claimed = _fetch_add(next_task)
-        if claimed >= order.shape[0]:
+        t = _claim(order, next_task)
+        if t < 0:
             break
-        t = order[claimed]
         qb = t % n_qblocks
         h = (t // n_qblocks) % hq
         b = t // (n_qblocks * hq)
@@ -404,10 +410,9 @@ def _backward_worker(
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
-        claimed = _fetch_add(next_task)
-        if claimed >= order.shape[0]:
+        t = _claim(order, next_task)
+        if t < 0:
             break
-        t = order[claimed]
         chunk = t % n_chunks
         h = (t // n_chunks) % hq
         b = t // (n_chunks * hq)

@@ -158,6 +158,13 @@ def _define(module, name, return_type, argument_types, build):
     return function
 
 
+def _splat(builder, real, value):
+    """A vector with every lane equal to the scalar `value`."""
+    lane0 = builder.insert_element(ir.Constant(real.vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), real.width), [0] * real.width)
+    return builder.shuffle_vector(lane0, ir.Constant(real.vector, ir.Undefined), zeros)
+
+
 def _max_of(builder, a, b):
     return builder.select(builder.fcmp_ordered(">", b, a), b, a)
 
@@ -165,16 +172,7 @@ def _max_of(builder, a, b):
 def _build_row_max(real):
     def build(builder, args):
         base, n, initial = args
-        best_vector = cgutils.alloca_once_value(
-            builder, builder.insert_element(
-                ir.Constant(real.vector, ir.Undefined), initial, ir.Constant(ir.IntType(32), 0)
-            ),
-        )  # fmt: skip
-        best_vector_value = builder.shuffle_vector(
-            builder.load(best_vector), ir.Constant(real.vector, ir.Undefined),
-            ir.Constant(ir.VectorType(ir.IntType(32), real.width), [0] * real.width),
-        )  # fmt: skip
-        builder.store(best_vector_value, best_vector)
+        best_vector = cgutils.alloca_once_value(builder, _splat(builder, real, initial))
         best_scalar = cgutils.alloca_once_value(builder, initial)
 
         def body(index, vector):
@@ -199,18 +197,7 @@ def _build_exp2_affine(real):
             pointer = _element_pointer(builder, real, base, index, vector)
             value = builder.load(pointer, align=real.dtype.itemsize)
             if vector:
-                m = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(real.vector, ir.Undefined), multiplier,
-                                           ir.Constant(ir.IntType(32), 0)),
-                    ir.Constant(real.vector, ir.Undefined),
-                    ir.Constant(ir.VectorType(ir.IntType(32), real.width), [0] * real.width),
-                )  # fmt: skip
-                s = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(real.vector, ir.Undefined), shift,
-                                           ir.Constant(ir.IntType(32), 0)),
-                    ir.Constant(real.vector, ir.Undefined),
-                    ir.Constant(ir.VectorType(ir.IntType(32), real.width), [0] * real.width),
-                )  # fmt: skip
+                m, s = _splat(builder, real, multiplier), _splat(builder, real, shift)
             else:
                 m, s = multiplier, shift
             y = _exp2_of(builder, real, vector, _fma(builder, real, vector, value, m, builder.fneg(s)))
