@@ -52,7 +52,6 @@ there because the interpreter's bf16 arithmetic is wrong.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
