@@ -28,7 +28,8 @@ same process, since this machine's speed drifts by up to 2x between runs):
   K = 64 at ~77-88 GFLOP/s.
   v5  tile products through Intel MKL (inside torch's libtorch_cpu, bound in
       cpu_blas.py): ~125-140 GFLOP/s on the same tiles in a Numba loop, one
-      thread, against ~85-115 for OpenBLAS. With beta = 1 the dK, dV, dQ and
+      thread, against ~85-115 for OpenBLAS (reproduce with
+      `python -m attnkit.bench.cpu_parts`: 1.22-1.37x, bench/results/cpu-parts.txt). With beta = 1 the dK, dV, dQ and
       P @ V products accumulate in place (no tile buffer, no add pass).
       Forward 0.72-1.0x torch (the machine drifted by 2x during the run).
   v6  row max and exp2 as explicit 16-wide LLVM vector code (simd.py): row

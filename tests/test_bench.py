@@ -448,3 +448,13 @@ def test_compare_table_reads_ratios_from_saved_runs(tmp_path):
                         "numba / torch-sdpa-flash | numba peak extra memory | rounds |")
     assert lines[2] == "| d64-forward | forward | 1024 | 2.0 | 1.0 | 2.00× | 1 MiB | 3 |"
     assert lines[3] == "| d64-forward | forward | 4096 | 0.5 | – | – | 1 MiB | 3 |"
+
+
+def test_cpu_parts_prints_every_part(capsys):
+    from attnkit.bench import cpu_parts
+
+    assert cpu_parts.main(["--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("GFLOP/s") == 4 and "row max" in text and "exp2 + row sum" in text
+    with pytest.raises(SystemExit):
+        cpu_parts.main(["--repeats", "0"])

@@ -1,0 +1,116 @@
+"""The Numba kernel's parts, timed one at a time on one thread.
+
+    python -m attnkit.bench.cpu_parts [--repeats 7]
+
+- the two tile products of the forward pass (S = Q_blk K_blkᵀ, acc += P V_blk)
+  over one head of 2048 keys, through attnkit's BLAS binding (kernels/cpu_blas.py:
+  MKL where torch carries it) and through np.dot inside Numba (SciPy's OpenBLAS);
+- the softmax row passes of kernels/simd.py over a 128 x 512 tile, in ns per score.
+
+Best of --repeats runs, the two products taking turns (this machine's speed
+drifts; the best is the least disturbed). The figures quoted in kernels/numba_attention.py's header and in
+bench/results/cpu.md come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from numba import njit
+from threadpoolctl import threadpool_limits
+
+from ..kernels import cpu_blas, simd
+
+N_KEYS = 2048
+BLOCK_Q, BLOCK_K = 128, 512
+
+
+@njit
+def _products_blas(q, k, v, s, acc, repeats):
+    previous = cpu_blas.set_threads_local(1)
+    one, zero = np.float32(1), np.float32(0)
+    for _ in range(repeats):
+        for j0 in range(0, k.shape[0], s.shape[1]):
+            cpu_blas.matmul(q, k[j0 : j0 + s.shape[1]].T, s, one, zero)
+            cpu_blas.matmul(s, v[j0 : j0 + s.shape[1]], acc, one, one)
+    cpu_blas.set_threads_local(previous)
+
+
+@njit
+def _products_np_dot(q, k, v, s, pv, repeats):
+    for _ in range(repeats):
+        for j0 in range(0, k.shape[0], s.shape[1]):
+            np.dot(q, k[j0 : j0 + s.shape[1]].T, s)
+            np.dot(s, v[j0 : j0 + s.shape[1]], pv)
+
+
+@njit
+def _row_max_pass(tile, repeats):
+    total = np.float32(0)
+    for _ in range(repeats):
+        for r in range(tile.shape[0]):
+            total += simd.row_max(tile[r], np.float32(-np.inf))
+    return total
+
+
+@njit
+def _exp2_pass(tile, repeats):
+    total = np.float32(0)
+    for _ in range(repeats):
+        for r in range(tile.shape[0]):
+            total += simd.exp2_affine(tile[r], np.float32(0.18), np.float32(30.0))
+    return total
+
+
+def _best(runs, repeats):
+    """Best time of each function in runs, the functions taking turns (so drift hits all alike)."""
+    for run in runs:
+        run()  # compile / warm up
+    best = [float("inf")] * len(runs)
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu_parts", description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per part; the best is kept (default 7)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1; got {args.repeats}")
+
+    rng = np.random.default_rng(0)
+    print(f"tile products, one thread, Q block {BLOCK_Q} x K block {BLOCK_K}, {N_KEYS} keys "
+          f"(attnkit's BLAS: {cpu_blas.BLAS_NAME}):")
+    with threadpool_limits(limits=1, user_api="blas"):
+        for d in (64, 128):
+            q = rng.standard_normal((BLOCK_Q, d), dtype=np.float32)
+            k, v = (rng.standard_normal((N_KEYS, d), dtype=np.float32) for _ in range(2))
+            s = np.empty((BLOCK_Q, BLOCK_K), np.float32)
+            acc = np.zeros((BLOCK_Q, d), np.float32)
+            calls = 10
+            flops = calls * 4 * BLOCK_Q * N_KEYS * d
+            times = _best([lambda: _products_blas(q, k, v, s, acc, calls),
+                           lambda: _products_np_dot(q, k, v, s, acc, calls)], args.repeats)
+            blas, numpy = (flops / t / 1e9 for t in times)
+            print(f"  D={d:<4} {cpu_blas.BLAS_NAME} {blas:6.1f} GFLOP/s   np.dot (SciPy's BLAS) {numpy:6.1f} GFLOP/s")
+
+    tile = (rng.standard_normal((BLOCK_Q, BLOCK_K)) * 3).astype(np.float32)
+    passes = 50
+    scores = passes * tile.size
+    scratch = tile.copy()
+    row_max, exp2 = (t / scores * 1e9 for t in _best(
+        [lambda: _row_max_pass(tile, passes), lambda: _exp2_pass(scratch, passes)], args.repeats))
+    print(f"softmax row passes over a {BLOCK_Q} x {BLOCK_K} tile, one thread:")
+    print(f"  row max        {row_max:.3f} ns/score")
+    print(f"  exp2 + row sum {exp2:.3f} ns/score")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
