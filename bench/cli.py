@@ -82,6 +82,9 @@ def add_bench_parser(subparsers):
     parser.add_argument("--dtype", choices=DTYPES, help=both("dtype"))
     parser.add_argument("--batch", type=_positive(int), help=both("batch"))
     parser.add_argument("--heads", type=_positive(int), help=both("heads"))
+    parser.add_argument("--kv-heads", type=_positive(int),
+                        help="heads of k and v, a divisor of --heads (grouped-query attention; "
+                             "default as many as --heads)")
     parser.add_argument("--head-dim", type=_positive(int), help=both("head_dim"))
     parser.add_argument("--causal", action="store_true", help="causal (top-left) masking")
     parser.add_argument("--mode", choices=MODES, default="forward",
@@ -133,7 +136,9 @@ def _settings(args, parser):
     values = {**defaults, **{key: value for key, value in chosen.items() if value is not None}}
     budget = (int(args.memory_budget * 2**30) if args.memory_budget
               else default_memory_budget(device))
-    return Settings(device=device, causal=args.causal, mode=args.mode,
+    if args.kv_heads and values["heads"] % args.kv_heads:
+        parser.error(f"--kv-heads must divide --heads ({values['heads']}); got {args.kv_heads}")
+    return Settings(device=device, causal=args.causal, mode=args.mode, kv_heads=args.kv_heads,
                     memory_budget_bytes=budget, rounds=args.rounds, **values)
 
 

@@ -43,11 +43,14 @@ def _tiny_inputs(settings, layout="bhnd"):
     """Small q, k, v on the sweep's device and dtype, for probing a contender."""
     import torch
 
-    d = settings.head_dim
-    shape = (1, 2, 16, d) if layout == "bhnd" else (1, 16, 2, d)
+    d, group = settings.head_dim, settings.heads // settings.key_heads
     requires_grad = settings.mode != "forward"
-    return [torch.randn(shape, device=settings.device).to(torch_dtype(settings.dtype))
-            .requires_grad_(requires_grad) for _ in range(3)]
+
+    def tensor(h):
+        shape = (1, h, 16, d) if layout == "bhnd" else (1, 16, h, d)
+        return torch.randn(shape, device=settings.device).to(torch_dtype(settings.dtype)).requires_grad_(requires_grad)
+
+    return [tensor(2 * group), tensor(2), tensor(2)]  # the sweep's ratio of query to kv heads
 
 
 def _first_line(error):
@@ -135,10 +138,12 @@ class SdpaContender(Contender):
         import torch.nn.functional as F
         from torch.nn.attention import sdpa_kernel
 
-        backend, causal = self._backend(), settings.causal
+        backend, causal, gqa = self._backend(), settings.causal, settings.grouped
 
         def forward(q, k, v):
             with sdpa_kernel(backend):
+                if gqa:  # the keyword exists from torch 2.5 on; without it, only equal head counts
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return forward
@@ -172,7 +177,8 @@ class FlexContender(Contender):
         if settings.causal:
             block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
                                            None, None, n, n, device=settings.device)
-        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+        gqa = settings.grouped
+        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class FlashAttnContender(Contender):

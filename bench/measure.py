@@ -39,7 +39,8 @@ def memory_method(device):
 def make_inputs(settings, n, layout="bhnd", seed=0):
     """q, k, v and the upstream gradient for one point, as torch tensors on the device.
 
-    Shape (B, H, n, D) for layout "bhnd", (B, n, H, D) for "bnhd". When the
+    Shape (B, H, n, D) for layout "bhnd", (B, n, H, D) for "bnhd", with
+    settings.key_heads heads for k and v. When the
     sweep times a backward pass q, k and v require grad; for a forward pass the
     upstream gradient is None.
     """
@@ -48,16 +49,15 @@ def make_inputs(settings, n, layout="bhnd", seed=0):
     from .contenders import torch_dtype
 
     generator = torch.Generator().manual_seed(seed)
-    b, h, d = settings.batch, settings.heads, settings.head_dim
-    shape = (b, h, n, d) if layout == "bhnd" else (b, n, h, d)
+    b, d = settings.batch, settings.head_dim
     requires_grad = settings.mode != "forward"
 
-    def draw():  # drawn on the CPU so every device sees the same numbers
-        x = torch.randn(shape, generator=generator)
+    def draw(h):  # drawn on the CPU so every device sees the same numbers
+        x = torch.randn((b, h, n, d) if layout == "bhnd" else (b, n, h, d), generator=generator)
         return x.to(device=settings.device, dtype=torch_dtype(settings.dtype))
 
-    q, k, v = (draw().requires_grad_(requires_grad) for _ in range(3))
-    return q, k, v, draw() if requires_grad else None
+    q, k, v = (draw(h).requires_grad_(requires_grad) for h in (settings.heads, settings.key_heads, settings.key_heads))
+    return q, k, v, draw(settings.heads) if requires_grad else None
 
 
 def make_step(forward, inputs, mode):

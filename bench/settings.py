@@ -28,7 +28,8 @@ DEFAULTS = {
 class Settings:
     """One sweep: N varies, everything else is fixed.
 
-    Tensors are (batch, heads, N, head_dim) for q, k and v alike. A point is
+    Tensors are (batch, heads, N, head_dim) for q, and for k and v too unless
+    kv_heads is set (grouped-query attention: kv_heads divides heads). A point is
     timed `min_repeats` times at least, and until the timed calls add up to
     `min_time_s` (at most 100 calls). A point is skipped when its predicted peak
     memory passes `memory_budget_bytes` or one call is predicted to take longer
@@ -42,6 +43,7 @@ class Settings:
     dtype: str = "float32"
     batch: int = 1
     heads: int = 8
+    kv_heads: int | None = None  # None: as many as heads
     head_dim: int = 64
     causal: bool = False
     mode: str = "forward"
@@ -62,9 +64,22 @@ class Settings:
         for name in ("batch", "heads", "head_dim", "min_repeats", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.kv_heads is not None and (self.kv_heads < 1 or self.heads % self.kv_heads):
+            raise ValueError(f"kv_heads must be a positive divisor of heads ({self.heads}); "
+                             f"got {self.kv_heads}")
         if not self.ns or min(self.ns) < 1:
             raise ValueError(f"ns must be positive sequence lengths; got {self.ns!r}")
         object.__setattr__(self, "ns", tuple(sorted(set(int(n) for n in self.ns))))
+
+    @property
+    def key_heads(self):
+        """Heads of k and v."""
+        return self.kv_heads or self.heads
+
+    @property
+    def grouped(self):
+        """True when several query heads share each kv head (GQA / MQA)."""
+        return self.key_heads != self.heads
 
     def as_dict(self):
         return {**dataclasses.asdict(self), "ns": list(self.ns)}
@@ -77,8 +92,8 @@ class Settings:
     def describe(self):
         """One line: the fixed parameters of the sweep."""
         causal = "causal" if self.causal else "non-causal"
-        return (f"{self.mode}, {self.device}, {self.dtype}, B={self.batch}, H={self.heads}, "
-                f"D={self.head_dim}, {causal}")
+        heads = f"H={self.heads}" + (f" (kv {self.key_heads})" if self.grouped else "")
+        return f"{self.mode}, {self.device}, {self.dtype}, B={self.batch}, {heads}, D={self.head_dim}, {causal}"
 
     def tensor_bytes(self, n):
         """Bytes of one (batch, heads, n, head_dim) tensor."""

@@ -305,13 +305,25 @@ def test_every_registry_backend_and_the_cpu_peers_are_contenders():
     assert contenders.by_name("flash-attn").unavailable_reason(settings) == "runs on CUDA only"
 
 
-def test_attnkit_contenders_compute_what_the_reference_computes():
-    settings = Settings(heads=2, head_dim=16, causal=True, **FAST)
+@pytest.mark.parametrize("heads,kv_heads", [(2, None), (4, 2), (4, 1)], ids=["H2", "H4kv2", "H4kv1"])
+def test_attnkit_contenders_compute_what_the_reference_computes(heads, kv_heads):
+    settings = Settings(heads=heads, kv_heads=kv_heads, head_dim=16, causal=True, **FAST)
     q, k, v, _ = measure.make_inputs(settings, 24)
+    assert q.shape == (1, heads, 24, 16) and k.shape == v.shape == (1, kv_heads or heads, 24, 16)
     expected = contenders.by_name("reference").forward_function(settings, 24)(q, k, v)
-    for name in ("torch-sdpa-flash", "torch-sdpa-math"):
+    for name in ("numba", "torch-sdpa-flash", "torch-sdpa-math"):
+        assert contenders.by_name(name).unavailable_reason(settings) is None
         out = contenders.by_name(name).forward_function(settings, 24)(q, k, v)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ValueError, match=r"kv_heads must be a positive divisor of heads \(8\); got 3"):
+        Settings(heads=8, kv_heads=3)
+    settings = Settings(heads=8, kv_heads=2)
+    assert settings.grouped and settings.key_heads == 2 and "H=8 (kv 2)" in settings.describe()
+    assert Settings.from_dict(settings.as_dict()) == settings
+    assert not Settings(heads=8).grouped
 
 
 def test_a_worker_that_dies_costs_one_point():

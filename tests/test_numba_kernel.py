@@ -170,6 +170,10 @@ CASES = [
     Case(b=2, hq=4, hkv=2, nq=129, d=64, causal="top_left"),
     Case(hq=8, hkv=2, nq=257, d=96, window=(64, 0)),
     Case(hq=8, hkv=1, nq=100, nk=300, d=32, causal="bottom_right", dtype=F64),
+    # backward tasks per (batch, kv head): 8 pairs own their kv head outright;
+    # 3 query blocks in 2 chunks leave the second chunk one block short
+    Case(b=4, hq=8, hkv=2, nq=300, d=64, causal="top_left"),
+    Case(b=2, hq=4, hkv=2, nq=257, d=64, mask="add_key_pad"),
     # windows
     Case(nq=300, d=128, window=(32, 32)),
     Case(nq=300, d=32, window=(None, 16)),
@@ -320,3 +324,37 @@ def test_a_changed_kernel_source_discards_the_cache(tmp_path):
     (tmp_path / "helper.py").write_text("y = 2\n")  # only the helper changes
     assert discard_stale_cache(tmp_path) is True
     assert not (cache / "kernel.f-10.py311.nbi").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_arrays_together_are_aligned_disjoint_views(dtype):
+    shapes = ((1, 3, 5, 7), (2, 1, 4), (0, 3), (9,))
+    arrays = kernel._arrays_together(dtype, shapes, zero=True)
+    for array, shape in zip(arrays, shapes):
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
+        assert array.size == 0 or array.ctypes.data % 64 == 0, f"{shape}: not 64-byte aligned"
+        assert np.all(array == 0)
+    for i, array in enumerate(arrays):  # writing one leaves the others untouched
+        array[...] = i + 1
+    for i, array in enumerate(arrays):
+        assert np.all(array == i + 1), f"array {i} overlaps another"
+
+
+def test_workspace_hands_out_zeroed_views_and_drops_big_requests():
+    workspace = kernel._Workspace(keep_bytes=4096)
+    first = workspace.zeroed(np.float64, ((3, 10), (3, 5)))
+    for array in first:
+        array[...] = 7.0  # dirty the kept buffer
+    again = workspace.zeroed(np.float32, ((4, 20),))  # same buffer, another dtype
+    assert again[0].dtype == np.float32 and np.all(again[0] == 0)
+    assert np.shares_memory(again[0], workspace.buffer)
+    big = workspace.zeroed(np.float32, ((64, 64),))  # 16 KiB > keep_bytes: fresh, not kept
+    assert np.all(big[0] == 0) and not np.shares_memory(big[0], workspace.buffer)
+    assert workspace.buffer.nbytes <= 4096
+
+
+def test_backward_with_uncached_partials_matches_reference(monkeypatch):
+    # Partial sums over the keep limit take freshly allocated memory instead.
+    monkeypatch.setattr(kernel._WORKSPACE, "keep_bytes", 0)
+    check_case(Case(hq=8, hkv=2, nq=257, d=64, causal="top_left"))
+
