@@ -790,7 +790,6 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
         if n_chunks > 1:
             _sum_partials(dk_partial, n_chunks, dk)
             _sum_partials(dv_partial, n_chunks, dv_grad)
-            del dk_partial, dv_partial
     return dq, dk, dv_grad
 
 
