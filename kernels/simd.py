@@ -20,8 +20,10 @@ in turns, best of 15, since this machine's speed drifts by 2x between runs):
     increment and decrement: ~25 ns per call, per 512-score row)
   1, 2, 4, 8 independent accumulators, row max           0.061 0.057 0.057 0.056
   1, 2, 4, 8 independent accumulators, exp2 + sum        0.286 0.291 0.269 0.264
-  -> inlined, 4 accumulators for both (python -m attnkit.bench.cpu_parts,
-     three runs: row max 0.04-0.07, exp2 + sum 0.27-0.39 ns/score).
+  -> inlined, 4 accumulators for both. `python -m attnkit.bench.cpu_parts`,
+     three runs at a fast moment (bench/results/cpu-parts.txt): row max
+     0.035-0.051, exp2 + sum 0.23-0.25 ns/score (0.04-0.07 and 0.27-0.39 in
+     three runs at a slow one).
 
 At D = 64 one score costs ~1.9 ns of GEMM (256 FLOPs at ~135 GFLOP/s), so
 ~1 ns of softmax per score was a third of the kernel's time.
