@@ -55,10 +55,15 @@ same process, since this machine's speed drifts by up to 2x between runs):
       41 -> 30 ms (torch 32-34). Softmax row passes inlined with four
       accumulators (simd.py): row max 0.105 -> 0.055 ns/score, exp2 0.30 ->
       0.27.
+  Tried after v9, not kept (D=128 backward, N=4096, one process, taking
+  turns): blocks 256 x 256, 256 x 128, 512 x 128 and a key-block-outer loop
+  (a block's dK/dV stay in cache, dQ streams instead): all within +-4% of
+  128 x 256, no consistent winner.
   Not done: skipping the max pass by exponentiating against the previous
-  tile's max and redoing a row only when its max jumps (the max pass is ~4%
-  of the time at D = 64). What is left per score at D = 64, one thread:
-  ~2.5 ns of GEMM, 0.1 ns max, 0.4 ns exp2 (measured on a 2048-key loop).
+  tile's max and redoing a row only when its max jumps (the max pass is now
+  ~2% of the time at D = 64). What is left per score at D = 64, one thread:
+  ~1.7-2.5 ns of GEMM, 0.05 ns max, 0.25-0.4 ns exp2 (`python -m
+  attnkit.bench.cpu_parts`, a 2048-key loop).
 
 Semantics follow attnkit.reference.attention exactly: score = scale * q.k,
 then softcap * tanh(score / softcap), then + additive mask, then -inf for keys
