@@ -192,6 +192,13 @@ def _run_bench(args):
 
         if args.n and len(args.n) != 1:
             parser.error("--ladder runs one input: give a single --n")
+        ignored = [flag for flag, given in (
+            ("--kv-heads", args.kv_heads), ("--causal", args.causal), ("--mode", args.mode != "forward"),
+            ("--dtype", args.dtype), ("--batch", args.batch), ("--backends", args.backends),
+            ("--rounds", args.rounds != 1)) if given]
+        if ignored:
+            parser.error(f"--ladder times one non-causal float32 forward input (batch 1) on every rung; "
+                         f"it takes no {', '.join(ignored)}")
         return ladder.main(n=args.n[0] if args.n else 512, heads=args.heads or 2,
                            head_dim=args.head_dim or 64, repeats=args.repeats or 3,
                            out_dir=args.out or DEFAULT_OUT)

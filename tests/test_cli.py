@@ -90,6 +90,7 @@ def test_bench_interrupted_keeps_its_results_and_exits_130(tmp_path):
     (("bench", "--backends", "flash-attn", "--device", "cpu"), "flash-attn cannot run this sweep"),
     (("bench", "--heads", "0"), "expected a positive number"),
     (("bench", "--heads", "8", "--kv-heads", "3"), "--kv-heads must divide --heads (8); got 3"),
+    (("bench", "--ladder", "--causal", "--kv-heads", "1"), "it takes no --kv-heads, --causal"),
     (("bench", "--mode", "sideways"), "invalid choice"),
     (("bench", "--plot", "missing.json"), "--plot"),
     (("frobnicate",), "invalid choice"),
