@@ -7,7 +7,7 @@
 # Writes OUT/cpu-numba-vs-torch (run 1: --rounds 3, with the reference),
 # OUT/cpu-numba-vs-torch-repeat (run 2: --rounds 5, numba and torch only) and
 # OUT/cpu-numba-vs-torch-gqa (grouped-query points), then prints their tables.
-# About 35 minutes on the project's 2-core machine; keep the machine otherwise
+# About 40 minutes on the project's 2-core machine; keep the machine otherwise
 # idle while it runs. Uses the environment that `make bench` sets up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
