@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -470,3 +471,20 @@ def test_cpu_parts_prints_every_part(capsys):
     assert text.count("GFLOP/s") == 4 and "row max" in text and "exp2 + row sum" in text
     with pytest.raises(SystemExit):
         cpu_parts.main(["--repeats", "0"])
+
+
+def test_cpu_steps_times_both_kernels_and_counts_faults(capsys):
+    from attnkit.bench import cpu_steps
+
+    results = cpu_steps.measure(n=48, heads=4, kv_heads=2, head_dim=16, causal=True, steps=2, warmup=1)
+    assert set(results) == {"numba", "torch-sdpa-flash"}
+    for forward_s, backward_s, faults in results.values():
+        assert forward_s > 0 and backward_s > 0 and faults >= 0
+    threads = numba.get_num_threads(), torch.get_num_threads()
+    assert cpu_steps.main(["--n", "40", "--heads", "2", "--head-dim", "16", "--steps", "1", "--threads", "1"]) == 0
+    assert (numba.get_num_threads(), torch.get_num_threads()) == threads  # restored
+    text = capsys.readouterr().out
+    assert "1 thread(s)" in text and text.count("page faults per step") == 2 and "backward: numba" in text
+    for bad in (["--kv-heads", "3", "--heads", "4"], ["--steps", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            cpu_steps.main(bad)
