@@ -23,25 +23,13 @@ import time
 
 import numba
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import attnkit
-
+from . import contenders
 from .accounting import attention_flops
+from .measure import make_inputs
+from .settings import Settings
 
-
-def _contenders(causal, grouped):
-    def numba_step(q, k, v):
-        return attnkit.attention(q, k, v, causal=causal, backend="numba")
-
-    def torch_step(q, k, v):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            if grouped:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-    return {"numba": numba_step, "torch-sdpa-flash": torch_step}
+CONTENDERS = ("numba", "torch-sdpa-flash")
 
 
 def _faults():
@@ -49,15 +37,18 @@ def _faults():
 
 
 def measure(n, heads, kv_heads, head_dim, causal, steps, warmup=2):
-    """{contender: (forward seconds, backward seconds, faults per step)}, medians over `steps`."""
-    generator = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, n, head_dim, generator=generator).requires_grad_(True)
-    k, v = (torch.randn(1, kv_heads, n, head_dim, generator=generator).requires_grad_(True) for _ in range(2))
-    d_out = torch.randn(1, heads, n, head_dim, generator=generator)
-    contenders = _contenders(causal, kv_heads != heads)
-    samples = {name: ([], [], []) for name in contenders}
+    """{contender: (forward seconds, backward seconds, faults per step)}, medians over `steps`.
+
+    Inputs and forward functions are the sweep's own (measure.make_inputs,
+    contenders.*.forward_function), float32 on the CPU, batch 1.
+    """
+    settings = Settings(heads=heads, kv_heads=kv_heads, head_dim=head_dim, causal=causal,
+                        mode="both", ns=(n,))
+    q, k, v, d_out = make_inputs(settings, n)
+    forwards = {name: contenders.by_name(name).forward_function(settings, n) for name in CONTENDERS}
+    samples = {name: ([], [], []) for name in forwards}
     for step in range(warmup + steps):
-        for name, forward in contenders.items():  # taking turns: both see the same drift
+        for name, forward in forwards.items():  # taking turns: both see the same drift
             for x in (q, k, v):
                 x.grad = None
             faults, start = _faults(), time.perf_counter()
@@ -82,10 +73,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="timed steps per contender (default 8)")
     args = parser.parse_args(argv)
     kv_heads = args.kv_heads or args.heads
-    for name in ("n", "heads", "head_dim", "steps"):
-        if getattr(args, name) < 1:
+    for name in ("n", "heads", "kv_heads", "head_dim", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
-    if kv_heads < 1 or args.heads % kv_heads:
+    if args.heads % kv_heads:
         parser.error(f"--kv-heads must divide --heads ({args.heads}); got {args.kv_heads}")
     if args.threads is not None and not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
         parser.error(f"--threads must be 1..{numba.config.NUMBA_NUM_THREADS}; got {args.threads}")

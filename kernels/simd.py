@@ -202,8 +202,7 @@ def _splat(builder, real, value):
 
 # Independent accumulators per pass, so that consecutive vectors' chains overlap
 # (the gain is small: 0.06 -> 0.057 ns/score for the max, 0.29 -> 0.27 for exp2).
-_MAX_GROUPS = 4
-_EXP2_GROUPS = 4
+_ACCUMULATORS = 4
 
 
 def _max_of(builder, a, b):
@@ -214,7 +213,7 @@ def _build_row_max(real):
     def build(builder, args):
         base, n, initial = args
         best_vectors = [cgutils.alloca_once_value(builder, _splat(builder, real, initial))
-                        for _ in range(_MAX_GROUPS)]
+                        for _ in range(_ACCUMULATORS)]
         best_scalar = cgutils.alloca_once_value(builder, initial)
 
         def body(index, vector, group):
@@ -222,7 +221,7 @@ def _build_row_max(real):
             slot = best_vectors[group] if vector else best_scalar
             builder.store(_max_of(builder, builder.load(slot), value), slot)
 
-        _row_loops(builder, real, n, body, _MAX_GROUPS)
+        _row_loops(builder, real, n, body, _ACCUMULATORS)
         lanes = _horizontal(builder, real, _fold_groups(builder, best_vectors, _max_of), _max_of)
         return _max_of(builder, lanes, builder.load(best_scalar))
 
@@ -233,7 +232,7 @@ def _build_exp2_affine(real):
     def build(builder, args):
         base, n, multiplier, shift = args
         total_vectors = [cgutils.alloca_once_value(builder, real.constant(0.0, True))
-                         for _ in range(_EXP2_GROUPS)]
+                         for _ in range(_ACCUMULATORS)]
         total_scalar = cgutils.alloca_once_value(builder, real.constant(0.0, False))
         m_vector, s_vector = _splat(builder, real, multiplier), _splat(builder, real, shift)
 
@@ -246,7 +245,7 @@ def _build_exp2_affine(real):
             slot = total_vectors[group] if vector else total_scalar
             builder.store(builder.fadd(builder.load(slot), y), slot)
 
-        _row_loops(builder, real, n, body, _EXP2_GROUPS)
+        _row_loops(builder, real, n, body, _ACCUMULATORS)
         add = lambda b, x, y: b.fadd(x, y)  # noqa: E731
         lanes = _horizontal(builder, real, _fold_groups(builder, total_vectors, add), add)
         return builder.fadd(lanes, builder.load(total_scalar))
