@@ -84,11 +84,12 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .jit import jit as _jit
 from .cpu_blas import matmul, set_threads_local, uses_process_threads
 from .simd import exp2_affine, row_max
+from .bf16 import LANES, bf16_of, f32_to_bf16, gemm, pack_pairs, padded
 
 __all__ = ["flash_forward", "flash_backward", "warmup"]
 
@@ -269,6 +270,65 @@ def _claim(order, next_task):
 
 
 @_jit(fastmath=_FASTMATH)
+def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc):
+    """One key tile of the online softmax, rows in place.
+
+    s (Bq, Bk) masked scores in base 2 (times `multiplier`) become P = exp2(score -
+    new running max); running_max / running_sum (Bq,) move on; acc (Bq, Dv) rows
+    are rescaled to the new max, ready for acc += P @ V.
+    """
+    neg_inf, zero, one = consts[_C_NEG_INF], consts[_C_ZERO], consts[_C_ONE]
+    bq = s.shape[0]
+    for r in range(bq):
+        row = s[r]  # (Bk,)
+        tile_max = row_max(row, neg_inf) * multiplier
+        old_max = running_max[r]
+        new_max = tile_max if tile_max > old_max else old_max
+        # All seen keys invisible so far: shift by 0 so exp2(-inf) stays 0.
+        shift = zero if new_max == neg_inf else new_max
+        rescale[r] = math.exp2(old_max - shift)
+        running_sum[r] = running_sum[r] * rescale[r] + exp2_affine(row, multiplier, shift)
+        running_max[r] = new_max
+    for r in range(bq):
+        alpha = rescale[r]
+        if alpha != one:  # after the first tiles the max rarely moves
+            acc_row = acc[r]  # (Dv,)
+            for c in range(acc_row.shape[0]):
+                acc_row[c] *= alpha
+
+
+@_jit(fastmath=_FASTMATH)
+def _finish_rows(acc, running_max, running_sum, consts, out, lse):
+    """out (Bq, Dv) = acc / running_sum (stored through _store: float, or bf16 bits), lse (Bq,) in natural log."""
+    neg_inf, zero = consts[_C_NEG_INF], consts[_C_ZERO]
+    ln2 = math.log(2.0)
+    dv = out.shape[1]
+    for r in range(out.shape[0]):
+        total = running_sum[r]
+        out_row = out[r]  # (Dv,)
+        if total == zero:  # no visible key: exact zeros, lse -inf
+            for c in range(dv):
+                out_row[c] = _store(out_row, zero)
+            lse[r] = neg_inf
+        else:
+            inv_total = consts[_C_ONE] / total
+            for c in range(dv):
+                out_row[c] = _store(out_row, acc[r, c] * inv_total)
+            lse[r] = running_max[r] * ln2 + math.log(total)
+
+
+def _store(array, value):
+    """value converted for storing into `array`: bf16 bits when array is uint16, else unchanged."""
+
+
+@overload(_store, jit_options={"inline": "always"})
+def _store_overload(array, value):
+    if array.dtype == types.uint16:
+        return lambda array, value: f32_to_bf16(value)
+    return lambda array, value: value
+
+
+@_jit(fastmath=_FASTMATH)
 def _forward_worker(
     q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
     block_q, block_k, order, next_task, out, lse,
@@ -286,7 +346,6 @@ def _forward_worker(
     n_qblocks = (nq + block_q - 1) // block_q
     neg_inf = consts[_C_NEG_INF]
     zero = consts[_C_ZERO]
-    ln2 = math.log(2.0)
 
     # Scratch for this worker: O(block) memory, independent of N.
     score_buf = np.empty(block_q * block_k, q.dtype)  # (Bq, Bk) scores, then P
@@ -328,35 +387,9 @@ def _forward_worker(
                 s, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
                 bool_mask, additive_mask, False, unused_grad,
             )  # fmt: skip
-            for r in range(bq):
-                row = s[r]  # (Bk,)
-                tile_max = row_max(row, neg_inf) * multiplier
-                old_max = running_max[r]
-                new_max = tile_max if tile_max > old_max else old_max
-                # All seen keys invisible so far: shift by 0 so exp2(-inf) stays 0.
-                shift = zero if new_max == neg_inf else new_max
-                rescale[r] = math.exp2(old_max - shift)
-                running_sum[r] = running_sum[r] * rescale[r] + exp2_affine(row, multiplier, shift)
-                running_max[r] = new_max
-            for r in range(bq):
-                alpha = rescale[r]
-                if alpha != one:  # after the first tiles the max rarely moves
-                    for c in range(dv):
-                        acc[r, c] *= alpha
+            _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
             matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P @ V
-
-        for r in range(bq):
-            total = running_sum[r]
-            out_row = out[b, h, i0 + r]  # (Dv,)
-            if total == zero:  # no visible key: exact zeros, lse -inf
-                for c in range(dv):
-                    out_row[c] = zero
-                lse[b, h, i0 + r] = neg_inf
-            else:
-                inv_total = consts[_C_ONE] / total
-                for c in range(dv):
-                    out_row[c] = acc[r, c] * inv_total
-                lse[b, h, i0 + r] = running_max[r] * ln2 + math.log(total)
+        _finish_rows(acc, running_max, running_sum, consts, out[b, h, i0:i1], lse[b, h, i0:i1])
     set_threads_local(blas_threads)
 
 
@@ -388,6 +421,140 @@ def _forward_kernel(
         _forward_worker(
             q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
             block_q, block_k, order, next_task, out, lse,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Forward in bf16: products on the AVX-512 BF16 micro-kernel (kernels/bf16.py)
+# ---------------------------------------------------------------------------
+
+
+@_jit()
+def _pack_keys(k, dst):
+    """dst[p, 2 j + t] = k[j, 2 p + t]: k (Nk, D) as the B operand of Q @ K^T, pairs along D.
+
+    dst (ceil(D / 2), >= 2 Nk); the columns past Nk and a missing last feature are 0.
+    """
+    nk, d = k.shape
+    dst[:] = 0
+    for j in range(nk):
+        row = k[j]  # (D,)
+        for p in range(d // 2):
+            dst[p, 2 * j] = bf16_of(row[2 * p])
+            dst[p, 2 * j + 1] = bf16_of(row[2 * p + 1])
+        if d % 2:
+            dst[d // 2, 2 * j] = bf16_of(row[d - 1])
+
+
+@_jit()
+def _pack_head(k, v, k_packed, v_packed, t):
+    """Task t = (batch, kv head) of the packing: its keys and values as B operands.
+
+    k_packed (B, Hkv, ceil(D/2), 2 (Nk + 16)): keys for Q @ K^T (pairs along D).
+    v_packed (B, Hkv, ceil(Nk/2), 2 Dv16): values for P @ V (pairs along keys).
+    """
+    hkv = k.shape[1]
+    b, hk = t // hkv, t % hkv
+    _pack_keys(k[b, hk], k_packed[b, hk])
+    pack_pairs(v[b, hk], v_packed[b, hk])
+
+
+@_jit(fastmath=_FASTMATH)
+def _load_rows(src, dst):
+    """dst[:rows, :cols] = src converted to bf16 bits (a copy when src is uint16); dst's padding = 0."""
+    rows, cols = src.shape
+    for r in range(rows):
+        s_row, d_row = src[r], dst[r]
+        for c in range(cols):
+            d_row[c] = bf16_of(s_row[c])
+        for c in range(cols, d_row.shape[0]):
+            d_row[c] = 0
+
+
+@_jit(fastmath=_FASTMATH)
+def _forward_worker_bf16(
+    q, k_packed, v_packed, nk, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
+    block_q, block_k, order, next_task, out, lse,
+):  # fmt: skip
+    """_forward_worker with bf16 products: S = Q K^T and acc += P V on the micro-kernel.
+
+    q (B, Hq, Nq, D) bf16 bits (uint16) or float32 (rounded to bf16 per block);
+    k_packed / v_packed from _pack_inputs; P is rounded to bf16 for P @ V, as torch
+    and flash-attn do; scores, softmax and acc stay float32. out is uint16 (bf16
+    bits) or float32.
+    """
+    batch, hq, nq, d = q.shape
+    hkv = k_packed.shape[1]
+    dv = out.shape[3]
+    group = hq // hkv
+    n_qblocks = (nq + block_q - 1) // block_q
+    d_pairs = (d + 1) // 2
+    neg_inf = consts[_C_NEG_INF]
+    zero = consts[_C_ZERO]
+    f32 = np.float32
+
+    q_buf = np.empty((block_q, 2 * d_pairs), np.uint16)  # (Bq, D even) the block's queries
+    score_buf = np.empty(block_q * padded(block_k + 1, LANES), f32)  # (Bq, Bk16) scores, then P
+    p_buf = np.empty(block_q * padded(block_k + 2, 2), np.uint16)  # (Bq, Bk even) P in bf16
+    acc = np.empty((block_q, padded(dv, LANES)), f32)  # (Bq, Dv16) running numerator
+    running_max = np.empty(block_q, f32)
+    running_sum = np.empty(block_q, f32)
+    rescale = np.empty(block_q, f32)
+    unused_grad = np.empty((1, 1), f32)
+
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        qb = t % n_qblocks
+        h = (t // n_qblocks) % hq
+        b = t // (n_qblocks * hq)
+        hk = h // group
+        i0 = qb * block_q
+        i1 = min(i0 + block_q, nq)
+        bq = i1 - i0
+        _load_rows(q[b, h, i0:i1], q_buf)
+        for r in range(bq):
+            running_max[r] = neg_inf
+            running_sum[r] = zero
+        acc[:bq] = zero
+
+        first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
+        for kb in range(first, stop):
+            j0 = max(kb * block_k, i0 + lo_offset)
+            j0 -= j0 % 2  # P @ V reads keys in pairs; the extra key is hidden from every row
+            j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
+            bk = j1 - j0
+            bk16, bk2 = padded(bk, LANES), padded(bk, 2)
+            s_full = score_buf[: bq * bk16].reshape((bq, bk16))  # (Bq, Bk16)
+            gemm(q_buf, k_packed[b, hk, :, 2 * j0 :], s_full, bq, bk, d_pairs, False)  # S = Q K^T
+            s = s_full[:, :bk]  # (Bq, Bk)
+            multiplier = _tile_scores_base2(
+                s, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
+                bool_mask, additive_mask, False, unused_grad,
+            )  # fmt: skip
+            _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
+            p = p_buf[: bq * bk2].reshape((bq, bk2))  # (Bq, Bk even)
+            _load_rows(s, p)
+            gemm(p, v_packed[b, hk, j0 // 2 :], acc, bq, dv, bk2 // 2, True)  # acc += P V
+        _finish_rows(acc, running_max, running_sum, consts, out[b, h, i0:i1], lse[b, h, i0:i1])
+
+
+@_jit(parallel=True)
+def _forward_kernel_bf16(
+    q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
+    block_q, block_k, n_workers, k_packed, v_packed, out, lse,
+):  # fmt: skip
+    for t in prange(k.shape[0] * k.shape[1]):
+        _pack_head(k, v, k_packed, v_packed, t)
+    order = _forward_schedule(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
+    )
+    next_task = np.zeros(1, np.int64)
+    for w in prange(n_workers):
+        _forward_worker_bf16(
+            q, k_packed, v_packed, k.shape[2], bool_mask, additive_mask, consts, lo_offset, hi_offset,
+            flags, block_q, block_k, order, next_task, out, lse,
         )  # fmt: skip
 
 
@@ -733,13 +900,52 @@ class _Workspace:
 _WORKSPACE = _Workspace(keep_bytes=32 << 20)
 
 
-def flash_forward(q, k, v, mask, *, scale, causal, window, softcap):
+def _flash_forward_bf16(q, k, v, mask, *, scale, causal, window, softcap):
+    """flash_forward with bf16 products; q, k, v all uint16 (bf16 bits) or all float32."""
+    in_dtype = np.dtype(np.uint16 if np.dtype(q.dtype) == np.uint16 else np.float32)
+    q, k, v = (_kernel_array(x, in_dtype) for x in (q, k, v))
+    f32 = np.dtype(np.float32)
+    bool_mask, additive_mask, flags = _masks(mask, f32)
+    if softcap is not None:
+        flags |= _HAS_SOFTCAP
+    lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
+    consts = _constants(f32, scale, softcap)
+    batch, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = np.empty((batch, hq, nq, dv), in_dtype)
+    lse = np.empty((batch, hq, nq), f32)
+    if out.size == 0 and lse.size == 0:
+        return out, lse
+    if nk == 0:
+        out.fill(0)
+        lse.fill(-np.inf)
+        return out, lse
+    block_q, block_k = _block_sizes(nq, nk)
+    k_packed, v_packed = _arrays_together(np.uint16, (
+        (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)),
+    ), zero=False)  # fmt: skip
+    with _CALL_LOCK:
+        _forward_kernel_bf16(
+            q, k, v, bool_mask, additive_mask, consts, lo, hi, flags,
+            block_q, block_k, numba.get_num_threads(), k_packed, v_packed, out, lse,
+        )  # fmt: skip
+    return out, lse
+
+
+def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False):
     """Attention output and natural-log lse.
 
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), all float32 or all
-    float64; mask None or (Bm, Hm, Mq, Nk) bool / additive, broadcast by index.
-    Returns out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) in the input dtype.
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), all float32, all
+    float64, or all bf16 bits (uint16); mask None or (Bm, Hm, Mq, Nk) bool /
+    additive, broadcast by index. Returns out (B, Hq, Nq, Dv) in the input dtype
+    and lse (B, Hq, Nq) in float32 (float64 for float64 input).
+
+    bf16 input runs its products in bf16 with float32 accumulation (P rounded to
+    bf16 for P @ V); so does float32 input with bf16_products=True (torch's
+    "medium" matmul precision), its output staying float32.
     """
+    if np.dtype(q.dtype) == np.uint16 or bf16_products:
+        return _flash_forward_bf16(q, k, v, mask, scale=scale, causal=causal, window=window, softcap=softcap)
     dtype, q, k, v, bool_mask, additive_mask, flags, consts, lo, hi = _prepare(
         q, k, v, mask, scale, causal, window, softcap
     )

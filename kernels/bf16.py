@@ -1,0 +1,354 @@
+"""bfloat16 tile products for the CPU kernel: an AVX-512 BF16 micro-kernel, callable from Numba.
+
+Why our own: the issue that asked for this (bf16 at AMX speed) assumed MKL's
+`cblas_gemm_bf16bf16f32`, which torch's libtorch_cpu exports. On the project's
+machines of 2026-12-02 (AMD EPYC, Zen 5: avx512_bf16, no AMX) that MKL runs its
+generic path: one thread, measured through ctypes (/tmp scripts, taking turns):
+
+  shape (M x N x K)      MKL sgemm   MKL bf16 GEMM   MKL f16 GEMM
+  2048 x 2048 x 2048        94            92              85    GFLOP/s
+  128 x 512 x 64            90            87              63
+  128 x 64 x 512            85            81              41
+
+while torch's own bf16 matmul (oneDNN, which dispatches on CPU flags, not the
+vendor) reached 733 GFLOP/s on two threads. oneDNN's GEMM is not exported, so
+this module emits the instruction oneDNN uses, VDPBF16PS, directly as LLVM IR:
+each one multiplies 16 pairs of bf16 numbers and adds both products into 16
+float32 lanes (64 FLOPs, two per cycle on Zen 5).
+
+Layout. C (M, N) float32 += A (M, K) @ B (K, N), where
+- A is bf16 (stored as uint16), row-major, K even (rows padded with a zero);
+- B is "pair-packed": Bp[p, n, t] = B[2p + t, n], so one 64-byte load gives 16
+  columns times one pair of the reduction axis (the instruction's operand);
+- C rows are padded to a multiple of 16 columns, so no load or store needs a mask.
+A row of A contributes a broadcast pair (A[m, 2p], A[m, 2p+1]).
+
+The micro-kernel holds a 6 x (16 * NR) block of C in 6 * NR registers (NR <= 4:
+24 accumulators, 4 B vectors, 1 broadcast of the 32 AVX-512 registers).
+
+Versions (one thread, Zen 5 VM, `python -m attnkit.bench.cpu_parts`):
+  v1  6 x 64 register block, B panels of 64 columns, rows of A streamed over
+      each panel: see bench/results/cpu-parts.txt for the measured rates.
+
+bf16 <-> float32: float32 -> bf16 rounds to nearest even (LLVM's fptrunc to
+bfloat: VCVTNEPS2BF16 with AVX-512 BF16); bf16 -> float32 is exact (a shift).
+"""
+
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .jit import jit
+
+__all__ = [
+    "BF16_PRODUCTS",
+    "BF16_DETAIL",
+    "MR",
+    "PANEL",
+    "bf16_bits",
+    "bf16_of",
+    "bf16_to_f32",
+    "f32_to_bf16",
+    "gemm",
+    "pack_pairs",
+    "padded",
+]
+
+MR = 6  # rows of C per micro-kernel call
+NR = 4  # 16-lane vectors of C per row per call
+PANEL = 16 * NR  # columns per micro-kernel call
+LANES = 16
+
+_CHOICES = ("auto", "dpbf16", "fp32")
+
+
+def _choose():
+    """('dpbf16' or 'fp32', why): whether bf16 data runs on the bf16 micro-kernel.
+
+    ATTNKIT_CPU_BF16=fp32 forces the float32 path (bf16 converted to float32 at
+    the boundary, as before); =dpbf16 insists on the micro-kernel.
+    """
+    choice = os.environ.get("ATTNKIT_CPU_BF16", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"ATTNKIT_CPU_BF16 must be one of {', '.join(_CHOICES)}; got {choice!r}")
+    has_bf16 = bool(llvm.get_host_cpu_features().get("avx512bf16", False))
+    if choice == "fp32":
+        return "fp32", "ATTNKIT_CPU_BF16=fp32: bf16 runs in float32 (converted at the boundary)"
+    if not has_bf16:
+        if choice == "dpbf16":
+            raise ValueError("ATTNKIT_CPU_BF16=dpbf16, but this CPU has no AVX-512 BF16 (avx512_bf16)")
+        return "fp32", "this CPU has no AVX-512 BF16: bf16 runs in float32 (converted at the boundary)"
+    return "dpbf16", "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation"
+
+
+BF16_PRODUCTS, BF16_DETAIL = _choose()
+
+
+@jit(inline="always")
+def padded(n, multiple):
+    """n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------
+# IR helpers
+# ---------------------------------------------------------------------------
+
+
+class _BFloat(ir.Type):
+    """LLVM's `bfloat` (llvmlite has no class for it)."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash("bfloat")
+
+
+_F32 = ir.FloatType()
+_I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32X16 = ir.VectorType(_F32, LANES)
+_I32X16 = ir.VectorType(_I32, LANES)
+_BF16X32 = ir.VectorType(_BFloat(), 2 * LANES)
+
+
+def _dpbf16ps(builder, acc, a, b):
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F32X16, [_F32X16, _BF16X32, _BF16X32]),
+        "llvm.x86.avx512bf16.dpbf16ps.512",
+    )  # fmt: skip
+    return builder.call(function, [acc, builder.bitcast(a, _BF16X32), builder.bitcast(b, _BF16X32)])
+
+
+def _splat_i32(builder, value):
+    lane0 = builder.insert_element(ir.Constant(_I32X16, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+    return builder.shuffle_vector(lane0, ir.Constant(_I32X16, ir.Undefined), zeros)
+
+
+def _build_micro_kernel(nr):
+    """IR body of C[m rows, 16 nr cols] (+)= A[m rows, 2 kpairs] @ Bp[kpairs, 16 nr, 2].
+
+    Arguments: a (i16*), lda (elements), b (i16*), ldb (elements per packed
+    row, i.e. 2 x columns), c (float*), ldc (elements), m (1..MR), kpairs,
+    accumulate (0 or 1). Rows of A and C past m are read from row m - 1 and
+    never stored.
+    """
+
+    def build(builder, args):
+        a, lda, b, ldb, c, ldc, m, kpairs, accumulate = args
+        one = ir.Constant(_I64, 1)
+        last_row = builder.sub(m, one)
+        rows = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, r), m), ir.Constant(_I64, r), last_row)
+                for r in range(MR)]
+        a_rows = [builder.bitcast(builder.gep(a, [builder.mul(rows[r], lda)]), _I32.as_pointer()) for r in range(MR)]
+        c_rows = [builder.gep(c, [builder.mul(rows[r], ldc)]) for r in range(MR)]
+        keep = builder.icmp_signed("!=", accumulate, ir.Constant(_I64, 0))
+        zero = ir.Constant(_F32X16, [0.0] * LANES)
+        slots = []
+        for r in range(MR):
+            row_slots = []
+            for v in range(nr):
+                pointer = builder.bitcast(builder.gep(c_rows[r], [ir.Constant(_I64, v * LANES)]), _F32X16.as_pointer())
+                start = builder.select(keep, builder.load(pointer, align=4), zero)
+                row_slots.append(cgutils.alloca_once_value(builder, start))
+            slots.append(row_slots)
+        with cgutils.for_range(builder, kpairs) as loop:
+            p = loop.index
+            b_row = builder.gep(b, [builder.mul(p, ldb)])
+            b_vectors = [
+                builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(_I64, 2 * LANES * v)]),
+                                             _I32X16.as_pointer()), align=4)
+                for v in range(nr)
+            ]  # fmt: skip
+            for r in range(MR):
+                pair = _splat_i32(builder, builder.load(builder.gep(a_rows[r], [p]), align=4))
+                for v in range(nr):
+                    slot = slots[r][v]
+                    builder.store(_dpbf16ps(builder, builder.load(slot), pair, b_vectors[v]), slot)
+        for r in range(MR):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), m)):
+                for v in range(nr):
+                    pointer = builder.bitcast(builder.gep(c_rows[r], [ir.Constant(_I64, v * LANES)]),
+                                              _F32X16.as_pointer())
+                    builder.store(builder.load(slots[r][v]), pointer, align=4)
+        return ir.Constant(_I32, 0)
+
+    return build
+
+
+def _define(module, name, argument_types, build):
+    function = cgutils.get_or_insert_function(module, ir.FunctionType(_I32, argument_types), name)
+    if function.is_declaration:
+        function.linkage = "internal"
+        builder = ir.IRBuilder(function.append_basic_block("entry"))
+        builder.ret(build(builder, function.args))
+    return function
+
+
+def _micro_kernel_intrinsic(nr):
+    @intrinsic
+    def micro_kernel(typingctx, a, lda, b, ldb, c, ldc, m, kpairs, accumulate):
+        if not all(x == types.intp for x in (a, lda, b, ldb, c, ldc, m, kpairs, accumulate)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            i16p, f32p = _I16.as_pointer(), _F32.as_pointer()
+            function = _define(
+                builder.module, f"attnkit_bf16_micro_{MR}x{nr}",
+                [i16p, _I64, i16p, _I64, f32p, _I64, _I64, _I64, _I64], _build_micro_kernel(nr),
+            )  # fmt: skip
+            a_, lda_, b_, ldb_, c_, ldc_, m_, k_, acc_ = args
+            builder.call(function, [builder.inttoptr(a_, i16p), lda_, builder.inttoptr(b_, i16p), ldb_,
+                                    builder.inttoptr(c_, f32p), ldc_, m_, k_, acc_])  # fmt: skip
+            return context.get_dummy_value()
+
+        return types.void(*(types.intp,) * 9), codegen
+
+    return micro_kernel
+
+
+
+_MICRO_1, _MICRO_2, _MICRO_3, _MICRO_4 = (_micro_kernel_intrinsic(nr) for nr in (1, 2, 3, 4))
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, x):
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], _BFloat()), _I16)
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
+        return builder.bitcast(wide, _F32)
+
+    return types.float32(types.uint16), codegen
+
+
+@jit(inline="always")
+def f32_to_bf16(x):
+    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays NaN."""
+    return _f32_to_bf16(np.float32(x))
+
+
+@jit(inline="always")
+def bf16_to_f32(bits):
+    """bf16 bits (uint16) -> float32, exactly."""
+    return _bf16_to_f32(bits)
+
+
+def bf16_of(value):
+    """bf16 bits of a stored element: unchanged when it is uint16 (bf16 bits) already, else rounded."""
+
+
+@overload(bf16_of, jit_options={"inline": "always"})
+def _bf16_of_overload(value):
+    if value == types.uint16:
+        return lambda value: value
+    return lambda value: f32_to_bf16(np.float32(value))
+
+
+def bf16_bits(x):
+    """A float array as bf16 bits (uint16), rounded to nearest even (NumPy; for tests and the boundary)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # quiet NaN, sign kept
+    return rounded
+
+
+# ---------------------------------------------------------------------------
+# Products and packing, from Numba
+# ---------------------------------------------------------------------------
+
+
+@jit()
+def _micro(nr, a, lda, b, ldb, c, ldc, m, kpairs, accumulate):
+    if nr == 4:
+        _MICRO_4(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
+    elif nr == 3:
+        _MICRO_3(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
+    elif nr == 2:
+        _MICRO_2(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
+    else:
+        _MICRO_1(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
+
+
+@jit()
+def gemm(a, bp, c, m, n, kpairs, accumulate):
+    """c[:m, :n] (+)= a[:m, :2 kpairs] @ B, B given pair-packed as bp.
+
+    a: 2-D uint16 (bf16 bits), rows contiguous, at least 2 kpairs columns.
+    bp: 2-D uint16 (kpairs rows, 2 x columns), rows contiguous: bp[p, 2 n + t] = B[2p + t, n];
+        at least padded(n, 16) columns of B.
+    c: 2-D float32, rows contiguous, at least padded(n, 16) columns (the padding is written).
+    accumulate: add to c (True) or overwrite it (False).
+    """
+    if m == 0 or n == 0:
+        return
+    if kpairs == 0:
+        if not accumulate:
+            c[:m, :n] = 0
+        return
+    lda, ldb, ldc = a.strides[0] // 2, bp.strides[0] // 2, c.strides[0] // 4
+    a_ptr, b_ptr, c_ptr = a.ctypes.data, bp.ctypes.data, c.ctypes.data
+    flag = 1 if accumulate else 0
+    n_vectors = (n + LANES - 1) // LANES
+    for v0 in range(0, n_vectors, NR):
+        nr = min(NR, n_vectors - v0)
+        col = v0 * LANES
+        for r0 in range(0, m, MR):
+            _micro(
+                nr, a_ptr + 2 * r0 * lda, lda, b_ptr + 4 * col, ldb,
+                c_ptr + 4 * (r0 * ldc + col), ldc, min(MR, m - r0), kpairs, flag,
+            )  # fmt: skip
+
+
+@jit()
+def pack_pairs(src, dst):
+    """dst[p, 2 n + t] = src[2p + t, n] as bf16 bits, zero where 2p + t or n is past src.
+
+    src (K, N) bf16 bits (uint16) or float32 (rounded), any strides; dst (ceil(K/2), >= 2 N) with contiguous rows.
+    """
+    k, n = src.shape
+    for p in range(dst.shape[0]):
+        row = dst[p]
+        i0 = 2 * p
+        if i0 + 1 < k:
+            top, bottom = src[i0], src[i0 + 1]
+            for j in range(n):
+                row[2 * j] = bf16_of(top[j])
+                row[2 * j + 1] = bf16_of(bottom[j])
+        elif i0 < k:
+            top = src[i0]
+            for j in range(n):
+                row[2 * j] = bf16_of(top[j])
+                row[2 * j + 1] = 0
+        else:
+            for j in range(n):
+                row[2 * j] = 0
+                row[2 * j + 1] = 0
+        for j in range(2 * n, row.shape[0]):
+            row[j] = 0
