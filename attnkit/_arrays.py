@@ -55,15 +55,26 @@ def to_numpy(x):
     return x.cpu().numpy()
 
 
+def bf16_bits(x):
+    """The bf16 tensor x's bits as a NumPy uint16 view (no copy, strides kept)."""
+    import torch
+
+    return x.detach().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
 def like(result, reference, keep_dtype=False):
     """Convert a NumPy result to the array type and device of `reference`.
 
     The result takes `reference`'s dtype, unless keep_dtype is True (lse, say,
-    stays float32 whatever the inputs were).
+    stays float32 whatever the inputs were). A uint16 result for a bfloat16
+    reference is taken as bf16 bits.
     """
     if isinstance(reference, np.ndarray):
         return result if keep_dtype else result.astype(reference.dtype, copy=False)
     import torch
 
+    if result.dtype == np.uint16 and reference.dtype == torch.bfloat16 and not keep_dtype:
+        # bf16 bits from a kernel: the same memory, read as bf16
+        return torch.from_numpy(np.ascontiguousarray(result).view(np.int16)).view(torch.bfloat16).to(reference.device)
     tensor = torch.from_numpy(np.ascontiguousarray(result))
     return tensor.to(device=reference.device, dtype=None if keep_dtype else reference.dtype)

@@ -11,6 +11,7 @@ the slow reference).
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -60,6 +61,10 @@ class Backend:
     def warmup(self):
         """Compile whatever the backend compiles lazily (nothing by default)."""
 
+    def product_path(self, spec):
+        """A line on how this backend multiplies the call's tiles, or None."""
+        return None
+
 
 def _options(spec):
     """The spec's attention options as keyword arguments for the reference and the kernels."""
@@ -95,12 +100,40 @@ class ReferenceBackend(Backend):
         return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))
 
 
+def float32_matmul_precision():
+    """torch.get_float32_matmul_precision() when torch is loaded, else "highest"."""
+    torch = sys.modules.get("torch")
+    return torch.get_float32_matmul_precision() if torch is not None else "highest"
+
+
+def cpu_product_path(dtype):
+    """(path, why): how the Numba kernel multiplies tiles of this dtype ("float32", "bfloat16", ...)."""
+    from .kernels.bf16 import BF16_DETAIL, BF16_PRODUCTS
+    from .kernels.cpu_blas import BLAS_NAME
+
+    blas = f"float32 products through {'MKL' if BLAS_NAME == 'mkl' else 'OpenBLAS'} sgemm"
+    if dtype == "float64":
+        return "float64", f"float64 products through {'MKL' if BLAS_NAME == 'mkl' else 'OpenBLAS'} dgemm"
+    if dtype == "float16":
+        return "float32", f"{blas} (float16 converted to float32 at the boundary: no bf16 rounding)"
+    if dtype == "bfloat16":
+        if BF16_PRODUCTS == "dpbf16":
+            return "bf16", BF16_DETAIL
+        return "float32", f"{blas}; {BF16_DETAIL}"
+    precision = float32_matmul_precision()
+    if precision == "medium" and BF16_PRODUCTS == "dpbf16":
+        return "bf16", f'torch.get_float32_matmul_precision() is "medium": {BF16_DETAIL}'
+    return "float32", f"{blas} (float32 matmul precision {precision!r})"
+
+
 class NumbaBackend(Backend):
     """The tiled Numba kernel (kernels/numba_attention.py) on CPU data.
 
     Inputs are folded to (B, H, N, D) without a copy when their layout allows
-    (torch CPU tensors are viewed, not copied); float16 and bfloat16 run in
-    float32 and are cast back.
+    (torch CPU tensors are viewed, not copied). bfloat16 stays bf16 (its bits
+    viewed as uint16) and runs its products on the bf16 micro-kernel where the
+    CPU has AVX-512 BF16, as float32 does under torch's "medium" matmul
+    precision; float16 (and bf16 elsewhere) runs in float32 and is cast back.
     """
 
     name = "numba"
@@ -121,39 +154,56 @@ class NumbaBackend(Backend):
             return "dropout is not implemented in the Numba kernel"
         return None
 
+    def product_path(self, spec):
+        path, why = cpu_product_path(spec.dtype)
+        return f"{path} products: {why}"
+
     def warmup(self):
         from .kernels.numba_attention import warmup
 
         warmup()
 
     @staticmethod
-    def _fold(x, spec):
-        """x as a C-contiguous (B, H, N, D) array in the kernel's dtype (float32 or float64)."""
+    def _fold(x, spec, bf16=False):
+        """x as a C-contiguous (B, H, N, D) array in the kernel's dtype.
+
+        float64 stays float64; bf16 tensors become their bits (uint16) when bf16 is
+        True; everything else becomes float32.
+        """
+        if bf16 and spec.dtype == "bfloat16":
+            return _layout.fold_batch(_arrays.bf16_bits(x), spec.batch)
         dtype = np.float64 if spec.dtype == "float64" else np.float32
         return _layout.fold_batch(_arrays.to_numpy(x).astype(dtype, copy=False), spec.batch)
 
     def forward(self, q, k, v, mask, spec, *, return_weights=False, dropout_p=0.0, dropout_keep=None):
         from .kernels.numba_attention import flash_forward
 
-        qn, kn, vn = (self._fold(x, spec) for x in (q, k, v))
+        bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
+        qn, kn, vn = (self._fold(x, spec, bf16) for x in (q, k, v))
         out, lse = flash_forward(
-            qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, qn.dtype), **_options(spec)
+            qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, np.float32 if bf16 else qn.dtype),
+            **_options(spec), bf16_products=bf16,
         )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
         out, lse = _layout.unfold_batch(out, spec.batch), _layout.unfold_batch(lse, spec.batch)
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, dropout_p=0.0, dropout_keep=None):
+        from .kernels.bf16 import bf16_to_float32
         from .kernels.numba_attention import flash_backward
 
-        qn, kn, vn, on, don = (self._fold(x, spec) for x in (q, k, v, out, d_out))
+        bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
+        qn, kn, vn, on, don = (self._fold(x, spec, bf16) for x in (q, k, v, out, d_out))
         lse_n = np.ascontiguousarray(_arrays.to_numpy(lse).reshape((-1,) + lse.shape[-2:]))
         grads = flash_backward(
-            qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, qn.dtype), on, don, lse_n,
-            **_options(spec),
+            qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, np.float32 if bf16 else qn.dtype),
+            on, don, lse_n, **_options(spec), bf16_products=bf16,
         )  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
         results = []
         for g, x in zip(grads, (q, k, v)):
-            g = _layout.sum_to_shape(_layout.unfold_batch(g, spec.batch), tuple(x.shape))
+            g = _layout.unfold_batch(g, spec.batch)
+            if g.dtype == np.uint16 and g.shape != tuple(x.shape):  # bf16 bits summed over broadcast axes
+                g = bf16_to_float32(g)
+            g = _layout.sum_to_shape(g, tuple(x.shape))
             results.append(_arrays.like(g, x))
         return tuple(results)
 
@@ -257,6 +307,9 @@ class Choice:
 
     def explain(self, spec):
         lines = [f"backend {self.backend.name!r} (asked for {self.requested!r}) for {spec.describe()}"]
+        path = self.backend.product_path(spec)
+        if path:
+            lines.append(f"  {path}")
         lines += [f"  skipped {name!r}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 

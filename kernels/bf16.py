@@ -54,6 +54,7 @@ __all__ = [
     "PANEL",
     "bf16_bits",
     "bf16_of",
+    "bf16_to_float32",
     "bf16_to_f32",
     "f32_to_bf16",
     "gemm",
@@ -266,6 +267,11 @@ def _bf16_of_overload(value):
     if value == types.uint16:
         return lambda value: value
     return lambda value: f32_to_bf16(np.float32(value))
+
+
+def bf16_to_float32(bits):
+    """bf16 bits (uint16 array) as float32 values, exactly (NumPy)."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def bf16_bits(x):

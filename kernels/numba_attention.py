@@ -89,7 +89,7 @@ from numba.extending import intrinsic, overload
 from .jit import jit as _jit
 from .cpu_blas import matmul, set_threads_local, uses_process_threads
 from .simd import exp2_affine, row_max
-from .bf16 import LANES, bf16_of, f32_to_bf16, gemm, pack_pairs, padded
+from .bf16 import LANES, bf16_of, bf16_to_f32, f32_to_bf16, gemm, pack_pairs, padded
 
 __all__ = ["flash_forward", "flash_backward", "warmup"]
 
@@ -720,6 +720,199 @@ def _sum_partials(partial, n_slots_per_head, result):
 
 
 # ---------------------------------------------------------------------------
+# Backward in bf16: the five products on the micro-kernel
+# ---------------------------------------------------------------------------
+
+
+def _f32_of(value):
+    """A stored element as float32: bf16 bits (uint16) widened, floats converted."""
+
+
+@overload(_f32_of, jit_options={"inline": "always"})
+def _f32_of_overload(value):
+    if value == types.uint16:
+        return lambda value: bf16_to_f32(value)
+    return lambda value: np.float32(value)
+
+
+@_jit()
+def _load_transposed(src, dst):
+    """dst[c, r] = src[r, c] as bf16 bits; dst (C, >= R) rows zero past R."""
+    rows, cols = src.shape
+    for c in range(cols):
+        d_row = dst[c]
+        for r in range(rows):
+            d_row[r] = bf16_of(src[r, c])
+        for r in range(rows, d_row.shape[0]):
+            d_row[r] = 0
+
+
+@_jit()
+def _pack_head_backward(k, v, k_packed, v_packed, k_rows, t):
+    """Task t = (batch, kv head): keys and values as the B operands of the backward's products.
+
+    k_packed (B, Hkv, ceil(D/2), 2 (Nk + 16)) for S = Q K^T; v_packed
+    (B, Hkv, ceil(Dv/2), 2 (Nk + 16)) for dP = dO V^T; k_rows (B, Hkv, ceil(Nk/2),
+    2 D16) for dQ += dS K.
+    """
+    hkv = k.shape[1]
+    b, hk = t // hkv, t % hkv
+    _pack_keys(k[b, hk], k_packed[b, hk])
+    _pack_keys(v[b, hk], v_packed[b, hk])
+    pack_pairs(k[b, hk], k_rows[b, hk])
+
+
+@_jit(fastmath=_FASTMATH)
+def _backward_worker_bf16(
+    q, k_packed, v_packed, k_rows, nk, bool_mask, additive_mask, out, d_out, lse, consts,
+    lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
+):  # fmt: skip
+    """_backward_worker with bf16 products (float32 accumulation everywhere).
+
+    dK and dV are accumulated transposed, dk_t (B, Hkv * n_chunks, D, Nk + 16) and
+    dv_t (.., Dv, ..) in float32, one slot per task, so that every product reads
+    its A operand by rows and its B operand pair-packed: dV^T += dO^T P and
+    dK^T += Q^T dS, with P and dS packed in row pairs; dQ += dS K row-major.
+    """
+    batch, hq, nq, d = q.shape
+    hkv = k_packed.shape[1]
+    dv = out.shape[3]
+    group = hq // hkv
+    n_qblocks = (nq + block_q - 1) // block_q
+    blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
+    d_pairs, dv_pairs, q_pairs = (d + 1) // 2, (dv + 1) // 2, (block_q + 1) // 2
+    neg_inf = consts[_C_NEG_INF]
+    zero = consts[_C_ZERO]
+    log2e = consts[_C_LOG2E]
+    scale = consts[_C_SCALE]
+    has_softcap = (flags & _HAS_SOFTCAP) != 0
+    f32 = np.float32
+    tile = block_q * padded(block_k + 1, LANES)
+
+    q_buf = np.empty((block_q, 2 * d_pairs), np.uint16)  # (Bq, D even) Q rows
+    do_buf = np.empty((block_q, 2 * dv_pairs), np.uint16)  # (Bq, Dv even) dO rows
+    q_t = np.empty((d, 2 * q_pairs), np.uint16)  # (D, Bq even) Q^T
+    do_t = np.empty((dv, 2 * q_pairs), np.uint16)  # (Dv, Bq even) dO^T
+    p_buf = np.empty(tile, f32)  # (Bq, Bk16) scores, then P
+    ds_buf = np.empty(tile, f32)  # (Bq, Bk16) dP, then dS
+    cap_buf = np.empty(tile if has_softcap else 1, f32)  # (Bq, Bk) softcap factor
+    pairs_buf = np.empty(q_pairs * 2 * padded(block_k + 1, LANES), np.uint16)  # P or dS in row pairs
+    ds_rows = np.empty(block_q * padded(block_k + 2, 2), np.uint16)  # (Bq, Bk even) dS rows
+    dq_acc = np.empty((block_q, padded(d, LANES)), f32)  # (Bq, D16)
+    lse2 = np.empty(block_q, f32)
+    delta = np.empty(block_q, f32)
+
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        chunk = t % n_chunks
+        hk = (t // n_chunks) % hkv
+        b = t // (n_chunks * hkv)
+        slot = hk * n_chunks + chunk
+        for task_block in range(group * blocks_per_chunk):
+            h = hk * group + task_block // blocks_per_chunk
+            qb = chunk * blocks_per_chunk + task_block % blocks_per_chunk
+            if qb >= n_qblocks:
+                continue
+            i0 = qb * block_q
+            i1 = min(i0 + block_q, nq)
+            bq = i1 - i0
+            bq_pairs = (bq + 1) // 2
+            _load_rows(q[b, h, i0:i1], q_buf)
+            _load_rows(d_out[b, h, i0:i1], do_buf)
+            _load_transposed(q[b, h, i0:i1], q_t)
+            _load_transposed(d_out[b, h, i0:i1], do_t)
+            for r in range(bq):
+                total = zero
+                for c in range(dv):
+                    total += _f32_of(d_out[b, h, i0 + r, c]) * _f32_of(out[b, h, i0 + r, c])
+                delta[r] = total
+                row_lse = lse[b, h, i0 + r]
+                lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
+            dq_acc[:bq] = zero
+
+            first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
+            for kb in range(first, stop):
+                j0 = max(kb * block_k, i0 + lo_offset)
+                j0 -= j0 % 2  # dS K reads keys in pairs; the extra key is hidden from every row
+                j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
+                bk = j1 - j0
+                bk16, bk2 = padded(bk, LANES), padded(bk, 2)
+                p_full = p_buf[: bq * bk16].reshape((bq, bk16))
+                ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
+                p, ds = p_full[:, :bk], ds_full[:, :bk]  # (Bq, Bk)
+                cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
+                gemm(q_buf, k_packed[b, hk, :, 2 * j0 :], p_full, bq, bk, d_pairs, False)  # S = Q K^T
+                multiplier = _tile_scores_base2(
+                    p, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
+                    bool_mask, additive_mask, True, cap_grad,
+                )  # fmt: skip
+                for r in range(bq):
+                    exp2_affine(p[r], multiplier, lse2[r])
+                gemm(do_buf, v_packed[b, hk, :, 2 * j0 :], ds_full, bq, bk, dv_pairs, False)  # dP = dO V^T
+                for r in range(bq):
+                    row_delta = delta[r]
+                    if has_softcap:
+                        for c in range(bk):
+                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * cap_grad[r, c]
+                    else:
+                        for c in range(bk):
+                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
+
+                pairs = pairs_buf[: bq_pairs * 2 * bk16].reshape((bq_pairs, 2 * bk16))
+                pack_pairs(p, pairs)
+                gemm(do_t, pairs, dv_t[b, slot, :, j0:], dv, bk, bq_pairs, True)  # dV^T += dO^T P
+                pack_pairs(ds, pairs)
+                gemm(q_t, pairs, dk_t[b, slot, :, j0:], d, bk, bq_pairs, True)  # dK^T += Q^T dS
+                ds_b = ds_rows[: bq * bk2].reshape((bq, bk2))
+                _load_rows(ds, ds_b)
+                gemm(ds_b, k_rows[b, hk, j0 // 2 :], dq_acc, bq, d, bk2 // 2, True)  # dQ += dS K
+            dq_blk = dq[b, h, i0:i1]  # (Bq, D)
+            for r in range(bq):
+                for c in range(d):
+                    dq_blk[r, c] = _store(dq_blk[r], dq_acc[r, c])
+
+
+@_jit()
+def _finish_kv_grad(partial_t, n_chunks, result, t):
+    """result[b, hk] (Nk, X) = the sum over its chunks of partial_t[b, slot] (X, Nk + 16), transposed."""
+    hkv = result.shape[1]
+    b, hk = t // hkv, t % hkv
+    dst = result[b, hk]  # (Nk, X)
+    nk, width = dst.shape
+    for j in range(nk):
+        for c in range(width):
+            total = partial_t[b, hk * n_chunks, c, j]
+            for chunk in range(1, n_chunks):
+                total += partial_t[b, hk * n_chunks + chunk, c, j]
+            dst[j, c] = _store(dst[j], total)
+
+
+@_jit(parallel=True)
+def _backward_kernel_bf16(
+    q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo_offset, hi_offset, flags,
+    block_q, block_k, n_chunks, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+):  # fmt: skip
+    """dq, dk, dv (input dtype) through transposed float32 partials dk_t / dv_t (zero on entry)."""
+    n_heads = k.shape[0] * k.shape[1]
+    for t in prange(n_heads):
+        _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
+    order = _backward_schedule(
+        q.shape[0], k.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k, n_chunks
+    )
+    next_task = np.zeros(1, np.int64)
+    for w in prange(n_workers):
+        _backward_worker_bf16(
+            q, k_packed, v_packed, k_rows, k.shape[2], bool_mask, additive_mask, out, d_out, lse, consts,
+            lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
+        )  # fmt: skip
+    for t in prange(n_heads):
+        _finish_kv_grad(dk_t, n_chunks, dk, t)
+        _finish_kv_grad(dv_t, n_chunks, dv_grad, t)
+
+
+# ---------------------------------------------------------------------------
 # Python entry points
 # ---------------------------------------------------------------------------
 
@@ -967,12 +1160,59 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     return out, lse
 
 
-def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap):
+def _backward_chunks(batch, hkv, nq, block_q):
+    """Query chunks per (batch, kv head): more than one only when there are few pairs,
+    so that every core has work; depends on the shape alone (same bits every run)."""
+    n_qblocks = (nq + block_q - 1) // block_q
+    return max(1, min(n_qblocks, -(-_MIN_BACKWARD_TASKS // (batch * hkv))))
+
+
+def _flash_backward_bf16(q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap):
+    """flash_backward with bf16 products; q, k, v, out, d_out all uint16 (bf16 bits) or all float32."""
+    in_dtype = np.dtype(np.uint16 if np.dtype(q.dtype) == np.uint16 else np.float32)
+    f32 = np.dtype(np.float32)
+    q, k, v, out, d_out = (_kernel_array(x, in_dtype) for x in (q, k, v, out, d_out))
+    lse = _kernel_array(lse, f32)
+    bool_mask, additive_mask, flags = _masks(mask, f32)
+    if softcap is not None:
+        flags |= _HAS_SOFTCAP
+    lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
+    consts = _constants(f32, scale, softcap)
+    batch, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    dq, dk, dv_grad = _arrays_together(in_dtype, (q.shape, k.shape, v.shape), zero=True)
+    if nq == 0 or nk == 0 or batch * hq == 0:
+        return dq, dk, dv_grad
+    block_q, block_k = _backward_block_sizes(nq, nk)
+    n_chunks = _backward_chunks(batch, hkv, nq, block_q)
+    k_packed, v_packed, k_rows = _arrays_together(np.uint16, (
+        (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
+        (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)),
+    ), zero=False)  # fmt: skip
+    with _CALL_LOCK:
+        dk_t, dv_t = _WORKSPACE.zeroed(
+            f32, ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
+        )
+        _backward_kernel_bf16(
+            q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo, hi, flags,
+            block_q, block_k, n_chunks, numba.get_num_threads(), k_packed, v_packed, k_rows,
+            dq, dk_t, dv_t, dk, dv_grad,
+        )  # fmt: skip
+    return dq, dk, dv_grad
+
+
+def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap, bf16_products=False):
     """Gradients (dq, dk, dv) of flash_forward, shaped and typed like q, k, v.
 
     FlashAttention-2 style: probabilities recomputed from lse, delta = rowsum(dO * O).
-    Deterministic: every accumulation has a fixed order.
+    Deterministic: every accumulation has a fixed order. bf16 bits (uint16) and
+    bf16_products run the five products in bf16 with float32 accumulation, as
+    flash_forward does.
     """
+    if np.dtype(q.dtype) == np.uint16 or bf16_products:
+        return _flash_backward_bf16(
+            q, k, v, mask, out, d_out, lse, scale=scale, causal=causal, window=window, softcap=softcap
+        )
     dtype, q, k, v, bool_mask, additive_mask, flags, consts, lo, hi = _prepare(
         q, k, v, mask, scale, causal, window, softcap
     )
@@ -983,10 +1223,7 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
     if nq == 0 or nk == 0 or batch * hq == 0:
         return dq, dk, dv_grad
     block_q, block_k = _backward_block_sizes(nq, nk)
-    n_qblocks = (nq + block_q - 1) // block_q
-    # Split query rows into chunks only when there are few (batch, kv head) pairs, so
-    # that every core has work; depends on the shape alone (same bits every run).
-    n_chunks = max(1, min(n_qblocks, -(-_MIN_BACKWARD_TASKS // (batch * hkv))))
+    n_chunks = _backward_chunks(batch, hkv, nq, block_q)
     with _CALL_LOCK, _single_threaded_blas():
         if n_chunks == 1:  # each task owns its kv head: no partials to sum
             dk_partial, dv_partial = dk, dv_grad
