@@ -1,0 +1,350 @@
+"""bf16 on the CPU: the micro-kernel's products, the kernel in bf16, fp16 and torch's precision setting.
+
+Accuracy rule (flash-attn's): against a float64 reference on the same (bf16)
+inputs, the kernel's error may be at most 2x (forward) or 3x (gradients) the
+error of the reference computed in float32 on those inputs and rounded to the
+output dtype, plus a tiny floor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit.kernels import bf16
+from attnkit.kernels.numba_attention import flash_backward, flash_forward
+from attnkit.reference import attention, attention_backward
+
+from test_numba_kernel import Case, assert_close, make_mask
+
+needs_bf16_cpu = pytest.mark.skipif(
+    bf16.BF16_PRODUCTS != "dpbf16", reason=f"bf16 micro-kernel not in use here: {bf16.BF16_DETAIL}"
+)
+
+
+def as_float(bits):
+    return bf16.bf16_to_float32(bits)
+
+
+# ---------------------------------------------------------------------------
+# The building blocks
+# ---------------------------------------------------------------------------
+
+
+def test_bf16_rounding_matches_torch():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10_000),
+        np.array([0.0, -0.0, np.inf, -np.inf, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.4e38], np.float32),
+    ]).astype(np.float32)  # fmt: skip
+    expected = torch.from_numpy(x).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bf16.bf16_bits(x), expected)
+    np.testing.assert_array_equal(as_float(expected), torch.from_numpy(expected.view(np.int16)).view(torch.bfloat16).float().numpy())
+    nan = bf16.bf16_bits(np.array([np.nan], np.float32))
+    assert np.isnan(as_float(nan)).all()
+
+
+@needs_bf16_cpu
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 33, 5), (6, 64, 64), (13, 130, 63), (128, 512, 64), (130, 70, 512)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+def test_gemm_against_float64(m, n, k, accumulate):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    a = bf16.bf16_bits(rng.standard_normal((m, k)))
+    b = bf16.bf16_bits(rng.standard_normal((k, n)))
+    pairs = (k + 1) // 2
+    a_padded = np.zeros((m, 2 * pairs + 2), np.uint16)  # a wider row than needed: lda is read
+    a_padded[:, :k] = a
+    b_packed = np.full((pairs, 2 * bf16.padded(n, 16) + 6), 7, np.uint16)  # garbage past the packing
+    bf16.pack_pairs(b, b_packed)
+    c = rng.standard_normal((m, bf16.padded(n, 16))).astype(np.float32)
+    start = c.copy()
+    bf16.gemm(a_padded, b_packed, c, m, n, pairs, accumulate)
+    expected = as_float(a).astype(np.float64) @ as_float(b).astype(np.float64)
+    if accumulate:
+        expected += start[:, :n]
+    err = np.abs(c[:, :n] - expected)
+    bound = 1e-6 * (np.abs(as_float(a)).astype(np.float64) @ np.abs(as_float(b)) + np.abs(start[:, :n]) + 1) * k
+    assert (err <= bound).all(), f"max error {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
+
+
+def test_environment_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_CPU_BF16", "amx")
+    with pytest.raises(ValueError, match="ATTNKIT_CPU_BF16 must be one of auto, dpbf16, fp32; got 'amx'"):
+        bf16._choose()
+    monkeypatch.setenv("ATTNKIT_CPU_BF16", "fp32")
+    assert bf16._choose()[0] == "fp32"
+
+
+# ---------------------------------------------------------------------------
+# The kernel in bf16, against the reference
+# ---------------------------------------------------------------------------
+
+
+def bf16_inputs(case):
+    rng = np.random.default_rng(case.seed)
+    amplitude = 5.0 if case.scale_inputs else 1.0
+    q, k, v, d_out = (
+        bf16.bf16_bits(amplitude * rng.standard_normal(shape))
+        for shape in ((case.b, case.hq, case.nq, case.d), (case.b, case.hkv, case.nk, case.d),
+                      (case.b, case.hkv, case.nk, case.dv), (case.b, case.hq, case.nq, case.dv))
+    )  # fmt: skip
+    return q, k, v, d_out, make_mask(case, rng)
+
+
+def reference_in(case, q, k, v, d_out, mask, dtype):
+    q, k, v, d_out = (as_float(x).astype(dtype) for x in (q, k, v, d_out))
+    if mask is not None and mask.dtype != np.bool_:
+        mask = mask.astype(dtype)
+    kw = dict(causal=case.causal or False, mask=mask, scale=case.scale, window=case.window, softcap=case.softcap)
+    out, lse = attention(q, k, v, return_lse=True, **kw)
+    return out, lse, attention_backward(q, k, v, out, d_out, lse, **kw)
+
+
+def torch_bf16_reference(case, q, k, v, d_out, mask):
+    """(out, dq, dk, dv) of plain attention in torch bf16 ops, float64 arrays.
+
+    Every product accumulates in float32 and is stored in bf16 (torch's CPU bf16
+    matmul), the softmax runs in float32 and is stored in bf16: "the reference
+    computed in bf16 with fp32 accumulation" (flash-attn's upcast=False
+    reference). Causal alignment and window become a dense mask. None for
+    softcap. Rows that see no key give NaN there, replaced by 0.
+    """
+    if case.softcap is not None:
+        return None
+    from attnkit.kernels.numba_attention import _visible_offsets
+
+    lo, hi = _visible_offsets(case.nq, case.nk, case.causal, case.window)
+    offsets = np.arange(case.nk)[None, :] - np.arange(case.nq)[:, None]
+    visible = torch.from_numpy((offsets >= lo) & (offsets <= hi))
+    additive = None
+    if mask is not None and mask.dtype == np.bool_:
+        visible = torch.from_numpy(mask) & visible
+    elif mask is not None:
+        additive = torch.from_numpy(mask).bfloat16()
+    q, k, v = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    group = case.hq // case.hkv
+    scores = (q @ k.repeat_interleave(group, dim=1).transpose(-1, -2)) * case.scale  # (B, H, Nq, Nk) bf16
+    if additive is not None:
+        scores = scores + additive
+    scores = scores.masked_fill(~visible, -math.inf)
+    weights = torch.softmax(scores.float(), dim=-1).bfloat16()
+    out = weights @ v.repeat_interleave(group, dim=1)
+    grads = torch.autograd.grad(out, (q, k, v), torch.from_numpy(d_out.view(np.int16)).view(torch.bfloat16))
+    return [np.nan_to_num(x.detach().double().numpy()) for x in (out, *grads)]
+
+
+def baseline(*candidates):
+    """The larger error of the low-precision baselines that exist, as an array for assert_close."""
+    return max((c for c in candidates if c is not None), key=lambda pair: np.abs(pair[0] - pair[1]).max())[0]
+
+
+class Bf16Case(Case):
+    def __init__(self, scale_inputs=False, **kw):
+        super().__init__(dtype=np.float32, **kw)
+        self.scale_inputs = scale_inputs
+
+    @property
+    def id(self):
+        return super().id.replace("float32", "bf16") + ("-x5" if self.scale_inputs else "")
+
+
+BF16_CASES = [
+    Bf16Case(nq=1, d=64),
+    Bf16Case(hq=4, nq=333, d=64, causal="top_left"),
+    Bf16Case(nq=1100, d=64, causal="bottom_right"),
+    Bf16Case(nq=129, nk=511, d=80, causal="bottom_right"),
+    Bf16Case(nq=511, nk=129, d=80, causal="top_left"),
+    Bf16Case(nq=511, nk=129, d=128, causal="bottom_right"),
+    Bf16Case(b=2, hq=4, hkv=1, nq=333, d=128, causal="top_left"),
+    Bf16Case(hq=8, hkv=2, nq=257, d=256, window=(64, 0)),
+    Bf16Case(nq=300, d=59, window=(32, 7)),
+    Bf16Case(nq=200, d=64, dv=48, softcap=5.0, causal="top_left"),
+    Bf16Case(nq=300, d=64, scale_inputs=True),
+    Bf16Case(hq=4, hkv=2, nq=333, nk=200, d=128, scale_inputs=True, causal="bottom_right"),
+    Bf16Case(b=3, nq=129, nk=300, d=64, mask="bool_key_pad"),
+    Bf16Case(b=2, hq=4, nq=127, nk=200, d=80, mask="add_full"),
+    Bf16Case(nq=200, nk=129, d=64, mask="bool_shared", causal="bottom_right"),
+    Bf16Case(nq=129, d=64, scale=-0.3),
+]
+
+
+@needs_bf16_cpu
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.id)
+def test_kernel_bf16_against_reference(case):
+    q, k, v, d_out, mask = bf16_inputs(case)
+    kw = dict(scale=case.scale, causal=case.causal, window=case.window, softcap=case.softcap)
+    out, lse = flash_forward(q, k, v, mask, **kw)
+    grads = flash_backward(q, k, v, mask, out, d_out, lse, **kw)
+    assert out.dtype == np.uint16 and lse.dtype == np.float32
+    assert all(g.dtype == np.uint16 for g in grads)
+    out64, lse64, grads64 = reference_in(case, q, k, v, d_out, mask, np.float64)
+    out32, lse32, grads32 = reference_in(case, q, k, v, d_out, mask, np.float32)
+
+    empty = lse64 == -np.inf
+    assert np.array_equal(empty, lse == -np.inf), "rows with no visible key differ from the reference"
+    assert np.all(as_float(out)[empty] == 0), "fully masked rows are not exactly 0"
+    assert np.all(as_float(grads[0])[empty] == 0), "dq of fully masked rows is not exactly 0"
+    # Low-precision baselines: float32 on the bf16 inputs with its result stored in
+    # bf16, and attention in torch bf16 ops; the larger error of the two sets the bar.
+    peer = torch_bf16_reference(case, q, k, v, d_out, mask) or [None] * 4
+    assert_close("out", as_float(out), out64, baseline(
+        (as_float(bf16.bf16_bits(out32)), out64), peer[0] is not None and (peer[0], out64) or None), 2)
+    assert_close("lse", lse[~empty], lse64[~empty], lse32[~empty], 2)
+    for name, got, want64, want32, theirs in zip(("dq", "dk", "dv"), grads, grads64, grads32, peer[1:]):
+        candidates = [(as_float(bf16.bf16_bits(want32)), want64)]
+        if theirs is not None:
+            candidates.append((theirs, want64))
+        assert_close(name, as_float(got), want64, baseline(*candidates), 3)
+
+
+@needs_bf16_cpu
+def test_bf16_repeated_backward_is_bitwise_equal():
+    case = Bf16Case(b=1, hq=4, hkv=2, nq=300, d=64, causal="top_left")
+    q, k, v, d_out, _ = bf16_inputs(case)
+    kw = dict(scale=case.scale, causal=case.causal, window=None, softcap=None)
+    out, lse = flash_forward(q, k, v, None, **kw)
+    first = flash_backward(q, k, v, None, out, d_out, lse, **kw)
+    for _ in range(5):
+        again = flash_backward(q, k, v, None, out, d_out, lse, **kw)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# Through the public API: torch tensors, autograd, the precision setting
+# ---------------------------------------------------------------------------
+
+
+@needs_bf16_cpu
+def test_bf16_tensors_reach_the_kernel_without_conversion(monkeypatch):
+    from attnkit.kernels import numba_attention
+
+    seen = {}
+    for name in ("_forward_kernel_bf16", "_backward_kernel_bf16"):
+        original = getattr(numba_attention, name)
+
+        def call(q, k, v, *rest, _name=name, _original=original):
+            seen[_name] = (q, k, v)
+            return _original(q, k, v, *rest)
+
+        monkeypatch.setattr(numba_attention, name, call)
+    q, k, v = (torch.randn(2, 4, 40, 32).bfloat16().requires_grad_() for _ in range(3))
+    attnkit.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+    for name in ("_forward_kernel_bf16", "_backward_kernel_bf16"):
+        for array, tensor in zip(seen[name], (q, k, v)):
+            assert array.dtype == np.uint16
+            assert np.shares_memory(array, tensor.detach().view(torch.int16).numpy()), f"{name} got a copy"
+
+
+@needs_bf16_cpu
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_bf16_autograd_matches_torch_rule(gqa):
+    """Forward and gradients of bf16 tensors within 2x / 3x torch SDPA's own bf16 error."""
+    torch.manual_seed(0)
+    hkv = 2 if gqa else 4
+    q = torch.randn(2, 4, 150, 64).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, hkv, 150, 64).bfloat16().requires_grad_() for _ in range(2))
+    d_out = torch.randn(2, 4, 150, 64).bfloat16()
+    kw = dict(is_causal=True, enable_gqa=gqa)
+
+    def run(fn, inputs):
+        out = fn(*inputs, **kw)
+        grads = torch.autograd.grad(out, inputs, d_out.to(out.dtype))
+        return (out, *grads)
+
+    ours = run(attnkit.scaled_dot_product_attention, (q, k, v))
+    peer = run(torch.nn.functional.scaled_dot_product_attention, (q, k, v))
+    exact = run(torch.nn.functional.scaled_dot_product_attention,
+                tuple(x.detach().double().requires_grad_() for x in (q, k, v)))
+    for name, got, theirs, want, factor in zip(("out", "dq", "dk", "dv"), ours, peer, exact, (2, 3, 3, 3)):
+        assert got.dtype == torch.bfloat16
+        err = (got.double() - want).abs().max().item()
+        allowed = factor * (theirs.double() - want).abs().max().item() + 1e-6
+        assert err <= allowed, f"{name}: error {err:.3g} > {allowed:.3g} ({factor} x torch SDPA bf16's)"
+
+
+@needs_bf16_cpu
+def test_bf16_broadcast_batch_gradients_are_summed_in_float():
+    k, v = (torch.randn(1, 2, 30, 16).bfloat16().requires_grad_() for _ in range(2))
+    q = torch.randn(3, 2, 20, 16).bfloat16().requires_grad_()
+    attnkit.attention(q, k, v).float().sum().backward()
+    k64, v64 = (x.detach().double().requires_grad_() for x in (k, v))
+    attnkit.attention(q.detach().double(), k64, v64).sum().backward()
+    for name, got, want in (("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        assert got.shape == want.shape
+        err = (got.double() - want).abs().max().item()
+        assert err <= 0.02 * want.abs().max().item(), f"{name}: error {err:.3g}"
+
+
+@pytest.fixture
+def matmul_precision():
+    """Sets torch's float32 matmul precision for one test and restores it afterwards."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@needs_bf16_cpu
+def test_float32_under_medium_takes_bf16_products(matmul_precision):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 300, 64) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+
+    matmul_precision("highest")
+    assert "float32 products" in attnkit.explain(q, k, v, causal=True)
+    out = attnkit.attention(q, k, v, causal=True)
+    assert (out.double() - exact).abs().max().item() < 1e-5  # exact float32
+
+    matmul_precision("medium")
+    assert "bf16 products" in attnkit.explain(q, k, v, causal=True)
+    out = attnkit.attention(q, k, v, causal=True)
+    peer = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    lowp = torch.nn.functional.scaled_dot_product_attention(
+        *(x.bfloat16().double() for x in (q, k, v)), is_causal=True)
+    baseline = max((peer.double() - exact).abs().max().item(), (lowp - exact).abs().max().item())
+    err = (out.double() - exact).abs().max().item()
+    assert out.dtype == torch.float32
+    assert 1e-5 < err <= 2 * baseline, f"medium: error {err:.3g}, allowed {2 * baseline:.3g}"
+    q.requires_grad_()
+    attnkit.attention(q, k, v, causal=True).sum().backward()
+    assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_float16_keeps_float16_precision():
+    """fp16 is never rounded to bf16: its error stays at fp16's level, far below bf16's."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 200, 64).half() for _ in range(3))
+    assert "float16 converted to float32" in attnkit.explain(q, k, v)
+    out = attnkit.attention(q, k, v, causal=True)
+    exact = attention(*(x.double().numpy() for x in (q, k, v)), causal=True)
+    err = np.abs(out.double().numpy() - exact).max()
+    fp16_rounding = np.abs(torch.from_numpy(exact).half().double().numpy() - exact).max()
+    assert out.dtype == torch.float16 and err <= 2 * fp16_rounding, (err, fp16_rounding)
+
+
+def test_forced_float32_path_for_bf16():
+    """ATTNKIT_CPU_BF16=fp32 (what a CPU without AVX-512 BF16 gets): bf16 still right, through float32."""
+    script = (
+        "import torch, attnkit, numpy as np\n"
+        "from attnkit.reference import attention\n"
+        "q, k, v = (torch.randn(2, 4, 77, 64).bfloat16().requires_grad_() for _ in range(3))\n"
+        "print(attnkit.explain(q, k, v))\n"
+        "out = attnkit.attention(q, k, v, causal=True); out.float().sum().backward()\n"
+        "exact = attention(*(x.detach().double().numpy() for x in (q, k, v)), causal=True)\n"
+        "assert out.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16\n"
+        "print('error', np.abs(out.double().detach().numpy() - exact).max())\n"
+    )
+    env = {**os.environ, "ATTNKIT_CPU_BF16": "fp32"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "float32 products" in result.stdout and "ATTNKIT_CPU_BF16=fp32" in result.stdout
+    error = float(result.stdout.split("error")[-1])
+    assert error < 2 ** -7, error  # bf16 output rounding of values of size ~1
