@@ -226,5 +226,13 @@ def matmul_rate(device, dtype, size=None, repeats=None):
         rates[f"numpy matmul {dtype}"] = flops / statistics.median(samples)
 
     best = max(rates, key=rates.get)
-    return {"flops_per_s": rates[best], "what": f"{best}, {size}x{size}x{size}",
-            "rates": rates}
+    roofline = {"flops_per_s": rates[best], "what": f"{best}, {size}x{size}x{size}", "rates": rates}
+    if device == "cpu" and dtype != "bfloat16":
+        # The bf16 line: what bf16 products (attnkit's bf16 path, float32 under
+        # "medium") could reach here, next to the sweep's own dtype.
+        a, b = (torch.randn(size, size).bfloat16() for _ in range(2))
+        samples = [time_once(lambda: None, lambda _: torch.matmul(a, b), "cpu") for _ in range(repeats + 1)][1:]
+        rates["torch.matmul bfloat16"] = flops / statistics.median(samples)
+        roofline["bf16"] = {"flops_per_s": rates["torch.matmul bfloat16"],
+                            "what": f"torch.matmul bfloat16, {size}x{size}x{size}"}
+    return roofline

@@ -118,6 +118,11 @@ def plot(document, out_dir):
         axes.axhline(roofline["flops_per_s"] / 1e9, color="black", linestyle="--",
                      label=f"roofline {roofline['flops_per_s'] / 1e9:.0f} GFLOP/s "
                            f"({roofline['what']})")
+    bf16_line = (roofline or {}).get("bf16")
+    if bf16_line:
+        highest = max(highest, bf16_line["flops_per_s"] / 1e9)
+        axes.axhline(bf16_line["flops_per_s"] / 1e9, color="gray", linestyle=":",
+                     label=f"bf16 roofline {bf16_line['flops_per_s'] / 1e9:.0f} GFLOP/s ({bf16_line['what']})")
     axes.set_ylim(0, 1.5 * highest or 1)  # the legend sits above the roofline
     _legend(axes, loc="upper left")
     save(figure, "flops.png", "FLOPs: forward 4*B*H*N*N*D, halved when causal; backward 2.5x")

@@ -90,6 +90,9 @@ def format_summary(document):
     lines = []
     if roofline:
         lines.append(f"roofline: {roofline['flops_per_s'] / 1e9:.1f} GFLOP/s ({roofline['what']})")
+        if roofline.get("bf16"):
+            lines.append(f"bf16 roofline: {roofline['bf16']['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                         f"({roofline['bf16']['what']})")
     for field, label in (("median_s", "time"), ("peak_memory_bytes", "memory")):
         fitted = exponents(rows, field)
         if fitted:

@@ -1242,16 +1242,19 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
 
 
 def warmup():
-    """Compile (or load from cache) forward and backward for float32 and float64."""
+    """Compile (or load from cache) forward and backward for float32 and float64, and the
+    bf16 products (bf16 bits and float32 under "medium") where the CPU has them."""
+    from .bf16 import BF16_PRODUCTS, bf16_bits
+
     rng = np.random.default_rng(0)
-    for dtype in (np.float32, np.float64):
-        q = rng.standard_normal((1, 2, 3, 4)).astype(dtype)
-        k = rng.standard_normal((1, 1, 5, 4)).astype(dtype)
-        v = rng.standard_normal((1, 1, 5, 4)).astype(dtype)
+    variants = [(np.float32, False), (np.float64, False)]
+    if BF16_PRODUCTS == "dpbf16":
+        variants += [(np.uint16, True), (np.float32, True)]
+    for dtype, bf16_products in variants:
+        q, k, v = (rng.standard_normal(shape) for shape in ((1, 2, 3, 4), (1, 1, 5, 4), (1, 1, 5, 4)))
+        q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
+        options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bf16_products)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", numba.NumbaWarning)
-            out, lse = flash_forward(q, k, v, None, scale=0.5, causal=None, window=None, softcap=None)
-            flash_backward(
-                q, k, v, None, out, np.ones_like(out), lse,
-                scale=0.5, causal=None, window=None, softcap=None,
-            )  # fmt: skip
+            out, lse = flash_forward(q, k, v, None, **options)
+            flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)

@@ -1,0 +1,123 @@
+"""attnkit against torch SDPA per dtype on the CPU, in one process, taking turns.
+
+    python -m attnkit.bench.cpu_dtypes [--rounds 5] [--threads 2]
+
+For each case (bf16, fp16, fp32 under torch's "medium" and "highest" matmul
+precision, a bf16 decode step, forward and forward+backward) it times attnkit's
+numba backend and torch's SDPA alternately, `--rounds` times each, and prints
+the medians, the ratio torch / attnkit (above 1: attnkit is faster) and both
+errors against a float64 computation on the same inputs. The sweep
+(`attnkit bench --dtype ...`) covers sequence lengths; this covers dtypes and
+precision settings, which the sweep cannot switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+# (label, dtype, matmul precision, B, Hq, Hkv, Nq, Nk, D, causal, mode)
+CASES = [
+    ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward"),
+    ("bf16", "bfloat16", "highest", 1, 8, 8, 4096, 4096, 128, True, "forward"),
+    ("bf16 GQA 32/8", "bfloat16", "highest", 1, 32, 8, 2048, 2048, 128, True, "forward"),
+    ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward"),
+    ("bf16 decode", "bfloat16", "highest", 8, 16, 16, 1, 512, 64, False, "forward"),
+    ("bf16 decode GQA 32/8", "bfloat16", "highest", 1, 32, 8, 1, 4096, 128, False, "forward"),
+    ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward"),
+    ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward"),
+    ("fp32 medium", "float32", "medium", 1, 8, 8, 4096, 4096, 64, False, "forward"),
+    ("fp32 medium", "float32", "medium", 1, 8, 8, 2048, 2048, 64, True, "forward+backward"),
+    ("fp32 highest", "float32", "highest", 1, 8, 8, 4096, 4096, 64, False, "forward"),
+]
+
+
+def _flops(b, hq, nq, nk, d, causal, mode):
+    forward = 4 * b * hq * nq * nk * d * (0.5 if causal else 1.0)
+    return forward * (3.5 if mode == "forward+backward" else 1.0)
+
+
+def run_case(case, rounds):
+    import torch
+    import torch.nn.functional as F
+
+    import attnkit
+
+    label, dtype, precision, b, hq, hkv, nq, nk, d, causal, mode = case
+    torch.set_float32_matmul_precision(precision)
+    generator = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    q = torch.randn(b, hq, nq, d, generator=generator).to(dt)
+    k, v = (torch.randn(b, hkv, nk, d, generator=generator).to(dt) for _ in range(2))
+    d_out = torch.randn(b, hq, nq, d, generator=generator).to(dt)
+    grad = mode == "forward+backward"
+    for x in (q, k, v):
+        x.requires_grad_(grad)
+    options = dict(is_causal=causal, enable_gqa=hq != hkv)
+    contenders = {"attnkit": attnkit.scaled_dot_product_attention, "torch": F.scaled_dot_product_attention}
+
+    def step(fn):
+        out = fn(q, k, v, **options)
+        if grad:
+            out.backward(d_out)
+        return out
+
+    outputs = {name: step(fn).detach() for name, fn in contenders.items()}  # warm-up (and compile)
+    exact = F.scaled_dot_product_attention(*(x.detach().double() for x in (q, k, v)), **options)
+    errors = {name: (out.double() - exact).abs().max().item() for name, out in outputs.items()}
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            step(fn)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    flops = _flops(b, hq, nq, nk, d, causal, mode)
+    torch.set_float32_matmul_precision("highest")
+    shape = f"B{b} H{hq}" + (f"/{hkv}" if hkv != hq else "") + f" Nq{nq} Nk{nk} D{d}" + (" causal" if causal else "")
+    return {
+        "case": f"{label} {mode}, {shape}",
+        "attnkit_ms": medians["attnkit"] * 1e3,
+        "torch_ms": medians["torch"] * 1e3,
+        "attnkit_gflops": flops / medians["attnkit"] / 1e9,
+        "torch_gflops": flops / medians["torch"] / 1e9,
+        "ratio": medians["torch"] / medians["attnkit"],
+        "attnkit_error": errors["attnkit"],
+        "torch_error": errors["torch"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu_dtypes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per contender, taking turns (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
+    parser.add_argument("--only", default=None, help="run only the cases whose label contains this text")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {args.rounds}")
+
+    import numba
+    import torch
+
+    import attnkit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    attnkit.warmup()
+    cases = [c for c in CASES if args.only is None or args.only in c[0]]
+    header = f"{'case':<58} {'attnkit ms':>10} {'torch ms':>9} {'ratio':>6} {'GF/s ours':>9} {'GF/s torch':>10}" \
+             f" {'err ours':>9} {'err torch':>9}"
+    print(header)
+    for index, case in enumerate(cases, 1):
+        print(f"[{index}/{len(cases)}] {case[0]} {case[-1]}", file=sys.stderr)
+        r = run_case(case, args.rounds)
+        print(f"{r['case']:<58} {r['attnkit_ms']:>10.2f} {r['torch_ms']:>9.2f} {r['ratio']:>6.2f} "
+              f"{r['attnkit_gflops']:>9.0f} {r['torch_gflops']:>10.0f} {r['attnkit_error']:>9.2g} "
+              f"{r['torch_error']:>9.2g}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
