@@ -82,6 +82,15 @@ def cpu_blas():
     return {"name": blas.BLAS_NAME, "detail": blas.BLAS_DETAIL}
 
 
+def cpu_bf16():
+    """How the Numba kernel multiplies bf16 tiles here, and why."""
+    try:
+        from .kernels import bf16
+    except Exception as error:  # numba missing or failing to initialise
+        return {"name": None, "detail": f"unavailable ({type(error).__name__}: {error})"}
+    return {"name": bf16.BF16_PRODUCTS, "detail": bf16.BF16_DETAIL}
+
+
 def collect():
     """Everything `attnkit info` reports, as one JSON-ready dict."""
     from . import __version__, available_backends
@@ -92,6 +101,7 @@ def collect():
         "versions": library_versions(),
         "cpu": cpu_info(),
         "cpu_blas": cpu_blas(),
+        "cpu_bf16": cpu_bf16(),
         "cuda": cuda_devices(),
         "backends": available_backends(),
     }
@@ -109,6 +119,7 @@ def format_report(info):
         f"  cores    {cpu['logical_cores']} logical ({cpu['machine']}, {cpu['system']})",
         f"  simd     {' '.join(cpu['simd']) or 'none detected'}",
         f"  blas     {info['cpu_blas']['detail']}  (the numba kernel's tile products; ATTNKIT_CPU_BLAS)",
+        f"  bf16     {info['cpu_bf16']['detail']}  (bf16, and float32 under torch's \"medium\"; ATTNKIT_CPU_BF16)",
         "",
         "cuda:",
     ]

@@ -5,6 +5,8 @@
 - the two tile products of the forward pass (S = Q_blk K_blkᵀ, acc += P V_blk)
   over one head of 2048 keys, through attnkit's BLAS binding (kernels/cpu_blas.py:
   MKL where torch carries it) and through np.dot inside Numba (SciPy's OpenBLAS);
+- the same products in bf16 on attnkit's micro-kernel (kernels/bf16.py), where
+  the CPU has AVX-512 BF16;
 - the softmax row passes of kernels/simd.py over a 128 x 512 tile, in ns per score.
 
 Best of --repeats runs, the two products taking turns (this machine's speed
@@ -21,7 +23,7 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
-from ..kernels import cpu_blas, simd
+from ..kernels import bf16, cpu_blas, simd
 
 N_KEYS = 2048
 BLOCK_Q, BLOCK_K = 128, 512
@@ -44,6 +46,16 @@ def _products_np_dot(q, k, v, s, pv, repeats):
         for j0 in range(0, k.shape[0], s.shape[1]):
             np.dot(q, k[j0 : j0 + s.shape[1]].T, s)
             np.dot(s, v[j0 : j0 + s.shape[1]], pv)
+
+
+@njit
+def _products_bf16(q, k_packed, v_packed, s, p, acc, repeats):
+    """The same two products on the bf16 micro-kernel (q bf16 rows, K and V pair-packed)."""
+    d_pairs, block_k = k_packed.shape[0], s.shape[1]
+    for _ in range(repeats):
+        for j0 in range(0, k_packed.shape[1] // 2 - 16, block_k):
+            bf16.gemm(q, k_packed[:, 2 * j0 :], s, q.shape[0], block_k, d_pairs, False)
+            bf16.gemm(p, v_packed[j0 // 2 :], acc, q.shape[0], acc.shape[1], block_k // 2, True)
 
 
 @njit
@@ -98,7 +110,16 @@ def main(argv=None):
             times = _best([lambda: _products_blas(q, k, v, s, acc, calls),
                            lambda: _products_np_dot(q, k, v, s, acc, calls)], args.repeats)
             blas, numpy = (flops / t / 1e9 for t in times)
-            print(f"  D={d:<4} {cpu_blas.BLAS_NAME} {blas:6.1f} GFLOP/s   np.dot (SciPy's BLAS) {numpy:6.1f} GFLOP/s")
+            line = f"  D={d:<4} {cpu_blas.BLAS_NAME} {blas:6.1f} GFLOP/s   np.dot (SciPy's BLAS) {numpy:6.1f} GFLOP/s"
+            if bf16.BF16_PRODUCTS == "dpbf16":
+                q16, p16 = bf16.bf16_bits(q), bf16.bf16_bits(rng.random((BLOCK_Q, BLOCK_K)))
+                k_packed = np.zeros((d // 2, 2 * (N_KEYS + 16)), np.uint16)
+                v_packed = np.zeros((N_KEYS // 2, 2 * d), np.uint16)
+                bf16.pack_pairs(bf16.bf16_bits(k).T, k_packed)
+                bf16.pack_pairs(bf16.bf16_bits(v), v_packed)
+                (t16,) = _best([lambda: _products_bf16(q16, k_packed, v_packed, s, p16, acc, calls)], args.repeats)
+                line += f"   bf16 micro-kernel {flops / t16 / 1e9:6.1f} GFLOP/s"
+            print(line)
 
     tile = (rng.standard_normal((BLOCK_Q, BLOCK_K)) * 3).astype(np.float32)
     passes = 50

@@ -55,6 +55,13 @@ same process, since this machine's speed drifts by up to 2x between runs):
       41 -> 30 ms (torch 32-34). Softmax row passes inlined with four
       accumulators (simd.py): row max 0.105 -> 0.055 ns/score, exp2 0.30 ->
       0.27.
+  v10 (2026-12-02) bf16 products on our own AVX-512 BF16 micro-kernel
+      (kernels/bf16.py; 363-424 GFLOP/s on one Zen 5 thread where MKL's bf16
+      GEMM gave ~90, its generic path on AMD): bf16 inputs stay bf16 (K, V
+      pair-packed once per call), P rounded to bf16 for P @ V; backward with
+      dK/dV accumulated transposed in float32. Taking turns with torch SDPA bf16
+      in one process: forward 2.6-4.1x, forward+backward 1.8-2.2x (first
+      check; the record is in bench/results/cpu.md).
   Tried after v9, not kept (D=128 backward, N=4096, one process, taking
   turns): blocks 256 x 256, 256 x 128, 512 x 128 and a key-block-outer loop
   (a block's dK/dV stay in cache, dQ streams instead): all within +-4% of
