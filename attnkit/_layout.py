@@ -39,6 +39,11 @@ def mask_4d(mask, spec, dtype):
     """
     if mask is None:
         return None
+    # Axes broadcast by stride 0 (a key-padding mask expanded over heads and queries,
+    # as transformers builds it) become size 1 again: no copy, and the kernel sees
+    # a mask constant along them.
+    mask = mask[tuple(slice(0, 1) if n > 1 and step == 0 else slice(None)
+                      for n, step in zip(mask.shape[:-1], mask.strides[:-1]))]
     mask = mask.reshape((1,) * (len(spec.batch) + 3 - mask.ndim) + mask.shape)
     batch_axes, (hm, mq, mk) = mask.shape[:-3], mask.shape[-3:]
     if all(n == 1 for n in batch_axes):

@@ -131,13 +131,13 @@ _N_CONSTANTS = 8
 
 @_jit(fastmath=_FASTMATH)
 def _tile_scores_base2(
-    s, i0, j0, b, h, consts, lo_offset, hi_offset, flags, bool_mask, additive_mask,
+    s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, flags, bool_mask, additive_mask,
     store_softcap_grad, softcap_grad,
 ):  # fmt: skip
     """Turn s = q_blk @ k_blk^T (Bq, Bk) into masked scores in base 2, in place.
 
-    Query i0 + r may see key j0 + c when lo_offset <= (j0 + c) - (i0 + r) <= hi_offset
-    and the boolean mask allows it. With a softcap and store_softcap_grad,
+    Query i0 + r may see key j0 + c when lo_offset <= (j0 + c) - (i0 + r) <= hi_offset,
+    key_start <= j0 + c < key_stop (key padding), and the boolean mask allows it. With a softcap and store_softcap_grad,
     softcap_grad (Bq, Bk) receives scale * (1 - tanh^2), the factor the backward
     pass needs (the forward passes False and a placeholder).
 
@@ -202,13 +202,16 @@ def _tile_scores_base2(
                 for c in range(n_cols):
                     row[c] = row[c] if bm[j0 + c] else neg_inf
 
-    # Causal / window: the visible columns of each row form one interval.
-    fully_visible = (j0 - (i0 + n_rows - 1) >= lo_offset) and ((j0 + n_cols - 1) - i0 <= hi_offset)
+    # Causal / window / key range: the visible columns of each row form one interval.
+    fully_visible = (
+        (j0 - (i0 + n_rows - 1) >= lo_offset) and ((j0 + n_cols - 1) - i0 <= hi_offset)
+        and j0 >= key_start and j0 + n_cols <= key_stop
+    )
     if not fully_visible:
         for r in range(n_rows):
             i = i0 + r
-            first = max(0, min(n_cols, i + lo_offset - j0))
-            stop = max(first, min(n_cols, i + hi_offset - j0 + 1))
+            first = max(0, min(n_cols, max(i + lo_offset, key_start) - j0))
+            stop = max(first, min(n_cols, min(i + hi_offset + 1, key_stop) - j0))
             row = s[r]
             for c in range(first):
                 row[c] = neg_inf
@@ -225,6 +228,42 @@ def _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k):
     if first_key > last_key:
         return 0, 0
     return first_key // block_k, last_key // block_k + 1
+
+
+# Tile states of a mask's summary (see _mask_plan): skip the tile, run it
+# without reading the mask, or apply the mask element by element.
+_TILE_HIDDEN = 0
+_TILE_VISIBLE = 1
+_TILE_MIXED = 2
+
+
+@_jit()
+def _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k):
+    """(first, stop, key_start, key_stop): the key blocks rows i0..i1-1 of (b, h) can see
+    (causal, window and key range), and that key range [key_start, key_stop)."""
+    ranges = masks[2]  # (Bk, Hk, 2)
+    key_range = ranges[min(b, ranges.shape[0] - 1), min(h, ranges.shape[1] - 1)]
+    key_start, key_stop = max(0, key_range[0]), min(nk, key_range[1])
+    first_key = max(key_start, i0 + lo_offset)
+    last_key = min(key_stop - 1, i1 - 1 + hi_offset)
+    if first_key > last_key:
+        return 0, 0, key_start, key_stop
+    return first_key // block_k, last_key // block_k + 1, key_start, key_stop
+
+
+@_jit()
+def _tile_flags(masks, flags, b, h, qb, kb):
+    """The flags to run tile (qb, kb) of (b, h) with, or -1 when the mask hides all of it."""
+    states = masks[3]  # (Bt, Ht, Tq, Tk)
+    state = states[
+        min(b, states.shape[0] - 1), min(h, states.shape[1] - 1),
+        min(qb, states.shape[2] - 1), min(kb, states.shape[3] - 1),
+    ]  # fmt: skip
+    if state == _TILE_HIDDEN:
+        return -1
+    if state == _TILE_VISIBLE:
+        return flags & ~(_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK)
+    return flags
 
 
 @_jit()
@@ -337,7 +376,7 @@ def _store_overload(array, value):
 
 @_jit(fastmath=_FASTMATH)
 def _forward_worker(
-    q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
+    q, k, v, masks, consts, lo_offset, hi_offset, flags,
     block_q, block_k, order, next_task, out, lse,
 ):  # fmt: skip
     """Take (batch, head, query block) tasks from the queue until it is empty.
@@ -382,17 +421,20 @@ def _forward_worker(
             for c in range(dv):
                 acc[r, c] = zero
 
-        first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
+        first, stop, key_start, key_stop = _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
         for kb in range(first, stop):
-            # Columns no row of the block can see (causal / window edges) are not computed.
-            j0 = max(kb * block_k, i0 + lo_offset)
-            j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
+            tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+            if tile_flags < 0:
+                continue  # the mask hides every score of this tile
+            # Columns no row of the block can see (causal / window edges, key range) are not computed.
+            j0 = max(kb * block_k, i0 + lo_offset, key_start)
+            j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
             bk = j1 - j0
             s = score_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
             matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)
             multiplier = _tile_scores_base2(
-                s, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
-                bool_mask, additive_mask, False, unused_grad,
+                s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                masks[0], masks[1], False, unused_grad,
             )  # fmt: skip
             _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
             matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P @ V
@@ -417,7 +459,7 @@ def _forward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k)
 # so everything else lives in plain njit functions.
 @_jit(parallel=True)
 def _forward_kernel(
-    q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
+    q, k, v, masks, consts, lo_offset, hi_offset, flags,
     block_q, block_k, n_workers, out, lse,
 ):  # fmt: skip
     order = _forward_schedule(
@@ -426,7 +468,7 @@ def _forward_kernel(
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _forward_worker(
-            q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
+            q, k, v, masks, consts, lo_offset, hi_offset, flags,
             block_q, block_k, order, next_task, out, lse,
         )  # fmt: skip
 
@@ -480,7 +522,7 @@ def _load_rows(src, dst):
 
 @_jit(fastmath=_FASTMATH)
 def _forward_worker_bf16(
-    q, k_packed, v_packed, nk, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
+    q, k_packed, v_packed, nk, masks, consts, lo_offset, hi_offset, flags,
     block_q, block_k, order, next_task, out, lse,
 ):  # fmt: skip
     """_forward_worker with bf16 products: S = Q K^T and acc += P V on the micro-kernel.
@@ -526,19 +568,22 @@ def _forward_worker_bf16(
             running_sum[r] = zero
         acc[:bq] = zero
 
-        first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
+        first, stop, key_start, key_stop = _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
         for kb in range(first, stop):
-            j0 = max(kb * block_k, i0 + lo_offset)
+            tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+            if tile_flags < 0:
+                continue  # the mask hides every score of this tile
+            j0 = max(kb * block_k, i0 + lo_offset, key_start)
             j0 -= j0 % 2  # P @ V reads keys in pairs; the extra key is hidden from every row
-            j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
+            j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
             bk = j1 - j0
             bk16, bk2 = padded(bk, LANES), padded(bk, 2)
             s_full = score_buf[: bq * bk16].reshape((bq, bk16))  # (Bq, Bk16)
             gemm(q_buf, k_packed[b, hk, :, 2 * j0 :], s_full, bq, bk, d_pairs, False)  # S = Q K^T
             s = s_full[:, :bk]  # (Bq, Bk)
             multiplier = _tile_scores_base2(
-                s, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
-                bool_mask, additive_mask, False, unused_grad,
+                s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                masks[0], masks[1], False, unused_grad,
             )  # fmt: skip
             _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
             p = p_buf[: bq * bk2].reshape((bq, bk2))  # (Bq, Bk even)
@@ -549,7 +594,7 @@ def _forward_worker_bf16(
 
 @_jit(parallel=True)
 def _forward_kernel_bf16(
-    q, k, v, bool_mask, additive_mask, consts, lo_offset, hi_offset, flags,
+    q, k, v, masks, consts, lo_offset, hi_offset, flags,
     block_q, block_k, n_workers, k_packed, v_packed, out, lse,
 ):  # fmt: skip
     for t in prange(k.shape[0] * k.shape[1]):
@@ -560,7 +605,7 @@ def _forward_kernel_bf16(
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _forward_worker_bf16(
-            q, k_packed, v_packed, k.shape[2], bool_mask, additive_mask, consts, lo_offset, hi_offset,
+            q, k_packed, v_packed, k.shape[2], masks, consts, lo_offset, hi_offset,
             flags, block_q, block_k, order, next_task, out, lse,
         )  # fmt: skip
 
@@ -572,7 +617,7 @@ def _forward_kernel_bf16(
 
 @_jit(fastmath=_FASTMATH)
 def _backward_worker(
-    q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo_offset, hi_offset, flags,
+    q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
     block_q, block_k, n_chunks, order, next_task, dq, dk_partial, dv_partial,
 ):  # fmt: skip
     """Take (batch, kv head, query chunk) tasks from the queue (as _forward_worker does).
@@ -628,10 +673,15 @@ def _backward_worker(
                 lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
             dq_blk = dq[b, h, i0:i1]  # (Bq, D), zero on entry; accumulated tile by tile
 
-            first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
+            first, stop, key_start, key_stop = _task_keys(
+                masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k
+            )
             for kb in range(first, stop):
-                j0 = max(kb * block_k, i0 + lo_offset)  # visible columns only, as in the forward
-                j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
+                tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+                if tile_flags < 0:
+                    continue  # the mask hides every score of this tile
+                j0 = max(kb * block_k, i0 + lo_offset, key_start)  # visible columns only, as in the forward
+                j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
                 bk = j1 - j0
                 k_blk = k[b, hk, j0:j1]  # (Bk, D)
                 v_blk = v[b, hk, j0:j1]  # (Bk, Dv)
@@ -640,8 +690,8 @@ def _backward_worker(
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
                 matmul(q_blk, k_blk.T, p, one, zero)
                 multiplier = _tile_scores_base2(
-                    p, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
-                    bool_mask, additive_mask, True, cap_grad,
+                    p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                    masks[0], masks[1], True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
                     exp2_affine(p[r], multiplier, lse2[r])
@@ -679,7 +729,7 @@ def _backward_schedule(batch, hkv, nq, nk, lo_offset, hi_offset, block_q, block_
 
 @_jit(parallel=True)
 def _backward_kernel(
-    q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo_offset, hi_offset, flags,
+    q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
     block_q, block_k, n_chunks, n_workers, dq, dk_partial, dv_partial,
 ):  # fmt: skip
     """dq, and dK/dV partial sums per (batch, kv head, query chunk).
@@ -693,7 +743,7 @@ def _backward_kernel(
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _backward_worker(
-            q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo_offset, hi_offset, flags,
+            q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
             block_q, block_k, n_chunks, order, next_task, dq, dk_partial, dv_partial,
         )  # fmt: skip
 
@@ -771,7 +821,7 @@ def _pack_head_backward(k, v, k_packed, v_packed, k_rows, t):
 
 @_jit(fastmath=_FASTMATH)
 def _backward_worker_bf16(
-    q, k_packed, v_packed, k_rows, nk, bool_mask, additive_mask, out, d_out, lse, consts,
+    q, k_packed, v_packed, k_rows, nk, masks, out, d_out, lse, consts,
     lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
 ):  # fmt: skip
     """_backward_worker with bf16 products (float32 accumulation everywhere).
@@ -839,11 +889,16 @@ def _backward_worker_bf16(
                 lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
             dq_acc[:bq] = zero
 
-            first, stop = _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k)
+            first, stop, key_start, key_stop = _task_keys(
+                masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k
+            )
             for kb in range(first, stop):
-                j0 = max(kb * block_k, i0 + lo_offset)
+                tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+                if tile_flags < 0:
+                    continue  # the mask hides every score of this tile
+                j0 = max(kb * block_k, i0 + lo_offset, key_start)
                 j0 -= j0 % 2  # dS K reads keys in pairs; the extra key is hidden from every row
-                j1 = min(kb * block_k + block_k, nk, i1 + hi_offset)
+                j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
                 bk = j1 - j0
                 bk16, bk2 = padded(bk, LANES), padded(bk, 2)
                 p_full = p_buf[: bq * bk16].reshape((bq, bk16))
@@ -852,8 +907,8 @@ def _backward_worker_bf16(
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
                 gemm(q_buf, k_packed[b, hk, :, 2 * j0 :], p_full, bq, bk, d_pairs, False)  # S = Q K^T
                 multiplier = _tile_scores_base2(
-                    p, i0, j0, b, h, consts, lo_offset, hi_offset, flags,
-                    bool_mask, additive_mask, True, cap_grad,
+                    p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                    masks[0], masks[1], True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
                     exp2_affine(p[r], multiplier, lse2[r])
@@ -898,7 +953,7 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
 
 @_jit(parallel=True)
 def _backward_kernel_bf16(
-    q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo_offset, hi_offset, flags,
+    q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
     block_q, block_k, n_chunks, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
 ):  # fmt: skip
     """dq, dk, dv (input dtype) through transposed float32 partials dk_t / dv_t (zero on entry)."""
@@ -911,7 +966,7 @@ def _backward_kernel_bf16(
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _backward_worker_bf16(
-            q, k_packed, v_packed, k_rows, k.shape[2], bool_mask, additive_mask, out, d_out, lse, consts,
+            q, k_packed, v_packed, k_rows, k.shape[2], masks, out, d_out, lse, consts,
             lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
         )  # fmt: skip
     for t in prange(n_heads):
@@ -1005,25 +1060,87 @@ def _kernel_array(x, dtype):
     return x
 
 
-def _masks(mask, dtype):
-    """(bool mask, additive mask, flags): the unused one is a (1, 1, 1, 1) placeholder."""
-    placeholder_bool = np.ones((1, 1, 1, 1), np.bool_)
-    placeholder_additive = np.zeros((1, 1, 1, 1), dtype)
+def _tile_summary(visible, hidden, block_q, block_k):
+    """Tile states (Bm, Hm, Tq, Tk) int8 of a mask given as `visible` / `hidden` booleans (Bm, Hm, Mq, Nk).
+
+    A tile is query rows [qb block_q, ...) (all rows when Mq = 1) by keys
+    [kb block_k, ...): _TILE_HIDDEN when every score is hidden, _TILE_VISIBLE when
+    the mask changes none, else _TILE_MIXED.
+    """
+    mq, nk = visible.shape[2], visible.shape[3]
+    row_starts = np.arange(0, mq, block_q if mq > 1 else 1)
+    key_starts = np.arange(0, nk, block_k)
+
+    def all_in_tiles(x):
+        x = np.logical_and.reduceat(x, key_starts, axis=3)
+        return np.logical_and.reduceat(x, row_starts, axis=2)
+
+    states = np.full(all_in_tiles(visible).shape, _TILE_MIXED, np.int8)
+    states[all_in_tiles(visible)] = _TILE_VISIBLE
+    states[all_in_tiles(hidden)] = _TILE_HIDDEN
+    return states
+
+
+def _key_ranges(rows):
+    """Per-(b, h) visible key ranges (Bm, Hm, 2) of key-constant rows (Bm, Hm, Nk), or None
+    when some row's visible keys are not one contiguous run (empty rows give [0, 0))."""
+    nk = rows.shape[-1]
+    count = rows.sum(axis=-1)
+    first = rows.argmax(axis=-1)
+    last = nk - 1 - rows[..., ::-1].argmax(axis=-1)
+    if not np.all((count == 0) | (count == last - first + 1)):
+        return None
+    return np.stack([np.where(count > 0, first, 0), np.where(count > 0, last + 1, 0)], axis=-1).astype(np.int64)
+
+
+def _mask_plan(mask, dtype, nk, block_q, block_k):
+    """(masks, flags) for the kernels: masks = (bool mask, additive mask, key ranges, tile states).
+
+    Masks are data, not work, so a mask is summarised once per call:
+    - a boolean mask that is the same for every query (key padding: (B, 1, 1, Nk),
+      or rows all equal) whose visible keys form one run per (batch, head)
+      becomes key ranges; the kernel then never reads it, and skips every key
+      block outside the range;
+    - any other mask gets tile states (_tile_summary) for the kernel's block
+      grid: hidden tiles are skipped, visible ones run unmasked, mixed ones
+      read the mask score by score.
+    Unused parts are (1, ...)-shaped placeholders.
+    """
+    no_bool = np.ones((1, 1, 1, 1), np.bool_)
+    no_additive = np.zeros((1, 1, 1, 1), dtype)
+    full_range = np.array([[[0, nk]]], np.int64)  # (1, 1, 2)
+    all_visible = np.full((1, 1, 1, 1), _TILE_VISIBLE, np.int8)
     if mask is None:
-        return placeholder_bool, placeholder_additive, 0
+        return (no_bool, no_additive, full_range, all_visible), 0
     if mask.dtype == np.bool_:
-        return _kernel_array(mask, np.bool_), placeholder_additive, _HAS_BOOL_MASK
-    return placeholder_bool, _kernel_array(mask, dtype), _HAS_ADDITIVE_MASK
+        if mask.shape[2] > 1 and np.array_equal(mask, np.broadcast_to(mask[:, :, :1], mask.shape)):
+            mask = mask[:, :, :1]  # the same for every query: key padding
+        if mask.shape[2] == 1:
+            ranges = _key_ranges(mask[:, :, 0])
+            if ranges is not None:
+                return (no_bool, no_additive, ranges, all_visible), 0
+        states = _tile_summary(mask, ~mask, block_q, block_k)
+        return (_kernel_array(mask, np.bool_), no_additive, full_range, states), _HAS_BOOL_MASK
+    mask = _kernel_array(mask, dtype)
+    states = _tile_summary(mask == 0, mask == -np.inf, block_q, block_k)
+    return (no_bool, mask, full_range, states), _HAS_ADDITIVE_MASK
 
 
-def _prepare(q, k, v, mask, scale, causal, window, softcap):
-    dtype = np.dtype(np.float64 if np.dtype(q.dtype) == np.float64 else np.float32)
+def _prepare(q, k, v, scale, causal, window, softcap, bf16_products=False):
+    """(dtype of the results, compute dtype, q, k, v, flags, constants, lo, hi) for a kernel call.
+
+    bf16 products take bf16 bits (uint16) as they are and float32 otherwise; the
+    float kernels take float32 or float64.
+    """
+    if bf16_products:
+        dtype = np.dtype(np.uint16 if np.dtype(q.dtype) == np.uint16 else np.float32)
+        compute = np.dtype(np.float32)
+    else:
+        dtype = compute = np.dtype(np.float64 if np.dtype(q.dtype) == np.float64 else np.float32)
     q, k, v = (_kernel_array(x, dtype) for x in (q, k, v))
-    bool_mask, additive_mask, flags = _masks(mask, dtype)
-    if softcap is not None:
-        flags |= _HAS_SOFTCAP
+    flags = _HAS_SOFTCAP if softcap is not None else 0
     lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
-    return dtype, q, k, v, bool_mask, additive_mask, flags, _constants(dtype, scale, softcap), lo, hi
+    return dtype, compute, q, k, v, flags, _constants(compute, scale, softcap), lo, hi
 
 
 # Arrays handed to a kernel start on a 64-byte boundary (a cache line, one AVX-512 vector).
@@ -1100,38 +1217,6 @@ class _Workspace:
 _WORKSPACE = _Workspace(keep_bytes=32 << 20)
 
 
-def _flash_forward_bf16(q, k, v, mask, *, scale, causal, window, softcap):
-    """flash_forward with bf16 products; q, k, v all uint16 (bf16 bits) or all float32."""
-    in_dtype = np.dtype(np.uint16 if np.dtype(q.dtype) == np.uint16 else np.float32)
-    q, k, v = (_kernel_array(x, in_dtype) for x in (q, k, v))
-    f32 = np.dtype(np.float32)
-    bool_mask, additive_mask, flags = _masks(mask, f32)
-    if softcap is not None:
-        flags |= _HAS_SOFTCAP
-    lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
-    consts = _constants(f32, scale, softcap)
-    batch, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = np.empty((batch, hq, nq, dv), in_dtype)
-    lse = np.empty((batch, hq, nq), f32)
-    if out.size == 0 and lse.size == 0:
-        return out, lse
-    if nk == 0:
-        out.fill(0)
-        lse.fill(-np.inf)
-        return out, lse
-    block_q, block_k = _block_sizes(nq, nk)
-    k_packed, v_packed = _arrays_together(np.uint16, (
-        (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)),
-    ), zero=False)  # fmt: skip
-    with _CALL_LOCK:
-        _forward_kernel_bf16(
-            q, k, v, bool_mask, additive_mask, consts, lo, hi, flags,
-            block_q, block_k, numba.get_num_threads(), k_packed, v_packed, out, lse,
-        )  # fmt: skip
-    return out, lse
-
-
 def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False):
     """Attention output and natural-log lse.
 
@@ -1144,14 +1229,18 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     bf16 for P @ V); so does float32 input with bf16_products=True (torch's
     "medium" matmul precision), its output staying float32.
     """
-    if np.dtype(q.dtype) == np.uint16 or bf16_products:
-        return _flash_forward_bf16(q, k, v, mask, scale=scale, causal=causal, window=window, softcap=softcap)
-    dtype, q, k, v, bool_mask, additive_mask, flags, consts, lo, hi = _prepare(
-        q, k, v, mask, scale, causal, window, softcap
-    )
-    batch, hq, nq, _ = q.shape
-    nk, dv = k.shape[2], v.shape[3]
-    out, lse = _arrays_together(dtype, ((batch, hq, nq, dv), (batch, hq, nq)), zero=False)
+    bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
+    dtype, compute, q, k, v, flags, consts, lo, hi = _prepare(q, k, v, scale, causal, window, softcap, bf16)
+    batch, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = np.empty((batch, hq, nq, dv), dtype)
+    lse = np.empty((batch, hq, nq), compute)
+    if bf16:
+        k_packed, v_packed = _arrays_together(np.uint16, (
+            (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)),
+        ), zero=False)  # fmt: skip
+    else:
+        out, lse = _arrays_together(dtype, (out.shape, lse.shape), zero=False)
     if out.size == 0 and lse.size == 0:
         return out, lse
     if nk == 0:
@@ -1159,11 +1248,17 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
         lse.fill(-np.inf)
         return out, lse
     block_q, block_k = _block_sizes(nq, nk)
+    masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
+    flags |= mask_flags
+    n_workers = numba.get_num_threads()
+    if bf16:
+        with _CALL_LOCK:
+            _forward_kernel_bf16(
+                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, k_packed, v_packed, out, lse
+            )
+        return out, lse
     with _CALL_LOCK, _single_threaded_blas():
-        _forward_kernel(
-            q, k, v, bool_mask, additive_mask, consts, lo, hi, flags,
-            block_q, block_k, numba.get_num_threads(), out, lse,
-        )  # fmt: skip
+        _forward_kernel(q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, out, lse)
     return out, lse
 
 
@@ -1174,40 +1269,6 @@ def _backward_chunks(batch, hkv, nq, block_q):
     return max(1, min(n_qblocks, -(-_MIN_BACKWARD_TASKS // (batch * hkv))))
 
 
-def _flash_backward_bf16(q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap):
-    """flash_backward with bf16 products; q, k, v, out, d_out all uint16 (bf16 bits) or all float32."""
-    in_dtype = np.dtype(np.uint16 if np.dtype(q.dtype) == np.uint16 else np.float32)
-    f32 = np.dtype(np.float32)
-    q, k, v, out, d_out = (_kernel_array(x, in_dtype) for x in (q, k, v, out, d_out))
-    lse = _kernel_array(lse, f32)
-    bool_mask, additive_mask, flags = _masks(mask, f32)
-    if softcap is not None:
-        flags |= _HAS_SOFTCAP
-    lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
-    consts = _constants(f32, scale, softcap)
-    batch, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    dq, dk, dv_grad = _arrays_together(in_dtype, (q.shape, k.shape, v.shape), zero=True)
-    if nq == 0 or nk == 0 or batch * hq == 0:
-        return dq, dk, dv_grad
-    block_q, block_k = _backward_block_sizes(nq, nk)
-    n_chunks = _backward_chunks(batch, hkv, nq, block_q)
-    k_packed, v_packed, k_rows = _arrays_together(np.uint16, (
-        (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
-        (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)),
-    ), zero=False)  # fmt: skip
-    with _CALL_LOCK:
-        dk_t, dv_t = _WORKSPACE.zeroed(
-            f32, ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
-        )
-        _backward_kernel_bf16(
-            q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo, hi, flags,
-            block_q, block_k, n_chunks, numba.get_num_threads(), k_packed, v_packed, k_rows,
-            dq, dk_t, dv_t, dk, dv_grad,
-        )  # fmt: skip
-    return dq, dk, dv_grad
-
-
 def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap, bf16_products=False):
     """Gradients (dq, dk, dv) of flash_forward, shaped and typed like q, k, v.
 
@@ -1216,21 +1277,34 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
     bf16_products run the five products in bf16 with float32 accumulation, as
     flash_forward does.
     """
-    if np.dtype(q.dtype) == np.uint16 or bf16_products:
-        return _flash_backward_bf16(
-            q, k, v, mask, out, d_out, lse, scale=scale, causal=causal, window=window, softcap=softcap
-        )
-    dtype, q, k, v, bool_mask, additive_mask, flags, consts, lo, hi = _prepare(
-        q, k, v, mask, scale, causal, window, softcap
-    )
-    out, d_out, lse = (_kernel_array(x, dtype) for x in (out, d_out, lse))
+    bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
+    dtype, compute, q, k, v, flags, consts, lo, hi = _prepare(q, k, v, scale, causal, window, softcap, bf16)
+    out, d_out = (_kernel_array(x, dtype) for x in (out, d_out))
+    lse = _kernel_array(lse, compute)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv_grad = _arrays_together(dtype, (q.shape, k.shape, v.shape), zero=True)
     if nq == 0 or nk == 0 or batch * hq == 0:
         return dq, dk, dv_grad
     block_q, block_k = _backward_block_sizes(nq, nk)
+    masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
+    flags |= mask_flags
     n_chunks = _backward_chunks(batch, hkv, nq, block_q)
+    n_workers = numba.get_num_threads()
+    if bf16:
+        k_packed, v_packed, k_rows = _arrays_together(np.uint16, (
+            (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
+            (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)),
+        ), zero=False)  # fmt: skip
+        with _CALL_LOCK:
+            dk_t, dv_t = _WORKSPACE.zeroed(
+                compute, ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
+            )
+            _backward_kernel_bf16(
+                q, k, v, masks, out, d_out, lse, consts, lo, hi, flags, block_q, block_k, n_chunks,
+                n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+            )  # fmt: skip
+        return dq, dk, dv_grad
     with _CALL_LOCK, _single_threaded_blas():
         if n_chunks == 1:  # each task owns its kv head: no partials to sum
             dk_partial, dv_partial = dk, dv_grad
@@ -1239,8 +1313,8 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
                 dtype, ((batch, hkv * n_chunks, nk, d), (batch, hkv * n_chunks, nk, dv))
             )
         _backward_kernel(
-            q, k, v, bool_mask, additive_mask, out, d_out, lse, consts, lo, hi, flags,
-            block_q, block_k, n_chunks, numba.get_num_threads(), dq, dk_partial, dv_partial,
+            q, k, v, masks, out, d_out, lse, consts, lo, hi, flags,
+            block_q, block_k, n_chunks, n_workers, dq, dk_partial, dv_partial,
         )  # fmt: skip
         if n_chunks > 1:
             _sum_partials(dk_partial, n_chunks, dk)

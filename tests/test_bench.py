@@ -155,8 +155,13 @@ def test_reference_memory_grows_as_n_squared_and_flash_as_n():
 def test_roofline_is_a_plausible_matmul_rate():
     roofline = measure.matmul_rate("cpu", "float32", size=256, repeats=2)
     assert 1e8 < roofline["flops_per_s"] < 1e14
-    assert set(roofline["rates"]) == {"torch.matmul float32", "numpy matmul float32"}
-    assert roofline["flops_per_s"] == max(roofline["rates"].values())
+    assert set(roofline["rates"]) == {"torch.matmul float32", "numpy matmul float32", "torch.matmul bfloat16"}
+    own_dtype = [rate for how, rate in roofline["rates"].items() if how.endswith("float32")]
+    assert roofline["flops_per_s"] == max(own_dtype)
+    # the bf16 line drawn next to it: torch's bf16 matmul, measured in the same run
+    assert roofline["bf16"]["flops_per_s"] == roofline["rates"]["torch.matmul bfloat16"] > 1e8
+    bf16_only = measure.matmul_rate("cpu", "bfloat16", size=256, repeats=2)
+    assert set(bf16_only["rates"]) == {"torch.matmul bfloat16"} and "bf16" not in bf16_only
 
 
 # ---------------------------------------------------------------- the sweep

@@ -1,0 +1,149 @@
+"""Masks as data, not work: key ranges and tile summaries (kernels/numba_attention._mask_plan).
+
+Every case runs the kernel forward and backward against the float64 reference
+by the 2x / 3x rule of tests/test_numba_kernel.py, on random masks built so
+that whole tiles of the kernel's block grid are hidden, visible or mixed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.bf16 import BF16_PRODUCTS, bf16_bits, bf16_to_float32
+from attnkit.reference import attention, attention_backward
+
+from test_numba_kernel import assert_close
+
+
+def blocky_mask(rng, shape, block_q, block_k, kinds=("hidden", "visible", "mixed")):
+    """A boolean mask (B, H, Nq, Nk) whose (block_q x block_k) tiles are each all hidden,
+    all visible or random; a few rows end up with no visible key at all."""
+    b, h, nq, nk = shape
+    mask = np.empty(shape, np.bool_)
+    for i0 in range(0, nq, block_q):
+        for j0 in range(0, nk, block_k):
+            kind = kinds[rng.integers(len(kinds))]
+            tile = mask[:, :, i0 : i0 + block_q, j0 : j0 + block_k]
+            tile[...] = kind == "visible" if kind != "mixed" else rng.random(tile.shape) < 0.5
+    mask[:, :, 3:block_q:7, :] = False  # fully masked rows, all in the first row of tiles
+    return mask
+
+
+def run_and_check(q, k, v, d_out, mask, causal=None, window=None, dtype=np.float32):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    kw = dict(scale=scale, causal=causal, window=window, softcap=None)
+    cast = (lambda x: x.astype(dtype)) if dtype != "bf16" else bf16_bits
+    qk = [cast(x) for x in (q, k, v, d_out)]
+    kernel_mask = mask if mask is None or mask.dtype == np.bool_ else mask.astype(np.float32)
+    out, lse = kernel.flash_forward(*qk[:3], kernel_mask, **kw)
+    grads = kernel.flash_backward(*qk[:3], kernel_mask, out, qk[3], lse, **kw)
+    as_float = bf16_to_float32 if dtype == "bf16" else (lambda x: x)
+    inputs = [as_float(x).astype(np.float64) for x in qk]
+
+    def reference(precision):
+        m = mask if mask is None or mask.dtype == np.bool_ else mask.astype(precision)
+        rkw = dict(scale=scale, causal=causal or False, window=window, mask=m)
+        x = [a.astype(precision) for a in inputs]
+        o, l = attention(*x[:3], return_lse=True, **rkw)
+        return o, l, attention_backward(*x[:3], o, x[3], l, **rkw)
+
+    out64, lse64, grads64 = reference(np.float64)
+    out32, lse32, grads32 = reference(np.float32)
+    if dtype == "bf16":  # the low-precision baseline stores its results in bf16, as the kernel does
+        out32 = bf16_to_float32(bf16_bits(out32))
+        grads32 = [bf16_to_float32(bf16_bits(g)) for g in grads32]
+    empty = lse64 == -np.inf
+    assert np.array_equal(empty, lse == -np.inf), "rows with no visible key differ from the reference"
+    assert np.all(as_float(out)[empty] == 0)
+    assert_close("out", as_float(out), out64, out32, 2)
+    for name, got, want64, want32 in zip(("dq", "dk", "dv"), grads, grads64, grads32):
+        assert_close(name, as_float(got), want64, want32, 3)
+
+
+def inputs(rng, b, h, nq, nk, d):
+    return [rng.standard_normal(shape) for shape in ((b, h, nq, d), (b, h, nk, d), (b, h, nk, d), (b, h, nq, d))]
+
+
+DTYPES = [np.float32] + (["bf16"] if BF16_PRODUCTS == "dpbf16" else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: "bf16" if d == "bf16" else np.dtype(d).name)
+@pytest.mark.parametrize("nq, nk", [(300, 1100), (257, 513)], ids=lambda n: str(n))
+def test_tile_summary_of_a_blocky_mask(dtype, nq, nk):
+    rng = np.random.default_rng(nq + nk)
+    q, k, v, d_out = inputs(rng, 2, 2, nq, nk, 64)
+    # the forward's tiles (128 x 512) are whole tiles of the backward's grid (128 x 256) too
+    mask = blocky_mask(rng, (2, 2, nq, nk), 128, 512)
+    states = kernel._mask_plan(mask, np.float32, nk, *kernel._block_sizes(nq, nk))[0][3]
+    assert {kernel._TILE_HIDDEN, kernel._TILE_VISIBLE, kernel._TILE_MIXED} <= set(np.unique(states).tolist())
+    run_and_check(q, k, v, d_out, mask, dtype=dtype)
+    run_and_check(q, k, v, d_out, mask, causal="bottom_right", window=(300, None), dtype=dtype)
+
+
+def test_additive_mask_summary():
+    rng = np.random.default_rng(3)
+    nq, nk = 260, 600
+    q, k, v, d_out = inputs(rng, 1, 2, nq, nk, 32)
+    hidden = ~blocky_mask(rng, (1, 2, nq, nk), 128, 512)
+    additive = np.where(hidden, -np.inf, 0.0)
+    additive[..., 300:, :] += rng.standard_normal((1, 2, 1, nk))  # some tiles carry real values
+    additive[..., 300:, :][hidden[..., 300:, :]] = -np.inf
+    states = kernel._mask_plan(additive, np.float32, nk, *kernel._block_sizes(nq, nk))[0][3]
+    assert kernel._TILE_VISIBLE in states and kernel._TILE_HIDDEN in states and kernel._TILE_MIXED in states
+    run_and_check(q, k, v, d_out, additive)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: "bf16" if d == "bf16" else np.dtype(d).name)
+def test_key_padding_becomes_key_ranges(dtype):
+    rng = np.random.default_rng(4)
+    b, nq, nk = 4, 200, 700
+    q, k, v, d_out = inputs(rng, b, 2, nq, nk, 64)
+    lengths = np.array([0, 1, 333, 700])  # a fully padded sequence, one key, odd, none padded
+    padding = np.arange(nk)[None, None, None, :] < lengths[:, None, None, None]  # (B, 1, 1, Nk)
+    left_padding = padding[..., ::-1].copy()  # padding on the left, as generate() uses
+    for mask in (padding, left_padding, np.broadcast_to(padding, (b, 1, nq, nk)).copy()):
+        masks, flags = kernel._mask_plan(mask, np.float32, nk, 128, 512)
+        assert flags == 0, "key padding must not be read score by score"
+        starts, stops = masks[2][:, 0, 0], masks[2][:, 0, 1]
+        assert np.array_equal(stops - starts, lengths)
+        run_and_check(q, k, v, d_out, mask, dtype=dtype)
+    run_and_check(q, k, v, d_out, padding, causal="bottom_right", dtype=dtype)
+
+
+def test_key_bitmap_with_holes_uses_the_summary():
+    rng = np.random.default_rng(5)
+    nq, nk = 130, 1030
+    q, k, v, d_out = inputs(rng, 2, 2, nq, nk, 32)
+    keys = rng.random((2, 1, 1, nk)) < 0.8
+    keys[0, ..., 512:] = False  # a whole hidden key block in batch 0
+    masks, flags = kernel._mask_plan(keys, np.float32, nk, 128, 512)
+    assert flags == kernel._HAS_BOOL_MASK and masks[0].shape == (2, 1, 1, nk)
+    assert masks[3][0, 0, 0, 1] == kernel._TILE_HIDDEN
+    run_and_check(q, k, v, d_out, keys, causal="top_left")
+
+
+def test_expanded_torch_padding_mask_is_seen_as_key_padding(monkeypatch):
+    """transformers' (B, 1, Nq, Nk) padding mask, expanded with stride 0: no copy, no per-score reads."""
+    seen = {}
+    original = kernel._mask_plan
+
+    def spy(mask, *rest):
+        seen["mask"] = mask
+        return original(mask, *rest)
+
+    monkeypatch.setattr(kernel, "_mask_plan", spy)
+    lengths = torch.tensor([5, 40, 17])
+    keys = torch.arange(40)[None, :] < lengths[:, None]  # (B, Nk)
+    mask = keys[:, None, None, :].expand(3, 1, 30, 40)
+    q = torch.randn(3, 4, 30, 16)
+    k, v = torch.randn(3, 4, 40, 16), torch.randn(3, 4, 40, 16)
+    out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert seen["mask"].shape == (3, 1, 1, 40)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
