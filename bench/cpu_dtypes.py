@@ -1,14 +1,16 @@
-"""attnkit against torch SDPA per dtype on the CPU, in one process, taking turns.
+"""attnkit against torch SDPA on the calls a sweep never makes, in one process, taking turns.
 
-    python -m attnkit.bench.cpu_dtypes [--rounds 5] [--threads 2]
+    python -m attnkit.bench.cpu_dtypes [--suite dtypes|dropin] [--rounds 5] [--threads 2]
 
-For each case (bf16, fp16, fp32 under torch's "medium" and "highest" matmul
-precision, a bf16 decode step, forward and forward+backward) it times attnkit's
-numba backend and torch's SDPA alternately, `--rounds` times each, and prints
-the medians, the ratio torch / attnkit (above 1: attnkit is faster) and both
-errors against a float64 computation on the same inputs. The sweep
-(`attnkit bench --dtype ...`) covers sequence lengths; this covers dtypes and
-precision settings, which the sweep cannot switch.
+Suite "dtypes": bf16, fp16, fp32 under torch's "medium" and "highest" matmul
+precision, bf16 decode steps, forward and forward+backward. Suite "dropin":
+the calls of real models: key-padding masks as transformers builds them
+((B, 1, Nq, Nk) boolean), decode steps (Nq = 1 against a long cache), tiny calls.
+For each case it times attnkit's scaled_dot_product_attention and torch's
+alternately, `--rounds` times each, and prints the medians, the ratio torch /
+attnkit (above 1: attnkit is faster) and both errors against a float64
+computation on the same inputs. The sweep (`attnkit bench`) covers sequence
+lengths; this covers dtypes, precision settings, masks and call sizes.
 """
 
 from __future__ import annotations
@@ -18,20 +20,36 @@ import statistics
 import sys
 import time
 
-# (label, dtype, matmul precision, B, Hq, Hkv, Nq, Nk, D, causal, mode)
-CASES = [
-    ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward"),
-    ("bf16", "bfloat16", "highest", 1, 8, 8, 4096, 4096, 128, True, "forward"),
-    ("bf16 GQA 32/8", "bfloat16", "highest", 1, 32, 8, 2048, 2048, 128, True, "forward"),
-    ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward"),
-    ("bf16 decode", "bfloat16", "highest", 8, 16, 16, 1, 512, 64, False, "forward"),
-    ("bf16 decode GQA 32/8", "bfloat16", "highest", 1, 32, 8, 1, 4096, 128, False, "forward"),
-    ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward"),
-    ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward"),
-    ("fp32 medium", "float32", "medium", 1, 8, 8, 4096, 4096, 64, False, "forward"),
-    ("fp32 medium", "float32", "medium", 1, 8, 8, 2048, 2048, 64, True, "forward+backward"),
-    ("fp32 highest", "float32", "highest", 1, 8, 8, 4096, 4096, 64, False, "forward"),
-]
+# (label, dtype, matmul precision, B, Hq, Hkv, Nq, Nk, D, causal, mode, mask)
+# mask: None, or "key_padding": a (B, 1, Nq, Nk) boolean mask, sequence lengths
+# spread between Nk / 4 and Nk, materialised as transformers' sdpa_mask does.
+SUITES = {
+    "dtypes": [
+        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward", None),
+        ("bf16", "bfloat16", "highest", 1, 8, 8, 4096, 4096, 128, True, "forward", None),
+        ("bf16 GQA 32/8", "bfloat16", "highest", 1, 32, 8, 2048, 2048, 128, True, "forward", None),
+        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
+        ("bf16 decode", "bfloat16", "highest", 8, 16, 16, 1, 512, 64, False, "forward", None),
+        ("bf16 decode GQA 32/8", "bfloat16", "highest", 1, 32, 8, 1, 4096, 128, False, "forward", None),
+        ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward", None),
+        ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
+        ("fp32 medium", "float32", "medium", 1, 8, 8, 4096, 4096, 64, False, "forward", None),
+        ("fp32 medium", "float32", "medium", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
+        ("fp32 highest", "float32", "highest", 1, 8, 8, 4096, 4096, 64, False, "forward", None),
+    ],
+    "dropin": [
+        ("padding", "float32", "highest", 32, 12, 12, 70, 70, 32, False, "forward", "key_padding"),
+        ("padding", "float32", "highest", 8, 12, 12, 512, 512, 64, False, "forward", "key_padding"),
+        ("padding", "float32", "highest", 8, 12, 12, 512, 512, 64, False, "forward+backward", "key_padding"),
+        ("padding bf16", "bfloat16", "highest", 4, 16, 16, 1024, 1024, 64, False, "forward", "key_padding"),
+        ("decode GQA 32/8", "float32", "highest", 1, 32, 8, 1, 1024, 128, False, "forward", None),
+        ("decode GQA 32/8 bf16", "bfloat16", "highest", 1, 32, 8, 1, 4096, 128, False, "forward", None),
+        ("decode bf16", "bfloat16", "highest", 8, 16, 16, 1, 512, 64, False, "forward", None),
+        ("tiny", "float32", "highest", 1, 4, 4, 32, 32, 32, False, "forward", None),
+        ("tiny", "float32", "highest", 2, 8, 8, 16, 16, 64, False, "forward", None),
+        ("tiny", "float32", "highest", 1, 1, 1, 1, 1, 64, False, "forward", None),
+    ],
+}
 
 
 def _flops(b, hq, nq, nk, d, causal, mode):
@@ -45,7 +63,7 @@ def run_case(case, rounds):
 
     import attnkit
 
-    label, dtype, precision, b, hq, hkv, nq, nk, d, causal, mode = case
+    label, dtype, precision, b, hq, hkv, nq, nk, d, causal, mode, mask_kind = case
     torch.set_float32_matmul_precision(precision)
     generator = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
@@ -56,6 +74,10 @@ def run_case(case, rounds):
     for x in (q, k, v):
         x.requires_grad_(grad)
     options = dict(is_causal=causal, enable_gqa=hq != hkv)
+    if mask_kind == "key_padding":
+        lengths = torch.linspace(nk // 4, nk, b).round().long()  # one unpadded sequence, the rest padded
+        keys = torch.arange(nk)[None, :] < lengths[:, None]  # (B, Nk)
+        options["attn_mask"] = keys[:, None, None, :].expand(b, 1, nq, nk).contiguous()
     contenders = {"attnkit": attnkit.scaled_dot_product_attention, "torch": F.scaled_dot_product_attention}
 
     def step(fn):
@@ -67,12 +89,17 @@ def run_case(case, rounds):
     outputs = {name: step(fn).detach() for name, fn in contenders.items()}  # warm-up (and compile)
     exact = F.scaled_dot_product_attention(*(x.detach().double() for x in (q, k, v)), **options)
     errors = {name: (out.double() - exact).abs().max().item() for name, out in outputs.items()}
+    # Small calls are timed in batches of `calls`, so that one sample lasts ~20 ms.
+    start = time.perf_counter()
+    step(contenders["torch"])
+    calls = max(1, int(0.02 / max(time.perf_counter() - start, 1e-7)))
     times = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
             start = time.perf_counter()
-            step(fn)
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                step(fn)
+            times[name].append((time.perf_counter() - start) / calls)
     medians = {name: statistics.median(t) for name, t in times.items()}
     flops = _flops(b, hq, nq, nk, d, causal, mode)
     torch.set_float32_matmul_precision("highest")
@@ -91,6 +118,7 @@ def run_case(case, rounds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu_dtypes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="dtypes", help="which cases (default dtypes)")
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per contender, taking turns (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
     parser.add_argument("--only", default=None, help="run only the cases whose label contains this text")
@@ -107,14 +135,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         numba.set_num_threads(args.threads)
     attnkit.warmup()
-    cases = [c for c in CASES if args.only is None or args.only in c[0]]
+    cases = [c for c in SUITES[args.suite] if args.only is None or args.only in c[0]]
     header = f"{'case':<58} {'attnkit ms':>10} {'torch ms':>9} {'ratio':>6} {'GF/s ours':>9} {'GF/s torch':>10}" \
              f" {'err ours':>9} {'err torch':>9}"
     print(header)
     for index, case in enumerate(cases, 1):
         print(f"[{index}/{len(cases)}] {case[0]} {case[-1]}", file=sys.stderr)
         r = run_case(case, args.rounds)
-        print(f"{r['case']:<58} {r['attnkit_ms']:>10.2f} {r['torch_ms']:>9.2f} {r['ratio']:>6.2f} "
+        print(f"{r['case']:<58} {r['attnkit_ms']:>10.3f} {r['torch_ms']:>9.3f} {r['ratio']:>6.2f} "
               f"{r['attnkit_gflops']:>9.0f} {r['torch_gflops']:>10.0f} {r['attnkit_error']:>9.2g} "
               f"{r['torch_error']:>9.2g}", flush=True)
 
