@@ -8,6 +8,7 @@ type, device and dtype.
 from __future__ import annotations
 
 import numbers
+import sys
 
 import numpy as np
 
@@ -33,8 +34,48 @@ def _needs_grad(spec, q, k, v):
     return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
 
 
+def _compiling():
+    """True while torch.compile (dynamo) traces the call."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def _attend_traced(q, k, v, mask, spec, backend, *, return_weights, dropout_p):
+    """(out, lse) through attnkit's torch operators, for torch.compile: one graph node each.
+
+    Backend choice, NumPy and Numba stay inside the operators, out of the trace.
+    """
+    if return_weights or dropout_p > 0:
+        raise ValueError(
+            "return_weights and dropout need the NumPy reference, which torch.compile cannot "
+            "trace; call attnkit outside the compiled region for them"
+        )
+    device_type = spec.device.split(":")[0]
+    wanted = {"cpu": "numba", "cuda": "triton"}.get(device_type)
+    if backend not in ("auto", wanted):
+        raise ValueError(
+            f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}"
+        )
+    left, right = spec.window or (None, None)
+    options = (spec.scale, {None: 0, "top_left": 1, "bottom_right": 2}[spec.causal], left, right, spec.softcap)
+    if device_type == "cpu":
+        from .cpu_ops import numba_attention_fwd
+
+        return numba_attention_fwd(q, k, v, mask, *options)
+    from .backends import BACKENDS
+
+    out, lse, _ = BACKENDS["triton"].forward(q, k, v, mask, spec)
+    return out, lse
+
+
 def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0):
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
+    if spec.kind == "torch" and _compiling():
+        out, lse = _attend_traced(q, k, v, mask, spec, backend, return_weights=return_weights, dropout_p=dropout_p)
+        results = [out] + [lse] * return_lse
+        if spec.squeeze:
+            results = [r[0] for r in results]
+        return results[0] if len(results) == 1 else tuple(results)
     grad = _needs_grad(spec, q, k, v)
     request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=grad)
     choice = choose_backend(spec, backend, request)
