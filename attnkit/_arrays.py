@@ -52,7 +52,7 @@ def to_numpy(x):
     x = x.detach()
     if x.dtype == torch.bfloat16:
         x = x.float()
-    return x.cpu().numpy()
+    return (x if x.device.type == "cpu" else x.cpu()).numpy()
 
 
 def bf16_bits(x):
@@ -77,4 +77,6 @@ def like(result, reference, keep_dtype=False):
         # bf16 bits from a kernel: the same memory, read as bf16
         return torch.from_numpy(np.ascontiguousarray(result).view(np.int16)).view(torch.bfloat16).to(reference.device)
     tensor = torch.from_numpy(np.ascontiguousarray(result))
+    if reference.device.type == "cpu" and (keep_dtype or tensor.dtype == reference.dtype):
+        return tensor  # already what the caller gets (no .to() call: small calls feel it)
     return tensor.to(device=reference.device, dtype=None if keep_dtype else reference.dtype)

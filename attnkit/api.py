@@ -68,7 +68,51 @@ def _attend_traced(q, k, v, mask, spec, backend, *, return_weights, dropout_p):
     return out, lse
 
 
-def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0):
+# Plans: what a call's validity and backend choice depend on, computed once per
+# distinct signature (shapes, strides, dtypes, devices, grad, mask layout,
+# options) and reused. Small calls spend most of their time on exactly this.
+_PLANS = {}
+_MAX_PLANS = 1024
+
+
+def _signature(x):
+    """What validation and the backend choice read of an input (never its values)."""
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return (np.ndarray, x.shape, x.strides, x.dtype)
+    if _arrays.is_tensor(x):
+        return (type(x), x.shape, x.stride(), x.dtype, x.device, x.requires_grad)
+    return False  # not an array: no plan, validation reports it
+
+
+def _plan_key(q, k, v, mask, options):
+    """The plan cache key of a call, or None when the call must not use a plan."""
+    signatures = tuple(_signature(x) for x in (q, k, v, mask))
+    if False in signatures[:3] or signatures[3] is False or _compiling():
+        return None
+    torch = sys.modules.get("torch")
+    grad_mode = torch.is_grad_enabled() if torch is not None else False
+    return signatures + (grad_mode, options)
+
+
+def _planned(key, make):
+    """(spec, choice) for the plan key, made by make() on first sight.
+
+    Only plans whose choice is a fused kernel are kept: a fall-back to the
+    reference warns on every call, as it should.
+    """
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = make()
+        if key is not None and plan[1].backend.name != "reference":
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, choice=None):
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
     if spec.kind == "torch" and _compiling():
         out, lse = _attend_traced(q, k, v, mask, spec, backend, return_weights=return_weights, dropout_p=dropout_p)
@@ -77,8 +121,8 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
             results = [r[0] for r in results]
         return results[0] if len(results) == 1 else tuple(results)
     grad = _needs_grad(spec, q, k, v)
-    request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=grad)
-    choice = choose_backend(spec, backend, request)
+    if choice is None:
+        choice = _choose(spec, backend, q, k, v, return_weights, dropout_p)
     keep = _draw_dropout_keep(spec, dropout_p, q) if dropout_p > 0 else None
 
     if grad:
@@ -99,6 +143,11 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
     if spec.squeeze:  # every input was (N, D): drop the one-head axis again
         results = [r[0] for r in results]
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _choose(spec, backend, q, k, v, return_weights, dropout_p):
+    request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=_needs_grad(spec, q, k, v))
+    return choose_backend(spec, backend, request, stacklevel=5)
 
 
 def attention(
@@ -147,11 +196,18 @@ def attention(
     Raises:
         TypeError, ValueError: naming the argument, for any invalid input.
     """
-    spec = validate_attention(
-        q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
-    )
+    options = ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap),
+               return_weights, backend)
+
+    def make():
+        spec = validate_attention(
+            q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
+        )
+        return spec, _choose(spec, backend, q, k, v, return_weights, 0.0)
+
+    spec, choice = _planned(_plan_key(q, k, v, mask, options), make)
     return _attend(
-        q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights
+        q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights, choice=choice
     )
 
 
@@ -194,13 +250,19 @@ def scaled_dot_product_attention(
 
     if not enable_gqa:
         query = _broadcast_query_heads(query, key, value)
-    spec = validate_attention(
-        query, key, value, causal=bool(is_causal), mask=attn_mask, scale=scale,
-        window=None, softcap=None,
-    )
+    options = ("sdpa", bool(is_causal), scale, type(scale), dropout_p > 0, backend)
+
+    def make():
+        spec = validate_attention(
+            query, key, value, causal=bool(is_causal), mask=attn_mask, scale=scale,
+            window=None, softcap=None,
+        )
+        return spec, _choose(spec, backend, query, key, value, False, dropout_p)
+
+    spec, choice = _planned(_plan_key(query, key, value, attn_mask, options), make)
     return _attend(
         query, key, value, attn_mask, spec, backend,
-        return_lse=False, return_weights=False, dropout_p=float(dropout_p),
+        return_lse=False, return_weights=False, dropout_p=float(dropout_p), choice=choice,
     )
 
 

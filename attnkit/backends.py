@@ -10,6 +10,7 @@ the slow reference).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import warnings
@@ -108,6 +109,11 @@ def float32_matmul_precision():
 
 def cpu_product_path(dtype):
     """(path, why): how the Numba kernel multiplies tiles of this dtype ("float32", "bfloat16", ...)."""
+    return _cpu_product_path(dtype, float32_matmul_precision() if dtype == "float32" else None)
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_product_path(dtype, precision):
     from .kernels.bf16 import BF16_DETAIL, BF16_PRODUCTS
     from .kernels.cpu_blas import BLAS_NAME
 
@@ -120,7 +126,6 @@ def cpu_product_path(dtype):
         if BF16_PRODUCTS == "dpbf16":
             return "bf16", BF16_DETAIL
         return "float32", f"{blas}; {BF16_DETAIL}"
-    precision = float32_matmul_precision()
     if precision == "medium" and BF16_PRODUCTS == "dpbf16":
         return "bf16", f'torch.get_float32_matmul_precision() is "medium": {BF16_DETAIL}'
     return "float32", f"{blas} (float32 matmul precision {precision!r})"
@@ -318,7 +323,7 @@ def _refusal(backend, spec, request):
     return backend.unavailable_reason() or backend.unsupported_reason(spec, request)
 
 
-def choose_backend(spec, requested, request, warn=True):
+def choose_backend(spec, requested, request, warn=True, stacklevel=4):
     """Pick the backend for one call; raise ValueError if a named one cannot run it.
 
     With warn=True an automatic fall-back to the reference raises an
@@ -352,9 +357,10 @@ def choose_backend(spec, requested, request, warn=True):
             "attnkit fell back to the NumPy reference, orders of magnitude slower than a "
             "fused kernel:\n" + choice.explain(spec),
             AttnkitFallbackWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
-    log.debug("%s", choice.explain(spec))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", choice.explain(spec))
     return choice
 
 

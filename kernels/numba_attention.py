@@ -83,6 +83,7 @@ lse is converted back to natural log at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -471,6 +472,20 @@ def _forward_kernel(
             q, k, v, masks, consts, lo_offset, hi_offset, flags,
             block_q, block_k, order, next_task, out, lse,
         )  # fmt: skip
+
+
+@_jit()
+def _forward_kernel_serial(
+    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, out, lse,
+):  # fmt: skip
+    """_forward_kernel on the calling thread alone: small calls start no thread pool."""
+    order = _forward_schedule(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
+    )
+    next_task = np.zeros(1, np.int64)
+    _forward_worker(
+        q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, order, next_task, out, lse,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1038,7 +1053,13 @@ def _visible_offsets(nq, nk, causal, window):
     return max(-_UNLIMITED, min(_UNLIMITED, lo)), max(-_UNLIMITED, min(_UNLIMITED, hi))
 
 
+@functools.lru_cache(maxsize=256)
 def _constants(dtype, scale, softcap):
+    """The per-call constants array (cached: the kernels only read it)."""
+    return _make_constants(dtype, scale, softcap)
+
+
+def _make_constants(dtype, scale, softcap):
     log2e = 1.0 / math.log(2.0)
     consts = np.zeros(_N_CONSTANTS, dtype)
     consts[_C_SCALE] = scale
@@ -1093,6 +1114,15 @@ def _key_ranges(rows):
     return np.stack([np.where(count > 0, first, 0), np.where(count > 0, last + 1, 0)], axis=-1).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=256)
+def _no_mask(dtype, nk):
+    """The placeholders of _mask_plan's tuple for a call without a mask (cached: the kernels only read them)."""
+    return (
+        np.ones((1, 1, 1, 1), np.bool_), np.zeros((1, 1, 1, 1), dtype),
+        np.array([[[0, nk]]], np.int64), np.full((1, 1, 1, 1), _TILE_VISIBLE, np.int8),
+    )  # fmt: skip
+
+
 def _mask_plan(mask, dtype, nk, block_q, block_k):
     """(masks, flags) for the kernels: masks = (bool mask, additive mask, key ranges, tile states).
 
@@ -1106,10 +1136,7 @@ def _mask_plan(mask, dtype, nk, block_q, block_k):
       read the mask score by score.
     Unused parts are (1, ...)-shaped placeholders.
     """
-    no_bool = np.ones((1, 1, 1, 1), np.bool_)
-    no_additive = np.zeros((1, 1, 1, 1), dtype)
-    full_range = np.array([[[0, nk]]], np.int64)  # (1, 1, 2)
-    all_visible = np.full((1, 1, 1, 1), _TILE_VISIBLE, np.int8)
+    no_bool, no_additive, full_range, all_visible = _no_mask(np.dtype(dtype), nk)
     if mask is None:
         return (no_bool, no_additive, full_range, all_visible), 0
     if mask.dtype == np.bool_:
@@ -1143,6 +1170,11 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products=False):
     return dtype, compute, q, k, v, flags, _constants(compute, scale, softcap), lo, hi
 
 
+# Calls with at most this many multiply-adds per product (B * Hq * Nq * Nk * D,
+# ~1 MFLOP in all) run on the calling thread: waking the worker threads costs
+# more than such a call's work.
+_SERIAL_WORK = 1 << 18
+
 # Arrays handed to a kernel start on a 64-byte boundary (a cache line, one AVX-512 vector).
 _ALIGN_BYTES = 64
 
@@ -1151,6 +1183,7 @@ _ALIGN_BYTES = 64
 _MIN_BACKWARD_TASKS = 8
 
 
+@functools.lru_cache(maxsize=256)
 def _packed_layout(dtype, shapes):
     """(first element of each array, elements in all) for arrays packed one after another.
 
@@ -1166,7 +1199,8 @@ def _packed_layout(dtype, shapes):
 
 
 def _packed_views(block, shapes, starts):
-    skip = (-block.ctypes.data % _ALIGN_BYTES) // block.itemsize  # to the first aligned element
+    address = block.__array_interface__["data"][0]  # (.ctypes.data costs ~3 µs a call)
+    skip = (-address % _ALIGN_BYTES) // block.itemsize  # to the first aligned element
     return tuple(
         block[skip + start : skip + start + math.prod(shape)].reshape(shape)
         for start, shape in zip(starts, shapes)
@@ -1256,6 +1290,10 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
             _forward_kernel_bf16(
                 q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, k_packed, v_packed, out, lse
             )
+        return out, lse
+    if batch * hq * nq * nk * d <= _SERIAL_WORK:
+        with _CALL_LOCK:  # one thread: MKL is pinned inside the worker; OpenBLAS may keep its own
+            _forward_kernel_serial(q, k, v, masks, consts, lo, hi, flags, block_q, block_k, out, lse)
         return out, lse
     with _CALL_LOCK, _single_threaded_blas():
         _forward_kernel(q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, out, lse)
