@@ -93,7 +93,12 @@ def _plan_key(q, k, v, mask, options):
         return None
     torch = sys.modules.get("torch")
     grad_mode = torch.is_grad_enabled() if torch is not None else False
-    return signatures + (grad_mode, options)
+    key = signatures + (grad_mode, options)
+    try:
+        hash(key)
+    except TypeError:  # an option given as a list, say: validated on every call instead
+        return None
+    return key
 
 
 def _planned(key, make):
@@ -105,7 +110,7 @@ def _planned(key, make):
     plan = _PLANS.get(key) if key is not None else None
     if plan is None:
         plan = make()
-        if key is not None and plan[1].backend.name != "reference":
+        if key is not None and plan[1] is not None and plan[1].backend.name != "reference":
             if len(_PLANS) >= _MAX_PLANS:
                 _PLANS.clear()
             _PLANS[key] = plan
@@ -146,6 +151,8 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
 
 
 def _choose(spec, backend, q, k, v, return_weights, dropout_p):
+    if spec.kind == "torch" and _compiling():
+        return None  # traced calls go through attnkit's torch operators (_attend_traced)
     request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=_needs_grad(spec, q, k, v))
     return choose_backend(spec, backend, request, stacklevel=5)
 

@@ -114,12 +114,16 @@ def cpu_product_path(dtype):
 
 @functools.lru_cache(maxsize=32)
 def _cpu_product_path(dtype, precision):
-    from .kernels.bf16 import BF16_DETAIL, BF16_PRODUCTS
+    from .kernels.microkernels import BF16_DETAIL, BF16_PRODUCTS, F32_DETAIL, F32_PRODUCTS
     from .kernels.cpu_blas import BLAS_NAME
 
-    blas = f"float32 products through {'MKL' if BLAS_NAME == 'mkl' else 'OpenBLAS'} sgemm"
+    blas_name = "MKL" if BLAS_NAME == "mkl" else "OpenBLAS"
+    if F32_PRODUCTS == "fma":
+        blas = f"forward on the AVX-512 FMA micro-kernel, backward through {blas_name} sgemm"
+    else:
+        blas = f"float32 products through {blas_name} sgemm ({F32_DETAIL})"
     if dtype == "float64":
-        return "float64", f"float64 products through {'MKL' if BLAS_NAME == 'mkl' else 'OpenBLAS'} dgemm"
+        return "float64", f"float64 products through {blas_name} dgemm"
     if dtype == "float16":
         return "float32", f"{blas} (float16 converted to float32 at the boundary: no bf16 rounding)"
     if dtype == "bfloat16":
@@ -193,7 +197,7 @@ class NumbaBackend(Backend):
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, dropout_p=0.0, dropout_keep=None):
-        from .kernels.bf16 import bf16_to_float32
+        from .kernels.microkernels import bf16_to_float32
         from .kernels.numba_attention import flash_backward
 
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"

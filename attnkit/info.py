@@ -85,10 +85,11 @@ def cpu_blas():
 def cpu_bf16():
     """How the Numba kernel multiplies bf16 tiles here, and why."""
     try:
-        from .kernels import bf16
+        from .kernels import microkernels as bf16
     except Exception as error:  # numba missing or failing to initialise
         return {"name": None, "detail": f"unavailable ({type(error).__name__}: {error})"}
-    return {"name": bf16.BF16_PRODUCTS, "detail": bf16.BF16_DETAIL}
+    return {"name": bf16.BF16_PRODUCTS, "detail": bf16.BF16_DETAIL,
+            "float32": bf16.F32_PRODUCTS, "float32_detail": bf16.F32_DETAIL}
 
 
 def collect():
@@ -120,6 +121,7 @@ def format_report(info):
         f"  simd     {' '.join(cpu['simd']) or 'none detected'}",
         f"  blas     {info['cpu_blas']['detail']}  (the numba kernel's tile products; ATTNKIT_CPU_BLAS)",
         f"  bf16     {info['cpu_bf16']['detail']}  (bf16, and float32 under torch's \"medium\"; ATTNKIT_CPU_BF16)",
+        f"  float32  {info['cpu_bf16'].get('float32_detail', '')}  (ATTNKIT_CPU_F32)",
         "",
         "cuda:",
     ]

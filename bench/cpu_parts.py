@@ -23,7 +23,8 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
-from ..kernels import bf16, cpu_blas, simd
+from ..kernels import cpu_blas, simd
+from ..kernels import microkernels as bf16
 
 N_KEYS = 2048
 BLOCK_Q, BLOCK_K = 128, 512

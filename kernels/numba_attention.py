@@ -56,7 +56,7 @@ same process, since this machine's speed drifts by up to 2x between runs):
       accumulators (simd.py): row max 0.105 -> 0.055 ns/score, exp2 0.30 ->
       0.27.
   v10 (2026-12-02) bf16 products on our own AVX-512 BF16 micro-kernel
-      (kernels/bf16.py; 363-424 GFLOP/s on one Zen 5 thread where MKL's bf16
+      (kernels/microkernels.py; 363-424 GFLOP/s on one Zen 5 thread where MKL's bf16
       GEMM gave ~90, its generic path on AMD): bf16 inputs stay bf16 (K, V
       pair-packed once per call), P rounded to bf16 for P @ V; backward with
       dK/dV accumulated transposed in float32. Taking turns with torch SDPA bf16
@@ -97,7 +97,7 @@ from numba.extending import intrinsic, overload
 from .jit import jit as _jit
 from .cpu_blas import matmul, set_threads_local, uses_process_threads
 from .simd import exp2_affine, row_max
-from .bf16 import LANES, bf16_of, bf16_to_f32, f32_to_bf16, gemm, pack_pairs, padded
+from .microkernels import F32_PRODUCTS, LANES, bf16_of, bf16_to_f32, f32_to_bf16, gemm, gemm_f32, pack_pairs, padded
 
 __all__ = ["flash_forward", "flash_backward", "warmup"]
 
@@ -375,10 +375,59 @@ def _store_overload(array, value):
     return lambda array, value: value
 
 
+def _product(a, b, c, m, n, k, accumulate, micro):
+    """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n]: float32 on the FMA micro-kernel when micro
+    (b and c padded to 16 columns), else through the BLAS (float64 always)."""
+
+
+@_jit()
+def _blas_product(a, b, c, m, n, k, accumulate):
+    one = c.dtype.type(1)
+    matmul(a[:m, :k], b[:k, :n], c[:m, :n], one, one if accumulate else c.dtype.type(0))
+
+
+@overload(_product, jit_options={"inline": "always"})
+def _product_overload(a, b, c, m, n, k, accumulate, micro):
+    if a.dtype == types.float32:
+
+        def product(a, b, c, m, n, k, accumulate, micro):
+            if micro:
+                gemm_f32(a, b, c, m, n, k, accumulate)
+            else:
+                _blas_product(a, b, c, m, n, k, accumulate)
+
+        return product
+    return lambda a, b, c, m, n, k, accumulate, micro: _blas_product(a, b, c, m, n, k, accumulate)
+
+
+@_jit()
+def _pack_float_head(k, v, k_t, v_rows, t):
+    """Task t = (batch, kv head): k_t[b, hk] = K^T (D, Nk + 16, zero past Nk), the B
+    operand of Q K^T; v_rows[b, hk] = V with rows padded to 16 columns when v_rows is
+    not v itself (Dv not a multiple of 16)."""
+    hkv = k.shape[1]
+    b, hk = t // hkv, t % hkv
+    src, dst = k[b, hk], k_t[b, hk]  # (Nk, D), (D, Nk + 16)
+    nk, d = src.shape
+    for c in range(d):
+        row = dst[c]
+        for j in range(nk):
+            row[j] = src[j, c]
+        for j in range(nk, row.shape[0]):
+            row[j] = 0
+    if v_rows.shape[3] != v.shape[3]:
+        v_src, v_dst = v[b, hk], v_rows[b, hk]
+        for j in range(nk):
+            for c in range(v_src.shape[1]):
+                v_dst[j, c] = v_src[j, c]
+            for c in range(v_src.shape[1], v_dst.shape[1]):
+                v_dst[j, c] = 0
+
+
 @_jit(fastmath=_FASTMATH)
 def _forward_worker(
-    q, k, v, masks, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, order, next_task, out, lse,
+    q, k_t, v_rows, nk, masks, consts, lo_offset, hi_offset, flags,
+    block_q, block_k, micro, order, next_task, out, lse,
 ):  # fmt: skip
     """Take (batch, head, query block) tasks from the queue until it is empty.
 
@@ -388,15 +437,16 @@ def _forward_worker(
     a task never changes what the task computes, so results stay bit-identical.
     """
     batch, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    hkv, dv = k_t.shape[1], out.shape[3]
     group = hq // hkv
     n_qblocks = (nq + block_q - 1) // block_q
     neg_inf = consts[_C_NEG_INF]
     zero = consts[_C_ZERO]
 
-    # Scratch for this worker: O(block) memory, independent of N.
-    score_buf = np.empty(block_q * block_k, q.dtype)  # (Bq, Bk) scores, then P
-    acc = np.empty((block_q, dv), q.dtype)  # (Bq, Dv) running numerator
+    # Scratch for this worker: O(block) memory, independent of N; rows padded to
+    # 16 columns for the micro-kernel.
+    score_buf = np.empty(block_q * padded(block_k, LANES), q.dtype)  # (Bq, Bk16) scores, then P
+    acc = np.empty((block_q, padded(dv, LANES)), q.dtype)  # (Bq, Dv16) running numerator
     running_max = np.empty(block_q, q.dtype)  # (Bq,) running max, base 2
     running_sum = np.empty(block_q, q.dtype)  # (Bq,) running denominator
     rescale = np.empty(block_q, q.dtype)  # (Bq,) exp2(old max - new max)
@@ -431,14 +481,15 @@ def _forward_worker(
             j0 = max(kb * block_k, i0 + lo_offset, key_start)
             j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
             bk = j1 - j0
-            s = score_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
-            matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)
+            s_full = score_buf[: bq * padded(bk, LANES)].reshape((bq, padded(bk, LANES)))  # (Bq, Bk16)
+            _product(q_blk, k_t[b, hk, :, j0:], s_full, bq, bk, d, False, micro)  # S = Q K^T
+            s = s_full[:, :bk]  # (Bq, Bk)
             multiplier = _tile_scores_base2(
                 s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
                 masks[0], masks[1], False, unused_grad,
             )  # fmt: skip
             _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
-            matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P @ V
+            _product(s_full, v_rows[b, hk, j0:], acc, bq, dv, bk, True, micro)  # acc += P @ V
         _finish_rows(acc, running_max, running_sum, consts, out[b, h, i0:i1], lse[b, h, i0:i1])
     set_threads_local(blas_threads)
 
@@ -461,35 +512,40 @@ def _forward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k)
 @_jit(parallel=True)
 def _forward_kernel(
     q, k, v, masks, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, n_workers, out, lse,
+    block_q, block_k, micro, n_workers, k_t, v_rows, out, lse,
 ):  # fmt: skip
+    for t in prange(k.shape[0] * k.shape[1]):
+        _pack_float_head(k, v, k_t, v_rows, t)
     order = _forward_schedule(
         q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
     )
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _forward_worker(
-            q, k, v, masks, consts, lo_offset, hi_offset, flags,
-            block_q, block_k, order, next_task, out, lse,
+            q, k_t, v_rows, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
+            block_q, block_k, micro, order, next_task, out, lse,
         )  # fmt: skip
 
 
 @_jit()
 def _forward_kernel_serial(
-    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, out, lse,
+    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, micro, k_t, v_rows, out, lse,
 ):  # fmt: skip
     """_forward_kernel on the calling thread alone: small calls start no thread pool."""
+    for t in range(k.shape[0] * k.shape[1]):
+        _pack_float_head(k, v, k_t, v_rows, t)
     order = _forward_schedule(
         q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
     )
     next_task = np.zeros(1, np.int64)
     _forward_worker(
-        q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, order, next_task, out, lse,
+        q, k_t, v_rows, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
+        block_q, block_k, micro, order, next_task, out, lse,
     )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
-# Forward in bf16: products on the AVX-512 BF16 micro-kernel (kernels/bf16.py)
+# Forward in bf16: products on the AVX-512 BF16 micro-kernel (kernels/microkernels.py)
 # ---------------------------------------------------------------------------
 
 
@@ -1291,12 +1347,23 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
                 q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, k_packed, v_packed, out, lse
             )
         return out, lse
+    micro = dtype == np.float32 and F32_PRODUCTS == "fma"
+    v_width = dv if dv % LANES == 0 else padded(dv, LANES)
+    k_t, v_rows = _arrays_together(dtype, (
+        (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1),
+    ), zero=False)  # fmt: skip
+    if v_width == dv:
+        v_rows = v  # rows already a whole number of vectors: read V in place
     if batch * hq * nq * nk * d <= _SERIAL_WORK:
-        with _CALL_LOCK:  # one thread: MKL is pinned inside the worker; OpenBLAS may keep its own
-            _forward_kernel_serial(q, k, v, masks, consts, lo, hi, flags, block_q, block_k, out, lse)
+        with _CALL_LOCK, _single_threaded_blas():
+            _forward_kernel_serial(
+                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, k_t, v_rows, out, lse
+            )
         return out, lse
     with _CALL_LOCK, _single_threaded_blas():
-        _forward_kernel(q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, out, lse)
+        _forward_kernel(
+            q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, n_workers, k_t, v_rows, out, lse
+        )
     return out, lse
 
 
@@ -1363,7 +1430,7 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
 def warmup():
     """Compile (or load from cache) forward and backward for float32 and float64, and the
     bf16 products (bf16 bits and float32 under "medium") where the CPU has them."""
-    from .bf16 import BF16_PRODUCTS, bf16_bits
+    from .microkernels import BF16_PRODUCTS, bf16_bits
 
     rng = np.random.default_rng(0)
     variants = [(np.float32, False), (np.float64, False)]

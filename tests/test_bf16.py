@@ -1,4 +1,5 @@
-"""bf16 on the CPU: the micro-kernel's products, the kernel in bf16, fp16 and torch's precision setting.
+"""Low precision on the CPU: the micro-kernels' products (bf16 and float32), the kernel in bf16,
+fp16 and torch's precision setting.
 
 Accuracy rule (flash-attn's): against a float64 reference on the same (bf16)
 inputs, the kernel's error may be at most 2x (forward) or 3x (gradients) the
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.kernels import bf16
+from attnkit.kernels import microkernels as bf16
 from attnkit.kernels.numba_attention import flash_backward, flash_forward
 from attnkit.reference import attention, attention_backward
 
@@ -75,7 +76,48 @@ def test_gemm_against_float64(m, n, k, accumulate):
     assert (err <= bound).all(), f"max error {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
 
 
+@pytest.mark.skipif(bf16.F32_PRODUCTS != "fma", reason=bf16.F32_DETAIL)
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 33, 5), (6, 64, 64), (13, 130, 63), (128, 512, 64), (130, 70, 512)],
+                         ids=lambda x: str(x))
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+def test_gemm_f32_against_float64(m, n, k, accumulate):
+    rng = np.random.default_rng(m * 1000 + n + k)
+    a = np.zeros((m, k + 3), np.float32)  # a wider row than needed: lda is read
+    a[:, :k] = rng.standard_normal((m, k))
+    b = np.full((k, bf16.padded(n, 16) + 5), 7.0, np.float32)  # finite garbage past column n
+    b[:, :n] = rng.standard_normal((k, n))
+    c = rng.standard_normal((m, bf16.padded(n, 16))).astype(np.float32)
+    start = c.copy()
+    bf16.gemm_f32(a, b, c, m, n, k, accumulate)
+    expected = a[:, :k].astype(np.float64) @ b[:, :n] + (start[:, :n] if accumulate else 0)
+    err = np.abs(c[:, :n] - expected)
+    bound = 2e-7 * (np.abs(a[:, :k]).astype(np.float64) @ np.abs(b[:, :n]) + np.abs(start[:, :n]) + 1) * (k + 1)
+    assert (err <= bound).all(), f"max error {err.max():.3g} at {np.unravel_index(err.argmax(), err.shape)}"
+
+
+def test_forced_blas_path_for_float32():
+    """ATTNKIT_CPU_F32=blas (what a CPU without AVX-512 gets): float32 forward through the BLAS, still exact."""
+    script = (
+        "import numpy as np, attnkit\n"
+        "from attnkit.kernels import microkernels\n"
+        "from attnkit.reference import attention\n"
+        "rng = np.random.default_rng(0)\n"
+        "q, k, v = (rng.standard_normal((2, 4, 300, 80)).astype(np.float32) for _ in range(3))\n"
+        "print(microkernels.F32_PRODUCTS)\n"
+        "out = attnkit.attention(q, k, v, causal=True)\n"
+        "print('error', np.abs(out - attention(*(x.astype(np.float64) for x in (q, k, v)), causal=True)).max())\n"
+    )
+    env = {**os.environ, "ATTNKIT_CPU_F32": "blas"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[0] == "blas"
+    assert float(result.stdout.split("error")[-1]) < 1e-5
+
+
 def test_environment_variable_is_checked(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_CPU_F32", "avx2")
+    with pytest.raises(ValueError, match="ATTNKIT_CPU_F32 must be one of auto, fma, blas; got 'avx2'"):
+        bf16._choose_f32()
     monkeypatch.setenv("ATTNKIT_CPU_BF16", "amx")
     with pytest.raises(ValueError, match="ATTNKIT_CPU_BF16 must be one of auto, dpbf16, fp32; got 'amx'"):
         bf16._choose()

@@ -15,7 +15,7 @@ import torch
 
 import attnkit
 from attnkit.kernels import numba_attention as kernel
-from attnkit.kernels.bf16 import BF16_PRODUCTS, bf16_bits, bf16_to_float32
+from attnkit.kernels.microkernels import BF16_PRODUCTS, bf16_bits, bf16_to_float32
 from attnkit.reference import attention, attention_backward
 
 from test_numba_kernel import assert_close

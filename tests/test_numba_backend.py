@@ -94,12 +94,16 @@ def test_torch_tensors_are_viewed_not_copied(monkeypatch):
         monkeypatch.setattr(numba_attention, name, call)
 
     spy("_forward_kernel")
+    spy("_forward_kernel_serial")  # small calls run on the calling thread
     spy("_backward_kernel")
-    q, k, v = (torch.randn(2, 4, 16, 32, requires_grad=True) for _ in range(3))
-    attnkit.scaled_dot_product_attention(q, k, v, backend="numba").sum().backward()
-    for name in ("_forward_kernel", "_backward_kernel"):
-        for array, tensor in zip(seen[name], (q, k, v)):
-            assert np.shares_memory(array, tensor.detach().numpy()), f"{name} got a copy"
+    for n in (16, 300):
+        seen.clear()
+        q, k, v = (torch.randn(2, 4, n, 32, requires_grad=True) for _ in range(3))
+        attnkit.scaled_dot_product_attention(q, k, v, backend="numba").sum().backward()
+        assert len(seen) == 2, f"N={n}: kernels called: {sorted(seen)}"
+        for name in seen:
+            for array, tensor in zip(seen[name], (q, k, v)):
+                assert np.shares_memory(array, tensor.detach().numpy()), f"{name} got a copy"
 
 
 # gradcheck over every feature, for this backend too: tests/test_api.py::test_gradcheck.

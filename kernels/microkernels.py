@@ -54,6 +54,8 @@ from .jit import jit
 __all__ = [
     "BF16_PRODUCTS",
     "BF16_DETAIL",
+    "F32_PRODUCTS",
+    "F32_DETAIL",
     "MR",
     "PANEL",
     "bf16_bits",
@@ -62,6 +64,7 @@ __all__ = [
     "bf16_to_f32",
     "f32_to_bf16",
     "gemm",
+    "gemm_f32",
     "pack_pairs",
     "padded",
 ]
@@ -94,6 +97,29 @@ def _choose():
 
 
 BF16_PRODUCTS, BF16_DETAIL = _choose()
+
+_F32_CHOICES = ("auto", "fma", "blas")
+
+
+def _choose_f32():
+    """('fma' or 'blas', why): whether float32 forward products run on the FMA micro-kernel.
+
+    ATTNKIT_CPU_F32=blas forces the BLAS (cpu_blas.py); =fma insists on the micro-kernel.
+    """
+    choice = os.environ.get("ATTNKIT_CPU_F32", "auto").strip().lower() or "auto"
+    if choice not in _F32_CHOICES:
+        raise ValueError(f"ATTNKIT_CPU_F32 must be one of {', '.join(_F32_CHOICES)}; got {choice!r}")
+    has_avx512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
+    if choice == "blas":
+        return "blas", "ATTNKIT_CPU_F32=blas: float32 products through the BLAS"
+    if not has_avx512:
+        if choice == "fma":
+            raise ValueError("ATTNKIT_CPU_F32=fma, but this CPU has no AVX-512 (avx512f)")
+        return "blas", "this CPU has no AVX-512: float32 products through the BLAS"
+    return "fma", "float32 forward products on attnkit's AVX-512 FMA micro-kernel"
+
+
+F32_PRODUCTS, F32_DETAIL = _choose_f32()
 
 
 @jit(inline="always")
@@ -141,22 +167,60 @@ def _splat_i32(builder, value):
     return builder.shuffle_vector(lane0, ir.Constant(_I32X16, ir.Undefined), zeros)
 
 
-def _build_micro_kernel(nr):
-    """IR body of C[m rows, 16 nr cols] (+)= A[m rows, 2 kpairs] @ Bp[kpairs, 16 nr, 2].
+def _splat_f32(builder, value):
+    lane0 = builder.insert_element(ir.Constant(_F32X16, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+    return builder.shuffle_vector(lane0, ir.Constant(_F32X16, ir.Undefined), zeros)
 
-    Arguments: a (i16*), lda (elements), b (i16*), ldb (elements per packed
-    row, i.e. 2 x columns), c (float*), ldc (elements), m (1..MR), kpairs,
-    accumulate (0 or 1). Rows of A and C past m are read from row m - 1 and
-    never stored.
+
+def _fma_f32x16(builder, a, b, c):
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F32X16, [_F32X16] * 3), "llvm.fma.v16f32"
+    )
+    return builder.call(function, [a, b, c])
+
+
+class _Kind:
+    """What differs between the two micro-kernels: the element of A and B, and the update.
+
+    "bf16": A holds bf16 pairs (one i32 = A[m, 2p], A[m, 2p+1]), a B row p holds 16
+    pairs per vector, update VDPBF16PS. "f32": A holds floats, a B row p holds 16
+    floats per vector, update a fused multiply-add.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.element = _I16 if name == "bf16" else _F32  # the pointer type of A and B
+        self.a_unit = _I32 if name == "bf16" else _F32  # one step of the reduction in A
+        self.b_step = 2 * LANES if name == "bf16" else LANES  # elements per B vector
+
+    def update(self, builder, acc, a_unit, b_vector):
+        if self.name == "bf16":
+            return _dpbf16ps(builder, acc, _splat_i32(builder, a_unit), b_vector)
+        return _fma_f32x16(builder, _splat_f32(builder, a_unit), b_vector, acc)
+
+    @property
+    def b_vector_type(self):
+        return _I32X16 if self.name == "bf16" else _F32X16
+
+
+def _build_micro_kernel(nr, kind):
+    """IR body of C[m rows, 16 nr cols] (+)= A[m rows, steps] @ B[steps, 16 nr].
+
+    Arguments: a, lda (elements), b, ldb (elements per row of B, a row being
+    one reduction step: a bf16 pair or a float), c (float*), ldc (elements),
+    m (1..MR), steps (pairs for bf16, elements for f32), accumulate (0 or 1).
+    Rows of A and C past m are read from row m - 1 and never stored.
     """
 
     def build(builder, args):
-        a, lda, b, ldb, c, ldc, m, kpairs, accumulate = args
+        a, lda, b, ldb, c, ldc, m, steps, accumulate = args
         one = ir.Constant(_I64, 1)
         last_row = builder.sub(m, one)
         rows = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, r), m), ir.Constant(_I64, r), last_row)
                 for r in range(MR)]
-        a_rows = [builder.bitcast(builder.gep(a, [builder.mul(rows[r], lda)]), _I32.as_pointer()) for r in range(MR)]
+        a_rows = [builder.bitcast(builder.gep(a, [builder.mul(rows[r], lda)]), kind.a_unit.as_pointer())
+                  for r in range(MR)]
         c_rows = [builder.gep(c, [builder.mul(rows[r], ldc)]) for r in range(MR)]
         keep = builder.icmp_signed("!=", accumulate, ir.Constant(_I64, 0))
         zero = ir.Constant(_F32X16, [0.0] * LANES)
@@ -168,19 +232,19 @@ def _build_micro_kernel(nr):
                 start = builder.select(keep, builder.load(pointer, align=4), zero)
                 row_slots.append(cgutils.alloca_once_value(builder, start))
             slots.append(row_slots)
-        with cgutils.for_range(builder, kpairs) as loop:
+        with cgutils.for_range(builder, steps) as loop:
             p = loop.index
             b_row = builder.gep(b, [builder.mul(p, ldb)])
             b_vectors = [
-                builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(_I64, 2 * LANES * v)]),
-                                             _I32X16.as_pointer()), align=4)
+                builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(_I64, kind.b_step * v)]),
+                                             kind.b_vector_type.as_pointer()), align=4)
                 for v in range(nr)
             ]  # fmt: skip
             for r in range(MR):
-                pair = _splat_i32(builder, builder.load(builder.gep(a_rows[r], [p]), align=4))
+                a_unit = builder.load(builder.gep(a_rows[r], [p]), align=4)
                 for v in range(nr):
                     slot = slots[r][v]
-                    builder.store(_dpbf16ps(builder, builder.load(slot), pair, b_vectors[v]), slot)
+                    builder.store(kind.update(builder, builder.load(slot), a_unit, b_vectors[v]), slot)
         for r in range(MR):
             with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), m)):
                 for v in range(nr):
@@ -201,20 +265,20 @@ def _define(module, name, argument_types, build):
     return function
 
 
-def _micro_kernel_intrinsic(nr):
+def _micro_kernel_intrinsic(nr, kind):
     @intrinsic
-    def micro_kernel(typingctx, a, lda, b, ldb, c, ldc, m, kpairs, accumulate):
-        if not all(x == types.intp for x in (a, lda, b, ldb, c, ldc, m, kpairs, accumulate)):
+    def micro_kernel(typingctx, a, lda, b, ldb, c, ldc, m, steps, accumulate):
+        if not all(x == types.intp for x in (a, lda, b, ldb, c, ldc, m, steps, accumulate)):
             return None
 
         def codegen(context, builder, signature, args):
-            i16p, f32p = _I16.as_pointer(), _F32.as_pointer()
+            element_p, f32p = kind.element.as_pointer(), _F32.as_pointer()
             function = _define(
-                builder.module, f"attnkit_bf16_micro_{MR}x{nr}",
-                [i16p, _I64, i16p, _I64, f32p, _I64, _I64, _I64, _I64], _build_micro_kernel(nr),
+                builder.module, f"attnkit_{kind.name}_micro_{MR}x{nr}",
+                [element_p, _I64, element_p, _I64, f32p, _I64, _I64, _I64, _I64], _build_micro_kernel(nr, kind),
             )  # fmt: skip
             a_, lda_, b_, ldb_, c_, ldc_, m_, k_, acc_ = args
-            builder.call(function, [builder.inttoptr(a_, i16p), lda_, builder.inttoptr(b_, i16p), ldb_,
+            builder.call(function, [builder.inttoptr(a_, element_p), lda_, builder.inttoptr(b_, element_p), ldb_,
                                     builder.inttoptr(c_, f32p), ldc_, m_, k_, acc_])  # fmt: skip
             return context.get_dummy_value()
 
@@ -223,8 +287,8 @@ def _micro_kernel_intrinsic(nr):
     return micro_kernel
 
 
-
-_MICRO_1, _MICRO_2, _MICRO_3, _MICRO_4 = (_micro_kernel_intrinsic(nr) for nr in (1, 2, 3, 4))
+_MICRO_1, _MICRO_2, _MICRO_3, _MICRO_4 = (_micro_kernel_intrinsic(nr, _Kind("bf16")) for nr in (1, 2, 3, 4))
+_F32_MICRO_1, _F32_MICRO_2, _F32_MICRO_3, _F32_MICRO_4 = (_micro_kernel_intrinsic(nr, _Kind("f32")) for nr in (1, 2, 3, 4))
 
 
 @intrinsic
@@ -333,6 +397,46 @@ def gemm(a, bp, c, m, n, kpairs, accumulate):
             _micro(
                 nr, a_ptr + 2 * r0 * lda, lda, b_ptr + 4 * col, ldb,
                 c_ptr + 4 * (r0 * ldc + col), ldc, min(MR, m - r0), kpairs, flag,
+            )  # fmt: skip
+
+
+@jit()
+def _f32_micro(nr, a, lda, b, ldb, c, ldc, m, k, accumulate):
+    if nr == 4:
+        _F32_MICRO_4(a, lda, b, ldb, c, ldc, m, k, accumulate)
+    elif nr == 3:
+        _F32_MICRO_3(a, lda, b, ldb, c, ldc, m, k, accumulate)
+    elif nr == 2:
+        _F32_MICRO_2(a, lda, b, ldb, c, ldc, m, k, accumulate)
+    else:
+        _F32_MICRO_1(a, lda, b, ldb, c, ldc, m, k, accumulate)
+
+
+@jit()
+def gemm_f32(a, b, c, m, n, k, accumulate):
+    """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n] in float32 with fused multiply-adds.
+
+    a, b, c: 2-D float32 with contiguous rows; b and c at least padded(n, 16)
+    columns wide (c's padding is written; b's is read and must be finite).
+    accumulate: add to c (True) or overwrite it (False).
+    """
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if not accumulate:
+            c[:m, :n] = 0
+        return
+    lda, ldb, ldc = a.strides[0] // 4, b.strides[0] // 4, c.strides[0] // 4
+    a_ptr, b_ptr, c_ptr = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    flag = 1 if accumulate else 0
+    n_vectors = (n + LANES - 1) // LANES
+    for v0 in range(0, n_vectors, NR):
+        nr = min(NR, n_vectors - v0)
+        col = v0 * LANES
+        for r0 in range(0, m, MR):
+            _f32_micro(
+                nr, a_ptr + 4 * r0 * lda, lda, b_ptr + 4 * col, ldb,
+                c_ptr + 4 * (r0 * ldc + col), ldc, min(MR, m - r0), k, flag,
             )  # fmt: skip
 
 
