@@ -50,6 +50,16 @@ def _products_np_dot(q, k, v, s, pv, repeats):
 
 
 @njit
+def _products_f32_micro(q, k_t, v, s, acc, repeats):
+    """The two products on the float32 FMA micro-kernel (K transposed once, as the kernel does)."""
+    block_k = s.shape[1]
+    for _ in range(repeats):
+        for j0 in range(0, v.shape[0], block_k):
+            bf16.gemm_f32(q, k_t[:, j0:], s, q.shape[0], block_k, q.shape[1], False)
+            bf16.gemm_f32(s, v[j0:], acc, q.shape[0], acc.shape[1], block_k, True)
+
+
+@njit
 def _products_bf16(q, k_packed, v_packed, s, p, acc, repeats):
     """The same two products on the bf16 micro-kernel (q bf16 rows, K and V pair-packed)."""
     d_pairs, block_k = k_packed.shape[0], s.shape[1]
@@ -112,6 +122,11 @@ def main(argv=None):
                            lambda: _products_np_dot(q, k, v, s, acc, calls)], args.repeats)
             blas, numpy = (flops / t / 1e9 for t in times)
             line = f"  D={d:<4} {cpu_blas.BLAS_NAME} {blas:6.1f} GFLOP/s   np.dot (SciPy's BLAS) {numpy:6.1f} GFLOP/s"
+            if bf16.F32_PRODUCTS == "fma":
+                k_t = np.zeros((d, N_KEYS + 16), np.float32)
+                k_t[:, :N_KEYS] = k.T
+                (t32,) = _best([lambda: _products_f32_micro(q, k_t, v, s, acc, calls)], args.repeats)
+                line += f"   f32 micro-kernel {flops / t32 / 1e9:6.1f} GFLOP/s"
             if bf16.BF16_PRODUCTS == "dpbf16":
                 q16, p16 = bf16.bf16_bits(q), bf16.bf16_bits(rng.random((BLOCK_Q, BLOCK_K)))
                 k_packed = np.zeros((d // 2, 2 * (N_KEYS + 16)), np.uint16)
