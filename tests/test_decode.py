@@ -1,0 +1,85 @@
+"""Decode (flash-decoding): few queries against many keys, keys split across cores, partials merged by lse."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from attnkit.kernels import numba_attention as kernel
+from attnkit.reference import attention
+
+from test_numba_kernel import assert_close
+
+CASES = [
+    # (B, Hq, Hkv, Nq, Nk, D, causal, window, mask)
+    (1, 4, 1, 1, 1, 64, None, None, None),
+    (1, 4, 2, 1, 255, 64, None, None, None),  # just below the decode path
+    (1, 32, 8, 1, 1024, 128, None, None, None),
+    (1, 8, 2, 16, 2049, 64, "bottom_right", (100, 0), None),
+    (2, 4, 4, 3, 1000, 80, "bottom_right", None, None),
+    (3, 4, 2, 1, 700, 32, None, None, "key_padding"),
+    (2, 4, 2, 2, 1500, 64, None, None, "bool_full"),
+    (1, 4, 1, 1, 10000, 64, None, None, None),
+    (1, 2, 2, 5, 300, 32, "top_left", None, None),  # Nq > 1, top-left: later keys hidden
+    (1, 6, 3, 7, 4097, 59, None, (None, 0), None),  # odd head dim: the tiled path
+]
+
+
+def case_id(case):
+    b, hq, hkv, nq, nk, d, causal, window, mask = case
+    parts = [f"B{b}", f"H{hq}kv{hkv}", f"Nq{nq}-Nk{nk}", f"D{d}"]
+    if causal:
+        parts.append(f"causal_{causal}")
+    if window:
+        parts.append(f"window_{window[0]}_{window[1]}")
+    if mask:
+        parts.append(mask)
+    return "-".join(parts)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_decode_against_reference(case, dtype):
+    b, hq, hkv, nq, nk, d, causal, window, mask_kind = case
+    rng = np.random.default_rng(nk + nq)
+    q = rng.standard_normal((b, hq, nq, d))
+    k, v = (rng.standard_normal((b, hkv, nk, d)) for _ in range(2))
+    mask = None
+    if mask_kind == "key_padding":  # one sequence fully padded, one of five keys
+        lengths = np.array([0, 5, nk])[:b]
+        mask = np.arange(nk)[None, None, None, :] < lengths[:, None, None, None]
+    elif mask_kind == "bool_full":
+        mask = rng.random((b, 1, nq, nk)) < 0.5
+        mask[:, :, 0, 600:] = False
+    scale = 1.0 / math.sqrt(d)
+    out, lse = kernel.flash_forward(*(x.astype(dtype) for x in (q, k, v)), mask, scale=scale, causal=causal,
+                                    window=window, softcap=None)
+    kw = dict(mask=mask, scale=scale, causal=causal or False, window=window, return_lse=True)
+    out64, lse64 = attention(q, k, v, **kw)
+    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), **kw)
+    empty = lse64 == -np.inf
+    assert np.array_equal(empty, lse == -np.inf)
+    assert np.all(out[empty] == 0)
+    if dtype == np.float64:
+        np.testing.assert_allclose(out, out64, atol=1e-12)
+    else:
+        assert_close("out", out, out64, out32, 2)
+        assert_close("lse", lse[~empty], lse64[~empty], lse32[~empty], 2)
+
+
+def test_decode_splits_keys_when_there_are_few_heads(monkeypatch):
+    seen = {}
+    original = kernel._decode_kernel
+
+    def spy(*args):
+        seen["n_splits"] = args[9]
+        return original(*args)
+
+    monkeypatch.setattr(kernel, "_decode_kernel", spy)
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 4, 1, 64)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 1, 5000, 64)).astype(np.float32) for _ in range(2))
+    kernel.flash_forward(q, k, v, None, scale=0.125, causal=None, window=None, softcap=None)
+    assert seen["n_splits"] > 1
