@@ -126,13 +126,15 @@ def _tanh(x):
 
 @triton.jit
 def _scores(qk, qi, kj, M_base, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-            MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
+            apply_mask, MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
             HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
     """Masked scores in base 2, from raw q.k products.
 
     qk: q.k tile; qi, kj: query / key indices broadcastable to qk's shape (any
-    orientation). Returns (s, t): s = log2(e) * masked score, t = tanh of the
-    capped score when SOFTCAP (for the backward), else qk itself.
+    orientation). apply_mask: 0 when the mask summary says the mask changes
+    nothing in this block (its elements are then not read). Returns (s, t):
+    s = log2(e) * masked score, t = tanh of the capped score when SOFTCAP (for
+    the backward), else qk itself.
     """
     if SOFTCAP:
         t = _tanh(qk * qk_scale)  # qk_scale = scale / softcap
@@ -141,12 +143,13 @@ def _scores(qk, qi, kj, M_base, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win
         t = qk
         s = qk * qk_scale  # qk_scale = scale * log2(e)
     if MASK_KIND != 0:
-        inb = (qi < Nq) & (kj < Nk)
-        mv = tl.load(M_base + qi * s_mq + kj * s_mk, mask=inb, other=0)
-        if MASK_KIND == 1:
-            s = tl.where(mv != 0, s, float("-inf"))
-        else:
-            s = s + mv.to(tl.float32) * 1.4426950408889634
+        if apply_mask != 0:
+            inb = (qi < Nq) & (kj < Nk)
+            mv = tl.load(M_base + qi * s_mq + kj * s_mk, mask=inb, other=0)
+            if MASK_KIND == 1:
+                s = tl.where(mv != 0, s, float("-inf"))
+            else:
+                s = s + mv.to(tl.float32) * 1.4426950408889634
     if GEOM:
         vis = (kj < Nk) & (qi < Nq)
         pos = qi + off  # the query's position on the key axis
@@ -212,10 +215,34 @@ def _query_range(n0, Nq, Nk, off, win_l, win_r, BLOCK_M: tl.constexpr, BLOCK_N: 
     return lo, full_lo, full_hi, hi
 
 
+# Mask summaries: one int8 per 16 x 16 tile of the mask (every BLOCK_M and BLOCK_N
+# is a multiple of 16): bit 0 set when some score of the tile survives the mask,
+# bit 1 when the mask changes some score (a False, or a nonzero additive value).
+# A block without bit 0 is skipped; one without bit 1 runs without reading the mask.
+SUMMARY_TILE = 16
+
+
+@triton.jit
+def _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(some score of block [m0, +BLOCK_M) x [n0, +BLOCK_N) survives, the mask changes some)."""
+    if MASK_KIND == 0:
+        some = 1
+        changes = 0
+    else:
+        tm = m0 // 16 + tl.arange(0, BLOCK_M // 16)
+        tn = n0 // 16 + tl.arange(0, BLOCK_N // 16)
+        bits = tl.load(S_base + tm[:, None] * s_sq + tn[None, :] * s_sk,
+                       mask=(tm[:, None] < Tq) & (tn[None, :] < Tk), other=0).to(tl.int32)
+        some = tl.max(tl.max(bits & 1, 1), 0)
+        changes = tl.max(tl.max(bits & 2, 1), 0)
+    return some, changes
+
+
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_d, offs_dv,
                s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
+               apply_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
                GEOM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block of the online softmax: acc (BM, BDV), m_i / l_i (BM,)."""
@@ -228,7 +255,7 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_
                  mask=(offs_d[:, None] < HEAD_DIM) & col_ok[None, :], other=0.0)  # (BD, BN)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BM, BN) fp32
     s, _t = _scores(qk, rows[:, None], cols[None, :], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
-                    cap_log2, off, win_l, win_r, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
+                    cap_log2, off, win_l, win_r, apply_mask, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: shift by 0
     alpha = tl.exp2(m_i - m_safe)
@@ -243,12 +270,13 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, M,
+    Q, K, V, O, LSE, M, S,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_on, s_od,
     s_mb, s_mh, s_mq, s_mk,
+    s_sb, s_sh, s_sq, s_sk, Tq, Tk,
     Hq, Nq, Nk, GROUP, qk_scale, cap_log2, off, win_l, win_r, Nq_b, Nk_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -275,6 +303,7 @@ def _fwd_kernel(
     K_base = K + b * s_kb + hk * s_kh
     V_base = V + b * s_vb + hk * s_vh
     M_base = M + b * s_mb + h * s_mh
+    S_base = S + b * s_sb + h * s_sh
     q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qn + offs_d[None, :] * s_qd,
                 mask=(rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BM, BD)
 
@@ -285,20 +314,29 @@ def _fwd_kernel(
     lo, full_lo, full_hi, hi = _key_range(m0, Nk, off, win_l, win_r, BLOCK_M, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
     for n0 in range(lo, full_lo, BLOCK_N):  # left window edge
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
-                                   offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                   qk_scale, cap_log2, off, win_l, win_r, HEAD_DIM, HEAD_DIM_V,
-                                   MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
+        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+        if some != 0:  # a block the mask hides entirely is skipped
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
+                                       offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
+                                       qk_scale, cap_log2, off, win_l, win_r, changes, HEAD_DIM,
+                                       HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                       DOT_PREC)
     for n0 in range(full_lo, full_hi, BLOCK_N):  # every key visible to every query
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
-                                   offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                   qk_scale, cap_log2, off, win_l, win_r, HEAD_DIM, HEAD_DIM_V,
-                                   MASK_KIND, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
+        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+        if some != 0:  # a block the mask hides entirely is skipped
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
+                                       offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
+                                       qk_scale, cap_log2, off, win_l, win_r, changes, HEAD_DIM,
+                                       HEAD_DIM_V, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                       DOT_PREC)
     for n0 in range(full_hi, hi, BLOCK_N):  # causal diagonal, right window edge, key tail
-        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
-                                   offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                   qk_scale, cap_log2, off, win_l, win_r, HEAD_DIM, HEAD_DIM_V,
-                                   MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
+        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+        if some != 0:  # a block the mask hides entirely is skipped
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
+                                       offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
+                                       qk_scale, cap_log2, off, win_l, win_r, changes, HEAD_DIM,
+                                       HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                       DOT_PREC)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -341,7 +379,7 @@ def _bwd_preprocess(
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, cols, offs_m,
                 offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                off, win_l, win_r, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                off, win_l, win_r, apply_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block's contribution to dk (BN, BD) and dv (BN, BDV), transposed scores."""
@@ -359,7 +397,7 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, c
     delta = tl.load(DELTA_row + rows, mask=row_ok, other=0.0)  # (BM,)
     qkT = tl.dot(k, qT, input_precision=DOT_PREC)  # (BN, BM)
     sT, tT = _scores(qkT, rows[None, :], cols[:, None], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
-                     cap_log2, off, win_l, win_r, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
+                     cap_log2, off, win_l, win_r, apply_mask, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
     pT = tl.exp2(sT - lse2[None, :])  # (BN, BM) probabilities, 0 where invisible
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM)
@@ -372,7 +410,7 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, c
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, M,
+    Q, K, V, DO, LSE, DELTA, DK, DV, M, S,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -380,6 +418,7 @@ def _bwd_dkdv_kernel(
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dvb, s_dvh, s_dvn, s_dvd,
     s_mb, s_mh, s_mq, s_mk,
+    s_sb, s_sh, s_sq, s_sk, Tq, Tk,
     Hq, Hkv, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -414,26 +453,33 @@ def _bwd_dkdv_kernel(
         Q_base = Q + b * s_qb + h * s_qh
         DO_base = DO + b * s_db + h * s_dh
         M_base = M + b * s_mb + h * s_mh
+        S_base = S + b * s_sb + h * s_sh
         LSE_row = LSE + (b * Hq + h) * Nq
         DELTA_row = DELTA + (b * Hq + h) * Nq
         for m0 in range(lo, full_lo, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
-                                 cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                 s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, HEAD_DIM,
-                                 HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                 DOT_PREC)
+            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+            if some != 0:
+                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
+                                     cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
+                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes,
+                                     HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                                     SOFTCAP, DOT_PREC)
         for m0 in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
-                                 cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                 s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, HEAD_DIM,
-                                 HEAD_DIM_V, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                 DOT_PREC)
+            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+            if some != 0:
+                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
+                                     cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
+                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes,
+                                     HEAD_DIM, HEAD_DIM_V, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
+                                     SOFTCAP, DOT_PREC)
         for m0 in range(full_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
-                                 cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                 s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, HEAD_DIM,
-                                 HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                 DOT_PREC)
+            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+            if some != 0:
+                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
+                                     cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
+                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes,
+                                     HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
+                                     SOFTCAP, DOT_PREC)
     dk = dk * scale  # d(score)/d(q.k) = scale (times 1 - tanh^2 under softcap, applied above)
     tl.store(DK + b * s_dkb + hk * s_dkh + cols[:, None] * s_dkn + offs_d[None, :] * s_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -444,7 +490,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d, offs_dv,
               s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
+              apply_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
               GEOM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block's contribution to dq (BM, BD)."""
@@ -459,7 +505,7 @@ def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, 
                  mask=(offs_dv[:, None] < HEAD_DIM_V) & col_ok[None, :], other=0.0)  # (BDV, BN)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BM, BN)
     s, t = _scores(qk, rows[:, None], cols[None, :], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
-                   cap_log2, off, win_l, win_r, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
+                   cap_log2, off, win_l, win_r, apply_mask, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PREC)  # (BM, BN)
     ds = p * (dp - delta[:, None])
@@ -471,13 +517,14 @@ def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, M,
+    Q, K, V, DO, LSE, DELTA, DQ, M, S,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_db, s_dh, s_dn, s_dd,
     s_dqb, s_dqh, s_dqn, s_dqd,
     s_mb, s_mh, s_mq, s_mk,
+    s_sb, s_sh, s_sq, s_sk, Tq, Tk,
     Hq, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -511,25 +558,32 @@ def _bwd_dq_kernel(
     K_base = K + b * s_kb + hk * s_kh
     V_base = V + b * s_vb + hk * s_vh
     M_base = M + b * s_mb + h * s_mh
+    S_base = S + b * s_sb + h * s_sh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     lo, full_lo, full_hi, hi = _key_range(m0, Nk, off, win_l, win_r, BLOCK_M, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
     for n0 in range(lo, full_lo, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
-                       offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                       off, win_l, win_r, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT,
-                       HAS_RIGHT, SOFTCAP, DOT_PREC)
+        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+        if some != 0:
+            dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
+                           offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
+                           off, win_l, win_r, changes, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
     for n0 in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
-                       offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                       off, win_l, win_r, HEAD_DIM, HEAD_DIM_V, MASK_KIND, False, HAS_LEFT,
-                       HAS_RIGHT, SOFTCAP, DOT_PREC)
+        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+        if some != 0:
+            dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
+                           offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
+                           off, win_l, win_r, changes, HEAD_DIM, HEAD_DIM_V, MASK_KIND, False,
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
     for n0 in range(full_hi, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
-                       offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                       off, win_l, win_r, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT,
-                       HAS_RIGHT, SOFTCAP, DOT_PREC)
+        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+        if some != 0:
+            dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
+                           offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
+                           off, win_l, win_r, changes, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b * s_dqb + h * s_dqh + rows[:, None] * s_dqn + offs_d[None, :] * s_dqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -678,6 +732,35 @@ def _mask_operand(mask, shape, dummy):
     return m, _strides(m), 2
 
 
+def _mask_summary(mask, shape, dummy):
+    """(summary, (s_sb, s_sh, s_sq, s_sk, Tq, Tk)): the mask's 16 x 16 tile bits (see SUMMARY_TILE).
+
+    Computed once per call on the mask's own device from its broadcast form
+    (an axis of size 1 stays 1: a key-padding mask gives one row of tiles). Tq /
+    Tk bound the tile indices; a broadcast axis reads tile 0 (stride 0, no bound).
+    """
+    if mask is None:
+        return dummy, (0, 0, 0, 0, 1, 1)
+    m = mask.reshape((1,) * max(0, 4 - mask.dim()) + tuple(mask.shape[-4:]))
+    survives = m if m.dtype == torch.bool else m != float("-inf")
+    changes = ~m if m.dtype == torch.bool else m != 0
+    tile = SUMMARY_TILE
+    pad_q = (-m.shape[2]) % tile if m.shape[2] > 1 else 0
+    pad_k = (-m.shape[3]) % tile if m.shape[3] > 1 else 0
+
+    def any_in_tiles(x):
+        x = torch.nn.functional.pad(x.to(torch.uint8), (0, pad_k, 0, pad_q))  # padding: neither bit
+        bm, hm, mq, mk = x.shape
+        tq, tk = (mq // tile if mq > 1 else 1), (mk // tile if mk > 1 else 1)
+        return x.reshape(bm, hm, tq, mq // tq, tk, mk // tk).amax(dim=(3, 5))
+
+    summary = (any_in_tiles(survives) | (any_in_tiles(changes) << 1)).to(torch.int8).contiguous()
+    tq, tk = summary.shape[2], summary.shape[3]
+    strides = [0 if n == 1 else st for n, st in zip(summary.shape, summary.stride())]
+    unbounded = 2**31 - 1
+    return summary, (*strides, tq if tq > 1 else unbounded, tk if tk > 1 else unbounded)
+
+
 def _empty_like_layout(x, shape, dtype=None):
     """A new tensor of `shape` (B, H, N, X) laid out like x (so (B, N, H, D) memory stays so)."""
     dtype = x.dtype if dtype is None else dtype
@@ -692,6 +775,7 @@ def _common(q, k, v, mask, scale, causal, window, softcap, extra=()):
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     off, win_l, win_r, has_left, has_right = _geometry(causal, window, Nq, Nk)
     m, m_strides, mask_kind = _mask_operand(mask, (B, Hq, Nq, Nk), q)
+    summary, s_strides = _mask_summary(mask, (B, Hq, Nq, Nk), q)
     if softcap is not None and softcap > 0:
         qk_scale, cap_log2, use_cap = float(scale) / float(softcap), float(softcap) * LOG2E, True
     else:
@@ -701,7 +785,7 @@ def _common(q, k, v, mask, scale, causal, window, softcap, extra=()):
     index_64 = max(spans) >= 2**31 - 1
     return dict(
         B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=D, Dv=Dv, group=Hq // Hkv, mask=m,
-        m_strides=m_strides, mask_kind=mask_kind, off=off, win_l=win_l, win_r=win_r,
+        m_strides=m_strides, mask_kind=mask_kind, summary=summary, s_strides=s_strides, off=off, win_l=win_l, win_r=win_r,
         has_left=has_left, has_right=has_right, qk_scale=qk_scale, cap_log2=cap_log2,
         use_cap=use_cap, index_64=index_64, block_d=max(16, _next_pow2(D)),
         block_dv=max(16, _next_pow2(Dv)),
@@ -759,8 +843,8 @@ def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softca
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)
 
     launch[grid](
-        q, k, v, out, lse, c["mask"],
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *c["m_strides"],
+        q, k, v, out, lse, c["mask"], c["summary"],
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *c["m_strides"], *c["s_strides"],
         Hq, Nq, c["Nk"], c["group"], c["qk_scale"], c["cap_log2"], c["off"], c["win_l"],
         c["win_r"], _next_pow2(Nq), _next_pow2(c["Nk"]), **_constexprs(c), **blocks,
     )
@@ -803,17 +887,17 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal=None, window
 
     launch, blocks = _launcher("dkdv", _bwd_dkdv_kernel, c, q.dtype, q.device, wrap)
     launch[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * c["Hkv"])](
-        q, k, v, d_out, lse, delta, dk, dv, c["mask"],
+        q, k, v, d_out, lse, delta, dk, dv, c["mask"], c["summary"],
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk),
-        *_strides(dv), *c["m_strides"],
+        *_strides(dv), *c["m_strides"], *c["s_strides"],
         Hq, c["Hkv"], Nq, Nk, c["group"], *scalars, *buckets,
         **_constexprs(c), **blocks,
     )
     launch, blocks = _launcher("dq", _bwd_dq_kernel, c, q.dtype, q.device, wrap)
     launch[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, d_out, lse, delta, dq, c["mask"],
+        q, k, v, d_out, lse, delta, dq, c["mask"], c["summary"],
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq),
-        *c["m_strides"],
+        *c["m_strides"], *c["s_strides"],
         Hq, Nq, Nk, c["group"], *scalars, *buckets,
         **_constexprs(c), **blocks,
     )
@@ -870,6 +954,10 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
         elif arg == "M":
             signature[arg] = {0: f"*{ty}", 1: "*u8", 2: f"*{ty}"}[mask_kind]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg == "S":  # the mask summary
+            signature[arg] = "*i8"
+        elif arg.startswith("s_s"):  # its strides (0 on broadcast axes)
+            signature[arg] = "i32"
         elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):  # tensors
             signature[arg], attrs[(i,)] = f"*{ty}", [["tt.divisibility", 16]]
         elif arg.startswith("s_") and arg.endswith("d"):  # unit stride of the head dim

@@ -400,3 +400,40 @@ def test_public_api_backend_triton_with_broadcast_batch_and_gradients():
     for name, leaf, g in zip(("dq", "dk", "dv"), leaves, grads):
         assert leaf.grad.shape == leaf.shape
         assert_close(leaf.grad, g, atol=5e-5, rtol=5e-5, name=name)
+
+
+# ----------------------------------------------------------------------------- mask summaries
+
+def test_mask_summary_bits():
+    """One int8 per 16 x 16 tile: bit 0 some score survives, bit 1 the mask changes some score."""
+    mask = torch.ones(1, 1, 40, 50, dtype=torch.bool)
+    mask[:, :, :16, :16] = False  # tile (0, 0) hidden
+    mask[:, :, 16:32, 16:32] = torch.rand(16, 16) < 0.5  # tile (1, 1) mixed
+    mask[:, :, 16:32, 16] = True
+    mask[:, :, 16:32, 17] = False
+    summary, strides = ta._mask_summary(mask, (1, 1, 40, 50), mask)
+    assert summary.shape == (1, 1, 3, 4)
+    assert summary[0, 0, 0, 0] == 2 and summary[0, 0, 1, 1] == 3 and summary[0, 0, 0, 1] == 1
+    assert strides[:2] == (0, 0) and strides[4:] == (3, 4)
+    additive = torch.zeros(2, 1, 1, 40)
+    additive[0, ..., :16] = float("-inf")
+    additive[1, ..., 20] = 0.5
+    summary, strides = ta._mask_summary(additive, (2, 4, 30, 40), additive)
+    assert summary[0, 0, 0].tolist() == [2, 1, 1] and summary[1, 0, 0].tolist() == [1, 3, 1]
+    assert strides[1] == 0 and strides[2] == 0 and strides[4] == 2**31 - 1  # one row of tiles for every query
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_blocky_masks_skip_and_unmask_whole_blocks(kind, monkeypatch):
+    """Whole blocks hidden, visible and mixed, a fully padded sequence: equal to the reference."""
+    monkeypatch.setattr(ta, "INTERPRETER_BLOCKS", (32, 16))
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_inputs(b=2, hq=2, nq=70, nk=90, d=16)
+    visible = torch.ones(2, 2, 70, 90, dtype=torch.bool)
+    visible[:, :, 32:64, 16:48] = False  # hidden blocks (query block 1, key blocks 1-2)
+    visible[:, :, :32, 48:64] = torch.rand(2, 2, 32, 16, generator=gen) < 0.5  # mixed
+    visible[1] = False  # a fully padded sequence
+    visible[0, :, 5] = False  # and one fully masked row
+    mask = visible if kind == "bool" else torch.where(visible, 0.0, float("-inf"))
+    check(q, k, v, mask)
+    check(q, k, v, mask, causal="bottom_right")
