@@ -62,6 +62,18 @@ same process, since this machine's speed drifts by up to 2x between runs):
       dK/dV accumulated transposed in float32. Taking turns with torch SDPA bf16
       in one process: forward 2.6-4.1x, forward+backward 1.8-2.2x (first
       check; the record is in bench/results/cpu.md).
+  v11 (2026-12-02) float32 forward products on attnkit's own AVX-512 FMA
+      micro-kernel (the bf16 one's twin; 216 / 210 GFLOP/s at D=64 / 128 on
+      one Zen 5 thread where MKL gave 89 / 91, `python -m
+      attnkit.bench.cpu_parts`): K transposed once per call, V read in place.
+      float32 forward 2.2-2.3x torch SDPA at N=2048-4096 in a first check, taking
+      turns (the backward stays on MKL).
+  v12 masks as data: key padding becomes per-(batch, head) key ranges (no
+      mask read, padded blocks skipped); other masks a per-tile summary
+      (hidden tiles skipped, visible ones unmasked). Decode (Nq <= 16): a GQA
+      group's rows in one tile with S^T = K Q^T (K in place), keys split across
+      cores, partials merged by lse (fp32 GQA 32/8 Nk=1024: 0.33x -> 1.22x
+      torch). Calls of <= 2^18 multiply-adds per product on the calling thread.
   Tried after v9, not kept (D=128 backward, N=4096, one process, taking
   turns): blocks 256 x 256, 256 x 128, 512 x 128 and a key-block-outer loop
   (a block's dK/dV stay in cache, dQ streams instead): all within +-4% of
