@@ -371,6 +371,36 @@ def _micro(nr, a, lda, b, ldb, c, ldc, m, kpairs, accumulate):
 
 
 @jit()
+def _tiles(bf16, a, b, c, m, n, steps, accumulate):
+    """C in blocks of MR rows x PANEL columns, each through the bf16 or float32 micro-kernel.
+
+    Pointers advance in bytes: a row of A holds 2-byte (bf16) or 4-byte elements;
+    a column of B is 4 bytes in both (a bf16 pair or a float).
+    """
+    if m == 0 or n == 0:
+        return
+    if steps == 0:
+        if not accumulate:
+            c[:m, :n] = 0
+        return
+    a_item = a.itemsize
+    lda, ldb, ldc = a.strides[0] // a_item, b.strides[0] // b.itemsize, c.strides[0] // 4
+    a_ptr, b_ptr, c_ptr = a.ctypes.data, b.ctypes.data, c.ctypes.data
+    flag = 1 if accumulate else 0
+    n_vectors = (n + LANES - 1) // LANES
+    for v0 in range(0, n_vectors, NR):
+        nr = min(NR, n_vectors - v0)
+        col = v0 * LANES
+        for r0 in range(0, m, MR):
+            arguments = (a_ptr + a_item * r0 * lda, lda, b_ptr + 4 * col, ldb, c_ptr + 4 * (r0 * ldc + col), ldc,
+                         min(MR, m - r0), steps, flag)
+            if bf16:
+                _micro(nr, *arguments)
+            else:
+                _f32_micro(nr, *arguments)
+
+
+@jit()
 def gemm(a, bp, c, m, n, kpairs, accumulate):
     """c[:m, :n] (+)= a[:m, :2 kpairs] @ B, B given pair-packed as bp.
 
@@ -380,24 +410,7 @@ def gemm(a, bp, c, m, n, kpairs, accumulate):
     c: 2-D float32, rows contiguous, at least padded(n, 16) columns (the padding is written).
     accumulate: add to c (True) or overwrite it (False).
     """
-    if m == 0 or n == 0:
-        return
-    if kpairs == 0:
-        if not accumulate:
-            c[:m, :n] = 0
-        return
-    lda, ldb, ldc = a.strides[0] // 2, bp.strides[0] // 2, c.strides[0] // 4
-    a_ptr, b_ptr, c_ptr = a.ctypes.data, bp.ctypes.data, c.ctypes.data
-    flag = 1 if accumulate else 0
-    n_vectors = (n + LANES - 1) // LANES
-    for v0 in range(0, n_vectors, NR):
-        nr = min(NR, n_vectors - v0)
-        col = v0 * LANES
-        for r0 in range(0, m, MR):
-            _micro(
-                nr, a_ptr + 2 * r0 * lda, lda, b_ptr + 4 * col, ldb,
-                c_ptr + 4 * (r0 * ldc + col), ldc, min(MR, m - r0), kpairs, flag,
-            )  # fmt: skip
+    _tiles(True, a, bp, c, m, n, kpairs, accumulate)
 
 
 @jit()
@@ -420,24 +433,7 @@ def gemm_f32(a, b, c, m, n, k, accumulate):
     columns wide (c's padding is written; b's is read and must be finite).
     accumulate: add to c (True) or overwrite it (False).
     """
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        if not accumulate:
-            c[:m, :n] = 0
-        return
-    lda, ldb, ldc = a.strides[0] // 4, b.strides[0] // 4, c.strides[0] // 4
-    a_ptr, b_ptr, c_ptr = a.ctypes.data, b.ctypes.data, c.ctypes.data
-    flag = 1 if accumulate else 0
-    n_vectors = (n + LANES - 1) // LANES
-    for v0 in range(0, n_vectors, NR):
-        nr = min(NR, n_vectors - v0)
-        col = v0 * LANES
-        for r0 in range(0, m, MR):
-            _f32_micro(
-                nr, a_ptr + 4 * r0 * lda, lda, b_ptr + 4 * col, ldb,
-                c_ptr + 4 * (r0 * ldc + col), ldc, min(MR, m - r0), k, flag,
-            )  # fmt: skip
+    _tiles(False, a, b, c, m, n, k, accumulate)
 
 
 @jit()
