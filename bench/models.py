@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -162,7 +163,8 @@ def decoder_models(dtype, prefill, decode):
     state = LlamaForCausalLM(config).to(getattr(torch, dtype)).state_dict()
     models = {}
     for name in IMPLEMENTATIONS:
-        model = LlamaForCausalLM._from_config(config, attn_implementation=_timed_name(name, "llama"),
+        # A config of its own each: _from_config records the implementation on the config object.
+        model = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=_timed_name(name, "llama"),
                                               dtype=getattr(torch, dtype))
         model.load_state_dict(state)
         models[name] = model.eval()
@@ -173,6 +175,8 @@ def decoder_models(dtype, prefill, decode):
             model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=decode,
                            min_new_tokens=decode, do_sample=False, pad_token_id=0)
 
+    for name, model in models.items():  # each runs its own implementation
+        assert model.config._attn_implementation == _timed_name(name, "llama"), (name, model.config._attn_implementation)
     return models, run, prefill + decode
 
 
