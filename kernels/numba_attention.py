@@ -95,6 +95,7 @@ lse is converted back to natural log at the end.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -1209,6 +1210,7 @@ def _backward_kernel_bf16(
 # Concurrent calls are serialised: numba's workqueue layer aborts on concurrent
 # parallel calls, and OpenBLAS's thread limit is process-wide state.
 _CALL_LOCK = threading.Lock()
+_NOTHING_TO_PIN = contextlib.nullcontext()  # reusable: entering it does nothing
 _THREADPOOL_CONTROLLER = None
 
 
@@ -1219,14 +1221,12 @@ def _single_threaded_blas():
     OpenBLAS only has a process-wide setting, set here through threadpoolctl.
     """
     global _THREADPOOL_CONTROLLER
-    import contextlib
-
     if not uses_process_threads():
-        return contextlib.nullcontext()
+        return _NOTHING_TO_PIN
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - threadpoolctl is a dependency
-        return contextlib.nullcontext()
+        return _NOTHING_TO_PIN
     if _THREADPOOL_CONTROLLER is None:
         _THREADPOOL_CONTROLLER = ThreadpoolController()
     return _THREADPOOL_CONTROLLER.limit(limits=1, user_api="blas")
@@ -1384,9 +1384,9 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products=False):
 
 
 # Calls with at most this many multiply-adds per product (B * Hq * Nq * Nk * D,
-# ~1 MFLOP in all) run on the calling thread: waking the worker threads costs
+# ~0.5 MFLOP in all) run on the calling thread: waking the worker threads costs
 # more than such a call's work.
-_SERIAL_WORK = 1 << 18
+_SERIAL_WORK = 1 << 17
 
 # Arrays handed to a kernel start on a 64-byte boundary (a cache line, one AVX-512 vector).
 _ALIGN_BYTES = 64
@@ -1437,7 +1437,9 @@ def _arrays_together(dtype, shapes, zero):
 
 
 class _Workspace:
-    """Zeroed temporaries for one call at a time (the caller holds _CALL_LOCK), kept between calls.
+    """Temporaries for one call at a time (the caller holds _CALL_LOCK), kept between calls.
+
+    One request per call: every request hands out the same memory.
 
     Temporaries freed at the end of every call are faulted in again by the next
     one (see _arrays_together); kept, their pages stay mapped. A request larger
@@ -1449,16 +1451,21 @@ class _Workspace:
         self.keep_bytes = keep_bytes
         self.buffer = np.empty(0, np.uint8)
 
-    def zeroed(self, dtype, shapes):
+    def arrays(self, dtype, shapes, zero):
+        """Arrays of the given shapes (zeroed if zero) in the kept memory."""
         dtype = np.dtype(dtype)
         starts, total = _packed_layout(dtype, shapes)
         if total * dtype.itemsize > self.keep_bytes:
-            return _arrays_together(dtype, shapes, zero=True)
+            return _arrays_together(dtype, shapes, zero=zero)
         if self.buffer.nbytes < total * dtype.itemsize:
             self.buffer = np.empty(total * dtype.itemsize, np.uint8)
         block = self.buffer[: total * dtype.itemsize].view(dtype)
-        block.fill(0)
+        if zero:
+            block.fill(0)
         return _packed_views(block, shapes, starts)
+
+    def zeroed(self, dtype, shapes):
+        return self.arrays(dtype, shapes, zero=True)
 
 
 _WORKSPACE = _Workspace(keep_bytes=32 << 20)
@@ -1480,14 +1487,10 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     dtype, compute, q, k, v, flags, consts, lo, hi = _prepare(q, k, v, scale, causal, window, softcap, bf16)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    out = np.empty((batch, hq, nq, dv), dtype)
-    lse = np.empty((batch, hq, nq), compute)
-    if bf16:
-        k_packed, v_packed = _arrays_together(np.uint16, (
-            (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)),
-        ), zero=False)  # fmt: skip
+    if bf16:  # out in bf16 bits (or float32), lse in float32: two allocations
+        out, lse = np.empty((batch, hq, nq, dv), dtype), np.empty((batch, hq, nq), compute)
     else:
-        out, lse = _arrays_together(dtype, (out.shape, lse.shape), zero=False)
+        out, lse = _arrays_together(dtype, ((batch, hq, nq, dv), (batch, hq, nq)), zero=False)
     if out.size == 0 and lse.size == 0:
         return out, lse
     if nk == 0:
@@ -1500,6 +1503,9 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     n_workers = numba.get_num_threads()
     if bf16:
         with _CALL_LOCK:
+            k_packed, v_packed = _WORKSPACE.arrays(np.uint16, (
+                (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)),
+            ), zero=False)  # fmt: skip
             _forward_kernel_bf16(
                 q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, k_packed, v_packed, out, lse
             )
@@ -1508,21 +1514,21 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     v_width = dv if dv % LANES == 0 else padded(dv, LANES)
     if _is_decode(nq, nk, hq // hkv) and v_width == dv:
         return _decode(q, k, v, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
-    k_t, v_rows = _arrays_together(dtype, (
-        (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1),
-    ), zero=False)  # fmt: skip
-    if v_width == dv:
-        v_rows = v  # rows already a whole number of vectors: read V in place
-    if batch * hq * nq * nk * d <= _SERIAL_WORK:
-        with _CALL_LOCK, _single_threaded_blas():
+    serial = batch * hq * nq * nk * d <= _SERIAL_WORK
+    with _CALL_LOCK, _single_threaded_blas():
+        k_t, v_rows = _WORKSPACE.arrays(dtype, (
+            (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1),
+        ), zero=False)  # fmt: skip
+        if v_width == dv:
+            v_rows = v  # rows already a whole number of vectors: read V in place
+        if serial:
             _forward_kernel_serial(
                 q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, k_t, v_rows, out, lse
             )
-        return out, lse
-    with _CALL_LOCK, _single_threaded_blas():
-        _forward_kernel(
-            q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, n_workers, k_t, v_rows, out, lse
-        )
+        else:
+            _forward_kernel(
+                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, n_workers, k_t, v_rows, out, lse
+            )
     return out, lse
 
 
