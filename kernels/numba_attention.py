@@ -737,14 +737,25 @@ def _pack_head(k, v, k_packed, v_packed, t):
     pack_pairs(v[b, hk], v_packed[b, hk])
 
 
+def _operand_of(dst, value):
+    """value as an element of the operand array dst: bf16 bits for uint16, float32 for float32."""
+
+
+@overload(_operand_of, jit_options={"inline": "always"})
+def _operand_of_overload(dst, value):
+    if dst.dtype == types.uint16:
+        return lambda dst, value: bf16_of(value)
+    return lambda dst, value: np.float32(_f32_of(value))
+
+
 @_jit(fastmath=_FASTMATH)
 def _load_rows(src, dst):
-    """dst[:rows, :cols] = src converted to bf16 bits (a copy when src is uint16); dst's padding = 0."""
+    """dst[:rows, :cols] = src as operand elements (bf16 bits or float32); dst's padding = 0."""
     rows, cols = src.shape
     for r in range(rows):
         s_row, d_row = src[r], dst[r]
         for c in range(cols):
-            d_row[c] = bf16_of(s_row[c])
+            d_row[c] = _operand_of(d_row, s_row[c])
         for c in range(cols, d_row.shape[0]):
             d_row[c] = 0
 
@@ -1023,42 +1034,187 @@ def _f32_of_overload(value):
 
 @_jit()
 def _load_transposed(src, dst):
-    """dst[c, r] = src[r, c] as bf16 bits; dst (C, >= R) rows zero past R."""
+    """dst[c, r] = src[r, c] as operand elements; dst (C, >= R) rows zero past R."""
     rows, cols = src.shape
     for c in range(cols):
         d_row = dst[c]
         for r in range(rows):
-            d_row[r] = bf16_of(src[r, c])
+            d_row[r] = _operand_of(d_row, src[r, c])
         for r in range(rows, d_row.shape[0]):
             d_row[r] = 0
 
 
 @_jit()
-def _pack_head_backward(k, v, k_packed, v_packed, k_rows, t):
-    """Task t = (batch, kv head): keys and values as the B operands of the backward's products.
+def _transpose_into(src, dst):
+    """dst[c, j] = src[j, c] as float32, zero past src's rows (dst (C, >= J))."""
+    rows, cols = src.shape
+    for c in range(cols):
+        row = dst[c]
+        for j in range(rows):
+            row[j] = src[j, c]
+        for j in range(rows, row.shape[0]):
+            row[j] = 0
 
-    k_packed (B, Hkv, ceil(D/2), 2 (Nk + 16)) for S = Q K^T; v_packed
-    (B, Hkv, ceil(Dv/2), 2 (Nk + 16)) for dP = dO V^T; k_rows (B, Hkv, ceil(Nk/2),
-    2 D16) for dQ += dS K.
-    """
+
+@_jit()
+def _copy_rows_into(src, dst):
+    """dst[:, :cols] = src as float32, zero in dst's wider rows."""
+    rows, cols = src.shape
+    for j in range(rows):
+        for c in range(cols):
+            dst[j, c] = src[j, c]
+        for c in range(cols, dst.shape[1]):
+            dst[j, c] = 0
+
+
+def _pack_operands(k, v, k_packed, v_packed, k_rows):
+    """One (batch, kv head)'s keys and values as the B operands of the backward's products."""
+
+
+@overload(_pack_operands)
+def _pack_operands_overload(k, v, k_packed, v_packed, k_rows):
+    if k_packed.dtype == types.uint16:
+        # k_packed (ceil(D/2), 2 (Nk + 16)), v_packed (ceil(Dv/2), ..): pairs along the
+        # features for S and dP; k_rows (ceil(Nk/2), 2 D16): pairs along the keys for dQ.
+        def pack(k, v, k_packed, v_packed, k_rows):
+            _pack_keys(k, k_packed)
+            _pack_keys(v, v_packed)
+            pack_pairs(k, k_rows)
+
+        return pack
+
+    # float32: K^T (D, Nk + 16), V^T (Dv, Nk + 16), K rows (Nk, D16)
+    def pack_float(k, v, k_packed, v_packed, k_rows):
+        _transpose_into(k, k_packed)
+        _transpose_into(v, v_packed)
+        _copy_rows_into(k, k_rows)
+
+    return pack_float
+
+
+@_jit()
+def _pack_head_backward(k, v, k_packed, v_packed, k_rows, t):
+    """Task t = (batch, kv head): _pack_operands for the backward's products."""
     hkv = k.shape[1]
     b, hk = t // hkv, t % hkv
-    _pack_keys(k[b, hk], k_packed[b, hk])
-    _pack_keys(v[b, hk], v_packed[b, hk])
-    pack_pairs(k[b, hk], k_rows[b, hk])
+    _pack_operands(k[b, hk], v[b, hk], k_packed[b, hk], v_packed[b, hk], k_rows[b, hk])
+
+
+def _steps(n, operand):
+    """Reduction steps of n elements for the micro-kernel of `operand`'s dtype (pairs for bf16)."""
+
+
+@overload(_steps, jit_options={"inline": "always"})
+def _steps_overload(n, operand):
+    if operand.dtype == types.uint16:
+        return lambda n, operand: (n + 1) // 2
+    return lambda n, operand: n
+
+
+def _micro_product(a, b, c, m, n, k, accumulate):
+    """c (+)= a @ B on the micro-kernel of a's dtype; k in elements (bf16: pairs taken from it)."""
+
+
+@overload(_micro_product, jit_options={"inline": "always"})
+def _micro_product_overload(a, b, c, m, n, k, accumulate):
+    if a.dtype == types.uint16:
+        return lambda a, b, c, m, n, k, accumulate: gemm(a, b, c, m, n, (k + 1) // 2, accumulate)
+    return lambda a, b, c, m, n, k, accumulate: gemm_f32(a, b, c, m, n, k, accumulate)
+
+
+def _dp_product(a, b, c, m, n, k):
+    """dP = dO V^T. bf16 on the micro-kernel; float32 through the BLAS, whose blocked
+    summation keeps dP - delta (which cancels when one key dominates a row) as
+    accurate as a float32 reference; the micro-kernel's one long FMA chain per
+    element left 3x its error (Nk = 1, D = 64)."""
+
+
+@overload(_dp_product, jit_options={"inline": "always"})
+def _dp_product_overload(a, b, c, m, n, k):
+    if a.dtype == types.uint16:
+        return lambda a, b, c, m, n, k: gemm(a, b, c, m, n, (k + 1) // 2, False)
+    return lambda a, b, c, m, n, k: _blas_product(a, b, c, m, n, k, False)
+
+
+def _b_rows_of(x, x_full, bk, buffer):
+    """The (Bq, Bk) tile x as the B operand of a product over its rows (P or dS).
+
+    bf16: packed in row pairs into buffer; float32: x_full itself (Bq, Bk16), its
+    padding columns zeroed (they reach columns of other keys otherwise).
+    """
+
+
+@overload(_b_rows_of, jit_options={"inline": "always"})
+def _b_rows_of_overload(x, x_full, bk, buffer):
+    if buffer.dtype == types.uint16:
+
+        def pairs(x, x_full, bk, buffer):
+            rows = (x.shape[0] + 1) // 2
+            packed = buffer[: rows * 2 * x_full.shape[1]].reshape((rows, 2 * x_full.shape[1]))
+            pack_pairs(x, packed)
+            return packed
+
+        return pairs
+
+    def itself(x, x_full, bk, buffer):
+        x_full[:, bk:] = 0
+        return x_full
+
+    return itself
+
+
+def _a_rows_of(x, x_full, buffer):
+    """The (Bq, Bk) tile x as an A operand: bf16 rows (even width) in buffer, or x_full itself."""
+
+
+@overload(_a_rows_of, jit_options={"inline": "always"})
+def _a_rows_of_overload(x, x_full, buffer):
+    if buffer.dtype == types.uint16:
+
+        def converted(x, x_full, buffer):
+            width = padded(x.shape[1], 2)
+            rows = buffer[: x.shape[0] * width].reshape((x.shape[0], width))
+            _load_rows(x, rows)
+            return rows
+
+        return converted
+    return lambda x, x_full, buffer: x_full
+
+
+def _key_offset(j0, operand):
+    """Where key j0 starts along a packed operand: 2 j0 columns (bf16 pairs) or j0."""
+
+
+@overload(_key_offset, jit_options={"inline": "always"})
+def _key_offset_overload(j0, operand):
+    if operand.dtype == types.uint16:
+        return lambda j0, operand: 2 * j0
+    return lambda j0, operand: j0
+
+
+def _key_row(j0, operand):
+    """The row of key j0 in k_rows: j0 // 2 (bf16 pairs of keys) or j0."""
+
+
+@overload(_key_row, jit_options={"inline": "always"})
+def _key_row_overload(j0, operand):
+    if operand.dtype == types.uint16:
+        return lambda j0, operand: j0 // 2
+    return lambda j0, operand: j0
 
 
 @_jit(fastmath=_FASTMATH)
-def _backward_worker_bf16(
+def _backward_worker_micro(
     q, k_packed, v_packed, k_rows, nk, masks, out, d_out, lse, consts,
     lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
 ):  # fmt: skip
-    """_backward_worker with bf16 products (float32 accumulation everywhere).
+    """_backward_worker on the micro-kernels: bf16 products when the packed operands
+    are uint16, float32 FMAs when they are float32; float32 accumulation everywhere.
 
     dK and dV are accumulated transposed, dk_t (B, Hkv * n_chunks, D, Nk + 16) and
     dv_t (.., Dv, ..) in float32, one slot per task, so that every product reads
-    its A operand by rows and its B operand pair-packed: dV^T += dO^T P and
-    dK^T += Q^T dS, with P and dS packed in row pairs; dQ += dS K row-major.
+    its A operand by rows and its B operand by rows of the reduction axis:
+    dV^T += dO^T P and dK^T += Q^T dS (P, dS in row pairs for bf16); dQ += dS K.
     """
     batch, hq, nq, d = q.shape
     hkv = k_packed.shape[1]
@@ -1066,7 +1222,8 @@ def _backward_worker_bf16(
     group = hq // hkv
     n_qblocks = (nq + block_q - 1) // block_q
     blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
-    d_pairs, dv_pairs, q_pairs = (d + 1) // 2, (dv + 1) // 2, (block_q + 1) // 2
+    operand = k_packed.dtype  # uint16 (bf16 bits) or float32
+    q_width, dv_width, bq_width = padded(d, 2), padded(dv, 2), padded(block_q, 2)
     neg_inf = consts[_C_NEG_INF]
     zero = consts[_C_ZERO]
     log2e = consts[_C_LOG2E]
@@ -1075,18 +1232,19 @@ def _backward_worker_bf16(
     f32 = np.float32
     tile = block_q * padded(block_k + 1, LANES)
 
-    q_buf = np.empty((block_q, 2 * d_pairs), np.uint16)  # (Bq, D even) Q rows
-    do_buf = np.empty((block_q, 2 * dv_pairs), np.uint16)  # (Bq, Dv even) dO rows
-    q_t = np.empty((d, 2 * q_pairs), np.uint16)  # (D, Bq even) Q^T
-    do_t = np.empty((dv, 2 * q_pairs), np.uint16)  # (Dv, Bq even) dO^T
+    q_buf = np.empty((block_q, q_width), operand)  # (Bq, D even) Q rows
+    do_buf = np.empty((block_q, dv_width), operand)  # (Bq, Dv even) dO rows
+    q_t = np.empty((d, bq_width), operand)  # (D, Bq even) Q^T
+    do_t = np.empty((dv, bq_width), operand)  # (Dv, Bq even) dO^T
     p_buf = np.empty(tile, f32)  # (Bq, Bk16) scores, then P
     ds_buf = np.empty(tile, f32)  # (Bq, Bk16) dP, then dS
     cap_buf = np.empty(tile if has_softcap else 1, f32)  # (Bq, Bk) softcap factor
-    pairs_buf = np.empty(q_pairs * 2 * padded(block_k + 1, LANES), np.uint16)  # P or dS in row pairs
-    ds_rows = np.empty(block_q * padded(block_k + 2, 2), np.uint16)  # (Bq, Bk even) dS rows
+    pairs_buf = np.empty(bq_width * padded(block_k + 1, LANES), operand)  # P or dS as a B operand
+    ds_rows = np.empty(block_q * padded(block_k + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
     dq_acc = np.empty((block_q, padded(d, LANES)), f32)  # (Bq, D16)
     lse2 = np.empty(block_q, f32)
     delta = np.empty(block_q, f32)
+    blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
 
     while True:
         t = _claim(order, next_task)
@@ -1104,15 +1262,16 @@ def _backward_worker_bf16(
             i0 = qb * block_q
             i1 = min(i0 + block_q, nq)
             bq = i1 - i0
-            bq_pairs = (bq + 1) // 2
             _load_rows(q[b, h, i0:i1], q_buf)
             _load_rows(d_out[b, h, i0:i1], do_buf)
             _load_transposed(q[b, h, i0:i1], q_t)
             _load_transposed(d_out[b, h, i0:i1], do_t)
             for r in range(bq):
-                total = zero
+                # In float64: dS = P (dP - delta) cancels when one key dominates a row, and
+                # dP's own rounding (FMA order of the micro-kernel) should be all that is left.
+                total = 0.0
                 for c in range(dv):
-                    total += _f32_of(d_out[b, h, i0 + r, c]) * _f32_of(out[b, h, i0 + r, c])
+                    total += np.float64(_f32_of(d_out[b, h, i0 + r, c])) * np.float64(_f32_of(out[b, h, i0 + r, c]))
                 delta[r] = total
                 row_lse = lse[b, h, i0 + r]
                 lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
@@ -1126,22 +1285,23 @@ def _backward_worker_bf16(
                 if tile_flags < 0:
                     continue  # the mask hides every score of this tile
                 j0 = max(kb * block_k, i0 + lo_offset, key_start)
-                j0 -= j0 % 2  # dS K reads keys in pairs; the extra key is hidden from every row
+                j0 -= j0 % 2  # bf16's dS K reads keys in pairs; the extra key is hidden from every row
                 j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
                 bk = j1 - j0
-                bk16, bk2 = padded(bk, LANES), padded(bk, 2)
+                bk16 = padded(bk, LANES)
                 p_full = p_buf[: bq * bk16].reshape((bq, bk16))
                 ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
                 p, ds = p_full[:, :bk], ds_full[:, :bk]  # (Bq, Bk)
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
-                gemm(q_buf, k_packed[b, hk, :, 2 * j0 :], p_full, bq, bk, d_pairs, False)  # S = Q K^T
+                key_cols = _key_offset(j0, k_packed)
+                _micro_product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False)  # S = Q K^T
                 multiplier = _tile_scores_base2(
                     p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
                     masks[0], masks[1], True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
                     exp2_affine(p[r], multiplier, lse2[r])
-                gemm(do_buf, v_packed[b, hk, :, 2 * j0 :], ds_full, bq, bk, dv_pairs, False)  # dP = dO V^T
+                _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv)  # dP = dO V^T
                 for r in range(bq):
                     row_delta = delta[r]
                     if has_softcap:
@@ -1151,18 +1311,17 @@ def _backward_worker_bf16(
                         for c in range(bk):
                             ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
 
-                pairs = pairs_buf[: bq_pairs * 2 * bk16].reshape((bq_pairs, 2 * bk16))
-                pack_pairs(p, pairs)
-                gemm(do_t, pairs, dv_t[b, slot, :, j0:], dv, bk, bq_pairs, True)  # dV^T += dO^T P
-                pack_pairs(ds, pairs)
-                gemm(q_t, pairs, dk_t[b, slot, :, j0:], d, bk, bq_pairs, True)  # dK^T += Q^T dS
-                ds_b = ds_rows[: bq * bk2].reshape((bq, bk2))
-                _load_rows(ds, ds_b)
-                gemm(ds_b, k_rows[b, hk, j0 // 2 :], dq_acc, bq, d, bk2 // 2, True)  # dQ += dS K
+                p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
+                _micro_product(do_t, p_rows, dv_t[b, slot, :, j0:], dv, bk, bq, True)  # dV^T += dO^T P
+                ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)
+                _micro_product(q_t, ds_as_b, dk_t[b, slot, :, j0:], d, bk, bq, True)  # dK^T += Q^T dS
+                ds_as_a = _a_rows_of(ds, ds_full, ds_rows)
+                _micro_product(ds_as_a, k_rows[b, hk, _key_row(j0, k_packed) :], dq_acc, bq, d, bk, True)  # dQ += dS K
             dq_blk = dq[b, h, i0:i1]  # (Bq, D)
             for r in range(bq):
                 for c in range(d):
                     dq_blk[r, c] = _store(dq_blk[r], dq_acc[r, c])
+    set_threads_local(blas_threads)
 
 
 @_jit()
@@ -1181,7 +1340,7 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
 
 
 @_jit(parallel=True)
-def _backward_kernel_bf16(
+def _backward_kernel_micro(
     q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
     block_q, block_k, n_chunks, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
 ):  # fmt: skip
@@ -1194,7 +1353,7 @@ def _backward_kernel_bf16(
     )
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
-        _backward_worker_bf16(
+        _backward_worker_micro(
             q, k_packed, v_packed, k_rows, k.shape[2], masks, out, d_out, lse, consts,
             lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
         )  # fmt: skip
@@ -1591,16 +1750,22 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
     flags |= mask_flags
     n_chunks = _backward_chunks(batch, hkv, nq, block_q)
     n_workers = numba.get_num_threads()
-    if bf16:
-        k_packed, v_packed, k_rows = _arrays_together(np.uint16, (
-            (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
-            (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)),
-        ), zero=False)  # fmt: skip
-        with _CALL_LOCK:
-            dk_t, dv_t = _WORKSPACE.zeroed(
-                compute, ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
-            )
-            _backward_kernel_bf16(
+    if bf16 or (dtype == np.float32 and F32_PRODUCTS == "fma"):  # the micro-kernels
+        if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
+            operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + LANES)),
+                              (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
+                              (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)))  # fmt: skip
+        else:  # K^T, V^T and K with rows of a whole number of vectors
+            operand_shapes = ((batch, hkv, d, nk + LANES), (batch, hkv, dv, nk + LANES),
+                              (batch, hkv, nk, padded(d, LANES)))  # fmt: skip
+        partial_shapes = ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
+        with _CALL_LOCK, _single_threaded_blas():
+            if bf16:  # uint16 operands apart from the float32 partials
+                k_packed, v_packed, k_rows = _arrays_together(np.uint16, operand_shapes, zero=False)
+                dk_t, dv_t = _WORKSPACE.zeroed(compute, partial_shapes)
+            else:  # all float32: one kept block, so a training loop faults no fresh pages in
+                dk_t, dv_t, k_packed, v_packed, k_rows = _WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
+            _backward_kernel_micro(
                 q, k, v, masks, out, d_out, lse, consts, lo, hi, flags, block_q, block_k, n_chunks,
                 n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
             )  # fmt: skip
