@@ -119,7 +119,7 @@ def _cpu_product_path(dtype, precision):
 
     blas_name = "MKL" if BLAS_NAME == "mkl" else "OpenBLAS"
     if F32_PRODUCTS == "fma":
-        blas = f"forward on the AVX-512 FMA micro-kernel, backward through {blas_name} sgemm"
+        blas = f"float32 on the AVX-512 FMA micro-kernel (the backward's dP through {blas_name} sgemm)"
     else:
         blas = f"float32 products through {blas_name} sgemm ({F32_DETAIL})"
     if dtype == "float64":

@@ -102,7 +102,7 @@ _F32_CHOICES = ("auto", "fma", "blas")
 
 
 def _choose_f32():
-    """('fma' or 'blas', why): whether float32 forward products run on the FMA micro-kernel.
+    """('fma' or 'blas', why): whether float32 products run on the FMA micro-kernel.
 
     ATTNKIT_CPU_F32=blas forces the BLAS (cpu_blas.py); =fma insists on the micro-kernel.
     """
@@ -116,7 +116,7 @@ def _choose_f32():
         if choice == "fma":
             raise ValueError("ATTNKIT_CPU_F32=fma, but this CPU has no AVX-512 (avx512f)")
         return "blas", "this CPU has no AVX-512: float32 products through the BLAS"
-    return "fma", "float32 forward products on attnkit's AVX-512 FMA micro-kernel"
+    return "fma", "float32 products on attnkit's AVX-512 FMA micro-kernel"
 
 
 F32_PRODUCTS, F32_DETAIL = _choose_f32()

@@ -74,6 +74,11 @@ same process, since this machine's speed drifts by up to 2x between runs):
       group's rows in one tile with S^T = K Q^T (K in place), keys split across
       cores, partials merged by lse (fp32 GQA 32/8 Nk=1024: 0.33x -> 1.22x
       torch). Calls of <= 2^18 multiply-adds per product on the calling thread.
+  v13 the backward on the micro-kernels as well, one worker for bf16 and
+      float32 (operands picked by dtype); float32's dP = dO V^T stays on the
+      BLAS: the micro-kernel's single FMA chain per element made dP - delta,
+      which cancels when one key dominates a row, 3x less accurate than a
+      float32 reference (Nk = 1, D = 64); delta in float64.
   Tried after v9, not kept (D=128 backward, N=4096, one process, taking
   turns): blocks 256 x 256, 256 x 128, 512 x 128 and a key-block-outer loop
   (a block's dK/dV stay in cache, dQ streams instead): all within +-4% of

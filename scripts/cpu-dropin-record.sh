@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 A=${ATTNKIT:-.venv/bin/attnkit}
 PY=${ATTNKIT_PYTHON_BIN:-.venv/bin/python}
 $A bench --n 1024..8192 --backends numba,torch-sdpa-flash --rounds 2 --out bench/results/cpu-fp32-fma/d64
+$A bench --n 1024..4096 --mode backward --backends numba,torch-sdpa-flash --rounds 2 --out bench/results/cpu-fp32-fma/d64-backward
+$A bench --n 1024..4096 --head-dim 128 --mode backward --backends numba,torch-sdpa-flash --rounds 2 \
+    --out bench/results/cpu-fp32-fma/d128-backward
 $A bench --n 1024..8192 --head-dim 128 --causal --backends numba,torch-sdpa-flash --rounds 2 \
     --out bench/results/cpu-fp32-fma/d128-causal
 header="($(date -u +%F), $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores)"
