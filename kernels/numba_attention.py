@@ -394,8 +394,9 @@ def _store_overload(array, value):
 
 
 def _product(a, b, c, m, n, k, accumulate, micro):
-    """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n]: float32 on the FMA micro-kernel when micro
-    (b and c padded to 16 columns), else through the BLAS (float64 always)."""
+    """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n]: bf16 bits (b pair-packed) on the bf16
+    micro-kernel; float32 on the FMA micro-kernel when micro (b and c padded to 16
+    columns); else, and float64 always, through the BLAS."""
 
 
 @_jit()
@@ -406,6 +407,8 @@ def _blas_product(a, b, c, m, n, k, accumulate):
 
 @overload(_product, jit_options={"inline": "always"})
 def _product_overload(a, b, c, m, n, k, accumulate, micro):
+    if a.dtype == types.uint16:  # bf16 bits: the bf16 micro-kernel, k elements as pairs
+        return lambda a, b, c, m, n, k, accumulate, micro: gemm(a, b, c, m, n, (k + 1) // 2, accumulate)
     if a.dtype == types.float32:
 
         def product(a, b, c, m, n, k, accumulate, micro):
@@ -750,6 +753,8 @@ def _operand_of(dst, value):
 def _operand_of_overload(dst, value):
     if dst.dtype == types.uint16:
         return lambda dst, value: bf16_of(value)
+    if dst.dtype == types.float64:
+        return lambda dst, value: np.float64(value)
     return lambda dst, value: np.float32(_f32_of(value))
 
 
@@ -860,102 +865,6 @@ def _forward_kernel_bf16(
 # ---------------------------------------------------------------------------
 
 
-@_jit(fastmath=_FASTMATH)
-def _backward_worker(
-    q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, n_chunks, order, next_task, dq, dk_partial, dv_partial,
-):  # fmt: skip
-    """Take (batch, kv head, query chunk) tasks from the queue (as _forward_worker does).
-
-    A task covers the chunk's query rows of every query head that reads its kv
-    head (the GQA group), so it writes their dq and adds all of its dK/dV
-    contributions to one slot, hk * n_chunks + chunk, of dk_partial / dv_partial.
-    """
-    batch, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    group = hq // hkv
-    n_qblocks = (nq + block_q - 1) // block_q
-    blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
-    neg_inf = consts[_C_NEG_INF]
-    zero = consts[_C_ZERO]
-    log2e = consts[_C_LOG2E]
-    scale = consts[_C_SCALE]
-    has_softcap = (flags & _HAS_SOFTCAP) != 0
-
-    p_buf = np.empty(block_q * block_k, q.dtype)  # (Bq, Bk) scores, then P
-    ds_buf = np.empty(block_q * block_k, q.dtype)  # (Bq, Bk) dP, then dS
-    cap_buf = np.empty(block_q * block_k if has_softcap else 1, q.dtype)  # (Bq, Bk)
-    lse2 = np.empty(block_q, q.dtype)  # (Bq,) lse in base 2, 0 for empty rows
-    delta = np.empty(block_q, q.dtype)  # (Bq,) rowsum(dO * O)
-    one = consts[_C_ONE]
-    blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
-
-    while True:
-        t = _claim(order, next_task)
-        if t < 0:
-            break
-        chunk = t % n_chunks
-        hk = (t // n_chunks) % hkv
-        b = t // (n_chunks * hkv)
-        slot = hk * n_chunks + chunk
-        for task_block in range(group * blocks_per_chunk):
-            h = hk * group + task_block // blocks_per_chunk
-            qb = chunk * blocks_per_chunk + task_block % blocks_per_chunk
-            if qb >= n_qblocks:
-                continue
-            i0 = qb * block_q
-            i1 = min(i0 + block_q, nq)
-            bq = i1 - i0
-            q_blk = q[b, h, i0:i1]  # (Bq, D)
-            do_blk = d_out[b, h, i0:i1]  # (Bq, Dv)
-            o_blk = out[b, h, i0:i1]  # (Bq, Dv)
-            for r in range(bq):
-                total = zero
-                for c in range(dv):
-                    total += do_blk[r, c] * o_blk[r, c]
-                delta[r] = total
-                row_lse = lse[b, h, i0 + r]
-                lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
-            dq_blk = dq[b, h, i0:i1]  # (Bq, D), zero on entry; accumulated tile by tile
-
-            first, stop, key_start, key_stop = _task_keys(
-                masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k
-            )
-            for kb in range(first, stop):
-                tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
-                if tile_flags < 0:
-                    continue  # the mask hides every score of this tile
-                j0 = max(kb * block_k, i0 + lo_offset, key_start)  # visible columns only, as in the forward
-                j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
-                bk = j1 - j0
-                k_blk = k[b, hk, j0:j1]  # (Bk, D)
-                v_blk = v[b, hk, j0:j1]  # (Bk, Dv)
-                p = p_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
-                ds = ds_buf[: bq * bk].reshape((bq, bk))  # (Bq, Bk)
-                cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
-                matmul(q_blk, k_blk.T, p, one, zero)
-                multiplier = _tile_scores_base2(
-                    p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                    masks[0], masks[1], True, cap_grad,
-                )  # fmt: skip
-                for r in range(bq):
-                    exp2_affine(p[r], multiplier, lse2[r])
-                matmul(do_blk, v_blk.T, ds, one, zero)  # dP
-                for r in range(bq):
-                    row_delta = delta[r]
-                    if has_softcap:
-                        for c in range(bk):
-                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * cap_grad[r, c]
-                    else:
-                        for c in range(bk):
-                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
-
-                matmul(p.T, do_blk, dv_partial[b, slot, j0:j1], one, one)  # dV += P^T dO
-                matmul(ds.T, q_blk, dk_partial[b, slot, j0:j1], one, one)  # dK += dS^T Q
-                matmul(ds, k_blk, dq_blk, one, one)  # dQ += dS K
-    set_threads_local(blas_threads)
-
-
 @_jit()
 def _backward_schedule(batch, hkv, nq, nk, lo_offset, hi_offset, block_q, block_k, n_chunks):
     """The (batch, kv head, query chunk) tasks, heaviest first (every head of a group costs the same)."""
@@ -972,57 +881,8 @@ def _backward_schedule(batch, hkv, nq, nk, lo_offset, hi_offset, block_q, block_
     return _heaviest_first(costs)
 
 
-@_jit(parallel=True)
-def _backward_kernel(
-    q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, n_chunks, n_workers, dq, dk_partial, dv_partial,
-):  # fmt: skip
-    """dq, and dK/dV partial sums per (batch, kv head, query chunk).
-
-    dk_partial (B, Hkv * n_chunks, Nk, D) and dv_partial (.., Dv) must be zero on
-    entry; slot hk * n_chunks + chunk belongs to one task only.
-    """
-    order = _backward_schedule(
-        q.shape[0], k.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k, n_chunks
-    )
-    next_task = np.zeros(1, np.int64)
-    for w in prange(n_workers):
-        _backward_worker(
-            q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
-            block_q, block_k, n_chunks, order, next_task, dq, dk_partial, dv_partial,
-        )  # fmt: skip
-
-
-@_jit()
-def _sum_slots(partial, b, hk, n_slots_per_head, result):
-    """result[b, hk] = sum of its slots (its query chunks), in a fixed order."""
-    dst = result[b, hk]  # (Nk, X)
-    nk, width = dst.shape
-    first_slot = hk * n_slots_per_head
-    for j in range(nk):
-        for c in range(width):
-            dst[j, c] = partial[b, first_slot, j, c]
-    for slot in range(first_slot + 1, first_slot + n_slots_per_head):
-        src = partial[b, slot]  # (Nk, X)
-        for j in range(nk):
-            for c in range(width):
-                dst[j, c] += src[j, c]
-
-
-@_jit()
-def _sum_partials(partial, n_slots_per_head, result):
-    """result (B, Hkv, Nk, X) from partial (B, Hkv * n_slots_per_head, Nk, X).
-
-    Serial on purpose: it is O(N) work next to the O(N^2) kernel, and a second
-    parallel function would add seconds of compile time.
-    """
-    hkv = result.shape[1]
-    for task in range(result.shape[0] * hkv):
-        _sum_slots(partial, task // hkv, task % hkv, n_slots_per_head, result)
-
-
 # ---------------------------------------------------------------------------
-# Backward in bf16: the five products on the micro-kernel
+# Backward: the five products per tile, on the micro-kernels or the BLAS
 # ---------------------------------------------------------------------------
 
 
@@ -1051,7 +911,7 @@ def _load_transposed(src, dst):
 
 @_jit()
 def _transpose_into(src, dst):
-    """dst[c, j] = src[j, c] as float32, zero past src's rows (dst (C, >= J))."""
+    """dst[c, j] = src[j, c], zero past src's rows (dst (C, >= J))."""
     rows, cols = src.shape
     for c in range(cols):
         row = dst[c]
@@ -1063,7 +923,7 @@ def _transpose_into(src, dst):
 
 @_jit()
 def _copy_rows_into(src, dst):
-    """dst[:, :cols] = src as float32, zero in dst's wider rows."""
+    """dst[:, :cols] = src, zero in dst's wider rows."""
     rows, cols = src.shape
     for j in range(rows):
         for c in range(cols):
@@ -1088,7 +948,7 @@ def _pack_operands_overload(k, v, k_packed, v_packed, k_rows):
 
         return pack
 
-    # float32: K^T (D, Nk + 16), V^T (Dv, Nk + 16), K rows (Nk, D16)
+    # float32 / float64: K^T (D, Nk + 16), V^T (Dv, Nk + 16), K rows (Nk, D16)
     def pack_float(k, v, k_packed, v_packed, k_rows):
         _transpose_into(k, k_packed)
         _transpose_into(v, v_packed)
@@ -1114,17 +974,6 @@ def _steps_overload(n, operand):
     if operand.dtype == types.uint16:
         return lambda n, operand: (n + 1) // 2
     return lambda n, operand: n
-
-
-def _micro_product(a, b, c, m, n, k, accumulate):
-    """c (+)= a @ B on the micro-kernel of a's dtype; k in elements (bf16: pairs taken from it)."""
-
-
-@overload(_micro_product, jit_options={"inline": "always"})
-def _micro_product_overload(a, b, c, m, n, k, accumulate):
-    if a.dtype == types.uint16:
-        return lambda a, b, c, m, n, k, accumulate: gemm(a, b, c, m, n, (k + 1) // 2, accumulate)
-    return lambda a, b, c, m, n, k, accumulate: gemm_f32(a, b, c, m, n, k, accumulate)
 
 
 def _dp_product(a, b, c, m, n, k):
@@ -1209,12 +1058,18 @@ def _key_row_overload(j0, operand):
 
 
 @_jit(fastmath=_FASTMATH)
-def _backward_worker_micro(
+def _backward_worker(
     q, k_packed, v_packed, k_rows, nk, masks, out, d_out, lse, consts,
-    lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
+    lo_offset, hi_offset, flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
 ):  # fmt: skip
-    """_backward_worker on the micro-kernels: bf16 products when the packed operands
-    are uint16, float32 FMAs when they are float32; float32 accumulation everywhere.
+    """Take (batch, kv head, query chunk) tasks from the queue (as _forward_worker does).
+
+    A task covers the chunk's query rows of every query head that reads its kv
+    head (the GQA group): it writes their dq and adds its dK/dV to its own slot,
+    hk * n_chunks + chunk, of dk_t / dv_t (deterministic, no atomics).
+    Products: bf16 on the micro-kernel when the packed operands are uint16;
+    float32 on the FMA micro-kernel when micro, else (and float64) through the
+    BLAS. Accumulation in float32 (float64 for float64).
 
     dK and dV are accumulated transposed, dk_t (B, Hkv * n_chunks, D, Nk + 16) and
     dv_t (.., Dv, ..) in float32, one slot per task, so that every product reads
@@ -1234,21 +1089,21 @@ def _backward_worker_micro(
     log2e = consts[_C_LOG2E]
     scale = consts[_C_SCALE]
     has_softcap = (flags & _HAS_SOFTCAP) != 0
-    f32 = np.float32
+    real = dk_t.dtype  # float32, or float64 for float64
     tile = block_q * padded(block_k + 1, LANES)
 
     q_buf = np.empty((block_q, q_width), operand)  # (Bq, D even) Q rows
     do_buf = np.empty((block_q, dv_width), operand)  # (Bq, Dv even) dO rows
     q_t = np.empty((d, bq_width), operand)  # (D, Bq even) Q^T
     do_t = np.empty((dv, bq_width), operand)  # (Dv, Bq even) dO^T
-    p_buf = np.empty(tile, f32)  # (Bq, Bk16) scores, then P
-    ds_buf = np.empty(tile, f32)  # (Bq, Bk16) dP, then dS
-    cap_buf = np.empty(tile if has_softcap else 1, f32)  # (Bq, Bk) softcap factor
+    p_buf = np.empty(tile, real)  # (Bq, Bk16) scores, then P
+    ds_buf = np.empty(tile, real)  # (Bq, Bk16) dP, then dS
+    cap_buf = np.empty(tile if has_softcap else 1, real)  # (Bq, Bk) softcap factor
     pairs_buf = np.empty(bq_width * padded(block_k + 1, LANES), operand)  # P or dS as a B operand
     ds_rows = np.empty(block_q * padded(block_k + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
-    dq_acc = np.empty((block_q, padded(d, LANES)), f32)  # (Bq, D16)
-    lse2 = np.empty(block_q, f32)
-    delta = np.empty(block_q, f32)
+    dq_acc = np.empty((block_q, padded(d, LANES)), real)  # (Bq, D16)
+    lse2 = np.empty(block_q, real)
+    delta = np.empty(block_q, real)
     blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
 
     while True:
@@ -1299,7 +1154,7 @@ def _backward_worker_micro(
                 p, ds = p_full[:, :bk], ds_full[:, :bk]  # (Bq, Bk)
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
                 key_cols = _key_offset(j0, k_packed)
-                _micro_product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False)  # S = Q K^T
+                _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
                 multiplier = _tile_scores_base2(
                     p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
                     masks[0], masks[1], True, cap_grad,
@@ -1317,11 +1172,11 @@ def _backward_worker_micro(
                             ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
 
                 p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
-                _micro_product(do_t, p_rows, dv_t[b, slot, :, j0:], dv, bk, bq, True)  # dV^T += dO^T P
+                _product(do_t, p_rows, dv_t[b, slot, :, j0:], dv, bk, bq, True, micro)  # dV^T += dO^T P
                 ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)
-                _micro_product(q_t, ds_as_b, dk_t[b, slot, :, j0:], d, bk, bq, True)  # dK^T += Q^T dS
+                _product(q_t, ds_as_b, dk_t[b, slot, :, j0:], d, bk, bq, True, micro)  # dK^T += Q^T dS
                 ds_as_a = _a_rows_of(ds, ds_full, ds_rows)
-                _micro_product(ds_as_a, k_rows[b, hk, _key_row(j0, k_packed) :], dq_acc, bq, d, bk, True)  # dQ += dS K
+                _product(ds_as_a, k_rows[b, hk, _key_row(j0, k_packed) :], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
             dq_blk = dq[b, h, i0:i1]  # (Bq, D)
             for r in range(bq):
                 for c in range(d):
@@ -1345,11 +1200,12 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
 
 
 @_jit(parallel=True)
-def _backward_kernel_micro(
+def _backward_kernel(
     q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, n_chunks, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+    block_q, block_k, n_chunks, micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
 ):  # fmt: skip
-    """dq, dk, dv (input dtype) through transposed float32 partials dk_t / dv_t (zero on entry)."""
+    """dq, dk, dv (input dtype) through transposed partials dk_t / dv_t (zero on entry;
+    float32, float64 for float64)."""
     n_heads = k.shape[0] * k.shape[1]
     for t in prange(n_heads):
         _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
@@ -1358,9 +1214,9 @@ def _backward_kernel_micro(
     )
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
-        _backward_worker_micro(
+        _backward_worker(
             q, k_packed, v_packed, k_rows, k.shape[2], masks, out, d_out, lse, consts,
-            lo_offset, hi_offset, flags, block_q, block_k, n_chunks, order, next_task, dq, dk_t, dv_t,
+            lo_offset, hi_offset, flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
         )  # fmt: skip
     for t in prange(n_heads):
         _finish_kv_grad(dk_t, n_chunks, dk, t)
@@ -1755,40 +1611,25 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
     flags |= mask_flags
     n_chunks = _backward_chunks(batch, hkv, nq, block_q)
     n_workers = numba.get_num_threads()
-    if bf16 or (dtype == np.float32 and F32_PRODUCTS == "fma"):  # the micro-kernels
-        if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
-            operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + LANES)),
-                              (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
-                              (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)))  # fmt: skip
-        else:  # K^T, V^T and K with rows of a whole number of vectors
-            operand_shapes = ((batch, hkv, d, nk + LANES), (batch, hkv, dv, nk + LANES),
-                              (batch, hkv, nk, padded(d, LANES)))  # fmt: skip
-        partial_shapes = ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
-        with _CALL_LOCK, _single_threaded_blas():
-            if bf16:  # uint16 operands apart from the float32 partials
-                k_packed, v_packed, k_rows = _arrays_together(np.uint16, operand_shapes, zero=False)
-                dk_t, dv_t = _WORKSPACE.zeroed(compute, partial_shapes)
-            else:  # all float32: one kept block, so a training loop faults no fresh pages in
-                dk_t, dv_t, k_packed, v_packed, k_rows = _WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
-            _backward_kernel_micro(
-                q, k, v, masks, out, d_out, lse, consts, lo, hi, flags, block_q, block_k, n_chunks,
-                n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
-            )  # fmt: skip
-        return dq, dk, dv_grad
+    micro = dtype == np.float32 and F32_PRODUCTS == "fma"
+    if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
+        operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + LANES)),
+                          (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
+                          (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)))  # fmt: skip
+    else:  # K^T, V^T and K with rows of a whole number of vectors
+        operand_shapes = ((batch, hkv, d, nk + LANES), (batch, hkv, dv, nk + LANES),
+                          (batch, hkv, nk, padded(d, LANES)))  # fmt: skip
+    partial_shapes = ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
     with _CALL_LOCK, _single_threaded_blas():
-        if n_chunks == 1:  # each task owns its kv head: no partials to sum
-            dk_partial, dv_partial = dk, dv_grad
-        else:
-            dk_partial, dv_partial = _WORKSPACE.zeroed(
-                dtype, ((batch, hkv * n_chunks, nk, d), (batch, hkv * n_chunks, nk, dv))
-            )
+        if bf16:  # uint16 operands apart from the float32 partials
+            k_packed, v_packed, k_rows = _arrays_together(np.uint16, operand_shapes, zero=False)
+            dk_t, dv_t = _WORKSPACE.zeroed(compute, partial_shapes)
+        else:  # one kept block, so a training loop faults no fresh pages in
+            dk_t, dv_t, k_packed, v_packed, k_rows = _WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
         _backward_kernel(
-            q, k, v, masks, out, d_out, lse, consts, lo, hi, flags,
-            block_q, block_k, n_chunks, n_workers, dq, dk_partial, dv_partial,
+            q, k, v, masks, out, d_out, lse, consts, lo, hi, flags, block_q, block_k, n_chunks, micro,
+            n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
         )  # fmt: skip
-        if n_chunks > 1:
-            _sum_partials(dk_partial, n_chunks, dk)
-            _sum_partials(dv_partial, n_chunks, dv_grad)
     return dq, dk, dv_grad
 
 
