@@ -100,6 +100,42 @@ def _best(runs, repeats):
     return best
 
 
+def _mkl_bf16_gemm_rate(repeats):
+    """{"M x N x K": GFLOP/s} of MKL's cblas_gemm_bf16bf16f32 on one thread, or {} without it.
+
+    The product the bf16 issue first proposed; on CPUs where MKL takes its generic
+    path it is no faster than sgemm, which is why attnkit has its own micro-kernel.
+    """
+    import ctypes
+
+    path = cpu_blas._torch_library_path()
+    if path is None:
+        return {}
+    try:
+        library = ctypes.CDLL(path)
+        gemm, set_threads = library.cblas_gemm_bf16bf16f32, library.mkl_set_num_threads_local
+    except (OSError, AttributeError):
+        return {}
+    c_int, c_float, pointer = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    gemm.argtypes = [c_int] * 6 + [c_float, pointer, c_int, pointer, c_int, c_float, pointer, c_int]
+    rng = np.random.default_rng(1)
+    rates = {}
+    previous = set_threads(ctypes.byref(c_int(1)))
+    try:
+        for m, n, k, transposed_b in ((128, 512, 64, True), (128, 512, 128, True), (128, 64, 512, False)):
+            a = bf16.bf16_bits(rng.standard_normal((m, k)))
+            b = bf16.bf16_bits(rng.standard_normal((n, k) if transposed_b else (k, n)))
+            c = np.zeros((m, n), np.float32)
+            args = (101, 111, 112 if transposed_b else 111, m, n, k, 1.0, a.ctypes.data, k, b.ctypes.data,
+                    k if transposed_b else n, 0.0, c.ctypes.data, n)  # row-major, A, B or B^T
+            calls = 20
+            (elapsed,) = _best([lambda: [gemm(*args) for _ in range(calls)]], repeats)
+            rates[f"{m} x {n} x {k}"] = calls * 2 * m * n * k / elapsed / 1e9
+    finally:
+        set_threads(ctypes.byref(c_int(previous)))
+    return rates
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu_parts", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per part; the best is kept (default 7)")
@@ -143,6 +179,12 @@ def main(argv=None):
     scratch = tile.copy()
     row_max, exp2 = (t / scores * 1e9 for t in _best(
         [lambda: _row_max_pass(tile, passes), lambda: _exp2_pass(scratch, passes)], args.repeats))
+    mkl_bf16 = _mkl_bf16_gemm_rate(args.repeats)
+    if mkl_bf16:
+        print("MKL's own bf16 GEMM (cblas_gemm_bf16bf16f32 in torch's libtorch_cpu), one thread, "
+              "the shapes M x N x K of the forward's two products:")
+        for shape, rate in mkl_bf16.items():
+            print(f"  {shape:<16} {rate:6.1f} GFLOP/s")
     print(f"softmax row passes over a {BLOCK_Q} x {BLOCK_K} tile, one thread:")
     print(f"  row max        {row_max:.3f} ns/score")
     print(f"  exp2 + row sum {exp2:.3f} ns/score")

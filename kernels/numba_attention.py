@@ -74,8 +74,10 @@ same process, since this machine's speed drifts by up to 2x between runs):
       group's rows in one tile with S^T = K Q^T (K in place), keys split across
       cores, partials merged by lse (fp32 GQA 32/8 Nk=1024: 0.33x -> 1.22x
       torch). Calls of <= 2^18 multiply-adds per product on the calling thread.
-  v13 the backward on the micro-kernels as well, one worker for bf16 and
-      float32 (operands picked by dtype); float32's dP = dO V^T stays on the
+  v13 the backward on the micro-kernels as well: one worker for every dtype
+      (bf16 and float32 on the micro-kernels, float64 through the BLAS; operands
+      picked by dtype; float32 backward 1.43-1.87x torch SDPA's in
+      bench/results/cpu-fp32-fma); float32's dP = dO V^T stays on the
       BLAS: the micro-kernel's single FMA chain per element made dP - delta,
       which cancels when one key dominates a row, 3x less accurate than a
       float32 reference (Nk = 1, D = 64); delta in float64.
