@@ -3,12 +3,11 @@
 Why our own: the issue that asked for this (bf16 at AMX speed) assumed MKL's
 `cblas_gemm_bf16bf16f32`, which torch's libtorch_cpu exports. On the project's
 machines of 2026-12-02 (AMD EPYC, Zen 5: avx512_bf16, no AMX) that MKL runs its
-generic path: one thread, measured through ctypes (/tmp scripts, taking turns):
+generic path. One thread, on the forward's tile products (`python -m
+attnkit.bench.cpu_parts`, bench/results/cpu-parts.txt):
 
-  shape (M x N x K)      MKL sgemm   MKL bf16 GEMM   MKL f16 GEMM
-  2048 x 2048 x 2048        94            92              85    GFLOP/s
-  128 x 512 x 64            90            87              63
-  128 x 64 x 512            85            81              41
+  MKL sgemm ~88-91, MKL's bf16 GEMM 105-138 (on 128x512x64 ... 128x64x512),
+  this module's bf16 micro-kernel 420-426 and float32 micro-kernel 198-215 GFLOP/s
 
 while torch's own bf16 matmul (oneDNN, which dispatches on CPU flags, not the
 vendor) reached 733 GFLOP/s on two threads. oneDNN's GEMM is not exported, so
