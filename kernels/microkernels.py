@@ -1,4 +1,4 @@
-"""bfloat16 tile products for the CPU kernel: an AVX-512 BF16 micro-kernel, callable from Numba.
+"""Tile products for the CPU kernel: AVX-512 micro-kernels (bf16 pairs, float32 FMAs), callable from Numba.
 
 Why our own: the issue that asked for this (bf16 at AMX speed) assumed MKL's
 `cblas_gemm_bf16bf16f32`, which torch's libtorch_cpu exports. On the project's
@@ -10,10 +10,12 @@ attnkit.bench.cpu_parts`, bench/results/cpu-parts.txt):
   this module's bf16 micro-kernel 420-426 and float32 micro-kernel 198-215 GFLOP/s
 
 while torch's own bf16 matmul (oneDNN, which dispatches on CPU flags, not the
-vendor) reached 733 GFLOP/s on two threads. oneDNN's GEMM is not exported, so
+vendor) reached 700-744 GFLOP/s on two threads (the bf16 roofline of the records
+in bench/results/cpu-bf16/). oneDNN's GEMM is not exported, so
 this module emits the instruction oneDNN uses, VDPBF16PS, directly as LLVM IR:
 each one multiplies 16 pairs of bf16 numbers and adds both products into 16
-float32 lanes (64 FLOPs, two per cycle on Zen 5).
+float32 lanes (64 FLOPs). The float32 micro-kernel is the same register block
+with fused multiply-adds on 16 floats (B then holds plain rows, no pairs).
 
 Layout. C (M, N) float32 += A (M, K) @ B (K, N), where
 - A is bf16 (stored as uint16), row-major, K even (rows padded with a zero);
