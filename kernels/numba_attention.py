@@ -423,33 +423,65 @@ def _product_overload(a, b, c, m, n, k, accumulate, micro):
     return lambda a, b, c, m, n, k, accumulate, micro: _blas_product(a, b, c, m, n, k, accumulate)
 
 
+def _pack_forward(k, v, k_packed, v_packed):
+    """One (batch, kv head)'s keys and values as the B operands of the forward's products."""
+
+
+@overload(_pack_forward)
+def _pack_forward_overload(k, v, k_packed, v_packed):
+    if k_packed.dtype == types.uint16:
+        # k_packed (ceil(D/2), 2 (Nk + 16)): pairs along the features for Q K^T;
+        # v_packed (ceil(Nk/2), 2 Dv16): pairs along the keys for P V.
+        def pairs(k, v, k_packed, v_packed):
+            _pack_keys(k, k_packed)
+            pack_pairs(v, v_packed)
+
+        return pairs
+
+    # float: k_packed = K^T (D, Nk + 16); v_packed = V with rows padded to 16
+    # columns, unless it is V itself (Dv a multiple of 16: nothing to copy).
+    def rows(k, v, k_packed, v_packed):
+        _transpose_into(k, k_packed)
+        if v_packed.shape[1] != v.shape[1]:
+            _copy_rows_into(v, v_packed)
+
+    return rows
+
+
 @_jit()
-def _pack_float_head(k, v, k_t, v_rows, t):
-    """Task t = (batch, kv head): k_t[b, hk] = K^T (D, Nk + 16, zero past Nk), the B
-    operand of Q K^T; v_rows[b, hk] = V with rows padded to 16 columns when v_rows is
-    not v itself (Dv not a multiple of 16)."""
+def _pack_forward_head(k, v, k_packed, v_packed, t):
+    """Task t = (batch, kv head) of the forward's packing."""
     hkv = k.shape[1]
     b, hk = t // hkv, t % hkv
-    src, dst = k[b, hk], k_t[b, hk]  # (Nk, D), (D, Nk + 16)
-    nk, d = src.shape
-    for c in range(d):
-        row = dst[c]
-        for j in range(nk):
-            row[j] = src[j, c]
-        for j in range(nk, row.shape[0]):
-            row[j] = 0
-    if v_rows.shape[3] != v.shape[3]:
-        v_src, v_dst = v[b, hk], v_rows[b, hk]
-        for j in range(nk):
-            for c in range(v_src.shape[1]):
-                v_dst[j, c] = v_src[j, c]
-            for c in range(v_src.shape[1], v_dst.shape[1]):
-                v_dst[j, c] = 0
+    _pack_forward(k[b, hk], v[b, hk], k_packed[b, hk], v_packed[b, hk])
+
+
+def _scratch(n, operand):
+    """Elements of a conversion buffer: n for bf16 operands, 1 for float ones (never used)."""
+
+
+@overload(_scratch, jit_options={"inline": "always"})
+def _scratch_overload(n, operand):
+    if operand.dtype == types.uint16:
+        return lambda n, operand: n
+    return lambda n, operand: 1
+
+
+def _first_key(j0, operand):
+    """j0, moved down to even for bf16 operands (their P V reads keys in pairs; the
+    extra key is hidden from every row)."""
+
+
+@overload(_first_key, jit_options={"inline": "always"})
+def _first_key_overload(j0, operand):
+    if operand.dtype == types.uint16:
+        return lambda j0, operand: j0 - j0 % 2
+    return lambda j0, operand: j0
 
 
 @_jit(fastmath=_FASTMATH)
 def _forward_worker(
-    q, k_t, v_rows, nk, masks, consts, lo_offset, hi_offset, flags,
+    q, k_packed, v_packed, nk, masks, consts, lo_offset, hi_offset, flags,
     block_q, block_k, micro, order, next_task, out, lse,
 ):  # fmt: skip
     """Take (batch, head, query block) tasks from the queue until it is empty.
@@ -458,23 +490,31 @@ def _forward_worker(
     counter next_task[0]: each worker claims the next index atomically, so a
     worker slowed down (a busy core) simply takes fewer tasks. Which worker runs
     a task never changes what the task computes, so results stay bit-identical.
+
+    Products: bf16 on the micro-kernel when the packed operands (_pack_forward)
+    are uint16 (Q rounded per block, P rounded to bf16 for P V, as torch and
+    flash-attn do); float32 on the FMA micro-kernel when micro; else, and
+    float64 always, through the BLAS. Scores, softmax and acc in lse's dtype.
     """
     batch, hq, nq, d = q.shape
-    hkv, dv = k_t.shape[1], out.shape[3]
+    hkv, dv = k_packed.shape[1], out.shape[3]
     group = hq // hkv
     n_qblocks = (nq + block_q - 1) // block_q
     neg_inf = consts[_C_NEG_INF]
     zero = consts[_C_ZERO]
+    real = lse.dtype
+    operand = k_packed.dtype
 
     # Scratch for this worker: O(block) memory, independent of N; rows padded to
-    # 16 columns for the micro-kernel.
-    score_buf = np.empty(block_q * padded(block_k, LANES), q.dtype)  # (Bq, Bk16) scores, then P
-    acc = np.empty((block_q, padded(dv, LANES)), q.dtype)  # (Bq, Dv16) running numerator
-    running_max = np.empty(block_q, q.dtype)  # (Bq,) running max, base 2
-    running_sum = np.empty(block_q, q.dtype)  # (Bq,) running denominator
-    rescale = np.empty(block_q, q.dtype)  # (Bq,) exp2(old max - new max)
-    unused_grad = np.empty((1, 1), q.dtype)
-    one = consts[_C_ONE]
+    # 16 columns for the micro-kernels (+1 key: bf16's even first key).
+    score_buf = np.empty(block_q * padded(block_k + 1, LANES), real)  # (Bq, Bk16) scores, then P
+    acc = np.empty((block_q, padded(dv, LANES)), real)  # (Bq, Dv16) running numerator
+    running_max = np.empty(block_q, real)  # (Bq,) running max, base 2
+    running_sum = np.empty(block_q, real)  # (Bq,) running denominator
+    rescale = np.empty(block_q, real)  # (Bq,) exp2(old max - new max)
+    unused_grad = np.empty((1, 1), real)
+    q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
+    p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
@@ -489,11 +529,11 @@ def _forward_worker(
         i1 = min(i0 + block_q, nq)
         bq = i1 - i0
         q_blk = q[b, h, i0:i1]  # (Bq, D)
+        q_rows = _a_rows_of(q_blk, q_blk, q_buf)  # itself, or rounded to bf16
         for r in range(bq):
             running_max[r] = neg_inf
             running_sum[r] = zero
-            for c in range(dv):
-                acc[r, c] = zero
+        acc[:bq] = zero
 
         first, stop, key_start, key_stop = _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
         for kb in range(first, stop):
@@ -501,18 +541,20 @@ def _forward_worker(
             if tile_flags < 0:
                 continue  # the mask hides every score of this tile
             # Columns no row of the block can see (causal / window edges, key range) are not computed.
-            j0 = max(kb * block_k, i0 + lo_offset, key_start)
+            j0 = _first_key(max(kb * block_k, i0 + lo_offset, key_start), k_packed)
             j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
             bk = j1 - j0
             s_full = score_buf[: bq * padded(bk, LANES)].reshape((bq, padded(bk, LANES)))  # (Bq, Bk16)
-            _product(q_blk, k_t[b, hk, :, j0:], s_full, bq, bk, d, False, micro)  # S = Q K^T
+            key_cols = _key_offset(j0, k_packed)
+            _product(q_rows, k_packed[b, hk, :, key_cols:], s_full, bq, bk, d, False, micro)  # S = Q K^T
             s = s_full[:, :bk]  # (Bq, Bk)
             multiplier = _tile_scores_base2(
                 s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
                 masks[0], masks[1], False, unused_grad,
             )  # fmt: skip
             _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
-            _product(s_full, v_rows[b, hk, j0:], acc, bq, dv, bk, True, micro)  # acc += P @ V
+            p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
+            _product(p_rows, v_packed[b, hk, _key_row(j0, k_packed) :], acc, bq, dv, bk, True, micro)  # acc += P V
         _finish_rows(acc, running_max, running_sum, consts, out[b, h, i0:i1], lse[b, h, i0:i1])
     set_threads_local(blas_threads)
 
@@ -535,34 +577,34 @@ def _forward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k)
 @_jit(parallel=True)
 def _forward_kernel(
     q, k, v, masks, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, micro, n_workers, k_t, v_rows, out, lse,
+    block_q, block_k, micro, n_workers, k_packed, v_packed, out, lse,
 ):  # fmt: skip
     for t in prange(k.shape[0] * k.shape[1]):
-        _pack_float_head(k, v, k_t, v_rows, t)
+        _pack_forward_head(k, v, k_packed, v_packed, t)
     order = _forward_schedule(
         q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
     )
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _forward_worker(
-            q, k_t, v_rows, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
+            q, k_packed, v_packed, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
             block_q, block_k, micro, order, next_task, out, lse,
         )  # fmt: skip
 
 
 @_jit()
 def _forward_kernel_serial(
-    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, micro, k_t, v_rows, out, lse,
+    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, micro, k_packed, v_packed, out, lse,
 ):  # fmt: skip
     """_forward_kernel on the calling thread alone: small calls start no thread pool."""
     for t in range(k.shape[0] * k.shape[1]):
-        _pack_float_head(k, v, k_t, v_rows, t)
+        _pack_forward_head(k, v, k_packed, v_packed, t)
     order = _forward_schedule(
         q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
     )
     next_task = np.zeros(1, np.int64)
     _forward_worker(
-        q, k_t, v_rows, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
+        q, k_packed, v_packed, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
         block_q, block_k, micro, order, next_task, out, lse,
     )  # fmt: skip
 
@@ -713,7 +755,7 @@ def _decode_kernel(
 
 
 # ---------------------------------------------------------------------------
-# Forward in bf16: products on the AVX-512 BF16 micro-kernel (kernels/microkernels.py)
+# Operands of the micro-kernels (kernels/microkernels.py)
 # ---------------------------------------------------------------------------
 
 
@@ -732,19 +774,6 @@ def _pack_keys(k, dst):
             dst[p, 2 * j + 1] = bf16_of(row[2 * p + 1])
         if d % 2:
             dst[d // 2, 2 * j] = bf16_of(row[d - 1])
-
-
-@_jit()
-def _pack_head(k, v, k_packed, v_packed, t):
-    """Task t = (batch, kv head) of the packing: its keys and values as B operands.
-
-    k_packed (B, Hkv, ceil(D/2), 2 (Nk + 16)): keys for Q @ K^T (pairs along D).
-    v_packed (B, Hkv, ceil(Nk/2), 2 Dv16): values for P @ V (pairs along keys).
-    """
-    hkv = k.shape[1]
-    b, hk = t // hkv, t % hkv
-    _pack_keys(k[b, hk], k_packed[b, hk])
-    pack_pairs(v[b, hk], v_packed[b, hk])
 
 
 def _operand_of(dst, value):
@@ -770,96 +799,6 @@ def _load_rows(src, dst):
             d_row[c] = _operand_of(d_row, s_row[c])
         for c in range(cols, d_row.shape[0]):
             d_row[c] = 0
-
-
-@_jit(fastmath=_FASTMATH)
-def _forward_worker_bf16(
-    q, k_packed, v_packed, nk, masks, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, order, next_task, out, lse,
-):  # fmt: skip
-    """_forward_worker with bf16 products: S = Q K^T and acc += P V on the micro-kernel.
-
-    q (B, Hq, Nq, D) bf16 bits (uint16) or float32 (rounded to bf16 per block);
-    k_packed / v_packed from _pack_inputs; P is rounded to bf16 for P @ V, as torch
-    and flash-attn do; scores, softmax and acc stay float32. out is uint16 (bf16
-    bits) or float32.
-    """
-    batch, hq, nq, d = q.shape
-    hkv = k_packed.shape[1]
-    dv = out.shape[3]
-    group = hq // hkv
-    n_qblocks = (nq + block_q - 1) // block_q
-    d_pairs = (d + 1) // 2
-    neg_inf = consts[_C_NEG_INF]
-    zero = consts[_C_ZERO]
-    f32 = np.float32
-
-    q_buf = np.empty((block_q, 2 * d_pairs), np.uint16)  # (Bq, D even) the block's queries
-    score_buf = np.empty(block_q * padded(block_k + 1, LANES), f32)  # (Bq, Bk16) scores, then P
-    p_buf = np.empty(block_q * padded(block_k + 2, 2), np.uint16)  # (Bq, Bk even) P in bf16
-    acc = np.empty((block_q, padded(dv, LANES)), f32)  # (Bq, Dv16) running numerator
-    running_max = np.empty(block_q, f32)
-    running_sum = np.empty(block_q, f32)
-    rescale = np.empty(block_q, f32)
-    unused_grad = np.empty((1, 1), f32)
-
-    while True:
-        t = _claim(order, next_task)
-        if t < 0:
-            break
-        qb = t % n_qblocks
-        h = (t // n_qblocks) % hq
-        b = t // (n_qblocks * hq)
-        hk = h // group
-        i0 = qb * block_q
-        i1 = min(i0 + block_q, nq)
-        bq = i1 - i0
-        _load_rows(q[b, h, i0:i1], q_buf)
-        for r in range(bq):
-            running_max[r] = neg_inf
-            running_sum[r] = zero
-        acc[:bq] = zero
-
-        first, stop, key_start, key_stop = _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
-        for kb in range(first, stop):
-            tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
-            if tile_flags < 0:
-                continue  # the mask hides every score of this tile
-            j0 = max(kb * block_k, i0 + lo_offset, key_start)
-            j0 -= j0 % 2  # P @ V reads keys in pairs; the extra key is hidden from every row
-            j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
-            bk = j1 - j0
-            bk16, bk2 = padded(bk, LANES), padded(bk, 2)
-            s_full = score_buf[: bq * bk16].reshape((bq, bk16))  # (Bq, Bk16)
-            gemm(q_buf, k_packed[b, hk, :, 2 * j0 :], s_full, bq, bk, d_pairs, False)  # S = Q K^T
-            s = s_full[:, :bk]  # (Bq, Bk)
-            multiplier = _tile_scores_base2(
-                s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                masks[0], masks[1], False, unused_grad,
-            )  # fmt: skip
-            _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
-            p = p_buf[: bq * bk2].reshape((bq, bk2))  # (Bq, Bk even)
-            _load_rows(s, p)
-            gemm(p, v_packed[b, hk, j0 // 2 :], acc, bq, dv, bk2 // 2, True)  # acc += P V
-        _finish_rows(acc, running_max, running_sum, consts, out[b, h, i0:i1], lse[b, h, i0:i1])
-
-
-@_jit(parallel=True)
-def _forward_kernel_bf16(
-    q, k, v, masks, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, n_workers, k_packed, v_packed, out, lse,
-):  # fmt: skip
-    for t in prange(k.shape[0] * k.shape[1]):
-        _pack_head(k, v, k_packed, v_packed, t)
-    order = _forward_schedule(
-        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
-    )
-    next_task = np.zeros(1, np.int64)
-    for w in prange(n_workers):
-        _forward_worker_bf16(
-            q, k_packed, v_packed, k.shape[2], masks, consts, lo_offset, hi_offset,
-            flags, block_q, block_k, order, next_task, out, lse,
-        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -1523,34 +1462,30 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     flags |= mask_flags
     n_workers = numba.get_num_threads()
-    if bf16:
-        with _CALL_LOCK:
-            k_packed, v_packed = _WORKSPACE.arrays(np.uint16, (
-                (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)),
-            ), zero=False)  # fmt: skip
-            _forward_kernel_bf16(
-                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, n_workers, k_packed, v_packed, out, lse
-            )
-        return out, lse
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     v_width = dv if dv % LANES == 0 else padded(dv, LANES)
-    if _is_decode(nq, nk, hq // hkv) and v_width == dv:
+    if not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:
         return _decode(q, k, v, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
+    if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
+        operand, operand_shapes = np.uint16, (
+            (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)))
+    else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
+        operand, operand_shapes = dtype, (
+            (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
     serial = batch * hq * nq * nk * d <= _SERIAL_WORK
     with _CALL_LOCK, _single_threaded_blas():
-        k_t, v_rows = _WORKSPACE.arrays(dtype, (
-            (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1),
-        ), zero=False)  # fmt: skip
-        if v_width == dv:
-            v_rows = v  # rows already a whole number of vectors: read V in place
+        k_packed, v_packed = _WORKSPACE.arrays(operand, operand_shapes, zero=False)
+        if not bf16 and v_width == dv:
+            v_packed = v  # read V in place
         if serial:
             _forward_kernel_serial(
-                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, k_t, v_rows, out, lse
+                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, k_packed, v_packed, out, lse
             )
         else:
             _forward_kernel(
-                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, n_workers, k_t, v_rows, out, lse
-            )
+                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, n_workers, k_packed, v_packed,
+                out, lse,
+            )  # fmt: skip
     return out, lse
 
 

@@ -280,7 +280,7 @@ def test_bf16_tensors_reach_the_kernel_without_conversion(monkeypatch):
     from attnkit.kernels import numba_attention
 
     seen = {}
-    for name in ("_forward_kernel_bf16", "_backward_kernel"):
+    for name in ("_forward_kernel", "_backward_kernel"):
         original = getattr(numba_attention, name)
 
         def call(q, k, v, *rest, _name=name, _original=original):
@@ -290,7 +290,7 @@ def test_bf16_tensors_reach_the_kernel_without_conversion(monkeypatch):
         monkeypatch.setattr(numba_attention, name, call)
     q, k, v = (torch.randn(2, 4, 40, 32).bfloat16().requires_grad_() for _ in range(3))
     attnkit.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
-    for name in ("_forward_kernel_bf16", "_backward_kernel"):
+    for name in ("_forward_kernel", "_backward_kernel"):
         for array, tensor in zip(seen[name], (q, k, v)):
             assert array.dtype == np.uint16
             assert np.shares_memory(array, tensor.detach().view(torch.int16).numpy()), f"{name} got a copy"
