@@ -75,49 +75,43 @@ NR = 4  # 16-lane vectors of C per row per call
 PANEL = 16 * NR  # columns per micro-kernel call
 LANES = 16
 
-_CHOICES = ("auto", "dpbf16", "fp32")
+def _choose_path(variable, fast, slow, cpu_flag, flag_name, fast_detail, slow_detail):
+    """(path, why) for one micro-kernel: `fast` where the CPU has cpu_flag, else `slow`.
+
+    The environment variable forces either: auto (default), fast (an error on a
+    CPU without the flag) or slow.
+    """
+    choices = ("auto", fast, slow)
+    choice = os.environ.get(variable, "auto").strip().lower() or "auto"
+    if choice not in choices:
+        raise ValueError(f"{variable} must be one of {', '.join(choices)}; got {choice!r}")
+    if choice == slow:
+        return slow, f"{variable}={slow}: {slow_detail}"
+    if not llvm.get_host_cpu_features().get(cpu_flag, False):
+        if choice == fast:
+            raise ValueError(f"{variable}={fast}, but this CPU has no {flag_name}")
+        return slow, f"this CPU has no {flag_name}: {slow_detail}"
+    return fast, fast_detail
 
 
 def _choose():
-    """('dpbf16' or 'fp32', why): whether bf16 data runs on the bf16 micro-kernel.
-
-    ATTNKIT_CPU_BF16=fp32 forces the float32 path (bf16 converted to float32 at
-    the boundary, as before); =dpbf16 insists on the micro-kernel.
-    """
-    choice = os.environ.get("ATTNKIT_CPU_BF16", "auto").strip().lower() or "auto"
-    if choice not in _CHOICES:
-        raise ValueError(f"ATTNKIT_CPU_BF16 must be one of {', '.join(_CHOICES)}; got {choice!r}")
-    has_bf16 = bool(llvm.get_host_cpu_features().get("avx512bf16", False))
-    if choice == "fp32":
-        return "fp32", "ATTNKIT_CPU_BF16=fp32: bf16 runs in float32 (converted at the boundary)"
-    if not has_bf16:
-        if choice == "dpbf16":
-            raise ValueError("ATTNKIT_CPU_BF16=dpbf16, but this CPU has no AVX-512 BF16 (avx512_bf16)")
-        return "fp32", "this CPU has no AVX-512 BF16: bf16 runs in float32 (converted at the boundary)"
-    return "dpbf16", "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation"
+    """Whether bf16 data runs on the bf16 micro-kernel ("dpbf16") or in float32 ("fp32")."""
+    return _choose_path(
+        "ATTNKIT_CPU_BF16", "dpbf16", "fp32", "avx512bf16", "AVX-512 BF16 (avx512_bf16)",
+        "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation",
+        "bf16 runs in float32 (converted at the boundary)",
+    )  # fmt: skip
 
 
 BF16_PRODUCTS, BF16_DETAIL = _choose()
 
-_F32_CHOICES = ("auto", "fma", "blas")
-
 
 def _choose_f32():
-    """('fma' or 'blas', why): whether float32 products run on the FMA micro-kernel.
-
-    ATTNKIT_CPU_F32=blas forces the BLAS (cpu_blas.py); =fma insists on the micro-kernel.
-    """
-    choice = os.environ.get("ATTNKIT_CPU_F32", "auto").strip().lower() or "auto"
-    if choice not in _F32_CHOICES:
-        raise ValueError(f"ATTNKIT_CPU_F32 must be one of {', '.join(_F32_CHOICES)}; got {choice!r}")
-    has_avx512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
-    if choice == "blas":
-        return "blas", "ATTNKIT_CPU_F32=blas: float32 products through the BLAS"
-    if not has_avx512:
-        if choice == "fma":
-            raise ValueError("ATTNKIT_CPU_F32=fma, but this CPU has no AVX-512 (avx512f)")
-        return "blas", "this CPU has no AVX-512: float32 products through the BLAS"
-    return "fma", "float32 products on attnkit's AVX-512 FMA micro-kernel"
+    """Whether float32 products run on the FMA micro-kernel ("fma") or the BLAS ("blas")."""
+    return _choose_path(
+        "ATTNKIT_CPU_F32", "fma", "blas", "avx512f", "AVX-512 (avx512f)",
+        "float32 products on attnkit's AVX-512 FMA micro-kernel", "float32 products through the BLAS",
+    )  # fmt: skip
 
 
 F32_PRODUCTS, F32_DETAIL = _choose_f32()
