@@ -81,8 +81,8 @@ same process, since this machine's speed drifts by up to 2x between runs):
       BLAS: the micro-kernel's single FMA chain per element made dP - delta,
       which cancels when one key dominates a row, 3x less accurate than a
       float32 reference (Nk = 1, D = 64); delta in float64. The forward got
-      the same treatment: one worker, operands by dtype (bf16 speed unchanged,
-      2.9-4.1x torch in a check after the merge).
+      the same treatment: one worker, operands by dtype (speed unchanged in a
+      check against torch, taking turns, before and after the merge).
   Tried after v9, not kept (D=128 backward, N=4096, one process, taking
   turns): blocks 256 x 256, 256 x 128, 512 x 128 and a key-block-outer loop
   (a block's dK/dV stay in cache, dQ streams instead): all within +-4% of
