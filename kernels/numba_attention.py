@@ -133,6 +133,7 @@ _UNLIMITED = 1 << 60
 _HAS_SOFTCAP = 1
 _HAS_ADDITIVE_MASK = 2
 _HAS_BOOL_MASK = 4
+_HAS_ALIBI = 8
 
 # Layout of the per-call constants array (in the input dtype, so that no
 # float64 literal promotes float32 arithmetic).
@@ -155,12 +156,14 @@ _N_CONSTANTS = 8
 @_jit(fastmath=_FASTMATH)
 def _tile_scores_base2(
     s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, flags, bool_mask, additive_mask,
-    store_softcap_grad, softcap_grad,
+    slope, diagonal, store_softcap_grad, softcap_grad,
 ):  # fmt: skip
     """Turn s = q_blk @ k_blk^T (Bq, Bk) into masked scores in base 2, in place.
 
     Query i0 + r may see key j0 + c when lo_offset <= (j0 + c) - (i0 + r) <= hi_offset,
-    key_start <= j0 + c < key_stop (key padding), and the boolean mask allows it. With a softcap and store_softcap_grad,
+    key_start <= j0 + c < key_stop (key padding), and the boolean mask allows it. ALiBi
+    (flag _HAS_ALIBI) adds -slope * |i + diagonal - j| after the softcap, as flash-attn
+    does (diagonal = Nk - Nq: bottom-right aligned). With a softcap and store_softcap_grad,
     softcap_grad (Bq, Bk) receives scale * (1 - tanh^2), the factor the backward
     pass needs (the forward passes False and a placeholder).
 
@@ -176,9 +179,10 @@ def _tile_scores_base2(
     has_softcap = (flags & _HAS_SOFTCAP) != 0
     has_additive = (flags & _HAS_ADDITIVE_MASK) != 0
     has_bool = (flags & _HAS_BOOL_MASK) != 0
+    has_alibi = (flags & _HAS_ALIBI) != 0
 
     multiplier = consts[_C_ONE]
-    if not (has_softcap or has_additive or has_bool):
+    if not (has_softcap or has_additive or has_bool or has_alibi):
         scale_log2e = consts[_C_SCALE_LOG2E]
         if scale_log2e > consts[_C_ZERO]:
             multiplier = scale_log2e
@@ -214,6 +218,10 @@ def _tile_scores_base2(
                 ]  # (Nk,)
                 for c in range(n_cols):
                     row[c] += am[j0 + c]
+            if has_alibi:
+                distance = i + diagonal - j0  # to column c: |distance - c|
+                for c in range(n_cols):
+                    row[c] -= slope * abs(distance - c)
             for c in range(n_cols):
                 row[c] *= log2e
             if has_bool:
@@ -483,10 +491,14 @@ def _first_key_overload(j0, operand):
 
 @_jit(fastmath=_FASTMATH)
 def _forward_worker(
-    q, k_packed, v_packed, nk, masks, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, micro, order, next_task, out, lse,
+    q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro, order, next_task, out, lse,
 ):  # fmt: skip
-    """Take (batch, head, query block) tasks from the queue until it is empty.
+    """Take (segment, head, query block) tasks from the queue until it is empty.
+
+    A segment (see _segment_table) is one sequence: query rows [qs, qs + Nq) of
+    batch entry b against keys [ks, ks + Nk), with its own causal / window
+    offsets: a batch entry of a dense call, or one sequence of a packed
+    (varlen) call. Within a task every index is relative to its segment.
 
     The queue is `order` (flat task indices, heaviest first) and the shared
     counter next_task[0]: each worker claims the next index atomically, so a
@@ -498,14 +510,14 @@ def _forward_worker(
     flash-attn do); float32 on the FMA micro-kernel when micro; else, and
     float64 always, through the BLAS. Scores, softmax and acc in lse's dtype.
     """
-    batch, hq, nq, d = q.shape
+    batch, hq, _, d = q.shape
     hkv, dv = k_packed.shape[1], out.shape[3]
     group = hq // hkv
-    n_qblocks = (nq + block_q - 1) // block_q
     neg_inf = consts[_C_NEG_INF]
     zero = consts[_C_ZERO]
     real = lse.dtype
     operand = k_packed.dtype
+    alibi = masks[4]  # (S or 1, Hq or 1) slopes
 
     # Scratch for this worker: O(block) memory, independent of N; rows padded to
     # 16 columns for the micro-kernels (+1 key: bf16's even first key).
@@ -523,14 +535,14 @@ def _forward_worker(
         t = _claim(order, next_task)
         if t < 0:
             break
-        qb = t % n_qblocks
-        h = (t // n_qblocks) % hq
-        b = t // (n_qblocks * hq)
+        seg, h, qb = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
+        slope = alibi[min(seg, alibi.shape[0] - 1), min(h, alibi.shape[1] - 1)]
         hk = h // group
         i0 = qb * block_q
         i1 = min(i0 + block_q, nq)
         bq = i1 - i0
-        q_blk = q[b, h, i0:i1]  # (Bq, D)
+        q_blk = q[b, h, qs + i0 : qs + i1]  # (Bq, D)
         q_rows = _a_rows_of(q_blk, q_blk, q_buf)  # itself, or rounded to bf16
         for r in range(bq):
             running_max[r] = neg_inf
@@ -547,67 +559,78 @@ def _forward_worker(
             j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
             bk = j1 - j0
             s_full = score_buf[: bq * padded(bk, LANES)].reshape((bq, padded(bk, LANES)))  # (Bq, Bk16)
-            key_cols = _key_offset(j0, k_packed)
+            key_cols = _key_offset(ks + j0, k_packed)
             _product(q_rows, k_packed[b, hk, :, key_cols:], s_full, bq, bk, d, False, micro)  # S = Q K^T
             s = s_full[:, :bk]  # (Bq, Bk)
             multiplier = _tile_scores_base2(
                 s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                masks[0], masks[1], False, unused_grad,
+                masks[0], masks[1], slope, diagonal, False, unused_grad,
             )  # fmt: skip
             _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
             p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
-            _product(p_rows, v_packed[b, hk, _key_row(j0, k_packed) :], acc, bq, dv, bk, True, micro)  # acc += P V
-        _finish_rows(acc, running_max, running_sum, consts, out[b, h, i0:i1], lse[b, h, i0:i1])
+            v_row = _key_row(ks + j0, k_packed)
+            _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
+        _finish_rows(acc, running_max, running_sum, consts, out[b, h, qs + i0 : qs + i1], lse[b, h, qs + i0 : qs + i1])
     set_threads_local(blas_threads)
 
 
 @_jit()
-def _forward_schedule(batch, hq, nq, nk, lo_offset, hi_offset, block_q, block_k):
-    """The (batch, head, query block) tasks, heaviest first."""
-    n_qblocks = (nq + block_q - 1) // block_q
-    n_tasks = batch * hq * n_qblocks
+def _segment(segments, seg):
+    """(b, qs, Nq, ks, Nk, lo, hi, diagonal) of segment seg (see _segment_table)."""
+    row = segments[seg]
+    return row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+
+
+@_jit()
+def _forward_schedule(segments, hq, block_q, block_k):
+    """(tasks (T, 3) of (segment, head, query block), their order heaviest first)."""
+    n_tasks = 0
+    for seg in range(segments.shape[0]):
+        n_tasks += hq * ((segments[seg, 2] + block_q - 1) // block_q)
+    tasks = np.empty((n_tasks, 3), np.int64)
     costs = np.empty(n_tasks, np.int64)  # visible key blocks per task
-    for t in range(n_tasks):
-        i0 = (t % n_qblocks) * block_q
-        first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
-        costs[t] = stop - first
-    return _heaviest_first(costs)
+    t = 0
+    for seg in range(segments.shape[0]):
+        _, _, nq, _, nk, lo_offset, hi_offset, _ = _segment(segments, seg)
+        for h in range(hq):
+            for qb in range((nq + block_q - 1) // block_q):
+                i0 = qb * block_q
+                first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
+                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, h, qb
+                costs[t] = stop - first
+                t += 1
+    return tasks, _heaviest_first(costs)
 
 
 # The parallel functions only fan the workers out: parfor compilation is slow,
 # so everything else lives in plain njit functions.
 @_jit(parallel=True)
 def _forward_kernel(
-    q, k, v, masks, consts, lo_offset, hi_offset, flags,
-    block_q, block_k, micro, n_workers, k_packed, v_packed, out, lse,
+    q, k, v, segments, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed, out, lse,
 ):  # fmt: skip
     for t in prange(k.shape[0] * k.shape[1]):
         _pack_forward_head(k, v, k_packed, v_packed, t)
-    order = _forward_schedule(
-        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
-    )
+    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k)
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _forward_worker(
-            q, k_packed, v_packed, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
-            block_q, block_k, micro, order, next_task, out, lse,
+            q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro,
+            order, next_task, out, lse,
         )  # fmt: skip
 
 
 @_jit()
 def _forward_kernel_serial(
-    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_q, block_k, micro, k_packed, v_packed, out, lse,
+    q, k, v, segments, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse,
 ):  # fmt: skip
     """_forward_kernel on the calling thread alone: small calls start no thread pool."""
     for t in range(k.shape[0] * k.shape[1]):
         _pack_forward_head(k, v, k_packed, v_packed, t)
-    order = _forward_schedule(
-        q.shape[0], q.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k
-    )
+    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k)
     next_task = np.zeros(1, np.int64)
     _forward_worker(
-        q, k_packed, v_packed, k.shape[2], masks, consts, lo_offset, hi_offset, flags,
-        block_q, block_k, micro, order, next_task, out, lse,
+        q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro,
+        order, next_task, out, lse,
     )  # fmt: skip
 
 
@@ -691,7 +714,7 @@ def _decode_worker(
                     tile_flags = flags & ~(_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK)
                 multiplier = _tile_scores_base2(
                     slab, 0, j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                    masks[0], masks[1], False, unused_grad,
+                    masks[0], masks[1], zero, 0, False, unused_grad,
                 )  # fmt: skip
                 if multiplier != consts[_C_ONE]:  # raw products left scaled by the caller: scale them here
                     for r in range(nq):
@@ -809,19 +832,26 @@ def _load_rows(src, dst):
 
 
 @_jit()
-def _backward_schedule(batch, hkv, nq, nk, lo_offset, hi_offset, block_q, block_k, n_chunks):
-    """The (batch, kv head, query chunk) tasks, heaviest first (every head of a group costs the same)."""
-    n_qblocks = (nq + block_q - 1) // block_q
-    blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
-    n_tasks = batch * hkv * n_chunks
+def _backward_schedule(segments, hkv, block_q, block_k, n_chunks):
+    """(tasks (T, 3) of (segment, kv head, query chunk), their order heaviest first;
+    every head of a group costs the same)."""
+    n_tasks = segments.shape[0] * hkv * n_chunks
+    tasks = np.empty((n_tasks, 3), np.int64)
     costs = np.zeros(n_tasks, np.int64)  # visible tiles per task
-    for t in range(n_tasks):
-        chunk = t % n_chunks
-        for qb in range(chunk * blocks_per_chunk, min(n_qblocks, (chunk + 1) * blocks_per_chunk)):
-            i0 = qb * block_q
-            first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
-            costs[t] += stop - first
-    return _heaviest_first(costs)
+    t = 0
+    for seg in range(segments.shape[0]):
+        _, _, nq, _, nk, lo_offset, hi_offset, _ = _segment(segments, seg)
+        n_qblocks = (nq + block_q - 1) // block_q
+        blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
+        for hk in range(hkv):
+            for chunk in range(n_chunks):
+                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, hk, chunk
+                for qb in range(chunk * blocks_per_chunk, min(n_qblocks, (chunk + 1) * blocks_per_chunk)):
+                    i0 = qb * block_q
+                    first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
+                    costs[t] += stop - first
+                t += 1
+    return tasks, _heaviest_first(costs)
 
 
 # ---------------------------------------------------------------------------
@@ -838,6 +868,17 @@ def _f32_of_overload(value):
     if value == types.uint16:
         return lambda value: bf16_to_f32(value)
     return lambda value: np.float32(value)
+
+
+def _f64_of(value):
+    """A stored element as float64, exactly: bf16 bits widened, float32 and float64 converted."""
+
+
+@overload(_f64_of, jit_options={"inline": "always"})
+def _f64_of_overload(value):
+    if value == types.uint16:
+        return lambda value: np.float64(bf16_to_f32(value))
+    return lambda value: np.float64(value)
 
 
 @_jit()
@@ -1002,10 +1043,10 @@ def _key_row_overload(j0, operand):
 
 @_jit(fastmath=_FASTMATH)
 def _backward_worker(
-    q, k_packed, v_packed, k_rows, nk, masks, out, d_out, lse, consts,
-    lo_offset, hi_offset, flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
+    q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
+    flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
 ):  # fmt: skip
-    """Take (batch, kv head, query chunk) tasks from the queue (as _forward_worker does).
+    """Take (segment, kv head, query chunk) tasks from the queue (as _forward_worker does).
 
     A task covers the chunk's query rows of every query head that reads its kv
     head (the GQA group): it writes their dq and adds its dK/dV to its own slot,
@@ -1018,13 +1059,14 @@ def _backward_worker(
     dv_t (.., Dv, ..) in float32, one slot per task, so that every product reads
     its A operand by rows and its B operand by rows of the reduction axis:
     dV^T += dO^T P and dK^T += Q^T dS (P, dS in row pairs for bf16); dQ += dS K.
+    Segments of one batch entry share its slots: each writes its own key columns
+    (and up to 15 past them, zeros: _segment_table keeps 16 free between segments).
     """
-    batch, hq, nq, d = q.shape
+    batch, hq, _, d = q.shape
     hkv = k_packed.shape[1]
     dv = out.shape[3]
     group = hq // hkv
-    n_qblocks = (nq + block_q - 1) // block_q
-    blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
+    alibi = masks[4]  # (S or 1, Hq or 1) slopes
     operand = k_packed.dtype  # uint16 (bf16 bits) or float32
     q_width, dv_width, bq_width = padded(d, 2), padded(dv, 2), padded(block_q, 2)
     neg_inf = consts[_C_NEG_INF]
@@ -1053,30 +1095,33 @@ def _backward_worker(
         t = _claim(order, next_task)
         if t < 0:
             break
-        chunk = t % n_chunks
-        hk = (t // n_chunks) % hkv
-        b = t // (n_chunks * hkv)
+        seg, hk, chunk = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
+        n_qblocks = (nq + block_q - 1) // block_q
+        blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
         slot = hk * n_chunks + chunk
         for task_block in range(group * blocks_per_chunk):
             h = hk * group + task_block // blocks_per_chunk
             qb = chunk * blocks_per_chunk + task_block % blocks_per_chunk
             if qb >= n_qblocks:
                 continue
+            slope = alibi[min(seg, alibi.shape[0] - 1), min(h, alibi.shape[1] - 1)]
             i0 = qb * block_q
             i1 = min(i0 + block_q, nq)
             bq = i1 - i0
-            _load_rows(q[b, h, i0:i1], q_buf)
-            _load_rows(d_out[b, h, i0:i1], do_buf)
-            _load_transposed(q[b, h, i0:i1], q_t)
-            _load_transposed(d_out[b, h, i0:i1], do_t)
+            rows = slice(qs + i0, qs + i1)
+            _load_rows(q[b, h, rows], q_buf)
+            _load_rows(d_out[b, h, rows], do_buf)
+            _load_transposed(q[b, h, rows], q_t)
+            _load_transposed(d_out[b, h, rows], do_t)
             for r in range(bq):
                 # In float64: dS = P (dP - delta) cancels when one key dominates a row, and
                 # dP's own rounding (FMA order of the micro-kernel) should be all that is left.
                 total = 0.0
                 for c in range(dv):
-                    total += np.float64(_f32_of(d_out[b, h, i0 + r, c])) * np.float64(_f32_of(out[b, h, i0 + r, c]))
+                    total += _f64_of(d_out[b, h, qs + i0 + r, c]) * _f64_of(out[b, h, qs + i0 + r, c])
                 delta[r] = total
-                row_lse = lse[b, h, i0 + r]
+                row_lse = lse[b, h, qs + i0 + r]
                 lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
             dq_acc[:bq] = zero
 
@@ -1096,11 +1141,11 @@ def _backward_worker(
                 ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
                 p, ds = p_full[:, :bk], ds_full[:, :bk]  # (Bq, Bk)
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
-                key_cols = _key_offset(j0, k_packed)
+                key_cols = _key_offset(ks + j0, k_packed)
                 _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
                 multiplier = _tile_scores_base2(
                     p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                    masks[0], masks[1], True, cap_grad,
+                    masks[0], masks[1], slope, diagonal, True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
                     exp2_affine(p[r], multiplier, lse2[r])
@@ -1115,12 +1160,13 @@ def _backward_worker(
                             ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
 
                 p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
-                _product(do_t, p_rows, dv_t[b, slot, :, j0:], dv, bk, bq, True, micro)  # dV^T += dO^T P
+                _product(do_t, p_rows, dv_t[b, slot, :, ks + j0 :], dv, bk, bq, True, micro)  # dV^T += dO^T P
                 ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)
-                _product(q_t, ds_as_b, dk_t[b, slot, :, j0:], d, bk, bq, True, micro)  # dK^T += Q^T dS
+                _product(q_t, ds_as_b, dk_t[b, slot, :, ks + j0 :], d, bk, bq, True, micro)  # dK^T += Q^T dS
                 ds_as_a = _a_rows_of(ds, ds_full, ds_rows)
-                _product(ds_as_a, k_rows[b, hk, _key_row(j0, k_packed) :], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
-            dq_blk = dq[b, h, i0:i1]  # (Bq, D)
+                k_row = _key_row(ks + j0, k_packed)
+                _product(ds_as_a, k_rows[b, hk, k_row:], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
+            dq_blk = dq[b, h, rows]  # (Bq, D)
             for r in range(bq):
                 for c in range(d):
                     dq_blk[r, c] = _store(dq_blk[r], dq_acc[r, c])
@@ -1144,7 +1190,7 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
 
 @_jit(parallel=True)
 def _backward_kernel(
-    q, k, v, masks, out, d_out, lse, consts, lo_offset, hi_offset, flags,
+    q, k, v, segments, masks, out, d_out, lse, consts, flags,
     block_q, block_k, n_chunks, micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
 ):  # fmt: skip
     """dq, dk, dv (input dtype) through transposed partials dk_t / dv_t (zero on entry;
@@ -1152,14 +1198,12 @@ def _backward_kernel(
     n_heads = k.shape[0] * k.shape[1]
     for t in prange(n_heads):
         _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
-    order = _backward_schedule(
-        q.shape[0], k.shape[1], q.shape[2], k.shape[2], lo_offset, hi_offset, block_q, block_k, n_chunks
-    )
+    tasks, order = _backward_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
     next_task = np.zeros(1, np.int64)
     for w in prange(n_workers):
         _backward_worker(
-            q, k_packed, v_packed, k_rows, k.shape[2], masks, out, d_out, lse, consts,
-            lo_offset, hi_offset, flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
+            q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
+            flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
         )  # fmt: skip
     for t in prange(n_heads):
         _finish_kv_grad(dk_t, n_chunks, dk, t)
@@ -1299,6 +1343,64 @@ def _no_mask(dtype, nk):
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=16)
+def _no_alibi(dtype):
+    return np.zeros((1, 1), dtype)
+
+
+# Varlen calls: where one sequence's keys end and the next one's start, at
+# least this many positions apart, and every start a multiple of it (see _segment_table).
+SEGMENT_ALIGN = 16
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_segments(batch, nq, nk, lo, hi, diagonal):
+    """The segment table of a dense call: batch entry b is segment b, all of its rows and keys."""
+    table = np.empty((batch, 8), np.int64)
+    table[:] = (0, 0, nq, 0, nk, lo, hi, diagonal)
+    table[:, 0] = np.arange(batch)
+    return table
+
+
+def _segment_table(segments, causal, align, window, n_queries, n_keys):
+    """(S, 8) int64 rows (b, qs, Nq, ks, Nk, lo, hi, diagonal) from (S, 5) rows (b, qs, Nq, ks, Nk).
+
+    Segment s is query rows [qs, qs + Nq) of batch entry b against its keys
+    [ks, ks + Nk); causal alignment and the window apply within the segment,
+    lo <= j - i <= hi in segment-relative indices: causal (a bool) hides keys past
+    the diagonal, which align ("top_left" or "bottom_right", as flash-attn
+    aligns varlen calls) places at j - i = diagonal; the window and ALiBi are
+    aligned the same way. Key
+    segments of one batch entry start at multiples of SEGMENT_ALIGN and leave at
+    least SEGMENT_ALIGN positions between them: the tile products store whole
+    16-lane vectors, and the backward's dK / dV slots are shared by the
+    segments of a batch entry.
+    """
+    segments = np.asarray(segments, np.int64).reshape(-1, 5)
+    b, qs, nq, ks, nk = segments.T
+    if segments.size and (
+        qs.min() < 0 or (qs + nq).max() > n_queries or ks.min() < 0 or (ks + nk).max() > n_keys
+        or nq.min() < 0 or nk.min() < 0 or np.any(ks % SEGMENT_ALIGN)
+    ):  # fmt: skip
+        raise ValueError("segments: every segment must lie inside q and k, with key starts a multiple of 16")
+    order = np.lexsort((ks, b))
+    gaps = ks[order][1:] - (ks + nk)[order][:-1]
+    if np.any((b[order][1:] == b[order][:-1]) & (gaps < SEGMENT_ALIGN)):
+        raise ValueError(f"segments: the keys of segments of one batch entry must be {SEGMENT_ALIGN} positions apart")
+    offset = nk - nq if align == "bottom_right" else np.zeros_like(nk)
+    lo = np.full(len(segments), -_UNLIMITED, np.int64)
+    hi = np.full(len(segments), _UNLIMITED, np.int64)
+    if causal:
+        hi = offset
+    if window is not None:
+        left, right = window
+        if left is not None:
+            lo = np.maximum(-_UNLIMITED, offset - min(int(left), _UNLIMITED))
+        if right is not None:
+            hi = np.minimum(hi, offset + min(int(right), _UNLIMITED))
+    return np.ascontiguousarray(np.column_stack([b, qs, nq, ks, nk, lo, hi, offset]).astype(np.int64))
+
+
 def _mask_plan(mask, dtype, nk, block_q, block_k):
     """(masks, flags) for the kernels: masks = (bool mask, additive mask, key ranges, tile states).
 
@@ -1329,8 +1431,9 @@ def _mask_plan(mask, dtype, nk, block_q, block_k):
     return (no_bool, mask, full_range, states), _HAS_ADDITIVE_MASK
 
 
-def _prepare(q, k, v, scale, causal, window, softcap, bf16_products=False):
-    """(dtype of the results, compute dtype, q, k, v, flags, constants, lo, hi) for a kernel call.
+def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, align, alibi):
+    """(dtype of the results, compute dtype, q, k, v, flags, constants, segment table, masks
+    tuple's ALiBi entry) for a kernel call.
 
     bf16 products take bf16 bits (uint16) as they are and float32 otherwise; the
     float kernels take float32 or float64.
@@ -1342,8 +1445,23 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products=False):
         dtype = compute = np.dtype(np.float64 if np.dtype(q.dtype) == np.float64 else np.float32)
     q, k, v = (_kernel_array(x, dtype) for x in (q, k, v))
     flags = _HAS_SOFTCAP if softcap is not None else 0
-    lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
-    return dtype, compute, q, k, v, flags, _constants(compute, scale, softcap), lo, hi
+    if segments is None:
+        lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
+        diagonal = k.shape[2] - q.shape[2] if causal == "bottom_right" else 0
+        table = _dense_segments(q.shape[0], q.shape[2], k.shape[2], lo, hi, diagonal)
+    else:
+        if align is None:
+            align = "bottom_right" if causal == "bottom_right" else "top_left"
+        table = _segment_table(segments, causal is not None, align, window, q.shape[2], k.shape[2])
+    alibi_entry = _no_alibi(compute) if alibi is None else _kernel_array(alibi, compute)
+    if alibi is not None:
+        flags |= _HAS_ALIBI
+    return dtype, compute, q, k, v, flags, _constants(compute, scale, softcap), table, alibi_entry
+
+
+def _segment_work(table):
+    """Sum over segments of Nq * Nk."""
+    return int(np.dot(table[:, 2], table[:, 4]))
 
 
 # Calls with at most this many multiply-adds per product (B * Hq * Nq * Nk * D,
@@ -1434,7 +1552,9 @@ class _Workspace:
 _WORKSPACE = _Workspace(keep_bytes=32 << 20)
 
 
-def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False):
+def flash_forward(
+    q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False, segments=None, align=None, alibi=None,
+):  # fmt: skip
     """Attention output and natural-log lse.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), all float32, all
@@ -1445,9 +1565,19 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     bf16 input runs its products in bf16 with float32 accumulation (P rounded to
     bf16 for P @ V); so does float32 input with bf16_products=True (torch's
     "medium" matmul precision), its output staying float32.
+
+    segments: None (every batch entry is one sequence), or (S, 5) rows (b, qs,
+    Nq_s, ks, Nk_s) for packed sequences (varlen; see _segment_table): segment s
+    is rows [qs, qs + Nq_s) of batch entry b against its keys [ks, ks + Nk_s),
+    causal / window aligned per segment by `align` ("top_left", "bottom_right";
+    default from causal), and nothing else is computed (rows of no segment are
+    left 0, lse -inf). alibi: None or slopes (S or 1, Hq or 1) (a batch entry
+    is a segment when segments is None): scores get -slope * |i + diagonal - j|,
+    diagonal = Nk - Nq when aligned bottom-right, else 0.
     """
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
-    dtype, compute, q, k, v, flags, consts, lo, hi = _prepare(q, k, v, scale, causal, window, softcap, bf16)
+    dtype, compute, q, k, v, flags, consts, table, alibi = _prepare(
+        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if bf16:  # out in bf16 bits (or float32), lse in float32: two allocations
@@ -1456,17 +1586,20 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
         out, lse = _arrays_together(dtype, ((batch, hq, nq, dv), (batch, hq, nq)), zero=False)
     if out.size == 0 and lse.size == 0:
         return out, lse
-    if nk == 0:
+    if nk == 0 or segments is not None:  # rows no key reaches (or no segment holds): 0 and -inf
         out.fill(0)
         lse.fill(-np.inf)
-        return out, lse
-    block_q, block_k = _block_sizes(nq, nk)
+        if nk == 0:
+            return out, lse
+    block_q, block_k = _block_sizes(int(table[:, 2].max(initial=0)), int(table[:, 4].max(initial=0)))
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
-    flags |= mask_flags
+    masks, flags = masks + (alibi,), flags | mask_flags
     n_workers = numba.get_num_threads()
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     v_width = dv if dv % LANES == 0 else padded(dv, LANES)
-    if not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:
+    dense = segments is None and not flags & _HAS_ALIBI
+    if dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:
+        lo, hi = int(table[0, 5]), int(table[0, 6])
         return _decode(q, k, v, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
     if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
         operand, operand_shapes = np.uint16, (
@@ -1474,18 +1607,18 @@ def flash_forward(q, k, v, mask, *, scale, causal, window, softcap, bf16_product
     else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
         operand, operand_shapes = dtype, (
             (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
-    serial = batch * hq * nq * nk * d <= _SERIAL_WORK
+    serial = hq * d * _segment_work(table) <= _SERIAL_WORK
     with _CALL_LOCK, _single_threaded_blas():
         k_packed, v_packed = _WORKSPACE.arrays(operand, operand_shapes, zero=False)
         if not bf16 and v_width == dv:
             v_packed = v  # read V in place
         if serial:
             _forward_kernel_serial(
-                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, k_packed, v_packed, out, lse
+                q, k, v, table, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse
             )
         else:
             _forward_kernel(
-                q, k, v, masks, consts, lo, hi, flags, block_q, block_k, micro, n_workers, k_packed, v_packed,
+                q, k, v, table, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed,
                 out, lse,
             )  # fmt: skip
     return out, lse
@@ -1528,16 +1661,21 @@ def _backward_chunks(batch, hkv, nq, block_q):
     return max(1, min(n_qblocks, -(-_MIN_BACKWARD_TASKS // (batch * hkv))))
 
 
-def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap, bf16_products=False):
+def flash_backward(
+    q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap, bf16_products=False,
+    segments=None, align=None, alibi=None,
+):  # fmt: skip
     """Gradients (dq, dk, dv) of flash_forward, shaped and typed like q, k, v.
 
     FlashAttention-2 style: probabilities recomputed from lse, delta = rowsum(dO * O).
     Deterministic: every accumulation has a fixed order. bf16 bits (uint16) and
     bf16_products run the five products in bf16 with float32 accumulation, as
-    flash_forward does.
+    flash_forward does. segments, align and alibi as for flash_forward; rows and
+    keys outside every segment get zero gradients.
     """
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
-    dtype, compute, q, k, v, flags, consts, lo, hi = _prepare(q, k, v, scale, causal, window, softcap, bf16)
+    dtype, compute, q, k, v, flags, consts, table, alibi = _prepare(
+        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi)
     out, d_out = (_kernel_array(x, dtype) for x in (out, d_out))
     lse = _kernel_array(lse, compute)
     batch, hq, nq, d = q.shape
@@ -1545,10 +1683,10 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
     dq, dk, dv_grad = _arrays_together(dtype, (q.shape, k.shape, v.shape), zero=True)
     if nq == 0 or nk == 0 or batch * hq == 0:
         return dq, dk, dv_grad
-    block_q, block_k = _backward_block_sizes(nq, nk)
+    block_q, block_k = _backward_block_sizes(int(table[:, 2].max(initial=0)), int(table[:, 4].max(initial=0)))
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
-    flags |= mask_flags
-    n_chunks = _backward_chunks(batch, hkv, nq, block_q)
+    masks, flags = masks + (alibi,), flags | mask_flags
+    n_chunks = _backward_chunks(len(table), hkv, int(table[:, 2].max(initial=0)), block_q)
     n_workers = numba.get_num_threads()
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
@@ -1566,7 +1704,7 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal, window, sof
         else:  # one kept block, so a training loop faults no fresh pages in
             dk_t, dv_t, k_packed, v_packed, k_rows = _WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
         _backward_kernel(
-            q, k, v, masks, out, d_out, lse, consts, lo, hi, flags, block_q, block_k, n_chunks, micro,
+            q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro,
             n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
         )  # fmt: skip
     return dq, dk, dv_grad

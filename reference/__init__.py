@@ -14,6 +14,7 @@ from .attention import (
     visible_keys,
 )
 from .mha import multi_head_attention
+from .varlen import varlen_attention, varlen_attention_backward
 from .naive import naive_attention
 
 __all__ = [
@@ -25,5 +26,7 @@ __all__ = [
     "naive_attention",
     "resolve_causal",
     "resolve_scale",
+    "varlen_attention",
+    "varlen_attention_backward",
     "visible_keys",
 ]
