@@ -14,6 +14,7 @@ autograd when an input requires grad, hand back the input's type and dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -192,11 +193,30 @@ def _alibi_host(alibi_slopes, spec):
     return slopes.reshape(-1 if slopes.ndim == 2 else 1, spec.hq)
 
 
+def _foldable_decode(spec, alibi_slopes):
+    """Whether every sequence has one query and the GQA group can become its rows.
+
+    One query against a sequence's keys (bottom-right: it sees all of them) is
+    the same for every head of a group; the group's Hq / Hkv queries then run
+    as Hq / Hkv rows of one kv head, so each key tile is read once per group
+    and feeds several rows of the micro-kernel (flash-attn folds decode the same way).
+    """
+    return (
+        spec.hq > spec.hkv and len(spec.cu_q) > 1 and np.all(spec.lengths_q == 1) and spec.window is None
+        and alibi_slopes is None and (not spec.causal or spec.align == "bottom_right")
+    )  # fmt: skip
+
+
 def _numba_forward(q, k, v, alibi_slopes, spec):
     from .kernels.numba_attention import flash_forward
 
     bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
     qn, kn, vn = (_host(x, bf16) for x in (q, k, v))
+    folded = _foldable_decode(spec, alibi_slopes)
+    if folded:  # (Hq, B, D) -> (Hkv, B * group, D): sequence b's rows are its group's queries
+        group, batch = spec.hq // spec.hkv, len(spec.cu_q) - 1
+        qn = qn.reshape(spec.hkv, group, batch, spec.d).transpose(0, 2, 1, 3).reshape(spec.hkv, batch * group, spec.d)
+        spec = dataclasses.replace(spec, hq=spec.hkv, cu_q=spec.cu_q * group, causal=False)
     starts, total = _key_layout(spec.lengths_k)
     out, lse = flash_forward(
         qn[None], _spread_keys(kn, spec.cu_k, starts, total), _spread_keys(vn, spec.cu_k, starts, total), None,
@@ -204,7 +224,11 @@ def _numba_forward(q, k, v, alibi_slopes, spec):
         softcap=spec.softcap, bf16_products=bf16, segments=_segments(spec, starts), align=spec.align,
         alibi=_alibi_host(alibi_slopes, spec),
     )  # fmt: skip
-    return _arrays.like(out[0], q), _arrays.like(lse[0], q, keep_dtype=True)
+    out, lse = out[0], lse[0]
+    if folded:  # back to (Hq, B, Dv) and (Hq, B)
+        out = out.reshape(spec.hkv, batch, group, -1).transpose(0, 2, 1, 3).reshape(spec.hkv * group, batch, -1)
+        lse = lse.reshape(spec.hkv, batch, group).transpose(0, 2, 1).reshape(spec.hkv * group, batch)
+    return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True)
 
 
 def _numba_backward(q, k, v, out, d_out, lse, alibi_slopes, spec):

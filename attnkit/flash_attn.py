@@ -1,0 +1,511 @@
+"""flash-attn 2.x's functions, on every device: a thin layer over attnkit.varlen_attention.
+
+    from attnkit.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+Same names, signatures and semantics as flash_attn.flash_attn_interface (2.x),
+for torch tensors on the CPU (the Numba kernel) and on CUDA (the Triton
+kernel). Layouts are flash-attn's: (B, N, H, D) and packed (total, H, D) with
+int32 cu_seqlens of shape (B + 1,). Causal, the window and ALiBi are aligned
+bottom-right (query i of a sequence sits at key position i + Nk - Nq), also
+when not causal. Every call becomes one varlen call, so sequences of a batch
+never pay for each other's length.
+
+Differences, all stated: dropout_p > 0 runs a plain torch composition (with a
+warning; the fused kernels have no dropout) and S_dmask is always None;
+`deterministic` is accepted and always true (attnkit's backward has no
+atomics); `num_splits` is accepted and ignored (the CPU kernel chooses its own
+split); any page size >= 1 works (flash-attn 2 wants multiples of 256).
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+
+from . import _arrays
+from .varlen import host_offsets, varlen_attention
+
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _tensor(name, x, ndim):
+    torch = _torch()
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {_arrays.type_name(x)}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} axes; got shape {tuple(x.shape)}")
+    return x
+
+
+def _same_device(**tensors):
+    devices = {name: str(x.device) for name, x in tensors.items() if x is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("tensors must be on one device; got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def _window(window_size):
+    """flash-attn's (left, right) with -1 = unlimited -> attnkit's window (None = unlimited)."""
+    if (
+        isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2
+        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in window_size)
+    ):  # fmt: skip
+        raise TypeError(f"window_size must be a (left, right) pair of ints, -1 for unlimited; got {window_size!r}")
+    if any(s < -1 for s in window_size):
+        raise ValueError(f"window_size entries must be >= 0, or -1 for unlimited; got {tuple(window_size)}")
+    left, right = (None if s < 0 else int(s) for s in window_size)
+    return None if left is None and right is None else (left, right)
+
+
+def _options(softmax_scale, causal, window_size, softcap, deterministic):
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool; got {causal!r}")
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"deterministic must be a bool; got {deterministic!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0.0 = off); got {softcap!r}")
+    return dict(
+        scale=softmax_scale, causal=bool(causal), window=_window(window_size),
+        softcap=float(softcap) if softcap > 0 else None,
+    )  # fmt: skip
+
+
+def _dropout(dropout_p):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1]; got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _heads(q, k, v, names=("q", "k", "v")):
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{names[0]} has {hq} heads and {names[1]} has {hkv}; the query heads must be a "
+                         f"multiple of the kv heads (GQA/MQA)")
+    if v.shape[-2] != hkv:
+        raise ValueError(f"{names[2]} has {v.shape[-2]} heads; expected {hkv}, as {names[1]}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{names[1]}'s head dim ({k.shape[-1]}) must equal {names[0]}'s ({q.shape[-1]})")
+
+
+def _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes):
+    """Varlen attention with dropout as plain torch ops, sequence by sequence (differentiable).
+
+    The fused kernels have no dropout; this path is for training code that
+    asks for it. q (total_q, Hq, D), k / v (total_k, Hkv, D).
+    """
+    torch = _torch()
+    from .reference import resolve_scale
+    from .reference.varlen import sequence_bias
+
+    warnings.warn(
+        "dropout_p > 0: attnkit's fused kernels have no dropout; running plain torch ops (O(N^2) memory)",
+        stacklevel=4,
+    )
+    hq, group = q.shape[1], q.shape[1] // k.shape[1]
+    scale = resolve_scale(options["scale"], q.shape[-1])
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs = q[cu_q[b] : cu_q[b + 1]].transpose(0, 1).float()  # (Hq, Nq, D)
+        ks = k[cu_k[b] : cu_k[b + 1]].transpose(0, 1).float().repeat_interleave(group, 0)  # (Hq, Nk, D)
+        vs = v[cu_k[b] : cu_k[b + 1]].transpose(0, 1).float().repeat_interleave(group, 0)
+        scores = qs @ ks.transpose(1, 2) * scale
+        if options["softcap"] is not None:
+            scores = options["softcap"] * torch.tanh(scores / options["softcap"])
+        slopes = None
+        if alibi_slopes is not None:
+            per_sequence = alibi_slopes.reshape(-1, hq)
+            slopes = _arrays.to_numpy(per_sequence[min(b, per_sequence.shape[0] - 1)])
+        bias = sequence_bias(
+            qs.shape[1], ks.shape[1], hq, causal=options["causal"], align="bottom_right", window=options["window"],
+            slopes=slopes, dtype=np.float32,
+        )  # fmt: skip
+        scores = scores + torch.from_numpy(bias).to(scores.device)
+        lse = torch.logsumexp(scores, dim=-1)  # (Hq, Nq), -inf for rows that see nothing
+        weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        weights = torch.nn.functional.dropout(weights, dropout_p)
+        outs.append((weights @ vs).transpose(0, 1).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes, return_lse):
+    """q (total_q, Hq, D), k / v (total_k, Hkv, D) -> out (total_q, Hq, Dv), lse (Hq, total_q)."""
+    if dropout_p > 0:
+        out, lse = _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes)
+    else:
+        out, lse = varlen_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, **options,
+            align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True,
+        )  # fmt: skip
+        out = out.transpose(0, 1)
+    return out, lse
+
+
+def _results(out, lse, return_attn_probs):
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _uniform_offsets(batch, n, device):
+    torch = _torch()
+    return torch.arange(0, (batch + 1) * n, n, dtype=torch.int32, device="cpu")
+
+
+def flash_attn_func(
+    q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, deterministic=False, return_attn_probs=False,
+):  # fmt: skip
+    """flash-attn's flash_attn_func.
+
+    q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv); Hq a multiple of Hkv.
+    alibi_slopes (Hq,) or (B, Hq), float32. Returns out (B, Nq, Hq, Dv), or
+    (out, softmax_lse (B, Hq, Nq) float32, None) with return_attn_probs.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _tensor(name, x, 4)
+    _same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+    _heads(q, k, v)
+    batch, nq, hq, _ = q.shape
+    if k.shape[0] != batch or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"k and v must be (B, Nk, Hkv, D) with q's batch {batch}; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    nk = k.shape[1]
+    options = _options(softmax_scale, causal, window_size, softcap, deterministic)
+    out, lse = _varlen(
+        q.reshape(batch * nq, hq, -1), k.reshape(batch * nk, k.shape[2], -1), v.reshape(batch * nk, v.shape[2], -1),
+        _uniform_offsets(batch, nq, q.device), _uniform_offsets(batch, nk, q.device), _dropout(dropout_p),
+        options, alibi_slopes, return_attn_probs,
+    )  # fmt: skip
+    out = out.reshape(batch, nq, hq, -1)
+    lse = lse.reshape(hq, batch, nq).transpose(0, 1)  # (B, Hq, Nq)
+    return _results(out, lse, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(
+    qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+    deterministic=False, return_attn_probs=False,
+):  # fmt: skip
+    """flash_attn_func with qkv (B, N, 3, H, D) packed."""
+    _tensor("qkv", qkv, 5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be (B, N, 3, H, D); got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )  # fmt: skip
+
+
+def flash_attn_kvpacked_func(
+    q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+    deterministic=False, return_attn_probs=False,
+):  # fmt: skip
+    """flash_attn_func with kv (B, Nk, 2, Hkv, D) packed."""
+    _tensor("kv", kv, 5)
+    if kv.shape[2] != 2:
+        raise ValueError(f"kv must be (B, Nk, 2, Hkv, D); got shape {tuple(kv.shape)}")
+    k, v = kv.unbind(2)
+    return flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs,
+    )  # fmt: skip
+
+
+def _max_seqlen(name, value, offsets):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    longest = int(np.diff(offsets).max(initial=0))
+    if value < longest:
+        raise ValueError(f"{name} is {int(value)}, but a sequence in the batch has {longest} tokens")
+
+
+def flash_attn_varlen_func(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+    causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+    return_attn_probs=False, block_table=None,
+):  # fmt: skip
+    """flash-attn's flash_attn_varlen_func: packed sequences of different lengths.
+
+    q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv);
+    cu_seqlens_q / cu_seqlens_k int32 (B + 1,), from 0 to total_q / total_k;
+    max_seqlen_q / max_seqlen_k at least the longest sequence. With
+    block_table (B, max_blocks) int32, k and v are a paged cache
+    (num_blocks, page_block_size, Hkv, D) and sequence b's keys are its first
+    cu_seqlens_k[b+1] - cu_seqlens_k[b] positions through its pages.
+    Returns out (total_q, Hq, Dv), or (out, softmax_lse (Hq, total_q), None).
+    """
+    _tensor("q", q, 3)
+    paged = block_table is not None
+    _tensor("k", k, 4 if paged else 3)
+    _tensor("v", v, 4 if paged else 3)
+    _same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes, block_table=block_table)
+    _heads(q, k, v)
+    cu_q = host_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], int32_only=True)
+    if paged:
+        lengths = np.diff(np.asarray(_arrays.to_numpy(cu_seqlens_k), np.int64))
+        cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, int(lengths.sum()), int32_only=True)
+        pages = _check_block_table(block_table, len(lengths), k.shape[0], lengths, k.shape[1])
+        k, v = _gather_pages(k, v, pages, np.zeros_like(lengths), lengths)
+    else:
+        cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], int32_only=True)
+        if v.shape[0] != k.shape[0]:
+            raise ValueError(f"v must have k's {k.shape[0]} tokens; got shape {tuple(v.shape)}")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length; got {len(cu_q)} and {len(cu_k)}")
+    _max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
+    _max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
+    options = _options(softmax_scale, causal, window_size, softcap, deterministic)
+    out, lse = _varlen(q, k, v, cu_q, cu_k, _dropout(dropout_p), options, alibi_slopes, return_attn_probs)
+    return _results(out, lse, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+):  # fmt: skip
+    """flash_attn_varlen_func with qkv (total, 3, H, D) packed and one cu_seqlens."""
+    _tensor("qkv", qkv, 4)
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be (total, 3, H, D); got shape {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+        softcap, alibi_slopes, deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_kvpacked_func(
+    q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
+    causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+    return_attn_probs=False,
+):  # fmt: skip
+    """flash_attn_varlen_func with kv (total_k, 2, Hkv, D) packed."""
+    _tensor("kv", kv, 4)
+    if kv.shape[1] != 2:
+        raise ValueError(f"kv must be (total_k, 2, Hkv, D); got shape {tuple(kv.shape)}")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# The KV cache: append, rotate, read each sequence's own keys
+# ---------------------------------------------------------------------------
+
+
+def _index_vector(name, x, batch, device):
+    """An int or (B,) int32 tensor as a host int64 (B,) array."""
+    torch = _torch()
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
+        return np.full(batch, int(x), np.int64)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be an int or a (B,) int32 tensor; got {_arrays.type_name(x)}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype int32; got {_arrays.dtype_name(x)}")
+    if tuple(x.shape) != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},); got {tuple(x.shape)}")
+    if str(x.device) != str(device):
+        raise ValueError(f"{name} is on {x.device}; q is on {device}")
+    return x.cpu().numpy().astype(np.int64)
+
+
+def _storage_rows(pages, page_size, starts, stops):
+    """(page index, row in page) of positions [starts[b], stops[b]) of every sequence b, in order.
+
+    pages (B, max_pages): sequence b's position p lives in page pages[b, p // page_size].
+    """
+    lengths = stops - starts
+    seq = np.repeat(np.arange(len(starts)), lengths)
+    positions = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths) + starts[seq]
+    return pages[seq, positions // page_size], positions % page_size
+
+
+def _gather_pages(k_cache, v_cache, pages, starts, stops):
+    """Each sequence's keys [starts[b], stops[b]) from a paged cache, packed: (total, Hkv, D) each;
+    pages (B, max_pages) host int64. Reads those positions and nothing else."""
+    torch = _torch()
+    page_ids, rows = _storage_rows(pages, k_cache.shape[1], starts, stops)
+    page_ids, rows = (torch.from_numpy(x).to(k_cache.device) for x in (page_ids, rows))
+    return k_cache[page_ids, rows], v_cache[page_ids, rows]
+
+
+def _check_block_table(block_table, batch, num_blocks, stops, page_size):
+    torch = _torch()
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.ndim != 2:
+        raise TypeError(f"block_table must be a (B, max_blocks) int32 tensor; got {_arrays.type_name(block_table)} "
+                        f"{getattr(block_table, 'dtype', '')} {tuple(getattr(block_table, 'shape', ()))}")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (one per sequence); got {block_table.shape[0]}")
+    table = block_table.cpu().numpy().astype(np.int64)
+    capacity = block_table.shape[1] * page_size
+    if np.any(stops > capacity):
+        b = int(np.argmax(stops > capacity))
+        raise ValueError(f"sequence {b} needs {int(stops[b])} cache positions; its block_table row holds "
+                         f"{block_table.shape[1]} pages of {page_size} = {capacity}")
+    for b in range(batch):
+        used = table[b, : -(-int(stops[b]) // page_size)]
+        if np.any((used < 0) | (used >= num_blocks)):
+            bad = int(used[(used < 0) | (used >= num_blocks)][0])
+            raise ValueError(f"block_table[{b}] holds page {bad}; the cache has pages 0..{num_blocks - 1}")
+    return table
+
+
+def _rotary(x, cos, sin, positions, interleaved):
+    """x (B, N, H, D) rotated at positions (B, N) by cos / sin (L, R/2) on its first R features."""
+    torch = _torch()
+    half = cos.shape[1]
+    c = cos[positions][:, :, None, :].to(torch.float32)  # (B, N, 1, R/2)
+    s = sin[positions][:, :, None, :].to(torch.float32)
+    xf = x.to(torch.float32)
+    if interleaved:  # GPT-J: pairs (0, 1), (2, 3), ...
+        x1, x2 = xf[..., 0 : 2 * half : 2], xf[..., 1 : 2 * half : 2]
+        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    else:  # GPT-NeoX: halves (0, R/2), (1, R/2 + 1), ...
+        x1, x2 = xf[..., :half], xf[..., half : 2 * half]
+        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    return torch.cat([rotated.to(x.dtype), x[..., 2 * half :]], dim=-1)
+
+
+def flash_attn_with_kvcache(
+    q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+    cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+    window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+    return_softmax_lse=False,
+):  # fmt: skip
+    """flash-attn's flash_attn_with_kvcache: decoding (or chunked prefill) against a KV cache.
+
+    q (B, Nq, Hq, D). k_cache / v_cache (B_cache, N_cache, Hkv, D), or paged
+    (num_blocks, page_block_size, Hkv, D) with block_table (B, max_blocks)
+    int32 (any page size >= 1). k / v (B, N_new, Hkv, D), optional: written into
+    the cache in place at positions cache_seqlens[b] ... + N_new (rotated first
+    when rotary_cos / rotary_sin (L, R/2) are given). cache_seqlens: int or (B,)
+    int32, the cache's filled length before the append (default: the whole
+    cache). cache_batch_idx (B,) int32: which cache row each sequence uses
+    (contiguous caches). cache_leftpad (B,) int32: where each sequence's keys
+    start. Sequence b attends to keys [cache_leftpad[b], cache_seqlens[b] +
+    N_new), aligned bottom-right; q is rotated at positions from cache_seqlens
+    (minus the left pad) on, all at the first one when neither causal nor local.
+    Returns out (B, Nq, Hq, Dv), or (out, softmax_lse (B, Hq, Nq)). No
+    backward, as in flash-attn. Nothing is written when an argument is refused.
+    """
+    torch = _torch()
+    _tensor("q", q, 4)
+    _tensor("k_cache", k_cache, 4)
+    _tensor("v_cache", v_cache, 4)
+    _same_device(
+        q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        alibi_slopes=alibi_slopes, block_table=block_table, cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+    )  # fmt: skip
+    _heads(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    if v_cache.shape[:2] != k_cache.shape[:2]:
+        raise ValueError(f"v_cache must match k_cache's first axes {tuple(k_cache.shape[:2])}; got {tuple(v_cache.shape)}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0; got {num_splits!r}")
+    if not isinstance(rotary_interleaved, (bool, np.bool_)):
+        raise TypeError(f"rotary_interleaved must be a bool; got {rotary_interleaved!r}")
+    options = _options(softmax_scale, causal, window_size, softcap, False)
+    batch, nq, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new keys and values), or neither")
+    n_new = 0
+    if k is not None:
+        _tensor("k", k, 4)
+        _tensor("v", v, 4)
+        n_new = k.shape[1]
+        if k.shape[:3] != (batch, n_new, hkv) or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"k and v must be (B, N_new, Hkv, D) = ({batch}, N_new, {hkv}, {d}); got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if v.shape[3] != v_cache.shape[3]:
+            raise ValueError(f"v's head dim ({v.shape[3]}) must equal v_cache's ({v_cache.shape[3]})")
+        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
+            raise TypeError(f"k and v must have the cache's dtype {k_cache.dtype}; got {k.dtype} and {v.dtype}")
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share a dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+
+    paged = block_table is not None
+    page_size = k_cache.shape[1]
+    filled = (
+        np.full(batch, k_cache.shape[1] if not paged else 0, np.int64) if cache_seqlens is None
+        else _index_vector("cache_seqlens", cache_seqlens, batch, q.device)
+    )  # fmt: skip
+    if cache_seqlens is None and paged:
+        raise ValueError("a paged cache (block_table) needs cache_seqlens")
+    starts = np.zeros(batch, np.int64) if cache_leftpad is None else _index_vector(
+        "cache_leftpad", cache_leftpad, batch, q.device)
+    stops = filled + n_new
+    if np.any(filled < 0):
+        raise ValueError(f"cache_seqlens must be >= 0; got {filled.tolist()}")
+    if np.any(starts < 0) or np.any(starts > filled):
+        raise ValueError(f"cache_leftpad must be in [0, cache_seqlens]; got {starts.tolist()} for {filled.tolist()}")
+    if paged:
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with a paged cache (block_table), as in flash-attn")
+        pages = _check_block_table(block_table, batch, k_cache.shape[0], stops, page_size)
+    else:
+        rows = np.arange(batch) if cache_batch_idx is None else _index_vector(
+            "cache_batch_idx", cache_batch_idx, batch, q.device)
+        if np.any((rows < 0) | (rows >= k_cache.shape[0])):
+            raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}); got {rows.tolist()}")
+        if cache_batch_idx is None and batch > k_cache.shape[0]:
+            raise ValueError(f"q has {batch} sequences but the cache only {k_cache.shape[0]} rows")
+        if np.any(stops > k_cache.shape[1]):
+            b = int(np.argmax(stops > k_cache.shape[1]))
+            raise ValueError(f"the cache holds {k_cache.shape[1]} positions; sequence {b} needs {int(stops[b])} "
+                             f"(cache_seqlens {int(filled[b])} + {n_new} new)")
+        pages, page_size = rows[:, None], k_cache.shape[1]
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary:
+        if rotary_cos is None or rotary_sin is None or rotary_cos.shape != rotary_sin.shape or rotary_cos.ndim != 2:
+            raise ValueError("rotary_cos and rotary_sin must both be given, with the same shape (L, R/2)")
+        if 2 * rotary_cos.shape[1] > d:
+            raise ValueError(f"rotary_cos has {rotary_cos.shape[1]} columns: R = {2 * rotary_cos.shape[1]} > D = {d}")
+        logical = filled - starts  # rotary positions count from the sequence's first key
+        needed = int((logical + max(n_new, nq)).max(initial=0))
+        if needed > rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {needed}")
+
+    # Everything is checked: now write.
+    if k is not None:
+        if rotary:
+            offsets = torch.from_numpy(logical[:, None] + np.arange(n_new)[None]).to(q.device)
+            k = _rotary(k, rotary_cos, rotary_sin, offsets, rotary_interleaved)
+        page_ids, in_page = _storage_rows(pages, page_size, filled, stops)
+        page_ids, in_page = (torch.from_numpy(x).to(q.device) for x in (page_ids, in_page))
+        k_cache[page_ids, in_page] = k.reshape(-1, hkv, d)
+        v_cache[page_ids, in_page] = v.reshape(-1, hkv, v.shape[3])
+    if rotary:
+        local = options["causal"] or options["window"] is not None
+        steps = np.arange(nq)[None] if local else np.zeros((1, nq), np.int64)
+        q = _rotary(q, rotary_cos, rotary_sin, torch.from_numpy(logical[:, None] + steps).to(q.device),
+                    rotary_interleaved)
+
+    keys, values = _gather_pages(k_cache, v_cache, pages, starts, stops)
+    cu_q = _uniform_offsets(batch, nq, q.device)
+    cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int32))
+    with torch.no_grad():
+        out, lse = varlen_attention(
+            q.reshape(batch * nq, hq, d).transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), cu_q, cu_k,
+            **options, align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True,
+        )  # fmt: skip
+    out = out.transpose(0, 1).reshape(batch, nq, hq, -1)
+    if return_softmax_lse:
+        return out, lse.reshape(hq, batch, nq).transpose(0, 1)
+    return out
