@@ -2,6 +2,8 @@
 
     attnkit.attention(q, k, v, causal=..., mask=..., ...)        the full contract
     attnkit.scaled_dot_product_attention(query, key, value, ...)  torch's drop-in
+    attnkit.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k) packed sequences of different lengths
+    attnkit.flash_attn                                            flash-attn's functions, on every device
     attnkit.explain(q, k, v, ...)                                 which backend, and why
     attnkit.reference                                             the NumPy specification
 """
@@ -22,6 +24,7 @@ if _os.path.isfile(_os.path.join(_checkout, "setup.cfg")) and _os.path.isdir(
 
 from .api import attention, available_backends, explain, scaled_dot_product_attention, warmup
 from .backends import AttnkitFallbackWarning
+from .varlen import varlen_attention
 
 __all__ = [
     "AttnkitFallbackWarning",
@@ -29,5 +32,6 @@ __all__ = [
     "available_backends",
     "explain",
     "scaled_dot_product_attention",
+    "varlen_attention",
     "warmup",
 ]
