@@ -338,11 +338,30 @@ def _storage_rows(pages, page_size, starts, stops):
 
 def _gather_pages(k_cache, v_cache, pages, starts, stops):
     """Each sequence's keys [starts[b], stops[b]) from a paged cache, packed: (total, Hkv, D) each;
-    pages (B, max_pages) host int64. Reads those positions and nothing else."""
+    pages (B, max_pages) host int64. Reads those positions and nothing else.
+
+    CPU caches are gathered by NumPy on views of their memory: a torch indexing
+    op here leaves torch's worker threads spinning on the cores the attention
+    kernel starts on next (a decode step ran 3-7x slower after one).
+    """
     torch = _torch()
     page_ids, rows = _storage_rows(pages, k_cache.shape[1], starts, stops)
-    page_ids, rows = (torch.from_numpy(x).to(k_cache.device) for x in (page_ids, rows))
-    return k_cache[page_ids, rows], v_cache[page_ids, rows]
+    if k_cache.device.type != "cpu":
+        page_ids, rows = (torch.from_numpy(x).to(k_cache.device) for x in (page_ids, rows))
+        return k_cache[page_ids, rows], v_cache[page_ids, rows]
+    return tuple(_from_host(_host_view(x)[page_ids, rows], x.dtype) for x in (k_cache, v_cache))
+
+
+def _host_view(x):
+    """A CPU tensor's memory as a NumPy array (bf16 as its uint16 bits), no copy."""
+    return _arrays.bf16_bits(x) if x.dtype == _torch().bfloat16 else x.detach().numpy()
+
+
+def _from_host(array, dtype):
+    torch = _torch()
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _check_block_table(block_table, batch, num_blocks, stops, page_size):

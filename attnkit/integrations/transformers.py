@@ -16,6 +16,12 @@ register() adds two functions under one name:
   SDPA mask builder is registered: it hands over a boolean mask, or ``None``
   when the call is unpadded and plain causal or plain bidirectional.
 
+Packed batches (several sequences in one row, as ``DataCollatorWithFlattening``
+makes them: ``position_ids`` that restart at 0, or ``cu_seq_lens_q`` /
+``cu_seq_lens_k`` in the call's kwargs) run through attnkit.varlen_attention:
+each sequence at its own length, causal within itself, no mask read. The
+block-diagonal mask transformers may still build for them is not used.
+
 The attention weights are computed (by the NumPy reference, the one backend
 that forms them) only when the caller asks for them with
 ``output_attentions=True``; otherwise the call goes to backend="auto" and
@@ -104,6 +110,40 @@ def _add_bias(mask, bias):
     return bias + mask.to(bias.dtype)
 
 
+def _packed_offsets(kwargs, batch, nq, nk):
+    """int32 (S + 1,) offsets of the sequences packed into the call's one row, or None.
+
+    From ``cu_seq_lens_q`` / ``cu_seq_lens_k`` when the collator gave them, else
+    from ``position_ids`` (1, T): a new sequence starts wherever the position
+    does not step by one. None for anything else (a batch of rows, a cache).
+    """
+    import torch
+
+    if batch != 1 or nq != nk:
+        return None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and torch.equal(cu_q.cpu(), cu_k.cpu()) and int(cu_q[-1]) == nq:
+        return cu_q.to(device="cpu", dtype=torch.int32)
+    positions = kwargs.get("position_ids")
+    if positions is None or positions.dim() != 2 or positions.shape != (1, nq):
+        return None
+    starts = torch.nonzero(positions[0, 1:] - positions[0, :-1] != 1).flatten() + 1
+    if starts.numel() == 0:
+        return None  # one sequence: the plain path
+    edges = [torch.zeros(1, dtype=torch.long), starts.cpu(), torch.tensor([nq])]
+    return torch.cat(edges).to(torch.int32)
+
+
+def _packed_attention(query, key, value, offsets, causal, scaling, softcap, kwargs):
+    """(B=1, H, T, D) packed sequences through attnkit.varlen_attention -> (1, H, T, Dv)."""
+    window = kwargs.get("sliding_window")  # a query sees itself and the sliding_window - 1 keys before it
+    out = attnkit.varlen_attention(
+        query[0], key[0], value[0], offsets, offsets, causal=causal, scale=scaling, softcap=softcap,
+        window=(int(window) - 1, None) if window else None,
+    )  # fmt: skip
+    return out[None]
+
+
 def attention_forward(
     module,
     query,
@@ -183,6 +223,8 @@ def attention_forward(
             weights = _weights(query, key, value, mask, causal, scaling, softcap)
     elif want_weights:
         out, weights = _weights(query, key, value, mask, causal, scaling, softcap, with_output=True)
+    elif position_bias is None and (offsets := _packed_offsets(kwargs, query.shape[0], nq, nk)) is not None:
+        out = _packed_attention(query, key, value, offsets, bool(is_causal), scaling, softcap, kwargs)
     else:
         out = attnkit.attention(
             query, key, value, causal=causal, mask=mask, scale=scaling, softcap=softcap,
