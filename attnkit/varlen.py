@@ -308,9 +308,19 @@ def _backend_for(spec, backend):
                           AttnkitFallbackWarning, stacklevel=4)
             return "reference"
         return native
+    if backend == "triton" and device_type == "cpu" and spec.kind == "torch" and _triton_interpreting():
+        return backend  # the Triton interpreter (TRITON_INTERPRET=1) runs the GPU kernel on CPU tensors
     if backend != "reference" and backend != native:
         raise ValueError(f"backend {backend!r} does not run on {spec.device} data; {native or 'reference'!r} does")
     return backend
+
+
+def _triton_interpreting():
+    try:
+        from .kernels.triton_attention import interpreting
+    except Exception:  # no triton
+        return False
+    return interpreting()
 
 
 def _autograd_function():

@@ -126,15 +126,16 @@ def _tanh(x):
 
 @triton.jit
 def _scores(qk, qi, kj, M_base, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-            apply_mask, MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
-            HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr):
+            apply_mask, slope2, MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
+            HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Masked scores in base 2, from raw q.k products.
 
     qk: q.k tile; qi, kj: query / key indices broadcastable to qk's shape (any
     orientation). apply_mask: 0 when the mask summary says the mask changes
     nothing in this block (its elements are then not read). Returns (s, t):
     s = log2(e) * masked score, t = tanh of the capped score when SOFTCAP (for
-    the backward), else qk itself.
+    the backward), else qk itself. ALIBI adds -slope * |qi + off - kj| (slope2 =
+    slope * log2(e)) after the softcap, as flash-attn does.
     """
     if SOFTCAP:
         t = _tanh(qk * qk_scale)  # qk_scale = scale / softcap
@@ -142,6 +143,8 @@ def _scores(qk, qi, kj, M_base, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win
     else:
         t = qk
         s = qk * qk_scale  # qk_scale = scale * log2(e)
+    if ALIBI:
+        s = s - slope2 * tl.abs((qi + off - kj).to(tl.float32))
     if MASK_KIND != 0:
         if apply_mask != 0:
             inb = (qi < Nq) & (kj < Nk)
@@ -242,9 +245,9 @@ def _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND: tl.constexpr,
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_d, offs_dv,
                s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-               apply_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
+               apply_mask, slope2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
                GEOM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block of the online softmax: acc (BM, BDV), m_i / l_i (BM,)."""
     cols = n0 + offs_n  # (BN,)
     if GEOM:
@@ -255,7 +258,8 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_
                  mask=(offs_d[:, None] < HEAD_DIM) & col_ok[None, :], other=0.0)  # (BD, BN)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BM, BN) fp32
     s, _t = _scores(qk, rows[:, None], cols[None, :], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
-                    cap_log2, off, win_l, win_r, apply_mask, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
+                    cap_log2, off, win_l, win_r, apply_mask, slope2, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT,
+                    SOFTCAP, ALIBI)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: shift by 0
     alpha = tl.exp2(m_i - m_safe)
@@ -269,27 +273,59 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN: tl.constexpr):
+    """(q0, k0, Nq, Nk, off) of sequence b: its first query row and key, its lengths and
+    causal offset. Dense calls: (0, 0, Nq, Nk, off) as given. Varlen calls read
+    cu_seqlens (the tensors' batch strides are then 0) and align bottom-right
+    when align_br is 1."""
+    if VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        Nq = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        Nk = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        off = (Nk - Nq) * align_br
+    else:
+        q0 = b * 0
+        k0 = b * 0
+    return q0, k0, Nq, Nk, off
+
+
+@triton.jit
+def _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI: tl.constexpr):
+    """ALiBi's slope of (sequence b, head h) times log2(e), or 0."""
+    if ALIBI:
+        return tl.load(ALIBI_SLOPES + b * alibi_sb + h * alibi_sh).to(tl.float32) * 1.4426950408889634
+    return 0.0
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, M, S,
+    Q, K, V, O, LSE, M, S, CU_Q, CU_K, ALIBI_SLOPES,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_on, s_od,
     s_mb, s_mh, s_mq, s_mk,
-    s_sb, s_sh, s_sq, s_sk, Tq, Tk,
+    s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
     Hq, Nq, Nk, GROUP, qk_scale, cap_log2, off, win_l, win_r, Nq_b, Nk_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    # grid: (cdiv(Nq, BLOCK_M), B * Hq); the heaviest (last, under causal) blocks start first
+    # grid: (cdiv(Nq, BLOCK_M), B * Hq) (Nq: the longest sequence when VARLEN); the
+    # heaviest (last, under causal) blocks start first
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP  # GQA: query head h reads kv head h // (Hq // Hkv)
     m0 = start_m * BLOCK_M
+    q0, k0, Nq, Nk, off = _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN)
+    if m0 >= Nq:  # a shorter sequence of a varlen call: nothing here
+        return
+    slope2 = _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -300,11 +336,11 @@ def _fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = m0 + offs_m  # (BM,)
 
-    K_base = K + b * s_kb + hk * s_kh
-    V_base = V + b * s_vb + hk * s_vh
+    K_base = K + b * s_kb + hk * s_kh + k0 * s_kn
+    V_base = V + b * s_vb + hk * s_vh + k0 * s_vn
     M_base = M + b * s_mb + h * s_mh
     S_base = S + b * s_sb + h * s_sh
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qn + offs_d[None, :] * s_qd,
+    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + rows[:, None]) * s_qn + offs_d[None, :] * s_qd,
                 mask=(rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BM, BD)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -318,33 +354,33 @@ def _fwd_kernel(
         if some != 0:  # a block the mask hides entirely is skipped
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
                                        offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                       qk_scale, cap_log2, off, win_l, win_r, changes, HEAD_DIM,
+                                       qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
                                        HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       DOT_PREC)
+                                       ALIBI, DOT_PREC)
     for n0 in range(full_lo, full_hi, BLOCK_N):  # every key visible to every query
         some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
         if some != 0:  # a block the mask hides entirely is skipped
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
                                        offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                       qk_scale, cap_log2, off, win_l, win_r, changes, HEAD_DIM,
+                                       qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
                                        HEAD_DIM_V, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       DOT_PREC)
+                                       ALIBI, DOT_PREC)
     for n0 in range(full_hi, hi, BLOCK_N):  # causal diagonal, right window edge, key tail
         some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
         if some != 0:  # a block the mask hides entirely is skipped
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
                                        offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                       qk_scale, cap_log2, off, win_l, win_r, changes, HEAD_DIM,
+                                       qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
                                        HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       DOT_PREC)
+                                       ALIBI, DOT_PREC)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_ok = rows < Nq
-    tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_on + offs_dv[None, :] * s_od,
+    tl.store(O + b * s_ob + h * s_oh + (q0 + rows[:, None]) * s_on + offs_dv[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + (b * Hq + h) * Nq + rows, lse, mask=row_ok)
+    tl.store(LSE + b * lse_sb + h * lse_sh + q0 + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -352,11 +388,12 @@ def _bwd_preprocess(
     O, DO, DLSE, DELTA,
     s_ob, s_oh, s_on, s_od,
     s_db, s_dh, s_dn, s_dd,
-    Hq, Nq,
+    lse_sb, lse_sh, Hq, Nq,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_DLSE: tl.constexpr, INDEX_64: tl.constexpr,
 ):
-    # delta_i = sum_c dO_ic * O_ic (- dlse_i: the gradient through lse folds in here)
+    # delta_i = sum_c dO_ic * O_ic (- dlse_i: the gradient through lse folds in here).
+    # Rows are those of the tensors as laid out (all sequences of a varlen call at once).
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -370,7 +407,7 @@ def _bwd_preprocess(
     do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dn + offs_dv[None, :] * s_dd,
                  mask=ok, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    row_base = (b * Hq + h) * Nq
+    row_base = b * lse_sb + h * lse_sh
     if HAS_DLSE:
         delta -= tl.load(DLSE + row_base + rows, mask=rows < Nq, other=0.0)
     tl.store(DELTA + row_base + rows, delta, mask=rows < Nq)
@@ -379,9 +416,9 @@ def _bwd_preprocess(
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, cols, offs_m,
                 offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                off, win_l, win_r, apply_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                off, win_l, win_r, apply_mask, slope2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                 MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+                HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block's contribution to dk (BN, BD) and dv (BN, BDV), transposed scores."""
     rows = m0 + offs_m  # (BM,)
     if GEOM:
@@ -397,7 +434,8 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, c
     delta = tl.load(DELTA_row + rows, mask=row_ok, other=0.0)  # (BM,)
     qkT = tl.dot(k, qT, input_precision=DOT_PREC)  # (BN, BM)
     sT, tT = _scores(qkT, rows[None, :], cols[:, None], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
-                     cap_log2, off, win_l, win_r, apply_mask, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
+                     cap_log2, off, win_l, win_r, apply_mask, slope2, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT,
+                     SOFTCAP, ALIBI)
     pT = tl.exp2(sT - lse2[None, :])  # (BN, BM) probabilities, 0 where invisible
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM)
@@ -410,7 +448,7 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, c
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, M, S,
+    Q, K, V, DO, LSE, DELTA, DK, DV, M, S, CU_Q, CU_K, ALIBI_SLOPES,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -418,18 +456,22 @@ def _bwd_dkdv_kernel(
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dvb, s_dvh, s_dvn, s_dvd,
     s_mb, s_mh, s_mq, s_mk,
-    s_sb, s_sh, s_sq, s_sk, Tq, Tk,
+    s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
     Hq, Hkv, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # grid: (cdiv(Nk, BLOCK_N), B * Hkv); each program owns one key block of one kv head
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
     n0 = tl.program_id(0) * BLOCK_N
+    q0, k0, Nq, Nk, off = _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN)
+    if n0 >= Nk:  # a shorter sequence of a varlen call: its keys end before this block
+        return
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     if INDEX_64:
@@ -439,9 +481,9 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = n0 + offs_n  # (BN,)
     col_ok = cols < Nk
-    k = tl.load(K + b * s_kb + hk * s_kh + cols[:, None] * s_kn + offs_d[None, :] * s_kd,
+    k = tl.load(K + b * s_kb + hk * s_kh + (k0 + cols[:, None]) * s_kn + offs_d[None, :] * s_kd,
                 mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BN, BD)
-    v = tl.load(V + b * s_vb + hk * s_vh + cols[:, None] * s_vn + offs_dv[None, :] * s_vd,
+    v = tl.load(V + b * s_vb + hk * s_vh + (k0 + cols[:, None]) * s_vn + offs_dv[None, :] * s_vd,
                 mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BN, BDV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -450,49 +492,50 @@ def _bwd_dkdv_kernel(
                                             HAS_LEFT, HAS_RIGHT)
     for g in range(0, GROUP):  # the query heads sharing this kv head, in a fixed order
         h = hk * GROUP + g
-        Q_base = Q + b * s_qb + h * s_qh
-        DO_base = DO + b * s_db + h * s_dh
+        slope2 = _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI)
+        Q_base = Q + b * s_qb + h * s_qh + q0 * s_qn
+        DO_base = DO + b * s_db + h * s_dh + q0 * s_dn
         M_base = M + b * s_mb + h * s_mh
         S_base = S + b * s_sb + h * s_sh
-        LSE_row = LSE + (b * Hq + h) * Nq
-        DELTA_row = DELTA + (b * Hq + h) * Nq
+        LSE_row = LSE + b * lse_sb + h * lse_sh + q0
+        DELTA_row = DELTA + b * lse_sb + h * lse_sh + q0
         for m0 in range(lo, full_lo, BLOCK_M):
             some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
             if some != 0:
                 dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
                                      cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes,
+                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
                                      HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                                     SOFTCAP, DOT_PREC)
+                                     SOFTCAP, ALIBI, DOT_PREC)
         for m0 in range(full_lo, full_hi, BLOCK_M):
             some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
             if some != 0:
                 dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
                                      cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes,
+                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
                                      HEAD_DIM, HEAD_DIM_V, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
-                                     SOFTCAP, DOT_PREC)
+                                     SOFTCAP, ALIBI, DOT_PREC)
         for m0 in range(full_hi, hi, BLOCK_M):
             some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
             if some != 0:
                 dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
                                      cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes,
+                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
                                      HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                                     SOFTCAP, DOT_PREC)
+                                     SOFTCAP, ALIBI, DOT_PREC)
     dk = dk * scale  # d(score)/d(q.k) = scale (times 1 - tanh^2 under softcap, applied above)
-    tl.store(DK + b * s_dkb + hk * s_dkh + cols[:, None] * s_dkn + offs_d[None, :] * s_dkd,
+    tl.store(DK + b * s_dkb + hk * s_dkh + (k0 + cols[:, None]) * s_dkn + offs_d[None, :] * s_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + b * s_dvb + hk * s_dvh + cols[:, None] * s_dvn + offs_dv[None, :] * s_dvd,
+    tl.store(DV + b * s_dvb + hk * s_dvh + (k0 + cols[:, None]) * s_dvn + offs_dv[None, :] * s_dvd,
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d, offs_dv,
               s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-              apply_mask, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
+              apply_mask, slope2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
               GEOM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block's contribution to dq (BM, BD)."""
     cols = n0 + offs_n
     if GEOM:
@@ -505,7 +548,8 @@ def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, 
                  mask=(offs_dv[:, None] < HEAD_DIM_V) & col_ok[None, :], other=0.0)  # (BDV, BN)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BM, BN)
     s, t = _scores(qk, rows[:, None], cols[None, :], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
-                   cap_log2, off, win_l, win_r, apply_mask, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT, SOFTCAP)
+                   cap_log2, off, win_l, win_r, apply_mask, slope2, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT,
+                   SOFTCAP, ALIBI)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PREC)  # (BM, BN)
     ds = p * (dp - delta[:, None])
@@ -517,19 +561,20 @@ def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, M, S,
+    Q, K, V, DO, LSE, DELTA, DQ, M, S, CU_Q, CU_K, ALIBI_SLOPES,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_db, s_dh, s_dn, s_dd,
     s_dqb, s_dqh, s_dqn, s_dqd,
     s_mb, s_mh, s_mq, s_mk,
-    s_sb, s_sh, s_sq, s_sk, Tq, Tk,
+    s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
     Hq, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # grid: (cdiv(Nq, BLOCK_M), B * Hq); same key walk as the forward
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -538,6 +583,10 @@ def _bwd_dq_kernel(
     h = (bh % Hq).to(tl.int64)
     hk = h // GROUP
     m0 = start_m * BLOCK_M
+    q0, k0, Nq, Nk, off = _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN)
+    if m0 >= Nq:  # a shorter sequence of a varlen call: nothing here
+        return
+    slope2 = _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     if INDEX_64:
@@ -547,16 +596,16 @@ def _bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = m0 + offs_m
     row_ok = rows < Nq
-    q = tl.load(Q + b * s_qb + h * s_qh + rows[:, None] * s_qn + offs_d[None, :] * s_qd,
+    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + rows[:, None]) * s_qn + offs_d[None, :] * s_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BM, BD)
-    do = tl.load(DO + b * s_db + h * s_dh + rows[:, None] * s_dn + offs_dv[None, :] * s_dd,
+    do = tl.load(DO + b * s_db + h * s_dh + (q0 + rows[:, None]) * s_dn + offs_dv[None, :] * s_dd,
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BM, BDV)
-    row_base = (b * Hq + h) * Nq
+    row_base = b * lse_sb + h * lse_sh + q0
     lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
-    K_base = K + b * s_kb + hk * s_kh
-    V_base = V + b * s_vb + hk * s_vh
+    K_base = K + b * s_kb + hk * s_kh + k0 * s_kn
+    V_base = V + b * s_vb + hk * s_vh + k0 * s_vn
     M_base = M + b * s_mb + h * s_mh
     S_base = S + b * s_sb + h * s_sh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -568,24 +617,24 @@ def _bwd_dq_kernel(
         if some != 0:
             dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
                            offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                           off, win_l, win_r, changes, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
+                           off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
     for n0 in range(full_lo, full_hi, BLOCK_N):
         some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
         if some != 0:
             dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
                            offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                           off, win_l, win_r, changes, HEAD_DIM, HEAD_DIM_V, MASK_KIND, False,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
+                           off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, False,
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
     for n0 in range(full_hi, hi, BLOCK_N):
         some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
         if some != 0:
             dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
                            offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                           off, win_l, win_r, changes, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, DOT_PREC)
+                           off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
     dq = dq * scale
-    tl.store(DQ + b * s_dqb + h * s_dqh + rows[:, None] * s_dqn + offs_d[None, :] * s_dqd,
+    tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + rows[:, None]) * s_dqn + offs_d[None, :] * s_dqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -675,9 +724,12 @@ def _tuned(kernel, fn, device, block_d, block_dv, dtype):
 # which enter through their power-of-two bucket (Nq_b, Nk_b) so varying
 # sequence lengths do not re-tune on every call.
 _TUNE_KEYS = {
-    "fwd": ["Nq_b", "Nk_b", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP"],
-    "dkdv": ["Nq_b", "Nk_b", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP"],
-    "dq": ["Nq_b", "Nk_b", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP"],
+    "fwd": ["Nq_b", "Nk_b", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP",
+             "VARLEN", "ALIBI"],
+    "dkdv": ["Nq_b", "Nk_b", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP",
+             "VARLEN", "ALIBI"],
+    "dq": ["Nq_b", "Nk_b", "HEAD_DIM", "HEAD_DIM_V", "MASK_KIND", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP",
+             "VARLEN", "ALIBI"],
 }
 
 
@@ -811,18 +863,32 @@ def _constexprs(c):
         HEAD_DIM=c["D"], HEAD_DIM_V=c["Dv"], BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"],
         MASK_KIND=c["mask_kind"], HAS_LEFT=c["has_left"], HAS_RIGHT=c["has_right"],
         SOFTCAP=c["use_cap"], INDEX_64=c["index_64"], DOT_PREC=c["dot_prec"],
+        VARLEN=c["varlen"] is not None, ALIBI=c["alibi"] is not None,
     )
 
 
+def _sequences(c, q, lse):
+    """The kernels' arguments on sequences and ALiBi:
+    (CU_Q, CU_K, ALIBI_SLOPES), (lse_sb, lse_sh, alibi_sb, alibi_sh, align_br)."""
+    alibi = c["alibi"]
+    alibi_strides = (0, 0) if alibi is None else (alibi.stride(0) if alibi.shape[0] > 1 else 0, alibi.stride(1))
+    alibi = q if alibi is None else alibi
+    if c["varlen"] is None:
+        return (q, q, alibi), (lse.stride(0), lse.stride(1), *alibi_strides, 0)
+    cu_q, cu_k, align_br = c["varlen"]
+    return (cu_q, cu_k, alibi), (0, lse.stride(0), *alibi_strides, align_br)
+
+
 def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None,
-                  _wrap=None, _force_int64=False):
+                  _wrap=None, _force_int64=False, _alibi=None):
     """Attention forward: returns (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides, one
     dtype; mask None, bool (True = attend) or additive float, broadcastable to
     (B, Hq, Nq, Nk); causal None / "top_left" / "bottom_right"; window None or
     (left, right) with None sides unlimited; softcap None or > 0.
-    `_wrap` wraps each kernel before launch (torch.library.wrap_triton).
+    `_wrap` wraps each kernel before launch (torch.library.wrap_triton); `_alibi`
+    (B or 1, Hq) float32 slopes add -slope * |i + off - j| to the scores.
     """
     wrap = _wrap or _identity
     B, Hq, Nq, _ = q.shape
@@ -836,23 +902,28 @@ def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softca
         lse.fill_(float("-inf"))
         return out, lse
     c = _common(q, k, v, mask, scale, causal, window, softcap, extra=(out,))
-    c["index_64"] = c["index_64"] or _force_int64
-    launch, blocks = _launcher("fwd", _fwd_kernel, c, q.dtype, q.device, wrap)
-
-    def grid(meta):
-        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)
-
-    launch[grid](
-        q, k, v, out, lse, c["mask"], c["summary"],
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *c["m_strides"], *c["s_strides"],
-        Hq, Nq, c["Nk"], c["group"], c["qk_scale"], c["cap_log2"], c["off"], c["win_l"],
-        c["win_r"], _next_pow2(Nq), _next_pow2(c["Nk"]), **_constexprs(c), **blocks,
-    )
+    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_alibi)
+    _launch_forward(q, k, v, out, lse, c, B, Nq, wrap)
     return out, lse
 
 
+def _launch_forward(q, k, v, out, lse, c, n_sequences, longest_q, wrap):
+    launch, blocks = _launcher("fwd", _fwd_kernel, c, q.dtype, q.device, wrap)
+    pointers, scalars = _sequences(c, q, lse)
+
+    def grid(meta):
+        return (triton.cdiv(longest_q, meta["BLOCK_M"]), n_sequences * c["Hq"])
+
+    launch[grid](
+        q, k, v, out, lse, c["mask"], c["summary"], *pointers,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *c["m_strides"], *c["s_strides"], *scalars,
+        c["Hq"], c["Nq"], c["Nk"], c["group"], c["qk_scale"], c["cap_log2"], c["off"], c["win_l"],
+        c["win_r"], _next_pow2(c["Nq"]), _next_pow2(c["Nk"]), **_constexprs(c), **blocks,
+    )
+
+
 def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal=None, window=None,
-                   softcap=None, d_lse=None, _wrap=None, _force_int64=False):
+                   softcap=None, d_lse=None, _wrap=None, _force_int64=False, _alibi=None):
     """Attention backward: returns (dq, dk, dv) with the shapes and dtypes of q, k, v.
 
     out, d_out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) come from flash_forward;
@@ -868,39 +939,108 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal=None, window
     if B * Hq * Nq == 0 or Nk == 0 or k.shape[1] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     c = _common(q, k, v, mask, scale, causal, window, softcap, extra=(out, d_out, dq, dk, dv))
-    c["index_64"] = c["index_64"] or _force_int64
+    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_alibi)
+    _launch_backward(q, k, v, out, d_out, lse, d_lse, dq, dk, dv, c, scale, B, wrap)
+    return dq, dk, dv
+
+
+def _launch_backward(q, k, v, out, d_out, lse, d_lse, dq, dk, dv, c, scale, n_sequences, wrap):
+    """The three backward kernels. lse / delta rows: (B, Hq, Nq) dense, (Hq, total_q) varlen."""
     lse = lse.to(torch.float32)
     if not lse.is_contiguous():
         lse = lse.contiguous()
-    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     has_dlse = d_lse is not None
     dlse = d_lse.to(torch.float32).contiguous() if has_dlse else delta
-
+    pointers, sequence_scalars = _sequences(c, q, lse)
+    rows = q.shape[2]  # every row as laid out: all sequences of a varlen call at once
+    batch = 1 if c["varlen"] is not None else q.shape[0]
     pre_block = 32 if c["block_dv"] >= 256 else 64
-    wrap(_bwd_preprocess)[(triton.cdiv(Nq, pre_block), B * Hq)](
-        out, d_out, dlse, delta, *_strides(out), *_strides(d_out), Hq, Nq,
+    wrap(_bwd_preprocess)[(triton.cdiv(rows, pre_block), batch * c["Hq"])](
+        out, d_out, dlse, delta, *_strides(out), *_strides(d_out), *sequence_scalars[:2], c["Hq"], rows,
         HEAD_DIM_V=c["Dv"], BLOCK_DV=c["block_dv"], BLOCK_M=pre_block, HAS_DLSE=has_dlse,
         INDEX_64=c["index_64"],
     )
+    Nq, Nk = c["Nq"], c["Nk"]  # the longest sequences when varlen
     scalars = (c["qk_scale"], c["cap_log2"], float(scale), c["off"], c["win_l"], c["win_r"])
     buckets = (_next_pow2(Nq), _next_pow2(Nk))  # Nq_b, Nk_b: autotuning keys only
 
     launch, blocks = _launcher("dkdv", _bwd_dkdv_kernel, c, q.dtype, q.device, wrap)
-    launch[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * c["Hkv"])](
-        q, k, v, d_out, lse, delta, dk, dv, c["mask"], c["summary"],
+    launch[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), n_sequences * c["Hkv"])](
+        q, k, v, d_out, lse, delta, dk, dv, c["mask"], c["summary"], *pointers,
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dk),
-        *_strides(dv), *c["m_strides"], *c["s_strides"],
-        Hq, c["Hkv"], Nq, Nk, c["group"], *scalars, *buckets,
+        *_strides(dv), *c["m_strides"], *c["s_strides"], *sequence_scalars,
+        c["Hq"], c["Hkv"], Nq, Nk, c["group"], *scalars, *buckets,
         **_constexprs(c), **blocks,
     )
     launch, blocks = _launcher("dq", _bwd_dq_kernel, c, q.dtype, q.device, wrap)
-    launch[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)](
-        q, k, v, d_out, lse, delta, dq, c["mask"], c["summary"],
+    launch[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), n_sequences * c["Hq"])](
+        q, k, v, d_out, lse, delta, dq, c["mask"], c["summary"], *pointers,
         *_strides(q), *_strides(k), *_strides(v), *_strides(d_out), *_strides(dq),
-        *c["m_strides"], *c["s_strides"],
-        Hq, Nq, Nk, c["group"], *scalars, *buckets,
+        *c["m_strides"], *c["s_strides"], *sequence_scalars,
+        c["Hq"], Nq, Nk, c["group"], *scalars, *buckets,
         **_constexprs(c), **blocks,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Packed sequences of different lengths (attnkit.varlen_attention on CUDA)
+# --------------------------------------------------------------------------------------
+
+
+def _batched(x, n_sequences):
+    """(H, total, X) as a (S, H, total, X) view with batch stride 0: program b of a varlen
+    launch adds b * (batch stride) = 0 and finds its rows through cu_seqlens instead."""
+    return x.unsqueeze(0).expand(n_sequences, *x.shape)
+
+
+def _varlen_setup(q, k, v, alibi_slopes, spec, extra):
+    """(q, k, v as (S, H, total, D) views with batch stride 0, the launch dict c)."""
+    q4, k4, v4 = (_batched(x, len(spec.cu_q) - 1) for x in (q, k, v))
+    longest_q = max(1, int(spec.lengths_q.max(initial=0)))
+    longest_k = max(1, int(spec.lengths_k.max(initial=0)))
+    causal = "bottom_right" if spec.causal and spec.align == "bottom_right" else ("top_left" if spec.causal else None)
+    # _geometry's offset is per call; the kernels recompute it per sequence from cu_seqlens.
+    c = _common(q4[..., :longest_q, :], k4[..., :longest_k, :], v4[..., :longest_k, :], None, spec.scale,
+                causal, spec.window, spec.softcap, extra=(q4, k4, v4) + extra)
+    alibi = None
+    if alibi_slopes is not None:
+        alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).reshape(-1, spec.hq)
+    cu = [torch.as_tensor(x, dtype=torch.int32).to(q.device) for x in (spec.cu_q, spec.cu_k)]
+    c.update(varlen=(cu[0], cu[1], int(spec.align == "bottom_right")), alibi=alibi, off=0)
+    return q4, k4, v4, c
+
+
+def varlen_forward(q, k, v, alibi_slopes, spec, _wrap=None):
+    """(out (Hq, total_q, Dv), lse (Hq, total_q) float32) for attnkit.varlen_attention.
+
+    q (Hq, total_q, D), k (Hkv, total_k, D), v (Hkv, total_k, Dv) CUDA tensors
+    (any strides); spec an attnkit.varlen.VarlenSpec. One launch for all
+    sequences: program (query block, sequence x head) reads its sequence's
+    offsets from cu_seqlens and stops when the sequence is shorter.
+    """
+    out = torch.empty((spec.hq, q.shape[1], spec.dv), dtype=q.dtype, device=q.device)
+    lse = torch.full((spec.hq, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    out.zero_()
+    n_sequences = len(spec.cu_q) - 1
+    if n_sequences == 0 or q.shape[1] == 0 or spec.hq == 0:
+        return out, lse
+    out4 = _batched(out, n_sequences)
+    q4, k4, v4, c = _varlen_setup(q, k, v, alibi_slopes, spec, (out4,))
+    _launch_forward(q4, k4, v4, out4, lse, c, n_sequences, c["Nq"], _wrap or _identity)
+    return out, lse
+
+
+def varlen_backward(q, k, v, out, d_out, lse, alibi_slopes, spec, _wrap=None):
+    """(dq, dk, dv) of varlen_forward, shaped like q, k and v (zero outside every sequence)."""
+    dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
+    n_sequences = len(spec.cu_q) - 1
+    if n_sequences == 0 or q.shape[1] == 0 or k.shape[1] == 0:
+        return dq, dk, dv
+    extra = tuple(_batched(x, n_sequences) for x in (out, d_out, dq, dk, dv))
+    q4, k4, v4, c = _varlen_setup(q, k, v, alibi_slopes, spec, extra)
+    _launch_backward(q4, k4, v4, extra[0], extra[1], lse, None, *extra[2:], c, spec.scale, n_sequences,
+                     _wrap or _identity)
     return dq, dk, dv
 
 
@@ -943,7 +1083,7 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=block_d, BLOCK_DV=block_d,
         BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mask_kind, HAS_LEFT=False, HAS_RIGHT=bool(causal),
         SOFTCAP=bool(softcap), INDEX_64=False,
-        DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if dtype == torch.float32 else "tf32", VARLEN=False, ALIBI=False,
     )
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
@@ -956,6 +1096,10 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg == "S":  # the mask summary
             signature[arg] = "*i8"
+        elif arg in ("CU_Q", "CU_K"):
+            signature[arg] = "*i32"
+        elif arg == "ALIBI_SLOPES":
+            signature[arg] = "*fp32"
         elif arg.startswith("s_s"):  # its strides (0 on broadcast axes)
             signature[arg] = "i32"
         elif arg in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):  # tensors
