@@ -9,7 +9,9 @@ On a CUDA machine, in well under 8 minutes, with only torch, triton and numpy
      (forward out and lse, gradients dq/dk/dv; flash-attn's rule: error at most
      2x (3x for gradients) that of a plain attention in the same precision),
      over causal alignments, windows, softcap, masks, GQA, odd head dims and
-     strided inputs, plus torch.compile(fullgraph=True) and determinism;
+     strided inputs, plus torch.compile(fullgraph=True) and determinism, and
+     attnkit.flash_attn on the card: varlen (forward and gradients, ALiBi,
+     windows) and the cache call (paged, bf16 decode) against the reference;
   2. times forward and forward+backward against every torch SDPA backend that
      runs (cuDNN, flash, efficient) and FlexAttention when it compiles, for
      D in {64, 128}, causal and not, N from 512 to 16384 at 16k tokens per
@@ -172,6 +174,90 @@ def run_integration_checks(triton_ops):
     results["uses_triton_op"] = triton_ops.USES_TRITON_OP
     for name, value in results.items():
         log(f"  {name}: {value}")
+    return results
+
+
+def run_flash_attn_checks(device="cuda"):
+    """attnkit.flash_attn's varlen and cache calls on the card, against attnkit.reference.varlen.
+
+    The varlen kernel's error (forward and gradients) against float64 must stay
+    within 2x (3x) the error of the reference run in float32 and stored in the
+    input dtype; the cache call (paged, shuffled pages, page size 16) against
+    float64 within a fixed bf16/fp16 tolerance. Returns a list of result dicts.
+    (device="cpu" runs the same checks on the Numba kernel: the suite does, so
+    this code is known to run before a GPU is lent.)
+    """
+    import numpy as np
+    import torch
+
+    from attnkit.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    from attnkit.reference.varlen import varlen_attention, varlen_attention_backward
+
+    def heads_first(x):
+        return x.detach().double().transpose(0, 1).cpu().numpy()
+
+    results = []
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        for causal, window, alibi in ((True, (-1, -1), False), (False, (64, 16), True), (True, (128, 0), True)):
+            lengths_q, lengths_k = [1, 113, 1023, 300, 0], [1, 203, 1024, 300, 5]
+            cu_q, cu_k = (torch.tensor(np.concatenate([[0], np.cumsum(x)]), dtype=torch.int32)
+                          for x in (lengths_q, lengths_k))
+            q = torch.randn(sum(lengths_q), 8, 128, generator=generator).to(device, dtype).requires_grad_()
+            k, v = (torch.randn(sum(lengths_k), 2, 128, generator=generator).to(device, dtype).requires_grad_()
+                    for _ in range(2))
+            slopes = torch.rand(len(lengths_q), 8, generator=generator).to(device) * 0.3 if alibi else None
+            out = flash_attn_varlen_func(q, k, v, cu_q.to(device), cu_k.to(device), 1023, 1024, causal=causal,
+                                         window_size=window, alibi_slopes=slopes)
+            d_out = torch.randn(out.shape, generator=generator).to(device, dtype)
+            out.backward(d_out)
+            options = dict(causal=causal, window=tuple(None if w < 0 else w for w in window),
+                           alibi_slopes=None if slopes is None else slopes.double().cpu().numpy())
+            if options["window"] == (None, None):
+                options["window"] = None
+            q64, k64, v64 = (heads_first(x) for x in (q, k, v))
+            exact, lse = varlen_attention(q64, k64, v64, cu_q.numpy(), cu_k.numpy(), **options, return_lse=True)
+            grads = varlen_attention_backward(q64, k64, v64, exact, heads_first(d_out), lse, cu_q.numpy(),
+                                              cu_k.numpy(), **options)
+            plain = varlen_attention(*(x.astype(np.float32) for x in (q64, k64, v64)), cu_q.numpy(),
+                                     cu_k.numpy(), **options)
+            plain = torch.from_numpy(plain).to(dtype).double().numpy()
+            plain_grads = varlen_attention_backward(
+                *(x.astype(np.float32) for x in (q64, k64, v64, exact, heads_first(d_out), lse)), cu_q.numpy(),
+                cu_k.numpy(), **options)
+            plain_grads = [torch.from_numpy(g).to(dtype).double().numpy() for g in plain_grads]
+            row = dict(check=f"varlen {str(dtype)[6:]} causal={causal} window={window} alibi={alibi}")
+            row["out_err"] = float(np.abs(heads_first(out) - exact).max())
+            row["plain_err"] = float(np.abs(plain - exact).max())
+            row["grad_errs"] = [float(np.abs(heads_first(x.grad) - g).max()) for x, g in zip((q, k, v), grads)]
+            row["plain_grad_errs"] = [float(np.abs(p - g).max()) for p, g in zip(plain_grads, grads)]
+            row["ok"] = row["out_err"] <= 2 * row["plain_err"] + 1e-3 and all(
+                e <= 3 * p + 1e-3 for e, p in zip(row["grad_errs"], row["plain_grad_errs"]))
+            results.append(row)
+        batch, page, hkv = 4, 16, 8
+        lengths = torch.tensor([1, 700, 4000, 33], dtype=torch.int32)
+        pages_per_seq = 4096 // page
+        table = torch.randperm(batch * pages_per_seq, generator=generator).reshape(batch, -1).to(torch.int32)
+        k_cache, v_cache = (torch.randn(batch * pages_per_seq, page, hkv, 128, generator=generator).to(device, dtype)
+                            for _ in range(2))
+        q = torch.randn(batch, 1, 32, 128, generator=generator).to(device, dtype)
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.to(device), block_table=table.to(device),
+                                      causal=True)
+        errors = []
+        for b in range(batch):
+            n = int(lengths[b])
+            rows = torch.arange(n)
+            keys = k_cache[table[b, rows // page].long().to(device), (rows % page).to(device)]
+            values = v_cache[table[b, rows // page].long().to(device), (rows % page).to(device)]
+            exact = varlen_attention(heads_first(q[b]), heads_first(keys), heads_first(values), [0, 1], [0, n],
+                                     causal=True)
+            errors.append(float(np.abs(heads_first(out[b]) - exact).max()))
+        results.append(dict(check=f"kvcache paged decode {str(dtype)[6:]}", out_err=max(errors),
+                            ok=max(errors) <= (2e-2 if dtype == torch.bfloat16 else 4e-3)))
+    for row in results:
+        log(f"  {'ok  ' if row['ok'] else 'FAIL'} {row['check']}: " + ", ".join(
+            f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in row.items() if key not in ("check", "ok")))
     return results
 
 
@@ -367,6 +453,11 @@ def main(argv=None):
     log("\n[1/3] correctness vs float32 reference (err/plain-error per output)")
     correctness = run_correctness(triton_ops, [torch.float16, torch.bfloat16], args.quick)
     integration = run_integration_checks(triton_ops)
+    try:
+        correctness += run_flash_attn_checks()
+    except Exception as error:  # report, do not abort the timing that follows
+        correctness.append(dict(check="flash_attn", ok=False, error=f"{type(error).__name__}: {error}"[:300]))
+        log(f"  FAIL flash_attn checks: {error}")
     log(f"  correctness: {sum(r['ok'] for r in correctness)}/{len(correctness)} cases pass "
         f"({time.time() - started:.0f} s so far)")
 

@@ -498,3 +498,13 @@ def test_cpu_steps_times_both_kernels_and_counts_faults(capsys):
     for bad in (["--kv-heads", "3", "--heads", "4"], ["--steps", "0"], ["--threads", "0"]):
         with pytest.raises(SystemExit):
             cpu_steps.main(bad)
+
+
+def test_gpu_checks_of_flash_attn_run_on_the_cpu_kernel():
+    """bench/gpu_check.py's flash_attn section runs (here on the Numba kernel) and passes, so the
+    code a lent GPU spends its minutes on is known to work before the GPU is there."""
+    from attnkit.bench import gpu_check
+
+    results = gpu_check.run_flash_attn_checks("cpu")
+    assert len(results) == 8
+    assert all(row["ok"] for row in results), [row for row in results if not row["ok"]]
