@@ -1459,9 +1459,12 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     return dtype, compute, q, k, v, flags, _constants(compute, scale, softcap), table, alibi_entry
 
 
-def _segment_work(table):
-    """Sum over segments of Nq * Nk."""
-    return int(np.dot(table[:, 2], table[:, 4]))
+def _segment_sizes(table, segments, nq, nk):
+    """(longest Nq, longest Nk, sum of Nq * Nk) over the segments; a dense call's from its
+    shape (small calls feel every microsecond of NumPy reductions)."""
+    if segments is None:
+        return nq, nk, table.shape[0] * nq * nk
+    return int(table[:, 2].max(initial=0)), int(table[:, 4].max(initial=0)), int(np.dot(table[:, 2], table[:, 4]))
 
 
 # Calls with at most this many multiply-adds per product (B * Hq * Nq * Nk * D,
@@ -1591,7 +1594,8 @@ def flash_forward(
         lse.fill(-np.inf)
         if nk == 0:
             return out, lse
-    block_q, block_k = _block_sizes(int(table[:, 2].max(initial=0)), int(table[:, 4].max(initial=0)))
+    longest_q, longest_k, work = _segment_sizes(table, segments, nq, nk)
+    block_q, block_k = _block_sizes(longest_q, longest_k)
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + (alibi,), flags | mask_flags
     n_workers = numba.get_num_threads()
@@ -1607,7 +1611,7 @@ def flash_forward(
     else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
         operand, operand_shapes = dtype, (
             (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
-    serial = hq * d * _segment_work(table) <= _SERIAL_WORK
+    serial = hq * d * work <= _SERIAL_WORK
     with _CALL_LOCK, _single_threaded_blas():
         k_packed, v_packed = _WORKSPACE.arrays(operand, operand_shapes, zero=False)
         if not bf16 and v_width == dv:
@@ -1683,10 +1687,11 @@ def flash_backward(
     dq, dk, dv_grad = _arrays_together(dtype, (q.shape, k.shape, v.shape), zero=True)
     if nq == 0 or nk == 0 or batch * hq == 0:
         return dq, dk, dv_grad
-    block_q, block_k = _backward_block_sizes(int(table[:, 2].max(initial=0)), int(table[:, 4].max(initial=0)))
+    longest_q, longest_k, _ = _segment_sizes(table, segments, nq, nk)
+    block_q, block_k = _backward_block_sizes(longest_q, longest_k)
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + (alibi,), flags | mask_flags
-    n_chunks = _backward_chunks(len(table), hkv, int(table[:, 2].max(initial=0)), block_q)
+    n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
     n_workers = numba.get_num_threads()
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     if bf16:  # pairs along the features (S, dP) and along the keys (dQ)

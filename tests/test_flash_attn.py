@@ -367,3 +367,23 @@ def test_refused_cache_calls_write_nothing():
     with pytest.raises(ValueError, match="multiple of the kv heads"):
         flash_attn_with_kvcache(torch.randn(2, 1, 3, 4), torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4))
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1]) and torch.equal(paged, paged_before)
+
+
+def test_mismatched_devices_and_bad_options_are_refused():
+    q = torch.randn(2, 5, 2, 8)
+    with pytest.raises(ValueError, match="one device; got q on cpu, k on meta"):
+        flash_attn_func(q, torch.empty(2, 5, 2, 8, device="meta"), q)
+    with pytest.raises(ValueError, match="window_size entries must be >= 0, or -1"):
+        flash_attn_func(q, q, q, window_size=(-2, 0))
+    with pytest.raises(TypeError, match="window_size must be a"):
+        flash_attn_func(q, q, q, window_size=3)
+    with pytest.raises(ValueError, match="softcap must be a float >= 0"):
+        flash_attn_func(q, q, q, softcap=-1.0)
+    with pytest.raises(ValueError, match="dropout_p must be a float in"):
+        flash_attn_func(q, q, q, dropout_p=1.5)
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        flash_attn_func(q, q, q, alibi_slopes=torch.ones(3))
+    cache = torch.randn(2, 8, 2, 8)
+    with pytest.raises(ValueError, match=r"cache_leftpad must be in \[0, cache_seqlens\]"):
+        flash_attn_with_kvcache(q[:, :1], cache, cache, cache_seqlens=2,
+                                cache_leftpad=torch.tensor([3, 0], dtype=torch.int32))
