@@ -22,13 +22,23 @@ if _os.path.isfile(_os.path.join(_checkout, "setup.cfg")) and _os.path.isdir(
 ):
     __path__.append(_checkout)
 
-from .api import attention, available_backends, explain, scaled_dot_product_attention, warmup
+from .api import (
+    attention,
+    attention_backward,
+    attention_forward,
+    available_backends,
+    explain,
+    scaled_dot_product_attention,
+    warmup,
+)
 from .backends import AttnkitFallbackWarning
 from .varlen import varlen_attention
 
 __all__ = [
     "AttnkitFallbackWarning",
     "attention",
+    "attention_backward",
+    "attention_forward",
     "available_backends",
     "explain",
     "scaled_dot_product_attention",

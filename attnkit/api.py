@@ -299,6 +299,42 @@ def _broadcast_query_heads(query, key, value):
     )
 
 
+def attention_forward(q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, backend="auto"):
+    """The kernel-level forward: (out, lse) with no autograd, for code that builds its own
+    backward (ring attention, say).
+
+    Arguments as for attention(); q (..., Hq, Nq, D), k (..., Hkv, Nk, D), v
+    (..., Hkv, Nk, Dv). Returns out (..., Hq, Nq, Dv) in q's dtype and lse
+    (..., Hq, Nq) float32 (float64 for float64), -inf for rows that see no key.
+    Runs on the backend attention() would pick ("numba" on the CPU, "triton"
+    on CUDA, or the one named).
+    """
+    spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap)
+    choice = choose_backend(spec, backend, Request(), stacklevel=3)
+    qh, kh, vh = as_heads(q), as_heads(k), as_heads(v)
+    out, lse, _ = choice.backend.forward(qh, kh, vh, mask, spec)
+    return (out[0], lse[0]) if spec.squeeze else (out, lse)
+
+
+def attention_backward(
+    q, k, v, out, d_out, lse, *, causal=False, mask=None, scale=None, window=None, softcap=None, backend="auto",
+):  # fmt: skip
+    """The kernel-level backward: (dq, dk, dv) of attention_forward from its out and lse.
+
+    out (..., Hq, Nq, Dv), d_out like out, lse (..., Hq, Nq). They need not be
+    this call's own: with the out and lse of attention over more keys (all of a
+    ring's blocks), the gradients are this block's share of that attention's,
+    which is what ring attention sums (delta = rowsum(d_out * out) and the
+    probabilities exp(s - lse) are taken from what is given).
+    """
+    spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap)
+    choice = choose_backend(spec, backend, Request(grad=True), stacklevel=3)
+    if spec.squeeze:
+        out, d_out, lse = out[None], d_out[None], lse[None]
+    grads = choice.backend.backward(as_heads(q), as_heads(k), as_heads(v), mask, out, d_out, lse, spec)
+    return tuple(g.reshape(x.shape) for g, x in zip(grads, (q, k, v)))
+
+
 def explain(
     q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None,
     return_weights=False, backend="auto",
