@@ -33,6 +33,8 @@ rank; a rank that dies makes the others fail within the group's timeout.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -178,6 +180,11 @@ def _merge(out, lse, part_out, part_lse):
     return out, new
 
 
+# Seconds this process has spent blocked on ring and all-to-all transfers (the
+# benchmark reads and resets it: communication not hidden behind compute).
+stats = {"wait_s": 0.0}
+
+
 class _Ring:
     """Sends to the next rank and receives from the previous one, asynchronously."""
 
@@ -193,8 +200,10 @@ class _Ring:
         receives = dist.irecv(received, self.prev, group=self.group, tag=tag)
 
         def wait():
+            started = time.perf_counter()
             receives.wait()
             sends.wait()
+            stats["wait_s"] += time.perf_counter() - started
             return received
 
         return wait
@@ -322,7 +331,9 @@ def _all_to_all(x, group, world):
     """(P, ...) -> (P, ...): slice j goes to rank j, slice j of the result came from rank j."""
     x = x.contiguous()
     received = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous (empty_like keeps strides)
+    started = time.perf_counter()
     dist.all_to_all_single(received, x, group=group)
+    stats["wait_s"] += time.perf_counter() - started
     return received
 
 
