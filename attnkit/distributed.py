@@ -152,10 +152,13 @@ def _visibility(q_chunk, k_chunk, causal):
 
 
 def _block_pairs(layout, rank, source, world, causal):
-    """[(query piece, key piece, visibility)] of this rank's queries against source's K/V block."""
-    q_ids, k_ids = _chunk_ids(layout, rank, world), _chunk_ids(layout, source, world)
+    """[(query piece, key piece, visibility)] of this rank's queries against source's K/V block.
+
+    Causal calls cut each shard into its chunks (pieces); a bidirectional call
+    takes the whole shard against the whole block, one piece each."""
     if not causal:
-        return [(None, None, "all")]  # the whole shard against the whole block, one call
+        return [(0, 0, "all")]
+    q_ids, k_ids = _chunk_ids(layout, rank, world), _chunk_ids(layout, source, world)
     pairs = []
     for qi, q_chunk in enumerate(q_ids):
         for ki, k_chunk in enumerate(k_ids):
@@ -165,18 +168,19 @@ def _block_pairs(layout, rank, source, world, causal):
     return pairs
 
 
-def _piece(x, index, n_pieces):
-    return x if index is None else x.chunk(n_pieces, dim=2)[index]
+def _pieces(x, n_pieces):
+    """x (B, H, N_local, X) as n_pieces contiguous (B, H, N_local / n, X) tensors (no copy for one)."""
+    return [x.contiguous()] if n_pieces == 1 else [p.contiguous() for p in x.chunk(n_pieces, dim=2)]
 
 
 def _merge(out, lse, part_out, part_lse):
-    """Running (out, lse) in float32 with one more normalised partial: weights exp(lse_i - lse)."""
+    """Running (out, lse) in float32 with one more normalised partial: weights exp(lse_i - lse), in place."""
     part_out, part_lse = part_out.float(), part_lse.float()
     if out is None:
-        return part_out, part_lse
+        return part_out, part_lse  # the kernel's own fresh tensors: safe to update in place
     new = torch.logaddexp(lse, part_lse)
     safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # rows no block reached stay 0
-    out = out * torch.exp(lse - safe)[..., None] + part_out * torch.exp(part_lse - safe)[..., None]
+    out.mul_(torch.exp(lse - safe)[..., None]).addcmul_(part_out, torch.exp(part_lse - safe)[..., None])
     return out, new
 
 
@@ -194,7 +198,8 @@ class _Ring:
         self.prev = _global_rank(group, (rank - 1) % world)
 
     def shift(self, tensor, tag):
-        """Start sending `tensor` on and receiving the previous rank's; returns (buffer, wait)."""
+        """Start sending `tensor` on and receiving the previous rank's; returns wait(), which
+        blocks until both are done and returns the received tensor."""
         received = torch.empty_like(tensor)
         sends = dist.isend(tensor, self.next, group=self.group, tag=tag)
         receives = dist.irecv(received, self.prev, group=self.group, tag=tag)
@@ -209,76 +214,95 @@ class _Ring:
         return wait
 
 
-def _pack(*tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
+class _Block:
+    """A K/V block as one flat buffer, piece by piece (k_0, v_0, k_1, v_1, ...), so that it
+    travels in one message and every piece is a contiguous view for the kernels."""
 
+    def __init__(self, k, v, n_pieces):
+        self.shapes = [tuple(p.shape) for p in _pieces(k, n_pieces)[:1] + _pieces(v, n_pieces)[:1]]
+        self.n_pieces = n_pieces
 
-def _unpack(buffer, like):
-    parts, start = [], 0
-    for t in like:
-        parts.append(buffer[start : start + t.numel()].view(t.shape))
-        start += t.numel()
-    return parts
+    def pack(self, k, v, dtype=None):
+        parts = [t for pair in zip(_pieces(k, self.n_pieces), _pieces(v, self.n_pieces)) for t in pair]
+        return torch.cat([t.reshape(-1).to(dtype or t.dtype) for t in parts])
+
+    def zeros(self, like, dtype):
+        return torch.zeros(like.numel(), dtype=dtype, device=like.device)
+
+    def unpack(self, buffer):
+        """[(k_i, v_i)] views of buffer."""
+        pieces, start = [], 0
+        for _ in range(self.n_pieces):
+            pair = []
+            for shape in self.shapes:
+                size = 1
+                for n in shape:
+                    size *= n
+                pair.append(buffer[start : start + size].view(shape))
+                start += size
+            pieces.append(tuple(pair))
+        return pieces
+
+    def whole(self, buffer):
+        """(k, v) (B, H, N_local, X) from a buffer of pieces."""
+        pieces = self.unpack(buffer)
+        return tuple(torch.cat([p[i] for p in pieces], dim=2) for i in range(2))
 
 
 def _ring_forward(q, k, v, causal, scale, layout, group):
     """(out in q's dtype, lse float32) of this rank's queries against every rank's keys."""
     world, rank = _group_info(group)
     ring = _Ring(group, world, rank)
-    n_pieces = len(_chunk_ids(layout, rank, world))
+    n_pieces = len(_chunk_ids(layout, rank, world)) if causal else 1
+    q_pieces = _pieces(q, n_pieces)
+    layout_of = _Block(k, v, n_pieces)
+    block = layout_of.pack(k, v)
     outs, lses = [None] * n_pieces, [None] * n_pieces
-    block = _pack(k, v)
     for step in range(world):
         source = (rank - step) % world
         wait = ring.shift(block, _TAG_KV) if step < world - 1 else None  # the next block, while computing
-        k_blk, v_blk = _unpack(block, (k, v))
+        kv = layout_of.unpack(block)
         for qi, ki, seen in _block_pairs(layout, rank, source, world, causal):
-            part_out, part_lse = attention_forward(
-                _piece(q, qi, n_pieces), _piece(k_blk, ki, n_pieces), _piece(v_blk, ki, n_pieces),
-                causal=seen == "causal", scale=scale,
-            )  # fmt: skip
-            slot = 0 if qi is None else qi
-            outs[slot], lses[slot] = _merge(outs[slot], lses[slot], part_out, part_lse)
+            part_out, part_lse = attention_forward(q_pieces[qi], *kv[ki], causal=seen == "causal", scale=scale)
+            outs[qi], lses[qi] = _merge(outs[qi], lses[qi], part_out, part_lse)
         if wait is not None:
             block = wait()
-    if causal:
-        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
-    else:
-        out, lse = outs[0], lses[0]
-    return out.to(q.dtype), lse
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
 
 
 def _ring_backward(q, k, v, out, lse, d_out, causal, scale, layout, group):
     """(dq, dk, dv) of _ring_forward: K/V go round again, dK/dV accumulate as they travel."""
     world, rank = _group_info(group)
     ring = _Ring(group, world, rank)
-    n_pieces = len(_chunk_ids(layout, rank, world))
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    block = _pack(k, v)
+    n_pieces = len(_chunk_ids(layout, rank, world)) if causal else 1
+    q_pieces, out_pieces, d_out_pieces, lse_pieces = (
+        _pieces(x, n_pieces) for x in (q, out, d_out, lse[..., None]))
+    lse_pieces = [x[..., 0] for x in lse_pieces]
+    dq_pieces = [torch.zeros(p.shape, dtype=torch.float32, device=q.device) for p in q_pieces]
+    layout_of = _Block(k, v, n_pieces)
+    block = layout_of.pack(k, v)
     incoming = None  # dK/dV accumulated for the block in hand by the ranks it visited before
     for step in range(world):
         source = (rank - step) % world
         wait_kv = ring.shift(block, _TAG_KV) if step < world - 1 else None
-        k_blk, v_blk = _unpack(block, (k, v))
-        dk_blk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv_blk = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        kv = layout_of.unpack(block)
+        accumulated = layout_of.zeros(block, torch.float32)  # this block's dK/dV, piece by piece
+        grads_of = layout_of.unpack(accumulated)
         for qi, ki, seen in _block_pairs(layout, rank, source, world, causal):
-            grads = attention_backward(
-                _piece(q, qi, n_pieces), _piece(k_blk, ki, n_pieces), _piece(v_blk, ki, n_pieces),
-                _piece(out, qi, n_pieces), _piece(d_out, qi, n_pieces), _piece(lse, qi, n_pieces),
+            dq_part, dk_part, dv_part = attention_backward(
+                q_pieces[qi], *kv[ki], out_pieces[qi], d_out_pieces[qi], lse_pieces[qi],
                 causal=seen == "causal", scale=scale,
             )  # fmt: skip
-            _piece(dq, qi, n_pieces).add_(grads[0].float())
-            _piece(dk_blk, ki, n_pieces).add_(grads[1].float())
-            _piece(dv_blk, ki, n_pieces).add_(grads[2].float())
-        accumulated = _pack(dk_blk, dv_blk)
+            dq_pieces[qi].add_(dq_part)
+            grads_of[ki][0].add_(dk_part)
+            grads_of[ki][1].add_(dv_part)
         if incoming is not None:
-            accumulated += incoming()  # received while this block's gradients were computed
+            accumulated.add_(incoming())  # received while this block's gradients were computed
         incoming = ring.shift(accumulated, _TAG_DKV)  # on to the next rank (the owner, after the last step)
         if wait_kv is not None:
             block = wait_kv()
-    dk, dv = _unpack(incoming(), (k, v))  # this rank's own block, back from its full turn
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dk, dv = layout_of.whole(incoming())  # this rank's own block, back from its full turn
+    return torch.cat(dq_pieces, dim=2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):
