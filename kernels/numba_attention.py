@@ -83,6 +83,17 @@ same process, since this machine's speed drifts by up to 2x between runs):
       float32 reference (Nk = 1, D = 64); delta in float64. The forward got
       the same treatment: one worker, operands by dtype (speed unchanged in a
       check against torch, taking turns, before and after the merge).
+  v14 (2026-12-02) packed sequences: the schedules walk a segment table (batch
+      entry, first query row, Nq, first key, Nk, causal offsets, diagonal), a
+      dense call being one segment per batch entry, so a varlen call runs each
+      sequence at its own (Nq, Nk) with no padded work; key segments start at
+      multiples of 16 with 16 free positions between them (whole-vector
+      stores, shared dK/dV slots). ALiBi in the tile scores. Packed causal
+      prefill of 8 sequences (H8 D64 fp32) 1.83x the faster of torch SDPA per
+      sequence and padded + mask; a bf16 decode step of 8 sequences in one
+      cache (GQA 32/8 D128, the group folded into rows) 3.22x torch on the
+      padded cache (`python -m attnkit.bench.flash_attn`,
+      bench/results/flash-attn.txt).
   Tried after v9, not kept (D=128 backward, N=4096, one process, taking
   turns): blocks 256 x 256, 256 x 128, 512 x 128 and a key-block-outer loop
   (a block's dK/dV stay in cache, dQ streams instead): all within +-4% of

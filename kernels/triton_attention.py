@@ -35,6 +35,14 @@ throughput verdicts are left to bench/gpu_check.py):
       64-bit (INDEX_64) only when some tensor spans 2^31 elements or more, so
       the common case keeps 32-bit address arithmetic.
 
+  v7  packed sequences (varlen) in the same kernels: one launch over (query
+      block of the longest sequence, sequence x head); each program reads its
+      sequence's offsets from cu_seqlens (the tensors' batch strides are 0),
+      recomputes its causal offset and returns early past a shorter sequence.
+      ALiBi inside the score function (-slope * |i + off - j|, base 2), never
+      a mask. -> correct under the interpreter (tests/test_triton_varlen.py);
+      untimed on a GPU.
+
 Semantics follow attnkit.reference.attention exactly: score = scale * q.k,
 then softcap * tanh(score / softcap), then + additive mask, then -inf for keys
 that causal alignment, the window, a boolean mask or the tail hide. Rows that
