@@ -248,3 +248,101 @@ def test_bad_arguments_are_reported(real, tmp_path, capsys):
     assert viz(TEXT, "-o", tmp_path / "a.html", "--query", "dog") == 2
     assert "not one of the tokens" in capsys.readouterr().err
     assert viz(TEXT, "-o", tmp_path / "missing-dir" / "a.html", "--random") == 2
+
+
+# ---------------------------------------------------------------------------
+# Part 2: the model view and the Q.K.V step-through
+# ---------------------------------------------------------------------------
+
+
+def test_the_real_q_k_v_give_the_model_s_own_weights(real):
+    """The q, k, v the page carries (as each MiniLM attention layer received them) reproduce, through
+    attnkit.reference, the weights the model itself returned, for every layer and head."""
+    from attnkit.reference import attention
+
+    assert real.qkv.shape == (3, 6, 12, len(real.tokens), 32) and real.scale == pytest.approx(32 ** -0.5)
+    q, k, v = (real.qkv[i].astype("float64") for i in range(3))
+    _, weights = attention(q, k, v, scale=real.scale, return_weights=True)
+    assert abs(weights - real.weights).max() < 2e-6  # fp32 rounding of the model's own run
+
+
+@pytest.mark.parametrize("layer, head, query", [(5, 11, "it"), (0, 2, "cat"), (3, 9, "[CLS]")])
+def test_step_through_is_the_reference_step_by_step(real, layer, head, query):
+    from attnkit.reference import attention
+    from attnkit.viz.page import find_token
+
+    t = find_token(real.tokens, query)
+    steps = viz_weights.step_through(real, layer, head, t)
+    q, k, v = (real.qkv[i, layer, head].astype("float64") for i in range(3))
+    out, weights = attention(q, k, v, scale=real.scale, return_weights=True)
+    assert abs(steps["products"] - k @ q[t]).max() < 1e-9
+    assert abs(steps["scores"] - real.scale * (k @ q[t])).max() < 1e-9
+    assert abs(steps["weights"] - weights[t]).max() < 1e-12 and abs(steps["weights"].sum() - 1) < 1e-12
+    assert abs(steps["output"] - out[t]).max() < 1e-12
+    assert abs(steps["weights"] - real.weights[layer, head, t]).max() < 2e-6
+    assert steps["nearest"][0][1] >= steps["nearest"][1][1] >= steps["nearest"][2][1]
+
+
+def test_head_patterns_name_what_heads_do(real):
+    patterns = viz_weights.head_patterns(real)
+    assert len(patterns) == 6 and all(len(row) == 12 for row in patterns)
+    names = {p["pattern"] for row in patterns for p in row}
+    assert names <= set(viz_weights.PATTERNS) and "sink" in names and "broad" in names
+    for l, row in enumerate(patterns):
+        for h, p in enumerate(row):
+            if p["pattern"] == "previous":  # the share is the head's average weight on the previous token
+                n = len(real.tokens)
+                share = sum(real.weights[l, h, i, i - 1] for i in range(1, n)) / n
+                assert p["share"] == pytest.approx(share, abs=1e-4) and share >= 0.5
+
+
+def test_model_view_and_step_through_in_a_real_browser(page, real, browser):
+    tab, requests, errors = open_page(browser, page)
+    cells = tab.locator("#grid .cell")
+    assert cells.count() == 6 * 12
+    patterns = viz_weights.head_patterns(real)
+
+    # Hover: the head's strongest pattern in words.
+    cell = tab.locator("#grid .cell[data-layer='2'][data-head='2']")
+    cell.hover()
+    tip = tab.locator("#tooltip").inner_text()
+    assert tip.startswith("Layer 2, head 2: attends mostly to " + patterns[2][2]["words"])
+    # Click: it opens in the head view above.
+    cell.click()
+    assert tab.locator("#layer").input_value() == "2" and tab.locator("#head").input_value() == "2"
+    assert tab.locator("#grid .cell.current").count() == 1
+
+    # The step-through for "it" in layer 5, head 11, against the reference's numbers.
+    tab.locator("#grid .cell[data-layer='5'][data-head='11']").click()
+    it = real.tokens.index("it")
+    tab.locator("#queries .token").nth(it).click()
+    assert tab.locator("#steps").is_visible()
+    assert "“it” in layer 5, head 11" in tab.locator("#steps-title").inner_text()
+    steps = viz_weights.step_through(real, 5, 11, it)
+
+    def shown(selector):
+        return [float(x) for x in tab.eval_on_selector_all(selector, "els => els.map(e => e.dataset.value)")]
+
+    for selector, key in [("#step-query .vector i", "query"), ("#step-products .num", "products"),
+                          ("#step-scores .num", "scores"), ("#step-weights .num", "weights"),
+                          ("#step-output .vector i", "output")]:
+        values = shown(selector)
+        assert len(values) == len(steps[key]), selector
+        assert max(abs(a - b) for a, b in zip(values, steps[key])) <= 1e-5 * max(1.0, abs(steps[key]).max()), selector
+    keys_shown = shown("#step-keys .vector i")
+    assert max(abs(a - b) for a, b in zip(keys_shown, steps["keys"].ravel())) < 1e-6
+    nearest = tab.eval_on_selector_all("#nearest .name", "els => els.map(e => e.textContent)")
+    assert nearest[0] == f"cos({real.tokens[steps['nearest'][0][0]]})"
+    texts = tab.locator("#steps").inner_text()
+    for words in ("what it looks for", "what it advertises", "what it carries"):
+        assert words in texts
+    assert errors == [] and requests == [page.as_uri()]  # still one request: the page itself
+
+    # The README's pictures of the new views, rewritten only when they changed.
+    if (REPO / "setup.cfg").exists():
+        for name, selector in (("viz-model-view.png", "#model"), ("viz-step-through.png", "#steps")):
+            shot = tab.locator(selector).screenshot()
+            target = REPO / "docs" / name
+            if not target.exists() or target.read_bytes() != shot:
+                target.write_bytes(shot)
+    tab.close()

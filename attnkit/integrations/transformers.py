@@ -40,7 +40,26 @@ NAME = "attnkit"
 
 log = logging.getLogger("attnkit")
 
-__all__ = ["NAME", "attention_forward", "is_registered", "register"]
+__all__ = ["NAME", "attention_forward", "is_registered", "observe", "register"]
+
+# Called as observer(module, query, key, value) at the start of every attention
+# call (see observe()); the visualiser reads the real q, k and v this way.
+_OBSERVERS = []
+
+
+class observe:
+    """Within `with observe(fn):`, every attention call through attnkit first calls
+    fn(module, query, key, value) with the (B, H, S, D) tensors it received."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        _OBSERVERS.append(self.fn)
+        return self
+
+    def __exit__(self, *exc):
+        _OBSERVERS.remove(self.fn)
 
 
 def register(name: str = NAME) -> str:
@@ -178,6 +197,8 @@ def attention_forward(
         when attentions were asked for, else None. With dropout active the
         weights returned are those before dropout.
     """
+    for observer in _OBSERVERS:
+        observer(module, query, key, value)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(
             "attention sinks (s_aux) are not supported by attnkit; load this model with "

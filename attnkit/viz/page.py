@@ -47,13 +47,21 @@ def render_html(attention, *, layer=None, head=0, query=None, all_heads=False):
         raise ValueError(f"layer must be in 0..{layers - 1} (0-based); got {layer}")
     if not 0 <= head < heads:
         raise ValueError(f"head must be in 0..{heads - 1} (0-based); got {head}")
+    from .weights import head_patterns
+
     weights = np.ascontiguousarray(attention.weights, dtype="<f4")
+    qkv = None if attention.qkv is None else np.ascontiguousarray(attention.qkv, dtype="<f4")
     data = {
         "text": attention.text,
         "tokens": list(attention.tokens),
         "layers": layers,
         "heads": heads,
         "weights_b64": base64.b64encode(weights.tobytes()).decode("ascii"),
+        # (3, layers, heads, N, d) float32: the q, k, v each head received, for the step-through
+        "qkv_b64": None if qkv is None else base64.b64encode(qkv.tobytes()).decode("ascii"),
+        "head_dim": None if qkv is None else int(qkv.shape[-1]),
+        "scale": None if attention.scale is None else float(attention.scale),
+        "patterns": head_patterns(attention),
         "model": attention.model,
         "source": attention.source,
         "random": bool(attention.random),

