@@ -346,3 +346,75 @@ def test_model_view_and_step_through_in_a_real_browser(page, real, browser):
             if not target.exists() or target.read_bytes() != shot:
                 target.write_bytes(shot)
     tab.close()
+
+
+# ---------------------------------------------------------------------------
+# Part 2: the head-ablation experiment
+# ---------------------------------------------------------------------------
+
+SOME_HEADS = [(5, 5), (5, 11), (2, 9), (1, 1)]
+
+
+@pytest.fixture(scope="module")
+def small_ablation(real):
+    from attnkit.viz.ablation import run_ablation
+
+    return run_ablation(seed=3, candidates=2, max_removed=2, heads=SOME_HEADS)
+
+
+def test_ablation_is_deterministic_for_a_seed(small_ablation):
+    from attnkit.viz.ablation import run_ablation
+
+    again = run_ablation(seed=3, candidates=2, max_removed=2, heads=SOME_HEADS)
+    assert again.as_dict() == small_ablation.as_dict()
+    assert [tuple(x[:2]) for x in small_ablation.single] == SOME_HEADS
+    assert all(x[2] > 0 for x in small_ablation.single)
+    changes = [x[2] for x in small_ablation.greedy]
+    assert len(changes) == 2 and changes[0] <= changes[1] + 1e-9  # removing more moves them at least as far
+    with pytest.raises(ValueError, match=r"heads must be \(layer, head\) pairs"):
+        run_ablation(heads=[(6, 0)])
+
+
+def test_removing_a_head_is_pruning_it(real):
+    """remove_heads() equals pruning the head out of the model's weights: zeroing the columns of the
+    output projection that read it (an independent way to remove a head)."""
+    import copy
+
+    import torch
+
+    from attnkit.integrations.transformers import remove_heads
+    from attnkit.viz.weights import load_pretrained
+
+    tokenizer, model = load_pretrained()
+    batch = tokenizer(["The cat sat on the mat.", "Rain is expected tomorrow."], padding=True, return_tensors="pt")
+    pruned = copy.deepcopy(model)
+    layer, head, d = 3, 7, 32
+    with torch.no_grad():
+        pruned.encoder.layer[layer].attention.output.dense.weight[:, head * d : (head + 1) * d] = 0
+        want = pruned(**batch).last_hidden_state
+        with remove_heads({(layer, head)}):
+            got = model(**batch).last_hidden_state
+        full = model(**batch).last_hidden_state
+    assert (got - want).abs().max() < 1e-5 and (got - full).abs().max() > 1e-3
+
+
+def test_ablation_section_in_a_real_browser(real, small_ablation, browser, tmp_path):
+    from attnkit.viz import write_html
+    from attnkit.viz.ablation import summary_lines
+
+    attention = viz_weights.pretrained_attention(TEXT)
+    attention.ablation = {**small_ablation.as_dict(), "summary": summary_lines(small_ablation)}
+    path = write_html(tmp_path / "ablation.html", attention)
+    tab, requests, errors = open_page(browser, path)
+    assert tab.locator("#ablation").is_visible()
+    assert tab.locator("#ablation circle.removed").count() == len(small_ablation.greedy)
+    shown = tab.eval_on_selector_all("#ablation circle.removed", "els => els.map(e => +e.dataset.change)")
+    assert shown == pytest.approx([100 * x[2] for x in small_ablation.greedy])
+    assert "heads go before the embeddings move more than 1%" in tab.locator("#ablation-summary").inner_text()
+    assert errors == [] and requests == [path.as_uri()]
+    tab.close()
+
+
+def test_ablate_needs_the_model(tmp_path, capsys):
+    assert viz(TEXT, "--random", "--ablate", "-o", tmp_path / "x.html") == 2
+    assert "--ablate needs the pretrained model" in capsys.readouterr().err

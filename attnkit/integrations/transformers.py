@@ -40,7 +40,7 @@ NAME = "attnkit"
 
 log = logging.getLogger("attnkit")
 
-__all__ = ["NAME", "attention_forward", "is_registered", "observe", "register"]
+__all__ = ["NAME", "attention_forward", "is_registered", "observe", "register", "remove_heads"]
 
 # Called as observer(module, query, key, value) at the start of every attention
 # call (see observe()); the visualiser reads the real q, k and v this way.
@@ -60,6 +60,39 @@ class observe:
 
     def __exit__(self, *exc):
         _OBSERVERS.remove(self.fn)
+
+
+# {layer index: [head, ...]} whose outputs attention calls replace by zeros (see remove_heads()).
+_REMOVED = {}
+
+
+class remove_heads:
+    """Within `with remove_heads({(layer, head), ...}):`, those heads' outputs are zero in every
+    attention call through attnkit (the layer read from the module's layer_idx): the model runs
+    as if the heads had been pruned (the head-ablation experiment of `attnkit viz --ablate`)."""
+
+    def __init__(self, heads):
+        self.heads = {}
+        for layer, head in heads:
+            self.heads.setdefault(int(layer), []).append(int(head))
+
+    def __enter__(self):
+        if _REMOVED:
+            raise RuntimeError("remove_heads() does not nest")
+        _REMOVED.update(self.heads)
+        return self
+
+    def __exit__(self, *exc):
+        _REMOVED.clear()
+
+
+def _without_removed_heads(module, out):
+    """out (B, H, S, D) with the heads remove_heads() names for this layer zeroed."""
+    heads = _REMOVED.get(getattr(module, "layer_idx", None))
+    if heads:
+        out = out.clone()
+        out[:, heads] = 0
+    return out
 
 
 def register(name: str = NAME) -> str:
@@ -251,6 +284,8 @@ def attention_forward(
             query, key, value, causal=causal, mask=mask, scale=scaling, softcap=softcap,
             backend="auto",
         )
+    if _REMOVED:
+        out = _without_removed_heads(module, out)
     return out.transpose(1, 2).contiguous(), weights
 
 

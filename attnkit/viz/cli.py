@@ -32,6 +32,11 @@ def add_viz_parser(subparsers):
     parser.add_argument("--query", default=None,
                         help="token selected first, as text (first match) or index (default: none)")
     parser.add_argument("--all-heads", action="store_true", help="start with all heads shown")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also remove heads from the model and measure how far sentence embeddings move "
+                             "(a section of the page; about a minute; --seed sets its random draws)")
+    parser.add_argument("--candidates", type=int, default=12,
+                        help="with --ablate: heads tried per greedy step (default 12)")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"cut the text to this many tokens (default {DEFAULT_MAX_TOKENS})")
     parser.set_defaults(handler=run_viz)
@@ -51,6 +56,14 @@ def run_viz(args):
             attention = random_attention(args.text, seed=args.seed, max_tokens=args.max_tokens)
         else:
             attention = pretrained_attention(args.text, max_tokens=args.max_tokens)
+        if args.ablate:
+            if args.random:
+                raise ValueError("--ablate needs the pretrained model; it cannot run with --random")
+            from .ablation import run_ablation, summary_lines
+
+            result = run_ablation(seed=args.seed, candidates=args.candidates,
+                                  progress=lambda label: print(f"ablation: {label}", file=sys.stderr, flush=True))
+            attention.ablation = {**result.as_dict(), "summary": summary_lines(result)}
         path = write_html(
             args.output, attention, layer=args.layer, head=args.head,
             query=args.query, all_heads=args.all_heads,

@@ -62,6 +62,7 @@ def render_html(attention, *, layer=None, head=0, query=None, all_heads=False):
         "head_dim": None if qkv is None else int(qkv.shape[-1]),
         "scale": None if attention.scale is None else float(attention.scale),
         "patterns": head_patterns(attention),
+        "ablation": attention.ablation,
         "model": attention.model,
         "source": attention.source,
         "random": bool(attention.random),

@@ -50,6 +50,7 @@ class AttentionWeights:
     note: str = ""  # shown prominently (the random-projection warning)
     qkv: np.ndarray | None = None  # (3, layers, heads, N, d) float32: each head's queries, keys, values
     scale: float | None = None  # the factor on q.k (1 / sqrt(d))
+    ablation: dict | None = None  # attnkit.viz.ablation's result (as_dict() and "summary"), when run
 
     @property
     def layers(self):
