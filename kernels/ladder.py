@@ -10,12 +10,19 @@ Each rung computes softmax(q k^T * scale) v for q, k, v of shape (B, H, N, D)
     4. numba_tiles        query-block x key-block tiles through the BLAS (np.dot into
                           preallocated buffers): arithmetic intensity of a matrix product
     5. numba_tiles_exp2   the same tiles with a vectorisable polynomial exp2 instead of libm exp
-    6. numba_parallel     attnkit's production kernel: tiles + exp2 + all cores
-    7. triton             the fused GPU kernel (only with a CUDA device)
+    6. vector_softmax     the production kernel on one thread with its products still on the
+                          BLAS: tiles of 128 x 512, row max and exp2 as explicit 16-wide
+                          vector code, scale folded into exp2, no rescale when the max holds
+    7. microkernel        the same with attnkit's AVX-512 FMA micro-kernel for the products
+                          instead of the BLAS (kernels/microkernels.py)
+    8. threads            every core: the production kernel as attnkit runs it
+    9. bf16_products      bf16 inputs on the VDPBF16PS micro-kernel, float32 accumulation
+                          (needs avx512_bf16; AMX tiles would be the next rung, on CPUs that have them)
+   10. triton             the fused GPU kernel (only with a CUDA device)
 
-Rungs 1-5 run on one thread (the BLAS pinned to one thread too), so each step
-measures one idea; rung 6 adds the threads. bench/ladder.py times them on one
-input and docs/ladder.md explains the figures.
+Rungs 1-7 run on one thread (the BLAS pinned to one thread too), so each step
+measures one idea; rung 8 adds the threads, rung 9 the lower precision.
+bench/ladder.py times them on one input and docs/ladder.md explains the figures.
 """
 
 from __future__ import annotations
@@ -141,7 +148,8 @@ def _tiles(q, k, v, scale, fast_exp):
 
 
 def _one_blas_thread(fn, *args):
-    """Run fn with the BLAS on one thread, so the single-threaded rungs stay single-threaded."""
+    """Run fn with the BLAS on one thread, so the single-threaded rungs stay single-threaded
+    (the production kernel pins it per worker itself)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
@@ -156,12 +164,50 @@ def numba_tiles_exp2(q, k, v):
     return _one_blas_thread(_tiles, q, k, v, np.float32(1.0 / math.sqrt(q.shape[-1])), True)
 
 
-def numba_parallel(q, k, v):
+def _production(q, k, v, *, threads=None, f32_products=None):
+    """kernels/numba_attention.flash_forward on `threads` threads (default: all) and products."""
+    import numba
+
     from .numba_attention import flash_forward
 
-    out, _ = flash_forward(q, k, v, None, scale=1.0 / math.sqrt(q.shape[-1]), causal=None,
-                           window=None, softcap=None)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads or previous)
+    try:
+        out, _ = _one_blas_thread(
+            lambda: flash_forward(q, k, v, None, scale=1.0 / math.sqrt(q.shape[-1]), causal=None, window=None,
+                                  softcap=None, f32_products=f32_products))
+    finally:
+        numba.set_num_threads(previous)
     return out
+
+
+def vector_softmax(q, k, v):
+    return _production(q, k, v, threads=1, f32_products="blas")
+
+
+def microkernel(q, k, v):
+    return _production(q, k, v, threads=1, f32_products="fma")
+
+
+def threads(q, k, v):
+    return _production(q, k, v)
+
+
+def bf16_products(q, k, v):
+    """The production kernel on q, k, v rounded to bf16 (their bits in, float32 out)."""
+    from .microkernels import bf16_bits, bf16_to_float32
+    from .numba_attention import flash_forward
+
+    out, _ = flash_forward(*(bf16_bits(x) for x in (q, k, v)), None, scale=1.0 / math.sqrt(q.shape[-1]),
+                           causal=None, window=None, softcap=None)
+    return bf16_to_float32(out)
+
+
+def bf16_unavailable():
+    """Why the bf16 rung cannot run here, or None."""
+    from .microkernels import BF16_DETAIL, BF16_PRODUCTS
+
+    return None if BF16_PRODUCTS == "dpbf16" else BF16_DETAIL
 
 
 def triton(q, k, v):
@@ -183,6 +229,14 @@ RUNGS = (
     ("numba_rows", numba_rows, "compiled loops and the online softmax: O(N) memory"),
     ("numba_tiles", numba_tiles, "tiles through the BLAS: each loaded value used many times"),
     ("numba_tiles_exp2", numba_tiles_exp2, "a vectorised exp2 instead of one libm call per score"),
-    ("numba_parallel", numba_parallel, "every core (the production kernel)"),
+    ("vector_softmax", vector_softmax, "bigger tiles, explicit vector max/exp2, scale folded in (BLAS products)"),
+    ("microkernel", microkernel, "attnkit's AVX-512 FMA micro-kernel instead of the BLAS"),
+    ("threads", threads, "every core (the production kernel)"),
+    ("bf16_products", bf16_products, "bf16 inputs on the VDPBF16PS micro-kernel (float32 accumulation)"),
     ("triton", triton, "the fused GPU kernel"),
 )
+
+
+# Rungs that compute in lower precision, and their tolerance against float64
+# (the float32 rungs are held to the runner's and the tests' tighter one).
+TOLERANCES = {"bf16_products": 5e-2}

@@ -1568,6 +1568,7 @@ _WORKSPACE = _Workspace(keep_bytes=32 << 20)
 
 def flash_forward(
     q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False, segments=None, align=None, alibi=None,
+    f32_products=None,
 ):  # fmt: skip
     """Attention output and natural-log lse.
 
@@ -1587,7 +1588,8 @@ def flash_forward(
     default from causal), and nothing else is computed (rows of no segment are
     left 0, lse -inf). alibi: None or slopes (S or 1, Hq or 1) (a batch entry
     is a segment when segments is None): scores get -slope * |i + diagonal - j|,
-    diagonal = Nk - Nq when aligned bottom-right, else 0.
+    diagonal = Nk - Nq when aligned bottom-right, else 0. f32_products: "fma" or
+    "blas" for float32's products (default: F32_PRODUCTS, the machine's choice).
     """
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
     dtype, compute, q, k, v, flags, consts, table, alibi = _prepare(
@@ -1610,7 +1612,7 @@ def flash_forward(
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + (alibi,), flags | mask_flags
     n_workers = numba.get_num_threads()
-    micro = dtype == np.float32 and F32_PRODUCTS == "fma"
+    micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
     v_width = dv if dv % LANES == 0 else padded(dv, LANES)
     dense = segments is None and not flags & _HAS_ALIBI
     if dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:

@@ -24,6 +24,17 @@ def test_rung_equals_reference(name, n, d):
     fn = dict((r[0], r[1]) for r in ladder.RUNGS)[name]
     rng = np.random.default_rng(n)
     q, k, v = (rng.standard_normal((2, 2, n, d), dtype=np.float32) for _ in range(3))
+    if name == "bf16_products":
+        if ladder.bf16_unavailable():
+            pytest.skip(ladder.bf16_unavailable())
+        # flash-attn's rule: at most 2x the error of a plain float32 attention on the bf16-rounded inputs
+        from attnkit.kernels.microkernels import bf16_bits, bf16_to_float32
+
+        rounded = [bf16_to_float32(bf16_bits(x)) for x in (q, k, v)]
+        exact = attention(*(x.astype(np.float64) for x in rounded))
+        plain = bf16_to_float32(bf16_bits(attention(*rounded)))  # stored in bf16, as the kernel stores it
+        assert np.abs(fn(q, k, v) - exact).max() <= 2 * np.abs(plain - exact).max() + 1e-6
+        return
     expected = attention(*(x.astype(np.float64) for x in (q, k, v)))
     assert_close(fn(q, k, v), expected, atol=2e-6, rtol=1e-5, name=name)
 
@@ -34,6 +45,7 @@ def test_ladder_runner_writes_table_json_and_chart(tmp_path, capsys):
     rungs = json.loads((tmp_path / "ladder.json").read_text())["rungs"]
     assert [r["name"] for r in rungs] == [r[0] for r in ladder.RUNGS]
     measured = [r for r in rungs if r["status"] == "ok"]
-    assert len(measured) >= 6 and all(r["gflops"] > 0 and r["max_error"] < 1e-4 for r in measured)
+    assert len(measured) >= 8 and all(r["gflops"] > 0 and r["max_error"] < ladder.TOLERANCES.get(r["name"], 1e-4)
+                                      for r in measured)
     assert measured[0]["speedup"] is None and all(r["speedup"] > 0 for r in measured[1:])
     assert "numba_tiles_exp2" in table and (tmp_path / "ladder.png").stat().st_size > 1000
