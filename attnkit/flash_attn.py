@@ -28,6 +28,7 @@ from . import _arrays
 from .varlen import host_offsets, varlen_attention
 
 __all__ = [
+    "BACKEND",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
@@ -36,6 +37,12 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func",
     "flash_attn_with_kvcache",
 ]
+
+
+# Which attnkit backend these functions run on (attnkit.varlen_attention's `backend`):
+# "auto" (Numba on the CPU, Triton on CUDA), or "reference" to check code against
+# the NumPy specification, or "triton" to run the GPU kernel under TRITON_INTERPRET=1.
+BACKEND = "auto"
 
 
 def _torch():
@@ -150,7 +157,7 @@ def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes, return_lse):
     else:
         out, lse = varlen_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, **options,
-            align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True,
+            align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True, backend=BACKEND,
         )  # fmt: skip
         out = out.transpose(0, 1)
     return out, lse
@@ -522,7 +529,7 @@ def flash_attn_with_kvcache(
     with torch.no_grad():
         out, lse = varlen_attention(
             q.reshape(batch * nq, hq, d).transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), cu_q, cu_k,
-            **options, align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True,
+            **options, align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True, backend=BACKEND,
         )  # fmt: skip
     out = out.transpose(0, 1).reshape(batch, nq, hq, -1)
     if return_softmax_lse:

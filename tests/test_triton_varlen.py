@@ -82,3 +82,31 @@ def test_triton_varlen_against_reference(case, dtype):
         error = max_error(x.grad, expected)
         allowed = 3 * max_error(plain_grad.astype(plain_dtype), expected) + 10 * floor
         assert error <= allowed, f"d{name}: error {error:.3g} > allowed {allowed:.3g}"
+
+
+def test_flash_attn_functions_on_the_triton_kernel(monkeypatch):
+    """attnkit.flash_attn's varlen and cache calls through the Triton kernel (the interpreter here)."""
+    from attnkit import flash_attn
+
+    monkeypatch.setattr(flash_attn, "BACKEND", "triton")
+    generator = torch.Generator().manual_seed(4)
+    lengths = [5, 33, 1]
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), h, 16, generator=generator).to(DEVICE) for h in (4, 2, 2))
+    slopes = torch.rand(4, generator=generator).to(DEVICE)
+    out = flash_attn.flash_attn_varlen_func(q, k, v, cu.to(DEVICE), cu.to(DEVICE), 33, 33, causal=True,
+                                            window_size=(8, -1), alibi_slopes=slopes)
+    heads_first = [x.double().transpose(0, 1).cpu().numpy() for x in (q, k, v)]
+    expected = reference(*heads_first, cu.numpy(), cu.numpy(), causal=True, window=(8, None),
+                         alibi_slopes=slopes.double().cpu().numpy())
+    assert max_error(out.transpose(0, 1), expected) < 1e-5
+
+    k_cache, v_cache = (torch.randn(2, 20, 2, 16, generator=generator).to(DEVICE) for _ in range(2))
+    q1 = torch.randn(2, 1, 4, 16, generator=generator).to(DEVICE)
+    filled = torch.tensor([3, 19], dtype=torch.int32).to(DEVICE)
+    out = flash_attn.flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=filled, causal=True)
+    for b, n in enumerate((3, 19)):
+        expected = reference(q1[b].double().transpose(0, 1).cpu().numpy(),
+                             k_cache[b, :n].double().transpose(0, 1).cpu().numpy(),
+                             v_cache[b, :n].double().transpose(0, 1).cpu().numpy(), [0, 1], [0, n], causal=True)
+        assert max_error(out[b].transpose(0, 1), expected) < 1e-5
