@@ -60,6 +60,14 @@ def _tensor(name, x, ndim):
     return x
 
 
+def _unpacked(name, x, axis, count, layout):
+    """The tensors packed along `axis` of x (qkv or kv), after checking x's layout."""
+    _tensor(name, x, layout.count(",") + 1)
+    if x.shape[axis] != count:
+        raise ValueError(f"{name} must be {layout}; got shape {tuple(x.shape)}")
+    return x.unbind(axis)
+
+
 def _same_device(**tensors):
     devices = {name: str(x.device) for name, x in tensors.items() if x is not None}
     if len(set(devices.values())) > 1:
@@ -207,10 +215,7 @@ def flash_attn_qkvpacked_func(
     deterministic=False, return_attn_probs=False,
 ):  # fmt: skip
     """flash_attn_func with qkv (B, N, 3, H, D) packed."""
-    _tensor("qkv", qkv, 5)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv must be (B, N, 3, H, D); got shape {tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(2)
+    q, k, v = _unpacked("qkv", qkv, 2, 3, "(B, N, 3, H, D)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs,
@@ -222,10 +227,7 @@ def flash_attn_kvpacked_func(
     deterministic=False, return_attn_probs=False,
 ):  # fmt: skip
     """flash_attn_func with kv (B, Nk, 2, Hkv, D) packed."""
-    _tensor("kv", kv, 5)
-    if kv.shape[2] != 2:
-        raise ValueError(f"kv must be (B, Nk, 2, Hkv, D); got shape {tuple(kv.shape)}")
-    k, v = kv.unbind(2)
+    k, v = _unpacked("kv", kv, 2, 2, "(B, Nk, 2, Hkv, D)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
         return_attn_probs,
@@ -285,10 +287,7 @@ def flash_attn_varlen_qkvpacked_func(
     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
 ):  # fmt: skip
     """flash_attn_varlen_func with qkv (total, 3, H, D) packed and one cu_seqlens."""
-    _tensor("qkv", qkv, 4)
-    if qkv.shape[1] != 3:
-        raise ValueError(f"qkv must be (total, 3, H, D); got shape {tuple(qkv.shape)}")
-    q, k, v = qkv.unbind(1)
+    q, k, v = _unpacked("qkv", qkv, 1, 3, "(total, 3, H, D)")
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size,
         softcap, alibi_slopes, deterministic, return_attn_probs,
@@ -301,10 +300,7 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs=False,
 ):  # fmt: skip
     """flash_attn_varlen_func with kv (total_k, 2, Hkv, D) packed."""
-    _tensor("kv", kv, 4)
-    if kv.shape[1] != 2:
-        raise ValueError(f"kv must be (total_k, 2, Hkv, D); got shape {tuple(kv.shape)}")
-    k, v = kv.unbind(1)
+    k, v = _unpacked("kv", kv, 1, 2, "(total_k, 2, Hkv, D)")
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
         window_size, softcap, alibi_slopes, deterministic, return_attn_probs,

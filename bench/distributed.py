@@ -25,33 +25,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import socket
 import statistics
 import sys
 import time
 
-
-def _rss_mib():
-    """Current resident set size in MiB (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from .measure import peak_above, start_peak
 
 
-def _reset_peak():
-    """Start the peak (VmHWM) afresh from the current resident set: imports, JIT loading and
-    warm-up must not count as the step's memory (Linux: clear_refs 5)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_mib():
-    """Peak resident set size since the last _reset_peak, in MiB (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no VmHWM: the lifetime peak
+def _mib(n_bytes):
+    return n_bytes / 2**20
 
 
 def _free_port():
@@ -71,8 +54,7 @@ def single_process(queue, n, heads, d, causal, threads, rounds):
     attnkit.warmup()
     small = [torch.randn(1, heads, 256, d, requires_grad=True) for _ in range(3)]
     attnkit.attention(*small, causal=causal).sum().backward()  # the kernels' first calls, off the books
-    _reset_peak()
-    before = _rss_mib()
+    before = start_peak()  # inputs, outputs, gradients and temporaries count; imports and warm-up do not
     q, k, v = (torch.randn(1, heads, n, d, requires_grad=True) for _ in range(3))
     d_out = torch.randn(1, heads, n, d)
     attnkit.attention(q, k, v, causal=causal).backward(d_out)  # warm-up, as the ranks have one
@@ -82,7 +64,7 @@ def single_process(queue, n, heads, d, causal, threads, rounds):
         start = time.perf_counter()
         attnkit.attention(q, k, v, causal=causal).backward(d_out)
         times.append(time.perf_counter() - start)
-    queue.put(dict(seconds=statistics.median(times), peak_mib=_peak_mib() - before))
+    queue.put(dict(seconds=statistics.median(times), peak_mib=_mib(peak_above(before))))
 
 
 def rank_process(rank, world, port, queue, n, heads, d, causal, method, layout, rounds):
@@ -101,8 +83,7 @@ def rank_process(rank, world, port, queue, n, heads, d, causal, method, layout, 
     small = [torch.randn(1, heads, 256, d, requires_grad=True) for _ in range(3)]
     fn = distributed.ring_attention if method == "ring" else distributed.ulysses_attention
     fn(*small, causal=causal, layout=layout).sum().backward()  # connections and first calls, off the books
-    _reset_peak()
-    before = _rss_mib()
+    before = start_peak()
     local = n // world
     q, k, v = (torch.randn(1, heads, local, d, requires_grad=True) for _ in range(3))  # this rank's shard only
     d_out = torch.randn(1, heads, local, d)
@@ -118,7 +99,7 @@ def rank_process(rank, world, port, queue, n, heads, d, causal, method, layout, 
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
         times.append(elapsed.item())
         waits.append(distributed.stats["wait_s"] / (time.perf_counter() - start))
-    peak = torch.tensor([_peak_mib() - before])
+    peak = torch.tensor([_mib(peak_above(before))])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     wait_share = torch.tensor([statistics.median(waits)])
     dist.all_reduce(wait_share, op=dist.ReduceOp.MAX)

@@ -161,6 +161,23 @@ def _release_free_heap():
         libc.malloc_trim(0)
 
 
+def start_peak():
+    """Baseline RSS in bytes, with the peak (VmHWM) reset to it and freed heap handed back
+    first; None where Linux's /proc/self/clear_refs is missing. peak_above() reads the peak."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        return None
+    _release_free_heap()
+    baseline = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    return baseline
+
+
+def peak_above(baseline):
+    """Peak RSS bytes since start_peak() returned `baseline`, above it."""
+    return max(_status_bytes("VmHWM") - baseline, 0)
+
+
 def peak_memory(setup, run, device):
     """Peak bytes that run(setup()) needs beyond what existed before it, or None.
 
@@ -178,15 +195,12 @@ def peak_memory(setup, run, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - baseline
 
-    if not os.access("/proc/self/clear_refs", os.W_OK):
-        return None
     state = setup()
-    _release_free_heap()
-    baseline = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    baseline = start_peak()
+    if baseline is None:
+        return None
     result = run(state)  # noqa: F841 - the result stays alive until the peak is read
-    return max(_status_bytes("VmHWM") - baseline, 0)
+    return peak_above(baseline)
 
 
 def measure_point(contender, settings, n):

@@ -11,5 +11,6 @@ out=bench/results/distributed.md
   echo "(scripts/distributed-record.sh). Times: forward + backward, slowest rank, median."
   echo "Peak memory: resident set growth during the step (inputs, outputs, gradients, temporaries)."
   echo; } > $out
+# (the "Reading" section at the end of the file is written by hand after a run)
 $PY -m attnkit.bench.distributed --world 2 --rounds 2 --out $out
 $PY -m attnkit.bench.distributed --world 4 --rounds 2 --n 4096 16384 --out $out
