@@ -11,7 +11,6 @@ different cache_seqlens (0 included), rotary both ways.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
