@@ -386,3 +386,29 @@ def test_mismatched_devices_and_bad_options_are_refused():
     with pytest.raises(ValueError, match=r"cache_leftpad must be in \[0, cache_seqlens\]"):
         flash_attn_with_kvcache(q[:, :1], cache, cache, cache_seqlens=2,
                                 cache_leftpad=torch.tensor([3, 0], dtype=torch.int32))
+
+
+def test_varlen_func_reads_a_paged_cache_through_block_table():
+    """flash_attn_varlen_func with block_table: keys from shuffled pages equal the same keys packed."""
+    torch.manual_seed(5)
+    lengths_q, lengths_k, page = [2, 7, 1], [9, 30, 17], 4
+    k_packed, v_packed = torch.randn(sum(lengths_k), 2, 16), torch.randn(sum(lengths_k), 2, 16)
+    q = torch.randn(sum(lengths_q), 4, 16)
+    n_pages = [-(-n // page) for n in lengths_k]
+    order = torch.randperm(sum(n_pages) + 2)
+    table = torch.full((3, max(n_pages)), 0, dtype=torch.int32)
+    k_cache, v_cache = torch.zeros(sum(n_pages) + 2, page, 2, 16), torch.zeros(sum(n_pages) + 2, page, 2, 16)
+    used, start = 0, 0
+    for b, n in enumerate(lengths_k):
+        for p in range(n_pages[b]):
+            table[b, p] = int(order[used])
+            rows = slice(p * page, min(n, (p + 1) * page))
+            count = rows.stop - rows.start
+            k_cache[table[b, p], :count] = k_packed[start + rows.start : start + rows.stop]
+            v_cache[table[b, p], :count] = v_packed[start + rows.start : start + rows.stop]
+            used += 1
+        start += n
+    cu_q, cu_k = (torch.from_numpy(offsets(x)) for x in (lengths_q, lengths_k))
+    paged = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 7, 30, causal=True, block_table=table)
+    packed = flash_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, 7, 30, causal=True)
+    assert torch.equal(paged, packed)
