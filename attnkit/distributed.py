@@ -33,6 +33,7 @@ rank; a rank that dies makes the others fail within the group's timeout.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -219,15 +220,18 @@ class _Block:
     travels in one message and every piece is a contiguous view for the kernels."""
 
     def __init__(self, k, v, n_pieces):
-        self.shapes = [tuple(p.shape) for p in _pieces(k, n_pieces)[:1] + _pieces(v, n_pieces)[:1]]
+        b, h, n_local = k.shape[:3]
+        self.shapes = [(b, h, n_local // n_pieces, x.shape[3]) for x in (k, v)]  # one piece of k, of v
         self.n_pieces = n_pieces
 
-    def pack(self, k, v, dtype=None):
-        parts = [t for pair in zip(_pieces(k, self.n_pieces), _pieces(v, self.n_pieces)) for t in pair]
-        return torch.cat([t.reshape(-1).to(dtype or t.dtype) for t in parts])
-
-    def zeros(self, like, dtype):
-        return torch.zeros(like.numel(), dtype=dtype, device=like.device)
+    def pack(self, k, v):
+        """k and v in one new buffer, copied once, piece by piece."""
+        buffer = torch.empty(k.numel() + v.numel(), dtype=k.dtype, device=k.device)
+        for (k_piece, v_piece), k_part, v_part in zip(self.unpack(buffer), k.chunk(self.n_pieces, dim=2),
+                                                      v.chunk(self.n_pieces, dim=2)):
+            k_piece.copy_(k_part)
+            v_piece.copy_(v_part)
+        return buffer
 
     def unpack(self, buffer):
         """[(k_i, v_i)] views of buffer."""
@@ -235,9 +239,7 @@ class _Block:
         for _ in range(self.n_pieces):
             pair = []
             for shape in self.shapes:
-                size = 1
-                for n in shape:
-                    size *= n
+                size = math.prod(shape)
                 pair.append(buffer[start : start + size].view(shape))
                 start += size
             pieces.append(tuple(pair))
@@ -286,7 +288,7 @@ def _ring_backward(q, k, v, out, lse, d_out, causal, scale, layout, group):
         source = (rank - step) % world
         wait_kv = ring.shift(block, _TAG_KV) if step < world - 1 else None
         kv = layout_of.unpack(block)
-        accumulated = layout_of.zeros(block, torch.float32)  # this block's dK/dV, piece by piece
+        accumulated = torch.zeros(block.numel(), dtype=torch.float32, device=block.device)  # its dK/dV, by piece
         grads_of = layout_of.unpack(accumulated)
         for qi, ki, seen in _block_pairs(layout, rank, source, world, causal):
             dq_part, dk_part, dv_part = attention_backward(

@@ -158,7 +158,7 @@ def _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes):
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
-def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes, return_lse):
+def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes):
     """q (total_q, Hq, D), k / v (total_k, Hkv, D) -> out (total_q, Hq, Dv), lse (Hq, total_q)."""
     if dropout_p > 0:
         out, lse = _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes)
@@ -175,9 +175,10 @@ def _results(out, lse, return_attn_probs):
     return (out, lse, None) if return_attn_probs else out
 
 
-def _uniform_offsets(batch, n, device):
+def _uniform_offsets(batch, n):
+    """cu_seqlens of `batch` sequences of n tokens each (int32, host: the offsets are read there)."""
     torch = _torch()
-    return torch.arange(0, (batch + 1) * n, n, dtype=torch.int32, device="cpu")
+    return torch.arange(0, (batch + 1) * n, n, dtype=torch.int32)
 
 
 def flash_attn_func(
@@ -202,8 +203,7 @@ def flash_attn_func(
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
     out, lse = _varlen(
         q.reshape(batch * nq, hq, -1), k.reshape(batch * nk, k.shape[2], -1), v.reshape(batch * nk, v.shape[2], -1),
-        _uniform_offsets(batch, nq, q.device), _uniform_offsets(batch, nk, q.device), _dropout(dropout_p),
-        options, alibi_slopes, return_attn_probs,
+        _uniform_offsets(batch, nq), _uniform_offsets(batch, nk), _dropout(dropout_p), options, alibi_slopes,
     )  # fmt: skip
     out = out.reshape(batch, nq, hq, -1)
     lse = lse.reshape(hq, batch, nq).transpose(0, 1)  # (B, Hq, Nq)
@@ -278,7 +278,7 @@ def flash_attn_varlen_func(
     _max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
     _max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
-    out, lse = _varlen(q, k, v, cu_q, cu_k, _dropout(dropout_p), options, alibi_slopes, return_attn_probs)
+    out, lse = _varlen(q, k, v, cu_q, cu_k, _dropout(dropout_p), options, alibi_slopes)
     return _results(out, lse, return_attn_probs)
 
 
@@ -520,7 +520,7 @@ def flash_attn_with_kvcache(
                     rotary_interleaved)
 
     keys, values = _gather_pages(k_cache, v_cache, pages, starts, stops)
-    cu_q = _uniform_offsets(batch, nq, q.device)
+    cu_q = _uniform_offsets(batch, nq)
     cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int32))
     with torch.no_grad():
         out, lse = varlen_attention(

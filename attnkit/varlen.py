@@ -24,7 +24,7 @@ from . import _arrays
 from .backends import AttnkitFallbackWarning, cpu_product_path
 from .reference import resolve_scale
 from .reference.varlen import ALIGNMENTS
-from .validation import FLOAT_DTYPES, _number, _window
+from .validation import FLOAT_DTYPES, _check_array, _number, _window
 
 __all__ = ["varlen_attention"]
 
@@ -89,10 +89,7 @@ def host_offsets(name, cu_seqlens, total, *, int32_only=False):
 def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale, window, softcap, alibi_slopes):
     """A VarlenSpec, or a TypeError/ValueError naming the argument."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if _arrays.family(x) is None:
-            raise TypeError(f"{name} must be a numpy.ndarray or a torch.Tensor; got {_arrays.type_name(x)}")
-        if _arrays.dtype_name(x) not in FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {_arrays.dtype_name(x)}; expected one of {', '.join(FLOAT_DTYPES)}")
+        _check_array(name, x)
         if x.ndim != 3:
             raise ValueError(f"{name} must be (H, total, D) with 3 axes; got shape {tuple(x.shape)}")
     families = {_arrays.family(x) for x in (q, k, v)}

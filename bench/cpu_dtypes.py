@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+from .measure import parse_turns
+
 # (label, dtype, matmul precision, B, Hq, Hkv, Nq, Nk, D, causal, mode, mask)
 # mask: None, or "key_padding": a (B, 1, Nq, Nk) boolean mask, sequence lengths
 # spread between Nk / 4 and Nk, materialised as transformers' sdpa_mask does.
@@ -119,22 +121,8 @@ def run_case(case, rounds):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m attnkit.bench.cpu_dtypes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="dtypes", help="which cases (default dtypes)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per contender, taking turns (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
     parser.add_argument("--only", default=None, help="run only the cases whose label contains this text")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1; got {args.rounds}")
-
-    import numba
-    import torch
-
-    import attnkit
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        numba.set_num_threads(args.threads)
-    attnkit.warmup()
+    args = parse_turns(parser, argv)
     cases = [c for c in SUITES[args.suite] if args.only is None or args.only in c[0]]
     header = f"{'case':<58} {'attnkit ms':>10} {'torch ms':>9} {'ratio':>6} {'GF/s ours':>9} {'GF/s torch':>10}" \
              f" {'err ours':>9} {'err torch':>9}"

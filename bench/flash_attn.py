@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 
+from .measure import parse_turns
+
 PREFILL_LENGTHS = (1500, 64, 700, 2048, 300, 1024, 129, 900)
 DECODE_LENGTHS = (4096, 3000, 2048, 1500, 1024, 512, 300, 64)
 
@@ -120,21 +122,7 @@ def decode_case(rounds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m attnkit.bench.flash_attn", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="timed calls per contender, taking turns (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
-    args = parser.parse_args(argv)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1; got {args.rounds}")
-
-    import numba
-    import torch
-
-    import attnkit
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        numba.set_num_threads(args.threads)
-    attnkit.warmup()
+    args = parse_turns(parser, argv)
     for index, run in enumerate((prefill_case, decode_case), 1):
         print(f"[{index}/2] {run.__name__}", file=sys.stderr)
         title, times, errors = run(args.rounds)

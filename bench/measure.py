@@ -161,6 +161,26 @@ def _release_free_heap():
         libc.malloc_trim(0)
 
 
+def parse_turns(parser, argv):
+    """Parse argv with --rounds and --threads added to parser, for the benchmarks that time
+    attnkit and torch taking turns in one process; set the threads and warm attnkit up."""
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per contender, taking turns (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {args.rounds}")
+    import numba
+    import torch
+
+    import attnkit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    attnkit.warmup()
+    return args
+
+
 def start_peak():
     """Baseline RSS in bytes, with the peak (VmHWM) reset to it and freed heap handed back
     first; None where Linux's /proc/self/clear_refs is missing. peak_above() reads the peak."""

@@ -462,9 +462,9 @@ def _pack_forward_overload(k, v, k_packed, v_packed):
     # float: k_packed = K^T (D, Nk + 16); v_packed = V with rows padded to 16
     # columns, unless it is V itself (Dv a multiple of 16: nothing to copy).
     def rows(k, v, k_packed, v_packed):
-        _transpose_into(k, k_packed)
+        _load_transposed(k, k_packed)
         if v_packed.shape[1] != v.shape[1]:
-            _copy_rows_into(v, v_packed)
+            _load_rows(v, v_packed)
 
     return rows
 
@@ -827,7 +827,7 @@ def _operand_of_overload(dst, value):
 
 @_jit(fastmath=_FASTMATH)
 def _load_rows(src, dst):
-    """dst[:rows, :cols] = src as operand elements (bf16 bits or float32); dst's padding = 0."""
+    """dst[:rows, :cols] = src as elements of dst's dtype (bf16 bits, float32 or float64); dst's padding = 0."""
     rows, cols = src.shape
     for r in range(rows):
         s_row, d_row = src[r], dst[r]
@@ -894,7 +894,7 @@ def _f64_of_overload(value):
 
 @_jit()
 def _load_transposed(src, dst):
-    """dst[c, r] = src[r, c] as operand elements; dst (C, >= R) rows zero past R."""
+    """dst[c, r] = src[r, c] as elements of dst's dtype; dst (C, >= R) rows zero past R."""
     rows, cols = src.shape
     for c in range(cols):
         d_row = dst[c]
@@ -902,29 +902,6 @@ def _load_transposed(src, dst):
             d_row[r] = _operand_of(d_row, src[r, c])
         for r in range(rows, d_row.shape[0]):
             d_row[r] = 0
-
-
-@_jit()
-def _transpose_into(src, dst):
-    """dst[c, j] = src[j, c], zero past src's rows (dst (C, >= J))."""
-    rows, cols = src.shape
-    for c in range(cols):
-        row = dst[c]
-        for j in range(rows):
-            row[j] = src[j, c]
-        for j in range(rows, row.shape[0]):
-            row[j] = 0
-
-
-@_jit()
-def _copy_rows_into(src, dst):
-    """dst[:, :cols] = src, zero in dst's wider rows."""
-    rows, cols = src.shape
-    for j in range(rows):
-        for c in range(cols):
-            dst[j, c] = src[j, c]
-        for c in range(cols, dst.shape[1]):
-            dst[j, c] = 0
 
 
 def _pack_operands(k, v, k_packed, v_packed, k_rows):
@@ -945,9 +922,9 @@ def _pack_operands_overload(k, v, k_packed, v_packed, k_rows):
 
     # float32 / float64: K^T (D, Nk + 16), V^T (Dv, Nk + 16), K rows (Nk, D16)
     def pack_float(k, v, k_packed, v_packed, k_rows):
-        _transpose_into(k, k_packed)
-        _transpose_into(v, v_packed)
-        _copy_rows_into(k, k_rows)
+        _load_transposed(k, k_packed)
+        _load_transposed(v, v_packed)
+        _load_rows(k, k_rows)
 
     return pack_float
 

@@ -202,6 +202,18 @@ def _key_range(m0, Nk, off, win_l, win_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def _part_range(part: tl.constexpr, lo, full_lo, full_hi, hi):
+    """[start, stop) of run `part` of a (lo, full_lo, full_hi, hi) split: 0 and 2 need the
+    causal/window/tail test, 1 is seen in full."""
+    if part == 0:
+        return lo, full_lo
+    elif part == 1:
+        return full_lo, full_hi
+    else:
+        return full_hi, hi
+
+
+@triton.jit
 def _query_range(n0, Nq, Nk, off, win_l, win_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Query blocks that see some key of [n0, n0 + BLOCK_N), split like _key_range."""
@@ -357,30 +369,18 @@ def _fwd_kernel(
 
     lo, full_lo, full_hi, hi = _key_range(m0, Nk, off, win_l, win_r, BLOCK_M, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-    for n0 in range(lo, full_lo, BLOCK_N):  # left window edge
-        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-        if some != 0:  # a block the mask hides entirely is skipped
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
-                                       offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                       qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
-                                       HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       ALIBI, DOT_PREC)
-    for n0 in range(full_lo, full_hi, BLOCK_N):  # every key visible to every query
-        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-        if some != 0:  # a block the mask hides entirely is skipped
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
-                                       offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                       qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
-                                       HEAD_DIM_V, MASK_KIND, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       ALIBI, DOT_PREC)
-    for n0 in range(full_hi, hi, BLOCK_N):  # causal diagonal, right window edge, key tail
-        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-        if some != 0:  # a block the mask hides entirely is skipped
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
-                                       offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                       qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
-                                       HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       ALIBI, DOT_PREC)
+    # Three runs of key blocks: the left window edge, blocks every query sees in full (no
+    # causal/window/tail test: GEOM off), the causal diagonal, right edge and key tail.
+    for part in tl.static_range(3):
+        start, stop = _part_range(part, lo, full_lo, full_hi, hi)
+        for n0 in range(start, stop, BLOCK_N):
+            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+            if some != 0:  # a block the mask hides entirely is skipped
+                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
+                                           offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
+                                           qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
+                                           HEAD_DIM_V, MASK_KIND, part != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                                           ALIBI, DOT_PREC)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -507,30 +507,16 @@ def _bwd_dkdv_kernel(
         S_base = S + b * s_sb + h * s_sh
         LSE_row = LSE + b * lse_sb + h * lse_sh + q0
         DELTA_row = DELTA + b * lse_sb + h * lse_sh + q0
-        for m0 in range(lo, full_lo, BLOCK_M):
-            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-            if some != 0:
-                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
-                                     cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
-                                     HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                                     SOFTCAP, ALIBI, DOT_PREC)
-        for m0 in range(full_lo, full_hi, BLOCK_M):
-            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-            if some != 0:
-                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
-                                     cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
-                                     HEAD_DIM, HEAD_DIM_V, MASK_KIND, False, HAS_LEFT, HAS_RIGHT,
-                                     SOFTCAP, ALIBI, DOT_PREC)
-        for m0 in range(full_hi, hi, BLOCK_M):
-            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-            if some != 0:
-                dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
-                                     cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
-                                     s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
-                                     HEAD_DIM, HEAD_DIM_V, MASK_KIND, True, HAS_LEFT, HAS_RIGHT,
-                                     SOFTCAP, ALIBI, DOT_PREC)
+        for part in tl.static_range(3):  # the runs of _query_range, as in the forward
+            start, stop = _part_range(part, lo, full_lo, full_hi, hi)
+            for m0 in range(start, stop, BLOCK_M):
+                some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+                if some != 0:
+                    dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
+                                         cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
+                                         s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
+                                         HEAD_DIM, HEAD_DIM_V, MASK_KIND, part != 1, HAS_LEFT, HAS_RIGHT,
+                                         SOFTCAP, ALIBI, DOT_PREC)
     dk = dk * scale  # d(score)/d(q.k) = scale (times 1 - tanh^2 under softcap, applied above)
     tl.store(DK + b * s_dkb + hk * s_dkh + (k0 + cols[:, None]) * s_dkn + offs_d[None, :] * s_dkd,
              dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -620,27 +606,15 @@ def _bwd_dq_kernel(
 
     lo, full_lo, full_hi, hi = _key_range(m0, Nk, off, win_l, win_r, BLOCK_M, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-    for n0 in range(lo, full_lo, BLOCK_N):
-        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-        if some != 0:
-            dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
-                           offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                           off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
-    for n0 in range(full_lo, full_hi, BLOCK_N):
-        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-        if some != 0:
-            dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
-                           offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                           off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, False,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
-    for n0 in range(full_hi, hi, BLOCK_N):
-        some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
-        if some != 0:
-            dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
-                           offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                           off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, True,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
+    for part in tl.static_range(3):  # the runs of _key_range, as in the forward
+        start, stop = _part_range(part, lo, full_lo, full_hi, hi)
+        for n0 in range(start, stop, BLOCK_N):
+            some, changes = _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND, BLOCK_M, BLOCK_N)
+            if some != 0:
+                dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
+                               offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
+                               off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, part != 1,
+                               HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + rows[:, None]) * s_dqn + offs_d[None, :] * s_dqd,
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -1027,9 +1001,8 @@ def varlen_forward(q, k, v, alibi_slopes, spec, _wrap=None):
     sequences: program (query block, sequence x head) reads its sequence's
     offsets from cu_seqlens and stops when the sequence is shorter.
     """
-    out = torch.empty((spec.hq, q.shape[1], spec.dv), dtype=q.dtype, device=q.device)
+    out = torch.zeros((spec.hq, q.shape[1], spec.dv), dtype=q.dtype, device=q.device)  # rows of no sequence: 0
     lse = torch.full((spec.hq, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
-    out.zero_()
     n_sequences = len(spec.cu_q) - 1
     if n_sequences == 0 or q.shape[1] == 0 or spec.hq == 0:
         return out, lse

@@ -30,6 +30,15 @@ needs_bf16_cpu = pytest.mark.skipif(
 )
 
 
+def run_python(script, **environment):
+    """stdout of `python -c script` in a fresh process with these environment variables set
+    (the micro-kernel paths are chosen at import, so a forced path needs its own process)."""
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, **environment},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def as_float(bits):
     return bf16.bf16_to_float32(bits)
 
@@ -116,12 +125,10 @@ def test_forced_blas_path_for_float32():
         "want = attention_backward(q64, k64, v64, o64, q64, l64, scale=0.1, causal=True)\n"
         "print('grad_error', max(np.abs(g - w).max() for g, w in zip(grads, want)))\n"
     )
-    env = {**os.environ, "ATTNKIT_CPU_F32": "blas"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[0] == "blas"
-    assert float(result.stdout.split("grad_error")[0].split("error")[-1]) < 1e-5
-    assert float(result.stdout.split("grad_error")[-1]) < 1e-4
+    stdout = run_python(script, ATTNKIT_CPU_F32="blas")
+    assert stdout.split()[0] == "blas"
+    assert float(stdout.split("grad_error")[0].split("error")[-1]) < 1e-5
+    assert float(stdout.split("grad_error")[-1]) < 1e-4
 
 
 def test_environment_variable_is_checked(monkeypatch):
@@ -394,9 +401,7 @@ def test_forced_float32_path_for_bf16():
         "assert out.dtype == torch.bfloat16 and q.grad.dtype == torch.bfloat16\n"
         "print('error', np.abs(out.double().detach().numpy() - exact).max())\n"
     )
-    env = {**os.environ, "ATTNKIT_CPU_BF16": "fp32"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "float32 products" in result.stdout and "ATTNKIT_CPU_BF16=fp32" in result.stdout
-    error = float(result.stdout.split("error")[-1])
+    stdout = run_python(script, ATTNKIT_CPU_BF16="fp32")
+    assert "float32 products" in stdout and "ATTNKIT_CPU_BF16=fp32" in stdout
+    error = float(stdout.split("error")[-1])
     assert error < 2 ** -7, error  # bf16 output rounding of values of size ~1
