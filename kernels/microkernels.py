@@ -1,4 +1,4 @@
-"""Tile products for the CPU kernel: AVX-512 micro-kernels (bf16 pairs, float32 FMAs), callable from Numba.
+"""Tile products for the CPU kernel: micro-kernels shaped per target (bf16 pairs, float32 FMAs), callable from Numba.
 
 Why our own: the issue that asked for this (bf16 at AMX speed) assumed MKL's
 `cblas_gemm_bf16bf16f32`, which torch's libtorch_cpu exports. On the project's
@@ -9,41 +9,43 @@ attnkit.bench.cpu_parts`, bench/results/cpu-parts.txt):
   MKL sgemm ~88-91, MKL's bf16 GEMM 105-138 (on 128x512x64 ... 128x64x512),
   this module's bf16 micro-kernel 420-426 and float32 micro-kernel 198-215 GFLOP/s
 
-while torch's own bf16 matmul (oneDNN, which dispatches on CPU flags, not the
-vendor) reached 700-744 GFLOP/s on two threads (the bf16 roofline of the records
-in bench/results/cpu-bf16/). oneDNN's GEMM is not exported, so
-this module emits the instruction oneDNN uses, VDPBF16PS, directly as LLVM IR:
-each one multiplies 16 pairs of bf16 numbers and adds both products into 16
-float32 lanes (64 FLOPs). The float32 micro-kernel is the same register block
-with fused multiply-adds on 16 floats (B then holds plain rows, no pairs).
+while torch's own bf16 matmul (oneDNN) reached 700-744 GFLOP/s on two threads.
+oneDNN's GEMM is not exported, so this module writes its micro-kernels as LLVM
+IR, one generator for every CPU (kernels/target.py says which CPU Numba
+compiles for; nothing here looks at the host):
+
+- float32: C += A B with fused multiply-adds on vectors of the target's width
+  (16 lanes with AVX-512, 8 with AVX2, 4 with NEON);
+- bf16 with AVX-512 BF16: VDPBF16PS, which multiplies 16 pairs of bf16 numbers
+  and adds both products into 16 float32 lanes;
+- bf16 elsewhere: the same pair-packed operands, each pair widened to two
+  float32 vectors as it is loaded (a shift and a mask) and multiplied with
+  FMAs. Nothing is converted ahead of the product.
+
+The register block (MR rows of C times NR vectors) is shaped per target by its
+register count and was chosen by measuring the candidates
+(`python -m attnkit.bench.cpu_blocks`, bench/results/cpu-targets.md); the
+cross-compiled assembly of every block (tests/test_targets.py) has no stack
+traffic in its inner loop.
 
 Layout. C (M, N) float32 += A (M, K) @ B (K, N), where
-- A is bf16 (stored as uint16), row-major, K even (rows padded with a zero);
-- B is "pair-packed": Bp[p, n, t] = B[2p + t, n], so one 64-byte load gives 16
-  columns times one pair of the reduction axis (the instruction's operand);
-- C rows are padded to a multiple of 16 columns, so no load or store needs a mask.
-A row of A contributes a broadcast pair (A[m, 2p], A[m, 2p+1]).
+- A is bf16 (stored as uint16), row-major, K even (rows padded with a zero),
+  or float32;
+- bf16 B is "pair-packed": Bp[p, n, t] = B[2p + t, n], so one vector load gives
+  LANES columns times one pair of the reduction axis; float32 B holds plain rows;
+- C rows are padded to a multiple of 16 columns (PAD), so no load or store
+  needs a mask on any target (16 is a multiple of every vector width).
 
-The micro-kernel holds a 6 x (16 * NR) block of C in 6 * NR registers (NR <= 4:
-24 accumulators, 4 B vectors, 1 broadcast of the 32 AVX-512 registers).
-
-Versions (one thread, the 2-core Zen 5 VM):
-  v1  6 x 64 register block, B panels of 64 columns, rows of A streamed over
-      each panel, B loaded once per pair and reused by 6 rows: on the
-      forward's two products per tile (Q block 128, key block 512) 402
-      GFLOP/s at D=64 and 446 at D=128, against MKL sgemm's 96 on the same
-      calls (`python -m attnkit.bench.cpu_parts`, bench/results/cpu-parts.txt);
-      363-424 on single 128 x 512 x 64 ... 128 x 128 x 512 calls.
-
-bf16 <-> float32: float32 -> bf16 rounds to nearest even (LLVM's fptrunc to
-bfloat: VCVTNEPS2BF16 with AVX-512 BF16); bf16 -> float32 is exact (a shift).
+bf16 <-> float32: float32 -> bf16 rounds to nearest even (one instruction where
+the target has it, integer arithmetic elsewhere: LLVM's soft conversion,
+`__truncsfbf2`, is not resolvable under Numba's JIT); bf16 -> float32 is exact
+(a shift).
 """
 
 from __future__ import annotations
 
 import os
 
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -51,70 +53,109 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .jit import jit
+from .target import TARGET
 
 __all__ = [
     "BF16_PRODUCTS",
     "BF16_DETAIL",
+    "BLOCKS",
     "F32_PRODUCTS",
     "F32_DETAIL",
-    "MR",
-    "PANEL",
+    "PAD",
     "bf16_bits",
     "bf16_of",
     "bf16_to_float32",
     "bf16_to_f32",
+    "check_paths",
     "f32_to_bf16",
     "gemm",
     "gemm_f32",
     "pack_pairs",
     "padded",
+    "tile_loop",
 ]
 
-MR = 6  # rows of C per micro-kernel call
-NR = 4  # 16-lane vectors of C per row per call
-PANEL = 16 * NR  # columns per micro-kernel call
-LANES = 16
+PAD = 16  # C, and B's columns, are padded to this many columns
 
-def _choose_path(variable, fast, slow, cpu_flag, flag_name, fast_detail, slow_detail):
-    """(path, why) for one micro-kernel: `fast` where the CPU has cpu_flag, else `slow`.
 
-    The environment variable forces either: auto (default), fast (an error on a
-    CPU without the flag) or slow.
+def register_block(kind, target=TARGET):
+    """(MR rows, NR vectors) of C held in registers by the micro-kernel of `kind` on `target`.
+
+    kind: "f32", "dpbf16" (VDPBF16PS) or "widen" (bf16 widened to float32).
+    Live registers per step: MR * NR accumulators, the NR vectors of B (two
+    each when bf16 is widened), the broadcast of A (two when widened). Chosen
+    by measuring (bench/results/cpu-targets.md); NEON's by register count and
+    the cross-compiled assembly (no hardware here to time it).
     """
-    choices = ("auto", fast, slow)
+    if target.registers >= 32:
+        # AVX-512 and NEON: 6 x 4 = 24 accumulators + 4 B + 1 A; widened 6 x 3 = 18 + 6 + 2
+        return (6, 3) if kind == "widen" else (6, 4)
+    # AVX2 / SSE: 16 registers. 6 x 2 = 12 + 2 + 1; widened 4 x 2 = 8 + 4 + 2
+    return (4, 2) if kind == "widen" else (6, 2)
+
+
+def _choose_path(variable, choices, auto, unavailable):
+    """(path, why, error) for one product path from an environment variable.
+
+    choices: {name: detail}; auto: the target's own choice; unavailable:
+    {name: why the target cannot run it}. A forced path the target cannot run
+    is not taken: `error` says why, and check_paths() raises it at the call.
+    """
     choice = os.environ.get(variable, "auto").strip().lower() or "auto"
-    if choice not in choices:
-        raise ValueError(f"{variable} must be one of {', '.join(choices)}; got {choice!r}")
-    if choice == slow:
-        return slow, f"{variable}={slow}: {slow_detail}"
-    if not llvm.get_host_cpu_features().get(cpu_flag, False):
-        if choice == fast:
-            raise ValueError(f"{variable}={fast}, but this CPU has no {flag_name}")
-        return slow, f"this CPU has no {flag_name}: {slow_detail}"
-    return fast, fast_detail
+    if choice not in ("auto", *choices):
+        return auto, choices[auto], f"{variable} must be one of auto, {', '.join(choices)}; got {choice!r}"
+    if choice == "auto":
+        return auto, choices[auto], None
+    if choice in unavailable:
+        return auto, choices[auto], f"{variable}={choice}, but {unavailable[choice]}"
+    return choice, f"{variable}={choice}: {choices[choice]}", None
 
 
-def _choose():
-    """Whether bf16 data runs on the bf16 micro-kernel ("dpbf16") or in float32 ("fp32")."""
-    return _choose_path(
-        "ATTNKIT_CPU_BF16", "dpbf16", "fp32", "avx512bf16", "AVX-512 BF16 (avx512_bf16)",
-        "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation",
-        "bf16 runs in float32 (converted at the boundary)",
-    )  # fmt: skip
+def _target_name(target):
+    return f"the target Numba compiles for ({target.cpu}, {target.isa})"
 
 
-BF16_PRODUCTS, BF16_DETAIL = _choose()
+def _choose_bf16(target=TARGET):
+    """Whether bf16 runs on VDPBF16PS ("dpbf16"), widened to float32 in the micro-kernel ("widen"),
+    or converted to float32 at the boundary ("fp32")."""
+    choices = {
+        "dpbf16": "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation",
+        "widen": f"bf16 stays bf16; each pair widened to float32 in the micro-kernel ({target.lanes}-lane FMAs)",
+        "fp32": "bf16 runs in float32 (converted at the boundary)",
+    }
+    auto = "dpbf16" if target.bf16_dot else "widen" if target.fma else "fp32"
+    unavailable = {}
+    if not target.bf16_dot:
+        unavailable["dpbf16"] = f"{_target_name(target)} has no AVX-512 BF16 (avx512_bf16)"
+    if target.bf16_dot:
+        unavailable["widen"] = f"{_target_name(target)} runs bf16 on VDPBF16PS (dpbf16 or fp32)"
+    elif not target.fma:
+        unavailable["widen"] = f"{_target_name(target)} has no FMA"
+    return _choose_path("ATTNKIT_CPU_BF16", choices, auto, unavailable)
 
 
-def _choose_f32():
+def _choose_f32(target=TARGET):
     """Whether float32 products run on the FMA micro-kernel ("fma") or the BLAS ("blas")."""
-    return _choose_path(
-        "ATTNKIT_CPU_F32", "fma", "blas", "avx512f", "AVX-512 (avx512f)",
-        "float32 products on attnkit's AVX-512 FMA micro-kernel", "float32 products through the BLAS",
-    )  # fmt: skip
+    choices = {
+        "fma": f"float32 products on attnkit's {target.isa} FMA micro-kernel ({target.lanes} lanes)",
+        "blas": "float32 products through the BLAS",
+    }
+    unavailable = {} if target.fma else {"fma": f"{_target_name(target)} has no FMA"}
+    return _choose_path("ATTNKIT_CPU_F32", choices, "fma" if target.fma else "blas", unavailable)
 
 
-F32_PRODUCTS, F32_DETAIL = _choose_f32()
+BF16_PRODUCTS, BF16_DETAIL, _BF16_ERROR = _choose_bf16()
+F32_PRODUCTS, F32_DETAIL, _F32_ERROR = _choose_f32()
+# bf16 runs on VDPBF16PS only where the target has it; every other target widens.
+_BF16_KIND = "dpbf16" if TARGET.bf16_dot else "widen"
+BLOCKS = {"f32": register_block("f32"), "bf16": register_block(_BF16_KIND)}
+
+
+def check_paths():
+    """Raise the ValueError of an ATTNKIT_CPU_BF16 / ATTNKIT_CPU_F32 setting this target cannot honour."""
+    for error in (_BF16_ERROR, _F32_ERROR):
+        if error:
+            raise ValueError(error)
 
 
 @jit(inline="always")
@@ -143,109 +184,118 @@ class _BFloat(ir.Type):
 
 _F32 = ir.FloatType()
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_F32X16 = ir.VectorType(_F32, LANES)
-_I32X16 = ir.VectorType(_I32, LANES)
-_BF16X32 = ir.VectorType(_BFloat(), 2 * LANES)
 
 
-def _dpbf16ps(builder, acc, a, b):
+def _splat(builder, vector_type, value):
+    lane0 = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(lane0, ir.Constant(vector_type, ir.Undefined), zeros)
+
+
+def _intrinsic_call(builder, name, result, arguments):
     function = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_F32X16, [_F32X16, _BF16X32, _BF16X32]),
-        "llvm.x86.avx512bf16.dpbf16ps.512",
-    )  # fmt: skip
-    return builder.call(function, [acc, builder.bitcast(a, _BF16X32), builder.bitcast(b, _BF16X32)])
-
-
-def _splat_i32(builder, value):
-    lane0 = builder.insert_element(ir.Constant(_I32X16, ir.Undefined), value, ir.Constant(_I32, 0))
-    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
-    return builder.shuffle_vector(lane0, ir.Constant(_I32X16, ir.Undefined), zeros)
-
-
-def _splat_f32(builder, value):
-    lane0 = builder.insert_element(ir.Constant(_F32X16, ir.Undefined), value, ir.Constant(_I32, 0))
-    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
-    return builder.shuffle_vector(lane0, ir.Constant(_F32X16, ir.Undefined), zeros)
-
-
-def _fma_f32x16(builder, a, b, c):
-    function = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_F32X16, [_F32X16] * 3), "llvm.fma.v16f32"
+        builder.module, ir.FunctionType(result, [a.type for a in arguments]), name
     )
-    return builder.call(function, [a, b, c])
+    return builder.call(function, arguments)
 
 
 class _Kind:
-    """What differs between the two micro-kernels: the element of A and B, and the update.
+    """One micro-kernel's element types and update, for a vector width.
 
-    "bf16": A holds bf16 pairs (one i32 = A[m, 2p], A[m, 2p+1]), a B row p holds 16
-    pairs per vector, update VDPBF16PS. "f32": A holds floats, a B row p holds 16
-    floats per vector, update a fused multiply-add.
+    "f32": A and B hold floats; acc += splat(a) * b (llvm.fmuladd: an FMA where
+    the target has one). "dpbf16": A holds bf16 pairs (one i32), a B vector
+    LANES pairs; acc = VDPBF16PS(acc, splat(pair), b). "widen": the same
+    operands, the pair's halves widened to float32 (even = low 16 bits shifted
+    up, odd = the high 16 bits masked) and two multiply-adds.
     """
 
-    def __init__(self, name):
-        self.name = name
-        self.element = _I16 if name == "bf16" else _F32  # the pointer type of A and B
-        self.a_unit = _I32 if name == "bf16" else _F32  # one step of the reduction in A
-        self.b_step = 2 * LANES if name == "bf16" else LANES  # elements per B vector
+    def __init__(self, name, lanes):
+        self.name, self.lanes = name, lanes
+        self.pairs = name != "f32"
+        self.element = _I16 if self.pairs else _F32  # the pointer type of A and B
+        self.a_unit = _I32 if self.pairs else _F32  # one step of the reduction in A
+        self.b_step = 2 * lanes if self.pairs else lanes  # elements per B vector
+        self.f32x = ir.VectorType(_F32, lanes)
+        self.b_vector_type = ir.VectorType(_I32, lanes) if self.pairs else self.f32x
 
-    def update(self, builder, acc, a_unit, b_vector):
-        if self.name == "bf16":
-            return _dpbf16ps(builder, acc, _splat_i32(builder, a_unit), b_vector)
-        return _fma_f32x16(builder, _splat_f32(builder, a_unit), b_vector, acc)
+    def _halves(self, builder, x):
+        """(even, odd) bf16 halves of i32 pairs as float32 (scalar or vector)."""
+        vector = isinstance(x.type, ir.VectorType)
+        constant = (lambda v: ir.Constant(x.type, [v] * self.lanes)) if vector else (lambda v: ir.Constant(_I32, v))
+        even = builder.shl(x, constant(16))
+        odd = builder.and_(x, constant(-65536))  # 0xFFFF0000
+        target = self.f32x if vector else _F32
+        return builder.bitcast(even, target), builder.bitcast(odd, target)
 
-    @property
-    def b_vector_type(self):
-        return _I32X16 if self.name == "bf16" else _F32X16
+    def prepare_b(self, builder, b_vector):
+        if self.name == "widen":
+            return self._halves(builder, b_vector)
+        if self.name == "dpbf16":
+            return builder.bitcast(b_vector, ir.VectorType(_BFloat(), 2 * self.lanes))
+        return b_vector
+
+    def prepare_a(self, builder, a_unit):
+        if self.name == "widen":
+            return tuple(_splat(builder, self.f32x, half) for half in self._halves(builder, a_unit))
+        if self.name == "dpbf16":
+            return builder.bitcast(_splat(builder, ir.VectorType(_I32, self.lanes), a_unit),
+                                   ir.VectorType(_BFloat(), 2 * self.lanes))  # fmt: skip
+        return _splat(builder, self.f32x, a_unit)
+
+    def update(self, builder, acc, a, b):
+        fmuladd = f"llvm.fmuladd.v{self.lanes}f32"
+        if self.name == "widen":
+            acc = _intrinsic_call(builder, fmuladd, self.f32x, [a[0], b[0], acc])
+            return _intrinsic_call(builder, fmuladd, self.f32x, [a[1], b[1], acc])
+        if self.name == "dpbf16":
+            return _intrinsic_call(builder, f"llvm.x86.avx512bf16.dpbf16ps.{32 * self.lanes}", self.f32x, [acc, a, b])
+        return _intrinsic_call(builder, fmuladd, self.f32x, [a, b, acc])
 
 
-def _build_micro_kernel(nr, kind):
-    """IR body of C[m rows, 16 nr cols] (+)= A[m rows, steps] @ B[steps, 16 nr].
+def _build_micro_kernel(mr, nr, kind):
+    """IR body of C[m rows, LANES nr cols] (+)= A[m rows, steps] @ B[steps, LANES nr].
 
     Arguments: a, lda (elements), b, ldb (elements per row of B, a row being
     one reduction step: a bf16 pair or a float), c (float*), ldc (elements),
-    m (1..MR), steps (pairs for bf16, elements for f32), accumulate (0 or 1).
+    m (1..mr), steps (pairs for bf16, elements for f32), accumulate (0 or 1).
     Rows of A and C past m are read from row m - 1 and never stored.
     """
+    lanes, f32x = kind.lanes, kind.f32x
 
     def build(builder, args):
         a, lda, b, ldb, c, ldc, m, steps, accumulate = args
-        one = ir.Constant(_I64, 1)
-        last_row = builder.sub(m, one)
+        last_row = builder.sub(m, ir.Constant(_I64, 1))
         rows = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, r), m), ir.Constant(_I64, r), last_row)
-                for r in range(MR)]
+                for r in range(mr)]
         a_rows = [builder.bitcast(builder.gep(a, [builder.mul(rows[r], lda)]), kind.a_unit.as_pointer())
-                  for r in range(MR)]
-        c_rows = [builder.gep(c, [builder.mul(rows[r], ldc)]) for r in range(MR)]
+                  for r in range(mr)]
+        c_rows = [builder.gep(c, [builder.mul(rows[r], ldc)]) for r in range(mr)]
         keep = builder.icmp_signed("!=", accumulate, ir.Constant(_I64, 0))
-        zero = ir.Constant(_F32X16, [0.0] * LANES)
-        slots = []
-        for r in range(MR):
-            row_slots = []
-            for v in range(nr):
-                pointer = builder.bitcast(builder.gep(c_rows[r], [ir.Constant(_I64, v * LANES)]), _F32X16.as_pointer())
-                start = builder.select(keep, builder.load(pointer, align=4), zero)
-                row_slots.append(cgutils.alloca_once_value(builder, start))
-            slots.append(row_slots)
+        zero = ir.Constant(f32x, [0.0] * lanes)
+
+        def c_vector(r, v):
+            return builder.bitcast(builder.gep(c_rows[r], [ir.Constant(_I64, v * lanes)]), f32x.as_pointer())
+
+        slots = [[cgutils.alloca_once_value(builder, builder.select(keep, builder.load(c_vector(r, v), align=4), zero))
+                  for v in range(nr)] for r in range(mr)]  # fmt: skip
         with cgutils.for_range(builder, steps) as loop:
             p = loop.index
             b_row = builder.gep(b, [builder.mul(p, ldb)])
             b_vectors = [
-                builder.load(builder.bitcast(builder.gep(b_row, [ir.Constant(_I64, kind.b_step * v)]),
-                                             kind.b_vector_type.as_pointer()), align=4)
+                kind.prepare_b(builder, builder.load(builder.bitcast(
+                    builder.gep(b_row, [ir.Constant(_I64, kind.b_step * v)]), kind.b_vector_type.as_pointer()),
+                    align=4))
                 for v in range(nr)
             ]  # fmt: skip
-            for r in range(MR):
-                a_unit = builder.load(builder.gep(a_rows[r], [p]), align=4)
+            for r in range(mr):
+                a_value = kind.prepare_a(builder, builder.load(builder.gep(a_rows[r], [p]), align=4))
                 for v in range(nr):
                     slot = slots[r][v]
-                    builder.store(kind.update(builder, builder.load(slot), a_unit, b_vectors[v]), slot)
-        for r in range(MR):
+                    builder.store(kind.update(builder, builder.load(slot), a_value, b_vectors[v]), slot)
+        for r in range(mr):
             with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, r), m)):
                 for v in range(nr):
-                    pointer = builder.bitcast(builder.gep(c_rows[r], [ir.Constant(_I64, v * LANES)]),
-                                              _F32X16.as_pointer())
-                    builder.store(builder.load(slots[r][v]), pointer, align=4)
+                    builder.store(builder.load(slots[r][v]), c_vector(r, v), align=4)
         return ir.Constant(_I32, 0)
 
     return build
@@ -260,30 +310,86 @@ def _define(module, name, argument_types, build):
     return function
 
 
-def _micro_kernel_intrinsic(nr, kind):
+def _micro_kernel_arguments(kind):
+    element_p = kind.element.as_pointer()
+    return [element_p, _I64, element_p, _I64, _F32.as_pointer(), _I64, _I64, _I64, _I64]
+
+
+def define_micro_kernel(module, kind_name, lanes, mr, nr):
+    """The IR function of one micro-kernel in `module`: (a, lda, b, ldb, c, ldc, m, steps, accumulate).
+
+    Also what tests/test_targets.py cross-compiles for other CPUs.
+    """
+    kind = _Kind(kind_name, lanes)
+    return _define(module, f"attnkit_{kind_name}_micro_{mr}x{nr}_{lanes}", _micro_kernel_arguments(kind),
+                   _build_micro_kernel(mr, nr, kind))  # fmt: skip
+
+
+def _build_dispatch(module, kind_name, lanes, mr, nr_max):
+    """A function of the same arguments plus nr (1..nr_max) that calls the mr x nr micro-kernel."""
+    kind = _Kind(kind_name, lanes)
+    kernels = [define_micro_kernel(module, kind_name, lanes, mr, nr) for nr in range(1, nr_max + 1)]
+
+    def build(builder, args):
+        *arguments, nr = args
+        done = builder.append_basic_block("done")
+        switch = builder.switch(nr, done)
+        for count, kernel in enumerate(kernels, start=1):
+            block = builder.append_basic_block(f"nr{count}")
+            switch.add_case(ir.Constant(_I64, count), block)
+            builder.position_at_end(block)
+            builder.call(kernel, arguments)
+            builder.branch(done)
+        builder.position_at_end(done)
+        return ir.Constant(_I32, 0)
+
+    return _define(module, f"attnkit_{kind_name}_tiles_{mr}x{nr_max}_{lanes}",
+                   _micro_kernel_arguments(kind) + [_I64], build)  # fmt: skip
+
+
+def micro_kernel_intrinsic(kind_name, lanes, mr, nr_max):
+    """A Numba intrinsic (a, lda, b, ldb, c, ldc, m, steps, accumulate, nr), every argument an intp.
+
+    Its instructions come from kind_name ("f32", "dpbf16", "widen") and lanes, both
+    fixed by the target when this module is imported.
+    """
+
     @intrinsic
-    def micro_kernel(typingctx, a, lda, b, ldb, c, ldc, m, steps, accumulate):
-        if not all(x == types.intp for x in (a, lda, b, ldb, c, ldc, m, steps, accumulate)):
+    def micro_kernel(typingctx, a, lda, b, ldb, c, ldc, m, steps, accumulate, nr):
+        if not all(x == types.intp for x in (a, lda, b, ldb, c, ldc, m, steps, accumulate, nr)):
             return None
 
         def codegen(context, builder, signature, args):
-            element_p, f32p = kind.element.as_pointer(), _F32.as_pointer()
-            function = _define(
-                builder.module, f"attnkit_{kind.name}_micro_{MR}x{nr}",
-                [element_p, _I64, element_p, _I64, f32p, _I64, _I64, _I64, _I64], _build_micro_kernel(nr, kind),
-            )  # fmt: skip
-            a_, lda_, b_, ldb_, c_, ldc_, m_, k_, acc_ = args
+            function = _build_dispatch(builder.module, kind_name, lanes, mr, nr_max)
+            element_p = _Kind(kind_name, lanes).element.as_pointer()
+            a_, lda_, b_, ldb_, c_, ldc_, m_, k_, acc_, nr_ = args
             builder.call(function, [builder.inttoptr(a_, element_p), lda_, builder.inttoptr(b_, element_p), ldb_,
-                                    builder.inttoptr(c_, f32p), ldc_, m_, k_, acc_])  # fmt: skip
+                                    builder.inttoptr(c_, _F32.as_pointer()), ldc_, m_, k_, acc_, nr_])  # fmt: skip
             return context.get_dummy_value()
 
-        return types.void(*(types.intp,) * 9), codegen
+        return types.void(*(types.intp,) * 10), codegen
 
     return micro_kernel
 
 
-_MICRO_1, _MICRO_2, _MICRO_3, _MICRO_4 = (_micro_kernel_intrinsic(nr, _Kind("bf16")) for nr in (1, 2, 3, 4))
-_F32_MICRO_1, _F32_MICRO_2, _F32_MICRO_3, _F32_MICRO_4 = (_micro_kernel_intrinsic(nr, _Kind("f32")) for nr in (1, 2, 3, 4))
+_F32_MICRO = micro_kernel_intrinsic("f32", TARGET.lanes, *BLOCKS["f32"])
+_BF16_MICRO = micro_kernel_intrinsic(_BF16_KIND, TARGET.lanes, *BLOCKS["bf16"])
+
+
+def f32_to_bf16_ir(builder, x, native):
+    """IR: float32 x -> bf16 bits (i16), round to nearest even, NaN kept quiet.
+
+    native: the target's conversion instruction (fptrunc to bfloat); else
+    integer arithmetic, which every target runs.
+    """
+    if native:
+        return builder.bitcast(builder.fptrunc(x, _BFloat()), _I16)
+    bits = builder.bitcast(x, _I32)
+    lower_bit = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
+    rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), lower_bit), ir.Constant(_I32, 16))
+    quiet = builder.or_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 0x40))
+    is_nan = builder.fcmp_unordered("uno", x, x)
+    return builder.trunc(builder.select(is_nan, quiet, rounded), _I16)
 
 
 @intrinsic
@@ -292,7 +398,7 @@ def _f32_to_bf16(typingctx, x):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], _BFloat()), _I16)
+        return f32_to_bf16_ir(builder, args[0], TARGET.bf16_convert)
 
     return types.uint16(types.float32), codegen
 
@@ -353,46 +459,38 @@ def bf16_bits(x):
 # ---------------------------------------------------------------------------
 
 
-@jit()
-def _micro(nr, a, lda, b, ldb, c, ldc, m, kpairs, accumulate):
-    if nr == 4:
-        _MICRO_4(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
-    elif nr == 3:
-        _MICRO_3(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
-    elif nr == 2:
-        _MICRO_2(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
-    else:
-        _MICRO_1(a, lda, b, ldb, c, ldc, m, kpairs, accumulate)
+def tile_loop(micro, mr, nr_max, lanes, a_item):
+    """The Python function (compiled by Numba) that covers C with mr x (lanes nr_max) micro-kernel calls.
 
-
-@jit()
-def _tiles(bf16, a, b, c, m, n, steps, accumulate):
-    """C in blocks of MR rows x PANEL columns, each through the bf16 or float32 micro-kernel.
-
-    Pointers advance in bytes: a row of A holds 2-byte (bf16) or 4-byte elements;
-    a column of B is 4 bytes in both (a bf16 pair or a float).
+    micro: an intrinsic of micro_kernel_intrinsic; a_item: bytes per element of A.
+    Pointers advance in bytes: a column of B is 4 bytes in both kinds (a bf16
+    pair or a float). Used for the kernels' own products and by the block
+    benchmark (bench/cpu_blocks.py) for the candidate blocks.
     """
-    if m == 0 or n == 0:
-        return
-    if steps == 0:
-        if not accumulate:
-            c[:m, :n] = 0
-        return
-    a_item = a.itemsize
-    lda, ldb, ldc = a.strides[0] // a_item, b.strides[0] // b.itemsize, c.strides[0] // 4
-    a_ptr, b_ptr, c_ptr = a.ctypes.data, b.ctypes.data, c.ctypes.data
-    flag = 1 if accumulate else 0
-    n_vectors = (n + LANES - 1) // LANES
-    for v0 in range(0, n_vectors, NR):
-        nr = min(NR, n_vectors - v0)
-        col = v0 * LANES
-        for r0 in range(0, m, MR):
-            arguments = (a_ptr + a_item * r0 * lda, lda, b_ptr + 4 * col, ldb, c_ptr + 4 * (r0 * ldc + col), ldc,
-                         min(MR, m - r0), steps, flag)
-            if bf16:
-                _micro(nr, *arguments)
-            else:
-                _f32_micro(nr, *arguments)
+
+    def tiles(a, b, c, m, n, steps, accumulate):
+        if m == 0 or n == 0:
+            return
+        if steps == 0:
+            if not accumulate:
+                c[:m, :n] = 0
+            return
+        lda, ldb, ldc = a.strides[0] // a_item, b.strides[0] // b.itemsize, c.strides[0] // 4
+        a_ptr, b_ptr, c_ptr = a.ctypes.data, b.ctypes.data, c.ctypes.data
+        flag = 1 if accumulate else 0
+        n_vectors = (n + lanes - 1) // lanes
+        for v0 in range(0, n_vectors, nr_max):
+            nr = min(nr_max, n_vectors - v0)
+            col = v0 * lanes
+            for r0 in range(0, m, mr):
+                micro(a_ptr + a_item * r0 * lda, lda, b_ptr + 4 * col, ldb, c_ptr + 4 * (r0 * ldc + col), ldc,
+                      min(mr, m - r0), steps, flag, nr)  # fmt: skip
+
+    return tiles
+
+
+_tiles_bf16 = jit()(tile_loop(_BF16_MICRO, *BLOCKS["bf16"], TARGET.lanes, 2))
+_tiles_f32 = jit()(tile_loop(_F32_MICRO, *BLOCKS["f32"], TARGET.lanes, 4))
 
 
 @jit()
@@ -405,30 +503,18 @@ def gemm(a, bp, c, m, n, kpairs, accumulate):
     c: 2-D float32, rows contiguous, at least padded(n, 16) columns (the padding is written).
     accumulate: add to c (True) or overwrite it (False).
     """
-    _tiles(True, a, bp, c, m, n, kpairs, accumulate)
-
-
-@jit()
-def _f32_micro(nr, a, lda, b, ldb, c, ldc, m, k, accumulate):
-    if nr == 4:
-        _F32_MICRO_4(a, lda, b, ldb, c, ldc, m, k, accumulate)
-    elif nr == 3:
-        _F32_MICRO_3(a, lda, b, ldb, c, ldc, m, k, accumulate)
-    elif nr == 2:
-        _F32_MICRO_2(a, lda, b, ldb, c, ldc, m, k, accumulate)
-    else:
-        _F32_MICRO_1(a, lda, b, ldb, c, ldc, m, k, accumulate)
+    _tiles_bf16(a, bp, c, m, n, kpairs, accumulate)
 
 
 @jit()
 def gemm_f32(a, b, c, m, n, k, accumulate):
-    """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n] in float32 with fused multiply-adds.
+    """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n] in float32 with multiply-adds.
 
     a, b, c: 2-D float32 with contiguous rows; b and c at least padded(n, 16)
     columns wide (c's padding is written; b's is read and must be finite).
     accumulate: add to c (True) or overwrite it (False).
     """
-    _tiles(False, a, b, c, m, n, k, accumulate)
+    _tiles_f32(a, b, c, m, n, k, accumulate)
 
 
 @jit()

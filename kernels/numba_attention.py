@@ -130,7 +130,7 @@ from numba.extending import intrinsic, overload
 from .jit import jit as _jit
 from .cpu_blas import matmul, set_threads_local, uses_process_threads
 from .simd import exp2_affine, row_max
-from .microkernels import F32_PRODUCTS, LANES, bf16_of, bf16_to_f32, f32_to_bf16, gemm, gemm_f32, pack_pairs, padded
+from .microkernels import F32_PRODUCTS, PAD, bf16_of, check_paths, bf16_to_f32, f32_to_bf16, gemm, gemm_f32, pack_pairs, padded
 
 __all__ = ["flash_forward", "flash_backward", "warmup"]
 
@@ -532,8 +532,8 @@ def _forward_worker(
 
     # Scratch for this worker: O(block) memory, independent of N; rows padded to
     # 16 columns for the micro-kernels (+1 key: bf16's even first key).
-    score_buf = np.empty(block_q * padded(block_k + 1, LANES), real)  # (Bq, Bk16) scores, then P
-    acc = np.empty((block_q, padded(dv, LANES)), real)  # (Bq, Dv16) running numerator
+    score_buf = np.empty(block_q * padded(block_k + 1, PAD), real)  # (Bq, Bk16) scores, then P
+    acc = np.empty((block_q, padded(dv, PAD)), real)  # (Bq, Dv16) running numerator
     running_max = np.empty(block_q, real)  # (Bq,) running max, base 2
     running_sum = np.empty(block_q, real)  # (Bq,) running denominator
     rescale = np.empty(block_q, real)  # (Bq,) exp2(old max - new max)
@@ -569,7 +569,7 @@ def _forward_worker(
             j0 = _first_key(max(kb * block_k, i0 + lo_offset, key_start), k_packed)
             j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
             bk = j1 - j0
-            s_full = score_buf[: bq * padded(bk, LANES)].reshape((bq, padded(bk, LANES)))  # (Bq, Bk16)
+            s_full = score_buf[: bq * padded(bk, PAD)].reshape((bq, padded(bk, PAD)))  # (Bq, Bk16)
             key_cols = _key_offset(ks + j0, k_packed)
             _product(q_rows, k_packed[b, hk, :, key_cols:], s_full, bq, bk, d, False, micro)  # S = Q K^T
             s = s_full[:, :bk]  # (Bq, Bk)
@@ -672,10 +672,10 @@ def _decode_worker(
     zero = consts[_C_ZERO]
     dtype = q.dtype
 
-    q_t = np.zeros((d, padded(rows, LANES)), dtype)  # (D, rows16) Q^T of the group
-    st = np.empty((block_k, padded(rows, LANES)), dtype)  # (Bk, rows16) S^T
-    score_buf = np.empty(rows * padded(block_k, LANES), dtype)  # (rows, Bk16) scores, then P
-    acc = np.empty((rows, padded(dv, LANES)), dtype)  # (rows, Dv16)
+    q_t = np.zeros((d, padded(rows, PAD)), dtype)  # (D, rows16) Q^T of the group
+    st = np.empty((block_k, padded(rows, PAD)), dtype)  # (Bk, rows16) S^T
+    score_buf = np.empty(rows * padded(block_k, PAD), dtype)  # (rows, Bk16) scores, then P
+    acc = np.empty((rows, padded(dv, PAD)), dtype)  # (rows, Dv16)
     running_max = np.empty(rows, dtype)
     running_sum = np.empty(rows, dtype)
     rescale = np.empty(rows, dtype)
@@ -712,7 +712,7 @@ def _decode_worker(
             j1 = min(j0 + block_k, nk)
             bk = j1 - j0
             _product(k[b, hk, j0:j1], q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
-            s_full = score_buf[: rows * padded(bk, LANES)].reshape((rows, padded(bk, LANES)))
+            s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
             for j in range(bk):
                 for r in range(rows):
                     s_full[r, j] = st[j, r]
@@ -1063,7 +1063,7 @@ def _backward_worker(
     scale = consts[_C_SCALE]
     has_softcap = (flags & _HAS_SOFTCAP) != 0
     real = dk_t.dtype  # float32, or float64 for float64
-    tile = block_q * padded(block_k + 1, LANES)
+    tile = block_q * padded(block_k + 1, PAD)
 
     q_buf = np.empty((block_q, q_width), operand)  # (Bq, D even) Q rows
     do_buf = np.empty((block_q, dv_width), operand)  # (Bq, Dv even) dO rows
@@ -1072,9 +1072,9 @@ def _backward_worker(
     p_buf = np.empty(tile, real)  # (Bq, Bk16) scores, then P
     ds_buf = np.empty(tile, real)  # (Bq, Bk16) dP, then dS
     cap_buf = np.empty(tile if has_softcap else 1, real)  # (Bq, Bk) softcap factor
-    pairs_buf = np.empty(bq_width * padded(block_k + 1, LANES), operand)  # P or dS as a B operand
+    pairs_buf = np.empty(bq_width * padded(block_k + 1, PAD), operand)  # P or dS as a B operand
     ds_rows = np.empty(block_q * padded(block_k + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
-    dq_acc = np.empty((block_q, padded(d, LANES)), real)  # (Bq, D16)
+    dq_acc = np.empty((block_q, padded(d, PAD)), real)  # (Bq, D16)
     lse2 = np.empty(block_q, real)
     delta = np.empty(block_q, real)
     blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
@@ -1124,7 +1124,7 @@ def _backward_worker(
                 j0 -= j0 % 2  # bf16's dS K reads keys in pairs; the extra key is hidden from every row
                 j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
                 bk = j1 - j0
-                bk16 = padded(bk, LANES)
+                bk16 = padded(bk, PAD)
                 p_full = p_buf[: bq * bk16].reshape((bq, bk16))
                 ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
                 p, ds = p_full[:, :bk], ds_full[:, :bk]  # (Bq, Bk)
@@ -1568,6 +1568,7 @@ def flash_forward(
     diagonal = Nk - Nq when aligned bottom-right, else 0. f32_products: "fma" or
     "blas" for float32's products (default: F32_PRODUCTS, the machine's choice).
     """
+    check_paths()
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
     dtype, compute, q, k, v, flags, consts, table, alibi = _prepare(
         q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi)
@@ -1590,17 +1591,17 @@ def flash_forward(
     masks, flags = masks + (alibi,), flags | mask_flags
     n_workers = numba.get_num_threads()
     micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
-    v_width = dv if dv % LANES == 0 else padded(dv, LANES)
+    v_width = dv if dv % PAD == 0 else padded(dv, PAD)
     dense = segments is None and not flags & _HAS_ALIBI
     if dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:
         lo, hi = int(table[0, 5]), int(table[0, 6])
         return _decode(q, k, v, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
     if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
         operand, operand_shapes = np.uint16, (
-            (batch, hkv, (d + 1) // 2, 2 * (nk + LANES)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, LANES)))
+            (batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, PAD)))
     else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
         operand, operand_shapes = dtype, (
-            (batch, hkv, d, nk + LANES), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
+            (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
     serial = hq * d * work <= _SERIAL_WORK
     with _CALL_LOCK, _single_threaded_blas():
         k_packed, v_packed = _WORKSPACE.arrays(operand, operand_shapes, zero=False)
@@ -1667,6 +1668,7 @@ def flash_backward(
     flash_forward does. segments, align and alibi as for flash_forward; rows and
     keys outside every segment get zero gradients.
     """
+    check_paths()
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
     dtype, compute, q, k, v, flags, consts, table, alibi = _prepare(
         q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi)
@@ -1685,13 +1687,13 @@ def flash_backward(
     n_workers = numba.get_num_threads()
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
-        operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + LANES)),
-                          (batch, hkv, (dv + 1) // 2, 2 * (nk + LANES)),
-                          (batch, hkv, (nk + 1) // 2, 2 * padded(d, LANES)))  # fmt: skip
+        operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)),
+                          (batch, hkv, (dv + 1) // 2, 2 * (nk + PAD)),
+                          (batch, hkv, (nk + 1) // 2, 2 * padded(d, PAD)))  # fmt: skip
     else:  # K^T, V^T and K with rows of a whole number of vectors
-        operand_shapes = ((batch, hkv, d, nk + LANES), (batch, hkv, dv, nk + LANES),
-                          (batch, hkv, nk, padded(d, LANES)))  # fmt: skip
-    partial_shapes = ((batch, hkv * n_chunks, d, nk + LANES), (batch, hkv * n_chunks, dv, nk + LANES))
+        operand_shapes = ((batch, hkv, d, nk + PAD), (batch, hkv, dv, nk + PAD),
+                          (batch, hkv, nk, padded(d, PAD)))  # fmt: skip
+    partial_shapes = ((batch, hkv * n_chunks, d, nk + PAD), (batch, hkv * n_chunks, dv, nk + PAD))
     with _CALL_LOCK, _single_threaded_blas():
         if bf16:  # uint16 operands apart from the float32 partials
             k_packed, v_packed, k_rows = _arrays_together(np.uint16, operand_shapes, zero=False)
@@ -1707,13 +1709,15 @@ def flash_backward(
 
 def warmup():
     """Compile (or load from cache) forward and backward for float32 and float64, and the
-    bf16 products (bf16 bits and float32 under "medium") where the CPU has them."""
+    bf16 products where bf16 stays bf16 (bf16 bits; float32 under "medium" on VDPBF16PS)."""
     from .microkernels import BF16_PRODUCTS, bf16_bits
 
     rng = np.random.default_rng(0)
     variants = [(np.float32, False), (np.float64, False)]
+    if BF16_PRODUCTS != "fp32":
+        variants += [(np.uint16, True)]
     if BF16_PRODUCTS == "dpbf16":
-        variants += [(np.uint16, True), (np.float32, True)]
+        variants += [(np.float32, True)]
     for dtype, bf16_products in variants:
         q, k, v = (rng.standard_normal(shape) for shape in ((1, 2, 3, 4), (1, 1, 5, 4), (1, 1, 5, 4)))
         q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
