@@ -116,10 +116,12 @@ def cpu_product_path(dtype):
 def _cpu_product_path(dtype, precision):
     from .kernels.microkernels import BF16_DETAIL, BF16_PRODUCTS, F32_DETAIL, F32_PRODUCTS
     from .kernels.cpu_blas import BLAS_NAME
+    from .kernels.target import TARGET
 
-    blas_name = "MKL" if BLAS_NAME == "mkl" else "OpenBLAS"
+    blas_name = "MKL" if BLAS_NAME == "mkl" else "SciPy's BLAS"
     if F32_PRODUCTS == "fma":
-        blas = f"float32 on the AVX-512 FMA micro-kernel (the backward's dP through {blas_name} sgemm)"
+        blas = (f"float32 on the {TARGET.vector_isa} FMA micro-kernel, {TARGET.lanes} lanes "
+                f"(the backward's dP through {blas_name} sgemm)")  # fmt: skip
     else:
         blas = f"float32 products through {blas_name} sgemm ({F32_DETAIL})"
     if dtype == "float64":
@@ -127,7 +129,7 @@ def _cpu_product_path(dtype, precision):
     if dtype == "float16":
         return "float32", f"{blas} (float16 converted to float32 at the boundary: no bf16 rounding)"
     if dtype == "bfloat16":
-        if BF16_PRODUCTS == "dpbf16":
+        if BF16_PRODUCTS != "fp32":  # VDPBF16PS, or widened to float32 in the micro-kernel
             return "bf16", BF16_DETAIL
         return "float32", f"{blas}; {BF16_DETAIL}"
     if precision == "medium" and BF16_PRODUCTS == "dpbf16":
@@ -164,8 +166,10 @@ class NumbaBackend(Backend):
         return None
 
     def product_path(self, spec):
+        from .kernels.target import describe
+
         path, why = cpu_product_path(spec.dtype)
-        return f"{path} products: {why}"
+        return f"{path} products: {why}; compiled for {describe()}"
 
     def warmup(self):
         from .kernels.numba_attention import warmup

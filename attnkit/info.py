@@ -30,6 +30,23 @@ def library_versions():
     return versions
 
 
+# LLVM's feature names where Linux's /proc/cpuinfo spells them otherwise.
+_LLVM_FLAG_NAMES = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+                    "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16",
+                    "amx-fp16": "amx_fp16", "neon": "asimd", "fullfp16": "asimdhp", "sve2": "sve2", "sve": "sve"}
+
+
+def _llvm_host_flags():
+    """The host's SIMD features as llvmlite reports them (every OS), in /proc/cpuinfo's names."""
+    try:
+        import llvmlite.binding as llvm
+
+        features = llvm.get_host_cpu_features()
+    except Exception:  # llvmlite missing, or no feature query on this platform
+        return set()
+    return {_LLVM_FLAG_NAMES.get(name, name) for name, present in features.items() if present}
+
+
 def cpu_info():
     """CPU model, logical cores and the SIMD extensions from SIMD_FLAGS it has."""
     fields = {}
@@ -41,6 +58,8 @@ def cpu_info():
     except OSError:
         pass  # not Linux: the model from platform, no flag list
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    if not flags:  # macOS, Windows: LLVM's view of the host, in Linux's names
+        flags = _llvm_host_flags()
     return {
         "model": fields.get("model name") or platform.processor() or platform.machine(),
         "logical_cores": os.cpu_count(),
@@ -88,8 +107,17 @@ def cpu_bf16():
         from .kernels import microkernels as bf16
     except Exception as error:  # numba missing or failing to initialise
         return {"name": None, "detail": f"unavailable ({type(error).__name__}: {error})"}
+    from .kernels.target import TARGET, describe
+
+    error = None
+    try:
+        bf16.check_paths()
+    except ValueError as problem:
+        error = str(problem)
     return {"name": bf16.BF16_PRODUCTS, "detail": bf16.BF16_DETAIL,
-            "float32": bf16.F32_PRODUCTS, "float32_detail": bf16.F32_DETAIL}
+            "float32": bf16.F32_PRODUCTS, "float32_detail": bf16.F32_DETAIL,
+            "target": describe(TARGET), "lanes": TARGET.lanes, "registers": TARGET.registers,
+            "blocks": {kind: list(block) for kind, block in bf16.BLOCKS.items()}, "error": error}
 
 
 def collect():
@@ -119,9 +147,11 @@ def format_report(info):
         f"  model    {cpu['model']}",
         f"  cores    {cpu['logical_cores']} logical ({cpu['machine']}, {cpu['system']})",
         f"  simd     {' '.join(cpu['simd']) or 'none detected'}",
+        f"  target   {info['cpu_bf16'].get('target', 'unknown')}  (what Numba compiles for; NUMBA_CPU_NAME)",
         f"  blas     {info['cpu_blas']['detail']}  (the numba kernel's tile products; ATTNKIT_CPU_BLAS)",
         f"  bf16     {info['cpu_bf16']['detail']}  (bf16, and float32 under torch's \"medium\"; ATTNKIT_CPU_BF16)",
         f"  float32  {info['cpu_bf16'].get('float32_detail', '')}  (ATTNKIT_CPU_F32)",
+        *([f"  error    {info['cpu_bf16']['error']}"] if info["cpu_bf16"].get("error") else []),
         "",
         "cuda:",
     ]

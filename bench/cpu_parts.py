@@ -163,7 +163,7 @@ def main(argv=None):
                 k_t[:, :N_KEYS] = k.T
                 (t32,) = _best([lambda: _products_f32_micro(q, k_t, v, s, acc, calls)], args.repeats)
                 line += f"   f32 micro-kernel {flops / t32 / 1e9:6.1f} GFLOP/s"
-            if bf16.BF16_PRODUCTS == "dpbf16":
+            if bf16.BF16_PRODUCTS != "fp32":
                 q16, p16 = bf16.bf16_bits(q), bf16.bf16_bits(rng.random((BLOCK_Q, BLOCK_K)))
                 k_packed = np.zeros((d // 2, 2 * (N_KEYS + 16)), np.uint16)
                 v_packed = np.zeros((N_KEYS // 2, 2 * d), np.uint16)

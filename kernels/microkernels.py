@@ -137,7 +137,7 @@ def _choose_bf16(target=TARGET):
 def _choose_f32(target=TARGET):
     """Whether float32 products run on the FMA micro-kernel ("fma") or the BLAS ("blas")."""
     choices = {
-        "fma": f"float32 products on attnkit's {target.isa} FMA micro-kernel ({target.lanes} lanes)",
+        "fma": f"float32 products on attnkit's {target.vector_isa} FMA micro-kernel ({target.lanes} lanes)",
         "blas": "float32 products through the BLAS",
     }
     unavailable = {} if target.fma else {"fma": f"{_target_name(target)} has no FMA"}
@@ -146,8 +146,7 @@ def _choose_f32(target=TARGET):
 
 BF16_PRODUCTS, BF16_DETAIL, _BF16_ERROR = _choose_bf16()
 F32_PRODUCTS, F32_DETAIL, _F32_ERROR = _choose_f32()
-# bf16 runs on VDPBF16PS only where the target has it; every other target widens.
-_BF16_KIND = "dpbf16" if TARGET.bf16_dot else "widen"
+_BF16_KIND = "dpbf16" if TARGET.bf16_dot else "widen"  # see bf16_kind
 BLOCKS = {"f32": register_block("f32"), "bf16": register_block(_BF16_KIND)}
 
 
@@ -345,6 +344,27 @@ def _build_dispatch(module, kind_name, lanes, mr, nr_max):
 
     return _define(module, f"attnkit_{kind_name}_tiles_{mr}x{nr_max}_{lanes}",
                    _micro_kernel_arguments(kind) + [_I64], build)  # fmt: skip
+
+
+def bf16_kind(target):
+    """The bf16 micro-kernel a target gets: "dpbf16" where it has VDPBF16PS, else "widen"."""
+    return "dpbf16" if target.bf16_dot else "widen"
+
+
+def define_target_kernels(module, target):
+    """Every micro-kernel `target` compiles, at its own register blocks, plus the
+    float32 -> bf16 conversion, as IR functions in module (cross-compiled by
+    tests/test_targets.py). Returns {kind: function name}."""
+    names = {}
+    for kind in ("f32", bf16_kind(target)):
+        mr, nr = register_block(kind, target)
+        names[kind] = define_micro_kernel(module, kind, target.lanes, mr, nr).name
+
+    def convert(builder, args):
+        return builder.zext(f32_to_bf16_ir(builder, args[0], target.bf16_convert), _I32)
+
+    names["f32_to_bf16"] = _define(module, "attnkit_f32_to_bf16", [_F32], convert).name
+    return names
 
 
 def micro_kernel_intrinsic(kind_name, lanes, mr, nr_max):

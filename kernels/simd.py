@@ -98,8 +98,10 @@ class _Real:
 
 
 def _fma(builder, real, vector, a, b, c):
+    """a * b + c: fused where the target has FMA (llvm.fmuladd), a multiply and an add elsewhere
+    (llvm.fma would become calls to libm's fmaf on a target without FMA)."""
     value_type = real.vector if vector else real.scalar
-    name = f"llvm.fma.v{real.width}{real.tag}" if vector else f"llvm.fma.{real.tag}"
+    name = f"llvm.fmuladd.v{real.width}{real.tag}" if vector else f"llvm.fmuladd.{real.tag}"
     function = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(value_type, [value_type] * 3), name
     )
@@ -262,6 +264,17 @@ def _row_array(row):
     if isinstance(row, types.Array) and row.ndim == 1 and _check_real(row.dtype):
         return _Real(row.dtype)
     return None
+
+
+def define_row_functions(module, dtype=types.float32):
+    """row_max and exp2_affine of `dtype` as IR functions in module (also what tests/test_targets.py
+    cross-compiles for other CPUs). Returns their names."""
+    real = _Real(dtype)
+    pointer, n = real.scalar.as_pointer(), ir.IntType(64)
+    _define(module, f"attnkit_row_max_{real.tag}", real.scalar, [pointer, n, real.scalar], _build_row_max(real))
+    _define(module, f"attnkit_exp2_affine_{real.tag}", real.scalar, [pointer, n, real.scalar, real.scalar],
+            _build_exp2_affine(real))  # fmt: skip
+    return [f"attnkit_row_max_{real.tag}", f"attnkit_exp2_affine_{real.tag}"]
 
 
 @intrinsic

@@ -53,17 +53,19 @@ class Target:
     host: bool  # Numba compiles for the CPU it runs on (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)
 
     @property
-    def isa(self):
-        """A short name of the vector instruction set the kernels use here."""
+    def vector_isa(self):
+        """The vector instruction set of the float32 micro-kernel: AVX-512, AVX2, AVX, SSE or NEON."""
         if self.arch == "aarch64":
-            return "NEON" + (" + BF16" if self.bf16_convert else "")
+            return "NEON"
         if self.arch != "x86_64":
             return f"{self.lanes} x float32 vectors"
-        if self.lanes == 16:
-            return "AVX-512" + (" + BF16" if self.bf16_dot else "")
-        if self.lanes == 8:
-            return "AVX2 + FMA" if self.fma else "AVX"
-        return "SSE"
+        return {16: "AVX-512", 8: "AVX2" if self.fma else "AVX"}.get(self.lanes, "SSE")
+
+    @property
+    def isa(self):
+        """vector_isa, with BF16 where the target has bf16 instructions."""
+        bf16 = self.bf16_dot if self.arch == "x86_64" else self.bf16_convert
+        return self.vector_isa + (" + BF16" if bf16 else "")
 
 
 def _numba_target():
@@ -98,7 +100,8 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 
 
 def assembly(ir_text, triple, cpu, features, opt=3):
-    """The assembly LLVM emits for ir_text on (triple, cpu, features); nothing is run."""
+    """The assembly LLVM emits for ir_text on (triple, cpu, features) after its O`opt` pipeline
+    (as Numba optimises a module before code generation); nothing is run."""
     if triple != llvm.get_process_triple():
         llvm.initialize_all_targets()  # cross-compiling (tests, the target survey): every backend llvmlite has
         llvm.initialize_all_asmprinters()
@@ -106,6 +109,10 @@ def assembly(ir_text, triple, cpu, features, opt=3):
     module.triple = triple
     machine = llvm.Target.from_triple(triple).create_target_machine(cpu=cpu, features=features, opt=opt)
     module.verify()
+    if opt:
+        tuning = llvm.create_pipeline_tuning_options(speed_level=opt)
+        builder = llvm.create_pass_builder(machine, tuning)
+        builder.getModulePassManager().run(module, builder)
     return machine.emit_assembly(module)
 
 

@@ -70,7 +70,7 @@ def inputs(rng, b, h, nq, nk, d):
     return [rng.standard_normal(shape) for shape in ((b, h, nq, d), (b, h, nk, d), (b, h, nk, d), (b, h, nq, d))]
 
 
-DTYPES = [np.float32] + (["bf16"] if BF16_PRODUCTS == "dpbf16" else [])
+DTYPES = [np.float32] + (["bf16"] if BF16_PRODUCTS != "fp32" else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: "bf16" if d == "bf16" else np.dtype(d).name)
