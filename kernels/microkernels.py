@@ -84,14 +84,20 @@ def register_block(kind, target=TARGET):
     kind: "f32", "dpbf16" (VDPBF16PS) or "widen" (bf16 widened to float32).
     Live registers per step: MR * NR accumulators, the NR vectors of B (two
     each when bf16 is widened), the broadcast of A (two when widened). Chosen
-    by measuring (bench/results/cpu-targets.md); NEON's by register count and
-    the cross-compiled assembly (no hardware here to time it).
+    among the blocks that fit by timing them (`python -m attnkit.bench.cpu_blocks`
+    on emulated targets, bench/results/cpu-targets.md); NEON's by the same
+    count and its cross-compiled assembly (no AArch64 hardware here to time).
     """
     if target.registers >= 32:
-        # AVX-512 and NEON: 6 x 4 = 24 accumulators + 4 B + 1 A; widened 6 x 3 = 18 + 6 + 2
-        return (6, 3) if kind == "widen" else (6, 4)
-    # AVX2 / SSE: 16 registers. 6 x 2 = 12 + 2 + 1; widened 4 x 2 = 8 + 4 + 2
-    return (4, 2) if kind == "widen" else (6, 2)
+        # AVX-512 and NEON: 6 x 4 = 24 accumulators + 4 B + 1 A; widened 4 x 4 = 16 + 8 + 2
+        # (AVX-512F, D 64 / 128: 4 x 4 136-141 GFLOP/s, 6 x 3 132, 5 x 3 125-127)
+        return (4, 4) if kind == "widen" else (6, 4)
+    # AVX2 / SSE: 16 registers. 6 x 2 = 12 + 2 + 1 (AVX2: 96-100 GFLOP/s, 4 x 3 90-96);
+    # widened 4 x 2 = 8 + 4 + 2 (83-88; 5 x 2 spills: 67-69); without FMA each product needs a
+    # register of its own: 3 x 2 (never chosen there automatically: such targets convert bf16)
+    if kind == "widen":
+        return (4, 2) if target.fma else (3, 2)
+    return (6, 2)
 
 
 def _choose_path(variable, choices, auto, unavailable):
@@ -234,8 +240,8 @@ class _Kind:
         return b_vector
 
     def prepare_a(self, builder, a_unit):
-        if self.name == "widen":
-            return tuple(_splat(builder, self.f32x, half) for half in self._halves(builder, a_unit))
+        if self.name == "widen":  # the pair broadcast from memory, then split in vector registers
+            return self._halves(builder, _splat(builder, ir.VectorType(_I32, self.lanes), a_unit))
         if self.name == "dpbf16":
             return builder.bitcast(_splat(builder, ir.VectorType(_I32, self.lanes), a_unit),
                                    ir.VectorType(_BFloat(), 2 * self.lanes))  # fmt: skip
