@@ -1,11 +1,13 @@
 """attnkit against torch SDPA on the calls a sweep never makes, in one process, taking turns.
 
-    python -m attnkit.bench.cpu_dtypes [--suite dtypes|dropin] [--rounds 5] [--threads 2]
+    python -m attnkit.bench.cpu_dtypes [--suite dtypes|dropin|targets] [--rounds 5] [--threads 2]
 
 Suite "dtypes": bf16, fp16, fp32 under torch's "medium" and "highest" matmul
 precision, bf16 decode steps, forward and forward+backward. Suite "dropin":
 the calls of real models: key-padding masks as transformers builds them
 ((B, 1, Nq, Nk) boolean), decode steps (Nq = 1 against a long cache), tiny calls.
+Suite "targets": the rows measured on every CPU target (scripts/cpu-targets-record.sh
+runs them with Numba and torch limited to AVX2, to AVX-512F, and natively).
 For each case it times attnkit's scaled_dot_product_attention and torch's
 alternately, `--rounds` times each, and prints the medians, the ratio torch /
 attnkit (above 1: attnkit is faster) and both errors against a float64
@@ -50,6 +52,16 @@ SUITES = {
         ("tiny", "float32", "highest", 1, 4, 4, 32, 32, 32, False, "forward", None),
         ("tiny", "float32", "highest", 2, 8, 8, 16, 16, 64, False, "forward", None),
         ("tiny", "float32", "highest", 1, 1, 1, 1, 1, 64, False, "forward", None),
+    ],
+    # The rows of the every-CPU issue, run under each target by scripts/cpu-targets-record.sh.
+    "targets": [
+        ("fp32", "float32", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward", None),
+        ("fp32", "float32", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward", None),
+        ("fp32 GQA 32/8", "float32", "highest", 1, 32, 8, 4096, 4096, 128, True, "forward", None),
+        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward", None),
+        ("fp32 decode GQA 32/8", "float32", "highest", 4, 32, 8, 1, 4096, 128, False, "forward", None),
+        ("fp32", "float32", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
+        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
     ],
 }
 

@@ -4,7 +4,8 @@ Numba's cache checks only the source file of the function it loads: a kernel
 in numba_attention.py compiled against an older simd.py or cpu_blas.py would
 be loaded as it was (this once hid a wrong exp2 from the tests). So at import,
 when the kernel sources differ from the ones the cache in kernels/__pycache__
-was built from, that cache is discarded (discard_stale_cache).
+(or, with NUMBA_CACHE_DIR set, the folder Numba keeps for kernels/ there) was
+built from, that cache is discarded (discard_stale_cache).
 """
 
 from __future__ import annotations
@@ -19,8 +20,20 @@ __all__ = ["discard_stale_cache", "jit"]
 _STAMP = "attnkit-kernel-sources.sha256"
 
 
+def cache_folder(folder):
+    """Where Numba caches the functions of folder/*.py: folder/__pycache__, or its folder
+    under NUMBA_CACHE_DIR when that is set (named as numba.core.caching names it)."""
+    from numba.core import config
+    from numba.core.caching import _CacheLocator
+
+    if config.CACHE_DIR:
+        return Path(config.CACHE_DIR) / _CacheLocator.get_suitable_cache_subpath(str(Path(folder) / "any.py"))
+    return Path(folder) / "__pycache__"
+
+
 def discard_stale_cache(folder=Path(__file__).parent):
-    """Delete folder/__pycache__/*.nbi, *.nbc unless they were built from folder/*.py as they are now.
+    """Delete the *.nbi, *.nbc of folder's cache (cache_folder) unless they were built from
+    folder/*.py as they are now.
 
     Returns True when something was discarded. Does nothing where the folder
     cannot be written (a read-only install has no cache there anyway).
@@ -29,7 +42,8 @@ def discard_stale_cache(folder=Path(__file__).parent):
     digest = hashlib.sha256()
     for source in sorted(folder.glob("*.py")):
         digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    cache, stamp = folder / "__pycache__", folder / "__pycache__" / _STAMP
+    cache = cache_folder(folder)
+    stamp = cache / _STAMP
     try:
         if stamp.read_text(encoding="ascii") == digest.hexdigest():
             return False
@@ -39,7 +53,7 @@ def discard_stale_cache(folder=Path(__file__).parent):
         stale = list(cache.glob("*.nb[ic]"))
         for path in stale:
             path.unlink(missing_ok=True)
-        cache.mkdir(exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest.hexdigest(), encoding="ascii")
     except OSError:
         return False

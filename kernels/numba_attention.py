@@ -130,7 +130,7 @@ from numba.extending import intrinsic, overload
 from .jit import jit as _jit
 from .cpu_blas import matmul, set_threads_local, uses_process_threads
 from .simd import exp2_affine, row_max
-from .microkernels import F32_PRODUCTS, PAD, bf16_of, check_paths, bf16_to_f32, f32_to_bf16, gemm, gemm_f32, pack_pairs, padded
+from .microkernels import F32_PRODUCTS, PAD, bf16_of, check_paths, bf16_to_f32, f32_to_bf16, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
 
 __all__ = ["flash_forward", "flash_backward", "warmup"]
 
@@ -828,7 +828,13 @@ def _operand_of_overload(dst, value):
 @_jit(fastmath=_FASTMATH)
 def _load_rows(src, dst):
     """dst[:rows, :cols] = src as elements of dst's dtype (bf16 bits, float32 or float64); dst's padding = 0."""
-    rows, cols = src.shape
+    _load_row_prefixes(src, src.shape[1], dst)
+
+
+@_jit(fastmath=_FASTMATH)
+def _load_row_prefixes(src, cols, dst):
+    """_load_rows of src[:, :cols]; pass a C-contiguous src (a slice's rows would not vectorise)."""
+    rows = src.shape[0]
     for r in range(rows):
         s_row, d_row = src[r], dst[r]
         for c in range(cols):
@@ -977,7 +983,7 @@ def _b_rows_of_overload(x, x_full, bk, buffer):
         def pairs(x, x_full, bk, buffer):
             rows = (x.shape[0] + 1) // 2
             packed = buffer[: rows * 2 * x_full.shape[1]].reshape((rows, 2 * x_full.shape[1]))
-            pack_pairs(x, packed)
+            pack_pair_columns(x_full, x.shape[1], packed)  # x_full's rows: contiguous
             return packed
 
         return pairs
@@ -1000,7 +1006,7 @@ def _a_rows_of_overload(x, x_full, buffer):
         def converted(x, x_full, buffer):
             width = padded(x.shape[1], 2)
             rows = buffer[: x.shape[0] * width].reshape((x.shape[0], width))
-            _load_rows(x, rows)
+            _load_row_prefixes(x_full, x.shape[1], rows)  # x_full's rows: contiguous
             return rows
 
         return converted

@@ -326,6 +326,26 @@ def test_a_changed_kernel_source_discards_the_cache(tmp_path):
     assert not (cache / "kernel.f-10.py311.nbi").exists()
 
 
+def test_a_changed_kernel_source_discards_a_numba_cache_dir(tmp_path, monkeypatch):
+    """With NUMBA_CACHE_DIR (the emulated targets' tests, shared caches) the folder Numba uses there is checked."""
+    from numba.core import config
+
+    from attnkit.kernels.jit import cache_folder, discard_stale_cache
+
+    sources, caches = tmp_path / "kernels", tmp_path / "caches"
+    sources.mkdir()
+    (sources / "helper.py").write_text("y = 1\n")
+    monkeypatch.setattr(config, "CACHE_DIR", str(caches))
+    folder = cache_folder(sources)
+    assert folder.parent == caches and folder.name.startswith("kernels_")
+    discard_stale_cache(sources)
+    (folder / "kernel.f-10.py311.nbi").write_text("fresh")
+    assert discard_stale_cache(sources) is False
+    (sources / "helper.py").write_text("y = 2\n")
+    assert discard_stale_cache(sources) is True
+    assert not (folder / "kernel.f-10.py311.nbi").exists()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_arrays_together_are_aligned_disjoint_views(dtype):
     shapes = ((1, 3, 5, 7), (2, 1, 4), (0, 3), (9,))
