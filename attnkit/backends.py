@@ -114,7 +114,7 @@ def cpu_product_path(dtype):
 
 @functools.lru_cache(maxsize=32)
 def _cpu_product_path(dtype, precision):
-    from .kernels.microkernels import BF16_DETAIL, BF16_PRODUCTS, F32_DETAIL, F32_PRODUCTS
+    from .kernels.microkernels import BF16_DETAIL, BF16_DOT, BF16_PRODUCTS, F32_DETAIL, F32_PRODUCTS
     from .kernels.cpu_blas import BLAS_NAME
     from .kernels.target import TARGET
 
@@ -132,7 +132,7 @@ def _cpu_product_path(dtype, precision):
         if BF16_PRODUCTS != "fp32":  # VDPBF16PS, or widened to float32 in the micro-kernel
             return "bf16", BF16_DETAIL
         return "float32", f"{blas}; {BF16_DETAIL}"
-    if precision == "medium" and BF16_PRODUCTS == "dpbf16":
+    if precision == "medium" and BF16_DOT:
         return "bf16", f'torch.get_float32_matmul_precision() is "medium": {BF16_DETAIL}'
     return "float32", f"{blas} (float32 matmul precision {precision!r})"
 

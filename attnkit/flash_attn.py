@@ -13,13 +13,21 @@ never pay for each other's length.
 Differences, all stated: dropout_p > 0 runs a plain torch composition (with a
 warning; the fused kernels have no dropout) and S_dmask is always None;
 `deterministic` is accepted and always true (attnkit's backward has no
-atomics); `num_splits` is accepted and ignored (the CPU kernel chooses its own
-split); any page size >= 1 works (flash-attn 2 wants multiples of 256).
+atomics); `num_splits` (up to 128, as in flash-attn) is accepted and ignored
+(the CPU kernel chooses its own split); any page size >= 1 works (flash-attn 2
+wants multiples of 256).
+
+Refusals: flash-attn's C++ checks raise RuntimeError, so code written for it
+catches RuntimeError. Every refusal here is a FlashAttnValueError or
+FlashAttnTypeError: a ValueError / TypeError naming the argument (attnkit's
+contract) that is a RuntimeError as well.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
+import operator
 import warnings
 
 import numpy as np
@@ -29,6 +37,8 @@ from .varlen import host_offsets, varlen_attention
 
 __all__ = [
     "BACKEND",
+    "FlashAttnTypeError",
+    "FlashAttnValueError",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
@@ -43,6 +53,31 @@ __all__ = [
 # "auto" (Numba on the CPU, Triton on CUDA), or "reference" to check code against
 # the NumPy specification, or "triton" to run the GPU kernel under TRITON_INTERPRET=1.
 BACKEND = "auto"
+
+
+class FlashAttnValueError(ValueError, RuntimeError):
+    """A refused value: attnkit's ValueError, and the RuntimeError flash-attn raises for it."""
+
+
+class FlashAttnTypeError(TypeError, RuntimeError):
+    """A refused type: attnkit's TypeError, and the RuntimeError flash-attn raises for it."""
+
+
+def _flash_attn_errors(function):
+    """Re-raise the ValueError / TypeError of a refused call as the classes above (message unchanged)."""
+
+    @functools.wraps(function)
+    def translated(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (FlashAttnValueError, FlashAttnTypeError):
+            raise
+        except ValueError as error:
+            raise FlashAttnValueError(*error.args) from error
+        except TypeError as error:
+            raise FlashAttnTypeError(*error.args) from error
+
+    return translated
 
 
 def _torch():
@@ -74,16 +109,31 @@ def _same_device(**tensors):
         raise ValueError("tensors must be on one device; got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
 
 
+def _window_entry(s):
+    """One window_size entry as an int: a Python int, or an integer scalar / 0-d tensor (flash-attn's
+    tests pass torch.randint(0, seqlen_k, (2,))), never a bool or a float."""
+    if isinstance(s, (bool, np.bool_)):
+        raise TypeError("bool")
+    torch = _torch()
+    if isinstance(s, torch.Tensor) and (s.dtype == torch.bool or s.is_floating_point() or s.is_complex()):
+        raise TypeError(str(s.dtype))
+    return operator.index(s)
+
+
 def _window(window_size):
-    """flash-attn's (left, right) with -1 = unlimited -> attnkit's window (None = unlimited)."""
-    if (
-        isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2
-        or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in window_size)
-    ):  # fmt: skip
-        raise TypeError(f"window_size must be a (left, right) pair of ints, -1 for unlimited; got {window_size!r}")
-    if any(s < -1 for s in window_size):
-        raise ValueError(f"window_size entries must be >= 0, or -1 for unlimited; got {tuple(window_size)}")
-    left, right = (None if s < 0 else int(s) for s in window_size)
+    """flash-attn's (left, right) with -1 = unlimited -> attnkit's window (None = unlimited).
+
+    Any two-element sequence of integers: a tuple, a list, a 1-D integer tensor or array."""
+    try:
+        if isinstance(window_size, (str, bytes)) or len(window_size) != 2:
+            raise TypeError("not a pair")
+        entries = [_window_entry(s) for s in window_size]
+    except TypeError:
+        raise TypeError(f"window_size must be a (left, right) pair of ints, -1 for unlimited; "
+                        f"got {window_size!r}") from None  # fmt: skip
+    if any(s < -1 for s in entries):
+        raise ValueError(f"window_size entries must be >= 0, or -1 for unlimited; got {tuple(entries)}")
+    left, right = (None if s < 0 else s for s in entries)
     return None if left is None and right is None else (left, right)
 
 
@@ -181,6 +231,7 @@ def _uniform_offsets(batch, n):
     return torch.arange(0, (batch + 1) * n, n, dtype=torch.int32)
 
 
+@_flash_attn_errors
 def flash_attn_func(
     q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
     alibi_slopes=None, deterministic=False, return_attn_probs=False,
@@ -210,6 +261,7 @@ def flash_attn_func(
     return _results(out, lse, return_attn_probs)
 
 
+@_flash_attn_errors
 def flash_attn_qkvpacked_func(
     qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
     deterministic=False, return_attn_probs=False,
@@ -222,6 +274,7 @@ def flash_attn_qkvpacked_func(
     )  # fmt: skip
 
 
+@_flash_attn_errors
 def flash_attn_kvpacked_func(
     q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
     deterministic=False, return_attn_probs=False,
@@ -242,6 +295,7 @@ def _max_seqlen(name, value, offsets):
         raise ValueError(f"{name} is {int(value)}, but a sequence in the batch has {longest} tokens")
 
 
+@_flash_attn_errors
 def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
@@ -282,6 +336,7 @@ def flash_attn_varlen_func(
     return _results(out, lse, return_attn_probs)
 
 
+@_flash_attn_errors
 def flash_attn_varlen_qkvpacked_func(
     qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
@@ -294,6 +349,7 @@ def flash_attn_varlen_qkvpacked_func(
     )  # fmt: skip
 
 
+@_flash_attn_errors
 def flash_attn_varlen_kvpacked_func(
     q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
@@ -404,6 +460,7 @@ def _rotary(x, cos, sin, positions, interleaved):
     return torch.cat([rotated.to(x.dtype), x[..., 2 * half :]], dim=-1)
 
 
+@_flash_attn_errors
 def flash_attn_with_kvcache(
     q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
     cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
@@ -421,8 +478,10 @@ def flash_attn_with_kvcache(
     cache). cache_batch_idx (B,) int32: which cache row each sequence uses
     (contiguous caches). cache_leftpad (B,) int32: where each sequence's keys
     start. Sequence b attends to keys [cache_leftpad[b], cache_seqlens[b] +
-    N_new), aligned bottom-right; q is rotated at positions from cache_seqlens
-    (minus the left pad) on, all at the first one when neither causal nor local.
+    N_new), aligned bottom-right. Rotary positions are absolute cache positions,
+    as flash-attn's kernel has them (the left pad included): the new keys at
+    cache_seqlens[b] + i, q at cache_seqlens[b] + i, or all at cache_seqlens[b]
+    when neither causal nor local.
     Returns out (B, Nq, Hq, Dv), or (out, softmax_lse (B, Hq, Nq)). No
     backward, as in flash-attn. Nothing is written when an argument is refused.
     """
@@ -440,6 +499,8 @@ def flash_attn_with_kvcache(
         raise ValueError(f"v_cache must match k_cache's first axes {tuple(k_cache.shape[:2])}; got {tuple(v_cache.shape)}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0; got {num_splits!r}")
+    if num_splits > 128:
+        raise ValueError(f"num_splits must be at most 128, as in flash-attn; got {num_splits}")
     if not isinstance(rotary_interleaved, (bool, np.bool_)):
         raise TypeError(f"rotary_interleaved must be a bool; got {rotary_interleaved!r}")
     options = _options(softmax_scale, causal, window_size, softcap, False)
@@ -499,24 +560,26 @@ def flash_attn_with_kvcache(
             raise ValueError("rotary_cos and rotary_sin must both be given, with the same shape (L, R/2)")
         if 2 * rotary_cos.shape[1] > d:
             raise ValueError(f"rotary_cos has {rotary_cos.shape[1]} columns: R = {2 * rotary_cos.shape[1]} > D = {d}")
-        logical = filled - starts  # rotary positions count from the sequence's first key
-        needed = int((logical + max(n_new, nq)).max(initial=0))
+        # Absolute cache positions, left pad included: flash-attn's kernel adds leftpad_k back into
+        # its cos/sin offset. Queries all sit at cache_seqlens unless causal or local.
+        local = options["causal"] or options["window"] is not None
+        query_rows = nq if local else min(nq, 1)
+        needed = int((filled + max(n_new, query_rows)).max(initial=0))
         if needed > rotary_cos.shape[0]:
             raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; this call needs {needed}")
 
     # Everything is checked: now write.
     if k is not None:
         if rotary:
-            offsets = torch.from_numpy(logical[:, None] + np.arange(n_new)[None]).to(q.device)
+            offsets = torch.from_numpy(filled[:, None] + np.arange(n_new)[None]).to(q.device)
             k = _rotary(k, rotary_cos, rotary_sin, offsets, rotary_interleaved)
         page_ids, in_page = _storage_rows(pages, page_size, filled, stops)
         page_ids, in_page = (torch.from_numpy(x).to(q.device) for x in (page_ids, in_page))
         k_cache[page_ids, in_page] = k.reshape(-1, hkv, d)
         v_cache[page_ids, in_page] = v.reshape(-1, hkv, v.shape[3])
     if rotary:
-        local = options["causal"] or options["window"] is not None
         steps = np.arange(nq)[None] if local else np.zeros((1, nq), np.int64)
-        q = _rotary(q, rotary_cos, rotary_sin, torch.from_numpy(logical[:, None] + steps).to(q.device),
+        q = _rotary(q, rotary_cos, rotary_sin, torch.from_numpy(filled[:, None] + steps).to(q.device),
                     rotary_interleaved)
 
     keys, values = _gather_pages(k_cache, v_cache, pages, starts, stops)

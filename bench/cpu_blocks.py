@@ -26,7 +26,7 @@ from .cpu_parts import BLOCK_K, BLOCK_Q, N_KEYS, _best
 # Candidates per register file and kind: within the registers by the count in
 # microkernels.register_block (accumulators + B vectors + broadcasts).
 CANDIDATES = {
-    32: {"f32": [(6, 4), (8, 3), (4, 4)], "dpbf16": [(6, 4), (8, 3), (4, 4)], "widen": [(4, 4), (6, 3), (5, 3)]},
+    32: {"f32": [(6, 4), (8, 3), (4, 4)], "dpbf16": [(6, 4), (8, 3), (4, 4)], "bfdot": [(6, 4), (8, 3)], "widen": [(4, 4), (6, 3), (5, 3)]},
     16: {"f32": [(6, 2), (4, 3), (4, 2)], "dpbf16": [(6, 2), (4, 3)], "widen": [(4, 2), (5, 2), (3, 2)]},
 }
 

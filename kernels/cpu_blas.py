@@ -16,8 +16,11 @@ their cache stays valid across processes:
   with `mkl_set_num_threads_local` to keep each worker's calls on its own
   thread;
 - "openblas": SciPy's `scipy.linalg.cython_blas.sgemm`/`dgemm` (the library
-  `np.dot` uses), everywhere else. Its thread count is process-wide, so the
-  caller pins it with threadpoolctl.
+  `np.dot` uses), everywhere else: on AArch64 Linux, on macOS (OpenBLAS, or
+  Accelerate in recent SciPy wheels) and on Windows (torch_cpu.dll exports no
+  sgemm). Its thread count is process-wide, so the caller pins it with
+  threadpoolctl; BLAS_DETAIL says what the library is and whether it can be
+  pinned.
 
 ATTNKIT_CPU_BLAS=openblas (or mkl) forces the choice; the default, "auto",
 takes MKL when torch has it. Both take 32-bit integers (LP64).
@@ -95,6 +98,24 @@ def _scipy_blas():
     return addresses
 
 
+def _scipy_blas_detail():
+    """What SciPy's BLAS is here (OpenBLAS on Linux and Windows wheels; Accelerate on recent
+    macOS wheels), and whether threadpoolctl can pin its threads, which the kernel relies on."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        found = [info for info in threadpool_info()
+                 if info.get("user_api") == "blas" and "scipy" in info.get("filepath", "").lower()]  # fmt: skip
+    except Exception as error:  # threadpoolctl missing or failing on this platform
+        return f"SciPy's BLAS (scipy.linalg.cython_blas; its threads cannot be pinned: {error})"
+    if not found:
+        return ("SciPy's BLAS (scipy.linalg.cython_blas; threadpoolctl finds no library of SciPy's it can "
+                "pin, e.g. Accelerate: it may start threads of its own inside the kernel's workers)")  # fmt: skip
+    info = found[0]
+    return (f"SciPy's BLAS ({info.get('internal_api', 'unknown')} {info.get('version') or ''}".rstrip()
+            + ", pinned to one thread per worker through threadpoolctl)")
+
+
 @cfunc(types.int32(types.CPointer(types.int32)))
 def _no_thread_setting(_):  # the OpenBLAS path: threads are pinned by the caller instead
     return 0
@@ -111,7 +132,7 @@ def _bind():
     if mkl is not None:
         addresses, name, detail = mkl, "mkl", f"Intel MKL inside torch ({_torch_library_path()})"
     else:
-        addresses, name, detail = _scipy_blas(), "openblas", "SciPy's BLAS (scipy.linalg.cython_blas)"
+        addresses, name, detail = _scipy_blas(), "openblas", _scipy_blas_detail()
         addresses["threads"] = _no_thread_setting.address
     for key, symbol in _SYMBOLS.items():
         llvm.add_symbol(symbol, addresses[key])

@@ -17,7 +17,8 @@ compiles for; nothing here looks at the host):
 - float32: C += A B with fused multiply-adds on vectors of the target's width
   (16 lanes with AVX-512, 8 with AVX2, 4 with NEON);
 - bf16 with AVX-512 BF16: VDPBF16PS, which multiplies 16 pairs of bf16 numbers
-  and adds both products into 16 float32 lanes;
+  and adds both products into 16 float32 lanes; on AArch64 with the bf16
+  extension BFDOT does the same on 4 lanes;
 - bf16 elsewhere: the same pair-packed operands, each pair widened to two
   float32 vectors as it is loaded (a shift and a mask) and multiplied with
   FMAs. Nothing is converted ahead of the product.
@@ -35,6 +36,14 @@ Layout. C (M, N) float32 += A (M, K) @ B (K, N), where
   LANES columns times one pair of the reduction axis; float32 B holds plain rows;
 - C rows are padded to a multiple of 16 columns (PAD), so no load or store
   needs a mask on any target (16 is a multiple of every vector width).
+
+Versions (one thread):
+  v1  (Zen 5) AVX-512 only, 6 x 64 block: bf16 402-446 GFLOP/s, float32 198-215
+      on the forward's tile products (bench/results/cpu-parts.txt).
+  v2  one generator for every target (lanes and block from kernels/target.py);
+      the widened bf16 kernel first split A's pair in general registers and
+      broadcast each half (AVX2: 56 GFLOP/s against float32's 98), then
+      broadcast the pair from memory and split it in vector registers (83-88).
 
 bf16 <-> float32: float32 -> bf16 rounds to nearest even (one instruction where
 the target has it, integer arithmetic elsewhere: LLVM's soft conversion,
@@ -56,6 +65,7 @@ from .jit import jit
 from .target import TARGET
 
 __all__ = [
+    "BF16_DOT",
     "BF16_PRODUCTS",
     "BF16_DETAIL",
     "BLOCKS",
@@ -63,26 +73,39 @@ __all__ = [
     "F32_DETAIL",
     "PAD",
     "bf16_bits",
+    "bf16_kind",
     "bf16_of",
     "bf16_to_float32",
     "bf16_to_f32",
     "check_paths",
+    "define_micro_kernel",
+    "define_target_kernels",
     "f32_to_bf16",
     "gemm",
     "gemm_f32",
+    "micro_kernel_intrinsic",
     "pack_pair_columns",
     "pack_pairs",
     "padded",
+    "register_block",
     "tile_loop",
 ]
 
 PAD = 16  # C, and B's columns, are padded to this many columns
 
 
+def bf16_kind(target):
+    """The bf16 micro-kernel a target gets: "dpbf16" (x86 VDPBF16PS) or "bfdot" (AArch64 BFDOT)
+    where it has a bf16 dot product, else "widen"."""
+    if not target.bf16_dot:
+        return "widen"
+    return "bfdot" if target.arch == "aarch64" else "dpbf16"
+
+
 def register_block(kind, target=TARGET):
     """(MR rows, NR vectors) of C held in registers by the micro-kernel of `kind` on `target`.
 
-    kind: "f32", "dpbf16" (VDPBF16PS) or "widen" (bf16 widened to float32).
+    kind: "f32", "dpbf16" (VDPBF16PS), "bfdot" (AArch64 BFDOT) or "widen" (bf16 widened to float32).
     Live registers per step: MR * NR accumulators, the NR vectors of B (two
     each when bf16 is widened), the broadcast of A (two when widened). Chosen
     among the blocks that fit by timing them (`python -m attnkit.bench.cpu_blocks`
@@ -92,7 +115,7 @@ def register_block(kind, target=TARGET):
     if target.registers >= 32:
         # AVX-512 and NEON: 6 x 4 = 24 accumulators + 4 B + 1 A; widened 4 x 4 = 16 + 8 + 2
         # (AVX-512F, D 64 / 128: 4 x 4 136-141 GFLOP/s, 6 x 3 132, 5 x 3 125-127)
-        return (4, 4) if kind == "widen" else (6, 4)
+        return (4, 4) if kind == "widen" else (6, 4)  # BFDOT: 6 x 4 as VDPBF16PS
     # AVX2 / SSE: 16 registers. 6 x 2 = 12 + 2 + 1 (AVX2: 96-100 GFLOP/s, 4 x 3 90-96);
     # widened 4 x 2 = 8 + 4 + 2 (83-88; 5 x 2 spills: 67-69); without FMA each product needs a
     # register of its own: 3 x 2 (never chosen there automatically: such targets convert bf16)
@@ -123,19 +146,23 @@ def _target_name(target):
 
 
 def _choose_bf16(target=TARGET):
-    """Whether bf16 runs on VDPBF16PS ("dpbf16"), widened to float32 in the micro-kernel ("widen"),
-    or converted to float32 at the boundary ("fp32")."""
+    """Whether bf16 runs on VDPBF16PS ("dpbf16") or BFDOT ("bfdot"), widened to float32 in the
+    micro-kernel ("widen"), or converted to float32 at the boundary ("fp32")."""
     choices = {
         "dpbf16": "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation",
+        "bfdot": "bf16 products on AArch64 BFDOT with float32 accumulation",
         "widen": f"bf16 stays bf16; each pair widened to float32 in the micro-kernel ({target.lanes}-lane FMAs)",
         "fp32": "bf16 runs in float32 (converted at the boundary)",
     }
-    auto = "dpbf16" if target.bf16_dot else "widen" if target.fma else "fp32"
+    dot = bf16_kind(target)
+    auto = dot if target.bf16_dot else "widen" if target.fma else "fp32"
     unavailable = {}
-    if not target.bf16_dot:
+    if dot != "dpbf16":
         unavailable["dpbf16"] = f"{_target_name(target)} has no AVX-512 BF16 (avx512_bf16)"
+    if dot != "bfdot":
+        unavailable["bfdot"] = f"{_target_name(target)} is no AArch64 CPU with the bf16 extension"
     if target.bf16_dot:
-        unavailable["widen"] = f"{_target_name(target)} runs bf16 on VDPBF16PS (dpbf16 or fp32)"
+        unavailable["widen"] = f"{_target_name(target)} runs bf16 on {dot} ({dot} or fp32)"
     elif not target.fma:
         unavailable["widen"] = f"{_target_name(target)} has no FMA"
     return _choose_path("ATTNKIT_CPU_BF16", choices, auto, unavailable)
@@ -152,8 +179,9 @@ def _choose_f32(target=TARGET):
 
 
 BF16_PRODUCTS, BF16_DETAIL, _BF16_ERROR = _choose_bf16()
+BF16_DOT = BF16_PRODUCTS in ("dpbf16", "bfdot")  # bf16 products faster than float32's: "medium" may use them
 F32_PRODUCTS, F32_DETAIL, _F32_ERROR = _choose_f32()
-_BF16_KIND = "dpbf16" if TARGET.bf16_dot else "widen"  # see bf16_kind
+_BF16_KIND = bf16_kind(TARGET)
 BLOCKS = {"f32": register_block("f32"), "bf16": register_block(_BF16_KIND)}
 
 
@@ -209,8 +237,8 @@ class _Kind:
     """One micro-kernel's element types and update, for a vector width.
 
     "f32": A and B hold floats; acc += splat(a) * b (llvm.fmuladd: an FMA where
-    the target has one). "dpbf16": A holds bf16 pairs (one i32), a B vector
-    LANES pairs; acc = VDPBF16PS(acc, splat(pair), b). "widen": the same
+    the target has one). "dpbf16" / "bfdot": A holds bf16 pairs (one i32), a B
+    vector LANES pairs; acc = VDPBF16PS / BFDOT(acc, splat(pair), b). "widen": the same
     operands, the pair's halves widened to float32 (even = low 16 bits shifted
     up, odd = the high 16 bits masked) and two multiply-adds.
     """
@@ -236,14 +264,14 @@ class _Kind:
     def prepare_b(self, builder, b_vector):
         if self.name == "widen":
             return self._halves(builder, b_vector)
-        if self.name == "dpbf16":
+        if self.name in ("dpbf16", "bfdot"):
             return builder.bitcast(b_vector, ir.VectorType(_BFloat(), 2 * self.lanes))
         return b_vector
 
     def prepare_a(self, builder, a_unit):
         if self.name == "widen":  # the pair broadcast from memory, then split in vector registers
             return self._halves(builder, _splat(builder, ir.VectorType(_I32, self.lanes), a_unit))
-        if self.name == "dpbf16":
+        if self.name in ("dpbf16", "bfdot"):
             return builder.bitcast(_splat(builder, ir.VectorType(_I32, self.lanes), a_unit),
                                    ir.VectorType(_BFloat(), 2 * self.lanes))  # fmt: skip
         return _splat(builder, self.f32x, a_unit)
@@ -255,6 +283,9 @@ class _Kind:
             return _intrinsic_call(builder, fmuladd, self.f32x, [a[1], b[1], acc])
         if self.name == "dpbf16":
             return _intrinsic_call(builder, f"llvm.x86.avx512bf16.dpbf16ps.{32 * self.lanes}", self.f32x, [acc, a, b])
+        if self.name == "bfdot":
+            return _intrinsic_call(builder, f"llvm.aarch64.neon.bfdot.v{self.lanes}f32.v{2 * self.lanes}bf16",
+                                   self.f32x, [acc, a, b])  # fmt: skip
         return _intrinsic_call(builder, fmuladd, self.f32x, [a, b, acc])
 
 
@@ -351,11 +382,6 @@ def _build_dispatch(module, kind_name, lanes, mr, nr_max):
 
     return _define(module, f"attnkit_{kind_name}_tiles_{mr}x{nr_max}_{lanes}",
                    _micro_kernel_arguments(kind) + [_I64], build)  # fmt: skip
-
-
-def bf16_kind(target):
-    """The bf16 micro-kernel a target gets: "dpbf16" where it has VDPBF16PS, else "widen"."""
-    return "dpbf16" if target.bf16_dot else "widen"
 
 
 def define_target_kernels(module, target):

@@ -94,6 +94,15 @@ same process, since this machine's speed drifts by up to 2x between runs):
       cache (GQA 32/8 D128, the group folded into rows) 3.22x torch on the
       padded cache (`python -m attnkit.bench.flash_attn`,
       bench/results/flash-attn.txt).
+  v15 (2026-12-02) every CPU: the micro-kernels are generated for the target
+      Numba compiles for (kernels/target.py), never with an instruction it
+      lacks (VDPBF16PS aborted the process on every CPU without AVX-512 BF16):
+      float32 FMAs at the target's width (AVX-512, AVX2, NEON), bf16 on
+      VDPBF16PS or widened to float32 as loaded, register blocks per target
+      (bench/results/cpu-targets.md). The bf16 conversions of P and dS read
+      the tile's contiguous rows, not a slice's (which did not vectorise):
+      bf16 causal forward, N2048 D64, 140 -> 161 GFLOP/s on VDPBF16PS and
+      145 -> 193 widened for an AVX-512F target (2 threads, Intel Xeon).
   Tried after v9, not kept (D=128 backward, N=4096, one process, taking
   turns): blocks 256 x 256, 256 x 128, 512 x 128 and a key-block-outer loop
   (a block's dK/dV stay in cache, dQ streams instead): all within +-4% of
@@ -1716,13 +1725,13 @@ def flash_backward(
 def warmup():
     """Compile (or load from cache) forward and backward for float32 and float64, and the
     bf16 products where bf16 stays bf16 (bf16 bits; float32 under "medium" on VDPBF16PS)."""
-    from .microkernels import BF16_PRODUCTS, bf16_bits
+    from .microkernels import BF16_DOT, BF16_PRODUCTS, bf16_bits
 
     rng = np.random.default_rng(0)
     variants = [(np.float32, False), (np.float64, False)]
     if BF16_PRODUCTS != "fp32":
         variants += [(np.uint16, True)]
-    if BF16_PRODUCTS == "dpbf16":
+    if BF16_DOT:
         variants += [(np.float32, True)]
     for dtype, bf16_products in variants:
         q, k, v = (rng.standard_normal(shape) for shape in ((1, 2, 3, 4), (1, 1, 5, 4), (1, 1, 5, 4)))

@@ -19,8 +19,9 @@ On this probe rest:
   8 with AVX/AVX2, 4 with SSE or NEON (AArch64);
 - REGISTERS, the vector registers: 32 with AVX-512F or on AArch64, else 16;
 - FMA, fused multiply-add in hardware (x86 `fma`; always on AArch64);
-- BF16_DOT, VDPBF16PS (x86 avx512_bf16 with AVX-512F): 16 lanes of pairs of
-  bf16 products added into float32;
+- bf16_dot, a bf16 pair dot product into float32 lanes: VDPBF16PS (x86
+  avx512_bf16 with AVX-512F, 16 lanes) or BFDOT (AArch64 with the bf16
+  extension: Apple M2 and later, Graviton 3 and 4, Neoverse V1/V2/N2; 4 lanes);
 - BF16_CONVERT, a float32 -> bf16 conversion instruction (VCVTNEPS2BF16, or
   BFCVTN on AArch64 with the bf16 extension); elsewhere integer rounding.
 """
@@ -64,8 +65,7 @@ class Target:
     @property
     def isa(self):
         """vector_isa, with BF16 where the target has bf16 instructions."""
-        bf16 = self.bf16_dot if self.arch == "x86_64" else self.bf16_convert
-        return self.vector_isa + (" + BF16" if bf16 else "")
+        return self.vector_isa + (" + BF16" if self.bf16_dot else "")
 
 
 def _numba_target():
@@ -137,8 +137,9 @@ def probe(triple, cpu, features, host=False):
                       bf16_dot=avx512 and "vcvtneps2bf16" in bf16 and "zmm" in bf16,
                       bf16_convert="vcvtneps2bf16" in bf16, host=host)  # fmt: skip
     if arch == "aarch64":
-        return Target(triple, cpu, features, arch, 4, 32, "fmla" in fma16, bf16_dot=False,
-                      bf16_convert="bfcvtn" in bf16, host=host)  # fmt: skip
+        has_bf16 = "bfcvt" in bf16  # the bf16 extension brings BFCVT(N) and BFDOT together
+        return Target(triple, cpu, features, arch, 4, 32, "fmla" in fma16, bf16_dot=has_bf16,
+                      bf16_convert=has_bf16, host=host)  # fmt: skip
     return Target(triple, cpu, features, arch, 4, 16, False, False, False, host)
 
 

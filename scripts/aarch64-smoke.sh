@@ -10,7 +10,8 @@
 # neoverse-n1 CPU model (NumPy's OpenBLAS gave wrong products under qemu's default "max" model).
 #
 #   ATTNKIT_AARCH64_ROOT  where the sysroot goes (default ~/.cache/attnkit-aarch64)
-#   QEMU_CPU              the CPU qemu emulates (default neoverse-n1; a bf16 one: neoverse-v1)
+#   QEMU_CPU              the CPU qemu emulates (default neoverse-n1; with the bf16 extension: max,
+#                         with OPENBLAS_CORETYPE=NEOVERSEN1 NUMBA_CPU_NAME=neoverse-v1, see docs/aarch64.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${ATTNKIT_AARCH64_ROOT:-$HOME/.cache/attnkit-aarch64}
@@ -30,7 +31,7 @@ if [ ! -x "$root/sysroot/usr/bin/python3.11" ]; then
     apt-get update -qq
     packages="python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libc6 libgcc-s1 libstdc++6
               zlib1g libffi8 libexpat1 libssl3 libbz2-1.0 liblzma5 libsqlite3-0 libncursesw6 libtinfo6
-              libreadline8 libuuid1 libmpdec3 libcrypt1 libdb5.3 libgdbm6 libnsl2 libtirpc3 libzstd1
+              libreadline8 libuuid1 libcrypt1 libdb5.3 libgdbm6 libnsl2 libtirpc3 libzstd1
               libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libcom-err2 libkeyutils1"
     (cd "$root/debs" && apt-get download $(for p in $packages; do echo "$p:arm64"; done))
     for deb in "$root"/debs/*.deb; do dpkg -x "$deb" "$root/sysroot"; done

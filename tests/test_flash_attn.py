@@ -283,7 +283,7 @@ def test_kvcache_against_reference(case):
     )  # fmt: skip
 
     for b in range(batch):
-        pos = filled[b] - starts[b]  # rotary positions count from the left pad
+        pos = filled[b]  # rotary positions: absolute cache positions, as flash-attn's kernel has them
         new_k = rotate(k_new[b], cos, sin, pos + np.arange(n_new), interleaved) if rotary else k_new[b]
         logical[0][b, filled[b] : filled[b] + n_new] = new_k
         logical[1][b, filled[b] : filled[b] + n_new] = v_new[b]
@@ -412,3 +412,57 @@ def test_varlen_func_reads_a_paged_cache_through_block_table():
     paged = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 7, 30, causal=True, block_table=table)
     packed = flash_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, 7, 30, causal=True)
     assert torch.equal(paged, packed)
+
+
+# ---------------------------------------------------------------------------
+# flash-attn's semantics where its source, not its docstrings, decides
+# ---------------------------------------------------------------------------
+
+
+def test_window_size_may_be_an_integer_tensor():
+    """flash-attn's own tests pass window_size=torch.randint(0, seqlen_k, (2,))."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(2, 9, 4, 16), torch.randn(2, 13, 2, 16), torch.randn(2, 13, 2, 16)
+    expected = flash_attn_func(q, k, v, causal=True, window_size=(3, 0))
+    for window in (torch.tensor([3, 0]), torch.tensor([3, 0], dtype=torch.int32), np.array([3, 0]), [3, 0]):
+        assert torch.equal(flash_attn_func(q, k, v, causal=True, window_size=window), expected), repr(window)
+    for bad in (torch.tensor([3.0, 0.0]), torch.tensor([True, False]), (3, 0.5), torch.tensor([1, 2, 3])):
+        with pytest.raises(TypeError, match="window_size must be a"):
+            flash_attn_func(q, k, v, window_size=bad)
+
+
+def test_rotary_decode_needs_only_the_positions_it_reads():
+    """Not causal, not local: every query is rotated at cache_seqlens, so a table of cache_seqlens + N_new
+    rows is enough however many queries there are (it was refused: 'needs 225')."""
+    torch.manual_seed(4)
+    batch, nq, n_new, filled, d = 2, 8, 1, 6, 32
+    cache = torch.randn(batch, 16, 2, d), torch.randn(batch, 16, 2, d)
+    q, k_new, v_new = torch.randn(batch, nq, 4, d), torch.randn(batch, n_new, 2, d), torch.randn(batch, n_new, 2, d)
+    angles = torch.rand(filled + n_new + 5, 8) * 6.28
+    results = []
+    for rows in (filled + n_new, filled + n_new + 5):  # just enough, and more
+        k_cache, v_cache = (x.clone() for x in cache)
+        results.append(flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, rotary_cos=angles[:rows].cos(),
+                                               rotary_sin=angles[:rows].sin(), cache_seqlens=filled))  # fmt: skip
+    assert torch.equal(results[0], results[1])
+    with pytest.raises(ValueError, match=f"rotary_cos has {filled} positions; this call needs {filled + n_new}"):
+        flash_attn_with_kvcache(q, *(x.clone() for x in cache), k_new, v_new, rotary_cos=angles[:filled].cos(),
+                                rotary_sin=angles[:filled].sin(), cache_seqlens=filled)  # fmt: skip
+
+
+def test_refusals_are_runtime_errors_too():
+    """Code written for flash-attn catches RuntimeError (its C++ checks); attnkit's refusals name the argument
+    as a ValueError / TypeError that is also a RuntimeError."""
+    q, cache = torch.randn(2, 1, 2, 8), torch.randn(4, 4, 2, 8)
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="needs 5 cache positions") as caught:
+        flash_attn_with_kvcache(q, cache, cache.clone(), q, q, cache_seqlens=4, block_table=table)
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(RuntimeError, match="num_splits must be at most 128"):
+        flash_attn_with_kvcache(q, cache, cache, num_splits=129)
+    with pytest.raises(RuntimeError, match="cache_seqlens must have dtype int32") as caught:
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=torch.tensor([0, 1]))
+    assert isinstance(caught.value, TypeError)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q"):
+        flash_attn_varlen_func(torch.randn(6, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8),
+                               torch.tensor([0, 6]), torch.tensor([0, 6], dtype=torch.int32), 6, 6)  # fmt: skip

@@ -3,7 +3,7 @@
 Two kinds of check:
 - cross-compilation: the micro-kernels and row operations are built for
   x86 (haswell, skylake-avx512, znver4, generic) and AArch64 (generic,
-  neoverse-v1, apple-m1) at O3 and the assembly is read: the expected
+  neoverse-v1, apple-m1, apple-m2) at O3 and the assembly is read: the expected
   instructions are there, the ones a target lacks are not, and the inner
   loop of every micro-kernel touches no stack (no spills);
 - emulation: tests/target_checks.py runs in a process whose Numba compiles
@@ -37,8 +37,9 @@ CROSS_TARGETS = [
     (X86, "znver4", "", 16, "dpbf16", r"vfmadd\d+ps\s+%zmm", r"vdpbf16ps\s+%zmm"),
     (X86, "generic", "", 4, "widen", r"mulps", r"pslld"),
     (ARM, "generic", "", 4, "widen", r"fmla\s+v\d+\.4s", r"shl\s+v\d+\.4s"),
-    (ARM, "neoverse-v1", "", 4, "widen", r"fmla\s+v\d+\.4s", r"shl\s+v\d+\.4s"),
+    (ARM, "neoverse-v1", "", 4, "bfdot", r"fmla\s+v\d+\.4s", r"bfdot\s+v\d+\.4s"),
     (ARM, "apple-m1", "", 4, "widen", r"fmla\s+v\d+\.4s", r"shl\s+v\d+\.4s"),
+    (ARM, "apple-m2", "", 4, "bfdot", r"fmla\s+v\d+\.4s", r"bfdot\s+v\d+\.4s"),
 ]
 
 
@@ -92,13 +93,13 @@ def test_micro_kernels_cross_compile_without_spills(case):
     text, names = compile_for(triple, cpu, features, lambda m: microkernels.define_target_kernels(m, target))
     for kind, instruction in (("f32", fma), (bf16_kind, bf16_instruction)):
         body = function_text(text, names[kind])
-        loop = inner_loop(body, fma if kind != "dpbf16" else bf16_instruction)
+        loop = inner_loop(body, fma if kind == "f32" or kind == "widen" else bf16_instruction)
         assert loop, f"{cpu} {kind}: no loop found in\n{body}"
         assert re.search(instruction, "\n".join(loop)), f"{cpu} {kind}: no {instruction!r} in the inner loop"
         assert not stack_traffic(loop), f"{cpu} {kind} {microkernels.register_block(kind, target)}: spills:\n" + \
             "\n".join(stack_traffic(loop))
     if not target.bf16_dot:
-        assert "vdpbf16ps" not in text and "dpbf16" not in text.lower()
+        assert not re.search(r"vdpbf16ps|bfdot", text)
     convert = function_text(text, names["f32_to_bf16"])
     assert ("cvtneps2bf16" in convert or "bfcvt" in convert) == target.bf16_convert
     assert "__truncsfbf2" not in text  # not resolvable under Numba's JIT
@@ -152,25 +153,28 @@ def numba_cache(name):
     return str(folder)
 
 
-def run_checks(name, *arguments, extra=None):
+def target_environment(name, extra=None):
+    """This process's environment, Numba compiling for target `name` with its own cache."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_CPU")}
     environment.update(EMULATED[name], **(extra or {}))
     if name != "host":
         environment["NUMBA_CACHE_DIR"] = numba_cache(name)
-    return subprocess.run([sys.executable, *arguments], env=environment, capture_output=True, text=True, timeout=900)
+    return environment
+
+
+def run_checks(name, *arguments, extra=None):
+    return subprocess.run([sys.executable, *arguments], env=target_environment(name, extra), capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def emulated_runs():
     """Start every target's process at once (two cores: the compiles overlap), collect them as asked."""
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_CPU")}
-    processes = {}
-    for name, settings in EMULATED.items():
-        env = {**environment, **settings}
-        if name != "host":
-            env["NUMBA_CACHE_DIR"] = numba_cache(name)
-        processes[name] = subprocess.Popen([sys.executable, str(CHECKS)], env=env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    processes = {
+        name: subprocess.Popen([sys.executable, str(CHECKS)], env=target_environment(name), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for name in EMULATED
+    }  # fmt: skip
     results = {}
     yield lambda name: results.setdefault(name, processes[name].communicate(timeout=1200))
     for process in processes.values():
