@@ -137,8 +137,8 @@ def test_environment_variable_is_checked(monkeypatch):
     path, _, error = bf16._choose_f32()
     assert path == bf16.F32_PRODUCTS and error == "ATTNKIT_CPU_F32 must be one of auto, fma, blas; got 'avx2'"
     monkeypatch.setenv("ATTNKIT_CPU_BF16", "amx")
-    assert bf16._choose_bf16()[2] == "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, widen, fp32; got 'amx'"
-    monkeypatch.setattr(bf16, "_BF16_ERROR", "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, widen, fp32; got 'amx'")
+    assert bf16._choose_bf16()[2] == "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'"
+    monkeypatch.setattr(bf16, "_BF16_ERROR", "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'")
     q = np.ones((1, 1, 4, 8), np.float32)
     with pytest.raises(ValueError, match="got 'amx'"):
         attnkit.attention(q, q, q, backend="numba")
