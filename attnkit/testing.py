@@ -50,6 +50,41 @@ def assert_close(actual, expected, *, atol, rtol=0.0, name="result"):
         )
 
 
+def assert_within_rule(name, actual, expected, plain, factor, *, floor=1e-6):
+    """flash-attn's accuracy rule: max |actual - expected| <= factor * max |plain - expected| + floor.
+
+    expected is an exact (float64) reference; plain is a plain implementation
+    run in the kernel's own precision on the same inputs, whose error sets the
+    budget; factor is 2 for outputs and 3 for gradients in flash-attn's tests.
+    Infinities must match (a -inf lse where the reference has one); NaN in
+    actual fails. The message names the worst element and the budget.
+    """
+    a, e, p = _as_float64(actual), _as_float64(expected), _as_float64(plain)
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {a.shape}, expected {e.shape}")
+    if np.isnan(a).any():
+        raise AssertionError(f"{name}: NaN at {np.argwhere(np.isnan(a))[:5].tolist()}")
+    infinite = (np.isinf(a) | np.isinf(e)) & (a != e)
+    if infinite.any():
+        where = tuple(int(i) for i in np.argwhere(infinite)[0])
+        raise AssertionError(f"{name}: at {where} got {a[where]}, expected {e[where]}")
+    error, baseline = _finite_errors(a, e), _finite_errors(p, e)
+    plain_error = float(baseline.max()) if baseline.size else 0.0
+    allowed = factor * plain_error + floor
+    if error.size and error.max() > allowed:
+        where = tuple(int(i) for i in np.unravel_index(np.argmax(error), error.shape))
+        raise AssertionError(
+            f"{name}: max error {error.max():.3g} at {where} (got {a[where]:.9g}, reference {e[where]:.9g}); "
+            f"allowed {allowed:.3g} = {factor} x {plain_error:.3g} (the plain implementation's error) + {floor:g}"
+        )
+
+
+def _finite_errors(a, e):
+    """|a - e| where both are finite, 0 elsewhere (equal infinities are no error)."""
+    both = np.isfinite(a) & np.isfinite(e)
+    return np.where(both, np.abs(np.where(both, a, 0.0) - np.where(both, e, 0.0)), 0.0)
+
+
 def max_error(actual, expected):
     """Largest |actual - expected| over finite entries (0.0 for empty arrays)."""
     a, e = _as_float64(actual), _as_float64(expected)

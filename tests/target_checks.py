@@ -22,7 +22,7 @@ from attnkit import reference
 from attnkit.flash_attn import flash_attn_func
 from attnkit.kernels import microkernels
 from attnkit.kernels.target import TARGET, describe
-from attnkit.testing import assert_close, max_error, torch_attention
+from attnkit.testing import assert_close, assert_within_rule, max_error, torch_attention
 
 
 def report(name, actual, expected, atol, rtol=0.0):
@@ -65,11 +65,8 @@ def bf16_two_times_rule(rng):
     exact, low = plain(torch.float32), plain(torch.bfloat16)
     for name, got, want, rough, factor in zip(("bf16_forward", "bf16_dq", "bf16_dk", "bf16_dv"),
                                               (out, q.grad, k.grad, v.grad), exact, low, (2, 3, 3, 3)):  # fmt: skip
-        got = got.detach().float()
-        budget = factor * (rough - want).abs().max().item() + 1e-5
-        error = (got - want).abs().max().item()
-        assert error <= budget, f"{name}: error {error:.3g} against float32 > {budget:.3g} ({factor}x plain bf16)"
-        print(f"ok {name} {error:.3g} (budget {budget:.3g})", flush=True)
+        assert_within_rule(name, got.detach(), want, rough, factor, floor=1e-5)
+        print(f"ok {name} {max_error(got.detach(), want):.3g} (plain bf16: {max_error(rough, want):.3g})", flush=True)
 
 
 def masks_and_decode(rng):

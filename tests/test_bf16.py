@@ -23,7 +23,9 @@ from attnkit.kernels import microkernels as bf16
 from attnkit.kernels.numba_attention import flash_backward, flash_forward
 from attnkit.reference import attention, attention_backward
 
-from test_numba_kernel import Case, assert_close, make_mask
+from attnkit.testing import assert_within_rule
+
+from test_numba_kernel import Case, make_mask
 
 needs_bf16_cpu = pytest.mark.skipif(
     bf16.BF16_PRODUCTS == "fp32", reason=f"bf16 micro-kernel not in use here: {bf16.BF16_DETAIL}"
@@ -258,14 +260,14 @@ def test_kernel_bf16_against_reference(case):
     # Low-precision baselines: float32 on the bf16 inputs with its result stored in
     # bf16, and attention in torch bf16 ops; the larger error of the two sets the bar.
     peer = torch_bf16_reference(case, q, k, v, d_out, mask) or [None] * 4
-    assert_close("out", as_float(out), out64, baseline(
+    assert_within_rule("out", as_float(out), out64, baseline(
         (as_float(bf16.bf16_bits(out32)), out64), peer[0] is not None and (peer[0], out64) or None), 2)
-    assert_close("lse", lse[~empty], lse64[~empty], lse32[~empty], 2)
+    assert_within_rule("lse", lse[~empty], lse64[~empty], lse32[~empty], 2)
     for name, got, want64, want32, theirs in zip(("dq", "dk", "dv"), grads, grads64, grads32, peer[1:]):
         candidates = [(as_float(bf16.bf16_bits(want32)), want64)]
         if theirs is not None:
             candidates.append((theirs, want64))
-        assert_close(name, as_float(got), want64, baseline(*candidates), 3)
+        assert_within_rule(name, as_float(got), want64, baseline(*candidates), 3)
 
 
 @needs_bf16_cpu

@@ -27,7 +27,7 @@ from attnkit.flash_attn import (
     flash_attn_with_kvcache,
 )
 from attnkit.reference.varlen import varlen_attention as reference, varlen_attention_backward as reference_backward
-from attnkit.testing import max_error
+from attnkit.testing import assert_within_rule, max_error
 
 # (lengths_q, lengths_k, Hq, Hkv, D, causal, window, softcap, alibi)
 CASES = [
@@ -64,10 +64,8 @@ def make_case(case, seed):
 
 
 def budget(actual, expected, plain, factor):
-    """flash-attn's rule: error <= factor x the plain low-precision error, plus a floor."""
-    allowed = factor * max_error(plain, expected) + 1e-6
-    error = max_error(actual, expected)
-    assert error <= allowed, f"error {error:.3g} > allowed {allowed:.3g} ({factor}x the plain implementation's)"
+    """flash-attn's rule (attnkit.testing.assert_within_rule) on a result named by the calling test."""
+    assert_within_rule("result", actual, expected, plain, factor)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

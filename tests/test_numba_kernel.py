@@ -15,8 +15,7 @@ import pytest
 from attnkit.kernels import numba_attention as kernel
 from attnkit.kernels.numba_attention import flash_backward, flash_forward
 from attnkit.reference import attention, attention_backward
-
-ABS_FLOOR = 1e-6
+from attnkit.testing import assert_within_rule
 
 
 class Case:
@@ -106,22 +105,6 @@ def run_kernel(case, q, k, v, d_out, mask):
     return out, lse, grads
 
 
-def assert_close(name, got, want64, want32, factor):
-    """max |got - want64| <= factor * max |want32 - want64| + floor, with a located message."""
-    assert got.shape == want64.shape, f"{name}: shape {got.shape}, expected {want64.shape}"
-    assert not np.isnan(got).any(), f"{name}: NaN at {np.argwhere(np.isnan(got))[:5].tolist()}"
-    err = np.abs(got.astype(np.float64) - want64)
-    baseline = float(np.abs(want32.astype(np.float64) - want64).max()) if want64.size else 0.0
-    allowed = factor * baseline + ABS_FLOOR
-    if err.size and err.max() > allowed:
-        where = np.unravel_index(np.argmax(err), err.shape)
-        raise AssertionError(
-            f"{name}: max error {err.max():.3g} at index {tuple(int(i) for i in where)} "
-            f"(kernel {got[where]:.9g}, reference {want64[where]:.9g}); allowed {allowed:.3g} = "
-            f"{factor} x float32-reference error {baseline:.3g} + {ABS_FLOOR:g}"
-        )
-
-
 def check_case(case):
     q, k, v, d_out, mask = make_inputs(case)
     out, lse, grads = run_kernel(case, q, k, v, d_out, mask)
@@ -138,12 +121,12 @@ def check_case(case):
     assert np.all(out[empty] == 0), f"out: fully masked rows not exactly 0 at {np.argwhere(empty)[:5].tolist()}"
     assert np.all(grads[0][empty] == 0), "dq: fully masked rows not exactly 0"
 
-    assert_close("out", out, out64, out32, 2)
+    assert_within_rule("out", out, out64, out32, 2)
     finite = ~empty
-    assert_close("lse", lse[finite], lse64[finite], lse32[finite], 2)
+    assert_within_rule("lse", lse[finite], lse64[finite], lse32[finite], 2)
     for name, got, want64, want32 in zip(("dq", "dk", "dv"), grads, grads64, grads32):
         assert got.dtype == case.dtype
-        assert_close(name, got, want64, want32, 3)
+        assert_within_rule(name, got, want64, want32, 3)
 
 
 F32, F64 = np.float32, np.float64

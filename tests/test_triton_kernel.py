@@ -29,7 +29,7 @@ except Exception as error:  # ImportError, or a triton that fails to initialise
 
 from attnkit.kernels import triton_attention as ta  # noqa: E402
 from attnkit.reference import attention, attention_backward  # noqa: E402
-from attnkit.testing import assert_close, torch_attention  # noqa: E402
+from attnkit.testing import assert_close, assert_within_rule, torch_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not ta.interpreting():
@@ -51,23 +51,10 @@ def _np64(x):
 plain_attention = torch_attention
 
 
-def _err(x, ref):
-    x = x.detach().to("cpu", torch.float64).numpy()
-    both_inf = np.isinf(ref) & (x == ref)
-    with np.errstate(invalid="ignore"):  # inf - inf where both are -inf; masked just below
-        diff = np.abs(x - ref)
-    return float(np.max(np.where(both_inf, 0.0, diff), initial=0.0))
-
-
 def assert_rule(name, got, plain, ref, factor, dtype, terms=1):
-    """err <= factor * plain error + floor; the floor grows as sqrt(number of summed terms)."""
-    err, budget = _err(got, ref), _err(plain, ref)
+    """attnkit.testing's rule, the floor scaled by the reference's size and sqrt(number of summed terms)."""
     scale = max(1.0, float(np.max(np.abs(np.where(np.isinf(ref), 0, ref)), initial=0.0)))
-    scale *= math.sqrt(terms)
-    assert err <= factor * budget + FLOOR[dtype] * scale, (
-        f"{name}: error {err:.3g} vs fp64 reference; plain {dtype} attention's error is "
-        f"{budget:.3g} (allowed {factor}x + floor)"
-    )
+    assert_within_rule(name, _np64(got), ref, _np64(plain), factor, floor=FLOOR[dtype] * scale * math.sqrt(terms))
 
 
 def make_inputs(b=1, hq=2, hkv=None, nq=37, nk=None, d=32, dv=None, dtype=torch.float32,
