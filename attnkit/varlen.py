@@ -146,8 +146,8 @@ def validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale
 
 def _key_layout(lengths_k):
     """(starts, total): where each sequence's keys go in the kernel's key axis (see
-    kernels.numba_attention._segment_table: starts a multiple of 16, 16 free between)."""
-    from .kernels.numba_attention import SEGMENT_ALIGN
+    kernels.cpu.plan._segment_table: starts a multiple of 16, 16 free between)."""
+    from .kernels.cpu.plan import SEGMENT_ALIGN
 
     room = (lengths_k + 2 * SEGMENT_ALIGN - 1) // SEGMENT_ALIGN * SEGMENT_ALIGN
     starts = np.concatenate([[0], np.cumsum(room)[:-1]]).astype(np.int64)

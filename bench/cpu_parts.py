@@ -10,7 +10,7 @@
 - the softmax row passes of kernels/simd.py over a 128 x 512 tile, in ns per score.
 
 Best of --repeats runs, the two products taking turns (this machine's speed
-drifts; the best is the least disturbed). The figures quoted in kernels/numba_attention.py's header and in
+drifts; the best is the least disturbed). The figures quoted in docs/kernel-log.md and in
 bench/results/cpu.md come from this script.
 """
 

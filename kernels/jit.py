@@ -32,20 +32,29 @@ def cache_folder(folder):
 
 
 def discard_stale_cache(folder=Path(__file__).parent):
-    """Delete the *.nbi, *.nbc of folder's cache (cache_folder) unless they were built from
-    folder/*.py as they are now.
+    """Delete the *.nbi, *.nbc of the caches (cache_folder) of folder and of every folder below
+    it holding sources, unless they were built from all of those *.py files as they are now
+    (a kernel in kernels/cpu/ calls helpers in kernels/, and the other way round).
 
-    Returns True when something was discarded. Does nothing where the folder
+    Returns True when something was discarded. Does nothing where a folder
     cannot be written (a read-only install has no cache there anyway).
     """
     folder = Path(folder)
+    sources = sorted(folder.rglob("*.py"))
     digest = hashlib.sha256()
-    for source in sorted(folder.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    cache = cache_folder(folder)
+    for source in sources:
+        digest.update(source.relative_to(folder).as_posix().encode() + b"\0" + source.read_bytes())
+    discarded = False
+    for source_folder in sorted({source.parent for source in sources} | {folder}):
+        discarded |= _discard_unless_stamped(cache_folder(source_folder), digest.hexdigest())
+    return discarded
+
+
+def _discard_unless_stamped(cache, stamp_text):
+    """Delete cache/*.nb[ic] unless cache's stamp reads stamp_text; then stamp it. True when deleted."""
     stamp = cache / _STAMP
     try:
-        if stamp.read_text(encoding="ascii") == digest.hexdigest():
+        if stamp.read_text(encoding="ascii") == stamp_text:
             return False
     except OSError:
         pass  # no stamp yet
@@ -54,7 +63,7 @@ def discard_stale_cache(folder=Path(__file__).parent):
         for path in stale:
             path.unlink(missing_ok=True)
         cache.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(digest.hexdigest(), encoding="ascii")
+        stamp.write_text(stamp_text, encoding="ascii")
     except OSError:
         return False
     return bool(stale)

@@ -34,7 +34,7 @@ from numba import njit
 
 from ..reference import attention as numpy_attention
 from ..reference import naive_attention
-from .numba_attention import _FASTMATH  # the flags without 'nnan'/'ninf': -inf stays comparable
+from .cpu.constants import _FASTMATH  # the flags without 'nnan'/'ninf': -inf stays comparable
 
 
 BLOCK_Q, BLOCK_K = 64, 256

@@ -307,6 +307,15 @@ def test_a_changed_kernel_source_discards_the_cache(tmp_path):
     (tmp_path / "helper.py").write_text("y = 2\n")  # only the helper changes
     assert discard_stale_cache(tmp_path) is True
     assert not (cache / "kernel.f-10.py311.nbi").exists()
+    # a kernel in a subfolder (kernels/cpu/) calling a helper of the folder above
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "worker.py").write_text("z = 1\n")
+    discard_stale_cache(tmp_path)
+    (tmp_path / "cpu" / "__pycache__" / "worker.w-3.py311.nbi").write_text("fresh")
+    assert discard_stale_cache(tmp_path) is False
+    (tmp_path / "helper.py").write_text("y = 3\n")
+    assert discard_stale_cache(tmp_path) is True
+    assert not (tmp_path / "cpu" / "__pycache__" / "worker.w-3.py311.nbi").exists()
 
 
 def test_a_changed_kernel_source_discards_a_numba_cache_dir(tmp_path, monkeypatch):

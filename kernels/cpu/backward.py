@@ -1,0 +1,187 @@
+"""The backward workers: five products per tile, dK / dV in per-task slots reduced in a fixed order."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ..cpu_blas import set_threads_local
+from ..jit import jit as _jit
+from ..microkernels import PAD, padded
+from ..simd import exp2_affine
+from .constants import _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_SOFTCAP
+from .operands import (
+    _a_rows_of, _b_rows_of, _dp_product, _f64_of, _key_offset, _key_row, _load_rows, _load_transposed,
+    _pack_head_backward, _product,
+)
+from .schedule import _backward_schedule, _claim, _segment
+from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
+
+
+@_jit(fastmath=_FASTMATH)
+def _backward_worker(
+    q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
+    flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
+):  # fmt: skip
+    """Take (segment, kv head, query chunk) tasks from the queue (as _forward_worker does).
+
+    A task covers the chunk's query rows of every query head that reads its kv
+    head (the GQA group): it writes their dq and adds its dK/dV to its own slot,
+    hk * n_chunks + chunk, of dk_t / dv_t (deterministic, no atomics).
+    Products: bf16 on the micro-kernel when the packed operands are uint16;
+    float32 on the FMA micro-kernel when micro, else (and float64) through the
+    BLAS. Accumulation in float32 (float64 for float64).
+
+    dK and dV are accumulated transposed, dk_t (B, Hkv * n_chunks, D, Nk + 16) and
+    dv_t (.., Dv, ..) in float32, one slot per task, so that every product reads
+    its A operand by rows and its B operand by rows of the reduction axis:
+    dV^T += dO^T P and dK^T += Q^T dS (P, dS in row pairs for bf16); dQ += dS K.
+    Segments of one batch entry share its slots: each writes its own key columns
+    (and up to 15 past them, zeros: _segment_table keeps 16 free between segments).
+    """
+    batch, hq, _, d = q.shape
+    hkv = k_packed.shape[1]
+    dv = out.shape[3]
+    group = hq // hkv
+    alibi = masks[4]  # (S or 1, Hq or 1) slopes
+    operand = k_packed.dtype  # uint16 (bf16 bits) or float32
+    q_width, dv_width, bq_width = padded(d, 2), padded(dv, 2), padded(block_q, 2)
+    neg_inf = consts[_C_NEG_INF]
+    zero = consts[_C_ZERO]
+    log2e = consts[_C_LOG2E]
+    scale = consts[_C_SCALE]
+    has_softcap = (flags & _HAS_SOFTCAP) != 0
+    real = dk_t.dtype  # float32, or float64 for float64
+    tile = block_q * padded(block_k + 1, PAD)
+
+    q_buf = np.empty((block_q, q_width), operand)  # (Bq, D even) Q rows
+    do_buf = np.empty((block_q, dv_width), operand)  # (Bq, Dv even) dO rows
+    q_t = np.empty((d, bq_width), operand)  # (D, Bq even) Q^T
+    do_t = np.empty((dv, bq_width), operand)  # (Dv, Bq even) dO^T
+    p_buf = np.empty(tile, real)  # (Bq, Bk16) scores, then P
+    ds_buf = np.empty(tile, real)  # (Bq, Bk16) dP, then dS
+    cap_buf = np.empty(tile if has_softcap else 1, real)  # (Bq, Bk) softcap factor
+    pairs_buf = np.empty(bq_width * padded(block_k + 1, PAD), operand)  # P or dS as a B operand
+    ds_rows = np.empty(block_q * padded(block_k + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
+    dq_acc = np.empty((block_q, padded(d, PAD)), real)  # (Bq, D16)
+    lse2 = np.empty(block_q, real)
+    delta = np.empty(block_q, real)
+    blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
+
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        seg, hk, chunk = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
+        n_qblocks = (nq + block_q - 1) // block_q
+        blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
+        slot = hk * n_chunks + chunk
+        for task_block in range(group * blocks_per_chunk):
+            h = hk * group + task_block // blocks_per_chunk
+            qb = chunk * blocks_per_chunk + task_block % blocks_per_chunk
+            if qb >= n_qblocks:
+                continue
+            slope = alibi[min(seg, alibi.shape[0] - 1), min(h, alibi.shape[1] - 1)]
+            i0 = qb * block_q
+            i1 = min(i0 + block_q, nq)
+            bq = i1 - i0
+            rows = slice(qs + i0, qs + i1)
+            _load_rows(q[b, h, rows], q_buf)
+            _load_rows(d_out[b, h, rows], do_buf)
+            _load_transposed(q[b, h, rows], q_t)
+            _load_transposed(d_out[b, h, rows], do_t)
+            for r in range(bq):
+                # In float64: dS = P (dP - delta) cancels when one key dominates a row, and
+                # dP's own rounding (FMA order of the micro-kernel) should be all that is left.
+                total = 0.0
+                for c in range(dv):
+                    total += _f64_of(d_out[b, h, qs + i0 + r, c]) * _f64_of(out[b, h, qs + i0 + r, c])
+                delta[r] = total
+                row_lse = lse[b, h, qs + i0 + r]
+                lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
+            dq_acc[:bq] = zero
+
+            first, stop, key_start, key_stop = _task_keys(
+                masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k
+            )
+            for kb in range(first, stop):
+                tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+                if tile_flags < 0:
+                    continue  # the mask hides every score of this tile
+                j0 = max(kb * block_k, i0 + lo_offset, key_start)
+                j0 -= j0 % 2  # bf16's dS K reads keys in pairs; the extra key is hidden from every row
+                j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
+                bk = j1 - j0
+                bk16 = padded(bk, PAD)
+                p_full = p_buf[: bq * bk16].reshape((bq, bk16))
+                ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
+                p, ds = p_full[:, :bk], ds_full[:, :bk]  # (Bq, Bk)
+                cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
+                key_cols = _key_offset(ks + j0, k_packed)
+                _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
+                multiplier = _tile_scores_base2(
+                    p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                    masks[0], masks[1], slope, diagonal, True, cap_grad,
+                )  # fmt: skip
+                for r in range(bq):
+                    exp2_affine(p[r], multiplier, lse2[r])
+                _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv)  # dP = dO V^T
+                for r in range(bq):
+                    row_delta = delta[r]
+                    if has_softcap:
+                        for c in range(bk):
+                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * cap_grad[r, c]
+                    else:
+                        for c in range(bk):
+                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
+
+                p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
+                _product(do_t, p_rows, dv_t[b, slot, :, ks + j0 :], dv, bk, bq, True, micro)  # dV^T += dO^T P
+                ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)
+                _product(q_t, ds_as_b, dk_t[b, slot, :, ks + j0 :], d, bk, bq, True, micro)  # dK^T += Q^T dS
+                ds_as_a = _a_rows_of(ds, ds_full, ds_rows)
+                k_row = _key_row(ks + j0, k_packed)
+                _product(ds_as_a, k_rows[b, hk, k_row:], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
+            dq_blk = dq[b, h, rows]  # (Bq, D)
+            for r in range(bq):
+                for c in range(d):
+                    dq_blk[r, c] = _store(dq_blk[r], dq_acc[r, c])
+    set_threads_local(blas_threads)
+
+
+@_jit()
+def _finish_kv_grad(partial_t, n_chunks, result, t):
+    """result[b, hk] (Nk, X) = the sum over its chunks of partial_t[b, slot] (X, Nk + 16), transposed."""
+    hkv = result.shape[1]
+    b, hk = t // hkv, t % hkv
+    dst = result[b, hk]  # (Nk, X)
+    nk, width = dst.shape
+    for j in range(nk):
+        for c in range(width):
+            total = partial_t[b, hk * n_chunks, c, j]
+            for chunk in range(1, n_chunks):
+                total += partial_t[b, hk * n_chunks + chunk, c, j]
+            dst[j, c] = _store(dst[j], total)
+
+
+@_jit(parallel=True)
+def _backward_kernel(
+    q, k, v, segments, masks, out, d_out, lse, consts, flags,
+    block_q, block_k, n_chunks, micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+):  # fmt: skip
+    """dq, dk, dv (input dtype) through transposed partials dk_t / dv_t (zero on entry;
+    float32, float64 for float64)."""
+    n_heads = k.shape[0] * k.shape[1]
+    for t in prange(n_heads):
+        _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
+    tasks, order = _backward_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
+    next_task = np.zeros(1, np.int64)
+    for w in prange(n_workers):
+        _backward_worker(
+            q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
+            flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
+        )  # fmt: skip
+    for t in prange(n_heads):
+        _finish_kv_grad(dk_t, n_chunks, dk, t)
+        _finish_kv_grad(dv_t, n_chunks, dv_grad, t)

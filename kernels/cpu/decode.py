@@ -1,0 +1,160 @@
+"""Flash-decoding: a GQA group's few query rows against many keys, keys split across cores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ..jit import jit as _jit
+from ..microkernels import PAD, padded
+from .constants import _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK
+from .operands import _product
+from .schedule import _claim
+from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
+
+
+# ---------------------------------------------------------------------------
+# Decode: a few queries against many keys (flash-decoding)
+# ---------------------------------------------------------------------------
+
+
+@_jit(fastmath=_FASTMATH)
+def _decode_worker(
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
+    order, next_task, out, lse, part_out, part_lse,
+):  # fmt: skip
+    """Take (batch, kv head, key split) tasks: every query row of the GQA group at once.
+
+    The group's Hq / Hkv heads times Nq rows form one tile of rows, so K and V are
+    read once per group, and S^T = K_blk Q^T comes from the micro-kernel with the
+    keys as its long side (K read in place, no packing). A task's key blocks are
+    its split of the blocks any row can see; with n_splits > 1 its normalised
+    partial output and lse go to part_out (S, B, Hq, Nq, Dv) / part_lse (S, B, Hq,
+    Nq) for _merge_splits, else straight to out / lse.
+    """
+    batch, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], out.shape[3]
+    group = hq // hkv
+    rows = group * nq
+    neg_inf = consts[_C_NEG_INF]
+    zero = consts[_C_ZERO]
+    dtype = q.dtype
+
+    q_t = np.zeros((d, padded(rows, PAD)), dtype)  # (D, rows16) Q^T of the group
+    st = np.empty((block_k, padded(rows, PAD)), dtype)  # (Bk, rows16) S^T
+    score_buf = np.empty(rows * padded(block_k, PAD), dtype)  # (rows, Bk16) scores, then P
+    acc = np.empty((rows, padded(dv, PAD)), dtype)  # (rows, Dv16)
+    running_max = np.empty(rows, dtype)
+    running_sum = np.empty(rows, dtype)
+    rescale = np.empty(rows, dtype)
+    unused_grad = np.empty((1, 1), dtype)
+
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        split = t % n_splits
+        hk = (t // n_splits) % hkv
+        b = t // (n_splits * hkv)
+        h0 = hk * group
+        for g in range(group):
+            for i in range(nq):
+                for c in range(d):
+                    q_t[c, g * nq + i] = q[b, h0 + g, i, c]
+        # Key blocks: those any head of the group can see, cut into n_splits runs.
+        first, stop = nk, 0
+        for g in range(group):
+            f, e, _, _ = _task_keys(masks, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
+            if e > f:
+                first, stop = min(first, f), max(stop, e)
+        per_split = max(1, -(-(stop - first) // n_splits))
+        first = first + split * per_split
+        stop = min(stop, first + per_split)
+        for r in range(rows):
+            running_max[r] = neg_inf
+            running_sum[r] = zero
+        acc[:] = zero
+
+        for kb in range(first, stop):
+            j0 = kb * block_k
+            j1 = min(j0 + block_k, nk)
+            bk = j1 - j0
+            _product(k[b, hk, j0:j1], q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
+            s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
+            for j in range(bk):
+                for r in range(rows):
+                    s_full[r, j] = st[j, r]
+            for g in range(group):
+                slab = s_full[g * nq : (g + 1) * nq, :bk]  # (Nq, Bk) rows of head h0 + g
+                _, _, key_start, key_stop = _task_keys(masks, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
+                tile_flags = _tile_flags(masks, flags, b, h0 + g, 0, kb)
+                if tile_flags < 0:
+                    key_start = key_stop = j0  # hidden by the mask: no column visible
+                    tile_flags = flags & ~(_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK)
+                multiplier = _tile_scores_base2(
+                    slab, 0, j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                    masks[0], masks[1], zero, 0, False, unused_grad,
+                )  # fmt: skip
+                if multiplier != consts[_C_ONE]:  # raw products left scaled by the caller: scale them here
+                    for r in range(nq):
+                        for c in range(bk):
+                            slab[r, c] *= multiplier
+            _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc)
+            _product(s_full, v_rows[b, hk, j0:], acc, rows, dv, bk, True, micro)  # acc += P V
+
+        for g in range(group):
+            h = h0 + g
+            block = acc[g * nq : (g + 1) * nq]
+            if n_splits == 1:
+                _finish_rows(block, running_max[g * nq :], running_sum[g * nq :], consts, out[b, h], lse[b, h])
+            else:
+                _finish_rows(
+                    block, running_max[g * nq :], running_sum[g * nq :], consts,
+                    part_out[split, b, h], part_lse[split, b, h],
+                )  # fmt: skip
+
+
+@_jit()
+def _merge_splits(part_out, part_lse, out, lse, t):
+    """out / lse of (batch, head) t from the splits' normalised partials, weighted by exp(lse_s - lse)."""
+    n_splits, batch, hq, nq, dv = part_out.shape
+    b, h = t // hq, t % hq
+    for i in range(nq):
+        top = -np.inf
+        for sp in range(n_splits):
+            top = max(top, part_lse[sp, b, h, i])
+        if top == -np.inf:  # no split saw a key: exact zeros, lse -inf
+            out[b, h, i, :] = 0
+            lse[b, h, i] = -np.inf
+            continue
+        total = 0.0
+        for sp in range(n_splits):
+            total += math.exp(part_lse[sp, b, h, i] - top)
+        row_lse = top + math.log(total)
+        out[b, h, i, :] = 0
+        for sp in range(n_splits):
+            weight = math.exp(part_lse[sp, b, h, i] - row_lse)
+            if weight > 0:
+                for c in range(dv):
+                    out[b, h, i, c] += weight * part_out[sp, b, h, i, c]
+        lse[b, h, i] = row_lse
+
+
+@_jit(parallel=True)
+def _decode_kernel(
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, n_workers,
+    out, lse, part_out, part_lse,
+):  # fmt: skip
+    n_tasks = k.shape[0] * k.shape[1] * n_splits
+    order = np.arange(n_tasks)
+    next_task = np.zeros(1, np.int64)
+    for w in prange(n_workers):
+        _decode_worker(
+            q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
+            order, next_task, out, lse, part_out, part_lse,
+        )  # fmt: skip
+    if n_splits > 1:
+        for t in prange(q.shape[0] * q.shape[1]):
+            _merge_splits(part_out, part_lse, out, lse, t)

@@ -1,0 +1,131 @@
+"""The forward workers: (segment, head, query block) tasks, all keys of a task per worker."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ..cpu_blas import set_threads_local
+from ..jit import jit as _jit
+from ..microkernels import PAD, padded
+from .constants import _C_NEG_INF, _C_ZERO, _FASTMATH
+from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
+from .schedule import _claim, _forward_schedule, _segment
+from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
+
+
+@_jit(fastmath=_FASTMATH)
+def _forward_worker(
+    q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro, order, next_task, out, lse,
+):  # fmt: skip
+    """Take (segment, head, query block) tasks from the queue until it is empty.
+
+    A segment (see _segment_table) is one sequence: query rows [qs, qs + Nq) of
+    batch entry b against keys [ks, ks + Nk), with its own causal / window
+    offsets: a batch entry of a dense call, or one sequence of a packed
+    (varlen) call. Within a task every index is relative to its segment.
+
+    The queue is `order` (flat task indices, heaviest first) and the shared
+    counter next_task[0]: each worker claims the next index atomically, so a
+    worker slowed down (a busy core) simply takes fewer tasks. Which worker runs
+    a task never changes what the task computes, so results stay bit-identical.
+
+    Products: bf16 on the micro-kernel when the packed operands (_pack_forward)
+    are uint16 (Q rounded per block, P rounded to bf16 for P V, as torch and
+    flash-attn do); float32 on the FMA micro-kernel when micro; else, and
+    float64 always, through the BLAS. Scores, softmax and acc in lse's dtype.
+    """
+    batch, hq, _, d = q.shape
+    hkv, dv = k_packed.shape[1], out.shape[3]
+    group = hq // hkv
+    neg_inf = consts[_C_NEG_INF]
+    zero = consts[_C_ZERO]
+    real = lse.dtype
+    operand = k_packed.dtype
+    alibi = masks[4]  # (S or 1, Hq or 1) slopes
+
+    # Scratch for this worker: O(block) memory, independent of N; rows padded to
+    # 16 columns for the micro-kernels (+1 key: bf16's even first key).
+    score_buf = np.empty(block_q * padded(block_k + 1, PAD), real)  # (Bq, Bk16) scores, then P
+    acc = np.empty((block_q, padded(dv, PAD)), real)  # (Bq, Dv16) running numerator
+    running_max = np.empty(block_q, real)  # (Bq,) running max, base 2
+    running_sum = np.empty(block_q, real)  # (Bq,) running denominator
+    rescale = np.empty(block_q, real)  # (Bq,) exp2(old max - new max)
+    unused_grad = np.empty((1, 1), real)
+    q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
+    p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
+    blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
+
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        seg, h, qb = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
+        slope = alibi[min(seg, alibi.shape[0] - 1), min(h, alibi.shape[1] - 1)]
+        hk = h // group
+        i0 = qb * block_q
+        i1 = min(i0 + block_q, nq)
+        bq = i1 - i0
+        q_blk = q[b, h, qs + i0 : qs + i1]  # (Bq, D)
+        q_rows = _a_rows_of(q_blk, q_blk, q_buf)  # itself, or rounded to bf16
+        for r in range(bq):
+            running_max[r] = neg_inf
+            running_sum[r] = zero
+        acc[:bq] = zero
+
+        first, stop, key_start, key_stop = _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
+        for kb in range(first, stop):
+            tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+            if tile_flags < 0:
+                continue  # the mask hides every score of this tile
+            # Columns no row of the block can see (causal / window edges, key range) are not computed.
+            j0 = _first_key(max(kb * block_k, i0 + lo_offset, key_start), k_packed)
+            j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
+            bk = j1 - j0
+            s_full = score_buf[: bq * padded(bk, PAD)].reshape((bq, padded(bk, PAD)))  # (Bq, Bk16)
+            key_cols = _key_offset(ks + j0, k_packed)
+            _product(q_rows, k_packed[b, hk, :, key_cols:], s_full, bq, bk, d, False, micro)  # S = Q K^T
+            s = s_full[:, :bk]  # (Bq, Bk)
+            multiplier = _tile_scores_base2(
+                s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                masks[0], masks[1], slope, diagonal, False, unused_grad,
+            )  # fmt: skip
+            _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
+            p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
+            v_row = _key_row(ks + j0, k_packed)
+            _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
+        _finish_rows(acc, running_max, running_sum, consts, out[b, h, qs + i0 : qs + i1], lse[b, h, qs + i0 : qs + i1])
+    set_threads_local(blas_threads)
+
+
+# The parallel functions only fan the workers out: parfor compilation is slow,
+# so everything else lives in plain njit functions.
+@_jit(parallel=True)
+def _forward_kernel(
+    q, k, v, segments, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed, out, lse,
+):  # fmt: skip
+    for t in prange(k.shape[0] * k.shape[1]):
+        _pack_forward_head(k, v, k_packed, v_packed, t)
+    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k)
+    next_task = np.zeros(1, np.int64)
+    for w in prange(n_workers):
+        _forward_worker(
+            q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro,
+            order, next_task, out, lse,
+        )  # fmt: skip
+
+
+@_jit()
+def _forward_kernel_serial(
+    q, k, v, segments, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse,
+):  # fmt: skip
+    """_forward_kernel on the calling thread alone: small calls start no thread pool."""
+    for t in range(k.shape[0] * k.shape[1]):
+        _pack_forward_head(k, v, k_packed, v_packed, t)
+    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k)
+    next_task = np.zeros(1, np.int64)
+    _forward_worker(
+        q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro,
+        order, next_task, out, lse,
+    )  # fmt: skip

@@ -1,0 +1,302 @@
+"""The products' operands: packing K and V per (batch, kv head), bf16 / float32 / float64 overloads."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from ..cpu_blas import matmul
+from ..jit import jit as _jit
+from ..microkernels import bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
+from .constants import _FASTMATH
+
+
+def _product(a, b, c, m, n, k, accumulate, micro):
+    """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n]: bf16 bits (b pair-packed) on the bf16
+    micro-kernel; float32 on the FMA micro-kernel when micro (b and c padded to 16
+    columns); else, and float64 always, through the BLAS."""
+
+
+@_jit()
+def _blas_product(a, b, c, m, n, k, accumulate):
+    one = c.dtype.type(1)
+    matmul(a[:m, :k], b[:k, :n], c[:m, :n], one, one if accumulate else c.dtype.type(0))
+
+
+@overload(_product, jit_options={"inline": "always"})
+def _product_overload(a, b, c, m, n, k, accumulate, micro):
+    if a.dtype == types.uint16:  # bf16 bits: the bf16 micro-kernel, k elements as pairs
+        return lambda a, b, c, m, n, k, accumulate, micro: gemm(a, b, c, m, n, (k + 1) // 2, accumulate)
+    if a.dtype == types.float32:
+
+        def product(a, b, c, m, n, k, accumulate, micro):
+            if micro:
+                gemm_f32(a, b, c, m, n, k, accumulate)
+            else:
+                _blas_product(a, b, c, m, n, k, accumulate)
+
+        return product
+    return lambda a, b, c, m, n, k, accumulate, micro: _blas_product(a, b, c, m, n, k, accumulate)
+
+
+def _pack_forward(k, v, k_packed, v_packed):
+    """One (batch, kv head)'s keys and values as the B operands of the forward's products."""
+
+
+@overload(_pack_forward)
+def _pack_forward_overload(k, v, k_packed, v_packed):
+    if k_packed.dtype == types.uint16:
+        # k_packed (ceil(D/2), 2 (Nk + 16)): pairs along the features for Q K^T;
+        # v_packed (ceil(Nk/2), 2 Dv16): pairs along the keys for P V.
+        def pairs(k, v, k_packed, v_packed):
+            _pack_keys(k, k_packed)
+            pack_pairs(v, v_packed)
+
+        return pairs
+
+    # float: k_packed = K^T (D, Nk + 16); v_packed = V with rows padded to 16
+    # columns, unless it is V itself (Dv a multiple of 16: nothing to copy).
+    def rows(k, v, k_packed, v_packed):
+        _load_transposed(k, k_packed)
+        if v_packed.shape[1] != v.shape[1]:
+            _load_rows(v, v_packed)
+
+    return rows
+
+
+@_jit()
+def _pack_forward_head(k, v, k_packed, v_packed, t):
+    """Task t = (batch, kv head) of the forward's packing."""
+    hkv = k.shape[1]
+    b, hk = t // hkv, t % hkv
+    _pack_forward(k[b, hk], v[b, hk], k_packed[b, hk], v_packed[b, hk])
+
+
+def _scratch(n, operand):
+    """Elements of a conversion buffer: n for bf16 operands, 1 for float ones (never used)."""
+
+
+@overload(_scratch, jit_options={"inline": "always"})
+def _scratch_overload(n, operand):
+    if operand.dtype == types.uint16:
+        return lambda n, operand: n
+    return lambda n, operand: 1
+
+
+def _first_key(j0, operand):
+    """j0, moved down to even for bf16 operands (their P V reads keys in pairs; the
+    extra key is hidden from every row)."""
+
+
+@overload(_first_key, jit_options={"inline": "always"})
+def _first_key_overload(j0, operand):
+    if operand.dtype == types.uint16:
+        return lambda j0, operand: j0 - j0 % 2
+    return lambda j0, operand: j0
+
+
+# ---------------------------------------------------------------------------
+# Operands of the micro-kernels (kernels/microkernels.py)
+# ---------------------------------------------------------------------------
+
+
+@_jit()
+def _pack_keys(k, dst):
+    """dst[p, 2 j + t] = k[j, 2 p + t]: k (Nk, D) as the B operand of Q @ K^T, pairs along D.
+
+    dst (ceil(D / 2), >= 2 Nk); the columns past Nk and a missing last feature are 0.
+    """
+    nk, d = k.shape
+    dst[:] = 0
+    for j in range(nk):
+        row = k[j]  # (D,)
+        for p in range(d // 2):
+            dst[p, 2 * j] = bf16_of(row[2 * p])
+            dst[p, 2 * j + 1] = bf16_of(row[2 * p + 1])
+        if d % 2:
+            dst[d // 2, 2 * j] = bf16_of(row[d - 1])
+
+
+def _operand_of(dst, value):
+    """value as an element of the operand array dst: bf16 bits for uint16, float32 for float32."""
+
+
+@overload(_operand_of, jit_options={"inline": "always"})
+def _operand_of_overload(dst, value):
+    if dst.dtype == types.uint16:
+        return lambda dst, value: bf16_of(value)
+    if dst.dtype == types.float64:
+        return lambda dst, value: np.float64(value)
+    return lambda dst, value: np.float32(_f32_of(value))
+
+
+@_jit(fastmath=_FASTMATH)
+def _load_rows(src, dst):
+    """dst[:rows, :cols] = src as elements of dst's dtype (bf16 bits, float32 or float64); dst's padding = 0."""
+    _load_row_prefixes(src, src.shape[1], dst)
+
+
+@_jit(fastmath=_FASTMATH)
+def _load_row_prefixes(src, cols, dst):
+    """_load_rows of src[:, :cols]; pass a C-contiguous src (a slice's rows would not vectorise)."""
+    rows = src.shape[0]
+    for r in range(rows):
+        s_row, d_row = src[r], dst[r]
+        for c in range(cols):
+            d_row[c] = _operand_of(d_row, s_row[c])
+        for c in range(cols, d_row.shape[0]):
+            d_row[c] = 0
+
+
+# ---------------------------------------------------------------------------
+# Backward: the five products per tile, on the micro-kernels or the BLAS
+# ---------------------------------------------------------------------------
+
+
+def _f32_of(value):
+    """A stored element as float32: bf16 bits (uint16) widened, floats converted."""
+
+
+@overload(_f32_of, jit_options={"inline": "always"})
+def _f32_of_overload(value):
+    if value == types.uint16:
+        return lambda value: bf16_to_f32(value)
+    return lambda value: np.float32(value)
+
+
+def _f64_of(value):
+    """A stored element as float64, exactly: bf16 bits widened, float32 and float64 converted."""
+
+
+@overload(_f64_of, jit_options={"inline": "always"})
+def _f64_of_overload(value):
+    if value == types.uint16:
+        return lambda value: np.float64(bf16_to_f32(value))
+    return lambda value: np.float64(value)
+
+
+@_jit()
+def _load_transposed(src, dst):
+    """dst[c, r] = src[r, c] as elements of dst's dtype; dst (C, >= R) rows zero past R."""
+    rows, cols = src.shape
+    for c in range(cols):
+        d_row = dst[c]
+        for r in range(rows):
+            d_row[r] = _operand_of(d_row, src[r, c])
+        for r in range(rows, d_row.shape[0]):
+            d_row[r] = 0
+
+
+def _pack_operands(k, v, k_packed, v_packed, k_rows):
+    """One (batch, kv head)'s keys and values as the B operands of the backward's products."""
+
+
+@overload(_pack_operands)
+def _pack_operands_overload(k, v, k_packed, v_packed, k_rows):
+    if k_packed.dtype == types.uint16:
+        # k_packed (ceil(D/2), 2 (Nk + 16)), v_packed (ceil(Dv/2), ..): pairs along the
+        # features for S and dP; k_rows (ceil(Nk/2), 2 D16): pairs along the keys for dQ.
+        def pack(k, v, k_packed, v_packed, k_rows):
+            _pack_keys(k, k_packed)
+            _pack_keys(v, v_packed)
+            pack_pairs(k, k_rows)
+
+        return pack
+
+    # float32 / float64: K^T (D, Nk + 16), V^T (Dv, Nk + 16), K rows (Nk, D16)
+    def pack_float(k, v, k_packed, v_packed, k_rows):
+        _load_transposed(k, k_packed)
+        _load_transposed(v, v_packed)
+        _load_rows(k, k_rows)
+
+    return pack_float
+
+
+@_jit()
+def _pack_head_backward(k, v, k_packed, v_packed, k_rows, t):
+    """Task t = (batch, kv head): _pack_operands for the backward's products."""
+    hkv = k.shape[1]
+    b, hk = t // hkv, t % hkv
+    _pack_operands(k[b, hk], v[b, hk], k_packed[b, hk], v_packed[b, hk], k_rows[b, hk])
+
+
+def _dp_product(a, b, c, m, n, k):
+    """dP = dO V^T. bf16 on the micro-kernel; float32 through the BLAS, whose blocked
+    summation keeps dP - delta (which cancels when one key dominates a row) as
+    accurate as a float32 reference; the micro-kernel's one long FMA chain per
+    element left 3x its error (Nk = 1, D = 64)."""
+
+
+@overload(_dp_product, jit_options={"inline": "always"})
+def _dp_product_overload(a, b, c, m, n, k):
+    if a.dtype == types.uint16:
+        return lambda a, b, c, m, n, k: gemm(a, b, c, m, n, (k + 1) // 2, False)
+    return lambda a, b, c, m, n, k: _blas_product(a, b, c, m, n, k, False)
+
+
+def _b_rows_of(x, x_full, bk, buffer):
+    """The (Bq, Bk) tile x as the B operand of a product over its rows (P or dS).
+
+    bf16: packed in row pairs into buffer; float32: x_full itself (Bq, Bk16), its
+    padding columns zeroed (they reach columns of other keys otherwise).
+    """
+
+
+@overload(_b_rows_of, jit_options={"inline": "always"})
+def _b_rows_of_overload(x, x_full, bk, buffer):
+    if buffer.dtype == types.uint16:
+
+        def pairs(x, x_full, bk, buffer):
+            rows = (x.shape[0] + 1) // 2
+            packed = buffer[: rows * 2 * x_full.shape[1]].reshape((rows, 2 * x_full.shape[1]))
+            pack_pair_columns(x_full, x.shape[1], packed)  # x_full's rows: contiguous
+            return packed
+
+        return pairs
+
+    def itself(x, x_full, bk, buffer):
+        x_full[:, bk:] = 0
+        return x_full
+
+    return itself
+
+
+def _a_rows_of(x, x_full, buffer):
+    """The (Bq, Bk) tile x as an A operand: bf16 rows (even width) in buffer, or x_full itself."""
+
+
+@overload(_a_rows_of, jit_options={"inline": "always"})
+def _a_rows_of_overload(x, x_full, buffer):
+    if buffer.dtype == types.uint16:
+
+        def converted(x, x_full, buffer):
+            width = padded(x.shape[1], 2)
+            rows = buffer[: x.shape[0] * width].reshape((x.shape[0], width))
+            _load_row_prefixes(x_full, x.shape[1], rows)  # x_full's rows: contiguous
+            return rows
+
+        return converted
+    return lambda x, x_full, buffer: x_full
+
+
+def _key_offset(j0, operand):
+    """Where key j0 starts along a packed operand: 2 j0 columns (bf16 pairs) or j0."""
+
+
+@overload(_key_offset, jit_options={"inline": "always"})
+def _key_offset_overload(j0, operand):
+    if operand.dtype == types.uint16:
+        return lambda j0, operand: 2 * j0
+    return lambda j0, operand: j0
+
+
+def _key_row(j0, operand):
+    """The row of key j0 in k_rows: j0 // 2 (bf16 pairs of keys) or j0."""
+
+
+@overload(_key_row, jit_options={"inline": "always"})
+def _key_row_overload(j0, operand):
+    if operand.dtype == types.uint16:
+        return lambda j0, operand: j0 // 2
+    return lambda j0, operand: j0

@@ -1,0 +1,111 @@
+"""Task lists heaviest first and the shared work queue the workers claim tasks from."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from ..jit import jit as _jit
+from .tile import _key_block_range
+
+
+@_jit()
+def _heaviest_first(costs):
+    """Task indices ordered by descending cost (ties by index), for the work queue.
+
+    Costs are small integers (tile counts), so a counting sort orders them; it
+    also compiles far faster than np.argsort.
+    """
+    n_tasks = costs.shape[0]
+    max_cost = 0
+    for t in range(n_tasks):
+        max_cost = max(max_cost, costs[t])
+    bucket_start = np.zeros(max_cost + 2, np.int64)  # tasks of cost c, heaviest first
+    for t in range(n_tasks):
+        bucket_start[max_cost - costs[t] + 1] += 1
+    for c in range(1, max_cost + 2):
+        bucket_start[c] += bucket_start[c - 1]
+    order = np.empty(n_tasks, np.int64)
+    for t in range(n_tasks):
+        slot = max_cost - costs[t]
+        order[bucket_start[slot]] = t
+        bucket_start[slot] += 1
+    return order
+
+
+@intrinsic
+def _fetch_add(typingctx, counter):
+    """Atomically counter[0] += 1; returns the old value (counter: 1-D int64 array)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", pointer, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
+@_jit()
+def _claim(order, next_task):
+    """The next task of the queue (order, shared counter next_task[0]), or -1 once it is empty."""
+    claimed = _fetch_add(next_task)
+    return order[claimed] if claimed < order.shape[0] else -1
+
+
+@_jit()
+def _segment(segments, seg):
+    """(b, qs, Nq, ks, Nk, lo, hi, diagonal) of segment seg (see _segment_table)."""
+    row = segments[seg]
+    return row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+
+
+@_jit()
+def _forward_schedule(segments, hq, block_q, block_k):
+    """(tasks (T, 3) of (segment, head, query block), their order heaviest first)."""
+    n_tasks = 0
+    for seg in range(segments.shape[0]):
+        n_tasks += hq * ((segments[seg, 2] + block_q - 1) // block_q)
+    tasks = np.empty((n_tasks, 3), np.int64)
+    costs = np.empty(n_tasks, np.int64)  # visible key blocks per task
+    t = 0
+    for seg in range(segments.shape[0]):
+        _, _, nq, _, nk, lo_offset, hi_offset, _ = _segment(segments, seg)
+        for h in range(hq):
+            for qb in range((nq + block_q - 1) // block_q):
+                i0 = qb * block_q
+                first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
+                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, h, qb
+                costs[t] = stop - first
+                t += 1
+    return tasks, _heaviest_first(costs)
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+
+@_jit()
+def _backward_schedule(segments, hkv, block_q, block_k, n_chunks):
+    """(tasks (T, 3) of (segment, kv head, query chunk), their order heaviest first;
+    every head of a group costs the same)."""
+    n_tasks = segments.shape[0] * hkv * n_chunks
+    tasks = np.empty((n_tasks, 3), np.int64)
+    costs = np.zeros(n_tasks, np.int64)  # visible tiles per task
+    t = 0
+    for seg in range(segments.shape[0]):
+        _, _, nq, _, nk, lo_offset, hi_offset, _ = _segment(segments, seg)
+        n_qblocks = (nq + block_q - 1) // block_q
+        blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
+        for hk in range(hkv):
+            for chunk in range(n_chunks):
+                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, hk, chunk
+                for qb in range(chunk * blocks_per_chunk, min(n_qblocks, (chunk + 1) * blocks_per_chunk)):
+                    i0 = qb * block_q
+                    first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
+                    costs[t] += stop - first
+                t += 1
+    return tasks, _heaviest_first(costs)
