@@ -9,7 +9,7 @@ configurations are compiled for one head dim per architecture and reported
 Compilation runs in a subprocess without TRITON_INTERPRET, so it is not
 affected by the interpreter mode the kernel tests switch on. The full table
 for every configuration lives in bench/results/triton_aot_report.md
-(`python -m attnkit.kernels.triton_attention bench/results/triton_aot_report.md`).
+(`python -m attnkit.bench.triton_aot bench/results/triton_aot_report.md`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ except Exception as error:
 
 _SCRIPT = r"""
 import json, sys, torch
-from attnkit.kernels import triton_attention as ta
-rows = ta.aot_report(archs=(80, 90), head_dims=(64, 128, 256), kernels=("fwd",))
-rows += ta.aot_report(archs=(80, 90), head_dims=(128,), kernels=("dkdv", "dq"), first_only=True)
+from attnkit.bench import triton_aot
+rows = triton_aot.aot_report(archs=(80, 90), head_dims=(64, 128, 256), kernels=("fwd",))
+rows += triton_aot.aot_report(archs=(80, 90), head_dims=(128,), kernels=("dkdv", "dq"), first_only=True)
 print("AOT-JSON" + json.dumps(rows))
 """
 
@@ -52,7 +52,7 @@ def report():
             pytest.skip("this triton wheel ships no cuobjdump")
         pytest.fail(f"AOT compilation failed:\n{tail}")
     rows = json.loads(lines[-1][len("AOT-JSON"):])
-    from attnkit.kernels.triton_attention import format_aot_report
+    from attnkit.bench.triton_aot import format_aot_report
 
     print("\n" + format_aot_report(rows))  # shown with pytest -s
     return rows
