@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, kv_cache
 from .varlen import host_offsets, varlen_attention
 
 __all__ = [
@@ -321,8 +321,8 @@ def flash_attn_varlen_func(
     if paged:
         lengths = np.diff(np.asarray(_arrays.to_numpy(cu_seqlens_k), np.int64))
         cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, int(lengths.sum()), int32_only=True)
-        pages = _check_block_table(block_table, len(lengths), k.shape[0], lengths, k.shape[1])
-        k, v = _gather_pages(k, v, pages, np.zeros_like(lengths), lengths)
+        pages = kv_cache.check_block_table(block_table, len(lengths), k.shape[0], lengths, k.shape[1])
+        k, v = kv_cache.gather(k, v, pages, np.zeros_like(lengths), lengths)
     else:
         cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], int32_only=True)
         if v.shape[0] != k.shape[0]:
@@ -361,103 +361,6 @@ def flash_attn_varlen_kvpacked_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
         window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------
-# The KV cache: append, rotate, read each sequence's own keys
-# ---------------------------------------------------------------------------
-
-
-def _index_vector(name, x, batch, device):
-    """An int or (B,) int32 tensor as a host int64 (B,) array."""
-    torch = _torch()
-    if isinstance(x, numbers.Integral) and not isinstance(x, bool):
-        return np.full(batch, int(x), np.int64)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be an int or a (B,) int32 tensor; got {_arrays.type_name(x)}")
-    if x.dtype != torch.int32:
-        raise TypeError(f"{name} must have dtype int32; got {_arrays.dtype_name(x)}")
-    if tuple(x.shape) != (batch,):
-        raise ValueError(f"{name} must have shape ({batch},); got {tuple(x.shape)}")
-    if str(x.device) != str(device):
-        raise ValueError(f"{name} is on {x.device}; q is on {device}")
-    return x.cpu().numpy().astype(np.int64)
-
-
-def _storage_rows(pages, page_size, starts, stops):
-    """(page index, row in page) of positions [starts[b], stops[b]) of every sequence b, in order.
-
-    pages (B, max_pages): sequence b's position p lives in page pages[b, p // page_size].
-    """
-    lengths = stops - starts
-    seq = np.repeat(np.arange(len(starts)), lengths)
-    positions = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths) + starts[seq]
-    return pages[seq, positions // page_size], positions % page_size
-
-
-def _gather_pages(k_cache, v_cache, pages, starts, stops):
-    """Each sequence's keys [starts[b], stops[b]) from a paged cache, packed: (total, Hkv, D) each;
-    pages (B, max_pages) host int64. Reads those positions and nothing else.
-
-    CPU caches are gathered by NumPy on views of their memory: a torch indexing
-    op here leaves torch's worker threads spinning on the cores the attention
-    kernel starts on next (a decode step ran 3-7x slower after one).
-    """
-    torch = _torch()
-    page_ids, rows = _storage_rows(pages, k_cache.shape[1], starts, stops)
-    if k_cache.device.type != "cpu":
-        page_ids, rows = (torch.from_numpy(x).to(k_cache.device) for x in (page_ids, rows))
-        return k_cache[page_ids, rows], v_cache[page_ids, rows]
-    return tuple(_from_host(_host_view(x)[page_ids, rows], x.dtype) for x in (k_cache, v_cache))
-
-
-def _host_view(x):
-    """A CPU tensor's memory as a NumPy array (bf16 as its uint16 bits), no copy."""
-    return _arrays.bf16_bits(x) if x.dtype == _torch().bfloat16 else x.detach().numpy()
-
-
-def _from_host(array, dtype):
-    torch = _torch()
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def _check_block_table(block_table, batch, num_blocks, stops, page_size):
-    torch = _torch()
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.ndim != 2:
-        raise TypeError(f"block_table must be a (B, max_blocks) int32 tensor; got {_arrays.type_name(block_table)} "
-                        f"{getattr(block_table, 'dtype', '')} {tuple(getattr(block_table, 'shape', ()))}")
-    if block_table.shape[0] != batch:
-        raise ValueError(f"block_table must have {batch} rows (one per sequence); got {block_table.shape[0]}")
-    table = block_table.cpu().numpy().astype(np.int64)
-    capacity = block_table.shape[1] * page_size
-    if np.any(stops > capacity):
-        b = int(np.argmax(stops > capacity))
-        raise ValueError(f"sequence {b} needs {int(stops[b])} cache positions; its block_table row holds "
-                         f"{block_table.shape[1]} pages of {page_size} = {capacity}")
-    for b in range(batch):
-        used = table[b, : -(-int(stops[b]) // page_size)]
-        if np.any((used < 0) | (used >= num_blocks)):
-            bad = int(used[(used < 0) | (used >= num_blocks)][0])
-            raise ValueError(f"block_table[{b}] holds page {bad}; the cache has pages 0..{num_blocks - 1}")
-    return table
-
-
-def _rotary(x, cos, sin, positions, interleaved):
-    """x (B, N, H, D) rotated at positions (B, N) by cos / sin (L, R/2) on its first R features."""
-    torch = _torch()
-    half = cos.shape[1]
-    c = cos[positions][:, :, None, :].to(torch.float32)  # (B, N, 1, R/2)
-    s = sin[positions][:, :, None, :].to(torch.float32)
-    xf = x.to(torch.float32)
-    if interleaved:  # GPT-J: pairs (0, 1), (2, 3), ...
-        x1, x2 = xf[..., 0 : 2 * half : 2], xf[..., 1 : 2 * half : 2]
-        rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
-    else:  # GPT-NeoX: halves (0, R/2), (1, R/2 + 1), ...
-        x1, x2 = xf[..., :half], xf[..., half : 2 * half]
-        rotated = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
-    return torch.cat([rotated.to(x.dtype), x[..., 2 * half :]], dim=-1)
 
 
 @_flash_attn_errors
@@ -523,37 +426,9 @@ def flash_attn_with_kvcache(
     if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
         raise TypeError(f"q, k_cache and v_cache must share a dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
 
-    paged = block_table is not None
-    page_size = k_cache.shape[1]
-    filled = (
-        np.full(batch, k_cache.shape[1] if not paged else 0, np.int64) if cache_seqlens is None
-        else _index_vector("cache_seqlens", cache_seqlens, batch, q.device)
-    )  # fmt: skip
-    if cache_seqlens is None and paged:
-        raise ValueError("a paged cache (block_table) needs cache_seqlens")
-    starts = np.zeros(batch, np.int64) if cache_leftpad is None else _index_vector(
-        "cache_leftpad", cache_leftpad, batch, q.device)
-    stops = filled + n_new
-    if np.any(filled < 0):
-        raise ValueError(f"cache_seqlens must be >= 0; got {filled.tolist()}")
-    if np.any(starts < 0) or np.any(starts > filled):
-        raise ValueError(f"cache_leftpad must be in [0, cache_seqlens]; got {starts.tolist()} for {filled.tolist()}")
-    if paged:
-        if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx cannot be combined with a paged cache (block_table), as in flash-attn")
-        pages = _check_block_table(block_table, batch, k_cache.shape[0], stops, page_size)
-    else:
-        rows = np.arange(batch) if cache_batch_idx is None else _index_vector(
-            "cache_batch_idx", cache_batch_idx, batch, q.device)
-        if np.any((rows < 0) | (rows >= k_cache.shape[0])):
-            raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]}); got {rows.tolist()}")
-        if cache_batch_idx is None and batch > k_cache.shape[0]:
-            raise ValueError(f"q has {batch} sequences but the cache only {k_cache.shape[0]} rows")
-        if np.any(stops > k_cache.shape[1]):
-            b = int(np.argmax(stops > k_cache.shape[1]))
-            raise ValueError(f"the cache holds {k_cache.shape[1]} positions; sequence {b} needs {int(stops[b])} "
-                             f"(cache_seqlens {int(filled[b])} + {n_new} new)")
-        pages, page_size = rows[:, None], k_cache.shape[1]
+    cache = kv_cache.plan(k_cache, batch, n_new, cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
+                          q.device)  # fmt: skip
+    filled, starts, stops = cache.filled, cache.starts, cache.stops
     rotary = rotary_cos is not None or rotary_sin is not None
     if rotary:
         if rotary_cos is None or rotary_sin is None or rotary_cos.shape != rotary_sin.shape or rotary_cos.ndim != 2:
@@ -572,17 +447,14 @@ def flash_attn_with_kvcache(
     if k is not None:
         if rotary:
             offsets = torch.from_numpy(filled[:, None] + np.arange(n_new)[None]).to(q.device)
-            k = _rotary(k, rotary_cos, rotary_sin, offsets, rotary_interleaved)
-        page_ids, in_page = _storage_rows(pages, page_size, filled, stops)
-        page_ids, in_page = (torch.from_numpy(x).to(q.device) for x in (page_ids, in_page))
-        k_cache[page_ids, in_page] = k.reshape(-1, hkv, d)
-        v_cache[page_ids, in_page] = v.reshape(-1, hkv, v.shape[3])
+            k = kv_cache.rotate(k, rotary_cos, rotary_sin, offsets, rotary_interleaved)
+        kv_cache.append(k_cache, v_cache, k, v, cache)
     if rotary:
         steps = np.arange(nq)[None] if local else np.zeros((1, nq), np.int64)
-        q = _rotary(q, rotary_cos, rotary_sin, torch.from_numpy(filled[:, None] + steps).to(q.device),
+        q = kv_cache.rotate(q, rotary_cos, rotary_sin, torch.from_numpy(filled[:, None] + steps).to(q.device),
                     rotary_interleaved)
 
-    keys, values = _gather_pages(k_cache, v_cache, pages, starts, stops)
+    keys, values = kv_cache.gather(k_cache, v_cache, cache.pages, starts, stops)
     cu_q = _uniform_offsets(batch, nq)
     cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int32))
     with torch.no_grad():

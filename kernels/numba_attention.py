@@ -25,15 +25,13 @@ import numba
 import numpy as np
 
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
-# Also here for kernels/ladder.py and the tests: _FASTMATH, the tile states, _Workspace, _visible_offsets.
 from .cpu.backward import _backward_kernel
-from .cpu.constants import _FASTMATH, _HAS_ALIBI, _HAS_BOOL_MASK, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE
+from .cpu.constants import _HAS_ALIBI
 from .cpu.decode import _decode_kernel
 from .cpu.forward import _forward_kernel, _forward_kernel_serial
-from .cpu.memory import _CALL_LOCK, _WORKSPACE, _Workspace, _arrays_together, _single_threaded_blas
+from .cpu.memory import _CALL_LOCK, _WORKSPACE, _arrays_together, _single_threaded_blas
 from .cpu.plan import (
-    SEGMENT_ALIGN, _backward_block_sizes, _backward_chunks, _block_sizes, _kernel_array, _mask_plan, _prepare,
-    _segment_sizes, _segment_table, _visible_offsets,
+    _backward_block_sizes, _backward_chunks, _block_sizes, _kernel_array, _mask_plan, _prepare, _segment_sizes,
 )
 
 __all__ = ["flash_forward", "flash_backward", "warmup"]

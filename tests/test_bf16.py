@@ -184,7 +184,7 @@ def torch_bf16_reference(case, q, k, v, d_out, mask):
     """
     if case.softcap is not None:
         return None
-    from attnkit.kernels.numba_attention import _visible_offsets
+    from attnkit.kernels.cpu.plan import _visible_offsets
 
     lo, hi = _visible_offsets(case.nq, case.nk, case.causal, case.window)
     offsets = np.arange(case.nk)[None, :] - np.arange(case.nq)[:, None]

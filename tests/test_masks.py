@@ -15,6 +15,7 @@ import torch
 
 import attnkit
 from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.cpu import constants
 from attnkit.kernels.microkernels import BF16_PRODUCTS, bf16_bits, bf16_to_float32
 from attnkit.reference import attention, attention_backward
 
@@ -81,7 +82,7 @@ def test_tile_summary_of_a_blocky_mask(dtype, nq, nk):
     # the forward's tiles (128 x 512) are whole tiles of the backward's grid (128 x 256) too
     mask = blocky_mask(rng, (2, 2, nq, nk), 128, 512)
     states = kernel._mask_plan(mask, np.float32, nk, *kernel._block_sizes(nq, nk))[0][3]
-    assert {kernel._TILE_HIDDEN, kernel._TILE_VISIBLE, kernel._TILE_MIXED} <= set(np.unique(states).tolist())
+    assert {constants._TILE_HIDDEN, constants._TILE_VISIBLE, constants._TILE_MIXED} <= set(np.unique(states).tolist())
     run_and_check(q, k, v, d_out, mask, dtype=dtype)
     run_and_check(q, k, v, d_out, mask, causal="bottom_right", window=(300, None), dtype=dtype)
 
@@ -95,7 +96,7 @@ def test_additive_mask_summary():
     additive[..., 300:, :] += rng.standard_normal((1, 2, 1, nk))  # some tiles carry real values
     additive[..., 300:, :][hidden[..., 300:, :]] = -np.inf
     states = kernel._mask_plan(additive, np.float32, nk, *kernel._block_sizes(nq, nk))[0][3]
-    assert kernel._TILE_VISIBLE in states and kernel._TILE_HIDDEN in states and kernel._TILE_MIXED in states
+    assert constants._TILE_VISIBLE in states and constants._TILE_HIDDEN in states and constants._TILE_MIXED in states
     run_and_check(q, k, v, d_out, additive)
 
 
@@ -123,8 +124,8 @@ def test_key_bitmap_with_holes_uses_the_summary():
     keys = rng.random((2, 1, 1, nk)) < 0.8
     keys[0, ..., 512:] = False  # a whole hidden key block in batch 0
     masks, flags = kernel._mask_plan(keys, np.float32, nk, 128, 512)
-    assert flags == kernel._HAS_BOOL_MASK and masks[0].shape == (2, 1, 1, nk)
-    assert masks[3][0, 0, 0, 1] == kernel._TILE_HIDDEN
+    assert flags == constants._HAS_BOOL_MASK and masks[0].shape == (2, 1, 1, nk)
+    assert masks[3][0, 0, 0, 1] == constants._TILE_HIDDEN
     run_and_check(q, k, v, d_out, keys, causal="top_left")
 
 

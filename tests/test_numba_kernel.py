@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.cpu import memory
 from attnkit.kernels.numba_attention import flash_backward, flash_forward
 from attnkit.reference import attention, attention_backward
 from attnkit.testing import assert_within_rule
@@ -353,7 +354,7 @@ def test_arrays_together_are_aligned_disjoint_views(dtype):
 
 
 def test_workspace_hands_out_zeroed_views_and_drops_big_requests():
-    workspace = kernel._Workspace(keep_bytes=4096)
+    workspace = memory._Workspace(keep_bytes=4096)
     first = workspace.zeroed(np.float64, ((3, 10), (3, 5)))
     for array in first:
         array[...] = 7.0  # dirty the kept buffer
