@@ -337,9 +337,26 @@ def attention_backward(
 
 def explain(
     q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None,
-    return_weights=False, backend="auto",
+    return_weights=False, backend="auto", cu_seqlens_q=None, cu_seqlens_k=None, align="bottom_right",
+    alibi_slopes=None,
 ):
-    """Which backend attention() would run these arguments on, and why (a string)."""
+    """Which backend attention() would run these arguments on, and why (a string).
+
+    With cu_seqlens_q and cu_seqlens_k, varlen_attention's arguments instead
+    (q (Hq, total_q, D), ...; align, alibi_slopes): what varlen_attention and
+    the flash-attn functions built on it would run.
+    """
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (a packed call), or neither")
+        if mask is not None or return_weights:
+            raise ValueError("a packed call (cu_seqlens_q, cu_seqlens_k) takes no mask and returns no weights")
+        from .varlen import explain_varlen
+
+        return explain_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal), align=align, scale=scale,
+                              window=window, softcap=softcap, alibi_slopes=alibi_slopes, backend=backend)  # fmt: skip
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes is an argument of packed calls (with cu_seqlens_q, cu_seqlens_k)")
     spec = validate_attention(
         q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
     )

@@ -60,6 +60,32 @@ class VarlenSpec:
     def options(self):
         return dict(causal=self.causal, align=self.align, scale=self.scale, window=self.window, softcap=self.softcap)
 
+    def describe(self):
+        def spread(lengths):
+            low, high = (int(lengths.min()), int(lengths.max())) if lengths.size else (0, 0)
+            return f"{low}..{high} (total {int(lengths.sum())})"
+
+        return (f"{self.dtype} {self.kind} on {self.device}: {len(self.lengths_q)} packed sequences, Hq={self.hq}, "
+                f"Hkv={self.hkv}, Nq {spread(self.lengths_q)}, Nk {spread(self.lengths_k)}, D={self.d}, Dv={self.dv}")
+
+
+def explain_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, align="bottom_right", scale=None,
+                   window=None, softcap=None, alibi_slopes=None, backend="auto"):  # fmt: skip
+    """Which backend varlen_attention (and so the flash-attn functions) would run, and why (a string)."""
+    spec = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale,
+                           window=window, softcap=softcap, alibi_slopes=alibi_slopes)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AttnkitFallbackWarning)
+        name = _backend_for(spec, backend)
+    lines = [f"backend {name!r} (asked for {backend!r}) for {spec.describe()}"]
+    if name == "numba":
+        from .kernels.target import describe as describe_target
+
+        path, why = cpu_product_path(spec.dtype)
+        lines.append(f"  {path} products: {why}; compiled for {describe_target()}")
+    lines += [f"  {warning.message}" for warning in caught]
+    return "\n".join(lines)
+
 
 def host_offsets(name, cu_seqlens, total, *, int32_only=False):
     """cu_seqlens as a host int64 array after checking it: 1-D integers, starting at 0,

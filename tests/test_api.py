@@ -205,3 +205,18 @@ def test_data_off_the_cpu_falls_back_visibly(monkeypatch):
     with pytest.warns(attnkit.AttnkitFallbackWarning, match="NumPy reference"):
         choice = backends.choose_backend(cuda_spec, "auto", backends.Request())
     assert choice.backend.name == "reference"
+
+
+def test_explain_takes_varlen_arguments():
+    """explain() says what varlen_attention (and the flash-attn functions on it) would run."""
+    q, k = np.zeros((4, 30, 16), np.float32), np.zeros((2, 30, 16), np.float32)
+    cu = np.array([0, 10, 30], np.int32)
+    text = attnkit.explain(q, k, k, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True)
+    assert text.startswith("backend 'numba' (asked for 'auto') for float32 numpy on cpu: 2 packed sequences")
+    assert "Nq 10..20 (total 30)" in text and "products:" in text and "compiled for" in text
+    reference = attnkit.explain(q, k, k, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="reference")
+    assert reference.startswith("backend 'reference' (asked for 'reference')")
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k must be given together"):
+        attnkit.explain(q, k, k, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        attnkit.explain(q, k, k, cu_seqlens_q=cu, cu_seqlens_k=np.array([0, 10, 29], np.int32))
