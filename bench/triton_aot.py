@@ -16,7 +16,7 @@ import os
 import torch
 import triton
 
-from ..kernels import triton_attention as ta
+from ..kernels import triton_attention as ta, triton_kernels
 
 _KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -24,7 +24,7 @@ _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 
 def _jit_function(name):
     """The kernel as a JITFunction (the interpreter's InterpretedFunction holds the Python fn)."""
-    kernel = getattr(ta, name)
+    kernel = getattr(triton_kernels, name)
     if isinstance(kernel, triton.runtime.jit.JITFunction):
         return kernel
     return triton.runtime.jit.JITFunction(kernel.fn)
