@@ -15,10 +15,10 @@ import pytest
 SCRIPT = Path(sys.executable).with_name("attnkit")
 
 
-def run(*args, cwd):
+def run(*args, cwd, env=None):
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "attnkit"]
     return subprocess.run(command + list(args), cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
 def test_info_reports_versions_cpu_cuda_and_backends(tmp_path):
@@ -29,9 +29,23 @@ def test_info_reports_versions_cpu_cuda_and_backends(tmp_path):
     assert info["cpu"]["logical_cores"] >= 1 and info["cpu"]["model"]
     assert "devices" in info["cuda"] and (info["cuda"]["devices"] or info["cuda"]["reason"])
     assert info["backends"]["reference"] is None
+    from attnkit.kernels.target import TARGET
+
+    cpu_kernel = info["cpu_bf16"]  # the target Numba compiles for, as LLVM sees it (every OS)
+    assert cpu_kernel["lanes"] == TARGET.lanes and cpu_kernel["target"].startswith(TARGET.cpu)
+    assert cpu_kernel["error"] is None and set(cpu_kernel["blocks"]) == {"f32", "bf16"}
 
     text = run("info", cwd=tmp_path)
     assert text.returncode == 0 and "backends:" in text.stdout and "reference" in text.stdout
+    assert f"target   {TARGET.cpu} (" in text.stdout
+
+
+def test_info_reports_a_forced_path_the_target_cannot_run(tmp_path):
+    """ATTNKIT_CPU_F32=fma on a target without FMA: info still runs and says why calls will be refused."""
+    result = run("info", cwd=tmp_path, env={"NUMBA_CPU_NAME": "generic", "ATTNKIT_CPU_F32": "fma"})
+    assert result.returncode == 0, result.stderr
+    assert "target   generic (x86_64, SSE" in result.stdout or "target   generic (aarch64" in result.stdout
+    assert "error    ATTNKIT_CPU_F32=fma, but the target Numba compiles for (generic" in result.stdout
 
 
 def test_bench_prints_a_table_and_writes_json_csv_and_charts(tmp_path):
