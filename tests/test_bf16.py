@@ -25,7 +25,7 @@ from attnkit.reference import attention, attention_backward
 
 from attnkit.testing import assert_within_rule
 
-from test_numba_kernel import Case, make_mask
+from kernel_cases import Case, make_mask
 
 needs_bf16_cpu = pytest.mark.skipif(
     bf16.BF16_PRODUCTS == "fp32", reason=f"bf16 micro-kernel not in use here: {bf16.BF16_DETAIL}"
