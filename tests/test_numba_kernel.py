@@ -7,7 +7,6 @@ the reference itself computed in float32, plus a tiny absolute floor.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
