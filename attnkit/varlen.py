@@ -15,13 +15,12 @@ autograd when an input requires grad, hand back the input's type and dtype.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _arrays
-from .backends import AttnkitFallbackWarning, cpu_product_path
+from .backends import Request, choose_backend, cpu_product_path
 from .reference import resolve_scale
 from .reference.varlen import ALIGNMENTS
 from .validation import FLOAT_DTYPES, _check_array, _number, _window
@@ -74,17 +73,8 @@ def explain_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, align="
     """Which backend varlen_attention (and so the flash-attn functions) would run, and why (a string)."""
     spec = validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale,
                            window=window, softcap=softcap, alibi_slopes=alibi_slopes)  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", AttnkitFallbackWarning)
-        name = _backend_for(spec, backend)
-    lines = [f"backend {name!r} (asked for {backend!r}) for {spec.describe()}"]
-    if name == "numba":
-        from .kernels.target import describe as describe_target
-
-        path, why = cpu_product_path(spec.dtype)
-        lines.append(f"  {path} products: {why}; compiled for {describe_target()}")
-    lines += [f"  {warning.message}" for warning in caught]
-    return "\n".join(lines)
+    grad = spec.kind == "torch" and _torch_grad(q, k, v)
+    return choose_backend(spec, backend, Request(grad=grad), warn=False).explain(spec)
 
 
 def host_offsets(name, cu_seqlens, total, *, int32_only=False):
@@ -320,22 +310,10 @@ _BACKENDS = {
 }
 
 
-def _backend_for(spec, backend):
-    if backend not in ("auto",) + tuple(_BACKENDS):
-        raise ValueError(f"backend must be 'auto' or one of {tuple(_BACKENDS)}; got {backend!r}")
-    device_type = spec.device.split(":")[0]
-    native = {"cpu": "numba", "cuda": "triton"}.get(device_type)
-    if backend == "auto":
-        if native is None:
-            warnings.warn(f"no attnkit kernel runs on {spec.device}; using the NumPy reference",
-                          AttnkitFallbackWarning, stacklevel=4)
-            return "reference"
-        return native
-    if backend == "triton" and device_type == "cpu" and spec.kind == "torch" and _triton_interpreting():
-        return backend  # the Triton interpreter (TRITON_INTERPRET=1) runs the GPU kernel on CPU tensors
-    if backend != "reference" and backend != native:
-        raise ValueError(f"backend {backend!r} does not run on {spec.device} data; {native or 'reference'!r} does")
-    return backend
+def _backend_for(spec, backend, grad=False, warn=True):
+    """The backend's name, chosen by backends.choose_backend as for dense calls (same refusals,
+    same AttnkitFallbackWarning); a packed call's spec answers the same questions a dense one does."""
+    return choose_backend(spec, backend, Request(grad=grad), warn=warn, stacklevel=5).backend.name
 
 
 def _triton_interpreting():
@@ -416,8 +394,8 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes,
     )  # fmt: skip
-    name = _backend_for(spec, backend)
     grad = spec.kind == "torch" and _torch_grad(q, k, v)
+    name = _backend_for(spec, backend, grad)
     if grad:
         if _VARLEN_FUNCTION is None:
             _VARLEN_FUNCTION = _autograd_function()
