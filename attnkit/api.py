@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _arrays
 from .backends import Request, backend_status, choose_backend
+from .op_codes import operator_options
 from .validation import as_heads, validate_attention
 
 
@@ -56,8 +57,7 @@ def _attend_traced(q, k, v, mask, spec, backend, *, return_weights, dropout_p):
         raise ValueError(
             f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}"
         )
-    left, right = spec.window or (None, None)
-    options = (spec.scale, {None: 0, "top_left": 1, "bottom_right": 2}[spec.causal], left, right, spec.softcap)
+    options = operator_options(spec)
     if device_type == "cpu":
         from .cpu_ops import numba_attention_fwd
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _arrays, _layout
+from .op_codes import operator_options
 from .reference import attention as reference_attention
 from .reference import attention_backward as reference_attention_backward
 
@@ -274,7 +275,7 @@ class TritonBackend(Backend):
         from .triton_ops import flash_attention_fwd
 
         out, lse = flash_attention_fwd(
-            *(self._fold(x, spec) for x in (q, k, v)), self._mask(mask, spec), *_op_options(spec)
+            *(self._fold(x, spec) for x in (q, k, v)), self._mask(mask, spec), *operator_options(spec)
         )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
         return out.reshape(spec.out_shape), lse.reshape(spec.batch + (spec.hq, spec.nq)), None
 
@@ -284,19 +285,12 @@ class TritonBackend(Backend):
         folded = [self._fold(x, spec) for x in (q, k, v, out, d_out)]
         lse = lse.reshape((-1, spec.hq, spec.nq))
         grads = flash_attention_bwd(
-            *folded[:3], self._mask(mask, spec), folded[3], folded[4], lse, None, *_op_options(spec)
+            *folded[:3], self._mask(mask, spec), folded[3], folded[4], lse, None, *operator_options(spec)
         )  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
         return tuple(  # sum_to_shape works on tensors too (torch takes axis=/keepdims=)
             _layout.sum_to_shape(g.reshape(spec.batch + tuple(g.shape[1:])), tuple(x.shape))
             for g, x in zip(grads, (q, k, v))
         )
-
-
-def _op_options(spec):
-    """The spec's options in the positional form of attnkit.triton_ops' operators."""
-    left, right = spec.window or (None, None)
-    causal = {None: 0, "top_left": 1, "bottom_right": 2}[spec.causal]
-    return spec.scale, causal, left, right, spec.softcap
 
 
 BACKENDS = {

@@ -8,7 +8,8 @@
 Shapes are the public API's: q (..., Hq, Nq, D), k (..., Hkv, Nk, D), v (..., Hkv,
 Nk, Dv) with broadcasting leading axes; out (..., Hq, Nq, Dv), lse (..., Hq, Nq)
 float32 (float64 for float64 input); dq, dk, dv shaped like q, k, v. causal is
-coded 0 (none), 1 ("top_left"), 2 ("bottom_right"), as in attnkit.triton_ops.
+coded 0 (none), 1 ("top_left"), 2 ("bottom_right"): attnkit.op_codes, shared with
+attnkit.triton_ops.
 
 Both are `torch.library.custom_op`s with fake implementations (shapes and
 dtypes only), and the forward has an autograd formula (register_autograd)
@@ -25,18 +26,15 @@ from typing import Optional
 import torch
 
 from .backends import BACKENDS
+from .op_codes import CAUSAL_NAMES, window_of
 from .validation import validate_attention
 
 __all__ = ["numba_attention_fwd", "numba_attention_bwd"]
 
-_CAUSAL_NAMES = {0: None, 1: "top_left", 2: "bottom_right"}
-
 
 def _spec(q, k, v, mask, scale, causal, window_left, window_right, softcap):
-    window = None if window_left is None and window_right is None else (window_left, window_right)
-    return validate_attention(
-        q, k, v, causal=_CAUSAL_NAMES[causal], mask=mask, scale=scale, window=window, softcap=softcap
-    )
+    return validate_attention(q, k, v, causal=CAUSAL_NAMES[causal], mask=mask, scale=scale,
+                              window=window_of(window_left, window_right), softcap=softcap)  # fmt: skip
 
 
 @torch.library.custom_op("attnkit::numba_attention_fwd", mutates_args=())

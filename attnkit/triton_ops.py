@@ -8,7 +8,8 @@ Two operators are registered in the `attnkit` namespace:
                                           causal, window_left, window_right, softcap)
         -> (dq, dk, dv)
 
-with causal coded 0 (none), 1 ("top_left"), 2 ("bottom_right"). The forward
+with causal coded 0 (none), 1 ("top_left"), 2 ("bottom_right") (attnkit.op_codes,
+shared with the CPU operators of attnkit.cpu_ops). The forward
 has an autograd formula (register_autograd) that calls the backward operator,
 so gradients flow to q, k, v, through out and through lse as well.
 
@@ -29,21 +30,13 @@ from typing import Optional
 import torch
 
 from .kernels import triton_attention as _kernels
+from .op_codes import CAUSAL_CODES, CAUSAL_NAMES, window_of
 
 __all__ = ["triton_attention", "flash_attention_fwd", "flash_attention_bwd", "USES_TRITON_OP"]
-
-_CAUSAL_CODES = {None: 0, False: 0, True: 1, "top_left": 1, "bottom_right": 2}
-_CAUSAL_NAMES = {0: None, 1: "top_left", 2: "bottom_right"}
 
 # triton_op + wrap_triton where they exist and a real GPU compiler runs the kernels;
 # the interpreter's kernels cannot be traced through wrap_triton.
 USES_TRITON_OP = hasattr(torch.library, "triton_op") and not _kernels.interpreting()
-
-
-def _window(window_left, window_right):
-    if window_left is None and window_right is None:
-        return None
-    return (window_left, window_right)
 
 
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
@@ -51,8 +44,8 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch
          softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     return _kernels.flash_forward(
-        q, k, v, mask, scale=scale, causal=_CAUSAL_NAMES[causal],
-        window=_window(window_left, window_right), softcap=softcap, _wrap=wrap,
+        q, k, v, mask, scale=scale, causal=CAUSAL_NAMES[causal],
+        window=window_of(window_left, window_right), softcap=softcap, _wrap=wrap,
     )
 
 
@@ -62,8 +55,8 @@ def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch
          softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     return _kernels.flash_backward(
-        q, k, v, mask, out, d_out, lse, scale=scale, causal=_CAUSAL_NAMES[causal],
-        window=_window(window_left, window_right), softcap=softcap, d_lse=d_lse, _wrap=wrap,
+        q, k, v, mask, out, d_out, lse, scale=scale, causal=CAUSAL_NAMES[causal],
+        window=window_of(window_left, window_right), softcap=softcap, d_lse=d_lse, _wrap=wrap,
     )
 
 
@@ -117,11 +110,11 @@ def triton_attention(q, k, v, mask=None, *, scale, causal=None, window=None, sof
     (left, right), None sides unlimited. softcap: None or a float > 0.
     Gradients flow to q, k and v through both out and lse.
     """
-    if causal not in _CAUSAL_CODES:
+    if causal not in CAUSAL_CODES:
         raise ValueError(f"causal must be None, False, True, 'top_left' or 'bottom_right'; got {causal!r}")
     left, right = (None, None) if window is None else window
     return flash_attention_fwd(
-        q, k, v, mask, float(scale), _CAUSAL_CODES[causal],
+        q, k, v, mask, float(scale), CAUSAL_CODES[causal],
         None if left is None else int(left), None if right is None else int(right),
         None if softcap is None else float(softcap),
     )

@@ -1,0 +1,24 @@
+"""The one table of option codes shared by attnkit's torch operators (CPU and CUDA).
+
+torch.library operators take plain numbers, so a spec's options travel as
+(scale, causal code, window_left, window_right, softcap) with causal coded
+0 (none), 1 ("top_left", torch's is_causal) and 2 ("bottom_right").
+"""
+
+from __future__ import annotations
+
+__all__ = ["CAUSAL_CODES", "CAUSAL_NAMES", "operator_options", "window_of"]
+
+CAUSAL_CODES = {None: 0, False: 0, True: 1, "top_left": 1, "bottom_right": 2}
+CAUSAL_NAMES = {0: None, 1: "top_left", 2: "bottom_right"}
+
+
+def operator_options(spec):
+    """A validated spec's options in the operators' positional form."""
+    left, right = spec.window or (None, None)
+    return spec.scale, CAUSAL_CODES[spec.causal], left, right, spec.softcap
+
+
+def window_of(window_left, window_right):
+    """The operators' two window sides back as attnkit's window (None when both are unlimited)."""
+    return None if window_left is None and window_right is None else (window_left, window_right)
