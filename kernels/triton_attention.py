@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..reference.attention import dense_alignment, visible_range
 from .triton_kernels import (
     SUMMARY_TILE, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _fwd_kernel,
 )
@@ -189,21 +190,14 @@ def _span(x):
 
 
 def _geometry(causal, window, nq, nk):
-    """(off, win_l, win_r, HAS_LEFT, HAS_RIGHT) with causal folded into the right edge."""
-    if causal is True:
-        causal = "top_left"
-    elif causal is False:
-        causal = None
-    if causal not in (None, "top_left", "bottom_right"):
-        raise ValueError(f"causal must be None, 'top_left' or 'bottom_right'; got {causal!r}")
-    off = nk - nq if causal == "bottom_right" else 0
-    left, right = (None, None) if window is None else window
-    if causal is not None:
-        right = 0 if right is None else min(int(right), 0)
+    """(off, win_l, win_r, HAS_LEFT, HAS_RIGHT): reference.visible_range's rule, causal folded into the
+    right edge; query i sees key j iff i + off - win_l <= j <= i + off + win_r (sides given)."""
+    hides, align = dense_alignment(causal)
+    lo, hi, off = visible_range(nq, nk, causal=hides, align=align, window=window)
     limit = nq + nk + 1  # beyond this a window edge changes nothing; keeps int32 safe
-    win_l = 0 if left is None else max(-limit, min(int(left), limit))
-    win_r = 0 if right is None else max(-limit, min(int(right), limit))
-    return off, win_l, win_r, left is not None, right is not None
+    win_l = 0 if lo is None else max(-limit, min(int(off - lo), limit))
+    win_r = 0 if hi is None else max(-limit, min(int(hi - off), limit))
+    return int(off), win_l, win_r, lo is not None, hi is not None
 
 
 def _mask_operand(mask, shape, dummy):

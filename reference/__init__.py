@@ -12,6 +12,7 @@ from .attention import (
     resolve_causal,
     resolve_scale,
     visible_keys,
+    visible_range,
 )
 from .mha import multi_head_attention
 from .varlen import varlen_attention, varlen_attention_backward
@@ -29,4 +30,5 @@ __all__ = [
     "varlen_attention",
     "varlen_attention_backward",
     "visible_keys",
+    "visible_range",
 ]

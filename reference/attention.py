@@ -66,32 +66,58 @@ def compute_dtype(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
-def visible_keys(nq, nk, causal=None, window=None):
-    """Which keys each query may see, from causal alignment and the window.
+def visible_range(nq, nk, *, causal=False, align="top_left", window=None):
+    """The one visibility rule of attnkit: (lo, hi, diagonal) with query i seeing key j iff lo <= j - i <= hi.
 
-    Returns a boolean array (Nq, Nk), True where query i may attend to key j,
-    or None when every key is visible.
-
-    Query i sits at position i + offset on the key axis, with offset = Nk - Nq
-    for "bottom_right" and 0 otherwise. Causal keeps keys j <= that position;
-    window = (left, right) keeps position - left <= j <= position + right,
-    either side None meaning unlimited.
+    Query i sits at key position i + diagonal, diagonal = Nk - Nq aligned
+    "bottom_right" (the last query on the last key) and 0 aligned "top_left".
+    causal (a bool) hides keys past that position (hi = diagonal); window =
+    (left, right) keeps diagonal - left <= j - i <= diagonal + right. A side
+    that nothing limits is None. nq and nk may be ints or arrays (one entry
+    per packed sequence). Dense calls take their alignment from causal
+    (visible_keys); packed calls name it (attnkit.reference.varlen). The
+    Numba planner and the Triton launcher read their offsets from here too.
     """
-    causal = resolve_causal(causal)
-    if causal is None and window is None:
-        return None
-    offset = nk - nq if causal == "bottom_right" else 0
-    position = np.arange(nq)[:, None] + offset  # (Nq, 1)
-    j = np.arange(nk)[None, :]  # (1, Nk)
-    visible = np.ones((nq, nk), dtype=bool)
-    if causal is not None:
-        visible &= j <= position
+    diagonal = nk - nq if align == "bottom_right" else 0 * nk  # an int, or an array like nk
+    lo = hi = None
+    if causal:
+        hi = diagonal
     if window is not None:
         left, right = window
         if left is not None:
-            visible &= j >= position - left
+            lo = diagonal - left
         if right is not None:
-            visible &= j <= position + right
+            hi = diagonal + right if hi is None else np.minimum(hi, diagonal + right)
+    return lo, hi, diagonal
+
+
+def dense_alignment(causal):
+    """A dense call's causal argument as (causal: bool, align) for visible_range."""
+    causal = resolve_causal(causal)
+    return causal is not None, causal or "top_left"
+
+
+def visible_keys(nq, nk, causal=None, window=None):
+    """Which keys each query may see, from causal alignment and the window (visible_range).
+
+    Returns a boolean array (Nq, Nk), True where query i may attend to key j,
+    or None when every key is visible.
+    """
+    hides, align = dense_alignment(causal)
+    if not hides and window is None:
+        return None
+    lo, hi, _ = visible_range(nq, nk, causal=hides, align=align, window=window)
+    return visible_between(nq, nk, lo, hi)
+
+
+def visible_between(nq, nk, lo, hi):
+    """(Nq, Nk) booleans: lo <= j - i <= hi, None sides unlimited."""
+    distance = np.arange(nk)[None, :] - np.arange(nq)[:, None]  # (Nq, Nk) j - i
+    visible = np.ones((nq, nk), dtype=bool)
+    if lo is not None:
+        visible &= distance >= lo
+    if hi is not None:
+        visible &= distance <= hi
     return visible
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import attention, attention_backward, compute_dtype
+from .attention import attention, attention_backward, compute_dtype, visible_between, visible_range
 
 ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -30,18 +30,11 @@ def key_positions(nq, nk, align):
 
 def sequence_bias(nq, nk, hq, *, causal, align, window, slopes, dtype):
     """The additive mask (Hq or 1, Nq, Nk) of one sequence: 0 or -inf, plus ALiBi's -slope * distance."""
-    distance = key_positions(nq, nk, align)  # (Nq, Nk)
-    visible = np.ones((nq, nk), bool)
-    if causal:
-        visible &= distance >= 0
-    if window is not None:
-        left, right = window
-        if left is not None:
-            visible &= distance <= left
-        if right is not None:
-            visible &= distance >= -right
+    lo, hi, _ = visible_range(nq, nk, causal=causal, align=align, window=window)
+    visible = visible_between(nq, nk, lo, hi)
     bias = np.where(visible, 0.0, -np.inf).astype(dtype)[None]  # (1, Nq, Nk)
     if slopes is not None:
+        distance = key_positions(nq, nk, align)  # (Nq, Nk) position - j
         bias = bias - np.asarray(slopes, dtype).reshape(hq, 1, 1) * np.abs(distance).astype(dtype)
     return bias
 

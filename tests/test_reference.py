@@ -308,3 +308,33 @@ def test_dropout_matches_torch_with_the_same_keep_mask():
     peer.backward(torch.from_numpy(d_out))
     for name, g, leaf in zip(("dq", "dk", "dv"), grads, (tq, tk, tv)):
         assert_close(g, leaf.grad, name=name, **F64)
+
+
+def test_one_visibility_rule_matches_its_definition():
+    """reference.visible_range (read by the reference, the Numba planner and the Triton launcher) against
+    the contract's words: query i sits at key position i + (Nk - Nq if aligned bottom-right else 0), causal
+    keeps keys j <= position, window (left, right) keeps position - left <= j <= position + right."""
+    from attnkit.reference.attention import visible_between, visible_range
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        nq, nk = (int(x) for x in rng.integers(0, 9, 2))
+        causal, align = bool(rng.integers(2)), ("top_left", "bottom_right")[rng.integers(2)]
+        window = None if rng.integers(3) == 0 else tuple(None if rng.integers(3) == 0 else int(w)
+                                                         for w in rng.integers(0, 6, 2))  # fmt: skip
+        expected = np.zeros((nq, nk), bool)
+        for i in range(nq):
+            position = i + (nk - nq if align == "bottom_right" else 0)
+            for j in range(nk):
+                ok = not causal or j <= position
+                if window is not None:
+                    ok &= window[0] is None or j >= position - window[0]
+                    ok &= window[1] is None or j <= position + window[1]
+                expected[i, j] = ok
+        lo, hi, _ = visible_range(nq, nk, causal=causal, align=align, window=window)
+        assert np.array_equal(visible_between(nq, nk, lo, hi), expected), (nq, nk, causal, align, window)
+    lengths_q, lengths_k = np.array([3, 5, 1]), np.array([4, 9, 1])  # per packed sequence, as arrays
+    lo, hi, diagonal = visible_range(lengths_q, lengths_k, causal=True, align="bottom_right", window=(2, None))
+    for s in range(3):
+        assert (lo[s], hi[s], diagonal[s]) == visible_range(int(lengths_q[s]), int(lengths_k[s]), causal=True,
+                                                            align="bottom_right", window=(2, None))  # fmt: skip

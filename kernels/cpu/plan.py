@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from ...reference.attention import dense_alignment, visible_range
 from .constants import (
     _C_INV_SOFTCAP, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO, _HAS_ADDITIVE_MASK,
     _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_SOFTCAP, _N_CONSTANTS, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE, _UNLIMITED,
@@ -31,20 +32,17 @@ def _backward_block_sizes(nq, nk):
     return block_q, max(1, min(block_k, nk))
 
 
+def _clamped(window):
+    """The window with each side at most _UNLIMITED (no int64 overflow in visible_range)."""
+    return None if window is None else tuple(None if w is None else min(int(w), _UNLIMITED) for w in window)
+
+
 def _visible_offsets(nq, nk, causal, window):
-    """(lo, hi): query i sees key j iff lo <= j - i <= hi (causal alignment + window)."""
-    offset = nk - nq if causal == "bottom_right" else 0
-    lo, hi = -_UNLIMITED, _UNLIMITED
-    if causal is not None:
-        hi = offset
-    if window is not None:
-        left, right = window
-        if left is not None:
-            lo = offset - int(left)
-        if right is not None:
-            hi = min(hi, offset + int(right))
-    # Python ints of any size -> int64 range the kernels can add indices to.
-    return max(-_UNLIMITED, min(_UNLIMITED, lo)), max(-_UNLIMITED, min(_UNLIMITED, hi))
+    """(lo, hi): query i sees key j iff lo <= j - i <= hi, from reference.visible_range (dense call)."""
+    hides, align = dense_alignment(causal)
+    lo, hi, _ = visible_range(nq, nk, causal=hides, align=align, window=_clamped(window))
+    return (-_UNLIMITED if lo is None else max(-_UNLIMITED, int(lo)),
+            _UNLIMITED if hi is None else min(_UNLIMITED, int(hi)))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
@@ -161,17 +159,9 @@ def _segment_table(segments, causal, align, window, n_queries, n_keys):
     gaps = ks[order][1:] - (ks + nk)[order][:-1]
     if np.any((b[order][1:] == b[order][:-1]) & (gaps < SEGMENT_ALIGN)):
         raise ValueError(f"segments: the keys of segments of one batch entry must be {SEGMENT_ALIGN} positions apart")
-    offset = nk - nq if align == "bottom_right" else np.zeros_like(nk)
-    lo = np.full(len(segments), -_UNLIMITED, np.int64)
-    hi = np.full(len(segments), _UNLIMITED, np.int64)
-    if causal:
-        hi = offset
-    if window is not None:
-        left, right = window
-        if left is not None:
-            lo = np.maximum(-_UNLIMITED, offset - min(int(left), _UNLIMITED))
-        if right is not None:
-            hi = np.minimum(hi, offset + min(int(right), _UNLIMITED))
+    lo, hi, offset = visible_range(nq, nk, causal=bool(causal), align=align, window=_clamped(window))
+    lo = np.full(len(segments), -_UNLIMITED, np.int64) if lo is None else np.maximum(lo, -_UNLIMITED)
+    hi = np.full(len(segments), _UNLIMITED, np.int64) if hi is None else np.minimum(hi, _UNLIMITED)
     return np.ascontiguousarray(np.column_stack([b, qs, nq, ks, nk, lo, hi, offset]).astype(np.int64))
 
 
@@ -221,7 +211,7 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     flags = _HAS_SOFTCAP if softcap is not None else 0
     if segments is None:
         lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
-        diagonal = k.shape[2] - q.shape[2] if causal == "bottom_right" else 0
+        diagonal = visible_range(q.shape[2], k.shape[2], align=dense_alignment(causal)[1])[2]
         table = _dense_segments(q.shape[0], q.shape[2], k.shape[2], lo, hi, diagonal)
     else:
         if align is None:
