@@ -11,7 +11,9 @@ class AttentionFunction(torch.autograd.Function):
     forward(q, k, v, mask, dropout_keep, backend, spec, dropout_p, return_weights)
     returns (out, lse) or (out, lse, weights): q (..., Hq, Nq, D), k (..., Hkv, Nk, D),
     v (..., Hkv, Nk, Dv) -> out (..., Hq, Nq, Dv), lse (..., Hq, Nq),
-    weights (..., Hq, Nq, Nk).
+    weights (..., Hq, Nq, Nk). Dense calls and packed ones (varlen_attention, whose
+    backend object takes the ALiBi slopes in the mask's place and q (Hq, total_q, D))
+    share it: `backend` is anything with forward / backward of backends.Backend's form.
     """
 
     @staticmethod

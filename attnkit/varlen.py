@@ -324,30 +324,20 @@ def _triton_interpreting():
     return interpreting()
 
 
-def _autograd_function():
-    import torch
+class _PackedKernels:
+    """One backend's packed forward / backward in the form autograd.AttentionFunction calls a
+    backend with (the ALiBi slopes ride where a dense call's mask does), so packed and dense
+    calls share one autograd Function."""
 
-    class VarlenFunction(torch.autograd.Function):
-        """Differentiable varlen attention over q, k, v (lse and the offsets are not differentiated)."""
+    def __init__(self, name):
+        self.name = name
 
-        @staticmethod
-        def forward(ctx, q, k, v, alibi_slopes, backend, spec):
-            out, lse = _BACKENDS[backend][0](q, k, v, alibi_slopes, spec)
-            ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-            ctx.backend, ctx.spec = backend, spec
-            ctx.mark_non_differentiable(lse)
-            return out, lse
+    def forward(self, q, k, v, alibi_slopes, spec, *, return_weights=False, dropout_p=0.0, dropout_keep=None):
+        out, lse = _BACKENDS[self.name][0](q, k, v, alibi_slopes, spec)
+        return out, lse, None
 
-        @staticmethod
-        def backward(ctx, d_out, unused_d_lse):
-            q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-            dq, dk, dv = _BACKENDS[ctx.backend][1](q, k, v, out, d_out.contiguous(), lse, alibi_slopes, ctx.spec)
-            return dq, dk, dv, None, None, None
-
-    return VarlenFunction
-
-
-_VARLEN_FUNCTION = None
+    def backward(self, q, k, v, alibi_slopes, out, d_out, lse, spec, *, dropout_p=0.0, dropout_keep=None):
+        return _BACKENDS[self.name][1](q, k, v, out, d_out.contiguous(), lse, alibi_slopes, spec)
 
 
 def varlen_attention(
@@ -389,7 +379,6 @@ def varlen_attention(
     Raises:
         TypeError, ValueError: naming the argument, for any invalid input.
     """
-    global _VARLEN_FUNCTION
     spec = validate_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes,
@@ -397,9 +386,9 @@ def varlen_attention(
     grad = spec.kind == "torch" and _torch_grad(q, k, v)
     name = _backend_for(spec, backend, grad)
     if grad:
-        if _VARLEN_FUNCTION is None:
-            _VARLEN_FUNCTION = _autograd_function()
-        out, lse = _VARLEN_FUNCTION.apply(q, k, v, alibi_slopes, name, spec)
+        from .autograd import AttentionFunction
+
+        out, lse = AttentionFunction.apply(q, k, v, alibi_slopes, None, _PackedKernels(name), spec, 0.0, False)
     else:
         out, lse = _BACKENDS[name][0](q, k, v, alibi_slopes, spec)
     return (out, lse) if return_lse else out
