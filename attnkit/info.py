@@ -33,7 +33,7 @@ def library_versions():
 # LLVM's feature names where Linux's /proc/cpuinfo spells them otherwise.
 _LLVM_FLAG_NAMES = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
                     "avx512fp16": "avx512_fp16", "amx-tile": "amx_tile", "amx-bf16": "amx_bf16",
-                    "amx-fp16": "amx_fp16", "neon": "asimd", "fullfp16": "asimdhp", "sve2": "sve2", "sve": "sve"}
+                    "amx-fp16": "amx_fp16", "neon": "asimd", "fullfp16": "asimdhp"}
 
 
 def _llvm_host_flags():

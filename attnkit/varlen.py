@@ -310,20 +310,6 @@ _BACKENDS = {
 }
 
 
-def _backend_for(spec, backend, grad=False, warn=True):
-    """The backend's name, chosen by backends.choose_backend as for dense calls (same refusals,
-    same AttnkitFallbackWarning); a packed call's spec answers the same questions a dense one does."""
-    return choose_backend(spec, backend, Request(grad=grad), warn=warn, stacklevel=5).backend.name
-
-
-def _triton_interpreting():
-    try:
-        from .kernels.triton_attention import interpreting
-    except Exception:  # no triton
-        return False
-    return interpreting()
-
-
 class _PackedKernels:
     """One backend's packed forward / backward in the form autograd.AttentionFunction calls a
     backend with (the ALiBi slopes ride where a dense call's mask does), so packed and dense
@@ -384,13 +370,14 @@ def varlen_attention(
         softcap=softcap, alibi_slopes=alibi_slopes,
     )  # fmt: skip
     grad = spec.kind == "torch" and _torch_grad(q, k, v)
-    name = _backend_for(spec, backend, grad)
+    # The dense calls' chooser: same refusals, same AttnkitFallbackWarning (pointing at the caller).
+    kernels = _PackedKernels(choose_backend(spec, backend, Request(grad=grad), stacklevel=3).backend.name)
     if grad:
         from .autograd import AttentionFunction
 
-        out, lse = AttentionFunction.apply(q, k, v, alibi_slopes, None, _PackedKernels(name), spec, 0.0, False)
+        out, lse = AttentionFunction.apply(q, k, v, alibi_slopes, None, kernels, spec, 0.0, False)
     else:
-        out, lse = _BACKENDS[name][0](q, k, v, alibi_slopes, spec)
+        out, lse, _ = kernels.forward(q, k, v, alibi_slopes, spec)
     return (out, lse) if return_lse else out
 
 

@@ -403,7 +403,7 @@ def define_target_kernels(module, target):
 def micro_kernel_intrinsic(kind_name, lanes, mr, nr_max):
     """A Numba intrinsic (a, lda, b, ldb, c, ldc, m, steps, accumulate, nr), every argument an intp.
 
-    Its instructions come from kind_name ("f32", "dpbf16", "widen") and lanes, both
+    Its instructions come from kind_name ("f32", "dpbf16", "bfdot", "widen") and lanes, both
     fixed by the target when this module is imported.
     """
 

@@ -266,15 +266,22 @@ def _row_array(row):
     return None
 
 
+def _row_max_function(module, real):
+    return _define(module, f"attnkit_row_max_{real.tag}", real.scalar,
+                   [real.scalar.as_pointer(), ir.IntType(64), real.scalar], _build_row_max(real))  # fmt: skip
+
+
+def _exp2_affine_function(module, real):
+    return _define(module, f"attnkit_exp2_affine_{real.tag}", real.scalar,
+                   [real.scalar.as_pointer(), ir.IntType(64), real.scalar, real.scalar],
+                   _build_exp2_affine(real))  # fmt: skip
+
+
 def define_row_functions(module, dtype=types.float32):
     """row_max and exp2_affine of `dtype` as IR functions in module (also what tests/test_targets.py
     cross-compiles for other CPUs). Returns their names."""
     real = _Real(dtype)
-    pointer, n = real.scalar.as_pointer(), ir.IntType(64)
-    _define(module, f"attnkit_row_max_{real.tag}", real.scalar, [pointer, n, real.scalar], _build_row_max(real))
-    _define(module, f"attnkit_exp2_affine_{real.tag}", real.scalar, [pointer, n, real.scalar, real.scalar],
-            _build_exp2_affine(real))  # fmt: skip
-    return [f"attnkit_row_max_{real.tag}", f"attnkit_exp2_affine_{real.tag}"]
+    return [_row_max_function(module, real).name, _exp2_affine_function(module, real).name]
 
 
 @intrinsic
@@ -284,10 +291,7 @@ def _row_max_intrinsic(typingctx, row, initial):
         return None
 
     def codegen(context, builder, signature, args):
-        function = _define(
-            builder.module, f"attnkit_row_max_{real.tag}", real.scalar,
-            [real.scalar.as_pointer(), ir.IntType(64), real.scalar], _build_row_max(real),
-        )  # fmt: skip
+        function = _row_max_function(builder.module, real)
         array = context.make_array(signature.args[0])(context, builder, args[0])
         base = builder.bitcast(array.data, real.scalar.as_pointer())
         n = builder.extract_value(array.shape, 0)
@@ -303,10 +307,7 @@ def _exp2_affine_intrinsic(typingctx, row, multiplier, shift):
         return None
 
     def codegen(context, builder, signature, args):
-        function = _define(
-            builder.module, f"attnkit_exp2_affine_{real.tag}", real.scalar,
-            [real.scalar.as_pointer(), ir.IntType(64), real.scalar, real.scalar], _build_exp2_affine(real),
-        )  # fmt: skip
+        function = _exp2_affine_function(builder.module, real)
         array = context.make_array(signature.args[0])(context, builder, args[0])
         base = builder.bitcast(array.data, real.scalar.as_pointer())
         n = builder.extract_value(array.shape, 0)

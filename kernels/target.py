@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import llvmlite.binding as llvm
 
-__all__ = ["Target", "TARGET", "describe", "probe"]
+__all__ = ["Target", "TARGET", "assembly", "describe", "function_assembly", "probe"]
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,8 @@ def assembly(ir_text, triple, cpu, features, opt=3):
     return machine.emit_assembly(module)
 
 
-def _function_body(text, name):
-    """The lines of one function in emitted assembly (from its label to the next function's)."""
+def function_assembly(text, name):
+    """One function's lines in emitted assembly (from its label to its end), or "" when absent."""
     match = re.search(rf"^_?{name}:.*?(?=^\s*\.(?:cfi_endproc|size)|\Z)", text, re.S | re.M)
     return match.group(0) if match else ""
 
@@ -127,8 +127,8 @@ def probe(triple, cpu, features, host=False):
     arch = triple.split("-")[0]
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
     text = assembly(_PROBE, triple, cpu, features)
-    fma16, fma8 = _function_body(text, "attnkit_probe_fma"), _function_body(text, "attnkit_probe_fma8")
-    bf16 = _function_body(text, "attnkit_probe_bf16")
+    fma16, fma8 = function_assembly(text, "attnkit_probe_fma"), function_assembly(text, "attnkit_probe_fma8")
+    bf16 = function_assembly(text, "attnkit_probe_bf16")
     if arch == "x86_64":
         avx512 = "zmm" in fma16
         lanes = 16 if avx512 else 8 if "ymm" in fma8 else 4

@@ -186,7 +186,7 @@ def torch_bf16_reference(case, q, k, v, d_out, mask):
         return None
     from attnkit.kernels.cpu.plan import _visible_offsets
 
-    lo, hi = _visible_offsets(case.nq, case.nk, case.causal, case.window)
+    lo, hi, _ = _visible_offsets(case.nq, case.nk, case.causal, case.window)
     offsets = np.arange(case.nk)[None, :] - np.arange(case.nq)[:, None]
     visible = torch.from_numpy((offsets >= lo) & (offsets <= hi))
     additive = None

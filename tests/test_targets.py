@@ -25,7 +25,7 @@ import pytest
 from llvmlite import ir
 
 from attnkit.kernels import microkernels, simd
-from attnkit.kernels.target import TARGET, assembly, probe
+from attnkit.kernels.target import TARGET, assembly, function_assembly, probe
 
 X86, ARM = "x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu"
 HASWELL = "+avx,+avx2,+fma,+sse4.2,+popcnt,+bmi2,+f16c"
@@ -49,10 +49,10 @@ def target_id(case):
 
 
 def function_text(text, name):
-    """One function's lines from emitted assembly."""
-    match = re.search(rf"^{name}:.*?(?=^\s*\.(?:cfi_endproc|size\s+{name})|\Z)", text, re.S | re.M)
-    assert match, f"{name} not in the assembly"
-    return match.group(0)
+    """One function's lines from emitted assembly (target.function_assembly), which must be there."""
+    body = function_assembly(text, name)
+    assert body, f"{name} not in the assembly"
+    return body
 
 
 _BRANCH = re.compile(r"^\s*(?:j\w+|b(?:\.\w+)?|cbn?z|tbn?z)\s+(?:\w+,\s*)*(?:#\d+,\s*)?(\.LBB\w+)", re.M)

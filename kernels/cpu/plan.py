@@ -38,11 +38,12 @@ def _clamped(window):
 
 
 def _visible_offsets(nq, nk, causal, window):
-    """(lo, hi): query i sees key j iff lo <= j - i <= hi, from reference.visible_range (dense call)."""
+    """(lo, hi, diagonal) of a dense call from reference.visible_range: query i sees key j iff
+    lo <= j - i <= hi, unlimited sides as -+_UNLIMITED."""
     hides, align = dense_alignment(causal)
-    lo, hi, _ = visible_range(nq, nk, causal=hides, align=align, window=_clamped(window))
+    lo, hi, diagonal = visible_range(nq, nk, causal=hides, align=align, window=_clamped(window))
     return (-_UNLIMITED if lo is None else max(-_UNLIMITED, int(lo)),
-            _UNLIMITED if hi is None else min(_UNLIMITED, int(hi)))  # fmt: skip
+            _UNLIMITED if hi is None else min(_UNLIMITED, int(hi)), int(diagonal))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,8 +211,7 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     q, k, v = (_kernel_array(x, dtype) for x in (q, k, v))
     flags = _HAS_SOFTCAP if softcap is not None else 0
     if segments is None:
-        lo, hi = _visible_offsets(q.shape[2], k.shape[2], causal, window)
-        diagonal = visible_range(q.shape[2], k.shape[2], align=dense_alignment(causal)[1])[2]
+        lo, hi, diagonal = _visible_offsets(q.shape[2], k.shape[2], causal, window)
         table = _dense_segments(q.shape[0], q.shape[2], k.shape[2], lo, hi, diagonal)
     else:
         if align is None:
