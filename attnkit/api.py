@@ -7,7 +7,6 @@ type, device and dtype.
 
 from __future__ import annotations
 
-import numbers
 import sys
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from . import _arrays
 from .backends import Request, backend_status, choose_backend
 from .op_codes import operator_options
-from .validation import as_heads, validate_attention
+from .validation import as_heads, dropout_probability, validate_attention, validate_packed
 
 
 def _draw_dropout_keep(spec, dropout_p, q):
@@ -41,7 +40,7 @@ def _compiling():
     return torch is not None and torch.compiler.is_compiling()
 
 
-def _attend_traced(q, k, v, mask, spec, backend, *, return_weights, dropout_p):
+def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropout_p):
     """(out, lse) through attnkit's torch operators, for torch.compile: one graph node each.
 
     Backend choice, NumPy and Numba stay inside the operators, out of the trace.
@@ -57,14 +56,13 @@ def _attend_traced(q, k, v, mask, spec, backend, *, return_weights, dropout_p):
         raise ValueError(
             f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}"
         )
-    options = operator_options(spec)
     if device_type == "cpu":
-        from .cpu_ops import numba_attention_fwd
+        from .torch_ops import numba_attention_fwd
 
-        return numba_attention_fwd(q, k, v, mask, *options)
+        return numba_attention_fwd(q, k, v, mask, alibi, *operator_options(spec))
     from .backends import BACKENDS
 
-    out, lse, _ = BACKENDS["triton"].forward(q, k, v, mask, spec)
+    out, lse, _ = BACKENDS["triton"].forward(q, k, v, mask, spec, alibi=alibi)
     return out, lse
 
 
@@ -86,10 +84,10 @@ def _signature(x):
     return False  # not an array: no plan, validation reports it
 
 
-def _plan_key(q, k, v, mask, options):
+def _plan_key(q, k, v, mask, options, alibi=None):
     """The plan cache key of a call, or None when the call must not use a plan."""
-    signatures = tuple(_signature(x) for x in (q, k, v, mask))
-    if False in signatures[:3] or signatures[3] is False or _compiling():
+    signatures = tuple(_signature(x) for x in (q, k, v, mask, alibi))
+    if False in signatures or _compiling():
         return None
     torch = sys.modules.get("torch")
     grad_mode = torch.is_grad_enabled() if torch is not None else False
@@ -117,10 +115,11 @@ def _planned(key, make):
     return plan
 
 
-def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, choice=None):
+def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, choice=None, alibi=None):
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
     if spec.kind == "torch" and _compiling():
-        out, lse = _attend_traced(q, k, v, mask, spec, backend, return_weights=return_weights, dropout_p=dropout_p)
+        out, lse = _attend_traced(q, k, v, mask, alibi, spec, backend, return_weights=return_weights,
+                                  dropout_p=dropout_p)  # fmt: skip
         results = [out] + [lse] * return_lse
         if spec.squeeze:
             results = [r[0] for r in results]
@@ -134,14 +133,14 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
         from .autograd import AttentionFunction
 
         results = AttentionFunction.apply(
-            q, k, v, mask, keep, choice.backend, spec, dropout_p, return_weights
+            q, k, v, mask, alibi, keep, choice.backend, spec, dropout_p, return_weights
         )
         out, lse = results[0], results[1]
         weights = results[2] if return_weights else None
     else:
         out, lse, weights = choice.backend.forward(
             q, k, v, mask, spec,
-            return_weights=return_weights, dropout_p=dropout_p, dropout_keep=keep,
+            alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=keep,
         )
 
     results = [out] + [lse] * return_lse + [weights] * return_weights
@@ -167,6 +166,8 @@ def attention(
     scale=None,
     window=None,
     softcap=None,
+    alibi_slopes=None,
+    align=None,
     return_lse=False,
     return_weights=False,
     backend="auto",
@@ -189,6 +190,12 @@ def attention(
             p - left <= j <= p + right (p includes the causal alignment);
             None on a side is unlimited.
         softcap: scores become softcap * tanh(scores / softcap) before masks.
+        alibi_slopes: None, (Hq,) or (B, Hq) with B the batch entries (all
+            leading axes): scores get -slope * |p - j| after the softcap.
+        align: where query i sits among the keys when causal is False, for
+            the window and ALiBi: "top_left" (p = i, the default) or
+            "bottom_right" (p = i + Nk - Nq, flash-attn's convention). With
+            causal it must be causal's alignment or None.
         return_lse: also return log-sum-exp per row, (..., Hq, Nq), float32
             (float64 for float64 input), -inf for a row that sees no key.
         return_weights: also return the attention weights (..., Hq, Nq, Nk).
@@ -203,18 +210,20 @@ def attention(
     Raises:
         TypeError, ValueError: naming the argument, for any invalid input.
     """
-    options = ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap),
-               return_weights, backend)
+    options = ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap), align,
+               return_weights, backend)  # fmt: skip
 
     def make():
         spec = validate_attention(
-            q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
+            q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
+            alibi_slopes=alibi_slopes, align=align,
         )
         return spec, _choose(spec, backend, q, k, v, return_weights, 0.0)
 
-    spec, choice = _planned(_plan_key(q, k, v, mask, options), make)
+    spec, choice = _planned(_plan_key(q, k, v, mask, options, alibi_slopes), make)
     return _attend(
-        q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights, choice=choice
+        q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights, choice=choice,
+        alibi=alibi_slopes,
     )
 
 
@@ -245,10 +254,7 @@ def scaled_dot_product_attention(
         raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, (bool, np.bool_)):
         raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1]; got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1]; got {dropout_p}")
+    dropout_p = dropout_probability(dropout_p)
     if is_causal and attn_mask is not None:
         raise ValueError(
             "attn_mask and is_causal=True were both given; as in torch, pass one: "
@@ -299,7 +305,10 @@ def _broadcast_query_heads(query, key, value):
     )
 
 
-def attention_forward(q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, backend="auto"):
+def attention_forward(
+    q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None, align=None,
+    backend="auto",
+):  # fmt: skip
     """The kernel-level forward: (out, lse) with no autograd, for code that builds its own
     backward (ring attention, say).
 
@@ -309,15 +318,17 @@ def attention_forward(q, k, v, *, causal=False, mask=None, scale=None, window=No
     Runs on the backend attention() would pick ("numba" on the CPU, "triton"
     on CUDA, or the one named).
     """
-    spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap)
+    spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
+                              alibi_slopes=alibi_slopes, align=align)  # fmt: skip
     choice = choose_backend(spec, backend, Request(), stacklevel=3)
     qh, kh, vh = as_heads(q), as_heads(k), as_heads(v)
-    out, lse, _ = choice.backend.forward(qh, kh, vh, mask, spec)
+    out, lse, _ = choice.backend.forward(qh, kh, vh, mask, spec, alibi=alibi_slopes)
     return (out[0], lse[0]) if spec.squeeze else (out, lse)
 
 
 def attention_backward(
-    q, k, v, out, d_out, lse, *, causal=False, mask=None, scale=None, window=None, softcap=None, backend="auto",
+    q, k, v, out, d_out, lse, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None,
+    align=None, backend="auto",
 ):  # fmt: skip
     """The kernel-level backward: (dq, dk, dv) of attention_forward from its out and lse.
 
@@ -327,44 +338,39 @@ def attention_backward(
     which is what ring attention sums (delta = rowsum(d_out * out) and the
     probabilities exp(s - lse) are taken from what is given).
     """
-    spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap)
+    spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
+                              alibi_slopes=alibi_slopes, align=align)  # fmt: skip
     choice = choose_backend(spec, backend, Request(grad=True), stacklevel=3)
     if spec.squeeze:
         out, d_out, lse = out[None], d_out[None], lse[None]
-    grads = choice.backend.backward(as_heads(q), as_heads(k), as_heads(v), mask, out, d_out, lse, spec)
+    grads = choice.backend.backward(as_heads(q), as_heads(k), as_heads(v), mask, out, d_out, lse, spec,
+                                    alibi=alibi_slopes)  # fmt: skip
     return tuple(g.reshape(x.shape) for g, x in zip(grads, (q, k, v)))
 
 
 def explain(
-    q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None,
-    return_weights=False, backend="auto", cu_seqlens_q=None, cu_seqlens_k=None, align="bottom_right",
-    alibi_slopes=None,
-):
+    q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None, align=None,
+    return_weights=False, backend="auto", cu_seqlens_q=None, cu_seqlens_k=None,
+):  # fmt: skip
     """Which backend attention() would run these arguments on, and why (a string).
 
     With cu_seqlens_q and cu_seqlens_k, varlen_attention's arguments instead
-    (q (Hq, total_q, D), ...; align, alibi_slopes): what varlen_attention and
-    the flash-attn functions built on it would run.
+    (q (Hq, total_q, D), ...; causal a bool, align default "bottom_right"):
+    what varlen_attention and the flash-attn functions built on it would run.
     """
-    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+    packed = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if packed:
         if cu_seqlens_q is None or cu_seqlens_k is None:
             raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together (a packed call), or neither")
         if mask is not None or return_weights:
             raise ValueError("a packed call (cu_seqlens_q, cu_seqlens_k) takes no mask and returns no weights")
-        from .varlen import explain_varlen
-
-        return explain_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=bool(causal), align=align, scale=scale,
-                              window=window, softcap=softcap, alibi_slopes=alibi_slopes, backend=backend)  # fmt: skip
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes is an argument of packed calls (with cu_seqlens_q, cu_seqlens_k)")
-    spec = validate_attention(
-        q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
-    )
-    grad = _needs_grad(spec, q, k, v)
-    choice = choose_backend(
-        spec, backend, Request(return_weights=return_weights, grad=grad), warn=False
-    )
-    return choice.explain(spec)
+        spec = validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align or "bottom_right",
+                               scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)  # fmt: skip
+    else:
+        spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
+                                  alibi_slopes=alibi_slopes, align=align)  # fmt: skip
+    request = Request(return_weights=return_weights, grad=_needs_grad(spec, q, k, v))
+    return choose_backend(spec, backend, request, warn=False).explain(spec)
 
 
 def available_backends():

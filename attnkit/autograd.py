@@ -6,23 +6,20 @@ import torch
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Differentiable attention over q, k and v (the mask and lse are not differentiated).
+    """Differentiable attention over q, k and v (the mask, ALiBi slopes and lse are not differentiated).
 
-    forward(q, k, v, mask, dropout_keep, backend, spec, dropout_p, return_weights)
-    returns (out, lse) or (out, lse, weights): q (..., Hq, Nq, D), k (..., Hkv, Nk, D),
-    v (..., Hkv, Nk, Dv) -> out (..., Hq, Nq, Dv), lse (..., Hq, Nq),
-    weights (..., Hq, Nq, Nk). Dense calls and packed ones (varlen_attention, whose
-    backend object takes the ALiBi slopes in the mask's place and q (Hq, total_q, D))
-    share it: `backend` is anything with forward / backward of backends.Backend's form.
+    forward(q, k, v, mask, alibi, dropout_keep, backend, spec, dropout_p, return_weights)
+    returns (out, lse) or (out, lse, weights) from backend.forward, for dense calls
+    (q (..., Hq, Nq, D)) and packed ones (q (Hq, total_q, D), spec.packed) alike.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, dropout_keep, backend, spec, dropout_p, return_weights):
+    def forward(ctx, q, k, v, mask, alibi, dropout_keep, backend, spec, dropout_p, return_weights):
         out, lse, weights = backend.forward(
             q, k, v, mask, spec,
-            return_weights=return_weights, dropout_p=dropout_p, dropout_keep=dropout_keep,
+            alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=dropout_keep,
         )
-        ctx.save_for_backward(q, k, v, mask, dropout_keep, out, lse)
+        ctx.save_for_backward(q, k, v, mask, alibi, dropout_keep, out, lse)
         ctx.backend, ctx.spec, ctx.dropout_p = backend, spec, dropout_p
         # One call: a second mark_non_differentiable would replace the first.
         if return_weights:
@@ -33,9 +30,9 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, *unused):
-        q, k, v, mask, dropout_keep, out, lse = ctx.saved_tensors
+        q, k, v, mask, alibi, dropout_keep, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.backend.backward(
-            q, k, v, mask, out, d_out, lse, ctx.spec,
-            dropout_p=ctx.dropout_p, dropout_keep=dropout_keep,
+            q, k, v, mask, out, d_out.contiguous(), lse, ctx.spec,
+            alibi=alibi, dropout_p=ctx.dropout_p, dropout_keep=dropout_keep,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None

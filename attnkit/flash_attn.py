@@ -1,4 +1,4 @@
-"""flash-attn 2.x's functions, on every device: a thin layer over attnkit.varlen_attention.
+"""flash-attn 2.x's functions, on every device: a thin layer over attnkit.attention and varlen_attention.
 
     from attnkit.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
@@ -7,8 +7,9 @@ for torch tensors on the CPU (the Numba kernel) and on CUDA (the Triton
 kernel). Layouts are flash-attn's: (B, N, H, D) and packed (total, H, D) with
 int32 cu_seqlens of shape (B + 1,). Causal, the window and ALiBi are aligned
 bottom-right (query i of a sequence sits at key position i + Nk - Nq), also
-when not causal. Every call becomes one varlen call, so sequences of a batch
-never pay for each other's length.
+when not causal. flash_attn_func (and its packed forms) runs attention() on
+(B, H, N, D) views; the varlen functions and the KV cache run
+varlen_attention(), so sequences of a batch never pay for each other's length.
 
 Differences, all stated: dropout_p > 0 runs a plain torch composition (with a
 warning; the fused kernels have no dropout) and S_dmask is always None;
@@ -33,7 +34,9 @@ import warnings
 import numpy as np
 
 from . import _arrays, kv_cache
-from .varlen import host_offsets, varlen_attention
+from .api import attention
+from .validation import dropout_probability, host_offsets
+from .varlen import varlen_attention
 
 __all__ = [
     "BACKEND",
@@ -150,10 +153,10 @@ def _options(softmax_scale, causal, window_size, softcap, deterministic):
     )  # fmt: skip
 
 
-def _dropout(dropout_p):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1]; got {dropout_p!r}")
-    return float(dropout_p)
+def _dense(options):
+    """_options for attention(): flash-attn aligns bottom-right, causal or not."""
+    causal = "bottom_right" if options["causal"] else False
+    return dict(options, causal=causal, align="bottom_right")
 
 
 def _heads(q, k, v, names=("q", "k", "v")):
@@ -241,6 +244,7 @@ def flash_attn_func(
     q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv); Hq a multiple of Hkv.
     alibi_slopes (Hq,) or (B, Hq), float32. Returns out (B, Nq, Hq, Dv), or
     (out, softmax_lse (B, Hq, Nq) float32, None) with return_attn_probs.
+    Runs as attnkit.attention on (B, H, N, D) views, bottom-right aligned.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _tensor(name, x, 4)
@@ -252,12 +256,20 @@ def flash_attn_func(
                          f"v {tuple(v.shape)}")
     nk = k.shape[1]
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
-    out, lse = _varlen(
-        q.reshape(batch * nq, hq, -1), k.reshape(batch * nk, k.shape[2], -1), v.reshape(batch * nk, v.shape[2], -1),
-        _uniform_offsets(batch, nq), _uniform_offsets(batch, nk), _dropout(dropout_p), options, alibi_slopes,
-    )  # fmt: skip
-    out = out.reshape(batch, nq, hq, -1)
-    lse = lse.reshape(hq, batch, nq).transpose(0, 1)  # (B, Hq, Nq)
+    dropout_p = dropout_probability(dropout_p)
+    if dropout_p > 0:
+        out, lse = _dropout_attention(
+            q.reshape(batch * nq, hq, -1), k.reshape(batch * nk, k.shape[2], -1),
+            v.reshape(batch * nk, v.shape[2], -1), _uniform_offsets(batch, nq), _uniform_offsets(batch, nk),
+            dropout_p, options, alibi_slopes,
+        )  # fmt: skip
+        out, lse = out.reshape(batch, nq, hq, -1), lse.reshape(hq, batch, nq).transpose(0, 1)
+    else:
+        out, lse = attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **_dense(options), alibi_slopes=alibi_slopes,
+            return_lse=True, backend=BACKEND,
+        )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
+        out = out.transpose(1, 2)
     return _results(out, lse, return_attn_probs)
 
 
@@ -332,7 +344,7 @@ def flash_attn_varlen_func(
     _max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
     _max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
-    out, lse = _varlen(q, k, v, cu_q, cu_k, _dropout(dropout_p), options, alibi_slopes)
+    out, lse = _varlen(q, k, v, cu_q, cu_k, dropout_probability(dropout_p), options, alibi_slopes)
     return _results(out, lse, return_attn_probs)
 
 

@@ -1,8 +1,10 @@
-"""The one table of option codes shared by attnkit's torch operators (CPU and CUDA).
+"""The one table of option codes shared by attnkit's torch operators (attnkit.torch_ops, both devices).
 
 torch.library operators take plain numbers, so a spec's options travel as
-(scale, causal code, window_left, window_right, softcap) with causal coded
-0 (none), 1 ("top_left", torch's is_causal) and 2 ("bottom_right").
+(scale, causal code, align code, window_left, window_right, softcap) with
+causal coded 0 (none), 1 ("top_left", torch's is_causal) and 2
+("bottom_right"), and align (where queries sit among the keys, for the window
+and ALiBi) coded 1 or 2 the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ CAUSAL_NAMES = {0: None, 1: "top_left", 2: "bottom_right"}
 def operator_options(spec):
     """A validated spec's options in the operators' positional form."""
     left, right = spec.window or (None, None)
-    return spec.scale, CAUSAL_CODES[spec.causal], left, right, spec.softcap
+    return spec.scale, CAUSAL_CODES[spec.causal], CAUSAL_CODES[spec.align], left, right, spec.softcap
 
 
 def window_of(window_left, window_right):

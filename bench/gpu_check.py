@@ -42,7 +42,7 @@ def _import_attnkit():
         import attnkit  # noqa: F401
     except ImportError:  # a plain checkout: attnkit/__init__.py maps kernels/ and reference/ itself
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from attnkit import triton_ops
+    from attnkit import torch_ops as triton_ops
     from attnkit.kernels import triton_attention
 
     return triton_ops, triton_attention

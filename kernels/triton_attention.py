@@ -22,6 +22,7 @@ there because the interpreter's bf16 arithmetic is wrong.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 
@@ -189,10 +190,12 @@ def _span(x):
     return sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()) if n > 0)
 
 
-def _geometry(causal, window, nq, nk):
+def _geometry(causal, window, nq, nk, align=None):
     """(off, win_l, win_r, HAS_LEFT, HAS_RIGHT): reference.visible_range's rule, causal folded into the
-    right edge; query i sees key j iff i + off - win_l <= j <= i + off + win_r (sides given)."""
-    hides, align = dense_alignment(causal)
+    right edge; query i sees key j iff i + off - win_l <= j <= i + off + win_r (sides given). align
+    (where queries sit among the keys) defaults to causal's."""
+    hides, default_align = dense_alignment(causal)
+    align = align or default_align
     lo, hi, off = visible_range(nq, nk, causal=hides, align=align, window=window)
     limit = nq + nk + 1  # beyond this a window edge changes nothing; keeps int32 safe
     win_l = 0 if lo is None else max(-limit, min(int(off - lo), limit))
@@ -253,10 +256,10 @@ def _empty_like_layout(x, shape, dtype=None):
     return torch.empty(shape, dtype=dtype, device=x.device)
 
 
-def _common(q, k, v, mask, scale, causal, window, softcap, extra=()):
+def _common(q, k, v, mask, scale, causal, window, softcap, align=None, extra=()):
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    off, win_l, win_r, has_left, has_right = _geometry(causal, window, Nq, Nk)
+    off, win_l, win_r, has_left, has_right = _geometry(causal, window, Nq, Nk, align)
     m, m_strides, mask_kind = _mask_operand(mask, (B, Hq, Nq, Nk), q)
     summary, s_strides = _mask_summary(mask, (B, Hq, Nq, Nk), q)
     if softcap is not None and softcap > 0:
@@ -273,6 +276,7 @@ def _common(q, k, v, mask, scale, causal, window, softcap, extra=()):
         use_cap=use_cap, index_64=index_64, block_d=max(16, _next_pow2(D)),
         block_dv=max(16, _next_pow2(Dv)),
         dot_prec="ieee" if q.dtype == torch.float32 else "tf32",
+        align_br=int((align or dense_alignment(causal)[1]) == "bottom_right"),
     )
 
 
@@ -305,21 +309,27 @@ def _sequences(c, q, lse):
     alibi_strides = (0, 0) if alibi is None else (alibi.stride(0) if alibi.shape[0] > 1 else 0, alibi.stride(1))
     alibi = q if alibi is None else alibi
     if c["varlen"] is None:
-        return (q, q, alibi), (lse.stride(0), lse.stride(1), *alibi_strides, 0)
-    cu_q, cu_k, align_br = c["varlen"]
-    return (cu_q, cu_k, alibi), (0, lse.stride(0), *alibi_strides, align_br)
+        return (q, q, alibi), (lse.stride(0), lse.stride(1), *alibi_strides, c["align_br"])
+    cu_q, cu_k = c["varlen"]
+    return (cu_q, cu_k, alibi), (0, lse.stride(0), *alibi_strides, c["align_br"])
 
 
-def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None,
-                  _wrap=None, _force_int64=False, _alibi=None):
+def _slopes(alibi, hq, device):
+    """ALiBi slopes (Hq,) or (S, Hq) as the kernels' (S or 1, Hq) float32, or None."""
+    return None if alibi is None else alibi.to(device=device, dtype=torch.float32).reshape(-1, hq)
+
+
+def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None, align=None,
+                  alibi=None, _wrap=None, _force_int64=False):
     """Attention forward: returns (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides, one
     dtype; mask None, bool (True = attend) or additive float, broadcastable to
     (B, Hq, Nq, Nk); causal None / "top_left" / "bottom_right"; window None or
-    (left, right) with None sides unlimited; softcap None or > 0.
-    `_wrap` wraps each kernel before launch (torch.library.wrap_triton); `_alibi`
-    (B or 1, Hq) float32 slopes add -slope * |i + off - j| to the scores.
+    (left, right) with None sides unlimited; softcap None or > 0; align where
+    the queries sit for the window and ALiBi (default: causal's alignment);
+    alibi (Hq,) or (B, Hq) slopes add -slope * |i + off - j| to the scores.
+    `_wrap` wraps each kernel before launch (torch.library.wrap_triton).
     """
     wrap = _wrap or _identity
     B, Hq, Nq, _ = q.shape
@@ -332,8 +342,8 @@ def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softca
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    c = _common(q, k, v, mask, scale, causal, window, softcap, extra=(out,))
-    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_alibi)
+    c = _common(q, k, v, mask, scale, causal, window, softcap, align, extra=(out,))
+    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_slopes(alibi, Hq, q.device))
     _launch_forward(q, k, v, out, lse, c, B, Nq, wrap)
     return out, lse
 
@@ -354,10 +364,10 @@ def _launch_forward(q, k, v, out, lse, c, n_sequences, longest_q, wrap):
 
 
 def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal=None, window=None,
-                   softcap=None, d_lse=None, _wrap=None, _force_int64=False, _alibi=None):
+                   softcap=None, align=None, alibi=None, d_lse=None, _wrap=None, _force_int64=False):
     """Attention backward: returns (dq, dk, dv) with the shapes and dtypes of q, k, v.
 
-    out, d_out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) come from flash_forward;
+    Options as for flash_forward; out, d_out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) come from it;
     d_lse (B, Hq, Nq), optional, is the gradient reaching lse itself.
     Deterministic: no atomics, a fixed summation order over GQA groups.
     """
@@ -369,8 +379,8 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal=None, window
     Nk = k.shape[2]
     if B * Hq * Nq == 0 or Nk == 0 or k.shape[1] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    c = _common(q, k, v, mask, scale, causal, window, softcap, extra=(out, d_out, dq, dk, dv))
-    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_alibi)
+    c = _common(q, k, v, mask, scale, causal, window, softcap, align, extra=(out, d_out, dq, dk, dv))
+    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_slopes(alibi, Hq, q.device))
     _launch_backward(q, k, v, out, d_out, lse, d_lse, dq, dk, dv, c, scale, B, wrap)
     return dq, dk, dv
 
@@ -425,50 +435,52 @@ def _batched(x, n_sequences):
     return x.unsqueeze(0).expand(n_sequences, *x.shape)
 
 
-def _varlen_setup(q, k, v, alibi_slopes, spec, extra):
+def _varlen_setup(q, k, v, cu_q, cu_k, options, extra):
     """(q, k, v as (S, H, total, D) views with batch stride 0, the launch dict c)."""
-    q4, k4, v4 = (_batched(x, len(spec.cu_q) - 1) for x in (q, k, v))
-    longest_q = max(1, int(spec.lengths_q.max(initial=0)))
-    longest_k = max(1, int(spec.lengths_k.max(initial=0)))
-    causal = "bottom_right" if spec.causal and spec.align == "bottom_right" else ("top_left" if spec.causal else None)
+    q4, k4, v4 = (_batched(x, len(cu_q) - 1) for x in (q, k, v))
+    longest_q = max(1, int(np.diff(cu_q).max(initial=0)))
+    longest_k = max(1, int(np.diff(cu_k).max(initial=0)))
     # _geometry's offset is per call; the kernels recompute it per sequence from cu_seqlens.
-    c = _common(q4[..., :longest_q, :], k4[..., :longest_k, :], v4[..., :longest_k, :], None, spec.scale,
-                causal, spec.window, spec.softcap, extra=(q4, k4, v4) + extra)
-    alibi = None
-    if alibi_slopes is not None:
-        alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).reshape(-1, spec.hq)
-    cu = [torch.as_tensor(x, dtype=torch.int32).to(q.device) for x in (spec.cu_q, spec.cu_k)]
-    c.update(varlen=(cu[0], cu[1], int(spec.align == "bottom_right")), alibi=alibi, off=0)
+    c = _common(q4[..., :longest_q, :], k4[..., :longest_k, :], v4[..., :longest_k, :], None, options["scale"],
+                options["causal"], options["window"], options["softcap"], options["align"], extra=(q4, k4, v4) + extra)
+    cu = [torch.as_tensor(x, dtype=torch.int32).to(q.device) for x in (cu_q, cu_k)]
+    c.update(varlen=(cu[0], cu[1]), alibi=_slopes(options["alibi"], q.shape[0], q.device), off=0)
     return q4, k4, v4, c
 
 
-def varlen_forward(q, k, v, alibi_slopes, spec, _wrap=None):
-    """(out (Hq, total_q, Dv), lse (Hq, total_q) float32) for attnkit.varlen_attention.
+def varlen_forward(q, k, v, cu_q, cu_k, *, scale, causal=None, align="bottom_right", window=None, softcap=None,
+                   alibi=None, _wrap=None):  # fmt: skip
+    """(out (Hq, total_q, Dv), lse (Hq, total_q) float32) for packed sequences.
 
     q (Hq, total_q, D), k (Hkv, total_k, D), v (Hkv, total_k, Dv) CUDA tensors
-    (any strides); spec an attnkit.varlen.VarlenSpec. One launch for all
+    (any strides); cu_q, cu_k (S + 1,) host offsets; options as for
+    flash_forward, each sequence aligned by `align`. One launch for all
     sequences: program (query block, sequence x head) reads its sequence's
     offsets from cu_seqlens and stops when the sequence is shorter.
     """
-    out = torch.zeros((spec.hq, q.shape[1], spec.dv), dtype=q.dtype, device=q.device)  # rows of no sequence: 0
-    lse = torch.full((spec.hq, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
-    n_sequences = len(spec.cu_q) - 1
-    if n_sequences == 0 or q.shape[1] == 0 or spec.hq == 0:
+    hq, dv = q.shape[0], v.shape[2]
+    out = torch.zeros((hq, q.shape[1], dv), dtype=q.dtype, device=q.device)  # rows of no sequence: 0
+    lse = torch.full((hq, q.shape[1]), float("-inf"), dtype=torch.float32, device=q.device)
+    n_sequences = len(cu_q) - 1
+    if n_sequences == 0 or q.shape[1] == 0 or hq == 0:
         return out, lse
     out4 = _batched(out, n_sequences)
-    q4, k4, v4, c = _varlen_setup(q, k, v, alibi_slopes, spec, (out4,))
+    options = dict(scale=scale, causal=causal, align=align, window=window, softcap=softcap, alibi=alibi)
+    q4, k4, v4, c = _varlen_setup(q, k, v, cu_q, cu_k, options, (out4,))
     _launch_forward(q4, k4, v4, out4, lse, c, n_sequences, c["Nq"], _wrap or _identity)
     return out, lse
 
 
-def varlen_backward(q, k, v, out, d_out, lse, alibi_slopes, spec, _wrap=None):
+def varlen_backward(q, k, v, out, d_out, lse, cu_q, cu_k, *, scale, causal=None, align="bottom_right", window=None,
+                    softcap=None, alibi=None, _wrap=None):  # fmt: skip
     """(dq, dk, dv) of varlen_forward, shaped like q, k and v (zero outside every sequence)."""
     dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
-    n_sequences = len(spec.cu_q) - 1
+    n_sequences = len(cu_q) - 1
     if n_sequences == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         return dq, dk, dv
     extra = tuple(_batched(x, n_sequences) for x in (out, d_out, dq, dk, dv))
-    q4, k4, v4, c = _varlen_setup(q, k, v, alibi_slopes, spec, extra)
-    _launch_backward(q4, k4, v4, extra[0], extra[1], lse, None, *extra[2:], c, spec.scale, n_sequences,
+    options = dict(scale=scale, causal=causal, align=align, window=window, softcap=softcap, alibi=alibi)
+    q4, k4, v4, c = _varlen_setup(q, k, v, cu_q, cu_k, options, extra)
+    _launch_backward(q4, k4, v4, extra[0], extra[1], lse, None, *extra[2:], c, scale, n_sequences,
                      _wrap or _identity)
     return dq, dk, dv

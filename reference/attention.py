@@ -97,13 +97,15 @@ def dense_alignment(causal):
     return causal is not None, causal or "top_left"
 
 
-def visible_keys(nq, nk, causal=None, window=None):
+def visible_keys(nq, nk, causal=None, window=None, align=None):
     """Which keys each query may see, from causal alignment and the window (visible_range).
 
+    align (where the queries sit among the keys) defaults to causal's alignment.
     Returns a boolean array (Nq, Nk), True where query i may attend to key j,
     or None when every key is visible.
     """
-    hides, align = dense_alignment(causal)
+    hides, default_align = dense_alignment(causal)
+    align = align or default_align
     if not hides and window is None:
         return None
     lo, hi, _ = visible_range(nq, nk, causal=hides, align=align, window=window)
@@ -127,7 +129,19 @@ def _expand_kv_heads(x, hq):
     return np.repeat(x, hq // x.shape[-3], axis=-3)
 
 
-def _scores(q, k, *, causal, mask, scale, window, softcap):
+def key_positions(nq, nk, align):
+    """(Nq, Nk) position - j: how far each key sits from each query's position."""
+    offset = nk - nq if align == "bottom_right" else 0
+    return (np.arange(nq)[:, None] + offset) - np.arange(nk)[None, :]
+
+
+def alibi_bias(slopes, nq, nk, align, dtype):
+    """ALiBi's -slope * |position - j|: (..., Hq, Nq, Nk) from slopes (..., Hq)."""
+    distance = np.abs(key_positions(nq, nk, align)).astype(dtype)  # (Nq, Nk)
+    return -np.asarray(slopes, dtype)[..., None, None] * distance
+
+
+def _scores(q, k, *, causal, mask, scale, window, softcap, align=None, alibi_slopes=None):
     """Masked scaled scores, plus what the backward pass needs.
 
     Returns (s, visible, tanh_capped):
@@ -141,7 +155,9 @@ def _scores(q, k, *, causal, mask, scale, window, softcap):
     if softcap is not None:
         tanh_capped = np.tanh(s / softcap)
         s = softcap * tanh_capped
-    visible = visible_keys(q.shape[-2], k.shape[-2], causal, window)
+    visible = visible_keys(q.shape[-2], k.shape[-2], causal, window, align)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, q.shape[-2], k.shape[-2], align or dense_alignment(causal)[1], s.dtype)
     if mask is not None:
         if mask.dtype == np.bool_:
             visible = mask if visible is None else (visible & mask)
@@ -176,6 +192,8 @@ def attention(
     return_weights=False,
     dropout_p=0.0,
     dropout_keep=None,
+    align=None,
+    alibi_slopes=None,
 ):
     """softmax(scale * q k^T, masked) v, materialising the score matrix.
 
@@ -199,6 +217,11 @@ def attention(
         dropout_p, dropout_keep: dropout on the weights as torch does it:
             weights * keep / (1 - p), keep a boolean array broadcastable to
             (..., Hq, Nq, Nk). lse and the returned weights are before dropout.
+        align: where query i sits among the keys, for the window and ALiBi:
+            "top_left" (position i) or "bottom_right" (i + Nk - Nq); default
+            causal's alignment, "top_left" without causal.
+        alibi_slopes: None, or slopes (..., Hq) broadcasting to the batch:
+            scores get -slope * |position - j| after the softcap.
 
     Returns:
         out (..., Hq, Nq, Dv) in q's dtype, followed by lse and then weights
@@ -222,7 +245,8 @@ def attention(
         weights = np.zeros(batch + (hq, nq, 0), dtype=ct)
     else:
         s, _, _ = _scores(
-            qc, kc, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
+            qc, kc, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap, align=align,
+            alibi_slopes=alibi_slopes,
         )  # (..., Hq, Nq, Nk)
         s = np.broadcast_to(s, batch + s.shape[-3:])
         row_max = s.max(axis=-1, keepdims=True)  # (..., Hq, Nq, 1)
@@ -273,6 +297,8 @@ def attention_backward(
     softcap=None,
     dropout_p=0.0,
     dropout_keep=None,
+    align=None,
+    alibi_slopes=None,
 ):
     """Gradients of attention() with respect to q, k and v.
 
@@ -308,7 +334,8 @@ def attention_backward(
         return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
     s, _, tanh_capped = _scores(
-        qc, kc, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap
+        qc, kc, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap, align=align,
+        alibi_slopes=alibi_slopes,
     )  # (..., Hq, Nq, Nk)
     safe_lse = np.where(lse == -np.inf, ct(0), lse)[..., None]  # (..., Hq, Nq, 1)
     p = np.exp(s - safe_lse)  # weights; exactly 0 for invisible keys

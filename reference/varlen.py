@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import attention, attention_backward, compute_dtype, visible_between, visible_range
+from .attention import (
+    CAUSAL_MODES, alibi_bias, attention, attention_backward, compute_dtype, visible_between, visible_range,
+)
 
-ALIGNMENTS = ("top_left", "bottom_right")
-
-
-def key_positions(nq, nk, align):
-    """(Nq, Nk) position - j: how far each key sits from each query's position."""
-    offset = nk - nq if align == "bottom_right" else 0
-    return (np.arange(nq)[:, None] + offset) - np.arange(nk)[None, :]
+ALIGNMENTS = CAUSAL_MODES
 
 
 def sequence_bias(nq, nk, hq, *, causal, align, window, slopes, dtype):
@@ -34,8 +30,7 @@ def sequence_bias(nq, nk, hq, *, causal, align, window, slopes, dtype):
     visible = visible_between(nq, nk, lo, hi)
     bias = np.where(visible, 0.0, -np.inf).astype(dtype)[None]  # (1, Nq, Nk)
     if slopes is not None:
-        distance = key_positions(nq, nk, align)  # (Nq, Nk) position - j
-        bias = bias - np.asarray(slopes, dtype).reshape(hq, 1, 1) * np.abs(distance).astype(dtype)
+        bias = bias + alibi_bias(np.asarray(slopes).reshape(hq), nq, nk, align, dtype)
     return bias
 
 

@@ -1,4 +1,4 @@
-"""torch.compile on CPU tensors: attnkit's Numba kernel as torch.library operators (attnkit/cpu_ops.py)."""
+"""torch.compile on CPU tensors: attnkit's Numba kernel as torch.library operators (attnkit/torch_ops.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attnkit
-from attnkit import cpu_ops
+from attnkit import torch_ops
 from attnkit.reference import attention
 
 CASES = [
@@ -80,10 +80,11 @@ def test_opcheck(dtype):
     q = torch.randn(2, 4, 20, 16).to(dtype).requires_grad_()
     k, v = (torch.randn(2, 2, 24, 16).to(dtype).requires_grad_() for _ in range(2))
     mask = torch.rand(2, 1, 20, 24) > 0.2
-    args = (q, k, v, mask, 0.25, 1, None, None, None)
-    torch.library.opcheck(cpu_ops.numba_attention_fwd, args)
-    out, lse = cpu_ops.numba_attention_fwd(*args)
+    slopes = torch.rand(2, 4)  # ALiBi per batch entry and head: an operator argument like the mask
+    args = (q, k, v, mask, slopes, 0.25, 1, 1, None, None, None)
+    torch.library.opcheck(torch_ops.numba_attention_fwd, args)
+    out, lse = torch_ops.numba_attention_fwd(*args)
     d_out = torch.randn_like(out)
-    torch.library.opcheck(cpu_ops.numba_attention_bwd,
-                          (q.detach(), k.detach(), v.detach(), mask, out.detach(), d_out, lse.detach(),
-                           0.25, 1, None, None, None))
+    torch.library.opcheck(torch_ops.numba_attention_bwd,
+                          (q.detach(), k.detach(), v.detach(), mask, slopes, out.detach(), d_out, lse.detach(),
+                           0.25, 1, 1, None, None, None))

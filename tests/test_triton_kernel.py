@@ -308,7 +308,7 @@ def test_why_unsupported():
 
 @pytest.fixture(scope="module")
 def ops():
-    from attnkit import triton_ops
+    from attnkit import torch_ops as triton_ops
 
     return triton_ops
 
@@ -349,11 +349,11 @@ def test_torch_compile_fullgraph(ops):
 def test_opcheck(ops):
     q, k, v = (x.detach().requires_grad_() for x in make_inputs(b=1, hq=2, hkv=1, nq=17, nk=19, d=16))
     mask = make_mask("bool_full", 1, 2, 17, 19, torch.float32)
-    torch.library.opcheck(ops.flash_attention_fwd, (q, k, v, mask, 0.25, 2, 6, None, None))
-    out, lse = ops.flash_attention_fwd(q.detach(), k.detach(), v.detach(), None, 0.25, 1, None, None, 2.0)
+    torch.library.opcheck(ops.flash_attention_fwd, (q, k, v, mask, None, 0.25, 2, 2, 6, None, None))
+    out, lse = ops.flash_attention_fwd(q.detach(), k.detach(), v.detach(), None, None, 0.25, 1, 1, None, None, 2.0)
     torch.library.opcheck(
         ops.flash_attention_bwd,
-        (q.detach(), k.detach(), v.detach(), None, out, torch.ones_like(out), lse, None, 0.25, 1,
+        (q.detach(), k.detach(), v.detach(), None, None, out, torch.ones_like(out), lse, None, 0.25, 1, 1,
          None, None, 2.0),
     )
 

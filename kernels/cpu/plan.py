@@ -37,10 +37,11 @@ def _clamped(window):
     return None if window is None else tuple(None if w is None else min(int(w), _UNLIMITED) for w in window)
 
 
-def _visible_offsets(nq, nk, causal, window):
+def _visible_offsets(nq, nk, causal, window, align=None):
     """(lo, hi, diagonal) of a dense call from reference.visible_range: query i sees key j iff
-    lo <= j - i <= hi, unlimited sides as -+_UNLIMITED."""
-    hides, align = dense_alignment(causal)
+    lo <= j - i <= hi, unlimited sides as -+_UNLIMITED; align defaults to causal's."""
+    hides, default_align = dense_alignment(causal)
+    align = align or default_align
     lo, hi, diagonal = visible_range(nq, nk, causal=hides, align=align, window=_clamped(window))
     return (-_UNLIMITED if lo is None else max(-_UNLIMITED, int(lo)),
             _UNLIMITED if hi is None else min(_UNLIMITED, int(hi)), int(diagonal))  # fmt: skip
@@ -211,7 +212,7 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     q, k, v = (_kernel_array(x, dtype) for x in (q, k, v))
     flags = _HAS_SOFTCAP if softcap is not None else 0
     if segments is None:
-        lo, hi, diagonal = _visible_offsets(q.shape[2], k.shape[2], causal, window)
+        lo, hi, diagonal = _visible_offsets(q.shape[2], k.shape[2], causal, window, align)
         table = _dense_segments(q.shape[0], q.shape[2], k.shape[2], lo, hi, diagonal)
     else:
         if align is None:

@@ -1,0 +1,49 @@
+"""The NumPy specification as a backend: runs any call, anywhere, through host memory."""
+
+from __future__ import annotations
+
+from .. import _arrays
+from ..reference import attention as reference_attention
+from ..reference import attention_backward as reference_attention_backward
+from ..reference.varlen import varlen_attention, varlen_attention_backward
+from .base import Backend
+
+
+def _options(spec, alibi):
+    """reference.attention's (and reference.varlen's) keyword arguments for this call."""
+    slopes = _arrays.to_numpy(alibi)
+    if slopes is not None and not spec.packed:  # (B, Hq) over the batch entries -> (*batch, Hq)
+        slopes = slopes.reshape((spec.batch if slopes.ndim == 2 else ()) + (spec.hq,))
+    options = dict(scale=spec.scale, window=spec.window, softcap=spec.softcap, align=spec.align, alibi_slopes=slopes)
+    options["causal"] = spec.causal is not None if spec.packed else spec.causal
+    return options
+
+
+class ReferenceBackend(Backend):
+    """The NumPy specification. Runs anything, anywhere, through host memory."""
+
+    name = "reference"
+
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout_p=0.0, dropout_keep=None):
+        qn, kn, vn = map(_arrays.to_numpy, (q, k, v))
+        if spec.packed:
+            out, lse = varlen_attention(qn, kn, vn, spec.cu_q, spec.cu_k, **_options(spec, alibi), return_lse=True)
+            weights = None
+        else:
+            out, lse, weights = reference_attention(
+                qn, kn, vn, mask=_arrays.to_numpy(mask), return_lse=True, return_weights=True, dropout_p=dropout_p,
+                dropout_keep=_arrays.to_numpy(dropout_keep), **_options(spec, alibi),
+            )  # fmt: skip
+        weights = _arrays.like(weights, q) if return_weights else None
+        return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), weights
+
+    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout_p=0.0, dropout_keep=None):
+        arrays = map(_arrays.to_numpy, (q, k, v, out, d_out, lse))
+        if spec.packed:
+            grads = varlen_attention_backward(*arrays, spec.cu_q, spec.cu_k, **_options(spec, alibi))
+        else:
+            grads = reference_attention_backward(
+                *arrays, mask=_arrays.to_numpy(mask), dropout_p=dropout_p,
+                dropout_keep=_arrays.to_numpy(dropout_keep), **_options(spec, alibi),
+            )  # fmt: skip
+        return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))

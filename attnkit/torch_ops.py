@@ -1,0 +1,210 @@
+"""attnkit's kernels as torch operators, both devices: differentiable and torch.compile-traceable.
+
+    torch.ops.attnkit.numba_attention_fwd(q, k, v, mask, alibi, scale, causal, align,
+                                          window_left, window_right, softcap) -> (out, lse)
+    torch.ops.attnkit.numba_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, scale, causal,
+                                          align, window_left, window_right, softcap) -> (dq, dk, dv)
+    torch.ops.attnkit.flash_attention_fwd(...)  the Triton kernels, same arguments
+    torch.ops.attnkit.flash_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, d_lse, ...)
+
+Options are coded by attnkit.op_codes (one table for both devices): causal and
+align 0 (none), 1 ("top_left"), 2 ("bottom_right"). Each forward has an autograd
+formula (register_autograd) calling its backward operator; the Triton pair
+also carries the gradient that reaches lse (d_lse), the CPU pair does not (lse
+is returned for callers that want it, not differentiated, as in eager calls).
+
+CPU (numba_*): q (..., Hq, Nq, D), k (..., Hkv, Nk, D), v (..., Hkv, Nk, Dv) with
+broadcasting leading axes, as the public API takes them; custom_ops with fake
+implementations. Under torch.compile each call is one opaque node: nothing
+inside it (NumPy, Numba, logging) is traced. Eager CPU calls do not go through
+them (the dispatcher adds ~10 µs per call); attnkit.api routes a call here only
+while torch.compile traces it.
+
+CUDA (flash_*): q (B, Hq, Nq, D), ...; on CUDA with torch >= 2.6 they are
+`torch.library.triton_op`s launching through `wrap_triton`, so torch.compile
+sees the Triton kernels themselves. Under TRITON_INTERPRET=1, or on an older
+torch, they are custom_ops with a fake implementation. The CUDA backend always
+calls them. `triton_attention(q, k, v, mask=None, *, scale, ...)` is the
+friendly entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .op_codes import CAUSAL_CODES, CAUSAL_NAMES, window_of
+
+__all__ = [
+    "numba_attention_fwd", "numba_attention_bwd", "flash_attention_fwd", "flash_attention_bwd", "triton_attention",
+    "USES_TRITON_OP",
+]  # fmt: skip
+
+
+def _kernel_options(scale, causal, align, window_left, window_right, softcap):
+    """The operators' coded options as the launchers' keyword arguments."""
+    return dict(scale=scale, causal=CAUSAL_NAMES[causal], align=CAUSAL_NAMES[align],
+                window=window_of(window_left, window_right), softcap=softcap)  # fmt: skip
+
+
+def _register_autograd(forward, backward, passes_d_lse):
+    """forward's gradient through backward: (q, k, v, mask, alibi, *options) -> (out, lse)."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, alibi, *options = inputs
+        ctx.save_for_backward(q, k, v, mask, alibi, *output)
+        ctx.options = options
+
+    def differentiate(ctx, d_out, d_lse):
+        q, k, v, mask, alibi, out, lse = ctx.saved_tensors
+        if d_out is None:
+            d_out = torch.zeros_like(out)
+        # First derivatives only: the gradients carry no graph of their own (a second
+        # backward through them raises instead of returning something wrong).
+        tensors = [x.detach() for x in (q, k, v)] + [mask, alibi, out.detach(), d_out.detach(), lse.detach()]
+        if passes_d_lse:
+            tensors.append(d_lse)
+        dq, dk, dv = backward(*tensors, *ctx.options)
+        return (dq, dk, dv) + (None,) * (2 + len(ctx.options))
+
+    forward.register_autograd(differentiate, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------------------
+# CPU: the Numba kernel through attnkit.backends.cpu
+# ---------------------------------------------------------------------------
+
+
+def _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap):
+    from .validation import validate_attention
+
+    options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
+    return validate_attention(q, k, v, mask=mask, alibi_slopes=alibi, **options)
+
+
+@torch.library.custom_op("attnkit::numba_attention_fwd", mutates_args=())
+def numba_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
+    scale: float, causal: int, align: int, window_left: Optional[int], window_right: Optional[int],
+    softcap: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    from .backends import BACKENDS
+
+    spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
+    out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi)
+    return out, lse
+
+
+@torch.library.custom_op("attnkit::numba_attention_bwd", mutates_args=())
+def numba_attention_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
+    out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor, scale: float, causal: int, align: int,
+    window_left: Optional[int], window_right: Optional[int], softcap: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    from .backends import BACKENDS
+
+    spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
+    return BACKENDS["numba"].backward(q, k, v, mask, out, d_out.contiguous(), lse, spec, alibi=alibi)
+
+
+@numba_attention_fwd.register_fake
+def _numba_fake_fwd(q, k, v, mask, alibi, *options):
+    batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    hq, nq = q.shape[-3], q.shape[-2]
+    out = q.new_empty(tuple(batch) + (hq, nq, v.shape[-1]))
+    lse = q.new_empty(tuple(batch) + (hq, nq), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+@numba_attention_bwd.register_fake
+def _numba_fake_bwd(q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_register_autograd(numba_attention_fwd, numba_attention_bwd, passes_d_lse=False)
+
+
+# ---------------------------------------------------------------------------
+# CUDA: the Triton kernels (kernels/triton_attention.py)
+# ---------------------------------------------------------------------------
+
+
+def _triton():
+    from .kernels import triton_attention
+
+    return triton_attention
+
+
+def _uses_triton_op():
+    """triton_op + wrap_triton where they exist and a real GPU compiler runs the kernels;
+    the interpreter's kernels cannot be traced through wrap_triton."""
+    try:
+        return hasattr(torch.library, "triton_op") and not _triton().interpreting()
+    except ImportError:  # no triton: the CUDA operators are never launched
+        return False
+
+
+USES_TRITON_OP = _uses_triton_op()
+
+
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               alibi: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
+               window_right: Optional[int], softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    wrap = torch.library.wrap_triton if USES_TRITON_OP else None
+    options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
+    return _triton().flash_forward(q, k, v, mask, alibi=alibi, **options, _wrap=wrap)
+
+
+def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               alibi: Optional[torch.Tensor], out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor,
+               d_lse: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
+               window_right: Optional[int], softcap: Optional[float],
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    wrap = torch.library.wrap_triton if USES_TRITON_OP else None
+    options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
+    return _triton().flash_backward(q, k, v, mask, out, d_out, lse, alibi=alibi, d_lse=d_lse, **options, _wrap=wrap)
+
+
+def _flash_fake_fwd(q, k, v, mask, alibi, *options):
+    b, hq, nq, _ = q.shape
+    out = _triton()._empty_like_layout(q, (b, hq, nq, v.shape[3]))
+    return out, q.new_empty((b, hq, nq), dtype=torch.float32)
+
+
+def _flash_fake_bwd(q, k, v, *rest):
+    return tuple(_triton()._empty_like_layout(x, tuple(x.shape)) for x in (q, k, v))
+
+
+if USES_TRITON_OP:
+    flash_attention_fwd = torch.library.triton_op("attnkit::flash_attention_fwd", mutates_args=())(_flash_fwd)
+    flash_attention_bwd = torch.library.triton_op("attnkit::flash_attention_bwd", mutates_args=())(_flash_bwd)
+else:
+    flash_attention_fwd = torch.library.custom_op("attnkit::flash_attention_fwd", mutates_args=())(_flash_fwd)
+    flash_attention_bwd = torch.library.custom_op("attnkit::flash_attention_bwd", mutates_args=())(_flash_bwd)
+    flash_attention_fwd.register_fake(_flash_fake_fwd)
+    flash_attention_bwd.register_fake(_flash_fake_bwd)
+_register_autograd(flash_attention_fwd, flash_attention_bwd, passes_d_lse=True)
+
+
+def triton_attention(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None, align=None, alibi=None):
+    """Differentiable fused attention: returns (out (B, Hq, Nq, Dv), lse (B, Hq, Nq) float32).
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): torch tensors on
+    one CUDA device (CPU under TRITON_INTERPRET=1), one dtype (float16,
+    bfloat16 or float32), any strides. mask: None, bool (True = attend) or
+    additive float, broadcastable to (B, Hq, Nq, Nk), never differentiated.
+    causal: None/False, True/"top_left" or "bottom_right". window: None or
+    (left, right), None sides unlimited. softcap: None or a float > 0. align:
+    where queries sit for the window and ALiBi (default causal's). alibi: None,
+    (Hq,) or (B, Hq) slopes. Gradients flow to q, k and v through both out and lse.
+    """
+    for name, value in (("causal", causal), ("align", align)):
+        if value not in CAUSAL_CODES:
+            raise ValueError(f"{name} must be None, False, True, 'top_left' or 'bottom_right'; got {value!r}")
+    left, right = (None, None) if window is None else window
+    return flash_attention_fwd(
+        q, k, v, mask, alibi, float(scale), CAUSAL_CODES[causal], CAUSAL_CODES[align or causal or "top_left"],
+        None if left is None else int(left), None if right is None else int(right),
+        None if softcap is None else float(softcap),
+    )
