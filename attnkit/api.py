@@ -99,6 +99,16 @@ def _plan_key(q, k, v, mask, options, alibi=None):
     return key
 
 
+def cached_plans():
+    """How many call signatures have a plan in the cache (at most 1,024; then it starts over)."""
+    return len(_PLANS)
+
+
+def clear_plans():
+    """Empty the plan cache: every next call validates and chooses its backend afresh."""
+    _PLANS.clear()
+
+
 def _planned(key, make):
     """(spec, choice) for the plan key, made by make() on first sight.
 

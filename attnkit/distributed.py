@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from .api import attention, attention_backward, attention_forward
+from .validation import validate_attention
 
 __all__ = ["LAYOUTS", "ring_attention", "shard_sequence", "ulysses_attention", "unshard_sequence"]
 
@@ -131,8 +132,8 @@ def _validate(q, k, v, causal, scale, layout, group, need_even):
     if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
         raise ValueError(f"q, k and v must hold the same shard of one sequence: N_local {q.shape[2]}, "
                          f"{k.shape[2]}, {v.shape[2]}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"the query heads ({q.shape[1]}) must be a multiple of the kv heads ({k.shape[1]})")
+    # Types, dtypes, devices, heads and head dims: attention()'s own checks (the same on every rank now).
+    validate_attention(q, k, v, causal=causal, mask=None, scale=scale, window=None, softcap=None)
     if need_even and layout == "zigzag" and q.shape[2] % 2:
         raise ValueError(f"layout 'zigzag' gives each rank two equal chunks: N_local must be even; "
                          f"got {q.shape[2]}")

@@ -55,12 +55,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
+from .bf16 import (  # noqa: F401  (re-exported: the conversions are part of this module's interface)
+    _BFloat, bf16_bits, bf16_of, bf16_to_f32, bf16_to_float32, f32_to_bf16, f32_to_bf16_ir,
+)
 from .jit import jit
 from .target import TARGET
 
@@ -201,19 +203,6 @@ def padded(n, multiple):
 # ---------------------------------------------------------------------------
 # IR helpers
 # ---------------------------------------------------------------------------
-
-
-class _BFloat(ir.Type):
-    """LLVM's `bfloat` (llvmlite has no class for it)."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
 
 
 _F32 = ir.FloatType()
@@ -427,84 +416,6 @@ def micro_kernel_intrinsic(kind_name, lanes, mr, nr_max):
 
 _F32_MICRO = micro_kernel_intrinsic("f32", TARGET.lanes, *BLOCKS["f32"])
 _BF16_MICRO = micro_kernel_intrinsic(_BF16_KIND, TARGET.lanes, *BLOCKS["bf16"])
-
-
-def f32_to_bf16_ir(builder, x, native):
-    """IR: float32 x -> bf16 bits (i16), round to nearest even, NaN kept quiet.
-
-    native: the target's conversion instruction (fptrunc to bfloat); else
-    integer arithmetic, which every target runs.
-    """
-    if native:
-        return builder.bitcast(builder.fptrunc(x, _BFloat()), _I16)
-    bits = builder.bitcast(x, _I32)
-    lower_bit = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
-    rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), lower_bit), ir.Constant(_I32, 16))
-    quiet = builder.or_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 0x40))
-    is_nan = builder.fcmp_unordered("uno", x, x)
-    return builder.trunc(builder.select(is_nan, quiet, rounded), _I16)
-
-
-@intrinsic
-def _f32_to_bf16(typingctx, x):
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return f32_to_bf16_ir(builder, args[0], TARGET.bf16_convert)
-
-    return types.uint16(types.float32), codegen
-
-
-@intrinsic
-def _bf16_to_f32(typingctx, bits):
-    if bits != types.uint16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
-        return builder.bitcast(wide, _F32)
-
-    return types.float32(types.uint16), codegen
-
-
-@jit(inline="always")
-def f32_to_bf16(x):
-    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays NaN."""
-    return _f32_to_bf16(np.float32(x))
-
-
-@jit(inline="always")
-def bf16_to_f32(bits):
-    """bf16 bits (uint16) -> float32, exactly."""
-    return _bf16_to_f32(bits)
-
-
-def bf16_of(value):
-    """bf16 bits of a stored element: unchanged when it is uint16 (bf16 bits) already, else rounded."""
-
-
-@overload(bf16_of, jit_options={"inline": "always"})
-def _bf16_of_overload(value):
-    if value == types.uint16:
-        return lambda value: value
-    return lambda value: f32_to_bf16(np.float32(value))
-
-
-def bf16_to_float32(bits):
-    """bf16 bits (uint16 array) as float32 values, exactly (NumPy)."""
-    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def bf16_bits(x):
-    """A float array as bf16 bits (uint16), rounded to nearest even (NumPy; for tests and the boundary)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = x.view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # quiet NaN, sign kept
-    return rounded
 
 
 # ---------------------------------------------------------------------------

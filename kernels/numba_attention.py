@@ -5,8 +5,10 @@ constants), tile.py (one tile's scores and the online softmax), schedule.py
 (tasks heaviest first, the work queue), operands.py (packing K / V, products by
 dtype), forward.py, decode.py, backward.py (the workers), plan.py (host-side
 planning), memory.py (allocations, workspace, BLAS pinning). This file holds
-the entry points: flash_forward, flash_backward, warmup. What each version
-changed and measured: docs/kernel-log.md.
+the entry points: flash_forward, flash_backward, warmup, and two documented
+ways to look inside a call (for tests and diagnostics): plan_mask (how a mask
+will be read) and recording (which worker ran, on which arrays). What each
+version changed and measured: docs/kernel-log.md.
 
 Semantics follow attnkit.reference.attention exactly: score = scale * q.k,
 then softcap * tanh(score / softcap), then + additive mask, then -inf for keys
@@ -19,22 +21,89 @@ lse is converted back to natural log at the end.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
 from .cpu.backward import _backward_kernel
-from .cpu.constants import _HAS_ALIBI
+from .cpu.constants import _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE
 from .cpu.decode import _decode_kernel
 from .cpu.forward import _forward_kernel, _forward_kernel_serial
-from .cpu.memory import _CALL_LOCK, _WORKSPACE, _arrays_together, _single_threaded_blas
+from .cpu.memory import _CALL_LOCK, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.plan import (
     _backward_block_sizes, _backward_chunks, _block_sizes, _kernel_array, _mask_plan, _prepare, _segment_sizes,
 )
 
-__all__ = ["flash_forward", "flash_backward", "warmup"]
+__all__ = [
+    "flash_forward", "flash_backward", "warmup", "plan_mask", "MaskPlan", "recording", "Launch", "TILE_HIDDEN",
+    "TILE_VISIBLE", "TILE_MIXED",
+]  # fmt: skip
+
+# Tile states of MaskPlan.tiles: every score hidden, every score visible (run unmasked), or read one by one.
+TILE_HIDDEN, TILE_VISIBLE, TILE_MIXED = _TILE_HIDDEN, _TILE_VISIBLE, _TILE_MIXED
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """How the kernel reads a mask: masks are data, not work, summarised once per call.
+
+    kind: "none"; "key_ranges" (a boolean mask the same for every query whose visible
+    keys are one run per (batch, head): key_ranges (Bm, Hm, 2) [start, stop), the mask
+    itself never read); "bool" or "additive" (tiles (Bm, Hm, Tq, Tk) of TILE_* states
+    on the call's block grid: hidden tiles skipped, visible ones unmasked, mixed ones
+    read score by score).
+    """
+
+    kind: str
+    key_ranges: np.ndarray | None
+    tiles: np.ndarray | None
+
+
+def plan_mask(mask, nq, nk, *, backward=False):
+    """The MaskPlan of a (Bm, Hm, Mq, Nk) bool or additive mask for a forward (or backward)
+    call with Nq queries and Nk keys."""
+    block_q, block_k = (_backward_block_sizes if backward else _block_sizes)(nq, nk)
+    compute = np.float64 if mask is not None and mask.dtype == np.float64 else np.float32
+    masks, flags = _mask_plan(mask, compute, nk, block_q, block_k)
+    if flags & (_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK):
+        return MaskPlan("bool" if flags & _HAS_BOOL_MASK else "additive", None, masks[3])
+    return MaskPlan("none", None, None) if mask is None else MaskPlan("key_ranges", masks[2], None)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One worker launch: which (forward, forward_serial, decode, backward), the q / k / v
+    arrays it read, the mask as the kernel received it, and the decode's key splits."""
+
+    worker: str
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    mask: np.ndarray | None = None
+    n_splits: int = 1
+
+
+_RECORDINGS = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect a Launch for every worker launch inside the block (yields the list)."""
+    launches = []
+    _RECORDINGS.append(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDINGS.remove(launches)
+
+
+def _record(worker, q, k, v, mask=None, n_splits=1):
+    for launches in _RECORDINGS:
+        launches.append(Launch(worker, q, k, v, mask, n_splits))
 
 
 # Calls with at most this many multiply-adds per product (B * Hq * Nq * Nk * D,
@@ -77,7 +146,7 @@ def flash_forward(
     if bf16:  # out in bf16 bits (or float32), lse in float32: two allocations
         out, lse = np.empty((batch, hq, nq, dv), dtype), np.empty((batch, hq, nq), compute)
     else:
-        out, lse = _arrays_together(dtype, ((batch, hq, nq, dv), (batch, hq, nq)), zero=False)
+        out, lse = arrays_together(dtype, ((batch, hq, nq, dv), (batch, hq, nq)), zero=False)
     if out.size == 0 and lse.size == 0:
         return out, lse
     if nk == 0 or segments is not None:  # rows no key reaches (or no segment holds): 0 and -inf
@@ -95,7 +164,7 @@ def flash_forward(
     dense = segments is None and not flags & _HAS_ALIBI
     if dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:
         lo, hi = int(table[0, 5]), int(table[0, 6])
-        return _decode(q, k, v, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
+        return _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
     if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
         operand, operand_shapes = np.uint16, (
             (batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, PAD)))
@@ -104,9 +173,11 @@ def flash_forward(
             (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
     serial = hq * d * work <= _SERIAL_WORK
     with _CALL_LOCK, _single_threaded_blas():
-        k_packed, v_packed = _WORKSPACE.arrays(operand, operand_shapes, zero=False)
+        k_packed, v_packed = WORKSPACE.arrays(operand, operand_shapes, zero=False)
         if not bf16 and v_width == dv:
             v_packed = v  # read V in place
+        if _RECORDINGS:
+            _record("forward_serial" if serial else "forward", q, k, v, mask)
         if serial:
             _forward_kernel_serial(
                 q, k, v, table, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse
@@ -130,15 +201,17 @@ def _is_decode(nq, nk, group):
     return nq <= _DECODE_MAX_QUERIES and nk >= _DECODE_MIN_KEYS and group * nq <= 128
 
 
-def _decode(q, k, v, masks, consts, lo, hi, flags, micro, n_workers, out, lse):
+def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse):
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
     pairs than twice the workers, partials merged by lse."""
     batch, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     key_blocks = -(-nk // _DECODE_BLOCK_K)
     n_splits = max(1, min(key_blocks, -(-2 * n_workers // (batch * hkv))))
+    if _RECORDINGS:
+        _record("decode", q, k, v, mask, n_splits)
     with _CALL_LOCK, _single_threaded_blas():
-        part_out, part_lse = _WORKSPACE.zeroed(
+        part_out, part_lse = WORKSPACE.zeroed(
             out.dtype, ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
             else ((1, 1, 1, 1, 1), (1, 1, 1, 1)),
         )  # fmt: skip
@@ -169,7 +242,7 @@ def flash_backward(
     lse = _kernel_array(lse, compute)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    dq, dk, dv_grad = _arrays_together(dtype, (q.shape, k.shape, v.shape), zero=True)
+    dq, dk, dv_grad = arrays_together(dtype, (q.shape, k.shape, v.shape), zero=True)
     if nq == 0 or nk == 0 or batch * hq == 0:
         return dq, dk, dv_grad
     longest_q, longest_k, _ = _segment_sizes(table, segments, nq, nk)
@@ -189,10 +262,12 @@ def flash_backward(
     partial_shapes = ((batch, hkv * n_chunks, d, nk + PAD), (batch, hkv * n_chunks, dv, nk + PAD))
     with _CALL_LOCK, _single_threaded_blas():
         if bf16:  # uint16 operands apart from the float32 partials
-            k_packed, v_packed, k_rows = _arrays_together(np.uint16, operand_shapes, zero=False)
-            dk_t, dv_t = _WORKSPACE.zeroed(compute, partial_shapes)
+            k_packed, v_packed, k_rows = arrays_together(np.uint16, operand_shapes, zero=False)
+            dk_t, dv_t = WORKSPACE.zeroed(compute, partial_shapes)
         else:  # one kept block, so a training loop faults no fresh pages in
-            dk_t, dv_t, k_packed, v_packed, k_rows = _WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
+            dk_t, dv_t, k_packed, v_packed, k_rows = WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
+        if _RECORDINGS:
+            _record("backward", q, k, v, mask)
         _backward_kernel(
             q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro,
             n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,

@@ -38,6 +38,10 @@ __all__ = [
     "interpreting",
     "INTERPRETER_BLOCKS",
     "production_configs",
+    "mask_operand",
+    "mask_summary",
+    "varlen_forward",
+    "varlen_backward",
 ]
 
 LOG2E = 1.4426950408889634
@@ -203,7 +207,7 @@ def _geometry(causal, window, nq, nk, align=None):
     return int(off), win_l, win_r, lo is not None, hi is not None
 
 
-def _mask_operand(mask, shape, dummy):
+def mask_operand(mask, shape, dummy):
     """(tensor, strides, MASK_KIND): the mask broadcast by strides to (B, Hq, Nq, Nk)."""
     if mask is None:
         return dummy, (0, 0, 0, 0), 0
@@ -218,7 +222,7 @@ def _mask_operand(mask, shape, dummy):
     return m, _strides(m), 2
 
 
-def _mask_summary(mask, shape, dummy):
+def mask_summary(mask, shape, dummy):
     """(summary, (s_sb, s_sh, s_sq, s_sk, Tq, Tk)): the mask's 16 x 16 tile bits (see SUMMARY_TILE).
 
     Computed once per call on the mask's own device from its broadcast form
@@ -260,8 +264,8 @@ def _common(q, k, v, mask, scale, causal, window, softcap, align=None, extra=())
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     off, win_l, win_r, has_left, has_right = _geometry(causal, window, Nq, Nk, align)
-    m, m_strides, mask_kind = _mask_operand(mask, (B, Hq, Nq, Nk), q)
-    summary, s_strides = _mask_summary(mask, (B, Hq, Nq, Nk), q)
+    m, m_strides, mask_kind = mask_operand(mask, (B, Hq, Nq, Nk), q)
+    summary, s_strides = mask_summary(mask, (B, Hq, Nq, Nk), q)
     if softcap is not None and softcap > 0:
         qk_scale, cap_log2, use_cap = float(scale) / float(softcap), float(softcap) * LOG2E, True
     else:

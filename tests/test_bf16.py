@@ -184,11 +184,10 @@ def torch_bf16_reference(case, q, k, v, d_out, mask):
     """
     if case.softcap is not None:
         return None
-    from attnkit.kernels.cpu.plan import _visible_offsets
+    from attnkit.reference import visible_keys
 
-    lo, hi, _ = _visible_offsets(case.nq, case.nk, case.causal, case.window)
-    offsets = np.arange(case.nk)[None, :] - np.arange(case.nq)[:, None]
-    visible = torch.from_numpy((offsets >= lo) & (offsets <= hi))
+    visible = visible_keys(case.nq, case.nk, case.causal, case.window)
+    visible = torch.ones(case.nq, case.nk, dtype=torch.bool) if visible is None else torch.from_numpy(visible)
     additive = None
     if mask is not None and mask.dtype == np.bool_:
         visible = torch.from_numpy(mask) & visible
@@ -289,22 +288,16 @@ def test_bf16_repeated_backward_is_bitwise_equal():
 
 
 @needs_bf16_cpu
-def test_bf16_tensors_reach_the_kernel_without_conversion(monkeypatch):
+def test_bf16_tensors_reach_the_kernel_without_conversion():
     from attnkit.kernels import numba_attention
 
-    seen = {}
-    for name in ("_forward_kernel", "_backward_kernel"):
-        original = getattr(numba_attention, name)
-
-        def call(q, k, v, *rest, _name=name, _original=original):
-            seen[_name] = (q, k, v)
-            return _original(q, k, v, *rest)
-
-        monkeypatch.setattr(numba_attention, name, call)
     q, k, v = (torch.randn(2, 4, 40, 32).bfloat16().requires_grad_() for _ in range(3))
-    attnkit.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
-    for name in ("_forward_kernel", "_backward_kernel"):
-        for array, tensor in zip(seen[name], (q, k, v)):
+    with numba_attention.recording() as launches:
+        attnkit.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+    assert sorted(launch.worker.removesuffix("_serial") for launch in launches) == ["backward", "forward"]
+    for launch in launches:
+        name = launch.worker
+        for array, tensor in zip((launch.q, launch.k, launch.v), (q, k, v)):
             assert array.dtype == np.uint16
             assert np.shares_memory(array, tensor.detach().view(torch.int16).numpy()), f"{name} got a copy"
 

@@ -1,4 +1,4 @@
-"""Masks as data, not work: key ranges and tile summaries (kernels/numba_attention._mask_plan).
+"""Masks as data, not work: key ranges and tile summaries (kernels/numba_attention.plan_mask).
 
 Every case runs the kernel forward and backward against the float64 reference
 by the 2x / 3x rule of tests/test_numba_kernel.py, on random masks built so
@@ -15,7 +15,6 @@ import torch
 
 import attnkit
 from attnkit.kernels import numba_attention as kernel
-from attnkit.kernels.cpu import constants
 from attnkit.kernels.microkernels import BF16_PRODUCTS, bf16_bits, bf16_to_float32
 from attnkit.reference import attention, attention_backward
 
@@ -81,8 +80,8 @@ def test_tile_summary_of_a_blocky_mask(dtype, nq, nk):
     q, k, v, d_out = inputs(rng, 2, 2, nq, nk, 64)
     # the forward's tiles (128 x 512) are whole tiles of the backward's grid (128 x 256) too
     mask = blocky_mask(rng, (2, 2, nq, nk), 128, 512)
-    states = kernel._mask_plan(mask, np.float32, nk, *kernel._block_sizes(nq, nk))[0][3]
-    assert {constants._TILE_HIDDEN, constants._TILE_VISIBLE, constants._TILE_MIXED} <= set(np.unique(states).tolist())
+    states = kernel.plan_mask(mask, nq, nk).tiles
+    assert {kernel.TILE_HIDDEN, kernel.TILE_VISIBLE, kernel.TILE_MIXED} <= set(np.unique(states).tolist())
     run_and_check(q, k, v, d_out, mask, dtype=dtype)
     run_and_check(q, k, v, d_out, mask, causal="bottom_right", window=(300, None), dtype=dtype)
 
@@ -95,8 +94,9 @@ def test_additive_mask_summary():
     additive = np.where(hidden, -np.inf, 0.0)
     additive[..., 300:, :] += rng.standard_normal((1, 2, 1, nk))  # some tiles carry real values
     additive[..., 300:, :][hidden[..., 300:, :]] = -np.inf
-    states = kernel._mask_plan(additive, np.float32, nk, *kernel._block_sizes(nq, nk))[0][3]
-    assert constants._TILE_VISIBLE in states and constants._TILE_HIDDEN in states and constants._TILE_MIXED in states
+    plan = kernel.plan_mask(additive, nq, nk)
+    assert plan.kind == "additive"
+    assert {kernel.TILE_HIDDEN, kernel.TILE_VISIBLE, kernel.TILE_MIXED} <= set(np.unique(plan.tiles).tolist())
     run_and_check(q, k, v, d_out, additive)
 
 
@@ -109,9 +109,9 @@ def test_key_padding_becomes_key_ranges(dtype):
     padding = np.arange(nk)[None, None, None, :] < lengths[:, None, None, None]  # (B, 1, 1, Nk)
     left_padding = padding[..., ::-1].copy()  # padding on the left, as generate() uses
     for mask in (padding, left_padding, np.broadcast_to(padding, (b, 1, nq, nk)).copy()):
-        masks, flags = kernel._mask_plan(mask, np.float32, nk, 128, 512)
-        assert flags == 0, "key padding must not be read score by score"
-        starts, stops = masks[2][:, 0, 0], masks[2][:, 0, 1]
+        plan = kernel.plan_mask(mask, nq, nk)
+        assert plan.kind == "key_ranges", "key padding must not be read score by score"
+        starts, stops = plan.key_ranges[:, 0, 0], plan.key_ranges[:, 0, 1]
         assert np.array_equal(stops - starts, lengths)
         run_and_check(q, k, v, d_out, mask, dtype=dtype)
     run_and_check(q, k, v, d_out, padding, causal="bottom_right", dtype=dtype)
@@ -123,28 +123,22 @@ def test_key_bitmap_with_holes_uses_the_summary():
     q, k, v, d_out = inputs(rng, 2, 2, nq, nk, 32)
     keys = rng.random((2, 1, 1, nk)) < 0.8
     keys[0, ..., 512:] = False  # a whole hidden key block in batch 0
-    masks, flags = kernel._mask_plan(keys, np.float32, nk, 128, 512)
-    assert flags == constants._HAS_BOOL_MASK and masks[0].shape == (2, 1, 1, nk)
-    assert masks[3][0, 0, 0, 1] == constants._TILE_HIDDEN
+    plan = kernel.plan_mask(keys, nq, nk)
+    assert plan.kind == "bool" and plan.tiles.shape[:2] == (2, 1)
+    assert plan.tiles[0, 0, 0, 1] == kernel.TILE_HIDDEN  # keys 512..1023 of batch 0, a whole block
     run_and_check(q, k, v, d_out, keys, causal="top_left")
 
 
-def test_expanded_torch_padding_mask_is_seen_as_key_padding(monkeypatch):
+def test_expanded_torch_padding_mask_is_seen_as_key_padding():
     """transformers' (B, 1, Nq, Nk) padding mask, expanded with stride 0: no copy, no per-score reads."""
-    seen = {}
-    original = kernel._mask_plan
-
-    def spy(mask, *rest):
-        seen["mask"] = mask
-        return original(mask, *rest)
-
-    monkeypatch.setattr(kernel, "_mask_plan", spy)
     lengths = torch.tensor([5, 40, 17])
     keys = torch.arange(40)[None, :] < lengths[:, None]  # (B, Nk)
     mask = keys[:, None, None, :].expand(3, 1, 30, 40)
     q = torch.randn(3, 4, 30, 16)
     k, v = torch.randn(3, 4, 40, 16), torch.randn(3, 4, 40, 16)
-    out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert seen["mask"].shape == (3, 1, 1, 40)
+    with kernel.recording() as launches:
+        out = attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert launches[0].mask.shape == (3, 1, 1, 40)
+    assert kernel.plan_mask(launches[0].mask, 30, 40).kind == "key_ranges"
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)

@@ -283,7 +283,7 @@ def test_a_changed_kernel_source_discards_a_numba_cache_dir(tmp_path, monkeypatc
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_arrays_together_are_aligned_disjoint_views(dtype):
     shapes = ((1, 3, 5, 7), (2, 1, 4), (0, 3), (9,))
-    arrays = kernel._arrays_together(dtype, shapes, zero=True)
+    arrays = memory.arrays_together(dtype, shapes, zero=True)
     for array, shape in zip(arrays, shapes):
         assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
         assert array.size == 0 or array.ctypes.data % 64 == 0, f"{shape}: not 64-byte aligned"
@@ -295,7 +295,7 @@ def test_arrays_together_are_aligned_disjoint_views(dtype):
 
 
 def test_workspace_hands_out_zeroed_views_and_drops_big_requests():
-    workspace = memory._Workspace(keep_bytes=4096)
+    workspace = memory.Workspace(keep_bytes=4096)
     first = workspace.zeroed(np.float64, ((3, 10), (3, 5)))
     for array in first:
         array[...] = 7.0  # dirty the kept buffer
@@ -309,6 +309,6 @@ def test_workspace_hands_out_zeroed_views_and_drops_big_requests():
 
 def test_backward_with_uncached_partials_matches_reference(monkeypatch):
     # Partial sums over the keep limit take freshly allocated memory instead.
-    monkeypatch.setattr(kernel._WORKSPACE, "keep_bytes", 0)
+    monkeypatch.setattr(memory.WORKSPACE, "keep_bytes", 0)
     check_case(Case(hq=8, hkv=2, nq=257, d=64, causal="top_left"))
 

@@ -137,6 +137,29 @@ def test_features(feature, nq, nk, dtype):
     check(q, k, v, **FEATURES[feature])
 
 
+@pytest.mark.parametrize("causal", [None, "top_left", "bottom_right"], ids=str)
+def test_dense_alibi_and_align_match_an_explicit_bias(causal):
+    """ALiBi slopes and align on a dense call: the same as the bias -slope * |i + offset - j| given as a mask."""
+    nq, nk = 23, 41
+    q, k, v = make_inputs(b=2, hq=2, nq=nq, nk=nk, d=32)
+    slopes = torch.tensor([[0.1, 0.3], [0.2, 0.05]], device=DEVICE)
+    align = causal or "bottom_right"
+    offset = nk - nq if align == "bottom_right" else 0
+    distance = (torch.arange(nq)[:, None] + offset - torch.arange(nk)[None, :]).abs().to(DEVICE)
+    bias = -slopes[:, :, None, None] * distance  # (B, Hq, Nq, Nk)
+    opts = dict(scale=0.2, causal=causal, window=(15, None))
+    out, lse = ta.flash_forward(q, k, v, None, **opts, align=align, alibi=slopes)
+    ref_opts = dict(opts, causal=causal or False, mask=_np64(bias), align=align)
+    ref_out, ref_lse = attention(_np64(q), _np64(k), _np64(v), return_lse=True, **ref_opts)
+    assert_close(out, ref_out, atol=2e-5, name="out")
+    assert_close(lse, ref_lse, atol=2e-5, name="lse")
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = ta.flash_backward(q, k, v, None, out, d_out, lse, **opts, align=align, alibi=slopes)
+    ref_grads = attention_backward(_np64(q), _np64(k), _np64(v), ref_out, _np64(d_out), ref_lse, **ref_opts)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(got, ref, atol=5e-5, name=name)
+
+
 MASKS = ["bool_full", "bool_key_padding", "bool_row_empty", "add_head", "add_neg_inf_row", "add_shared"]
 
 
@@ -178,14 +201,14 @@ def test_mask_with_causal_and_softcap():
 def test_mask_is_never_materialised(monkeypatch):
     """A (B, 1, 1, Nk) mask reaches the kernel as a stride-0 view of its own storage."""
     seen = []
-    real = ta._mask_operand
+    real = ta.mask_operand
 
     def spy(mask, shape, dummy):
         result = real(mask, shape, dummy)
         seen.append((result[0].data_ptr() == mask.data_ptr(), result[1]))
         return result
 
-    monkeypatch.setattr(ta, "_mask_operand", spy)
+    monkeypatch.setattr(ta, "mask_operand", spy)
     q, k, v = make_inputs(b=2, hq=2, nq=17, nk=29, d=16)
     check(q, k, v, make_mask("bool_key_padding", 2, 2, 17, 29, torch.float32), grads=False)
     same_storage, strides = seen[0]
@@ -398,14 +421,14 @@ def test_mask_summary_bits():
     mask[:, :, 16:32, 16:32] = torch.rand(16, 16) < 0.5  # tile (1, 1) mixed
     mask[:, :, 16:32, 16] = True
     mask[:, :, 16:32, 17] = False
-    summary, strides = ta._mask_summary(mask, (1, 1, 40, 50), mask)
+    summary, strides = ta.mask_summary(mask, (1, 1, 40, 50), mask)
     assert summary.shape == (1, 1, 3, 4)
     assert summary[0, 0, 0, 0] == 2 and summary[0, 0, 1, 1] == 3 and summary[0, 0, 0, 1] == 1
     assert strides[:2] == (0, 0) and strides[4:] == (3, 4)
     additive = torch.zeros(2, 1, 1, 40)
     additive[0, ..., :16] = float("-inf")
     additive[1, ..., 20] = 0.5
-    summary, strides = ta._mask_summary(additive, (2, 4, 30, 40), additive)
+    summary, strides = ta.mask_summary(additive, (2, 4, 30, 40), additive)
     assert summary[0, 0, 0].tolist() == [2, 1, 1] and summary[1, 0, 0].tolist() == [1, 3, 1]
     assert strides[1] == 0 and strides[2] == 0 and strides[4] == 2**31 - 1  # one row of tiles for every query
 

@@ -1,4 +1,9 @@
-"""Memory and threads around a call: one allocation per result set, the kept workspace, BLAS pinning."""
+"""Memory and threads around a call: one allocation per result set, the kept workspace, BLAS pinning.
+
+Kernel-level entry points (documented, used by the tests): arrays_together(dtype, shapes, zero)
+allocates several arrays in one 64-byte-aligned block; Workspace(keep_bytes) hands out views of one
+kept buffer; WORKSPACE is the one the kernels use.
+"""
 
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def _packed_views(block, shapes, starts):
     )
 
 
-def _arrays_together(dtype, shapes, zero):
+def arrays_together(dtype, shapes, zero):
     """Arrays of the given shapes as views into one allocation (zeroed if zero).
 
     Why one block: glibc serves a large allocation from the heap once a block
@@ -84,13 +89,13 @@ def _arrays_together(dtype, shapes, zero):
     return _packed_views((np.zeros if zero else np.empty)(total, dtype), shapes, starts)
 
 
-class _Workspace:
+class Workspace:
     """Temporaries for one call at a time (the caller holds _CALL_LOCK), kept between calls.
 
     One request per call: every request hands out the same memory.
 
     Temporaries freed at the end of every call are faulted in again by the next
-    one (see _arrays_together); kept, their pages stay mapped. A request larger
+    one (see arrays_together); kept, their pages stay mapped. A request larger
     than keep_bytes gets fresh memory that is not kept: there the call's O(N^2)
     work dwarfs the O(N) page faults, and holding on to it would surprise.
     """
@@ -104,7 +109,7 @@ class _Workspace:
         dtype = np.dtype(dtype)
         starts, total = _packed_layout(dtype, shapes)
         if total * dtype.itemsize > self.keep_bytes:
-            return _arrays_together(dtype, shapes, zero=zero)
+            return arrays_together(dtype, shapes, zero=zero)
         if self.buffer.nbytes < total * dtype.itemsize:
             self.buffer = np.empty(total * dtype.itemsize, np.uint8)
         block = self.buffer[: total * dtype.itemsize].view(dtype)
@@ -116,4 +121,4 @@ class _Workspace:
         return self.arrays(dtype, shapes, zero=True)
 
 
-_WORKSPACE = _Workspace(keep_bytes=32 << 20)
+WORKSPACE = Workspace(keep_bytes=32 << 20)
