@@ -167,21 +167,9 @@ def _choose(spec, backend, q, k, v, return_weights, dropout_p):
 
 
 def attention(
-    q,
-    k,
-    v,
-    *,
-    causal=False,
-    mask=None,
-    scale=None,
-    window=None,
-    softcap=None,
-    alibi_slopes=None,
-    align=None,
-    return_lse=False,
-    return_weights=False,
-    backend="auto",
-):
+    q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None, align=None,
+    return_lse=False, return_weights=False, backend="auto",
+):  # fmt: skip
     """Exact attention, softmax(scale * q k^T + masks) v, on the best backend.
 
     Args:

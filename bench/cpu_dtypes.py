@@ -18,52 +18,31 @@ lengths; this covers dtypes, precision settings, masks and call sizes.
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import sys
 import time
+from importlib import resources
 
 from .measure import parse_turns
 
-# (label, dtype, matmul precision, B, Hq, Hkv, Nq, Nk, D, causal, mode, mask)
-# mask: None, or "key_padding": a (B, 1, Nq, Nk) boolean mask, sequence lengths
-# spread between Nk / 4 and Nk, materialised as transformers' sdpa_mask does.
-SUITES = {
-    "dtypes": [
-        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward", None),
-        ("bf16", "bfloat16", "highest", 1, 8, 8, 4096, 4096, 128, True, "forward", None),
-        ("bf16 GQA 32/8", "bfloat16", "highest", 1, 32, 8, 2048, 2048, 128, True, "forward", None),
-        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
-        ("bf16 decode", "bfloat16", "highest", 8, 16, 16, 1, 512, 64, False, "forward", None),
-        ("bf16 decode GQA 32/8", "bfloat16", "highest", 1, 32, 8, 1, 4096, 128, False, "forward", None),
-        ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward", None),
-        ("fp16", "float16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
-        ("fp32 medium", "float32", "medium", 1, 8, 8, 4096, 4096, 64, False, "forward", None),
-        ("fp32 medium", "float32", "medium", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
-        ("fp32 highest", "float32", "highest", 1, 8, 8, 4096, 4096, 64, False, "forward", None),
-    ],
-    "dropin": [
-        ("padding", "float32", "highest", 32, 12, 12, 70, 70, 32, False, "forward", "key_padding"),
-        ("padding", "float32", "highest", 8, 12, 12, 512, 512, 64, False, "forward", "key_padding"),
-        ("padding", "float32", "highest", 8, 12, 12, 512, 512, 64, False, "forward+backward", "key_padding"),
-        ("padding bf16", "bfloat16", "highest", 4, 16, 16, 1024, 1024, 64, False, "forward", "key_padding"),
-        ("decode GQA 32/8", "float32", "highest", 1, 32, 8, 1, 1024, 128, False, "forward", None),
-        ("decode GQA 32/8 bf16", "bfloat16", "highest", 1, 32, 8, 1, 4096, 128, False, "forward", None),
-        ("decode bf16", "bfloat16", "highest", 8, 16, 16, 1, 512, 64, False, "forward", None),
-        ("tiny", "float32", "highest", 1, 4, 4, 32, 32, 32, False, "forward", None),
-        ("tiny", "float32", "highest", 2, 8, 8, 16, 16, 64, False, "forward", None),
-        ("tiny", "float32", "highest", 1, 1, 1, 1, 1, 64, False, "forward", None),
-    ],
-    # The rows of the every-CPU issue, run under each target by scripts/cpu-targets-record.sh.
-    "targets": [
-        ("fp32", "float32", "highest", 1, 8, 8, 2048, 2048, 64, False, "forward", None),
-        ("fp32", "float32", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward", None),
-        ("fp32 GQA 32/8", "float32", "highest", 1, 32, 8, 4096, 4096, 128, True, "forward", None),
-        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward", None),
-        ("fp32 decode GQA 32/8", "float32", "highest", 4, 32, 8, 1, 4096, 128, False, "forward", None),
-        ("fp32", "float32", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
-        ("bf16", "bfloat16", "highest", 1, 8, 8, 2048, 2048, 64, True, "forward+backward", None),
-    ],
-}
+
+
+def _load_suites():
+    """{suite: [(label, dtype, matmul precision, B, Hq, Hkv, Nq, Nk, D, causal, mode, mask)]} from
+    cpu_dtypes_cases.csv beside this file. mask: None, or "key_padding": a (B, 1, Nq, Nk) boolean
+    mask, sequence lengths spread between Nk / 4 and Nk, materialised as transformers' sdpa_mask does."""
+    suites = {}
+    with (resources.files(__package__ or "attnkit.bench") / "cpu_dtypes_cases.csv").open() as table:
+        for row in csv.DictReader(table):
+            sizes = tuple(int(row[name]) for name in ("B", "Hq", "Hkv", "Nq", "Nk", "D"))
+            case = (row["label"], row["dtype"], row["precision"], *sizes, row["causal"] == "causal", row["mode"],
+                    None if row["mask"] == "-" else row["mask"])  # fmt: skip
+            suites.setdefault(row["suite"], []).append(case)
+    return suites
+
+
+SUITES = _load_suites()
 
 
 def _flops(b, hq, nq, nk, d, causal, mode):

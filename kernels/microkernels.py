@@ -147,9 +147,10 @@ def _target_name(target):
     return f"the target Numba compiles for ({target.cpu}, {target.isa})"
 
 
-def _choose_bf16(target=TARGET):
-    """Whether bf16 runs on VDPBF16PS ("dpbf16") or BFDOT ("bfdot"), widened to float32 in the
-    micro-kernel ("widen"), or converted to float32 at the boundary ("fp32")."""
+def choose_bf16_path(target=TARGET):
+    """(path, detail, error or None): whether bf16 runs on VDPBF16PS ("dpbf16") or BFDOT ("bfdot"),
+    widened to float32 in the micro-kernel ("widen"), or converted to float32 at the boundary
+    ("fp32"), from ATTNKIT_CPU_BF16 and what the target has (an error is raised at the call)."""
     choices = {
         "dpbf16": "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation",
         "bfdot": "bf16 products on AArch64 BFDOT with float32 accumulation",
@@ -170,8 +171,9 @@ def _choose_bf16(target=TARGET):
     return _choose_path("ATTNKIT_CPU_BF16", choices, auto, unavailable)
 
 
-def _choose_f32(target=TARGET):
-    """Whether float32 products run on the FMA micro-kernel ("fma") or the BLAS ("blas")."""
+def choose_f32_path(target=TARGET):
+    """(path, detail, error or None): whether float32 products run on the FMA micro-kernel ("fma")
+    or the BLAS ("blas"), from ATTNKIT_CPU_F32 and the target."""
     choices = {
         "fma": f"float32 products on attnkit's {target.vector_isa} FMA micro-kernel ({target.lanes} lanes)",
         "blas": "float32 products through the BLAS",
@@ -180,9 +182,9 @@ def _choose_f32(target=TARGET):
     return _choose_path("ATTNKIT_CPU_F32", choices, "fma" if target.fma else "blas", unavailable)
 
 
-BF16_PRODUCTS, BF16_DETAIL, _BF16_ERROR = _choose_bf16()
+BF16_PRODUCTS, BF16_DETAIL, _BF16_ERROR = choose_bf16_path()
 BF16_DOT = BF16_PRODUCTS in ("dpbf16", "bfdot")  # bf16 products faster than float32's: "medium" may use them
-F32_PRODUCTS, F32_DETAIL, _F32_ERROR = _choose_f32()
+F32_PRODUCTS, F32_DETAIL, _F32_ERROR = choose_f32_path()
 _BF16_KIND = bf16_kind(TARGET)
 BLOCKS = {"f32": register_block("f32"), "bf16": register_block(_BF16_KIND)}
 

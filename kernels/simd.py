@@ -284,6 +284,14 @@ def define_row_functions(module, dtype=types.float32):
     return [_row_max_function(module, real).name, _exp2_affine_function(module, real).name]
 
 
+def _call_on_row(context, builder, signature, args, function, real):
+    """Call an IR row function on the array argument's (pointer, length), then the other arguments."""
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    base = builder.bitcast(array.data, real.scalar.as_pointer())
+    n = builder.extract_value(array.shape, 0)
+    return builder.call(function, [base, n, *args[1:]])
+
+
 @intrinsic
 def _row_max_intrinsic(typingctx, row, initial):
     real = _row_array(row)
@@ -291,11 +299,7 @@ def _row_max_intrinsic(typingctx, row, initial):
         return None
 
     def codegen(context, builder, signature, args):
-        function = _row_max_function(builder.module, real)
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        base = builder.bitcast(array.data, real.scalar.as_pointer())
-        n = builder.extract_value(array.shape, 0)
-        return builder.call(function, [base, n, args[1]])
+        return _call_on_row(context, builder, signature, args, _row_max_function(builder.module, real), real)
 
     return initial(row, initial), codegen
 
@@ -307,11 +311,7 @@ def _exp2_affine_intrinsic(typingctx, row, multiplier, shift):
         return None
 
     def codegen(context, builder, signature, args):
-        function = _exp2_affine_function(builder.module, real)
-        array = context.make_array(signature.args[0])(context, builder, args[0])
-        base = builder.bitcast(array.data, real.scalar.as_pointer())
-        n = builder.extract_value(array.shape, 0)
-        return builder.call(function, [base, n, args[1], args[2]])
+        return _call_on_row(context, builder, signature, args, _exp2_affine_function(builder.module, real), real)
 
     return multiplier(row, multiplier, shift), codegen
 

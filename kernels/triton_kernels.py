@@ -156,6 +156,39 @@ def _block_bits(S_base, m0, n0, s_sq, s_sk, Tq, Tk, MASK_KIND: tl.constexpr,
 
 
 @triton.jit
+def _in_range(idx, n, GEOM: tl.constexpr):
+    """Which of idx exist (idx < n); all of them in a full block (no GEOM test)."""
+    if GEOM:
+        return idx < n
+    return idx >= 0
+
+
+@triton.jit
+def _rows_at(BASE, idx, s_row, offs, s_col):
+    """Pointers to the (len(idx), len(offs)) tile of rows idx and features offs."""
+    return BASE + idx[:, None] * s_row + offs[None, :] * s_col
+
+
+@triton.jit
+def _rows_mask(ok, offs, WIDTH: tl.constexpr):
+    """Which elements of such a tile exist: its row exists (ok) and its feature is < WIDTH."""
+    return ok[:, None] & (offs[None, :] < WIDTH)
+
+
+@triton.jit
+def _load_rows(BASE, idx, s_row, offs, s_col, ok, WIDTH: tl.constexpr):
+    """(len(idx), len(offs)) tile: rows idx, features offs < WIDTH; 0 elsewhere."""
+    return tl.load(_rows_at(BASE, idx, s_row, offs, s_col), mask=_rows_mask(ok, offs, WIDTH), other=0.0)
+
+
+@triton.jit
+def _load_columns(BASE, idx, s_row, offs, s_col, ok, WIDTH: tl.constexpr):
+    """The transposed tile (len(offs), len(idx)): features offs < WIDTH down, rows idx across."""
+    return tl.load(BASE + offs[:, None] * s_col + idx[None, :] * s_row,
+                   mask=(offs[:, None] < WIDTH) & ok[None, :], other=0.0)
+
+
+@triton.jit
 def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_d, offs_dv,
                s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
                apply_mask, slope2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -163,12 +196,8 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_
                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block of the online softmax: acc (BM, BDV), m_i / l_i (BM,)."""
     cols = n0 + offs_n  # (BN,)
-    if GEOM:
-        col_ok = cols < Nk
-    else:
-        col_ok = cols >= 0  # every key of a full block exists
-    kT = tl.load(K_base + offs_d[:, None] * s_kd + cols[None, :] * s_kn,
-                 mask=(offs_d[:, None] < HEAD_DIM) & col_ok[None, :], other=0.0)  # (BD, BN)
+    col_ok = _in_range(cols, Nk, GEOM)
+    kT = _load_columns(K_base, cols, s_kn, offs_d, s_kd, col_ok, HEAD_DIM)  # (BD, BN)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BM, BN) fp32
     s, _t = _scores(qk, rows[:, None], cols[None, :], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
                     cap_log2, off, win_l, win_r, apply_mask, slope2, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT,
@@ -178,8 +207,7 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])  # (BM, BN)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V_base + cols[:, None] * s_vn + offs_dv[None, :] * s_vd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BN, BDV)
+    v = _load_rows(V_base, cols, s_vn, offs_dv, s_vd, col_ok, HEAD_DIM_V)  # (BN, BDV)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
@@ -212,6 +240,33 @@ def _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _query_block(CU_Q, CU_K, ALIBI_SLOPES, alibi_sb, alibi_sh, Hq, GROUP, Nq, Nk, off, align_br,
+                 BLOCK_M: tl.constexpr, VARLEN: tl.constexpr, ALIBI: tl.constexpr):
+    """(b, h, hk, m0, q0, k0, Nq, Nk, off, slope2) of a program over (query block, b * Hq + h):
+    the heaviest (last, under causal) query blocks start first; hk is the kv head query head h
+    reads (GQA); then _sequence's and _slope's. The caller returns when m0 >= Nq (a shorter sequence)."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    q0, k0, Nq, Nk, off = _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN)
+    slope2 = _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI)
+    return b, h, h // GROUP, start_m * BLOCK_M, q0, k0, Nq, Nk, off, slope2
+
+
+@triton.jit
+def _offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             INDEX_64: tl.constexpr):
+    """Row, key, feature and value-feature offsets of a tile (rows and keys 64-bit when INDEX_64)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    return offs_m, offs_n, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, M, S, CU_Q, CU_K, ALIBI_SLOPES,
     s_qb, s_qh, s_qn, s_qd,
@@ -221,40 +276,25 @@ def _fwd_kernel(
     s_mb, s_mh, s_mq, s_mk,
     s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
     Hq, Nq, Nk, GROUP, qk_scale, cap_log2, off, win_l, win_r, Nq_b, Nk_b,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
     VARLEN: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    # grid: (cdiv(Nq, BLOCK_M), B * Hq) (Nq: the longest sequence when VARLEN); the
-    # heaviest (last, under causal) blocks start first
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // GROUP  # GQA: query head h reads kv head h // (Hq // Hkv)
-    m0 = start_m * BLOCK_M
-    q0, k0, Nq, Nk, off = _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN)
+    """Forward of one query block: grid (cdiv(Nq, BLOCK_M), B * Hq), Nq the longest sequence when VARLEN."""
+    b, h, hk, m0, q0, k0, Nq, Nk, off, slope2 = _query_block(
+        CU_Q, CU_K, ALIBI_SLOPES, alibi_sb, alibi_sh, Hq, GROUP, Nq, Nk, off, align_br, BLOCK_M, VARLEN, ALIBI)
     if m0 >= Nq:  # a shorter sequence of a varlen call: nothing here
         return
-    slope2 = _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI)
-
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    if INDEX_64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m, offs_n, offs_d, offs_dv = _offsets(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, INDEX_64)
     rows = m0 + offs_m  # (BM,)
 
     K_base = K + b * s_kb + hk * s_kh + k0 * s_kn
     V_base = V + b * s_vb + hk * s_vh + k0 * s_vn
     M_base = M + b * s_mb + h * s_mh
     S_base = S + b * s_sb + h * s_sh
-    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + rows[:, None]) * s_qn + offs_d[None, :] * s_qd,
-                mask=(rows[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BM, BD)
+    row_ok = rows < Nq
+    q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qn, rows, s_qn, offs_d, s_qd, row_ok, HEAD_DIM)  # (BM, BD)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -278,9 +318,8 @@ def _fwd_kernel(
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_ok = rows < Nq
-    tl.store(O + b * s_ob + h * s_oh + (q0 + rows[:, None]) * s_on + offs_dv[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(_rows_at(O + b * s_ob + h * s_oh + q0 * s_on, rows, s_on, offs_dv, s_od),
+             out.to(O.dtype.element_ty), mask=_rows_mask(row_ok, offs_dv, HEAD_DIM_V))
     tl.store(LSE + b * lse_sb + h * lse_sh + q0 + rows, lse, mask=row_ok)
 
 
@@ -322,14 +361,9 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, c
                 HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block's contribution to dk (BN, BD) and dv (BN, BDV), transposed scores."""
     rows = m0 + offs_m  # (BM,)
-    if GEOM:
-        row_ok = rows < Nq
-    else:
-        row_ok = rows >= 0
-    qT = tl.load(Q_base + offs_d[:, None] * s_qd + rows[None, :] * s_qn,
-                 mask=(offs_d[:, None] < HEAD_DIM) & row_ok[None, :], other=0.0)  # (BD, BM)
-    do = tl.load(DO_base + rows[:, None] * s_dn + offs_dv[None, :] * s_dd,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BM, BDV)
+    row_ok = _in_range(rows, Nq, GEOM)
+    qT = _load_columns(Q_base, rows, s_qn, offs_d, s_qd, row_ok, HEAD_DIM)  # (BD, BM)
+    do = _load_rows(DO_base, rows, s_dn, offs_dv, s_dd, row_ok, HEAD_DIM_V)  # (BM, BDV)
     lse = tl.load(LSE_row + rows, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)  # (BM,)
     delta = tl.load(DELTA_row + rows, mask=row_ok, other=0.0)  # (BM,)
@@ -359,10 +393,9 @@ def _bwd_dkdv_kernel(
     s_mb, s_mh, s_mq, s_mk,
     s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
     Hq, Hkv, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
     VARLEN: tl.constexpr, ALIBI: tl.constexpr,
 ):
     # grid: (cdiv(Nk, BLOCK_N), B * Hkv); each program owns one key block of one kv head
@@ -373,19 +406,11 @@ def _bwd_dkdv_kernel(
     q0, k0, Nq, Nk, off = _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN)
     if n0 >= Nk:  # a shorter sequence of a varlen call: its keys end before this block
         return
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    if INDEX_64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_m, offs_n, offs_d, offs_dv = _offsets(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, INDEX_64)
     cols = n0 + offs_n  # (BN,)
-    col_ok = cols < Nk
-    k = tl.load(K + b * s_kb + hk * s_kh + (k0 + cols[:, None]) * s_kn + offs_d[None, :] * s_kd,
-                mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BN, BD)
-    v = tl.load(V + b * s_vb + hk * s_vh + (k0 + cols[:, None]) * s_vn + offs_dv[None, :] * s_vd,
-                mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BN, BDV)
+    k = _load_rows(K + b * s_kb + hk * s_kh + k0 * s_kn, cols, s_kn, offs_d, s_kd, cols < Nk, HEAD_DIM)  # (BN, BD)
+    v = _load_rows(
+        V + b * s_vb + hk * s_vh + k0 * s_vn, cols, s_vn, offs_dv, s_vd, cols < Nk, HEAD_DIM_V)  # (BN, BDV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -411,10 +436,10 @@ def _bwd_dkdv_kernel(
                                          HEAD_DIM, HEAD_DIM_V, MASK_KIND, part != 1, HAS_LEFT, HAS_RIGHT,
                                          SOFTCAP, ALIBI, DOT_PREC)
     dk = dk * scale  # d(score)/d(q.k) = scale (times 1 - tanh^2 under softcap, applied above)
-    tl.store(DK + b * s_dkb + hk * s_dkh + (k0 + cols[:, None]) * s_dkn + offs_d[None, :] * s_dkd,
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + b * s_dvb + hk * s_dvh + (k0 + cols[:, None]) * s_dvn + offs_dv[None, :] * s_dvd,
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(_rows_at(DK + b * s_dkb + hk * s_dkh + k0 * s_dkn, cols, s_dkn, offs_d, s_dkd),
+             dk.to(DK.dtype.element_ty), mask=_rows_mask(cols < Nk, offs_d, HEAD_DIM))
+    tl.store(_rows_at(DV + b * s_dvb + hk * s_dvh + k0 * s_dvn, cols, s_dvn, offs_dv, s_dvd),
+             dv.to(DV.dtype.element_ty), mask=_rows_mask(cols < Nk, offs_dv, HEAD_DIM_V))
 
 
 @triton.jit
@@ -425,14 +450,9 @@ def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, 
               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key block's contribution to dq (BM, BD)."""
     cols = n0 + offs_n
-    if GEOM:
-        col_ok = cols < Nk
-    else:
-        col_ok = cols >= 0
-    kT = tl.load(K_base + offs_d[:, None] * s_kd + cols[None, :] * s_kn,
-                 mask=(offs_d[:, None] < HEAD_DIM) & col_ok[None, :], other=0.0)  # (BD, BN)
-    vT = tl.load(V_base + offs_dv[:, None] * s_vd + cols[None, :] * s_vn,
-                 mask=(offs_dv[:, None] < HEAD_DIM_V) & col_ok[None, :], other=0.0)  # (BDV, BN)
+    col_ok = _in_range(cols, Nk, GEOM)
+    kT = _load_columns(K_base, cols, s_kn, offs_d, s_kd, col_ok, HEAD_DIM)  # (BD, BN)
+    vT = _load_columns(V_base, cols, s_vn, offs_dv, s_vd, col_ok, HEAD_DIM_V)  # (BDV, BN)
     qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BM, BN)
     s, t = _scores(qk, rows[:, None], cols[None, :], M_base, s_mq, s_mk, Nq, Nk, qk_scale,
                    cap_log2, off, win_l, win_r, apply_mask, slope2, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT,
@@ -457,36 +477,21 @@ def _bwd_dq_kernel(
     s_mb, s_mh, s_mq, s_mk,
     s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
     Hq, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
     VARLEN: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    # grid: (cdiv(Nq, BLOCK_M), B * Hq); same key walk as the forward
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = (bh % Hq).to(tl.int64)
-    hk = h // GROUP
-    m0 = start_m * BLOCK_M
-    q0, k0, Nq, Nk, off = _sequence(CU_Q, CU_K, b, Nq, Nk, off, align_br, VARLEN)
+    """dQ of one query block: grid (cdiv(Nq, BLOCK_M), B * Hq), the forward's key walk."""
+    b, h, hk, m0, q0, k0, Nq, Nk, off, slope2 = _query_block(
+        CU_Q, CU_K, ALIBI_SLOPES, alibi_sb, alibi_sh, Hq, GROUP, Nq, Nk, off, align_br, BLOCK_M, VARLEN, ALIBI)
     if m0 >= Nq:  # a shorter sequence of a varlen call: nothing here
         return
-    slope2 = _slope(ALIBI_SLOPES, b, h, alibi_sb, alibi_sh, ALIBI)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    if INDEX_64:
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows = m0 + offs_m
+    offs_m, offs_n, offs_d, offs_dv = _offsets(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, INDEX_64)
+    rows = m0 + offs_m  # (BM,)
     row_ok = rows < Nq
-    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + rows[:, None]) * s_qn + offs_d[None, :] * s_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BM, BD)
-    do = tl.load(DO + b * s_db + h * s_dh + (q0 + rows[:, None]) * s_dn + offs_dv[None, :] * s_dd,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)  # (BM, BDV)
+    q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qn, rows, s_qn, offs_d, s_qd, row_ok, HEAD_DIM)  # (BM, BD)
+    do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dn, rows, s_dn, offs_dv, s_dd, row_ok, HEAD_DIM_V)  # (BM, BDV)
     row_base = b * lse_sb + h * lse_sh + q0
     lse = tl.load(LSE + row_base + rows, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
@@ -509,5 +514,5 @@ def _bwd_dq_kernel(
                                off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, part != 1,
                                HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
     dq = dq * scale
-    tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + rows[:, None]) * s_dqn + offs_d[None, :] * s_dqd,
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(_rows_at(DQ + b * s_dqb + h * s_dqh + q0 * s_dqn, rows, s_dqn, offs_d, s_dqd),
+             dq.to(DQ.dtype.element_ty), mask=_rows_mask(row_ok, offs_d, HEAD_DIM))

@@ -179,22 +179,9 @@ def _dropout_factor(dropout_p, dropout_keep, dtype):
 
 
 def attention(
-    q,
-    k,
-    v,
-    *,
-    causal=False,
-    mask=None,
-    scale=None,
-    window=None,
-    softcap=None,
-    return_lse=False,
-    return_weights=False,
-    dropout_p=0.0,
-    dropout_keep=None,
-    align=None,
-    alibi_slopes=None,
-):
+    q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, return_lse=False,
+    return_weights=False, dropout_p=0.0, dropout_keep=None, align=None, alibi_slopes=None,
+):  # fmt: skip
     """softmax(scale * q k^T, masked) v, materialising the score matrix.
 
     Args:
@@ -283,23 +270,9 @@ def sum_to_shape(x, shape):
 
 
 def attention_backward(
-    q,
-    k,
-    v,
-    out,
-    d_out,
-    lse,
-    *,
-    causal=False,
-    mask=None,
-    scale=None,
-    window=None,
-    softcap=None,
-    dropout_p=0.0,
-    dropout_keep=None,
-    align=None,
-    alibi_slopes=None,
-):
+    q, k, v, out, d_out, lse, *, causal=False, mask=None, scale=None, window=None, softcap=None, dropout_p=0.0,
+    dropout_keep=None, align=None, alibi_slopes=None,
+):  # fmt: skip
     """Gradients of attention() with respect to q, k and v.
 
     FlashAttention-2's formulation, written densely: the probabilities are

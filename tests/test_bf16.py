@@ -136,16 +136,20 @@ def test_forced_blas_path_for_float32():
 def test_environment_variable_is_checked(monkeypatch):
     """A bad setting is kept as an error and raised at the call (import stays possible: `attnkit info` says it)."""
     monkeypatch.setenv("ATTNKIT_CPU_F32", "avx2")
-    path, _, error = bf16._choose_f32()
+    path, _, error = bf16.choose_f32_path()
     assert path == bf16.F32_PRODUCTS and error == "ATTNKIT_CPU_F32 must be one of auto, fma, blas; got 'avx2'"
     monkeypatch.setenv("ATTNKIT_CPU_BF16", "amx")
-    assert bf16._choose_bf16()[2] == "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'"
-    monkeypatch.setattr(bf16, "_BF16_ERROR", "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'")
-    q = np.ones((1, 1, 4, 8), np.float32)
-    with pytest.raises(ValueError, match="got 'amx'"):
-        attnkit.attention(q, q, q, backend="numba")
+    assert bf16.choose_bf16_path()[2] == "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'"
     monkeypatch.setenv("ATTNKIT_CPU_BF16", "fp32")
-    assert bf16._choose_bf16()[:3:2] == ("fp32", None)
+    assert bf16.choose_bf16_path()[:3:2] == ("fp32", None)
+    script = (
+        "import numpy as np, attnkit\n"
+        "q = np.ones((1, 1, 4, 8), np.float32)\n"
+        "try:\n    attnkit.attention(q, q, q, backend='numba')\n"
+        "except ValueError as error:\n    print('refused:', error)\n"
+    )
+    stdout = run_python(script, ATTNKIT_CPU_BF16="amx")  # imports, then refuses at the call
+    assert "refused: ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'" in stdout
 
 
 # ---------------------------------------------------------------------------

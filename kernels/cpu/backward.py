@@ -14,7 +14,7 @@ from .operands import (
     _a_rows_of, _b_rows_of, _dp_product, _f64_of, _key_offset, _key_row, _load_rows, _load_transposed,
     _pack_head_backward, _product,
 )
-from .schedule import _backward_schedule, _claim, _segment
+from .schedule import _backward_schedule, _next_task, _segment
 from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -69,10 +69,9 @@ def _backward_worker(
     blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
 
     while True:
-        t = _claim(order, next_task)
+        t, seg, hk, chunk = _next_task(order, next_task, tasks)
         if t < 0:
             break
-        seg, hk, chunk = tasks[t, 0], tasks[t, 1], tasks[t, 2]
         b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
         n_qblocks = (nq + block_q - 1) // block_q
         blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks

@@ -10,7 +10,7 @@ from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_NEG_INF, _C_ZERO, _FASTMATH
 from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
-from .schedule import _claim, _forward_schedule, _segment
+from .schedule import _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -57,10 +57,9 @@ def _forward_worker(
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
-        t = _claim(order, next_task)
+        t, seg, h, qb = _next_task(order, next_task, tasks)
         if t < 0:
             break
-        seg, h, qb = tasks[t, 0], tasks[t, 1], tasks[t, 2]
         b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
         slope = alibi[min(seg, alibi.shape[0] - 1), min(h, alibi.shape[1] - 1)]
         hk = h // group

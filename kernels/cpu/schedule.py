@@ -56,6 +56,15 @@ def _claim(order, next_task):
 
 
 @_jit()
+def _next_task(order, next_task, tasks):
+    """(t, the task's three fields) of the next task of the queue; t is -1 once it is empty."""
+    t = _claim(order, next_task)
+    if t < 0:
+        return t, 0, 0, 0
+    return t, tasks[t, 0], tasks[t, 1], tasks[t, 2]
+
+
+@_jit()
 def _segment(segments, seg):
     """(b, qs, Nq, ks, Nk, lo, hi, diagonal) of segment seg (see _segment_table)."""
     row = segments[seg]

@@ -21,6 +21,12 @@ from .constants import (
 # ---------------------------------------------------------------------------
 
 
+@_jit(inline="always")
+def _broadcast_row(mask, b, h, i):
+    """Row (b, h, i) of a (Bm, Hm, Mq, Nk) mask whose axes of size 1 broadcast."""
+    return mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
+
+
 @_jit(fastmath=_FASTMATH)
 def _tile_scores_base2(
     s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, flags, bool_mask, additive_mask,
@@ -79,11 +85,7 @@ def _tile_scores_base2(
                 for c in range(n_cols):
                     row[c] *= scale
             if has_additive:
-                am = additive_mask[
-                    min(b, additive_mask.shape[0] - 1),
-                    min(h, additive_mask.shape[1] - 1),
-                    min(i, additive_mask.shape[2] - 1),
-                ]  # (Nk,)
+                am = _broadcast_row(additive_mask, b, h, i)  # (Nk,)
                 for c in range(n_cols):
                     row[c] += am[j0 + c]
             if has_alibi:
@@ -93,11 +95,7 @@ def _tile_scores_base2(
             for c in range(n_cols):
                 row[c] *= log2e
             if has_bool:
-                bm = bool_mask[
-                    min(b, bool_mask.shape[0] - 1),
-                    min(h, bool_mask.shape[1] - 1),
-                    min(i, bool_mask.shape[2] - 1),
-                ]  # (Nk,)
+                bm = _broadcast_row(bool_mask, b, h, i)  # (Nk,)
                 for c in range(n_cols):
                     row[c] = row[c] if bm[j0 + c] else neg_inf
 
