@@ -2,10 +2,10 @@
 
 Not part of `make test` (setup.cfg's testpaths is tests/). Run it explicitly:
 
-    .venv/bin/pytest bench/ --benchmark-save=NAME      # store under .benchmarks/
-    .venv/bin/pytest bench/ --benchmark-compare        # against the last stored run
-    .venv/bin/pytest bench/ --benchmark-compare=0001 --benchmark-compare-fail=median:10%
-    .venv/bin/pytest bench/ -k "numba and 1024"        # one contender, one length
+    .venv/bin/pytest bench/suite/ --benchmark-save=NAME      # store under .benchmarks/
+    .venv/bin/pytest bench/suite/ --benchmark-compare        # against the last stored run
+    .venv/bin/pytest bench/suite/ --benchmark-compare=0001 --benchmark-compare-fail=median:10%
+    .venv/bin/pytest bench/suite/ -k "numba and 1024"        # one contender, one length
 
 Results are grouped by N. Each benchmark's extra_info carries flops (of one
 call), gflops_per_s (at the median) and peak_memory_bytes (measured in this
