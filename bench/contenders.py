@@ -8,6 +8,8 @@
   memory-efficient and math on CUDA.
 - FlexAttention, compiled with torch.compile.
 - flash-attn's flash_attn_func, when the package is installed (CUDA only).
+- JAX, ONNX Runtime (two operators) and OpenVINO on the CPU, when installed
+  (attnkit[peers]; bench/peer_runtimes.py).
 
 The parent process asks each contender whether it can run the sweep at all
 (`unavailable_reason`, cheap); the worker process builds its forward function
@@ -211,7 +213,9 @@ def all_contenders():
     contenders = [AttnkitContender(name) for name in attnkit.available_backends()]
     contenders += [SdpaContender(kernel) for kernel in SDPA_KERNELS]
     contenders += [FlexContender(), FlashAttnContender()]
-    return contenders
+    from .peer_runtimes import peer_contenders  # JAX, ONNX Runtime, OpenVINO (attnkit[peers])
+
+    return contenders + peer_contenders()
 
 
 def by_name(name):
