@@ -86,6 +86,9 @@ def add_bench_parser(subparsers):
                         help="heads of k and v, a divisor of --heads (grouped-query attention; "
                              "default as many as --heads)")
     parser.add_argument("--head-dim", type=_positive(int), help=both("head_dim"))
+    parser.add_argument("--query-len", type=_positive(int), default=None,
+                        help="keep this many queries while N, the keys, grows (1: decode against an N-token "
+                             "cache; default: as many queries as keys)")
     parser.add_argument("--causal", action="store_true", help="causal (top-left) masking")
     parser.add_argument("--mode", choices=MODES, default="forward",
                         help="time the forward pass, the backward pass, or both (default forward)")
@@ -139,7 +142,7 @@ def _settings(args, parser):
     if args.kv_heads and values["heads"] % args.kv_heads:
         parser.error(f"--kv-heads must divide --heads ({values['heads']}); got {args.kv_heads}")
     return Settings(device=device, causal=args.causal, mode=args.mode, kv_heads=args.kv_heads,
-                    memory_budget_bytes=budget, rounds=args.rounds, **values)
+                    query_len=args.query_len, memory_budget_bytes=budget, rounds=args.rounds, **values)
 
 
 def _options(args):
@@ -193,7 +196,8 @@ def _run_bench(args):
         if args.n and len(args.n) != 1:
             parser.error("--ladder runs one input: give a single --n")
         ignored = [flag for flag, given in (
-            ("--kv-heads", args.kv_heads), ("--causal", args.causal), ("--mode", args.mode != "forward"),
+            ("--kv-heads", args.kv_heads), ("--query-len", args.query_len), ("--causal", args.causal),
+            ("--mode", args.mode != "forward"),
             ("--dtype", args.dtype), ("--batch", args.batch), ("--backends", args.backends),
             ("--rounds", args.rounds != 1)) if given]
         if ignored:
@@ -208,7 +212,7 @@ def _run_bench(args):
     from ..info import collect
     from . import contenders as contenders_module
     from . import plots, report
-    from .measure import matmul_rate, memory_method
+    from .measure import machine_load, matmul_rate, memory_method
     from .sweep import select_contenders, sweep
     from .worker import WorkerPool
 
@@ -244,12 +248,18 @@ def _run_bench(args):
 
     exit_code = 0
     total = len(settings.ns) * len(to_run) * settings.rounds
-    progress = tqdm(total=total, desc="bench", unit="measurement", file=sys.stderr, leave=False)
+    progress = tqdm(total=total, desc="bench", unit="measurement", file=sys.stderr, leave=False,
+                    disable=not sys.stderr.isatty())  # a log file gets the table, not progress bars
     try:
         with WorkerPool(settings) as pool:
             def measure(contender, n):
                 progress.set_postfix_str(f"{contender.name} N={n}")
+                before = machine_load()
                 result = pool.measure(contender, n)
+                after = machine_load()
+                for field, values in ((f, [before[f], after[f]]) for f in before):
+                    values = [v for v in values if v is not None]
+                    result[field] = max(values) if values else None
                 progress.update()
                 return result
 

@@ -178,7 +178,7 @@ class FlexContender(Contender):
         block_mask = None
         if settings.causal:
             block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
-                                           None, None, n, n, device=settings.device)
+                                           None, None, settings.queries(n), n, device=settings.device)
         gqa = settings.grouped
         return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 

@@ -20,7 +20,8 @@ On a CUDA machine, in well under 8 minutes, with only torch, triton and numpy
      forward+backward 3.5x that) and writes gpu_check.json (and
      gpu_check.png when matplotlib is installed) into OUT_DIR.
 
-Without a CUDA device it says so and exits with status 0, having checked nothing.
+Without a CUDA device it says so and exits with status 2, having checked nothing
+(status 0 with --allow-no-gpu, for scripts that run it everywhere).
 Works from a plain checkout (no pip install needed) as well as installed
 (python -m attnkit.bench.gpu_check).
 """
@@ -430,6 +431,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop starting peer timings after this many seconds (default 420)")
     parser.add_argument("--quick", action="store_true", help="a few cases and lengths only")
+    parser.add_argument("--allow-no-gpu", action="store_true",
+                        help="exit 0 (not 2) on a machine without a CUDA device, having checked nothing")
     args = parser.parse_args(argv)
     started = time.time()
 
@@ -437,8 +440,8 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         log("gpu_check: no CUDA device on this machine (torch.cuda.is_available() is False): "
-            "nothing to check; run this on a machine with an NVIDIA GPU.")
-        return 0
+            "nothing checked; run this on a machine with an NVIDIA GPU.")
+        return 0 if args.allow_no_gpu else 2
     triton_ops, kernels = _import_attnkit()
     import triton
 

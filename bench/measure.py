@@ -52,12 +52,14 @@ def make_inputs(settings, n, layout="bhnd", seed=0):
     b, d = settings.batch, settings.head_dim
     requires_grad = settings.mode != "forward"
 
-    def draw(h):  # drawn on the CPU so every device sees the same numbers
-        x = torch.randn((b, h, n, d) if layout == "bhnd" else (b, n, h, d), generator=generator)
+    def draw(h, rows):  # drawn on the CPU so every device sees the same numbers
+        x = torch.randn((b, h, rows, d) if layout == "bhnd" else (b, rows, h, d), generator=generator)
         return x.to(device=settings.device, dtype=torch_dtype(settings.dtype))
 
-    q, k, v = (draw(h).requires_grad_(requires_grad) for h in (settings.heads, settings.key_heads, settings.key_heads))
-    return q, k, v, draw(settings.heads) if requires_grad else None
+    nq = settings.queries(n)  # the keys are n; the queries too, unless a decode sweep fixes them
+    q, k, v = (draw(h, rows).requires_grad_(requires_grad)
+               for h, rows in ((settings.heads, nq), (settings.key_heads, n), (settings.key_heads, n)))
+    return q, k, v, draw(settings.heads, nq) if requires_grad else None
 
 
 def make_step(forward, inputs, mode):
@@ -232,6 +234,91 @@ def measure_point(contender, settings, n):
     return {**timing, "peak_memory_bytes": peak_memory(setup, run, settings.device)}
 
 
+# A point counts as measured on a busy machine when some task waited for a CPU more than this share of
+# the last 10 s (/proc/pressure/cpu, Linux >= 4.20), or, without pressure figures, when the 1-minute
+# load average exceeds the cores by more than one (the benchmark's own worker fills every core).
+BUSY_PRESSURE_PERCENT = 10.0
+
+
+def machine_load():
+    """{"cpu_pressure": % of the last 10 s some task waited for a CPU, or None, "load_average": 1 min}."""
+    pressure = None
+    try:
+        with open("/proc/pressure/cpu", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("some"):
+                    pressure = float(line.split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        pass
+    return {"cpu_pressure": pressure, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def is_busy(row, cores):
+    """Whether a row's recorded load says another program competed for the CPU while it was measured."""
+    if row.get("cpu_pressure") is not None:
+        return row["cpu_pressure"] > BUSY_PRESSURE_PERCENT
+    return row.get("load_average") is not None and row["load_average"] > cores + 1
+
+
+# The micro-kernel's roofline loop: a tile product shaped like the forward's S = Q K^T (a 128-row query
+# block against 512 keys) with a longer reduction (256), so C's traffic does not hide the peak;
+# repeated on cache-resident operands by every thread.
+_TILE_M, _TILE_N, _TILE_K = 128, 512, 256
+
+
+def _spin(kind):
+    """A parallel Numba function running the micro-kernel's tile product `repeats` times per thread."""
+    from numba import njit, prange
+
+    from ..kernels.microkernels import gemm, gemm_f32
+
+    product = gemm_f32 if kind == "float32" else gemm
+    depth = _TILE_K if kind == "float32" else _TILE_K // 2  # bf16: pairs of the reduction
+
+    @njit(parallel=True)
+    def spin(a, b, c, repeats):
+        for t in prange(a.shape[0]):
+            for _ in range(repeats):
+                product(a[t], b[t], c[t], _TILE_M, _TILE_N, depth, True)
+
+    return spin
+
+
+def microkernel_rate(kind, seconds=0.3):
+    """FLOP/s of attnkit's own micro-kernel ("float32", or "bf16": the target's bf16 kernel) on every
+    core: each thread repeats the forward's Q K^T tile product on its own cache-resident operands, the
+    most a kernel built from it can reach. Returns (FLOP/s, description)."""
+    import numba
+    import numpy as np
+
+    from ..kernels.microkernels import BF16_PRODUCTS, PAD, bf16_bits, pack_pairs, padded
+
+    threads = numba.get_num_threads()
+    width = padded(_TILE_N, PAD)
+    rng = np.random.default_rng(0)
+    c = np.zeros((threads, _TILE_M, width), np.float32)
+    if kind == "float32":
+        a = rng.standard_normal((threads, _TILE_M, _TILE_K)).astype(np.float32)
+        b = rng.standard_normal((threads, _TILE_K, width)).astype(np.float32)
+        what = "attnkit float32 micro-kernel"
+    else:
+        a = bf16_bits(rng.standard_normal((threads, _TILE_M, _TILE_K)))
+        b = np.zeros((threads, _TILE_K // 2, 2 * width), np.uint16)
+        for t in range(threads):
+            pack_pairs(bf16_bits(rng.standard_normal((_TILE_K, _TILE_N))), b[t])
+        what = f"attnkit bf16 micro-kernel ({BF16_PRODUCTS})"
+    spin = _spin(kind)
+    spin(a, b, c, 1)  # compile
+    repeats, elapsed = 8, 0.0
+    while elapsed < seconds:
+        repeats *= 2
+        start = time.perf_counter()
+        spin(a, b, c, repeats)
+        elapsed = time.perf_counter() - start
+    flops = 2.0 * _TILE_M * _TILE_N * _TILE_K * repeats * threads
+    return flops / elapsed, f"{what}, {threads} threads, {_TILE_M}x{_TILE_N}x{_TILE_K} tiles in cache"
+
+
 def matmul_rate(device, dtype, size=None, repeats=None):
     """The best matrix-multiply rate here, in FLOP/s: the roofline for attention.
 
@@ -259,14 +346,39 @@ def matmul_rate(device, dtype, size=None, repeats=None):
         samples = [time_once(lambda: None, lambda _: a @ b, "cpu") for _ in range(repeats + 1)][1:]
         rates[f"numpy matmul {dtype}"] = flops / statistics.median(samples)
 
+    names = {name: f"{name}, {size}x{size}x{size}" for name in rates}
+    kernel_kind = _cpu_kernel_kind(dtype) if device == "cpu" else None
+    if kernel_kind:  # what attnkit's own kernel multiplies with, on every core
+        rate, names[f"attnkit {kernel_kind}"] = microkernel_rate(kernel_kind)
+        rates[f"attnkit {kernel_kind}"] = rate
     best = max(rates, key=rates.get)
-    roofline = {"flops_per_s": rates[best], "what": f"{best}, {size}x{size}x{size}", "rates": rates}
+    roofline = {"flops_per_s": rates[best], "what": names[best], "rates": rates}
     if device == "cpu" and dtype != "bfloat16":
         # The bf16 line: what bf16 products (attnkit's bf16 path, float32 under
         # "medium") could reach here, next to the sweep's own dtype.
         a, b = (torch.randn(size, size).bfloat16() for _ in range(2))
         samples = [time_once(lambda: None, lambda _: torch.matmul(a, b), "cpu") for _ in range(repeats + 1)][1:]
         rates["torch.matmul bfloat16"] = flops / statistics.median(samples)
-        roofline["bf16"] = {"flops_per_s": rates["torch.matmul bfloat16"],
-                            "what": f"torch.matmul bfloat16, {size}x{size}x{size}"}
+        bf16 = {"torch.matmul bfloat16": (rates["torch.matmul bfloat16"], f"torch.matmul bfloat16, {size}x{size}x{size}")}
+        if _cpu_kernel_kind("bfloat16") == "bf16":
+            rate, what = microkernel_rate("bf16")
+            rates["attnkit bf16"], bf16["attnkit bf16"] = rate, (rate, what)
+        rate, what = max(bf16.values())
+        roofline["bf16"] = {"flops_per_s": rate, "what": what}
     return roofline
+
+
+def _cpu_kernel_kind(dtype):
+    """Which micro-kernel attnkit's CPU kernel multiplies this dtype with ("float32", "bf16"), or None
+    (float64 goes through the BLAS, which numpy's matmul measures)."""
+    if dtype == "float64":
+        return None
+    try:
+        from attnkit.backends import cpu_product_path
+        from attnkit.kernels.microkernels import F32_PRODUCTS
+    except Exception:  # Numba cannot initialise here: torch's and NumPy's rates stand alone
+        return None
+    path = cpu_product_path(dtype)[0]
+    if path == "bf16":
+        return "bf16"
+    return "float32" if path == "float32" and F32_PRODUCTS == "fma" else None

@@ -1,6 +1,7 @@
 """Whole models on the CPU with attnkit, torch's SDPA and eager attention: tokens/s and attention's share.
 
     python -m attnkit.bench.models [--dtype float32 bfloat16] [--rounds 3] [--prefill 2048] [--decode 128]
+    python -m attnkit.bench.models --quick     # float32, one round, prefill 256 + 16 steps
 
 Two workloads, each run with attn_implementation "attnkit", "sdpa" and
 "eager", the three taking turns `--rounds` times (the median is reported):
@@ -207,7 +208,11 @@ def main(argv=None):
     parser.add_argument("--prefill", type=int, default=2048, help="decoder prompt length (default 2048)")
     parser.add_argument("--decode", type=int, default=128, help="greedy decode steps (default 128)")
     parser.add_argument("--only", choices=["encoder", "decoder"], default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="a first look: float32 only, one round, prefill 256 and 16 decode steps")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.dtype, args.rounds, args.prefill, args.decode = ["float32"], 1, 256, 16
     for option in ("rounds", "prefill", "decode"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be at least 1; got {getattr(args, option)}")
@@ -227,7 +232,7 @@ def main(argv=None):
     total = len(args.dtype) * len(workloads) * args.rounds * len(IMPLEMENTATIONS)
     print("| model | dtype | implementation | seconds | tokens/s | vs sdpa | attention's share |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
-    with tqdm(total=total, desc="models", unit="run", file=sys.stderr) as progress:
+    with tqdm(total=total, desc="models", unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as progress:
         for dtype in args.dtype:
             for workload in workloads:
                 if workload == "encoder":

@@ -25,7 +25,11 @@ def _title(document, what):
     where = devices[0]["name"] if settings.device == "cuda" and devices else (
         f"{machine['cpu']['model']}, {machine['cpu']['logical_cores']} cores")
     partial = " (interrupted run)" if not document["complete"] else ""
-    return f"{what}{partial}\n{settings.describe()}\n{where}"
+    from .report import busy_rows
+
+    busy = busy_rows(document)
+    load = f" - machine busy during {len(busy)} points: not this machine's figures" if busy else ""
+    return f"{what}{partial}\n{settings.describe()}\n{where}{load}"
 
 
 def _label(backend, fitted):

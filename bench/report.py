@@ -23,6 +23,7 @@ import json
 import os
 
 from .accounting import fit_exponent, format_bytes
+from .measure import is_busy
 from .settings import Settings
 from .sweep import ROW_FIELDS
 
@@ -58,7 +59,19 @@ def table_line(row):
     for i, (_, width, cell) in enumerate(COLUMNS):
         text = cell(row)
         cells.append(f"{text:<{width}}" if i == 1 else f"{text:>{width}}")
-    return "  ".join(cells)
+    return "  ".join(cells) + ("  busy: " + _load_text(row) if is_busy(row, os.cpu_count() or 1) else "")
+
+
+def _load_text(row):
+    if row.get("cpu_pressure") is not None:
+        return f"CPU pressure {row['cpu_pressure']:.0f}%"
+    return f"load average {row['load_average']:.1f}"
+
+
+def busy_rows(document):
+    """The measured rows taken while another program competed for the CPU (measure.is_busy)."""
+    cores = document["machine"].get("cpu", {}).get("logical_cores") or os.cpu_count() or 1
+    return [row for row in document["results"] if row["status"] == "ok" and is_busy(row, cores)]
 
 
 def format_table(rows):
@@ -93,11 +106,21 @@ def format_summary(document):
         if roofline.get("bf16"):
             lines.append(f"bf16 roofline: {roofline['bf16']['flops_per_s'] / 1e9:.1f} GFLOP/s "
                          f"({roofline['bf16']['what']})")
+        above = [row for row in rows if row["status"] == "ok" and (row.get("flops_per_s") or 0) > roofline["flops_per_s"]]
+        for row in above:
+            lines.append(f"warning: {row['backend']} at N={row['N']} ({row['flops_per_s'] / 1e9:.1f} GFLOP/s) is above "
+                         "the roofline measured here: the machine's speed changed during the run")  # fmt: skip
     for field, label in (("median_s", "time"), ("peak_memory_bytes", "memory")):
         fitted = exponents(rows, field)
         if fitted:
             lines.append(f"{label} ~ N^k over the largest {FIT_POINTS} N: " + ", ".join(
                 f"{backend} {slope:.2f}" for backend, (slope, _) in fitted.items()))
+    busy = busy_rows(document)
+    if busy:
+        worst = max(busy, key=lambda row: row.get("cpu_pressure") or row.get("load_average") or 0)
+        lines.append(f"warning: the machine was busy during {len(busy)} of the measured points (up to "
+                     f"{_load_text(worst)}): another program took CPU time, so those times and the fitted "
+                     "exponents are not this machine's; rerun on a quiet machine, or with --rounds to see the spread")
     for name, reason in document["contenders"]["left_out"].items():
         lines.append(f"left out {name}: {reason}")
     if not document["complete"]:

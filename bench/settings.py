@@ -44,6 +44,7 @@ class Settings:
     batch: int = 1
     heads: int = 8
     kv_heads: int | None = None  # None: as many as heads
+    query_len: int | None = None  # None: Nq = N; else Nq stays this while N (the keys) grows: decode
     head_dim: int = 64
     causal: bool = False
     mode: str = "forward"
@@ -64,6 +65,8 @@ class Settings:
         for name in ("batch", "heads", "head_dim", "min_repeats", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.query_len is not None and self.query_len < 1:
+            raise ValueError(f"query_len must be at least 1, or None for Nq = N; got {self.query_len}")
         if self.kv_heads is not None and (self.kv_heads < 1 or self.heads % self.kv_heads):
             raise ValueError(f"kv_heads must be a positive divisor of heads ({self.heads}); "
                              f"got {self.kv_heads}")
@@ -93,7 +96,12 @@ class Settings:
         """One line: the fixed parameters of the sweep."""
         causal = "causal" if self.causal else "non-causal"
         heads = f"H={self.heads}" + (f" (kv {self.key_heads})" if self.grouped else "")
-        return f"{self.mode}, {self.device}, {self.dtype}, B={self.batch}, {heads}, D={self.head_dim}, {causal}"
+        queries = "" if self.query_len is None else f", Nq={self.query_len} against N keys"
+        return f"{self.mode}, {self.device}, {self.dtype}, B={self.batch}, {heads}, D={self.head_dim}, {causal}{queries}"
+
+    def queries(self, n):
+        """Query rows at sequence length n: n, or query_len for a decode sweep."""
+        return n if self.query_len is None else self.query_len
 
     def tensor_bytes(self, n):
         """Bytes of one (batch, heads, n, head_dim) tensor."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 from .accounting import attention_flops, extrapolate, format_bytes, format_seconds
 
 ROW_FIELDS = ("backend", "N", "status", "note", "median_s", "p20_s", "p80_s", "first_call_s",
-              "compile_s", "repeats", "flops", "flops_per_s", "peak_memory_bytes")
+              "compile_s", "repeats", "flops", "flops_per_s", "peak_memory_bytes", "cpu_pressure",
+              "load_average")  # the last two: the most load seen before or after the point's rounds
 
 
 def select_contenders(settings, contenders, requested=None):
@@ -90,7 +91,7 @@ def make_row(contender_name, n, settings, status, note="", measurement=None):
     """A result row with the FLOP accounting filled in (see the module docstring)."""
     row = dict.fromkeys(ROW_FIELDS)
     row.update(backend=contender_name, N=n, status=status, note=note)
-    row["flops"] = attention_flops(settings.batch, settings.heads, n, n, settings.head_dim,
+    row["flops"] = attention_flops(settings.batch, settings.heads, settings.queries(n), n, settings.head_dim,
                                    settings.causal, settings.mode)
     if measurement:
         row.update({key: measurement[key] for key in ROW_FIELDS if key in measurement})
@@ -117,6 +118,9 @@ def pool_rounds(results):
     samples = [s for r in results for s in r["samples_s"]]
     pooled = {**first, **summarize(samples), "repeats": len(samples)}
     pooled["compile_s"] = max(first["first_call_s"] - pooled["median_s"], 0.0)
+    for field in ("cpu_pressure", "load_average"):  # the busiest round speaks for the point
+        seen = [r[field] for r in results if r.get(field) is not None]
+        pooled[field] = max(seen) if seen else None
     memories = [r.get("peak_memory_bytes") for r in results if r.get("peak_memory_bytes") is not None]
     pooled["peak_memory_bytes"] = max(memories) if memories else None
     return pooled

@@ -5,12 +5,11 @@ reason where it is not."""
 from __future__ import annotations
 
 import importlib
-import sys
 
 import numpy as np
 import pytest
 
-from attnkit.bench.peer_runtimes import PEER_DTYPES, run_peer
+from attnkit.bench.peer_runtimes import PEER_DTYPES, import_openvino, run_peer
 from attnkit.reference import attention
 
 MODULES = {"jax-xla": "jax", "onnxruntime-attention": "onnxruntime", "onnxruntime-gqa": "onnxruntime",
@@ -19,11 +18,8 @@ MODULES = {"jax-xla": "jax", "onnxruntime-attention": "onnxruntime", "onnxruntim
 
 def needs(name):
     try:
-        if name == "openvino-sdpa" and "openvino" not in sys.modules:
-            # OpenVINO's import starts usage telemetry (a forked sender); its own CI switch turns it off.
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("CI", "true")
-                importlib.import_module("openvino")
+        if name == "openvino-sdpa":
+            import_openvino()  # telemetry off, as the benchmark imports it
         importlib.import_module(MODULES[name])
     except ImportError as error:
         pytest.skip(f"{MODULES[name]} is not installed ({error}); pip install 'attnkit[peers]'")
@@ -45,6 +41,16 @@ def test_peer_matches_the_reference(name, hq, hkv, causal):
     want = attention(q, k, v, causal=causal)
     assert out.shape == want.shape
     np.testing.assert_allclose(out.astype(np.float64), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in PEER_DTYPES if n != "onnxruntime-gqa"])
+def test_peer_decodes_one_query_against_a_cache(name):
+    needs(name)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 8, 1, 32))
+    k, v = (rng.standard_normal((2, 2, 300, 32)) for _ in range(2))
+    out = run_peer(name, *(x.astype(np.float32) for x in (q, k, v)), False)
+    np.testing.assert_allclose(out.astype(np.float64), attention(q, k, v), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", [n for n, dtypes in PEER_DTYPES.items() if "bfloat16" in dtypes])

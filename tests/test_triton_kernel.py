@@ -389,6 +389,9 @@ def test_gpu_check_without_cuda_says_so(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu_check.py")
     done = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
+    assert done.returncode == 2 and "no CUDA device" in done.stdout and "nothing checked" in done.stdout
+    done = subprocess.run([sys.executable, script, str(tmp_path), "--allow-no-gpu"], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0 and "no CUDA device" in done.stdout
 
 

@@ -115,6 +115,21 @@ def test_anchor_it_to_cat_in_the_real_model(real):
     assert "attnkit" in real.source and not real.random
 
 
+def test_the_default_start_is_chosen_and_explained(real):
+    from attnkit.viz.page import default_start
+
+    it, cat = real.tokens.index("it"), real.tokens.index("cat")
+    head, query, reason = default_start(real, 5)
+    assert (head, query) == (11, it)
+    ordinary = [k for k in range(1, len(real.tokens) - 1) if k != it]  # not [CLS], [SEP] or "it" itself
+    for h in range(12):  # no head puts more of "it"'s attention on one ordinary token than head 11 on "cat"
+        assert max(real.weight(5, h, it, k) for k in ordinary) <= real.weight(5, 11, it, cat)
+    assert reason == f"Opened on 'it' (the first pronoun) and head 11, which puts {real.weight(5, 11, it, cat):.2f} " \
+                     "of its attention on 'cat', the most of any head in layer 5."
+    head, query, reason = default_start(real, 5, head=4)  # a head given: the query is still chosen
+    assert (head, query) == (4, it) and "head 4" in reason and "the most of any head" not in reason
+
+
 def test_the_page_is_one_self_contained_file(page):
     html = page.read_text(encoding="utf-8")
     assert "all-MiniLM-L6-v2" in html
@@ -129,11 +144,19 @@ def test_page_in_a_real_browser(page, real, browser, tmp_path):
     tab, requests, errors = open_page(browser, page)
     tokens = tab.eval_on_selector_all("#queries .token", "els => els.map(e => e.textContent)")
     assert tokens == real.tokens
-    assert edges(tab) == []  # nothing drawn before a token is clicked
+    # It opens on something, without a click: "it" (the first pronoun) in the last layer, on the head
+    # that points it hardest at another token (head 11, at "cat"), with the step-through shown.
+    it, cat = real.tokens.index("it"), real.tokens.index("cat")
+    opened = edges(tab)
+    assert len(opened) == len(real.tokens) and {e["head"] for e in opened} == {11}
+    assert max(opened, key=lambda e: e["weight"])["key"] == cat
+    assert tab.locator("#steps").is_visible()
+    assert "\u201cit\u201d in layer 5, head 11" in tab.locator("#steps-title").inner_text()
+    why = tab.inner_text("#why")
+    assert "'it' (the first pronoun) and head 11" in why and "on 'cat'" in why
     assert "all-MiniLM-L6-v2" in tab.inner_text("header")
     assert tab.is_hidden("#random-warning")
 
-    it, cat = real.tokens.index("it"), real.tokens.index("cat")
     tab.select_option("#layer", "5")
     tab.select_option("#head", "11")
     tab.click(f"#queries .token[data-index='{it}']")

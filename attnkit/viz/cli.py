@@ -28,9 +28,11 @@ def add_viz_parser(subparsers):
     parser.add_argument("--seed", type=int, default=0, help="seed for --random (default 0)")
     parser.add_argument("--layer", type=int, default=None,
                         help="layer shown first, 0-based (default: the last)")
-    parser.add_argument("--head", type=int, default=0, help="head shown first, 0-based (default 0)")
+    parser.add_argument("--head", type=int, default=None,
+                        help="head shown first, 0-based (default: the one that concentrates the query most)")
     parser.add_argument("--query", default=None,
-                        help="token selected first, as text (first match) or index (default: none)")
+                        help="token selected first, as text (first match) or index (default: the first "
+                             "pronoun, else the token whose attention is most concentrated)")
     parser.add_argument("--all-heads", action="store_true", help="start with all heads shown")
     parser.add_argument("--ablate", action="store_true",
                         help="also remove heads from the model and measure how far sentence embeddings move "
