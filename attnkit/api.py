@@ -14,6 +14,7 @@ import numpy as np
 from . import _arrays
 from .backends import Request, backend_status, choose_backend
 from .op_codes import operator_options
+from .sinks import with_sinks
 from .validation import as_heads, dropout_probability, validate_attention, validate_packed
 
 
@@ -26,12 +27,12 @@ def _draw_dropout_keep(spec, dropout_p, q):
     return np.random.default_rng().random(spec.scores_shape) >= dropout_p
 
 
-def _needs_grad(spec, q, k, v):
+def _needs_grad(spec, q, k, v, sinks=None):
     if spec.kind != "torch":
         return False
     import torch
 
-    return torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sinks))
 
 
 def _compiling():
@@ -84,9 +85,9 @@ def _signature(x):
     return False  # not an array: no plan, validation reports it
 
 
-def _plan_key(q, k, v, mask, options, alibi=None):
+def _plan_key(q, k, v, mask, options, alibi=None, sinks=None):
     """The plan cache key of a call, or None when the call must not use a plan."""
-    signatures = tuple(_signature(x) for x in (q, k, v, mask, alibi))
+    signatures = tuple(_signature(x) for x in (q, k, v, mask, alibi, sinks))
     if False in signatures or _compiling():
         return None
     torch = sys.modules.get("torch")
@@ -125,16 +126,19 @@ def _planned(key, make):
     return plan
 
 
-def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, choice=None, alibi=None):
+def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, choice=None, alibi=None,
+            sinks=None):  # fmt: skip
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
     if spec.kind == "torch" and _compiling():
+        if sinks is not None:
+            raise ValueError("sinks are not traced by torch.compile yet; call attnkit outside the compiled region")
         out, lse = _attend_traced(q, k, v, mask, alibi, spec, backend, return_weights=return_weights,
                                   dropout_p=dropout_p)  # fmt: skip
         results = [out] + [lse] * return_lse
         if spec.squeeze:
             results = [r[0] for r in results]
         return results[0] if len(results) == 1 else tuple(results)
-    grad = _needs_grad(spec, q, k, v)
+    grad = _needs_grad(spec, q, k, v, sinks)
     if choice is None:
         choice = _choose(spec, backend, q, k, v, return_weights, dropout_p)
     keep = _draw_dropout_keep(spec, dropout_p, q) if dropout_p > 0 else None
@@ -143,7 +147,7 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
         from .autograd import AttentionFunction
 
         results = AttentionFunction.apply(
-            q, k, v, mask, alibi, keep, choice.backend, spec, dropout_p, return_weights
+            q, k, v, mask, alibi, sinks, keep, choice.backend, spec, dropout_p, return_weights
         )
         out, lse = results[0], results[1]
         weights = results[2] if return_weights else None
@@ -152,6 +156,8 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
             q, k, v, mask, spec,
             alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=keep,
         )
+        if sinks is not None:
+            out, lse, weights = with_sinks(out, lse, sinks, weights)
 
     results = [out] + [lse] * return_lse + [weights] * return_weights
     if spec.squeeze:  # every input was (N, D): drop the one-head axis again
@@ -168,7 +174,7 @@ def _choose(spec, backend, q, k, v, return_weights, dropout_p):
 
 def attention(
     q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None, align=None,
-    return_lse=False, return_weights=False, backend="auto",
+    sinks=None, return_lse=False, return_weights=False, backend="auto",
 ):  # fmt: skip
     """Exact attention, softmax(scale * q k^T + masks) v, on the best backend.
 
@@ -194,6 +200,9 @@ def attention(
             the window and ALiBi: "top_left" (p = i, the default) or
             "bottom_right" (p = i + Nk - Nq, flash-attn's convention). With
             causal it must be causal's alignment or None.
+        sinks: None, or one learned logit per query head (Hq,) (gpt-oss's
+            attention sinks) that joins every row's softmax and carries no
+            value; differentiable (torch).
         return_lse: also return log-sum-exp per row, (..., Hq, Nq), float32
             (float64 for float64 input), -inf for a row that sees no key.
         return_weights: also return the attention weights (..., Hq, Nq, Nk).
@@ -214,14 +223,14 @@ def attention(
     def make():
         spec = validate_attention(
             q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
-            alibi_slopes=alibi_slopes, align=align,
+            alibi_slopes=alibi_slopes, align=align, sinks=sinks,
         )
         return spec, _choose(spec, backend, q, k, v, return_weights, 0.0)
 
-    spec, choice = _planned(_plan_key(q, k, v, mask, options, alibi_slopes), make)
+    spec, choice = _planned(_plan_key(q, k, v, mask, options, alibi_slopes, sinks), make)
     return _attend(
         q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights, choice=choice,
-        alibi=alibi_slopes,
+        alibi=alibi_slopes, sinks=sinks,
     )
 
 
@@ -235,6 +244,7 @@ def scaled_dot_product_attention(
     scale=None,
     enable_gqa=False,
     *,
+    sinks=None,
     backend="auto",
 ):
     """A drop-in for torch.nn.functional.scaled_dot_product_attention.
@@ -246,7 +256,8 @@ def scaled_dot_product_attention(
     1 / (1 - dropout_p) (on every call: torch's function has no training flag
     either); enable_gqa lets Hq be a multiple of Hkv. Without enable_gqa the
     head axes must match or one of them be 1 (broadcast, as torch does).
-    NumPy arrays work as well as tensors. `backend` is attnkit's own extra.
+    NumPy arrays work as well as tensors. `sinks` (a logit per query head,
+    as attention()'s) and `backend` are attnkit's own extras.
     """
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
@@ -266,14 +277,14 @@ def scaled_dot_product_attention(
     def make():
         spec = validate_attention(
             query, key, value, causal=bool(is_causal), mask=attn_mask, scale=scale,
-            window=None, softcap=None,
+            window=None, softcap=None, sinks=sinks,
         )
         return spec, _choose(spec, backend, query, key, value, False, dropout_p)
 
-    spec, choice = _planned(_plan_key(query, key, value, attn_mask, options), make)
+    spec, choice = _planned(_plan_key(query, key, value, attn_mask, options, sinks=sinks), make)
     return _attend(
         query, key, value, attn_mask, spec, backend,
-        return_lse=False, return_weights=False, dropout_p=float(dropout_p), choice=choice,
+        return_lse=False, return_weights=False, dropout_p=float(dropout_p), choice=choice, sinks=sinks,
     )
 
 
@@ -348,7 +359,7 @@ def attention_backward(
 
 def explain(
     q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None, align=None,
-    return_weights=False, backend="auto", cu_seqlens_q=None, cu_seqlens_k=None,
+    sinks=None, return_weights=False, backend="auto", cu_seqlens_q=None, cu_seqlens_k=None,
 ):  # fmt: skip
     """Which backend attention() would run these arguments on, and why (a string).
 
@@ -363,11 +374,12 @@ def explain(
         if mask is not None or return_weights:
             raise ValueError("a packed call (cu_seqlens_q, cu_seqlens_k) takes no mask and returns no weights")
         spec = validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align or "bottom_right",
-                               scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes)  # fmt: skip
+                               scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                               sinks=sinks)  # fmt: skip
     else:
         spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
-                                  alibi_slopes=alibi_slopes, align=align)  # fmt: skip
-    request = Request(return_weights=return_weights, grad=_needs_grad(spec, q, k, v))
+                                  alibi_slopes=alibi_slopes, align=align, sinks=sinks)  # fmt: skip
+    request = Request(return_weights=return_weights, grad=_needs_grad(spec, q, k, v, sinks))
     return choose_backend(spec, backend, request, warn=False).explain(spec)
 
 

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import torch
 
+from .sinks import sink_gradient, with_sinks
+
 
 class AttentionFunction(torch.autograd.Function):
-    """Differentiable attention over q, k and v (the mask, ALiBi slopes and lse are not differentiated).
+    """Differentiable attention over q, k, v and the sinks (the mask, ALiBi slopes and lse are not
+    differentiated).
 
-    forward(q, k, v, mask, alibi, dropout_keep, backend, spec, dropout_p, return_weights)
-    returns (out, lse) or (out, lse, weights) from backend.forward, for dense calls
-    (q (..., Hq, Nq, D)) and packed ones (q (Hq, total_q, D), spec.packed) alike.
+    forward(q, k, v, mask, alibi, sinks, dropout_keep, backend, spec, dropout_p, return_weights)
+    returns (out, lse) or (out, lse, weights) from backend.forward, the sinks joined (attnkit.sinks),
+    for dense calls (q (..., Hq, Nq, D)) and packed ones (q (Hq, total_q, D), spec.packed) alike.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, alibi, dropout_keep, backend, spec, dropout_p, return_weights):
+    def forward(ctx, q, k, v, mask, alibi, sinks, dropout_keep, backend, spec, dropout_p, return_weights):
         out, lse, weights = backend.forward(
             q, k, v, mask, spec,
             alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=dropout_keep,
         )
-        ctx.save_for_backward(q, k, v, mask, alibi, dropout_keep, out, lse)
+        if sinks is not None:
+            out, lse, weights = with_sinks(out, lse, sinks, weights)
+        ctx.save_for_backward(q, k, v, mask, alibi, sinks, dropout_keep, out, lse)
         ctx.backend, ctx.spec, ctx.dropout_p = backend, spec, dropout_p
         # One call: a second mark_non_differentiable would replace the first.
         if return_weights:
@@ -30,9 +35,14 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, *unused):
-        q, k, v, mask, alibi, dropout_keep, out, lse = ctx.saved_tensors
+        q, k, v, mask, alibi, sinks, dropout_keep, out, lse = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        # Given the sink-joined out and lse, the backends' backward is already the sinks' backward.
         dq, dk, dv = ctx.backend.backward(
-            q, k, v, mask, out, d_out.contiguous(), lse, ctx.spec,
+            q, k, v, mask, out, d_out, lse, ctx.spec,
             alibi=alibi, dropout_p=ctx.dropout_p, dropout_keep=dropout_keep,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        d_sinks = None
+        if sinks is not None and ctx.needs_input_grad[5]:
+            d_sinks = sink_gradient(out, d_out, lse, sinks)
+        return dq, dk, dv, None, None, d_sinks, None, None, None, None, None

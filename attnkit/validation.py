@@ -57,6 +57,7 @@ class AttentionSpec:
     mask_kind: str | None  # None, "bool" or "additive"
     squeeze: bool  # every input had two axes: drop the head axis from results
     alibi: bool = False  # ALiBi slopes given: scores get -slope * |position - j|
+    sinks: bool = False  # a learned sink logit per query head joins every row's softmax (attnkit.sinks)
     cu_q: np.ndarray | None = None  # packed calls: (S + 1,) int64 query offsets, on the host
     cu_k: np.ndarray | None = None  # packed calls: (S + 1,) int64 key offsets
 
@@ -253,6 +254,20 @@ def _alibi(alibi_slopes, q, hq, sequences):
     return True
 
 
+def _sinks(sinks, q, hq):
+    """Whether sinks were given, after checking them: (Hq,) floats, q's array type and device."""
+    if sinks is None:
+        return False
+    if _arrays.family(sinks) != _arrays.family(q) or _arrays.dtype_name(sinks) not in FLOAT_DTYPES:
+        raise TypeError(f"sinks must be a float {_arrays.type_name(q)} of shape (Hq,) like q; got "
+                        f"{_arrays.type_name(sinks)}")  # fmt: skip
+    if tuple(sinks.shape) != (hq,):
+        raise ValueError(f"sinks must have shape ({hq},), one logit per query head; got {tuple(sinks.shape)}")
+    if _arrays.device_name(sinks) != _arrays.device_name(q):
+        raise ValueError(f"sinks is on {_arrays.device_name(sinks)}; q is on {_arrays.device_name(q)}")
+    return True
+
+
 def _common_options(scale, softcap, window, d):
     """scale (resolved), softcap and window after checking them."""
     if scale is not None:
@@ -273,7 +288,7 @@ def _align(align, causal):
     return align
 
 
-def validate_attention(q, k, v, *, causal, mask, scale, window, softcap, alibi_slopes=None, align=None):
+def validate_attention(q, k, v, *, causal, mask, scale, window, softcap, alibi_slopes=None, align=None, sinks=None):
     """Check every argument of attention(); return the AttentionSpec.
 
     An input with two axes (N, D) counts as one head: the sizes in the spec are
@@ -296,7 +311,7 @@ def validate_attention(q, k, v, *, causal, mask, scale, window, softcap, alibi_s
         kind=kind, device=device, dtype=dtype, batch=batch, hq=hq, hkv=ks[-3], nq=qs[-2], nk=ks[-2],
         d=qs[-1], dv=vs[-1], causal=causal, align=_align(align, causal), **_common_options(scale, softcap, window, qs[-1]),
         mask_kind=_mask_kind(mask, q, scores_shape), squeeze=max(q.ndim, k.ndim, v.ndim) == 2,
-        alibi=_alibi(alibi_slopes, q, hq, math.prod(batch)),
+        alibi=_alibi(alibi_slopes, q, hq, math.prod(batch)), sinks=_sinks(sinks, q, hq),
     )  # fmt: skip
 
 
@@ -325,7 +340,8 @@ def host_offsets(name, cu_seqlens, total, *, int32_only=False):
     return offsets
 
 
-def validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale, window, softcap, alibi_slopes):
+def validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale, window, softcap, alibi_slopes,
+                    sinks=None):
     """varlen_attention's arguments as an AttentionSpec with cu_q / cu_k, or a TypeError/ValueError naming the argument."""
     kind, device, dtype = _check_inputs(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -347,7 +363,8 @@ def validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale
     return AttentionSpec(
         kind=kind, device=device, dtype=dtype, batch=(), hq=hq, hkv=hkv, nq=total_q, nk=total_k, d=d, dv=dv,
         causal=align if causal else None, align=align, **_common_options(scale, softcap, window, d), mask_kind=None,
-        squeeze=False, alibi=_alibi(alibi_slopes, q, hq, len(cu_q) - 1), cu_q=cu_q, cu_k=cu_k,
+        squeeze=False, alibi=_alibi(alibi_slopes, q, hq, len(cu_q) - 1), sinks=_sinks(sinks, q, hq), cu_q=cu_q,
+        cu_k=cu_k,
     )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from .api import _needs_grad
 from .backends import Request, choose_backend
+from .sinks import with_sinks
 from .validation import validate_packed
 
 __all__ = ["varlen_attention"]
@@ -21,7 +22,7 @@ __all__ = ["varlen_attention"]
 
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, align="bottom_right", scale=None, window=None,
-    softcap=None, alibi_slopes=None, return_lse=False, backend="auto",
+    softcap=None, alibi_slopes=None, sinks=None, return_lse=False, backend="auto",
 ):  # fmt: skip
     """Attention over packed sequences of different lengths, each on its own.
 
@@ -45,6 +46,8 @@ def varlen_attention(
         softcap: scores become softcap * tanh(scores / softcap).
         alibi_slopes: None, (Hq,) or (B, Hq): scores get
             -slope * |position - j| (after the softcap), inside the kernel.
+        sinks: None, or a learned logit per query head (Hq,) joining every
+            row's softmax (see attention()).
         return_lse: also return lse (Hq, total_q), float32 (float64 for
             float64 input); -inf for a row that sees no key.
         backend: "auto" (Numba on the CPU, Triton on CUDA), "numba",
@@ -60,15 +63,17 @@ def varlen_attention(
     """
     spec = validate_packed(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale, window=window,
-        softcap=softcap, alibi_slopes=alibi_slopes,
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
     )  # fmt: skip
-    grad = _needs_grad(spec, q, k, v)
+    grad = _needs_grad(spec, q, k, v, sinks)
     # The dense calls' chooser: same refusals, same AttnkitFallbackWarning (pointing at the caller).
     backend = choose_backend(spec, backend, Request(grad=grad), stacklevel=3).backend
     if grad:
         from .autograd import AttentionFunction
 
-        out, lse = AttentionFunction.apply(q, k, v, None, alibi_slopes, None, backend, spec, 0.0, False)
+        out, lse = AttentionFunction.apply(q, k, v, None, alibi_slopes, sinks, None, backend, spec, 0.0, False)
     else:
         out, lse, _ = backend.forward(q, k, v, None, spec, alibi=alibi_slopes)
+        if sinks is not None:
+            out, lse, _ = with_sinks(out, lse, sinks)
     return (out, lse) if return_lse else out

@@ -180,7 +180,7 @@ def _dropout_factor(dropout_p, dropout_keep, dtype):
 
 def attention(
     q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, return_lse=False,
-    return_weights=False, dropout_p=0.0, dropout_keep=None, align=None, alibi_slopes=None,
+    return_weights=False, dropout_p=0.0, dropout_keep=None, align=None, alibi_slopes=None, sinks=None,
 ):  # fmt: skip
     """softmax(scale * q k^T, masked) v, materialising the score matrix.
 
@@ -209,6 +209,11 @@ def attention(
             causal's alignment, "top_left" without causal.
         alibi_slopes: None, or slopes (..., Hq) broadcasting to the batch:
             scores get -slope * |position - j| after the softcap.
+        sinks: None, or one logit per query head (Hq,) (gpt-oss's learned
+            attention sinks): an extra score in every row's softmax that
+            carries no value, so out = sum_j p_j v_j with the p_j summing to
+            1 - p_sink; lse includes it. A row that sees no key puts all its
+            weight on the sink (out 0, lse = the sink).
 
     Returns:
         out (..., Hq, Nq, Dv) in q's dtype, followed by lse and then weights
@@ -225,7 +230,7 @@ def attention(
     batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
     hq, nq, nk, dv = q.shape[-3], q.shape[-2], k.shape[-2], v.shape[-1]
 
-    if nk == 0:
+    if nk == 0 and sinks is None:
         # No keys at all: every row is fully masked.
         out = np.zeros(batch + (hq, nq, dv), dtype=ct)
         lse = np.full(batch + (hq, nq), -np.inf, dtype=ct)
@@ -236,6 +241,9 @@ def attention(
             alibi_slopes=alibi_slopes,
         )  # (..., Hq, Nq, Nk)
         s = np.broadcast_to(s, batch + s.shape[-3:])
+        if sinks is not None:  # the sink as one more key, last, whose value is zero
+            sink_column = np.broadcast_to(np.asarray(sinks, ct)[:, None, None], batch + (hq, nq, 1))
+            s = np.concatenate([s, sink_column], axis=-1)  # (..., Hq, Nq, Nk + 1)
         row_max = s.max(axis=-1, keepdims=True)  # (..., Hq, Nq, 1)
         # A fully masked row has max -inf; shifting it by 0 keeps exp(-inf) = 0.
         row_max = np.where(row_max == -np.inf, ct(0), row_max)
@@ -246,6 +254,8 @@ def attention(
         # Divide only where the sum is non-zero (NaN sums still divide, so NaN
         # inputs stay visible instead of being zeroed).
         weights = np.divide(p, row_sum, out=np.zeros_like(p), where=row_sum != 0)
+        if sinks is not None:
+            weights = weights[..., :nk]  # the sink's share goes nowhere
         drop = _dropout_factor(dropout_p, dropout_keep, ct)
         kept = weights if drop is None else weights * drop
         out = np.matmul(kept, _expand_kv_heads(vc, hq))  # (..., Hq, Nq, Dv)
@@ -271,9 +281,9 @@ def sum_to_shape(x, shape):
 
 def attention_backward(
     q, k, v, out, d_out, lse, *, causal=False, mask=None, scale=None, window=None, softcap=None, dropout_p=0.0,
-    dropout_keep=None, align=None, alibi_slopes=None,
+    dropout_keep=None, align=None, alibi_slopes=None, sinks=None,
 ):  # fmt: skip
-    """Gradients of attention() with respect to q, k and v.
+    """Gradients of attention() with respect to q, k and v (and the sinks, when given).
 
     FlashAttention-2's formulation, written densely: the probabilities are
     rebuilt from the saved lse, and delta_i = sum_c dO_ic O_ic replaces the
@@ -286,9 +296,12 @@ def attention_backward(
         lse: (..., Hq, Nq) the forward's log-sum-exp.
 
     Returns:
-        (dq, dk, dv) with the shapes and dtypes of q, k and v. Gradients from
-        query heads that share a kv head, and from broadcast leading axes, are
-        summed. Rows with no visible key contribute nothing.
+        (dq, dk, dv) with the shapes and dtypes of q, k and v, then dsinks
+        (Hq,) when sinks are given: -sum over rows of p_sink * delta, since the
+        sink's score moves every row's normaliser and carries no value.
+        Gradients from query heads that share a kv head, and from broadcast
+        leading axes, are summed. Rows with no visible key contribute nothing
+        to dq, dk, dv.
     """
     shapes = (q.shape, k.shape, v.shape)
     q, k, v = (x.reshape((1,) * (3 - x.ndim) + x.shape) if x.ndim < 3 else x for x in (q, k, v))
@@ -302,9 +315,16 @@ def attention_backward(
     d_out = np.asarray(d_out, dtype=ct).reshape(out.shape)  # (..., Hq, Nq, Dv)
     lse = np.asarray(lse, dtype=ct).reshape(lead)  # (..., Hq, Nq)
 
+    delta = np.sum(d_out * out, axis=-1, keepdims=True)  # (..., Hq, Nq, 1)
+    d_sinks = None
+    if sinks is not None:  # p_sink = exp(sink - lse); d(loss)/d(sink) = -p_sink * delta, summed over rows
+        p_sink = np.exp(np.asarray(sinks, ct)[:, None] - lse)  # (..., Hq, Nq)
+        d_sinks = -(p_sink * delta[..., 0]).reshape(-1, hq, lse.shape[-1]).sum(axis=(0, 2))
+        d_sinks = d_sinks.astype(np.asarray(sinks).dtype)
     if nk == 0:
         grads = (np.zeros(shapes[0], ct), np.zeros(shapes[1], ct), np.zeros(shapes[2], ct))
-        return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+        grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+        return grads if sinks is None else grads + (d_sinks,)
 
     s, _, tanh_capped = _scores(
         qc, kc, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap, align=align,
@@ -320,7 +340,6 @@ def attention_backward(
     dp = np.matmul(d_out, np.swapaxes(v_rep, -1, -2))  # (..., Hq, Nq, Nk)
     if drop is not None:
         dp = dp * drop
-    delta = np.sum(d_out * out, axis=-1, keepdims=True)  # (..., Hq, Nq, 1)
     ds = p * (dp - delta)  # gradient of the (capped, masked) scores
     if tanh_capped is not None:
         ds = ds * (1 - tanh_capped * tanh_capped)
@@ -338,4 +357,4 @@ def attention_backward(
     for g, x, shape in zip((dq, dk, dv), (q, k, v), shapes):
         g = sum_to_shape(g, x.shape).reshape(shape)
         grads.append(np.ascontiguousarray(g.astype(x.dtype, copy=False)))
-    return tuple(grads)
+    return tuple(grads) if sinks is None else tuple(grads) + (d_sinks,)

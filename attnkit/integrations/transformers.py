@@ -186,12 +186,12 @@ def _packed_offsets(kwargs, batch, nq, nk):
     return torch.cat(edges).to(torch.int32)
 
 
-def _packed_attention(query, key, value, offsets, causal, scaling, softcap, kwargs):
+def _packed_attention(query, key, value, offsets, causal, scaling, softcap, kwargs, sinks=None):
     """(B=1, H, T, D) packed sequences through attnkit.varlen_attention -> (1, H, T, Dv)."""
     window = kwargs.get("sliding_window")  # a query sees itself and the sliding_window - 1 keys before it
     out = attnkit.varlen_attention(
         query[0], key[0], value[0], offsets, offsets, causal=causal, scale=scaling, softcap=softcap,
-        window=(int(window) - 1, None) if window else None,
+        window=(int(window) - 1, None) if window else None, sinks=sinks,
     )  # fmt: skip
     return out[None]
 
@@ -221,7 +221,8 @@ def attention_forward(
         dropout: attention dropout probability, applied only while
             ``module.training``.
         **kwargs: ``is_causal`` (else ``module.is_causal``), ``softcap``,
-            ``position_bias`` (additive, as T5-style models pass it),
+            ``s_aux`` (gpt-oss's learned sinks, one logit per head: attnkit's
+            ``sinks``), ``position_bias`` (additive, as T5-style models pass it),
             ``output_attentions``; anything else is ignored, as by torch's
             SDPA integration (a sliding window, for one, already lives in the mask).
 
@@ -232,11 +233,7 @@ def attention_forward(
     """
     for observer in _OBSERVERS:
         observer(module, query, key, value)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(
-            "attention sinks (s_aux) are not supported by attnkit; load this model with "
-            'attn_implementation="eager" or "sdpa"'
-        )
+    sinks = kwargs.get("s_aux")  # gpt-oss: (Hq,) logits joining every row's softmax
     nq, nk = query.shape[-2], key.shape[-2]
     mask = attention_mask
     if mask is not None and mask.shape[-1] > nk:
@@ -271,17 +268,17 @@ def attention_forward(
             mask, causal = _fold_causal(mask, nq, nk, query.device), False
         out = attnkit.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
-            scale=scaling, enable_gqa=True,
+            scale=scaling, enable_gqa=True, sinks=sinks,
         )
         if want_weights:
-            weights = _weights(query, key, value, mask, causal, scaling, softcap)
+            weights = _weights(query, key, value, mask, causal, scaling, softcap, sinks=sinks)
     elif want_weights:
-        out, weights = _weights(query, key, value, mask, causal, scaling, softcap, with_output=True)
+        out, weights = _weights(query, key, value, mask, causal, scaling, softcap, with_output=True, sinks=sinks)
     elif position_bias is None and (offsets := _packed_offsets(kwargs, query.shape[0], nq, nk)) is not None:
-        out = _packed_attention(query, key, value, offsets, bool(is_causal), scaling, softcap, kwargs)
+        out = _packed_attention(query, key, value, offsets, bool(is_causal), scaling, softcap, kwargs, sinks)
     else:
         out = attnkit.attention(
-            query, key, value, causal=causal, mask=mask, scale=scaling, softcap=softcap,
+            query, key, value, causal=causal, mask=mask, scale=scaling, softcap=softcap, sinks=sinks,
             backend="auto",
         )
     if _REMOVED:
@@ -289,7 +286,7 @@ def attention_forward(
     return out.transpose(1, 2).contiguous(), weights
 
 
-def _weights(query, key, value, mask, causal, scaling, softcap, with_output=False):
+def _weights(query, key, value, mask, causal, scaling, softcap, with_output=False, sinks=None):
     """attnkit.attention with return_weights=True; (out, weights) or weights.
 
     Only the NumPy reference forms the weight matrix, so "auto" picks it: that
@@ -299,7 +296,7 @@ def _weights(query, key, value, mask, causal, scaling, softcap, with_output=Fals
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AttnkitFallbackWarning)
         out, weights = attnkit.attention(
-            query, key, value, causal=causal, mask=mask, scale=scaling, softcap=softcap,
+            query, key, value, causal=causal, mask=mask, scale=scaling, softcap=softcap, sinks=sinks,
             return_weights=True, backend="auto",
         )
     log.debug("attention weights requested: computed by the reference backend")

@@ -1,0 +1,128 @@
+"""Learned attention sinks (gpt-oss): one logit per query head in every row's softmax, no value.
+
+The expected results are written out here with torch in float64 (the sink as one more score column,
+softmax, the column dropped), not taken from attnkit; gradients come from torch's autograd of that.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit.reference import attention as reference_attention
+from attnkit.reference import attention_backward as reference_backward
+
+
+def explicit(q, k, v, sinks, mask=None, scale=None):
+    """(out, lse) of softmax([q k^T * scale (+ mask), sink]) without the sink column, @ v (torch)."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = (x.repeat_interleave(group, dim=-3) for x in (k, v))
+    s = q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    column = sinks.reshape(-1, 1, 1).expand(s.shape[:-1] + (1,))
+    s = torch.cat([s, column], dim=-1)
+    return torch.softmax(s, dim=-1)[..., :-1] @ v, torch.logsumexp(s, dim=-1)
+
+
+def inputs(seed, b=2, hq=4, hkv=2, nq=23, nk=31, d=16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=dtype)
+    k, v = (torch.randn(b, hkv, nk, d, generator=g, dtype=dtype) for _ in range(2))
+    sinks = torch.randn(hq, generator=g, dtype=dtype) * 2
+    return q, k, v, sinks
+
+
+def test_the_reference_is_the_sink_as_one_more_column():
+    q, k, v, sinks = inputs(0)
+    mask = torch.rand(2, 1, 23, 31, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[0, 0, 3] = False  # a row that sees no key: all its weight on the sink
+    want_out, want_lse = explicit(q, k, v, sinks, mask)
+    out, lse = reference_attention(*(x.numpy() for x in (q, k, v)), mask=mask.numpy(), sinks=sinks.numpy(),
+                                   return_lse=True)  # fmt: skip
+    np.testing.assert_allclose(out, want_out.numpy(), atol=1e-12)
+    np.testing.assert_allclose(lse, want_lse.numpy(), atol=1e-12)
+    assert np.all(out[0, :, 3] == 0) and np.isfinite(out).all()
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sinks)]
+    d_out = torch.randn_like(want_out)
+    expected = torch.autograd.grad(explicit(*leaves, mask)[0], leaves, d_out)
+    grads = reference_backward(*(x.numpy() for x in (q, k, v)), out, d_out.numpy(), lse, mask=mask.numpy(),
+                               sinks=sinks.numpy())  # fmt: skip
+    assert len(grads) == 4
+    for name, got, want in zip(("dq", "dk", "dv", "dsinks"), grads, expected):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_with_sinks_forward_and_gradients(backend, causal):
+    q, k, v, sinks = inputs(2, nq=31)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, sinks)]
+    mask = torch.ones(31, 31, dtype=torch.bool).tril() if causal else None
+    want, want_lse = explicit(*leaves, mask)
+    got_leaves = [x.clone().requires_grad_() for x in (q, k, v, sinks)]
+    out, lse = attnkit.attention(*got_leaves[:3], causal=causal, sinks=got_leaves[3], return_lse=True,
+                                 backend=backend)  # fmt: skip
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, want_lse, atol=1e-10, rtol=1e-10)
+    d_out = torch.randn_like(out)
+    for name, a, b in zip(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, got_leaves, d_out),
+                          torch.autograd.grad(want, leaves, d_out)):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
+
+
+def test_sinks_in_float32_and_through_sdpa_and_varlen():
+    q, k, v, sinks = inputs(3, b=1, dtype=torch.float32)
+    want, _ = explicit(*(x.double() for x in (q, k, v, sinks)))
+    out = attnkit.scaled_dot_product_attention(q, k, v, enable_gqa=True, sinks=sinks)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    # The same sequence packed (one sequence), and a row that sees nothing gives 0, not NaN.
+    cu_q, cu_k = torch.tensor([0, 23], dtype=torch.int32), torch.tensor([0, 31], dtype=torch.int32)
+    packed = attnkit.varlen_attention(q[0], k[0], v[0], cu_q, cu_k, sinks=sinks)
+    torch.testing.assert_close(packed, out[0], atol=2e-6, rtol=1e-5)
+    empty = attnkit.attention(q, k, v, mask=torch.zeros(23, 31, dtype=torch.bool), sinks=sinks)
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_sinks_are_checked():
+    q = torch.randn(1, 4, 5, 8)
+    with pytest.raises(ValueError, match=r"sinks must have shape \(4,\), one logit per query head; got \(2,\)"):
+        attnkit.attention(q, q, q, sinks=torch.zeros(2))
+    with pytest.raises(TypeError, match="sinks must be a float"):
+        attnkit.attention(q, q, q, sinks=np.zeros(4))
+
+
+def test_gpt_oss_with_attnkit_gives_eagers_logits_and_gradients():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("this transformers has no gpt-oss")
+    from attnkit.integrations.transformers import register
+
+    register()
+    config = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    eager = transformers.GptOssForCausalLM(config)
+    eager.config._attn_implementation = "eager"
+    ours = transformers.GptOssForCausalLM(config)
+    ours.load_state_dict(eager.state_dict())
+    ours.config._attn_implementation = "attnkit"
+    with torch.no_grad():  # learned sinks of different sizes, so they matter
+        for a, b in zip(eager.model.layers, ours.model.layers):
+            a.self_attn.sinks.copy_(torch.randn_like(a.self_attn.sinks))
+            b.self_attn.sinks.copy_(a.self_attn.sinks)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    want, got = eager(ids).logits, ours(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want.sum().backward()
+    got.sum().backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), ours.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert torch.equal(eager.generate(ids[:1, :5], max_new_tokens=6, do_sample=False),
+                       ours.generate(ids[:1, :5], max_new_tokens=6, do_sample=False))
