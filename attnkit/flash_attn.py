@@ -211,14 +211,20 @@ def _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes):
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
-def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes):
+def _no_sinks_with_dropout(dropout_p, sinks):
+    if dropout_p > 0 and sinks is not None:
+        raise ValueError("learnable_sink with dropout_p > 0 is not supported yet (dropout runs as plain torch ops)")
+
+
+def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes, sinks=None):
     """q (total_q, Hq, D), k / v (total_k, Hkv, D) -> out (total_q, Hq, Dv), lse (Hq, total_q)."""
+    _no_sinks_with_dropout(dropout_p, sinks)
     if dropout_p > 0:
         out, lse = _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes)
     else:
         out, lse = varlen_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, **options,
-            align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True, backend=BACKEND,
+            align="bottom_right", alibi_slopes=alibi_slopes, sinks=sinks, return_lse=True, backend=BACKEND,
         )  # fmt: skip
         out = out.transpose(0, 1)
     return out, lse
@@ -237,12 +243,13 @@ def _uniform_offsets(batch, n):
 @_flash_attn_errors
 def flash_attn_func(
     q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, deterministic=False, return_attn_probs=False,
+    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, learnable_sink=None,
 ):  # fmt: skip
     """flash-attn's flash_attn_func.
 
     q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv); Hq a multiple of Hkv.
-    alibi_slopes (Hq,) or (B, Hq), float32. Returns out (B, Nq, Hq, Dv), or
+    alibi_slopes (Hq,) or (B, Hq), float32. learnable_sink (Hq,): a logit per head
+    joining every row's softmax (FA4's name; attnkit's sinks). Returns out (B, Nq, Hq, Dv), or
     (out, softmax_lse (B, Hq, Nq) float32, None) with return_attn_probs.
     Runs as attnkit.attention on (B, H, N, D) views, bottom-right aligned.
     """
@@ -257,6 +264,7 @@ def flash_attn_func(
     nk = k.shape[1]
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
     dropout_p = dropout_probability(dropout_p)
+    _no_sinks_with_dropout(dropout_p, learnable_sink)
     if dropout_p > 0:
         out, lse = _dropout_attention(
             q.reshape(batch * nq, hq, -1), k.reshape(batch * nk, k.shape[2], -1),
@@ -267,7 +275,7 @@ def flash_attn_func(
     else:
         out, lse = attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **_dense(options), alibi_slopes=alibi_slopes,
-            return_lse=True, backend=BACKEND,
+            sinks=learnable_sink, return_lse=True, backend=BACKEND,
         )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
         out = out.transpose(1, 2)
     return _results(out, lse, return_attn_probs)
@@ -276,26 +284,26 @@ def flash_attn_func(
 @_flash_attn_errors
 def flash_attn_qkvpacked_func(
     qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-    deterministic=False, return_attn_probs=False,
+    deterministic=False, return_attn_probs=False, *, learnable_sink=None,
 ):  # fmt: skip
     """flash_attn_func with qkv (B, N, 3, H, D) packed."""
     q, k, v = _unpacked("qkv", qkv, 2, 3, "(B, N, 3, H, D)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs,
+        return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
 @_flash_attn_errors
 def flash_attn_kvpacked_func(
     q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-    deterministic=False, return_attn_probs=False,
+    deterministic=False, return_attn_probs=False, *, learnable_sink=None,
 ):  # fmt: skip
     """flash_attn_func with kv (B, Nk, 2, Hkv, D) packed."""
     k, v = _unpacked("kv", kv, 2, 2, "(B, Nk, 2, Hkv, D)")
     return flash_attn_func(
         q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-        return_attn_probs,
+        return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
@@ -311,7 +319,7 @@ def _max_seqlen(name, value, offsets):
 def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-    return_attn_probs=False, block_table=None,
+    return_attn_probs=False, block_table=None, *, learnable_sink=None,
 ):  # fmt: skip
     """flash-attn's flash_attn_varlen_func: packed sequences of different lengths.
 
@@ -344,20 +352,20 @@ def flash_attn_varlen_func(
     _max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
     _max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
-    out, lse = _varlen(q, k, v, cu_q, cu_k, dropout_probability(dropout_p), options, alibi_slopes)
+    out, lse = _varlen(q, k, v, cu_q, cu_k, dropout_probability(dropout_p), options, alibi_slopes, learnable_sink)
     return _results(out, lse, return_attn_probs)
 
 
 @_flash_attn_errors
 def flash_attn_varlen_qkvpacked_func(
     qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *, learnable_sink=None,
 ):  # fmt: skip
     """flash_attn_varlen_func with qkv (total, 3, H, D) packed and one cu_seqlens."""
     q, k, v = _unpacked("qkv", qkv, 1, 3, "(total, 3, H, D)")
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size,
-        softcap, alibi_slopes, deterministic, return_attn_probs,
+        softcap, alibi_slopes, deterministic, return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
@@ -365,13 +373,13 @@ def flash_attn_varlen_qkvpacked_func(
 def flash_attn_varlen_kvpacked_func(
     q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None,
     causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-    return_attn_probs=False,
+    return_attn_probs=False, *, learnable_sink=None,
 ):  # fmt: skip
     """flash_attn_varlen_func with kv (total_k, 2, Hkv, D) packed."""
     k, v = _unpacked("kv", kv, 1, 2, "(total_k, 2, Hkv, D)")
     return flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-        window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs, learnable_sink=learnable_sink,
     )  # fmt: skip
 
 
@@ -380,7 +388,7 @@ def flash_attn_with_kvcache(
     q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
     cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
     window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-    return_softmax_lse=False,
+    return_softmax_lse=False, *, learnable_sink=None,
 ):  # fmt: skip
     """flash-attn's flash_attn_with_kvcache: decoding (or chunked prefill) against a KV cache.
 
@@ -472,7 +480,8 @@ def flash_attn_with_kvcache(
     with torch.no_grad():
         out, lse = varlen_attention(
             q.reshape(batch * nq, hq, d).transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), cu_q, cu_k,
-            **options, align="bottom_right", alibi_slopes=alibi_slopes, return_lse=True, backend=BACKEND,
+            **options, align="bottom_right", alibi_slopes=alibi_slopes, sinks=learnable_sink, return_lse=True,
+            backend=BACKEND,
         )  # fmt: skip
     out = out.transpose(0, 1).reshape(batch, nq, hq, -1)
     if return_softmax_lse:

@@ -126,3 +126,23 @@ def test_gpt_oss_with_attnkit_gives_eagers_logits_and_gradients():
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
     assert torch.equal(eager.generate(ids[:1, :5], max_new_tokens=6, do_sample=False),
                        ours.generate(ids[:1, :5], max_new_tokens=6, do_sample=False))
+
+
+def test_the_flash_attn_functions_take_fa4s_learnable_sink():
+    from attnkit.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+    q, k, v, sinks = inputs(5, b=2, nq=9, nk=14, dtype=torch.float32)
+    # flash-attn aligns bottom-right: query i sees keys j <= i + Nk - Nq
+    mask = torch.ones(9, 14, dtype=torch.bool).tril(diagonal=14 - 9)
+    want, _ = explicit(*(x.double() for x in (q, k, v, sinks)), mask)
+    want = want.transpose(1, 2).float()  # (B, Nq, Hq, D)
+    bnhd = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
+    torch.testing.assert_close(flash_attn_func(*bnhd, causal=True, learnable_sink=sinks), want, atol=2e-6, rtol=1e-5)
+    cu_q, cu_k = (torch.arange(0, 3 * n, n, dtype=torch.int32) for n in (9, 14))
+    packed = flash_attn_varlen_func(*(x.reshape(-1, *x.shape[2:]) for x in bnhd), cu_q, cu_k, 9, 14, causal=True,
+                                    learnable_sink=sinks)  # fmt: skip
+    torch.testing.assert_close(packed.reshape(2, 9, 4, 16), want, atol=2e-6, rtol=1e-5)
+    cached = flash_attn_with_kvcache(bnhd[0], bnhd[1], bnhd[2], causal=True, learnable_sink=sinks)
+    torch.testing.assert_close(cached, want, atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="learnable_sink with dropout_p > 0"):
+        flash_attn_func(*bnhd, dropout_p=0.1, learnable_sink=sinks)
