@@ -146,3 +146,26 @@ def test_the_flash_attn_functions_take_fa4s_learnable_sink():
     torch.testing.assert_close(cached, want, atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="learnable_sink with dropout_p > 0"):
         flash_attn_func(*bnhd, dropout_p=0.1, learnable_sink=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sinks_within_flash_attns_rule(dtype):
+    """Forward and dq, dk, dv, dsinks within 2x / 3x the error of the plain computation in the same dtype."""
+    from attnkit.testing import assert_within_rule
+
+    q, k, v, sinks = inputs(7, b=2, hq=4, hkv=2, nq=70, nk=70, d=32)
+    d_out = torch.randn(2, 4, 70, 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    mask = torch.ones(70, 70, dtype=torch.bool).tril()
+
+    def run(fn, cast):
+        leaves = [cast(x).clone().requires_grad_() for x in (q, k, v, sinks)]
+        out = fn(leaves)
+        grads = torch.autograd.grad(out, leaves, cast(d_out))
+        return [x.detach().double().numpy() for x in (out, *grads)]
+
+    exact = run(lambda x: explicit(*x, mask)[0], lambda x: x)
+    plain = run(lambda x: explicit(*x, mask)[0], lambda x: x.to(dtype))
+    ours = run(lambda x: attnkit.attention(*x[:3], causal=True, sinks=x[3]), lambda x: x.to(dtype))
+    for name, got, want, same_dtype, factor in zip(("out", "dq", "dk", "dv", "dsinks"), ours, exact, plain,
+                                                   (2, 3, 3, 3, 3)):  # fmt: skip
+        assert_within_rule(name, got, want, same_dtype, factor, floor=1e-6 if dtype == torch.float32 else 1e-3)
