@@ -126,6 +126,23 @@ def _planned(key, make):
     return plan
 
 
+def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, grad, dropout_p=0.0,
+                  dropout_keep=None, return_weights=False):  # fmt: skip
+    """(out, lse, weights or None) of one validated call, dense or packed: under the autograd
+    Function when grad (torch is imported only then), else the backend's forward; sinks joined either way."""
+    if grad:
+        from .autograd import AttentionFunction
+
+        results = AttentionFunction.apply(
+            q, k, v, mask, alibi, sinks, dropout_keep, backend, spec, dropout_p, return_weights
+        )
+        return results[0], results[1], results[2] if return_weights else None
+    out, lse, weights = backend.forward(
+        q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=dropout_keep,
+    )  # fmt: skip
+    return with_sinks(out, lse, sinks, weights) if sinks is not None else (out, lse, weights)
+
+
 def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, choice=None, alibi=None,
             sinks=None):  # fmt: skip
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
@@ -143,22 +160,10 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
         choice = _choose(spec, backend, q, k, v, return_weights, dropout_p)
     keep = _draw_dropout_keep(spec, dropout_p, q) if dropout_p > 0 else None
 
-    if grad:
-        from .autograd import AttentionFunction
-
-        results = AttentionFunction.apply(
-            q, k, v, mask, alibi, sinks, keep, choice.backend, spec, dropout_p, return_weights
-        )
-        out, lse = results[0], results[1]
-        weights = results[2] if return_weights else None
-    else:
-        out, lse, weights = choice.backend.forward(
-            q, k, v, mask, spec,
-            alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=keep,
-        )
-        if sinks is not None:
-            out, lse, weights = with_sinks(out, lse, sinks, weights)
-
+    out, lse, weights = run_attention(
+        choice.backend, spec, q, k, v, mask, alibi, sinks, grad=grad, dropout_p=dropout_p, dropout_keep=keep,
+        return_weights=return_weights,
+    )  # fmt: skip
     results = [out] + [lse] * return_lse + [weights] * return_weights
     if spec.squeeze:  # every input was (N, D): drop the one-head axis again
         results = [r[0] for r in results]

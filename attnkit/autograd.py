@@ -46,3 +46,4 @@ class AttentionFunction(torch.autograd.Function):
         if sinks is not None and ctx.needs_input_grad[5]:
             d_sinks = sink_gradient(out, d_out, lse, sinks)
         return dq, dk, dv, None, None, d_sinks, None, None, None, None, None
+

@@ -15,29 +15,23 @@ import numpy as np
 from . import _arrays
 
 
-def _per_row(sinks, lse):
-    """The sinks (Hq,) shaped to broadcast against lse (..., Hq, Nq) or packed (Hq, total)."""
-    return sinks.reshape(sinks.shape + (1,))
-
-
 def with_sinks(out, lse, sinks, weights=None):
-    """(out', lse', weights'): the attention of out / lse / weights with each head's sink joined."""
+    """(out', lse', weights'): the attention of out / lse / weights with each head's sink joined.
+
+    lse is (..., Hq, Nq), or (Hq, total) for packed calls: sinks[:, None] lines up with both.
+    A row that saw no key (lse -inf) keeps out 0: the sink holds all of its weight.
+    """
     if _arrays.family(out) == "torch":
         import torch
 
-        sink = _per_row(sinks.detach().to(lse.dtype), lse)
-        joined = torch.logaddexp(lse, sink)
-        shrink = torch.exp(lse - joined)  # 0 where no key was visible: the sink holds every weight
+        joined = torch.logaddexp(lse, sinks.detach().to(lse.dtype)[:, None])
+        shrink = torch.exp(lse - joined)[..., None]
+        scaled = [None if x is None else x * shrink.to(x.dtype) for x in (out, weights)]
     else:
-        sink = _per_row(np.asarray(sinks, lse.dtype), lse)
-        joined = np.logaddexp(lse, sink)
-        shrink = np.exp(lse - joined)
-    out = out * shrink[..., None].to(out.dtype) if _arrays.family(out) == "torch" else \
-        (out * shrink[..., None]).astype(out.dtype)  # fmt: skip
-    if weights is not None:
-        weights = weights * (shrink[..., None].to(weights.dtype) if _arrays.family(out) == "torch"
-                             else shrink[..., None].astype(weights.dtype))  # fmt: skip
-    return out, joined, weights
+        joined = np.logaddexp(lse, np.asarray(sinks, lse.dtype)[:, None])
+        shrink = np.exp(lse - joined)[..., None]
+        scaled = [None if x is None else (x * shrink).astype(x.dtype) for x in (out, weights)]
+    return scaled[0], joined, scaled[1]
 
 
 def sink_gradient(out, d_out, lse, sinks):
@@ -46,6 +40,5 @@ def sink_gradient(out, d_out, lse, sinks):
 
     compute = lse.dtype  # float32, float64 for float64 inputs
     delta = (d_out.to(compute) * out.to(compute)).sum(-1)  # (..., Hq, Nq) or (Hq, total)
-    p_sink = torch.exp(_per_row(sinks.detach().to(compute), lse) - lse)
-    per_head = -(p_sink * delta)
-    return per_head.reshape(-1, sinks.shape[0], per_head.shape[-1]).sum(dim=(0, 2)).to(sinks.dtype)
+    per_row = -torch.exp(sinks.detach().to(compute)[:, None] - lse) * delta  # -p_sink * delta
+    return per_row.reshape(-1, sinks.shape[0], per_row.shape[-1]).sum(dim=(0, 2)).to(sinks.dtype)

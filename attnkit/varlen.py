@@ -12,9 +12,8 @@ sequences out for its kernel (backends/cpu.py, backends/cuda.py).
 
 from __future__ import annotations
 
-from .api import _needs_grad
+from .api import _needs_grad, run_attention
 from .backends import Request, choose_backend
-from .sinks import with_sinks
 from .validation import validate_packed
 
 __all__ = ["varlen_attention"]
@@ -68,12 +67,5 @@ def varlen_attention(
     grad = _needs_grad(spec, q, k, v, sinks)
     # The dense calls' chooser: same refusals, same AttnkitFallbackWarning (pointing at the caller).
     backend = choose_backend(spec, backend, Request(grad=grad), stacklevel=3).backend
-    if grad:
-        from .autograd import AttentionFunction
-
-        out, lse = AttentionFunction.apply(q, k, v, None, alibi_slopes, sinks, None, backend, spec, 0.0, False)
-    else:
-        out, lse, _ = backend.forward(q, k, v, None, spec, alibi=alibi_slopes)
-        if sinks is not None:
-            out, lse, _ = with_sinks(out, lse, sinks)
+    out, lse, _ = run_attention(backend, spec, q, k, v, None, alibi_slopes, sinks, grad=grad)
     return (out, lse) if return_lse else out

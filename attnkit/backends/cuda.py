@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import _layout
 from ..op_codes import operator_options
-from .base import Backend, flash_refusal
+from .base import Backend, flash_refusal, kernel_options
 
 
 def _fold(x, spec):
@@ -25,11 +25,6 @@ def _mask(mask, spec):
     if len(spec.batch) == 1:
         return mask  # 4-D, broadcast axes kept as size 1 (stride 0 in the kernel)
     return _fold(mask.expand(spec.batch + tuple(mask.shape[-3:])), spec)
-
-
-def _packed_options(spec, alibi):
-    return dict(scale=spec.scale, causal=spec.causal, align=spec.align, window=spec.window, softcap=spec.softcap,
-                alibi=alibi)  # fmt: skip
 
 
 class TritonBackend(Backend):
@@ -70,7 +65,7 @@ class TritonBackend(Backend):
         if spec.packed:
             from ..kernels.triton_attention import varlen_forward
 
-            out, lse = varlen_forward(q, k, v, spec.cu_q, spec.cu_k, **_packed_options(spec, alibi))
+            out, lse = varlen_forward(q, k, v, spec.cu_q, spec.cu_k, **kernel_options(spec), alibi=alibi)
             return out, lse, None
         from ..torch_ops import flash_attention_fwd
 
@@ -84,7 +79,7 @@ class TritonBackend(Backend):
             from ..kernels.triton_attention import varlen_backward
 
             return varlen_backward(q, k, v, out, d_out.contiguous(), lse, spec.cu_q, spec.cu_k,
-                                   **_packed_options(spec, alibi))  # fmt: skip
+                                   **kernel_options(spec), alibi=alibi)  # fmt: skip
         from ..torch_ops import flash_attention_bwd
 
         folded = [_fold(x, spec) for x in (q, k, v, out, d_out)]
