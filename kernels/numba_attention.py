@@ -30,7 +30,7 @@ import numpy as np
 
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
 from .cpu.backward import _backward_kernel
-from .cpu.constants import _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE
+from .cpu.constants import _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE
 from .cpu.decode import _decode_kernel
 from .cpu.forward import _forward_kernel, _forward_kernel_serial
 from .cpu.memory import _CALL_LOCK, WORKSPACE, arrays_together, _single_threaded_blas
@@ -114,7 +114,7 @@ _SERIAL_WORK = 1 << 17
 
 def flash_forward(
     q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False, segments=None, align=None, alibi=None,
-    f32_products=None,
+    f32_products=None, dropout_p=0.0, dropout_seed=None,
 ):  # fmt: skip
     """Attention output and natural-log lse.
 
@@ -136,11 +136,14 @@ def flash_forward(
     is a segment when segments is None): scores get -slope * |i + diagonal - j|,
     diagonal = Nk - Nq when aligned bottom-right, else 0. f32_products: "fma" or
     "blas" for float32's products (default: F32_PRODUCTS, the machine's choice).
+    dropout_p > 0 drops weights by attnkit.reference.dropout's keep mask for
+    dropout_seed (an int in [0, 2**64); a batch entry is a segment) and scales
+    the kept ones by 1 / (1 - dropout_p); lse is the undropped one.
     """
     check_paths()
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
-    dtype, compute, q, k, v, flags, consts, table, alibi = _prepare(
-        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi)
+    dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
+        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if bf16:  # out in bf16 bits (or float32), lse in float32: two allocations
@@ -157,11 +160,11 @@ def flash_forward(
     longest_q, longest_k, work = _segment_sizes(table, segments, nq, nk)
     block_q, block_k = _block_sizes(longest_q, longest_k)
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
-    masks, flags = masks + (alibi,), flags | mask_flags
+    masks, flags = masks + extras, flags | mask_flags
     n_workers = numba.get_num_threads()
     micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
     v_width = dv if dv % PAD == 0 else padded(dv, PAD)
-    dense = segments is None and not flags & _HAS_ALIBI
+    dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
     if dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:
         lo, hi = int(table[0, 5]), int(table[0, 6])
         return _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
@@ -224,20 +227,21 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
 
 def flash_backward(
     q, k, v, mask, out, d_out, lse, *, scale, causal, window, softcap, bf16_products=False,
-    segments=None, align=None, alibi=None,
+    segments=None, align=None, alibi=None, dropout_p=0.0, dropout_seed=None,
 ):  # fmt: skip
     """Gradients (dq, dk, dv) of flash_forward, shaped and typed like q, k, v.
 
     FlashAttention-2 style: probabilities recomputed from lse, delta = rowsum(dO * O).
     Deterministic: every accumulation has a fixed order. bf16 bits (uint16) and
     bf16_products run the five products in bf16 with float32 accumulation, as
-    flash_forward does. segments, align and alibi as for flash_forward; rows and
-    keys outside every segment get zero gradients.
+    flash_forward does. segments, align, alibi and dropout as for flash_forward
+    (the same seed regenerates the forward's mask); rows and keys outside every
+    segment get zero gradients.
     """
     check_paths()
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
-    dtype, compute, q, k, v, flags, consts, table, alibi = _prepare(
-        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi)
+    dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
+        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed)
     out, d_out = (_kernel_array(x, dtype) for x in (out, d_out))
     lse = _kernel_array(lse, compute)
     batch, hq, nq, d = q.shape
@@ -248,7 +252,7 @@ def flash_backward(
     longest_q, longest_k, _ = _segment_sizes(table, segments, nq, nk)
     block_q, block_k = _backward_block_sizes(longest_q, longest_k)
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
-    masks, flags = masks + (alibi,), flags | mask_flags
+    masks, flags = masks + extras, flags | mask_flags
     n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
     n_workers = numba.get_num_threads()
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"

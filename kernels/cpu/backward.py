@@ -9,7 +9,8 @@ from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from ..simd import exp2_affine
-from .constants import _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_SOFTCAP
+from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SOFTCAP
+from .dropout import _dropout_factors
 from .operands import (
     _a_rows_of, _b_rows_of, _dp_product, _f64_of, _key_offset, _key_row, _load_rows, _load_transposed,
     _pack_head_backward, _product,
@@ -44,6 +45,8 @@ def _backward_worker(
     dv = out.shape[3]
     group = hq // hkv
     alibi = masks[4]  # (S or 1, Hq or 1) slopes
+    dropout = masks[5]  # Philox key and threshold (kernels/cpu/dropout.py)
+    has_dropout = (flags & _HAS_DROPOUT) != 0
     operand = k_packed.dtype  # uint16 (bf16 bits) or float32
     q_width, dv_width, bq_width = padded(d, 2), padded(dv, 2), padded(block_q, 2)
     neg_inf = consts[_C_NEG_INF]
@@ -66,6 +69,8 @@ def _backward_worker(
     dq_acc = np.empty((block_q, padded(d, PAD)), real)  # (Bq, D16)
     lse2 = np.empty(block_q, real)
     delta = np.empty(block_q, real)
+    keep_buf = np.empty(block_q * block_k + 1 if has_dropout else 1, real)  # (Bq, Bk) dropout factors
+    draws = np.empty(block_k + 8 if has_dropout else 1, np.uint64)  # one row's Philox words
     blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
 
     while True:
@@ -126,6 +131,15 @@ def _backward_worker(
                 for r in range(bq):
                     exp2_affine(p[r], multiplier, lse2[r])
                 _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv)  # dP = dO V^T
+                keep = keep_buf[:1].reshape((1, 1))
+                if has_dropout:
+                    # Z = keep / (1 - p): out = (P Z) V, so dP (of P) = Z dO V^T and dV = (P Z)^T dO;
+                    # delta = rowsum(dO O) is unchanged.
+                    keep = keep_buf[: bq * bk].reshape((bq, bk))
+                    _dropout_factors(keep, draws, dropout, consts[_C_KEEP_SCALE], zero, i0, j0, h, seg)
+                    for r in range(bq):
+                        for c in range(bk):
+                            ds[r, c] *= keep[r, c]
                 for r in range(bq):
                     row_delta = delta[r]
                     if has_softcap:
@@ -135,6 +149,10 @@ def _backward_worker(
                         for c in range(bk):
                             ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
 
+                if has_dropout:
+                    for r in range(bq):
+                        for c in range(bk):
+                            p[r, c] *= keep[r, c]
                 p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
                 _product(do_t, p_rows, dv_t[b, slot, :, ks + j0 :], dv, bk, bq, True, micro)  # dV^T += dO^T P
                 ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)

@@ -14,6 +14,7 @@ _HAS_SOFTCAP = 1
 _HAS_ADDITIVE_MASK = 2
 _HAS_BOOL_MASK = 4
 _HAS_ALIBI = 8
+_HAS_DROPOUT = 16
 
 # Layout of the per-call constants array (in the input dtype, so that no
 # float64 literal promotes float32 arithmetic).
@@ -25,7 +26,8 @@ _C_INV_SOFTCAP = 4  # 1 / softcap
 _C_NEG_INF = 5  # -inf
 _C_ZERO = 6  # 0
 _C_ONE = 7  # 1
-_N_CONSTANTS = 8
+_C_KEEP_SCALE = 8  # 1 / (1 - dropout_p): a kept weight's factor
+_N_CONSTANTS = 9
 
 
 # Tile states of a mask's summary (see _mask_plan): skip the tile, run it

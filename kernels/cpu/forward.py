@@ -8,7 +8,8 @@ from numba import prange
 from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from .constants import _C_NEG_INF, _C_ZERO, _FASTMATH
+from .constants import _C_KEEP_SCALE, _C_NEG_INF, _C_ZERO, _FASTMATH, _HAS_DROPOUT
+from .dropout import _dropout_factors
 from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
 from .schedule import _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -43,6 +44,8 @@ def _forward_worker(
     real = lse.dtype
     operand = k_packed.dtype
     alibi = masks[4]  # (S or 1, Hq or 1) slopes
+    dropout = masks[5]  # Philox key and threshold (kernels/cpu/dropout.py)
+    has_dropout = (flags & _HAS_DROPOUT) != 0
 
     # Scratch for this worker: O(block) memory, independent of N; rows padded to
     # 16 columns for the micro-kernels (+1 key: bf16's even first key).
@@ -54,6 +57,8 @@ def _forward_worker(
     unused_grad = np.empty((1, 1), real)
     q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
     p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
+    keep_buf = np.empty(block_q * block_k if has_dropout else 1, real)  # (Bq, Bk) dropout factors
+    draws = np.empty(block_k + 8 if has_dropout else 1, np.uint64)  # one row's Philox words
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
@@ -91,6 +96,12 @@ def _forward_worker(
                 masks[0], masks[1], slope, diagonal, False, unused_grad,
             )  # fmt: skip
             _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
+            if has_dropout:  # after the running sum: dropout scales the weights, not their total
+                keep = keep_buf[: bq * bk].reshape((bq, bk))
+                _dropout_factors(keep, draws, dropout, consts[_C_KEEP_SCALE], zero, i0, j0, h, seg)
+                for r in range(bq):
+                    for c in range(bk):
+                        s[r, c] *= keep[r, c]
             p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
             v_row = _key_row(ks + j0, k_packed)
             _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V

@@ -8,10 +8,13 @@ import math
 import numpy as np
 
 from ...reference.attention import dense_alignment, visible_range
+from ...reference.dropout import keep_scale as keep_scale_of
 from .constants import (
-    _C_INV_SOFTCAP, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO, _HAS_ADDITIVE_MASK,
-    _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_SOFTCAP, _N_CONSTANTS, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE, _UNLIMITED,
+    _C_INV_SOFTCAP, _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO,
+    _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SOFTCAP, _N_CONSTANTS, _TILE_HIDDEN,
+    _TILE_MIXED, _TILE_VISIBLE, _UNLIMITED,
 )
+from .dropout import dropout_parameters
 
 
 def _block_sizes(nq, nk):
@@ -48,12 +51,12 @@ def _visible_offsets(nq, nk, causal, window, align=None):
 
 
 @functools.lru_cache(maxsize=256)
-def _constants(dtype, scale, softcap):
+def _constants(dtype, scale, softcap, keep_scale=1.0):
     """The per-call constants array (cached: the kernels only read it)."""
-    return _make_constants(dtype, scale, softcap)
+    return _make_constants(dtype, scale, softcap, keep_scale)
 
 
-def _make_constants(dtype, scale, softcap):
+def _make_constants(dtype, scale, softcap, keep_scale=1.0):
     log2e = 1.0 / math.log(2.0)
     consts = np.zeros(_N_CONSTANTS, dtype)
     consts[_C_SCALE] = scale
@@ -64,6 +67,7 @@ def _make_constants(dtype, scale, softcap):
     consts[_C_NEG_INF] = -np.inf
     consts[_C_ZERO] = 0.0
     consts[_C_ONE] = 1.0
+    consts[_C_KEEP_SCALE] = keep_scale
     return consts
 
 
@@ -197,9 +201,12 @@ def _mask_plan(mask, dtype, nk, block_q, block_k):
     return (no_bool, mask, full_range, states), _HAS_ADDITIVE_MASK
 
 
-def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, align, alibi):
+_NO_DROPOUT = dropout_parameters(None, 0.0)  # the kernels only read it
+
+
+def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, align, alibi, dropout_p, dropout_seed):
     """(dtype of the results, compute dtype, q, k, v, flags, constants, segment table, masks
-    tuple's ALiBi entry) for a kernel call.
+    tuple's ALiBi and dropout entries) for a kernel call.
 
     bf16 products take bf16 bits (uint16) as they are and float32 otherwise; the
     float kernels take float32 or float64.
@@ -221,7 +228,13 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     alibi_entry = _no_alibi(compute) if alibi is None else _kernel_array(alibi, compute)
     if alibi is not None:
         flags |= _HAS_ALIBI
-    return dtype, compute, q, k, v, flags, _constants(compute, scale, softcap), table, alibi_entry
+    keep_scale = 1.0
+    if dropout_p > 0:
+        flags |= _HAS_DROPOUT
+        keep_scale = keep_scale_of(dropout_p)
+    consts = _constants(compute, scale, softcap, keep_scale)
+    dropout = dropout_parameters(dropout_seed, dropout_p) if dropout_p > 0 else _NO_DROPOUT
+    return dtype, compute, q, k, v, flags, consts, table, (alibi_entry, dropout)
 
 
 def _segment_sizes(table, segments, nq, nk):
