@@ -13,18 +13,10 @@ import numpy as np
 
 from . import _arrays
 from .backends import Request, backend_status, choose_backend
+from .dropout import draw_dropout
 from .op_codes import operator_options
 from .sinks import with_sinks
 from .validation import as_heads, dropout_probability, validate_attention, validate_packed
-
-
-def _draw_dropout_keep(spec, dropout_p, q):
-    """A fresh boolean mask of kept weights, (..., Hq, Nq, Nk), each kept with probability 1 - p."""
-    if spec.kind == "torch":
-        import torch
-
-        return torch.rand(spec.scores_shape, device=q.device) >= dropout_p
-    return np.random.default_rng().random(spec.scores_shape) >= dropout_p
 
 
 def _needs_grad(spec, q, k, v, sinks=None):
@@ -126,25 +118,24 @@ def _planned(key, make):
     return plan
 
 
-def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, grad, dropout_p=0.0,
-                  dropout_keep=None, return_weights=False):  # fmt: skip
+def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, grad, dropout=None,
+                  return_weights=False):  # fmt: skip
     """(out, lse, weights or None) of one validated call, dense or packed: under the autograd
-    Function when grad (torch is imported only then), else the backend's forward; sinks joined either way."""
+    Function when grad (torch is imported only then), else the backend's forward; sinks joined either way.
+    dropout: None or an attnkit.dropout.Dropout."""
     if grad:
         from .autograd import AttentionFunction
 
-        results = AttentionFunction.apply(
-            q, k, v, mask, alibi, sinks, dropout_keep, backend, spec, dropout_p, return_weights
-        )
+        results = AttentionFunction.apply(q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights)
         return results[0], results[1], results[2] if return_weights else None
     out, lse, weights = backend.forward(
-        q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=dropout_keep,
-    )  # fmt: skip
+        q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout
+    )
     return with_sinks(out, lse, sinks, weights) if sinks is not None else (out, lse, weights)
 
 
-def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, choice=None, alibi=None,
-            sinks=None):  # fmt: skip
+def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, dropout_seed=None,
+            choice=None, alibi=None, sinks=None):  # fmt: skip
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
     if spec.kind == "torch" and _compiling():
         if sinks is not None:
@@ -158,11 +149,9 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
     grad = _needs_grad(spec, q, k, v, sinks)
     if choice is None:
         choice = _choose(spec, backend, q, k, v, return_weights, dropout_p)
-    keep = _draw_dropout_keep(spec, dropout_p, q) if dropout_p > 0 else None
-
     out, lse, weights = run_attention(
-        choice.backend, spec, q, k, v, mask, alibi, sinks, grad=grad, dropout_p=dropout_p, dropout_keep=keep,
-        return_weights=return_weights,
+        choice.backend, spec, q, k, v, mask, alibi, sinks, grad=grad,
+        dropout=draw_dropout(dropout_p, dropout_seed, spec.kind), return_weights=return_weights,
     )  # fmt: skip
     results = [out] + [lse] * return_lse + [weights] * return_weights
     if spec.squeeze:  # every input was (N, D): drop the one-head axis again
@@ -179,7 +168,7 @@ def _choose(spec, backend, q, k, v, return_weights, dropout_p):
 
 def attention(
     q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None, align=None,
-    sinks=None, return_lse=False, return_weights=False, backend="auto",
+    sinks=None, dropout_p=0.0, dropout_seed=None, return_lse=False, return_weights=False, backend="auto",
 ):  # fmt: skip
     """Exact attention, softmax(scale * q k^T + masks) v, on the best backend.
 
@@ -208,6 +197,15 @@ def attention(
         sinks: None, or one learned logit per query head (Hq,) (gpt-oss's
             attention sinks) that joins every row's softmax and carries no
             value; differentiable (torch).
+        dropout_p: drop each weight with this probability and scale the kept
+            ones by 1 / (1 - dropout_p), as torch's dropout does (on every
+            call: there is no training flag). lse and the returned weights are
+            those before dropout.
+        dropout_seed: what decides which weights are dropped (the keep mask
+            is attnkit.reference.dropout.keep_mask of the seed): None draws a
+            seed from torch's default generator (NumPy's global one for
+            arrays), so torch.manual_seed repeats a run; or an int in
+            [0, 2**63), a torch.Generator or a numpy.random.Generator.
         return_lse: also return log-sum-exp per row, (..., Hq, Nq), float32
             (float64 for float64 input), -inf for a row that sees no key.
         return_weights: also return the attention weights (..., Hq, Nq, Nk).
@@ -222,20 +220,21 @@ def attention(
     Raises:
         TypeError, ValueError: naming the argument, for any invalid input.
     """
+    dropout_p = dropout_probability(dropout_p)
     options = ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap), align,
-               return_weights, backend)  # fmt: skip
+               return_weights, dropout_p > 0, backend)  # fmt: skip
 
     def make():
         spec = validate_attention(
             q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
             alibi_slopes=alibi_slopes, align=align, sinks=sinks,
         )
-        return spec, _choose(spec, backend, q, k, v, return_weights, 0.0)
+        return spec, _choose(spec, backend, q, k, v, return_weights, dropout_p)
 
     spec, choice = _planned(_plan_key(q, k, v, mask, options, alibi_slopes, sinks), make)
     return _attend(
         q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights, choice=choice,
-        alibi=alibi_slopes, sinks=sinks,
+        alibi=alibi_slopes, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
 
 
@@ -250,6 +249,7 @@ def scaled_dot_product_attention(
     enable_gqa=False,
     *,
     sinks=None,
+    dropout_seed=None,
     backend="auto",
 ):
     """A drop-in for torch.nn.functional.scaled_dot_product_attention.
@@ -262,7 +262,8 @@ def scaled_dot_product_attention(
     either); enable_gqa lets Hq be a multiple of Hkv. Without enable_gqa the
     head axes must match or one of them be 1 (broadcast, as torch does).
     NumPy arrays work as well as tensors. `sinks` (a logit per query head,
-    as attention()'s) and `backend` are attnkit's own extras.
+    as attention()'s), `dropout_seed` (as attention()'s) and `backend` are
+    attnkit's own extras.
     """
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
@@ -289,7 +290,8 @@ def scaled_dot_product_attention(
     spec, choice = _planned(_plan_key(query, key, value, attn_mask, options, sinks=sinks), make)
     return _attend(
         query, key, value, attn_mask, spec, backend,
-        return_lse=False, return_weights=False, dropout_p=float(dropout_p), choice=choice, sinks=sinks,
+        return_lse=False, return_weights=False, dropout_p=dropout_p, dropout_seed=dropout_seed, choice=choice,
+        sinks=sinks,
     )
 
 

@@ -11,21 +11,20 @@ class AttentionFunction(torch.autograd.Function):
     """Differentiable attention over q, k, v and the sinks (the mask, ALiBi slopes and lse are not
     differentiated).
 
-    forward(q, k, v, mask, alibi, sinks, dropout_keep, backend, spec, dropout_p, return_weights)
+    forward(q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights)
     returns (out, lse) or (out, lse, weights) from backend.forward, the sinks joined (attnkit.sinks),
     for dense calls (q (..., Hq, Nq, D)) and packed ones (q (Hq, total_q, D), spec.packed) alike.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, alibi, sinks, dropout_keep, backend, spec, dropout_p, return_weights):
+    def forward(ctx, q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights):
         out, lse, weights = backend.forward(
-            q, k, v, mask, spec,
-            alibi=alibi, return_weights=return_weights, dropout_p=dropout_p, dropout_keep=dropout_keep,
+            q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout
         )
         if sinks is not None:
             out, lse, weights = with_sinks(out, lse, sinks, weights)
-        ctx.save_for_backward(q, k, v, mask, alibi, sinks, dropout_keep, out, lse)
-        ctx.backend, ctx.spec, ctx.dropout_p = backend, spec, dropout_p
+        ctx.save_for_backward(q, k, v, mask, alibi, sinks, out, lse)
+        ctx.backend, ctx.spec, ctx.dropout = backend, spec, dropout  # the backward redraws dropout's mask
         # One call: a second mark_non_differentiable would replace the first.
         if return_weights:
             ctx.mark_non_differentiable(lse, weights)
@@ -35,15 +34,15 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, *unused):
-        q, k, v, mask, alibi, sinks, dropout_keep, out, lse = ctx.saved_tensors
+        q, k, v, mask, alibi, sinks, out, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
         # Given the sink-joined out and lse, the backends' backward is already the sinks' backward.
         dq, dk, dv = ctx.backend.backward(
             q, k, v, mask, out, d_out, lse, ctx.spec,
-            alibi=alibi, dropout_p=ctx.dropout_p, dropout_keep=dropout_keep,
+            alibi=alibi, dropout=ctx.dropout,
         )
         d_sinks = None
         if sinks is not None and ctx.needs_input_grad[5]:
             d_sinks = sink_gradient(out, d_out, lse, sinks)
-        return dq, dk, dv, None, None, d_sinks, None, None, None, None, None
+        return dq, dk, dv, None, None, d_sinks, None, None, None, None
 

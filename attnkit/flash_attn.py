@@ -11,8 +11,16 @@ when not causal. flash_attn_func (and its packed forms) runs attention() on
 (B, H, N, D) views; the varlen functions and the KV cache run
 varlen_attention(), so sequences of a batch never pay for each other's length.
 
-Differences, all stated: dropout_p > 0 runs a plain torch composition (with a
-warning; the fused kernels have no dropout) and S_dmask is always None;
+Dropout runs in the kernels (attnkit.reference.dropout's Philox mask, a fresh
+seed from torch's default generator per call, so torch.manual_seed repeats a
+run). With dropout_p > 0, return_attn_probs returns S_dmask as flash-attn
+documents it: the softmax with dropped entries negated, (B, Hq, max Nq, max
+Nk); here exactly the normalised weights (flash-attn's may be scaled per
+block, for convert_flash_attn_S_to_softmax to undo), unpadded to multiples of
+128, computed by the NumPy reference (slow: for tests). Without dropout it is
+None, as in flash-attn.
+
+Differences, all stated:
 `deterministic` is accepted and always true (attnkit's backward has no
 atomics); `num_splits` (up to 128, as in flash-attn) is accepted and ignored
 (the CPU kernel chooses its own split); any page size >= 1 works (flash-attn 2
@@ -29,12 +37,13 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
-import warnings
 
 import numpy as np
 
 from . import _arrays, kv_cache
 from .api import attention
+from .dropout import draw_dropout
+from .reference.dropout import keep_mask
 from .validation import dropout_probability, host_offsets
 from .varlen import varlen_attention
 
@@ -170,68 +179,52 @@ def _heads(q, k, v, names=("q", "k", "v")):
         raise ValueError(f"{names[1]}'s head dim ({k.shape[-1]}) must equal {names[0]}'s ({q.shape[-1]})")
 
 
-def _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes):
-    """Varlen attention with dropout as plain torch ops, sequence by sequence (differentiable).
+def _attn_probs(q, k, v, cu_q, cu_k, options, alibi_slopes, sinks, dropout):
+    """flash-attn's S_dmask: (B, Hq, max Nq, max Nk) float32, each sequence's attention weights
+    (before dropout) with the weights dropout dropped negated; zeros past a sequence's end.
 
-    The fused kernels have no dropout; this path is for training code that
-    asks for it. q (total_q, Hq, D), k / v (total_k, Hkv, D).
+    q (total_q, Hq, D), k / v (total_k, Hkv, D). The weights come from the NumPy
+    reference (the fused kernels never form them); the sign pattern is the
+    dropout mask the kernels drew for the same seed.
     """
     torch = _torch()
-    from .reference import resolve_scale
-    from .reference.varlen import sequence_bias
-
-    warnings.warn(
-        "dropout_p > 0: attnkit's fused kernels have no dropout; running plain torch ops (O(N^2) memory)",
-        stacklevel=4,
-    )
-    hq, group = q.shape[1], q.shape[1] // k.shape[1]
-    scale = resolve_scale(options["scale"], q.shape[-1])
-    outs, lses = [], []
-    for b in range(len(cu_q) - 1):
-        qs = q[cu_q[b] : cu_q[b + 1]].transpose(0, 1).float()  # (Hq, Nq, D)
-        ks = k[cu_k[b] : cu_k[b + 1]].transpose(0, 1).float().repeat_interleave(group, 0)  # (Hq, Nk, D)
-        vs = v[cu_k[b] : cu_k[b + 1]].transpose(0, 1).float().repeat_interleave(group, 0)
-        scores = qs @ ks.transpose(1, 2) * scale
-        if options["softcap"] is not None:
-            scores = options["softcap"] * torch.tanh(scores / options["softcap"])
-        slopes = None
-        if alibi_slopes is not None:
-            per_sequence = alibi_slopes.reshape(-1, hq)
-            slopes = _arrays.to_numpy(per_sequence[min(b, per_sequence.shape[0] - 1)])
-        bias = sequence_bias(
-            qs.shape[1], ks.shape[1], hq, causal=options["causal"], align="bottom_right", window=options["window"],
-            slopes=slopes, dtype=np.float32,
-        )  # fmt: skip
-        scores = scores + torch.from_numpy(bias).to(scores.device)
-        lse = torch.logsumexp(scores, dim=-1)  # (Hq, Nq), -inf for rows that see nothing
-        weights = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-        weights = torch.nn.functional.dropout(weights, dropout_p)
-        outs.append((weights @ vs).transpose(0, 1).to(q.dtype))
-        lses.append(lse)
-    return torch.cat(outs, 0), torch.cat(lses, 1)
+    lengths_q, lengths_k = np.diff(cu_q), np.diff(cu_k)
+    hq = q.shape[1]
+    probs = torch.zeros((len(lengths_q), hq, int(lengths_q.max(initial=0)), int(lengths_k.max(initial=0))))
+    slopes = None if alibi_slopes is None else alibi_slopes.reshape(-1, hq)
+    with torch.no_grad():
+        for b in range(len(lengths_q)):
+            rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            _, weights = attention(
+                q[rows].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1), **_dense(options),
+                alibi_slopes=None if slopes is None else slopes[min(b, slopes.shape[0] - 1)], sinks=sinks,
+                return_weights=True, backend="reference",
+            )  # (Hq, Nq_b, Nk_b)
+            keep = keep_mask(dropout.seed, dropout.p, 1, hq, int(lengths_q[b]), int(lengths_k[b]), first_sequence=b)[0]
+            sign = torch.from_numpy(np.where(keep, 1.0, -1.0).astype(np.float32))
+            probs[b, :, : lengths_q[b], : lengths_k[b]] = weights.float().cpu() * sign
+    return probs.to(q.device)
 
 
-def _no_sinks_with_dropout(dropout_p, sinks):
-    if dropout_p > 0 and sinks is not None:
-        raise ValueError("learnable_sink with dropout_p > 0 is not supported yet (dropout runs as plain torch ops)")
+def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes, sinks, return_attn_probs):
+    """q (total_q, Hq, D), k / v (total_k, Hkv, D) -> out (total_q, Hq, Dv), lse (Hq, total_q), S_dmask or None.
+
+    Sequence b draws the dropout mask of a dense call's batch entry b.
+    """
+    dropout = draw_dropout(dropout_p, None, "torch")
+    out, lse = varlen_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, **options, align="bottom_right",
+        alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout and dropout.seed,
+        return_lse=True, backend=BACKEND,
+    )  # fmt: skip
+    probs = None
+    if return_attn_probs and dropout is not None:  # as flash-attn: S_dmask only with dropout
+        probs = _attn_probs(q, k, v, cu_q, cu_k, options, alibi_slopes, sinks, dropout)
+    return out.transpose(0, 1), lse, probs
 
 
-def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes, sinks=None):
-    """q (total_q, Hq, D), k / v (total_k, Hkv, D) -> out (total_q, Hq, Dv), lse (Hq, total_q)."""
-    _no_sinks_with_dropout(dropout_p, sinks)
-    if dropout_p > 0:
-        out, lse = _dropout_attention(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes)
-    else:
-        out, lse = varlen_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, **options,
-            align="bottom_right", alibi_slopes=alibi_slopes, sinks=sinks, return_lse=True, backend=BACKEND,
-        )  # fmt: skip
-        out = out.transpose(0, 1)
-    return out, lse
-
-
-def _results(out, lse, return_attn_probs):
-    return (out, lse, None) if return_attn_probs else out
+def _results(out, lse, probs, return_attn_probs):
+    return (out, lse, probs) if return_attn_probs else out
 
 
 def _uniform_offsets(batch, n):
@@ -263,22 +256,20 @@ def flash_attn_func(
                          f"v {tuple(v.shape)}")
     nk = k.shape[1]
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
-    dropout_p = dropout_probability(dropout_p)
-    _no_sinks_with_dropout(dropout_p, learnable_sink)
-    if dropout_p > 0:
-        out, lse = _dropout_attention(
+    dropout = draw_dropout(dropout_probability(dropout_p), None, "torch")
+    out, lse = attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **_dense(options), alibi_slopes=alibi_slopes,
+        sinks=learnable_sink, dropout_p=dropout.p if dropout else 0.0, dropout_seed=dropout and dropout.seed,
+        return_lse=True, backend=BACKEND,
+    )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
+    probs = None
+    if return_attn_probs and dropout is not None:  # as flash-attn: S_dmask only with dropout
+        probs = _attn_probs(
             q.reshape(batch * nq, hq, -1), k.reshape(batch * nk, k.shape[2], -1),
-            v.reshape(batch * nk, v.shape[2], -1), _uniform_offsets(batch, nq), _uniform_offsets(batch, nk),
-            dropout_p, options, alibi_slopes,
+            v.reshape(batch * nk, v.shape[2], -1), np.arange(batch + 1) * nq, np.arange(batch + 1) * nk,
+            options, alibi_slopes, learnable_sink, dropout,
         )  # fmt: skip
-        out, lse = out.reshape(batch, nq, hq, -1), lse.reshape(hq, batch, nq).transpose(0, 1)
-    else:
-        out, lse = attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **_dense(options), alibi_slopes=alibi_slopes,
-            sinks=learnable_sink, return_lse=True, backend=BACKEND,
-        )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
-        out = out.transpose(1, 2)
-    return _results(out, lse, return_attn_probs)
+    return _results(out.transpose(1, 2), lse, probs, return_attn_probs)
 
 
 @_flash_attn_errors
@@ -352,8 +343,10 @@ def flash_attn_varlen_func(
     _max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
     _max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
-    out, lse = _varlen(q, k, v, cu_q, cu_k, dropout_probability(dropout_p), options, alibi_slopes, learnable_sink)
-    return _results(out, lse, return_attn_probs)
+    out, lse, probs = _varlen(
+        q, k, v, cu_q, cu_k, dropout_probability(dropout_p), options, alibi_slopes, learnable_sink, return_attn_probs
+    )
+    return _results(out, lse, probs, return_attn_probs)
 
 
 @_flash_attn_errors

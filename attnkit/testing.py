@@ -92,11 +92,14 @@ def max_error(actual, expected):
     return float(np.abs(a - e)[finite].max()) if finite.any() else 0.0
 
 
-def torch_attention(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None):
+def torch_attention(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None, dropout_p=0.0,
+                    dropout_keep=None):  # fmt: skip
     """Dense attention in plain torch ops, in the inputs' own dtype and on their device.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) torch tensors; the
     contract's order of operations, visibility from reference.visible_keys.
+    dropout_keep (a bool tensor broadcastable to the weights) drops weights as
+    torch does, the kept ones scaled by 1 / (1 - dropout_p); lse is before dropout.
     Differentiable. Returns out (B, Hq, Nq, Dv) and lse (B, Hq, Nq); a row that
     sees no key gives 0 and -inf. Run in low precision it is the "plain
     implementation" whose error sets a kernel's budget (flash-attn's 2x rule).
@@ -123,4 +126,6 @@ def torch_attention(q, k, v, mask=None, *, scale, causal=None, window=None, soft
     s = torch.where(empty, torch.zeros_like(s), s)
     p = torch.where(empty, torch.zeros_like(s), torch.softmax(s, -1))
     lse = torch.where(empty[..., 0], torch.full_like(s[..., 0], float("-inf")), torch.logsumexp(s, -1))
+    if dropout_p > 0:
+        p = p * (dropout_keep.to(p.dtype) * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0))
     return p @ v, lse

@@ -48,6 +48,13 @@ def _kernel_options(scale, causal, align, window_left, window_right, softcap):
                 window=window_of(window_left, window_right), softcap=softcap)  # fmt: skip
 
 
+def _dropout(dropout_p, dropout_seed):
+    """The operators' dropout arguments as an attnkit.dropout.Dropout, or None."""
+    from .dropout import Dropout
+
+    return Dropout(dropout_p, dropout_seed) if dropout_p > 0 else None
+
+
 def _register_autograd(forward, backward, passes_d_lse):
     """forward's gradient through backward: (q, k, v, mask, alibi, *options) -> (out, lse)."""
 
@@ -87,12 +94,12 @@ def _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_ri
 def numba_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     scale: float, causal: int, align: int, window_left: Optional[int], window_right: Optional[int],
-    softcap: Optional[float],
+    softcap: Optional[float], dropout_p: float, dropout_seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
     spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
-    out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi)
+    out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi, dropout=_dropout(dropout_p, dropout_seed))
     return out, lse
 
 
@@ -100,12 +107,14 @@ def numba_attention_fwd(
 def numba_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor, scale: float, causal: int, align: int,
-    window_left: Optional[int], window_right: Optional[int], softcap: Optional[float],
+    window_left: Optional[int], window_right: Optional[int], softcap: Optional[float], dropout_p: float,
+    dropout_seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
     spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
-    return BACKENDS["numba"].backward(q, k, v, mask, out, d_out.contiguous(), lse, spec, alibi=alibi)
+    return BACKENDS["numba"].backward(q, k, v, mask, out, d_out.contiguous(), lse, spec, alibi=alibi,
+                                      dropout=_dropout(dropout_p, dropout_seed))  # fmt: skip
 
 
 @numba_attention_fwd.register_fake
@@ -150,20 +159,23 @@ USES_TRITON_OP = _uses_triton_op()
 
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                alibi: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
-               window_right: Optional[int], softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               window_right: Optional[int], softcap: Optional[float], dropout_p: float,
+               dropout_seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
-    return _triton().flash_forward(q, k, v, mask, alibi=alibi, **options, _wrap=wrap)
+    return _triton().flash_forward(q, k, v, mask, alibi=alibi, **options, dropout_p=dropout_p,
+                                   dropout_seed=dropout_seed, _wrap=wrap)  # fmt: skip
 
 
 def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                alibi: Optional[torch.Tensor], out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor,
                d_lse: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
-               window_right: Optional[int], softcap: Optional[float],
+               window_right: Optional[int], softcap: Optional[float], dropout_p: float, dropout_seed: int,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
-    return _triton().flash_backward(q, k, v, mask, out, d_out, lse, alibi=alibi, d_lse=d_lse, **options, _wrap=wrap)
+    return _triton().flash_backward(q, k, v, mask, out, d_out, lse, alibi=alibi, d_lse=d_lse, **options,
+                                    dropout_p=dropout_p, dropout_seed=dropout_seed, _wrap=wrap)  # fmt: skip
 
 
 def _flash_fake_fwd(q, k, v, mask, alibi, *options):

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from .api import _needs_grad, run_attention
 from .backends import Request, choose_backend
-from .validation import validate_packed
+from .dropout import draw_dropout
+from .validation import dropout_probability, validate_packed
 
 __all__ = ["varlen_attention"]
 
 
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, align="bottom_right", scale=None, window=None,
-    softcap=None, alibi_slopes=None, sinks=None, return_lse=False, backend="auto",
+    softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0, dropout_seed=None, return_lse=False, backend="auto",
 ):  # fmt: skip
     """Attention over packed sequences of different lengths, each on its own.
 
@@ -47,6 +48,8 @@ def varlen_attention(
             -slope * |position - j| (after the softcap), inside the kernel.
         sinks: None, or a learned logit per query head (Hq,) joining every
             row's softmax (see attention()).
+        dropout_p, dropout_seed: attention dropout, as attention()'s;
+            sequence b draws the mask a dense call draws for batch entry b.
         return_lse: also return lse (Hq, total_q), float32 (float64 for
             float64 input); -inf for a row that sees no key.
         backend: "auto" (Numba on the CPU, Triton on CUDA), "numba",
@@ -64,8 +67,12 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
     )  # fmt: skip
+    dropout_p = dropout_probability(dropout_p)
     grad = _needs_grad(spec, q, k, v, sinks)
     # The dense calls' chooser: same refusals, same AttnkitFallbackWarning (pointing at the caller).
-    backend = choose_backend(spec, backend, Request(grad=grad), stacklevel=3).backend
-    out, lse, _ = run_attention(backend, spec, q, k, v, None, alibi_slopes, sinks, grad=grad)
+    backend = choose_backend(spec, backend, Request(grad=grad, dropout=dropout_p > 0), stacklevel=3).backend
+    out, lse, _ = run_attention(
+        backend, spec, q, k, v, None, alibi_slopes, sinks, grad=grad,
+        dropout=draw_dropout(dropout_p, dropout_seed, spec.kind),
+    )  # fmt: skip
     return (out, lse) if return_lse else out

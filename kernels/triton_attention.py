@@ -27,6 +27,7 @@ import torch
 import triton
 
 from ..reference.attention import dense_alignment, visible_range
+from ..reference.dropout import keep_scale, threshold
 from .triton_kernels import (
     SUMMARY_TILE, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess, _fwd_kernel,
 )
@@ -302,8 +303,19 @@ def _constexprs(c):
         HEAD_DIM=c["D"], HEAD_DIM_V=c["Dv"], BLOCK_D=c["block_d"], BLOCK_DV=c["block_dv"],
         MASK_KIND=c["mask_kind"], HAS_LEFT=c["has_left"], HAS_RIGHT=c["has_right"],
         SOFTCAP=c["use_cap"], INDEX_64=c["index_64"], DOT_PREC=c["dot_prec"],
-        VARLEN=c["varlen"] is not None, ALIBI=c["alibi"] is not None,
+        VARLEN=c["varlen"] is not None, ALIBI=c["alibi"] is not None, DROPOUT=c["dropout"] is not None,
     )
+
+
+def _dropout(dropout_p, dropout_seed):
+    """The kernels' (seed, threshold, keep scale) for attnkit.reference.dropout's mask, or None."""
+    if not dropout_p:
+        return None
+    return int(dropout_seed), threshold(dropout_p), keep_scale(dropout_p)
+
+
+def _dropout_scalars(c):
+    return c["dropout"] or (0, 0, 1.0)
 
 
 def _sequences(c, q, lse):
@@ -324,7 +336,7 @@ def _slopes(alibi, hq, device):
 
 
 def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None, align=None,
-                  alibi=None, _wrap=None, _force_int64=False):
+                  alibi=None, dropout_p=0.0, dropout_seed=None, _wrap=None, _force_int64=False):
     """Attention forward: returns (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides, one
@@ -333,6 +345,8 @@ def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softca
     (left, right) with None sides unlimited; softcap None or > 0; align where
     the queries sit for the window and ALiBi (default: causal's alignment);
     alibi (Hq,) or (B, Hq) slopes add -slope * |i + off - j| to the scores.
+    dropout_p > 0 drops weights by attnkit.reference.dropout's mask for
+    dropout_seed (an int in [0, 2**63)), the kept ones scaled by 1 / (1 - p).
     `_wrap` wraps each kernel before launch (torch.library.wrap_triton).
     """
     wrap = _wrap or _identity
@@ -347,7 +361,8 @@ def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softca
         lse.fill_(float("-inf"))
         return out, lse
     c = _common(q, k, v, mask, scale, causal, window, softcap, align, extra=(out,))
-    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_slopes(alibi, Hq, q.device))
+    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_slopes(alibi, Hq, q.device),
+             dropout=_dropout(dropout_p, dropout_seed))
     _launch_forward(q, k, v, out, lse, c, B, Nq, wrap)
     return out, lse
 
@@ -363,16 +378,18 @@ def _launch_forward(q, k, v, out, lse, c, n_sequences, longest_q, wrap):
         q, k, v, out, lse, c["mask"], c["summary"], *pointers,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *c["m_strides"], *c["s_strides"], *scalars,
         c["Hq"], c["Nq"], c["Nk"], c["group"], c["qk_scale"], c["cap_log2"], c["off"], c["win_l"],
-        c["win_r"], _next_pow2(c["Nq"]), _next_pow2(c["Nk"]), **_constexprs(c), **blocks,
+        c["win_r"], _next_pow2(c["Nq"]), _next_pow2(c["Nk"]), *_dropout_scalars(c), **_constexprs(c), **blocks,
     )
 
 
 def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal=None, window=None,
-                   softcap=None, align=None, alibi=None, d_lse=None, _wrap=None, _force_int64=False):
+                   softcap=None, align=None, alibi=None, d_lse=None, dropout_p=0.0, dropout_seed=None, _wrap=None,
+                   _force_int64=False):
     """Attention backward: returns (dq, dk, dv) with the shapes and dtypes of q, k, v.
 
     Options as for flash_forward; out, d_out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) come from it;
-    d_lse (B, Hq, Nq), optional, is the gradient reaching lse itself.
+    d_lse (B, Hq, Nq), optional, is the gradient reaching lse itself. The same dropout_seed
+    regenerates the forward's dropout mask.
     Deterministic: no atomics, a fixed summation order over GQA groups.
     """
     wrap = _wrap or _identity
@@ -384,7 +401,8 @@ def flash_backward(q, k, v, mask, out, d_out, lse, *, scale, causal=None, window
     if B * Hq * Nq == 0 or Nk == 0 or k.shape[1] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     c = _common(q, k, v, mask, scale, causal, window, softcap, align, extra=(out, d_out, dq, dk, dv))
-    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_slopes(alibi, Hq, q.device))
+    c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_slopes(alibi, Hq, q.device),
+             dropout=_dropout(dropout_p, dropout_seed))
     _launch_backward(q, k, v, out, d_out, lse, d_lse, dq, dk, dv, c, scale, B, wrap)
     return dq, dk, dv
 
@@ -408,7 +426,7 @@ def _launch_backward(q, k, v, out, d_out, lse, d_lse, dq, dk, dv, c, scale, n_se
     )
     Nq, Nk = c["Nq"], c["Nk"]  # the longest sequences when varlen
     scalars = (c["qk_scale"], c["cap_log2"], float(scale), c["off"], c["win_l"], c["win_r"])
-    buckets = (_next_pow2(Nq), _next_pow2(Nk))  # Nq_b, Nk_b: autotuning keys only
+    buckets = (_next_pow2(Nq), _next_pow2(Nk), *_dropout_scalars(c))  # Nq_b, Nk_b (autotuning keys), dropout
 
     launch, blocks = _launcher("dkdv", _bwd_dkdv_kernel, c, q.dtype, q.device, wrap)
     launch[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), n_sequences * c["Hkv"])](
@@ -448,12 +466,13 @@ def _varlen_setup(q, k, v, cu_q, cu_k, options, extra):
     c = _common(q4[..., :longest_q, :], k4[..., :longest_k, :], v4[..., :longest_k, :], None, options["scale"],
                 options["causal"], options["window"], options["softcap"], options["align"], extra=(q4, k4, v4) + extra)
     cu = [torch.as_tensor(x, dtype=torch.int32).to(q.device) for x in (cu_q, cu_k)]
-    c.update(varlen=(cu[0], cu[1]), alibi=_slopes(options["alibi"], q.shape[0], q.device), off=0)
+    c.update(varlen=(cu[0], cu[1]), alibi=_slopes(options["alibi"], q.shape[0], q.device), off=0,
+             dropout=_dropout(options["dropout_p"], options["dropout_seed"]))
     return q4, k4, v4, c
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, *, scale, causal=None, align="bottom_right", window=None, softcap=None,
-                   alibi=None, _wrap=None):  # fmt: skip
+                   alibi=None, dropout_p=0.0, dropout_seed=None, _wrap=None):  # fmt: skip
     """(out (Hq, total_q, Dv), lse (Hq, total_q) float32) for packed sequences.
 
     q (Hq, total_q, D), k (Hkv, total_k, D), v (Hkv, total_k, Dv) CUDA tensors
@@ -469,21 +488,23 @@ def varlen_forward(q, k, v, cu_q, cu_k, *, scale, causal=None, align="bottom_rig
     if n_sequences == 0 or q.shape[1] == 0 or hq == 0:
         return out, lse
     out4 = _batched(out, n_sequences)
-    options = dict(scale=scale, causal=causal, align=align, window=window, softcap=softcap, alibi=alibi)
+    options = dict(scale=scale, causal=causal, align=align, window=window, softcap=softcap, alibi=alibi,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed)
     q4, k4, v4, c = _varlen_setup(q, k, v, cu_q, cu_k, options, (out4,))
     _launch_forward(q4, k4, v4, out4, lse, c, n_sequences, c["Nq"], _wrap or _identity)
     return out, lse
 
 
 def varlen_backward(q, k, v, out, d_out, lse, cu_q, cu_k, *, scale, causal=None, align="bottom_right", window=None,
-                    softcap=None, alibi=None, _wrap=None):  # fmt: skip
+                    softcap=None, alibi=None, dropout_p=0.0, dropout_seed=None, _wrap=None):  # fmt: skip
     """(dq, dk, dv) of varlen_forward, shaped like q, k and v (zero outside every sequence)."""
     dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
     n_sequences = len(cu_q) - 1
     if n_sequences == 0 or q.shape[1] == 0 or k.shape[1] == 0:
         return dq, dk, dv
     extra = tuple(_batched(x, n_sequences) for x in (out, d_out, dq, dk, dv))
-    options = dict(scale=scale, causal=causal, align=align, window=window, softcap=softcap, alibi=alibi)
+    options = dict(scale=scale, causal=causal, align=align, window=window, softcap=softcap, alibi=alibi,
+                   dropout_p=dropout_p, dropout_seed=dropout_seed)
     q4, k4, v4, c = _varlen_setup(q, k, v, cu_q, cu_k, options, extra)
     _launch_backward(q4, k4, v4, extra[0], extra[1], lse, None, *extra[2:], c, scale, n_sequences,
                      _wrap or _identity)

@@ -66,6 +66,25 @@ def _scores(qk, qi, kj, M_base, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win
 
 
 @triton.jit
+def _dropout_factor(qi, kj, b, h, seed, threshold, keep_scale):
+    """keep_scale where attnkit.reference.dropout's mask keeps weight (b, h, qi, kj), else 0.
+
+    qi, kj: query / key indices broadcastable to each other (any orientation), relative
+    to the sequence; b the batch entry or packed sequence, h the query head. One
+    tl.philox call per key here picks its word (key % 4) of the call that covers four keys.
+    """
+    zero = (qi + kj) * 0
+    group = (kj // 4 + zero).to(tl.uint32)
+    row = (qi + zero).to(tl.uint32)
+    head = (h + zero).to(tl.uint32)
+    sequence = (b + zero).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, group, row, head, sequence)
+    word = kj % 4 + zero
+    draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+    return tl.where(draw.to(tl.int64) >= threshold, keep_scale, 0.0)
+
+
+@triton.jit
 def _key_range(m0, Nk, off, win_l, win_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Key blocks a query block [m0, m0 + BLOCK_M) needs, split for masking.
@@ -191,10 +210,12 @@ def _load_columns(BASE, idx, s_row, offs, s_col, ok, WIDTH: tl.constexpr):
 @triton.jit
 def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_d, offs_dv,
                s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-               apply_mask, slope2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
-               GEOM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key block of the online softmax: acc (BM, BDV), m_i / l_i (BM,)."""
+               apply_mask, slope2, b, h, seed, threshold, keep_scale, HEAD_DIM: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
+               HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
+               DROPOUT: tl.constexpr):
+    """One key block of the online softmax: acc (BM, BDV), m_i / l_i (BM,). Dropout scales the
+    weights after they joined the running sum (lse stays the undropped one)."""
     cols = n0 + offs_n  # (BN,)
     col_ok = _in_range(cols, Nk, GEOM)
     kT = _load_columns(K_base, cols, s_kn, offs_d, s_kd, col_ok, HEAD_DIM)  # (BD, BN)
@@ -207,6 +228,8 @@ def _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n, offs_
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])  # (BM, BN)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = p * _dropout_factor(rows[:, None], cols[None, :], b, h, seed, threshold, keep_scale)
     v = _load_rows(V_base, cols, s_vn, offs_dv, s_vd, col_ok, HEAD_DIM_V)  # (BN, BDV)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -275,11 +298,11 @@ def _fwd_kernel(
     s_ob, s_oh, s_on, s_od,
     s_mb, s_mh, s_mq, s_mk,
     s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
-    Hq, Nq, Nk, GROUP, qk_scale, cap_log2, off, win_l, win_r, Nq_b, Nk_b,
+    Hq, Nq, Nk, GROUP, qk_scale, cap_log2, off, win_l, win_r, Nq_b, Nk_b, seed, threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
-    VARLEN: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Forward of one query block: grid (cdiv(Nq, BLOCK_M), B * Hq), Nq the longest sequence when VARLEN."""
     b, h, hk, m0, q0, k0, Nq, Nk, off, slope2 = _query_block(
@@ -311,9 +334,9 @@ def _fwd_kernel(
             if some != 0:  # a block the mask hides entirely is skipped
                 acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K_base, V_base, M_base, n0, rows, offs_n,
                                            offs_d, offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk,
-                                           qk_scale, cap_log2, off, win_l, win_r, changes, slope2, HEAD_DIM,
-                                           HEAD_DIM_V, MASK_KIND, part != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                           ALIBI, DOT_PREC)
+                                           qk_scale, cap_log2, off, win_l, win_r, changes, slope2, b, h, seed,
+                                           threshold, keep_scale, HEAD_DIM, HEAD_DIM_V, MASK_KIND, part != 1,
+                                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC, DROPOUT)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -356,10 +379,12 @@ def _bwd_preprocess(
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, cols, offs_m,
                 offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                off, win_l, win_r, apply_mask, slope2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One query block's contribution to dk (BN, BD) and dv (BN, BDV), transposed scores."""
+                off, win_l, win_r, apply_mask, slope2, b, h, seed, threshold, keep_scale,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, GEOM: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr):
+    """One query block's contribution to dk (BN, BD) and dv (BN, BDV), transposed scores. Dropout's
+    factors Z (regenerated): dv from P Z, and dS = P (Z dP - delta)."""
     rows = m0 + offs_m  # (BM,)
     row_ok = _in_range(rows, Nq, GEOM)
     qT = _load_columns(Q_base, rows, s_qn, offs_d, s_qd, row_ok, HEAD_DIM)  # (BD, BM)
@@ -372,8 +397,13 @@ def _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0, c
                      cap_log2, off, win_l, win_r, apply_mask, slope2, MASK_KIND, GEOM, HAS_LEFT, HAS_RIGHT,
                      SOFTCAP, ALIBI)
     pT = tl.exp2(sT - lse2[None, :])  # (BN, BM) probabilities, 0 where invisible
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM)
+    if DROPOUT:
+        zT = _dropout_factor(rows[None, :], cols[:, None], b, h, seed, threshold, keep_scale)
+        dv = tl.dot((pT * zT).to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = dpT * zT
+    else:
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
@@ -392,11 +422,11 @@ def _bwd_dkdv_kernel(
     s_dvb, s_dvh, s_dvn, s_dvd,
     s_mb, s_mh, s_mq, s_mk,
     s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
-    Hq, Hkv, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
+    Hq, Hkv, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b, seed, threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
-    VARLEN: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # grid: (cdiv(Nk, BLOCK_N), B * Hkv); each program owns one key block of one kv head
     bh = tl.program_id(1)
@@ -433,8 +463,8 @@ def _bwd_dkdv_kernel(
                     dk, dv = _dkdv_block(dk, dv, k, v, Q_base, DO_base, M_base, LSE_row, DELTA_row, m0,
                                          cols, offs_m, offs_d, offs_dv, s_qn, s_qd, s_dn, s_dd, s_mq,
                                          s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r, changes, slope2,
-                                         HEAD_DIM, HEAD_DIM_V, MASK_KIND, part != 1, HAS_LEFT, HAS_RIGHT,
-                                         SOFTCAP, ALIBI, DOT_PREC)
+                                         b, h, seed, threshold, keep_scale, HEAD_DIM, HEAD_DIM_V, MASK_KIND,
+                                         part != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC, DROPOUT)
     dk = dk * scale  # d(score)/d(q.k) = scale (times 1 - tanh^2 under softcap, applied above)
     tl.store(_rows_at(DK + b * s_dkb + hk * s_dkh + k0 * s_dkn, cols, s_dkn, offs_d, s_dkd),
              dk.to(DK.dtype.element_ty), mask=_rows_mask(cols < Nk, offs_d, HEAD_DIM))
@@ -445,10 +475,11 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d, offs_dv,
               s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win_l, win_r,
-              apply_mask, slope2, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr,
-              GEOM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key block's contribution to dq (BM, BD)."""
+              apply_mask, slope2, b, h, seed, threshold, keep_scale, HEAD_DIM: tl.constexpr,
+              HEAD_DIM_V: tl.constexpr, MASK_KIND: tl.constexpr, GEOM: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DOT_PREC: tl.constexpr,
+              DROPOUT: tl.constexpr):
+    """One key block's contribution to dq (BM, BD) (dropout's factors regenerated, as in _dkdv_block)."""
     cols = n0 + offs_n
     col_ok = _in_range(cols, Nk, GEOM)
     kT = _load_columns(K_base, cols, s_kn, offs_d, s_kd, col_ok, HEAD_DIM)  # (BD, BN)
@@ -459,6 +490,8 @@ def _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, 
                    SOFTCAP, ALIBI)
     p = tl.exp2(s - lse2[:, None])
     dp = tl.dot(do, vT, input_precision=DOT_PREC)  # (BM, BN)
+    if DROPOUT:
+        dp = dp * _dropout_factor(rows[:, None], cols[None, :], b, h, seed, threshold, keep_scale)
     ds = p * (dp - delta[:, None])
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -476,11 +509,11 @@ def _bwd_dq_kernel(
     s_dqb, s_dqh, s_dqn, s_dqd,
     s_mb, s_mh, s_mq, s_mk,
     s_sb, s_sh, s_sq, s_sk, Tq, Tk, lse_sb, lse_sh, alibi_sb, alibi_sh, align_br,
-    Hq, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b,
+    Hq, Nq, Nk, GROUP, qk_scale, cap_log2, scale, off, win_l, win_r, Nq_b, Nk_b, seed, threshold, keep_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
-    VARLEN: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dQ of one query block: grid (cdiv(Nq, BLOCK_M), B * Hq), the forward's key walk."""
     b, h, hk, m0, q0, k0, Nq, Nk, off, slope2 = _query_block(
@@ -511,8 +544,9 @@ def _bwd_dq_kernel(
             if some != 0:
                 dq = _dq_block(dq, q, do, lse2, delta, K_base, V_base, M_base, n0, rows, offs_n, offs_d,
                                offs_dv, s_kn, s_kd, s_vn, s_vd, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2,
-                               off, win_l, win_r, changes, slope2, HEAD_DIM, HEAD_DIM_V, MASK_KIND, part != 1,
-                               HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC)
+                               off, win_l, win_r, changes, slope2, b, h, seed, threshold, keep_scale, HEAD_DIM,
+                               HEAD_DIM_V, MASK_KIND, part != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, DOT_PREC,
+                               DROPOUT)
     dq = dq * scale
     tl.store(_rows_at(DQ + b * s_dqb + h * s_dqh + q0 * s_dqn, rows, s_dqn, offs_d, s_dqd),
              dq.to(DQ.dtype.element_ty), mask=_rows_mask(row_ok, offs_d, HEAD_DIM))

@@ -20,6 +20,7 @@ import numpy as np
 from .attention import (
     CAUSAL_MODES, alibi_bias, attention, attention_backward, compute_dtype, visible_between, visible_range,
 )
+from .dropout import keep_mask
 
 ALIGNMENTS = CAUSAL_MODES
 
@@ -46,9 +47,16 @@ def _slopes_of(alibi_slopes, b):
     return slopes[b] if slopes.ndim == 2 else slopes
 
 
+def _sequence_dropout(dropout_p, dropout_seed, b, hq, nq, nk):
+    """attention()'s dropout arguments for sequence b."""
+    if not dropout_p:
+        return {}
+    return dict(dropout_p=dropout_p, dropout_keep=keep_mask(dropout_seed, dropout_p, 1, hq, nq, nk, first_sequence=b)[0])
+
+
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, align="bottom_right", scale=None, window=None,
-    softcap=None, alibi_slopes=None, return_lse=False,
+    softcap=None, alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None,
 ):  # fmt: skip
     """Attention of every packed sequence on its own.
 
@@ -62,6 +70,8 @@ def varlen_attention(
         softcap, scale: as in attention().
         alibi_slopes: None, (Hq,) or (B, Hq).
         return_lse: also return lse (Hq, total_q).
+        dropout_p, dropout_seed: dropout by reference.dropout's keep mask of the
+            seed, sequence b being its sequence b.
 
     Returns:
         out (Hq, total_q, Dv) in q's dtype (rows of no sequence are 0), and lse
@@ -77,14 +87,15 @@ def varlen_attention(
             nq, nk, hq, causal=causal, align=align, window=window, slopes=_slopes_of(alibi_slopes, b), dtype=ct
         )  # fmt: skip
         out[:, rows], lse[:, rows] = attention(
-            q[:, rows], k[:, keys], v[:, keys], mask=bias, scale=scale, softcap=softcap, return_lse=True
+            q[:, rows], k[:, keys], v[:, keys], mask=bias, scale=scale, softcap=softcap, return_lse=True,
+            **_sequence_dropout(dropout_p, dropout_seed, b, hq, nq, nk),
         )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
 def varlen_attention_backward(
     q, k, v, out, d_out, lse, cu_seqlens_q, cu_seqlens_k, *, causal=False, align="bottom_right", scale=None,
-    window=None, softcap=None, alibi_slopes=None,
+    window=None, softcap=None, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
 ):  # fmt: skip
     """Gradients (dq, dk, dv) of varlen_attention, shaped like q, k and v (zero outside every sequence)."""
     dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
@@ -97,6 +108,6 @@ def varlen_attention_backward(
         )  # fmt: skip
         dq[:, rows], dk[:, keys], dv[:, keys] = attention_backward(
             q[:, rows], k[:, keys], v[:, keys], out[:, rows], d_out[:, rows], lse[:, rows],
-            mask=bias, scale=scale, softcap=softcap,
+            mask=bias, scale=scale, softcap=softcap, **_sequence_dropout(dropout_p, dropout_seed, b, hq, nq, nk),
         )  # fmt: skip
     return dq, dk, dv

@@ -105,7 +105,7 @@ def test_sdpa_accepts_numpy():
     assert_close(out, expected, atol=1e-12, name="out")
 
 
-@pytest.mark.filterwarnings("ignore::attnkit.AttnkitFallbackWarning")  # asserted once below; 400 more calls
+@pytest.mark.filterwarnings("error::attnkit.AttnkitFallbackWarning")  # dropout runs in the kernel
 def test_sdpa_dropout_is_unbiased_and_rescaled():
     torch.manual_seed(0)
     q, k, v = (randn(1, 2, 6, 8, dtype=torch.float64) for _ in range(3))
@@ -113,8 +113,7 @@ def test_sdpa_dropout_is_unbiased_and_rescaled():
     # With v = identity, the output is the kept weights: each is 0 or weight / (1 - p).
     eye = torch.eye(6, dtype=torch.float64).expand(1, 2, 6, 6)
     weights = attnkit.scaled_dot_product_attention(q, k, eye)
-    with pytest.warns(attnkit.AttnkitFallbackWarning, match="dropout is not implemented in the fused kernels"):
-        dropped = attnkit.scaled_dot_product_attention(q, k, eye, dropout_p=0.4)
+    dropped = attnkit.scaled_dot_product_attention(q, k, eye, dropout_p=0.4)
     kept = dropped != 0
     assert 0.4 < kept.float().mean() < 0.8
     assert_close(dropped[kept], weights[kept] / 0.6, atol=1e-12, name="kept weights")
@@ -123,7 +122,7 @@ def test_sdpa_dropout_is_unbiased_and_rescaled():
     assert (attnkit.scaled_dot_product_attention(q, k, v, dropout_p=1.0) == 0).all()
 
 
-@pytest.mark.filterwarnings("ignore::attnkit.AttnkitFallbackWarning")  # dropout runs on the reference, as intended
+@pytest.mark.filterwarnings("error::attnkit.AttnkitFallbackWarning")  # dropout runs in the kernel
 def test_sdpa_dropout_gradients():
     q, k, v = (randn(1, 2, 5, 4, dtype=torch.float64, grad=True) for _ in range(3))
 

@@ -42,12 +42,17 @@ class Backend:
         """None if the backend can run this call, else why not."""
         return None
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout_p=0.0, dropout_keep=None):
-        """Returns (out, lse, weights or None) in q's array type and device."""
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
+        """Returns (out, lse, weights or None) in q's array type and device.
+
+        dropout: None or an attnkit.dropout.Dropout (probability and seed); the
+        weights returned, like lse, are those before dropout.
+        """
         raise NotImplementedError
 
-    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout_p=0.0, dropout_keep=None):
-        """Returns (dq, dk, dv) in the array type, device and dtype of q, k, v."""
+    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
+        """Returns (dq, dk, dv) in the array type, device and dtype of q, k, v (dropout's mask
+        regenerated from its seed)."""
         raise NotImplementedError
 
     def warmup(self):
@@ -63,10 +68,14 @@ def kernel_options(spec):
     return dict(causal=spec.causal, align=spec.align, scale=spec.scale, window=spec.window, softcap=spec.softcap)
 
 
+def dropout_options(dropout):
+    """The kernels' dropout keyword arguments (dropout_p, dropout_seed) for a Dropout or None; every
+    kernel draws attnkit.reference.dropout's mask, a batch entry or packed sequence being a sequence."""
+    return {} if dropout is None else dict(dropout_p=dropout.p, dropout_seed=dropout.seed)
+
+
 def flash_refusal(request):
     """Why a flash kernel (which never forms the weight matrix) cannot run the request, or None."""
     if request.return_weights:
         return "return_weights needs the whole weight matrix, which a flash kernel never forms"
-    if request.dropout:
-        return "dropout is not implemented in the fused kernels"
     return None

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from .. import _arrays, _layout
-from .base import Backend, flash_refusal, kernel_options
+from .base import Backend, dropout_options, flash_refusal, kernel_options
 
 
 def float32_matmul_precision():
@@ -153,35 +153,35 @@ class NumbaBackend(Backend):
 
         warmup()
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout_p=0.0, dropout_keep=None):
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
         if spec.packed:
-            out, lse = self._packed_forward(q, k, v, spec, alibi, bf16)
+            out, lse = self._packed_forward(q, k, v, spec, alibi, bf16, dropout)
         else:
-            out, lse = self._dense_forward(q, k, v, mask, spec, alibi, bf16)
+            out, lse = self._dense_forward(q, k, v, mask, spec, alibi, bf16, dropout)
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
 
-    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout_p=0.0, dropout_keep=None):
+    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
         if spec.packed:
-            grads = self._packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16)
+            grads = self._packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16, dropout)
         else:
-            grads = self._dense_backward(q, k, v, mask, out, d_out, lse, spec, alibi, bf16)
+            grads = self._dense_backward(q, k, v, mask, out, d_out, lse, spec, alibi, bf16, dropout)
         return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))
 
     @staticmethod
-    def _dense_forward(q, k, v, mask, spec, alibi, bf16):
+    def _dense_forward(q, k, v, mask, spec, alibi, bf16, dropout):
         from ..kernels.numba_attention import flash_forward
 
         qn, kn, vn = (_layout.fold_batch(_host(x, spec, bf16), spec.batch) for x in (q, k, v))
         out, lse = flash_forward(
             qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, np.float32 if bf16 else qn.dtype),
-            **kernel_options(spec), bf16_products=bf16, alibi=_slopes(alibi, spec),
+            **kernel_options(spec), bf16_products=bf16, alibi=_slopes(alibi, spec), **dropout_options(dropout),
         )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
         return _layout.unfold_batch(out, spec.batch), _layout.unfold_batch(lse, spec.batch)
 
     @staticmethod
-    def _dense_backward(q, k, v, mask, out, d_out, lse, spec, alibi, bf16):
+    def _dense_backward(q, k, v, mask, out, d_out, lse, spec, alibi, bf16, dropout):
         from ..kernels.microkernels import bf16_to_float32
         from ..kernels.numba_attention import flash_backward
 
@@ -190,6 +190,7 @@ class NumbaBackend(Backend):
         grads = flash_backward(
             qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, np.float32 if bf16 else qn.dtype),
             on, don, lse_n, **kernel_options(spec), bf16_products=bf16, alibi=_slopes(alibi, spec),
+            **dropout_options(dropout),
         )  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
         results = []
         for g, x in zip(grads, (q, k, v)):
@@ -200,11 +201,11 @@ class NumbaBackend(Backend):
         return results
 
     @staticmethod
-    def _packed_forward(q, k, v, spec, alibi, bf16):
+    def _packed_forward(q, k, v, spec, alibi, bf16, dropout):
         from ..kernels.numba_attention import flash_forward
 
         qn, kn, vn = (_host(x, spec, bf16) for x in (q, k, v))
-        folded = _foldable_decode(spec)
+        folded = dropout is None and _foldable_decode(spec)  # folding renumbers heads and rows: the mask's counter
         if folded:  # (Hq, S, D) -> (Hkv, S * group, D): sequence b's rows are its group's queries
             group, batch = spec.hq // spec.hkv, len(spec.cu_q) - 1
             qn = qn.reshape(spec.hkv, group, batch, spec.d).transpose(0, 2, 1, 3).reshape(spec.hkv, batch * group, spec.d)
@@ -213,6 +214,7 @@ class NumbaBackend(Backend):
         out, lse = flash_forward(
             qn[None], _spread_keys(kn, spec.cu_k, starts, total), _spread_keys(vn, spec.cu_k, starts, total), None,
             **kernel_options(spec), bf16_products=bf16, segments=_segments(spec, starts), alibi=_slopes(alibi, spec),
+            **dropout_options(dropout),
         )  # fmt: skip
         out, lse = out[0], lse[0]
         if folded:  # back to (Hq, S, Dv) and (Hq, S)
@@ -221,7 +223,7 @@ class NumbaBackend(Backend):
         return out, lse
 
     @staticmethod
-    def _packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16):
+    def _packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16, dropout):
         from ..kernels.numba_attention import flash_backward
 
         qn, kn, vn, on, don = (_host(x, spec, bf16) for x in (q, k, v, out, d_out))
@@ -230,5 +232,6 @@ class NumbaBackend(Backend):
             qn[None], _spread_keys(kn, spec.cu_k, starts, total), _spread_keys(vn, spec.cu_k, starts, total), None,
             on[None], don[None], np.asarray(_arrays.to_numpy(lse))[None], **kernel_options(spec),
             bf16_products=bf16, segments=_segments(spec, starts), alibi=_slopes(alibi, spec),
+            **dropout_options(dropout),
         )  # fmt: skip
         return dq[0], _gather_keys(dk, spec.cu_k, starts), _gather_keys(dv, spec.cu_k, starts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import _layout
 from ..op_codes import operator_options
-from .base import Backend, flash_refusal, kernel_options
+from .base import Backend, dropout_options, flash_refusal, kernel_options
 
 
 def _fold(x, spec):
@@ -61,31 +61,33 @@ class TritonBackend(Backend):
 
         return why_unsupported(getattr(torch, spec.dtype), spec.d, spec.dv, spec.device)
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout_p=0.0, dropout_keep=None):
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
         if spec.packed:
             from ..kernels.triton_attention import varlen_forward
 
-            out, lse = varlen_forward(q, k, v, spec.cu_q, spec.cu_k, **kernel_options(spec), alibi=alibi)
+            out, lse = varlen_forward(
+                q, k, v, spec.cu_q, spec.cu_k, **kernel_options(spec), alibi=alibi, **dropout_options(dropout)
+            )
             return out, lse, None
         from ..torch_ops import flash_attention_fwd
 
         out, lse = flash_attention_fwd(
-            *(_fold(x, spec) for x in (q, k, v)), _mask(mask, spec), alibi, *operator_options(spec)
+            *(_fold(x, spec) for x in (q, k, v)), _mask(mask, spec), alibi, *operator_options(spec, dropout)
         )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
         return out.reshape(spec.out_shape), lse.reshape(spec.batch + (spec.hq, spec.nq)), None
 
-    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout_p=0.0, dropout_keep=None):
+    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
         if spec.packed:
             from ..kernels.triton_attention import varlen_backward
 
             return varlen_backward(q, k, v, out, d_out.contiguous(), lse, spec.cu_q, spec.cu_k,
-                                   **kernel_options(spec), alibi=alibi)  # fmt: skip
+                                   **kernel_options(spec), alibi=alibi, **dropout_options(dropout))  # fmt: skip
         from ..torch_ops import flash_attention_bwd
 
         folded = [_fold(x, spec) for x in (q, k, v, out, d_out)]
         lse = lse.reshape((-1, spec.hq, spec.nq))
         grads = flash_attention_bwd(
-            *folded[:3], _mask(mask, spec), alibi, folded[3], folded[4], lse, None, *operator_options(spec)
+            *folded[:3], _mask(mask, spec), alibi, folded[3], folded[4], lse, None, *operator_options(spec, dropout)
         )  # (B, Hq, Nq, D), (B, Hkv, Nk, D), (B, Hkv, Nk, Dv)
         return tuple(  # sum_to_shape works on tensors too (torch takes axis=/keepdims=)
             _layout.sum_to_shape(g.reshape(spec.batch + tuple(g.shape[1:])), tuple(x.shape))

@@ -19,31 +19,43 @@ def _options(spec, alibi):
     return options
 
 
+def _dense_dropout(dropout, spec):
+    """reference.attention's dropout arguments: the seed's keep mask, drawn whole."""
+    return {} if dropout is None else dict(dropout_p=dropout.p, dropout_keep=dropout.keep(spec))
+
+
+def _packed_dropout(dropout):
+    return {} if dropout is None else dict(dropout_p=dropout.p, dropout_seed=dropout.seed)
+
+
 class ReferenceBackend(Backend):
     """The NumPy specification. Runs anything, anywhere, through host memory."""
 
     name = "reference"
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout_p=0.0, dropout_keep=None):
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
         qn, kn, vn = map(_arrays.to_numpy, (q, k, v))
         if spec.packed:
-            out, lse = varlen_attention(qn, kn, vn, spec.cu_q, spec.cu_k, **_options(spec, alibi), return_lse=True)
+            out, lse = varlen_attention(
+                qn, kn, vn, spec.cu_q, spec.cu_k, **_options(spec, alibi), **_packed_dropout(dropout), return_lse=True,
+            )  # fmt: skip
             weights = None
         else:
             out, lse, weights = reference_attention(
-                qn, kn, vn, mask=_arrays.to_numpy(mask), return_lse=True, return_weights=True, dropout_p=dropout_p,
-                dropout_keep=_arrays.to_numpy(dropout_keep), **_options(spec, alibi),
+                qn, kn, vn, mask=_arrays.to_numpy(mask), return_lse=True, return_weights=True,
+                **_dense_dropout(dropout, spec), **_options(spec, alibi),
             )  # fmt: skip
         weights = _arrays.like(weights, q) if return_weights else None
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), weights
 
-    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout_p=0.0, dropout_keep=None):
+    def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
         arrays = map(_arrays.to_numpy, (q, k, v, out, d_out, lse))
         if spec.packed:
-            grads = varlen_attention_backward(*arrays, spec.cu_q, spec.cu_k, **_options(spec, alibi))
+            grads = varlen_attention_backward(
+                *arrays, spec.cu_q, spec.cu_k, **_options(spec, alibi), **_packed_dropout(dropout)
+            )
         else:
             grads = reference_attention_backward(
-                *arrays, mask=_arrays.to_numpy(mask), dropout_p=dropout_p,
-                dropout_keep=_arrays.to_numpy(dropout_keep), **_options(spec, alibi),
+                *arrays, mask=_arrays.to_numpy(mask), **_dense_dropout(dropout, spec), **_options(spec, alibi),
             )  # fmt: skip
         return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))

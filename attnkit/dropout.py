@@ -1,0 +1,71 @@
+"""Attention dropout for one call: the probability and the seed that decides its keep mask.
+
+The mask itself is attnkit.reference.dropout's pure function of (seed, sequence,
+head, row, key): every backend draws the same one, and the backward
+regenerates it. Each call takes a fresh 62-bit seed from a generator, so
+torch.manual_seed (or np.random.seed for NumPy inputs) makes a run repeat bit
+for bit, as torch's own dropout does.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from .reference.dropout import keep_mask
+
+_SEED_RANGE = 1 << 62
+
+
+class Dropout(NamedTuple):
+    """Dropout of one call: weights dropped with probability p, by the keep mask of seed."""
+
+    p: float
+    seed: int
+
+    def keep(self, spec):
+        """The keep mask of a dense call, spec.scores_shape (..., Hq, Nq, Nk) bool (the reference's input)."""
+        sequences = int(np.prod(spec.batch, dtype=np.int64))
+        return keep_mask(self.seed, self.p, sequences, spec.hq, spec.nq, spec.nk).reshape(spec.scores_shape)
+
+    def sequence_keep(self, spec, index):
+        """The keep mask (Hq, Nq_s, Nk_s) of packed sequence `index`."""
+        nq, nk = int(spec.lengths_q[index]), int(spec.lengths_k[index])
+        return keep_mask(self.seed, self.p, 1, spec.hq, nq, nk, first_sequence=index)[0]
+
+
+def draw_dropout(dropout_p, dropout_seed, kind):
+    """A Dropout for this call, or None when dropout_p is 0.
+
+    dropout_seed: None (draw from torch's default generator for tensors, NumPy's
+    global one for arrays), an int in [0, 2**63), a torch.Generator or a
+    numpy.random.Generator (drawn from); seeds are in [0, 2**63).
+    """
+    if dropout_p == 0:
+        return None
+    if dropout_seed is None:
+        if kind == "torch":
+            import torch
+
+            seed = int(torch.randint(0, _SEED_RANGE, (), dtype=torch.int64))
+        else:
+            seed = int(np.random.randint(0, _SEED_RANGE, dtype=np.int64))
+    elif isinstance(dropout_seed, np.random.Generator):
+        seed = int(dropout_seed.integers(0, _SEED_RANGE))
+    elif isinstance(dropout_seed, numbers.Integral) and not isinstance(dropout_seed, bool):
+        seed = int(dropout_seed)
+        if not 0 <= seed < 1 << 63:  # an int64 for the torch operators
+            raise ValueError(f"dropout_seed must be in [0, 2**63); got {seed}")
+    elif type(dropout_seed).__name__ == "Generator" and type(dropout_seed).__module__.startswith("torch"):
+        import torch
+
+        seed = int(torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, generator=dropout_seed,
+                                 device=dropout_seed.device))  # fmt: skip
+    else:
+        raise TypeError(
+            "dropout_seed must be None, an int, a torch.Generator or a numpy.random.Generator; "
+            f"got {type(dropout_seed).__name__}"
+        )
+    return Dropout(float(dropout_p), seed)
