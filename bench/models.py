@@ -3,7 +3,7 @@
     python -m attnkit.bench.models [--dtype float32 bfloat16] [--rounds 3] [--prefill 2048] [--decode 128]
     python -m attnkit.bench.models --quick     # float32, one round, prefill 256 + 16 steps
 
-Two workloads, each run with attn_implementation "attnkit", "sdpa" and
+Four workloads, each run with attn_implementation "attnkit", "sdpa" and
 "eager", the three taking turns `--rounds` times (the median is reported):
 
 - encoder: the real all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads of 32; the
@@ -11,7 +11,12 @@ Two workloads, each run with attn_implementation "attnkit", "sdpa" and
   sentences of real, varied lengths, in padded batches of 32 as they come;
 - decoder: a Llama-style model built from a config (GQA 16/4 heads of 64,
   hidden 1024, 8 layers, ~100M parameters, random weights): one prefill of
-  `--prefill` tokens, then `--decode` greedy steps with the KV cache.
+  `--prefill` tokens, then `--decode` greedy steps with the KV cache;
+- train-encoder: a MiniLM-shaped BERT from its config in train mode, forward,
+  backward and an SGD update on 16 x 128 tokens (half the batch padded),
+  with attention dropout 0.1 and then 0.0;
+- train-gpt-oss: a small gpt-oss-shaped decoder (learned sinks, sliding
+  window on alternate layers) from its config, language-model training steps.
 
 Attention's share is the time spent inside the attention function (each
 implementation is registered under a timing wrapper) over the whole run.
@@ -87,6 +92,7 @@ def _sentences(count=256):
 
 SENTENCES = _sentences()
 IMPLEMENTATIONS = ("attnkit", "sdpa", "eager")
+WORKLOADS = ("encoder", "decoder", "train-encoder", "train-gpt-oss")
 
 
 class AttentionClock:
@@ -181,6 +187,91 @@ def decoder_models(dtype, prefill, decode):
     return models, run, prefill + decode
 
 
+def _copies(config_factory, family, dtype, seed, implementations=IMPLEMENTATIONS):
+    """One model per implementation, the same random weights, in train mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    first = config_factory()
+    model_class = first[1]
+    state = model_class(first[0]).to(getattr(torch, dtype)).state_dict()
+    models = {}
+    for name in implementations:
+        config, _ = config_factory()
+        model = model_class._from_config(config, attn_implementation=_timed_name(name, family), dtype=getattr(torch, dtype))
+        model.load_state_dict(state)
+        models[name] = model.train()
+    return models
+
+
+def _train_step(model, batch, loss_of):
+    """Forward, loss, backward and a plain SGD update: one training step."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    loss_of(model(**batch)).backward()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter.add_(parameter.grad, alpha=-1e-4)
+
+
+def encoder_training_models(dtype, dropout, steps=4):
+    """A MiniLM-shaped BERT (6 layers, 12 heads of 32, hidden 384) from its config, random weights,
+    in train mode with attention dropout `dropout`: `steps` steps on batches of 16 x 128 tokens
+    whose second half is padded to 64 tokens."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    def config_factory():
+        return BertConfig(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                          num_attention_heads=12, attention_probs_dropout_prob=dropout, hidden_dropout_prob=0.1,
+                          max_position_embeddings=512), BertModel
+
+    models = _copies(config_factory, "bert", dtype, seed=0)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1000, 30000, (16, 128), generator=g)
+    mask = torch.ones(16, 128, dtype=torch.long)
+    mask[8:, 64:] = 0  # half the batch padded
+    batch = dict(input_ids=ids, attention_mask=mask)
+    tokens = steps * int(mask.sum())
+
+    def run(model):
+        for _ in range(steps):
+            _train_step(model, batch, lambda out: out.last_hidden_state.float().pow(2).mean())
+
+    return models, run, tokens
+
+
+def gpt_oss_training_models(dtype, steps=4):
+    """A small gpt-oss-shaped decoder (4 layers, GQA 16/4 heads of 64, learned sinks, a sliding window on
+    every other layer, 4 experts) from its config, random weights: `steps` language-model training
+    steps on 4 x 256 tokens."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    def config_factory():
+        return GptOssConfig(vocab_size=8192, hidden_size=512, intermediate_size=512, num_hidden_layers=4,
+                            num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_local_experts=4,
+                            num_experts_per_tok=2, sliding_window=128, max_position_embeddings=1024), GptOssForCausalLM
+
+    # transformers refuses sdpa for gpt-oss (its sinks): attnkit against eager.
+    models = _copies(config_factory, "gpt_oss", dtype, seed=0, implementations=("attnkit", "eager"))
+    with torch.no_grad():  # sinks of different sizes, so that they matter
+        sinks = [torch.randn_like(layer.self_attn.sinks) for layer in models["attnkit"].model.layers]
+        for model in models.values():
+            for layer, value in zip(model.model.layers, sinks):
+                layer.self_attn.sinks.copy_(value)
+    ids = torch.randint(0, 8192, (4, 256), generator=torch.Generator().manual_seed(3))
+    batch = dict(input_ids=ids, labels=ids)
+
+    def run(model):
+        for _ in range(steps):
+            _train_step(model, batch, lambda out: out.loss)
+
+    return models, run, steps * ids.numel()
+
+
 def measure(name, models, run, tokens, rounds, clock, progress):
     rows = []
     records = {impl: [] for impl in models}
@@ -201,13 +292,33 @@ def measure(name, models, run, tokens, rounds, clock, progress):
     return rows
 
 
+def _runs(workload):
+    """Timed runs per round of a workload: one per implementation of each of its measurements."""
+    return {"train-encoder": 2 * len(IMPLEMENTATIONS), "train-gpt-oss": 2}.get(workload, len(IMPLEMENTATIONS))
+
+
+def _workload(workload, dtype, args):
+    """(label, (models, run, tokens)) for each measurement of a workload (built lazily, one at a time)."""
+    if workload == "encoder":
+        yield "all-MiniLM-L6-v2, 256 sentences, batches of 32", encoder_models(dtype)
+    elif workload == "decoder":
+        label = f"Llama-style 100M (GQA 16/4), prefill {args.prefill} + {args.decode} greedy steps"
+        yield label, decoder_models(dtype, args.prefill, args.decode)
+    elif workload == "train-encoder":
+        for dropout in (0.1, 0.0):
+            label = f"MiniLM-shaped BERT training, 4 steps of 16x128 (half padded), attention dropout {dropout}"
+            yield label, encoder_training_models(dtype, dropout)
+    else:
+        yield "gpt-oss-shaped 4-layer decoder with sinks, 4 training steps of 4x256", gpt_oss_training_models(dtype)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m attnkit.bench.models", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per implementation, taking turns")
     parser.add_argument("--prefill", type=int, default=2048, help="decoder prompt length (default 2048)")
     parser.add_argument("--decode", type=int, default=128, help="greedy decode steps (default 128)")
-    parser.add_argument("--only", choices=["encoder", "decoder"], default=None)
+    parser.add_argument("--only", choices=WORKLOADS, default=None)
     parser.add_argument("--quick", action="store_true",
                         help="a first look: float32 only, one round, prefill 256 and 16 decode steps")
     args = parser.parse_args(argv)
@@ -221,31 +332,29 @@ def main(argv=None):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.models.bert import modeling_bert
+    from transformers.models.gpt_oss import modeling_gpt_oss
     from transformers.models.llama import modeling_llama
 
     from ..integrations.transformers import register
 
     register()
     clock = AttentionClock({"bert": modeling_bert.eager_attention_forward,
-                            "llama": modeling_llama.eager_attention_forward})
-    workloads = [w for w in ("encoder", "decoder") if args.only in (None, w)]
-    total = len(args.dtype) * len(workloads) * args.rounds * len(IMPLEMENTATIONS)
+                            "llama": modeling_llama.eager_attention_forward,
+                            "gpt_oss": modeling_gpt_oss.eager_attention_forward})
+    workloads = [w for w in WORKLOADS if args.only in (None, w)]
+    total = len(args.dtype) * sum(_runs(w) for w in workloads) * args.rounds
     print("| model | dtype | implementation | seconds | tokens/s | vs sdpa | attention's share |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     with tqdm(total=total, desc="models", unit="run", file=sys.stderr, disable=not sys.stderr.isatty()) as progress:
         for dtype in args.dtype:
             for workload in workloads:
-                if workload == "encoder":
-                    label = "all-MiniLM-L6-v2, 256 sentences, batches of 32"
-                    models, run, tokens = encoder_models(dtype)
-                else:
-                    label = f"Llama-style 100M (GQA 16/4), prefill {args.prefill} + {args.decode} greedy steps"
-                    models, run, tokens = decoder_models(dtype, args.prefill, args.decode)
-                rows = measure(f"{workload} {dtype}", models, run, tokens, args.rounds, clock, progress)
-                sdpa = next(r for r in rows if r[0] == "sdpa")
-                for impl, seconds, rate, share in rows:
-                    print(f"| {label} | {dtype} | {impl} | {seconds:.2f} | {rate:.0f} | {sdpa[1] / seconds:.2f}× "
-                          f"| {100 * share:.0f}% |", flush=True)
+                for label, (models, run, tokens) in _workload(workload, dtype, args):
+                    rows = measure(f"{workload} {dtype}", models, run, tokens, args.rounds, clock, progress)
+                    # The baseline is sdpa, or eager where transformers cannot run sdpa (gpt-oss).
+                    sdpa = next((r for r in rows if r[0] == "sdpa"), rows[-1])
+                    for impl, seconds, rate, share in rows:
+                        print(f"| {label} | {dtype} | {impl} | {seconds:.2f} | {rate:.0f} | "
+                              f"{sdpa[1] / seconds:.2f}× | {100 * share:.0f}% |", flush=True)
     return 0
 
 
