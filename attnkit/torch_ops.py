@@ -94,7 +94,7 @@ def _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_ri
 def numba_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     scale: float, causal: int, align: int, window_left: Optional[int], window_right: Optional[int],
-    softcap: Optional[float], dropout_p: float, dropout_seed: int,
+    softcap: Optional[float], dropout_p: float = 0.0, dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
@@ -107,8 +107,8 @@ def numba_attention_fwd(
 def numba_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor, scale: float, causal: int, align: int,
-    window_left: Optional[int], window_right: Optional[int], softcap: Optional[float], dropout_p: float,
-    dropout_seed: int,
+    window_left: Optional[int], window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0,
+    dropout_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
@@ -159,8 +159,8 @@ USES_TRITON_OP = _uses_triton_op()
 
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                alibi: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
-               window_right: Optional[int], softcap: Optional[float], dropout_p: float,
-               dropout_seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0,
+               dropout_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
     return _triton().flash_forward(q, k, v, mask, alibi=alibi, **options, dropout_p=dropout_p,
@@ -170,7 +170,7 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional
 def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                alibi: Optional[torch.Tensor], out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor,
                d_lse: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
-               window_right: Optional[int], softcap: Optional[float], dropout_p: float, dropout_seed: int,
+               window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0, dropout_seed: int = 0,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     options = _kernel_options(scale, causal, align, window_left, window_right, softcap)

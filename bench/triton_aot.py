@@ -53,7 +53,7 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim, BLOCK_D=block_d, BLOCK_DV=block_d,
         BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mask_kind, HAS_LEFT=False, HAS_RIGHT=bool(causal),
         SOFTCAP=bool(softcap), INDEX_64=False,
-        DOT_PREC="ieee" if dtype == torch.float32 else "tf32", VARLEN=False, ALIBI=False,
+        DOT_PREC="ieee" if dtype == torch.float32 else "tf32", VARLEN=False, ALIBI=False, DROPOUT=False,
     )
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
@@ -80,8 +80,10 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
             signature[arg] = "i32"
         elif arg.startswith("s_"):
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
-        elif arg in ("qk_scale", "cap_log2", "scale"):
+        elif arg in ("qk_scale", "cap_log2", "scale", "keep_scale"):
             signature[arg] = "fp32"
+        elif arg in ("seed", "threshold"):  # dropout's (unused: DROPOUT is off)
+            signature[arg] = "i64"
         else:
             signature[arg] = "i32"
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
