@@ -71,17 +71,19 @@ def _dropout_factor(qi, kj, b, h, seed, threshold, keep_scale):
 
     qi, kj: query / key indices broadcastable to each other (any orientation), relative
     to the sequence; b the batch entry or packed sequence, h the query head. One
-    tl.philox call per key here picks its word (key % 4) of the call that covers four keys.
+    tl.philox call per key here picks its 16-bit draw of the call that covers eight keys.
     """
     zero = (qi + kj) * 0
-    group = (kj // 4 + zero).to(tl.uint32)
+    group = (kj // 8 + zero).to(tl.uint32)
     row = (qi + zero).to(tl.uint32)
     head = (h + zero).to(tl.uint32)
     sequence = (b + zero).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, group, row, head, sequence)
-    word = kj % 4 + zero
+    word = (kj % 8) // 2 + zero
     draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
-    return tl.where(draw.to(tl.int64) >= threshold, keep_scale, 0.0)
+    half = ((kj % 2) * 16 + zero).to(tl.uint32)
+    draw = (draw >> half) & 0xFFFF  # low half first
+    return tl.where(draw.to(tl.int32) >= threshold, keep_scale, 0.0)
 
 
 @triton.jit

@@ -5,12 +5,14 @@ backward regenerates it, and a test can compare any kernel with the reference
 run on this mask.
 
 Weight (s, h, i, j) (sequence or batch entry s, query head h, query row i and
-key j within that sequence) is kept when word j % 4 of
+key j within that sequence) is kept when the 16-bit draw
 
-    philox4x32_10(counter = (j // 4, i, h, s), key = (seed mod 2**32, seed // 2**32))
+    half j % 2 (low half first) of word (j % 8) // 2 of
+    philox4x32_10(counter = (j // 8, i, h, s), key = (seed mod 2**32, seed // 2**32))
 
-is at least threshold(p) = round(p * 2**32): one Philox call decides four
-neighbouring keys. Philox4x32-10 (Salmon et al., "Parallel random numbers: as
+is at least threshold(p) = round(p * 2**16): one Philox call decides eight
+neighbouring keys (its 128 bits as eight 16-bit draws: p is resolved to
+1/65536, where flash-attn's kernels use 8 bits). Philox4x32-10 (Salmon et al., "Parallel random numbers: as
 easy as 1, 2, 3", SC'11) is the counter-based generator torch and flash-attn
 use for dropout on GPUs; Triton ships it as tl.philox with this round layout,
 so the Triton kernel calls it directly.
@@ -26,7 +28,8 @@ PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
 PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
-KEYS_PER_CALL = 4  # one Philox call's four words decide four neighbouring keys
+KEYS_PER_CALL = 8  # one Philox call's four 32-bit words, as eight 16-bit draws, decide eight keys
+DRAW_BITS = 16
 
 _LOW32 = np.uint64(0xFFFFFFFF)
 
@@ -63,8 +66,8 @@ def split_seed(seed):
 
 
 def threshold(p):
-    """The 32-bit draw below which a weight is dropped: round(p * 2**32) (2**32 drops all)."""
-    return int(round(float(p) * 2.0**32))
+    """The 16-bit draw below which a weight is dropped: round(p * 2**16) (2**16 drops all)."""
+    return int(round(float(p) * 2.0**DRAW_BITS))
 
 
 def keep_scale(p):
@@ -80,6 +83,7 @@ def keep_mask(seed, p, sequences, heads, nq, nk, *, first_sequence=0):
     i = np.arange(nq, dtype=np.uint64)[None, None, :, None]
     groups = -(-nk // KEYS_PER_CALL)
     g = np.arange(groups, dtype=np.uint64)[None, None, None, :]
-    words = philox4x32(g, i, h, s, k0, k1)  # 4 x (S, H, Nq, groups)
-    draws = np.stack(words, axis=-1).reshape(sequences, heads, nq, groups * KEYS_PER_CALL)[..., :nk]
-    return draws.astype(np.uint64) >= np.uint64(threshold(p))  # a threshold of 2**32 keeps nothing
+    words = np.stack(philox4x32(g, i, h, s, k0, k1), axis=-1)  # (S, H, Nq, groups, 4)
+    halves = np.stack([words & 0xFFFF, words >> 16], axis=-1)  # (..., 4, 2): low half first
+    draws = halves.reshape(sequences, heads, nq, groups * KEYS_PER_CALL)[..., :nk]
+    return draws.astype(np.int64) >= threshold(p)  # a threshold of 2**16 keeps nothing

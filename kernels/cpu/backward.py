@@ -70,7 +70,7 @@ def _backward_worker(
     lse2 = np.empty(block_q, real)
     delta = np.empty(block_q, real)
     keep_buf = np.empty(block_q * block_k + 1 if has_dropout else 1, real)  # (Bq, Bk) dropout factors
-    draws = np.empty(block_k + 8 if has_dropout else 1, np.uint64)  # one row's Philox words
+    draws = np.empty(block_k + 24 if has_dropout else 1, np.uint64)  # one row's 16-bit draws
     blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
 
     while True:

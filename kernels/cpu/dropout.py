@@ -1,7 +1,7 @@
 """Attention dropout in the CPU kernel: each tile's keep factors, regenerated from the seed.
 
 The mask is reference/dropout.py's, drawn tile by tile: Philox4x32-10 on the
-counter (key // 4, row, head, sequence), one call per four keys, so nothing of
+counter (key // 8, row, head, sequence), one call per eight keys, so nothing of
 size N^2 is stored and the backward draws exactly what the forward drew.
 """
 
@@ -17,6 +17,8 @@ _M0, _M1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
 _W0, _W1 = np.uint64(PHILOX_W0), np.uint64(PHILOX_W1)
 _LOW32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
+_LOW16 = np.uint64(0xFFFF)
+_SHIFT16 = np.uint64(16)
 
 # Layout of the kernels' dropout parameters (uint64): Philox's key words and the drop threshold.
 _D_KEY0 = 0
@@ -54,7 +56,7 @@ def _philox(c0, c1, c2, c3, k0, k1):
 def _dropout_factors(factors, draws, params, keep, zero, i0, j0, h, seg):
     """factors (Bq, Bk) = keep where weight (seg, h, i0 + r, j0 + c) is kept, else zero.
 
-    draws is scratch for one row's Philox words: at least Bk + 4 uint64.
+    draws is scratch for one row's 16-bit draws: at least Bk + 16 uint64.
     """
     n_rows, n_cols = factors.shape
     k0, k1, limit = params[_D_KEY0], params[_D_KEY1], params[_D_THRESHOLD]
@@ -66,10 +68,14 @@ def _dropout_factors(factors, draws, params, keep, zero, i0, j0, h, seg):
         row = np.uint64(i0 + r)
         for g in range(n_groups):
             w0, w1, w2, w3 = _philox(np.uint64(first_group + g), row, head, sequence, k0, k1)
-            draws[4 * g] = w0
-            draws[4 * g + 1] = w1
-            draws[4 * g + 2] = w2
-            draws[4 * g + 3] = w3
+            draws[8 * g] = w0 & _LOW16
+            draws[8 * g + 1] = w0 >> _SHIFT16
+            draws[8 * g + 2] = w1 & _LOW16
+            draws[8 * g + 3] = w1 >> _SHIFT16
+            draws[8 * g + 4] = w2 & _LOW16
+            draws[8 * g + 5] = w2 >> _SHIFT16
+            draws[8 * g + 6] = w3 & _LOW16
+            draws[8 * g + 7] = w3 >> _SHIFT16
         out = factors[r]
         for c in range(n_cols):
             out[c] = keep if draws[skip + c] >= limit else zero

@@ -58,7 +58,7 @@ def _forward_worker(
     q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
     p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
     keep_buf = np.empty(block_q * block_k if has_dropout else 1, real)  # (Bq, Bk) dropout factors
-    draws = np.empty(block_k + 8 if has_dropout else 1, np.uint64)  # one row's Philox words
+    draws = np.empty(block_k + 24 if has_dropout else 1, np.uint64)  # one row's 16-bit draws
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
