@@ -15,7 +15,6 @@ from . import _arrays
 from .backends import Request, backend_status, choose_backend
 from .dropout import draw_dropout
 from .op_codes import operator_options
-from .sinks import with_sinks
 from .validation import as_heads, dropout_probability, validate_attention, validate_packed
 
 
@@ -121,17 +120,14 @@ def _planned(key, make):
 def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, grad, dropout=None,
                   return_weights=False):  # fmt: skip
     """(out, lse, weights or None) of one validated call, dense or packed: under the autograd
-    Function when grad (torch is imported only then), else the backend's forward; sinks joined either way.
+    Function when grad (torch is imported only then), else the backend's forward (which joins the sinks).
     dropout: None or an attnkit.dropout.Dropout."""
     if grad:
         from .autograd import AttentionFunction
 
         results = AttentionFunction.apply(q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights)
         return results[0], results[1], results[2] if return_weights else None
-    out, lse, weights = backend.forward(
-        q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout
-    )
-    return with_sinks(out, lse, sinks, weights) if sinks is not None else (out, lse, weights)
+    return backend.forward(q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout, sinks=sinks)
 
 
 def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, dropout_seed=None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .sinks import sink_gradient, with_sinks
+from .sinks import sink_gradient
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -19,10 +19,8 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights):
         out, lse, weights = backend.forward(
-            q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout
+            q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout, sinks=sinks
         )
-        if sinks is not None:
-            out, lse, weights = with_sinks(out, lse, sinks, weights)
         ctx.save_for_backward(q, k, v, mask, alibi, sinks, out, lse)
         ctx.backend, ctx.spec, ctx.dropout = backend, spec, dropout  # the backward redraws dropout's mask
         # One call: a second mark_non_differentiable would replace the first.
@@ -36,7 +34,7 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, d_out, *unused):
         q, k, v, mask, alibi, sinks, out, lse = ctx.saved_tensors
         d_out = d_out.contiguous()
-        # Given the sink-joined out and lse, the backends' backward is already the sinks' backward.
+        # out and lse include the sinks, so the backends' backward is already the sinks' backward.
         dq, dk, dv = ctx.backend.backward(
             q, k, v, mask, out, d_out, lse, ctx.spec,
             alibi=alibi, dropout=ctx.dropout,

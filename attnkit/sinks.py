@@ -1,37 +1,14 @@
-"""Learned attention sinks (gpt-oss) on top of any backend: one extra logit per query head in every
-row's softmax denominator, which carries no value.
+"""The gradient of learned attention sinks (gpt-oss): one extra logit per query head in every row's
+softmax denominator, which carries no value.
 
-With lse the log-sum-exp over the keys, the sink joins it as lse' = logaddexp(lse, sink), and every
-weight, so the output, shrinks by exp(lse - lse'): exact, O(rows) work, the same on every device and
-backend. The backward needs nothing new: the kernels' backward, given out' and lse', rebuilds the
-sink-normalised probabilities and delta = rowsum(dO * out'), and dsink = -sum over rows of
-p_sink * delta with p_sink = exp(sink - lse'). The specification is reference.attention(sinks=).
+The kernels join the sinks in the forward (each sink starts its rows' running max and sum, so out
+and lse include it). The backward needs nothing new: the kernels' backward, given that out and lse,
+rebuilds the sink-normalised probabilities and delta = rowsum(dO * out), and dsink = -sum over
+rows of p_sink * delta with p_sink = exp(sink - lse): O(rows) work, here, the same on every device
+and backend. The specification is reference.attention(sinks=).
 """
 
 from __future__ import annotations
-
-import numpy as np
-
-from . import _arrays
-
-
-def with_sinks(out, lse, sinks, weights=None):
-    """(out', lse', weights'): the attention of out / lse / weights with each head's sink joined.
-
-    lse is (..., Hq, Nq), or (Hq, total) for packed calls: sinks[:, None] lines up with both.
-    A row that saw no key (lse -inf) keeps out 0: the sink holds all of its weight.
-    """
-    if _arrays.family(out) == "torch":
-        import torch
-
-        joined = torch.logaddexp(lse, sinks.detach().to(lse.dtype)[:, None])
-        shrink = torch.exp(lse - joined)[..., None]
-        scaled = [None if x is None else x * shrink.to(x.dtype) for x in (out, weights)]
-    else:
-        joined = np.logaddexp(lse, np.asarray(sinks, lse.dtype)[:, None])
-        shrink = np.exp(lse - joined)[..., None]
-        scaled = [None if x is None else (x * shrink).astype(x.dtype) for x in (out, weights)]
-    return scaled[0], joined, scaled[1]
 
 
 def sink_gradient(out, d_out, lse, sinks):

@@ -1,14 +1,19 @@
 """attnkit's kernels as torch operators, both devices: differentiable and torch.compile-traceable.
 
-    torch.ops.attnkit.numba_attention_fwd(q, k, v, mask, alibi, scale, causal, align,
-                                          window_left, window_right, softcap) -> (out, lse)
+    torch.ops.attnkit.numba_attention_fwd(q, k, v, mask, alibi, scale, causal, align, window_left,
+                                          window_right, softcap, dropout_p=0.0, dropout_seed=0,
+                                          sinks=None) -> (out, lse)
     torch.ops.attnkit.numba_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, scale, causal,
-                                          align, window_left, window_right, softcap) -> (dq, dk, dv)
+                                          align, window_left, window_right, softcap, dropout_p=0.0,
+                                          dropout_seed=0, sinks=None) -> (dq, dk, dv)
     torch.ops.attnkit.flash_attention_fwd(...)  the Triton kernels, same arguments
     torch.ops.attnkit.flash_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, d_lse, ...)
 
 Options are coded by attnkit.op_codes (one table for both devices): causal and
-align 0 (none), 1 ("top_left"), 2 ("bottom_right"). Each forward has an autograd
+align 0 (none), 1 ("top_left"), 2 ("bottom_right"); dropout by its probability
+and seed (attnkit.reference.dropout's mask). sinks (Hq,) join the forward's
+softmax; the backward takes them only to mirror the forward's arguments (out
+and lse already include them) and gives them no gradient. Each forward has an autograd
 formula (register_autograd) calling its backward operator; the Triton pair
 also carries the gradient that reaches lse (d_lse), the CPU pair does not (lse
 is returned for callers that want it, not differentiated, as in eager calls).
@@ -56,7 +61,11 @@ def _dropout(dropout_p, dropout_seed):
 
 
 def _register_autograd(forward, backward, passes_d_lse):
-    """forward's gradient through backward: (q, k, v, mask, alibi, *options) -> (out, lse)."""
+    """forward's gradient through backward: (q, k, v, mask, alibi, *options) -> (out, lse).
+
+    The options (the sinks among them) get no gradient: the backward needs only out and lse,
+    which include the sinks; attnkit.attention differentiates the sinks itself.
+    """
 
     def setup_context(ctx, inputs, output):
         q, k, v, mask, alibi, *options = inputs
@@ -94,12 +103,13 @@ def _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_ri
 def numba_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     scale: float, causal: int, align: int, window_left: Optional[int], window_right: Optional[int],
-    softcap: Optional[float], dropout_p: float = 0.0, dropout_seed: int = 0,
+    softcap: Optional[float], dropout_p: float = 0.0, dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
     spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
-    out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi, dropout=_dropout(dropout_p, dropout_seed))
+    out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi, dropout=_dropout(dropout_p, dropout_seed),
+                                            sinks=sinks)  # fmt: skip
     return out, lse
 
 
@@ -108,7 +118,7 @@ def numba_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor, scale: float, causal: int, align: int,
     window_left: Optional[int], window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
@@ -160,18 +170,18 @@ USES_TRITON_OP = _uses_triton_op()
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                alibi: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
                window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0,
-               dropout_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+               dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
     return _triton().flash_forward(q, k, v, mask, alibi=alibi, **options, dropout_p=dropout_p,
-                                   dropout_seed=dropout_seed, _wrap=wrap)  # fmt: skip
+                                   dropout_seed=dropout_seed, sinks=sinks, _wrap=wrap)  # fmt: skip
 
 
 def _flash_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                alibi: Optional[torch.Tensor], out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor,
                d_lse: Optional[torch.Tensor], scale: float, causal: int, align: int, window_left: Optional[int],
                window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0, dropout_seed: int = 0,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+               sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     wrap = torch.library.wrap_triton if USES_TRITON_OP else None
     options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
     return _triton().flash_backward(q, k, v, mask, out, d_out, lse, alibi=alibi, d_lse=d_lse, **options,

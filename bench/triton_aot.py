@@ -55,6 +55,8 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
         SOFTCAP=bool(softcap), INDEX_64=False,
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32", VARLEN=False, ALIBI=False, DROPOUT=False,
     )
+    if "SINKS" in fn.arg_names:  # the forward only
+        constexprs["SINKS"] = False
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -68,7 +70,7 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
             signature[arg] = "*i8"
         elif arg in ("CU_Q", "CU_K"):
             signature[arg] = "*i32"
-        elif arg == "ALIBI_SLOPES":
+        elif arg in ("ALIBI_SLOPES", "SINK_LOGITS"):
             signature[arg] = "*fp32"
         elif arg.startswith("s_s"):  # its strides (0 on broadcast axes)
             signature[arg] = "i32"

@@ -114,7 +114,7 @@ _SERIAL_WORK = 1 << 17
 
 def flash_forward(
     q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False, segments=None, align=None, alibi=None,
-    f32_products=None, dropout_p=0.0, dropout_seed=None,
+    f32_products=None, dropout_p=0.0, dropout_seed=None, sinks=None,
 ):  # fmt: skip
     """Attention output and natural-log lse.
 
@@ -138,12 +138,15 @@ def flash_forward(
     "blas" for float32's products (default: F32_PRODUCTS, the machine's choice).
     dropout_p > 0 drops weights by attnkit.reference.dropout's keep mask for
     dropout_seed (an int in [0, 2**64); a batch entry is a segment) and scales
-    the kept ones by 1 / (1 - dropout_p); lse is the undropped one.
+    the kept ones by 1 / (1 - dropout_p); lse is the undropped one. sinks:
+    None or (Hq,) learned logits, one more score per row that carries no
+    value (gpt-oss): it starts each row's running max and sum, so lse
+    includes it and a row that sees no key gives 0 and lse = its sink.
     """
     check_paths()
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
     dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
-        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed)
+        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed, sinks)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     if bf16:  # out in bf16 bits (or float32), lse in float32: two allocations
@@ -156,6 +159,8 @@ def flash_forward(
         out.fill(0)
         lse.fill(-np.inf)
         if nk == 0:
+            if sinks is not None:  # all the weight on the sink
+                lse[:] = extras[2][None, :, None]
             return out, lse
     longest_q, longest_k, work = _segment_sizes(table, segments, nq, nk)
     block_q, block_k = _block_sizes(longest_q, longest_k)

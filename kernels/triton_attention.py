@@ -336,7 +336,7 @@ def _slopes(alibi, hq, device):
 
 
 def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None, align=None,
-                  alibi=None, dropout_p=0.0, dropout_seed=None, _wrap=None, _force_int64=False):
+                  alibi=None, dropout_p=0.0, dropout_seed=None, sinks=None, _wrap=None, _force_int64=False):
     """Attention forward: returns (out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32).
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides, one
@@ -347,6 +347,8 @@ def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softca
     alibi (Hq,) or (B, Hq) slopes add -slope * |i + off - j| to the scores.
     dropout_p > 0 drops weights by attnkit.reference.dropout's mask for
     dropout_seed (an int in [0, 2**63)), the kept ones scaled by 1 / (1 - p).
+    sinks: None or (Hq,) learned logits joining every row's softmax with no value
+    (lse includes them; a row that sees no key gives 0 and lse = its sink).
     `_wrap` wraps each kernel before launch (torch.library.wrap_triton).
     """
     wrap = _wrap or _identity
@@ -356,29 +358,33 @@ def flash_forward(q, k, v, mask=None, *, scale, causal=None, window=None, softca
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     if B * Hq * Nq == 0:
         return out, lse
-    if k.shape[2] == 0:  # no keys: every row fully masked
+    if k.shape[2] == 0:  # no keys: every row fully masked, all its weight on a sink if there is one
         out.zero_()
         lse.fill_(float("-inf"))
+        if sinks is not None:
+            lse.copy_(sinks.to(lse)[None, :, None].expand_as(lse))
         return out, lse
     c = _common(q, k, v, mask, scale, causal, window, softcap, align, extra=(out,))
     c.update(index_64=c["index_64"] or _force_int64, varlen=None, alibi=_slopes(alibi, Hq, q.device),
              dropout=_dropout(dropout_p, dropout_seed))
-    _launch_forward(q, k, v, out, lse, c, B, Nq, wrap)
+    _launch_forward(q, k, v, out, lse, c, B, Nq, wrap, sinks)
     return out, lse
 
 
-def _launch_forward(q, k, v, out, lse, c, n_sequences, longest_q, wrap):
+def _launch_forward(q, k, v, out, lse, c, n_sequences, longest_q, wrap, sinks=None):
     launch, blocks = _launcher("fwd", _fwd_kernel, c, q.dtype, q.device, wrap)
+    sink_logits = q if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
     pointers, scalars = _sequences(c, q, lse)
 
     def grid(meta):
         return (triton.cdiv(longest_q, meta["BLOCK_M"]), n_sequences * c["Hq"])
 
     launch[grid](
-        q, k, v, out, lse, c["mask"], c["summary"], *pointers,
+        q, k, v, out, lse, c["mask"], c["summary"], *pointers, sink_logits,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *c["m_strides"], *c["s_strides"], *scalars,
         c["Hq"], c["Nq"], c["Nk"], c["group"], c["qk_scale"], c["cap_log2"], c["off"], c["win_l"],
         c["win_r"], _next_pow2(c["Nq"]), _next_pow2(c["Nk"]), *_dropout_scalars(c), **_constexprs(c), **blocks,
+        SINKS=sinks is not None,
     )
 
 
@@ -472,7 +478,7 @@ def _varlen_setup(q, k, v, cu_q, cu_k, options, extra):
 
 
 def varlen_forward(q, k, v, cu_q, cu_k, *, scale, causal=None, align="bottom_right", window=None, softcap=None,
-                   alibi=None, dropout_p=0.0, dropout_seed=None, _wrap=None):  # fmt: skip
+                   alibi=None, dropout_p=0.0, dropout_seed=None, sinks=None, _wrap=None):  # fmt: skip
     """(out (Hq, total_q, Dv), lse (Hq, total_q) float32) for packed sequences.
 
     q (Hq, total_q, D), k (Hkv, total_k, D), v (Hkv, total_k, Dv) CUDA tensors
@@ -491,7 +497,7 @@ def varlen_forward(q, k, v, cu_q, cu_k, *, scale, causal=None, align="bottom_rig
     options = dict(scale=scale, causal=causal, align=align, window=window, softcap=softcap, alibi=alibi,
                    dropout_p=dropout_p, dropout_seed=dropout_seed)
     q4, k4, v4, c = _varlen_setup(q, k, v, cu_q, cu_k, options, (out4,))
-    _launch_forward(q4, k4, v4, out4, lse, c, n_sequences, c["Nq"], _wrap or _identity)
+    _launch_forward(q4, k4, v4, out4, lse, c, n_sequences, c["Nq"], _wrap or _identity, sinks)
     return out, lse
 
 

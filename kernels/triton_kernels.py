@@ -293,7 +293,7 @@ def _offsets(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, M, S, CU_Q, CU_K, ALIBI_SLOPES,
+    Q, K, V, O, LSE, M, S, CU_Q, CU_K, ALIBI_SLOPES, SINK_LOGITS,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -304,7 +304,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, INDEX_64: tl.constexpr, DOT_PREC: tl.constexpr,
-    VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Forward of one query block: grid (cdiv(Nq, BLOCK_M), B * Hq), Nq the longest sequence when VARLEN."""
     b, h, hk, m0, q0, k0, Nq, Nk, off, slope2 = _query_block(
@@ -321,8 +321,12 @@ def _fwd_kernel(
     row_ok = rows < Nq
     q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qn, rows, s_qn, offs_d, s_qd, row_ok, HEAD_DIM)  # (BM, BD)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if SINKS:  # a learned sink is one more score with no value: it starts the running max and sum
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + tl.load(SINK_LOGITS + h).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     lo, full_lo, full_hi, hi = _key_range(m0, Nk, off, win_l, win_r, BLOCK_M, BLOCK_N,

@@ -56,7 +56,7 @@ def _sequence_dropout(dropout_p, dropout_seed, b, hq, nq, nk):
 
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, align="bottom_right", scale=None, window=None,
-    softcap=None, alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None,
+    softcap=None, alibi_slopes=None, return_lse=False, dropout_p=0.0, dropout_seed=None, sinks=None,
 ):  # fmt: skip
     """Attention of every packed sequence on its own.
 
@@ -72,6 +72,8 @@ def varlen_attention(
         return_lse: also return lse (Hq, total_q).
         dropout_p, dropout_seed: dropout by reference.dropout's keep mask of the
             seed, sequence b being its sequence b.
+        sinks: None or (Hq,) learned logits joining every row's softmax (see
+            attention()); a row that sees no key gives 0 and lse = its sink.
 
     Returns:
         out (Hq, total_q, Dv) in q's dtype (rows of no sequence are 0), and lse
@@ -88,7 +90,7 @@ def varlen_attention(
         )  # fmt: skip
         out[:, rows], lse[:, rows] = attention(
             q[:, rows], k[:, keys], v[:, keys], mask=bias, scale=scale, softcap=softcap, return_lse=True,
-            **_sequence_dropout(dropout_p, dropout_seed, b, hq, nq, nk),
+            sinks=sinks, **_sequence_dropout(dropout_p, dropout_seed, b, hq, nq, nk),
         )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -167,3 +167,48 @@ def test_sinks_within_flash_attns_rule(dtype):
     for name, got, want, same_dtype, factor in zip(("out", "dq", "dk", "dv", "dsinks"), ours, exact, plain,
                                                    (2, 3, 3, 3, 3)):  # fmt: skip
         assert_within_rule(name, got, want, same_dtype, factor, floor=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def _sink_backends():
+    backends = ["numba", "reference"]
+    try:
+        from attnkit.kernels import triton_attention
+
+        if torch.cuda.is_available() or triton_attention.interpreting():
+            backends.append("triton")
+    except Exception:  # no triton
+        pass
+    return backends
+
+
+@pytest.mark.parametrize("backend", _sink_backends())
+def test_the_kernels_join_the_sinks_everywhere(backend):
+    """Dense with a masked row, a decode step (GQA, the Numba decode path), and packed sequences one of
+    which has no keys: out and lse against the explicit computation; an empty row gives 0 and lse = sink."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v, sinks = (x.float() for x in inputs(20, b=2, hq=4, hkv=2, nq=19, nk=27, d=16))
+    mask = torch.rand(2, 1, 19, 27, generator=torch.Generator().manual_seed(21)) > 0.3
+    mask[1, 0, 4] = False
+    want, want_lse = explicit(*(x.double() for x in (q, k, v, sinks)), mask)
+    on = [x.to(device) for x in (q, k, v, sinks)]
+    out, lse = attnkit.attention(*on[:3], mask=mask.to(device), sinks=on[3], return_lse=True, backend=backend)
+    torch.testing.assert_close(out.double().cpu(), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double().cpu(), want_lse, atol=2e-6, rtol=1e-5)
+    assert torch.equal(out[1, :, 4].cpu(), torch.zeros(4, 16)) and torch.allclose(lse[1, :, 4].cpu(), sinks)
+
+    dq, dk, dv, ds = (x.float() for x in inputs(22, b=2, hq=8, hkv=2, nq=1, nk=600, d=32))  # decode
+    want, want_lse = explicit(*(x.double() for x in (dq, dk, dv, ds)))
+    out, lse = attnkit.attention(*(x.to(device) for x in (dq, dk, dv)), sinks=ds.to(device), return_lse=True,
+                                 backend=backend)  # fmt: skip
+    torch.testing.assert_close(out.double().cpu(), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double().cpu(), want_lse, atol=2e-6, rtol=1e-5)
+
+    cu_q, cu_k = torch.tensor([0, 19, 38]), torch.tensor([0, 27, 27])  # the second sequence has no keys
+    packed, packed_lse = attnkit.varlen_attention(q.transpose(0, 1).reshape(4, 38, 16).to(device),
+                                                  k[0].to(device), v[0].to(device), cu_q, cu_k, sinks=on[3],
+                                                  return_lse=True, backend=backend)  # fmt: skip
+    first, first_lse = explicit(*(x.double() for x in (q[0], k[0], v[0], sinks)))
+    torch.testing.assert_close(packed[:, :19].double().cpu(), first, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(packed_lse[:, :19].double().cpu(), first_lse, atol=2e-6, rtol=1e-5)
+    assert torch.equal(packed[:, 19:].cpu(), torch.zeros(4, 19, 16))
+    torch.testing.assert_close(packed_lse[:, 19:].cpu(), sinks[:, None].expand(4, 19))

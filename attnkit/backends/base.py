@@ -42,17 +42,18 @@ class Backend:
         """None if the backend can run this call, else why not."""
         return None
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         """Returns (out, lse, weights or None) in q's array type and device.
 
         dropout: None or an attnkit.dropout.Dropout (probability and seed); the
-        weights returned, like lse, are those before dropout.
+        weights returned, like lse, are those before dropout. sinks: None or
+        (Hq,) logits joined into every row's softmax (lse includes them).
         """
         raise NotImplementedError
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
         """Returns (dq, dk, dv) in the array type, device and dtype of q, k, v (dropout's mask
-        regenerated from its seed)."""
+        regenerated from its seed; out and lse include any sinks, so the backward needs no more)."""
         raise NotImplementedError
 
     def warmup(self):

@@ -153,12 +153,13 @@ class NumbaBackend(Backend):
 
         warmup()
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
+        sinks = _arrays.to_numpy(sinks)
         if spec.packed:
-            out, lse = self._packed_forward(q, k, v, spec, alibi, bf16, dropout)
+            out, lse = self._packed_forward(q, k, v, spec, alibi, bf16, dropout, sinks)
         else:
-            out, lse = self._dense_forward(q, k, v, mask, spec, alibi, bf16, dropout)
+            out, lse = self._dense_forward(q, k, v, mask, spec, alibi, bf16, dropout, sinks)
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
@@ -170,13 +171,14 @@ class NumbaBackend(Backend):
         return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))
 
     @staticmethod
-    def _dense_forward(q, k, v, mask, spec, alibi, bf16, dropout):
+    def _dense_forward(q, k, v, mask, spec, alibi, bf16, dropout, sinks):
         from ..kernels.numba_attention import flash_forward
 
         qn, kn, vn = (_layout.fold_batch(_host(x, spec, bf16), spec.batch) for x in (q, k, v))
         out, lse = flash_forward(
             qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, np.float32 if bf16 else qn.dtype),
             **kernel_options(spec), bf16_products=bf16, alibi=_slopes(alibi, spec), **dropout_options(dropout),
+            sinks=sinks,
         )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
         return _layout.unfold_batch(out, spec.batch), _layout.unfold_batch(lse, spec.batch)
 
@@ -201,11 +203,12 @@ class NumbaBackend(Backend):
         return results
 
     @staticmethod
-    def _packed_forward(q, k, v, spec, alibi, bf16, dropout):
+    def _packed_forward(q, k, v, spec, alibi, bf16, dropout, sinks):
         from ..kernels.numba_attention import flash_forward
 
         qn, kn, vn = (_host(x, spec, bf16) for x in (q, k, v))
-        folded = dropout is None and _foldable_decode(spec)  # folding renumbers heads and rows: the mask's counter
+        # Folding renumbers heads and rows: dropout's counter and the sinks' heads would move.
+        folded = dropout is None and sinks is None and _foldable_decode(spec)
         if folded:  # (Hq, S, D) -> (Hkv, S * group, D): sequence b's rows are its group's queries
             group, batch = spec.hq // spec.hkv, len(spec.cu_q) - 1
             qn = qn.reshape(spec.hkv, group, batch, spec.d).transpose(0, 2, 1, 3).reshape(spec.hkv, batch * group, spec.d)
@@ -214,7 +217,7 @@ class NumbaBackend(Backend):
         out, lse = flash_forward(
             qn[None], _spread_keys(kn, spec.cu_k, starts, total), _spread_keys(vn, spec.cu_k, starts, total), None,
             **kernel_options(spec), bf16_products=bf16, segments=_segments(spec, starts), alibi=_slopes(alibi, spec),
-            **dropout_options(dropout),
+            **dropout_options(dropout), sinks=sinks,
         )  # fmt: skip
         out, lse = out[0], lse[0]
         if folded:  # back to (Hq, S, Dv) and (Hq, S)

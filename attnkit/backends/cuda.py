@@ -61,18 +61,20 @@ class TritonBackend(Backend):
 
         return why_unsupported(getattr(torch, spec.dtype), spec.d, spec.dv, spec.device)
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
+        sinks = None if sinks is None else sinks.detach()
         if spec.packed:
             from ..kernels.triton_attention import varlen_forward
 
             out, lse = varlen_forward(
-                q, k, v, spec.cu_q, spec.cu_k, **kernel_options(spec), alibi=alibi, **dropout_options(dropout)
+                q, k, v, spec.cu_q, spec.cu_k, **kernel_options(spec), alibi=alibi, **dropout_options(dropout),
+                sinks=sinks,
             )
             return out, lse, None
         from ..torch_ops import flash_attention_fwd
 
         out, lse = flash_attention_fwd(
-            *(_fold(x, spec) for x in (q, k, v)), _mask(mask, spec), alibi, *operator_options(spec, dropout)
+            *(_fold(x, spec) for x in (q, k, v)), _mask(mask, spec), alibi, *operator_options(spec, dropout), sinks
         )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
         return out.reshape(spec.out_shape), lse.reshape(spec.batch + (spec.hq, spec.nq)), None
 

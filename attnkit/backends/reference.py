@@ -33,16 +33,17 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
-    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None):
-        qn, kn, vn = map(_arrays.to_numpy, (q, k, v))
+    def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
+        qn, kn, vn, sinks_n = map(_arrays.to_numpy, (q, k, v, sinks))
         if spec.packed:
             out, lse = varlen_attention(
-                qn, kn, vn, spec.cu_q, spec.cu_k, **_options(spec, alibi), **_packed_dropout(dropout), return_lse=True,
+                qn, kn, vn, spec.cu_q, spec.cu_k, **_options(spec, alibi), **_packed_dropout(dropout), sinks=sinks_n,
+                return_lse=True,
             )  # fmt: skip
             weights = None
         else:
             out, lse, weights = reference_attention(
-                qn, kn, vn, mask=_arrays.to_numpy(mask), return_lse=True, return_weights=True,
+                qn, kn, vn, mask=_arrays.to_numpy(mask), return_lse=True, return_weights=True, sinks=sinks_n,
                 **_dense_dropout(dropout, spec), **_options(spec, alibi),
             )  # fmt: skip
         weights = _arrays.like(weights, q) if return_weights else None

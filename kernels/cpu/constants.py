@@ -15,6 +15,7 @@ _HAS_ADDITIVE_MASK = 2
 _HAS_BOOL_MASK = 4
 _HAS_ALIBI = 8
 _HAS_DROPOUT = 16
+_HAS_SINKS = 32
 
 # Layout of the per-call constants array (in the input dtype, so that no
 # float64 literal promotes float32 arithmetic).

@@ -9,7 +9,7 @@ from numba import prange
 
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from .constants import _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK
+from .constants import _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS
 from .operands import _product
 from .schedule import _claim
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -50,6 +50,8 @@ def _decode_worker(
     running_sum = np.empty(rows, dtype)
     rescale = np.empty(rows, dtype)
     unused_grad = np.empty((1, 1), dtype)
+    sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
+    has_sinks = (flags & _HAS_SINKS) != 0
 
     while True:
         t = _claim(order, next_task)
@@ -75,6 +77,9 @@ def _decode_worker(
         for r in range(rows):
             running_max[r] = neg_inf
             running_sum[r] = zero
+            if has_sinks and split == 0:  # the sink joins one split's rows; the merge carries it
+                running_max[r] = sinks[h0 + r // nq] * consts[_C_LOG2E]
+                running_sum[r] = consts[_C_ONE]
         acc[:] = zero
 
         for kb in range(first, stop):

@@ -8,7 +8,7 @@ from numba import prange
 from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from .constants import _C_KEEP_SCALE, _C_NEG_INF, _C_ZERO, _FASTMATH, _HAS_DROPOUT
+from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SINKS
 from .dropout import _dropout_factors
 from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
 from .schedule import _forward_schedule, _next_task, _segment
@@ -46,6 +46,8 @@ def _forward_worker(
     alibi = masks[4]  # (S or 1, Hq or 1) slopes
     dropout = masks[5]  # Philox key and threshold (kernels/cpu/dropout.py)
     has_dropout = (flags & _HAS_DROPOUT) != 0
+    sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
+    has_sinks = (flags & _HAS_SINKS) != 0
 
     # Scratch for this worker: O(block) memory, independent of N; rows padded to
     # 16 columns for the micro-kernels (+1 key: bf16's even first key).
@@ -73,9 +75,11 @@ def _forward_worker(
         bq = i1 - i0
         q_blk = q[b, h, qs + i0 : qs + i1]  # (Bq, D)
         q_rows = _a_rows_of(q_blk, q_blk, q_buf)  # itself, or rounded to bf16
+        # A sink is one more score that carries no value: it starts the running max and sum.
+        start_max, start_sum = (sinks[h] * consts[_C_LOG2E], consts[_C_ONE]) if has_sinks else (neg_inf, zero)
         for r in range(bq):
-            running_max[r] = neg_inf
-            running_sum[r] = zero
+            running_max[r] = start_max
+            running_sum[r] = start_sum
         acc[:bq] = zero
 
         first, stop, key_start, key_stop = _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)

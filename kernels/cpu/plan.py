@@ -11,7 +11,7 @@ from ...reference.attention import dense_alignment, visible_range
 from ...reference.dropout import keep_scale as keep_scale_of
 from .constants import (
     _C_INV_SOFTCAP, _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO,
-    _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SOFTCAP, _N_CONSTANTS, _TILE_HIDDEN,
+    _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SINKS, _HAS_SOFTCAP, _N_CONSTANTS, _TILE_HIDDEN,
     _TILE_MIXED, _TILE_VISIBLE, _UNLIMITED,
 )
 from .dropout import dropout_parameters
@@ -204,9 +204,10 @@ def _mask_plan(mask, dtype, nk, block_q, block_k):
 _NO_DROPOUT = dropout_parameters(None, 0.0)  # the kernels only read it
 
 
-def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, align, alibi, dropout_p, dropout_seed):
+def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, align, alibi, dropout_p, dropout_seed,
+             sinks=None):  # fmt: skip
     """(dtype of the results, compute dtype, q, k, v, flags, constants, segment table, masks
-    tuple's ALiBi and dropout entries) for a kernel call.
+    tuple's ALiBi, dropout and sinks entries) for a kernel call.
 
     bf16 products take bf16 bits (uint16) as they are and float32 otherwise; the
     float kernels take float32 or float64.
@@ -234,7 +235,10 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
         keep_scale = keep_scale_of(dropout_p)
     consts = _constants(compute, scale, softcap, keep_scale)
     dropout = dropout_parameters(dropout_seed, dropout_p) if dropout_p > 0 else _NO_DROPOUT
-    return dtype, compute, q, k, v, flags, consts, table, (alibi_entry, dropout)
+    if sinks is not None:
+        flags |= _HAS_SINKS
+    sinks_entry = _no_alibi(compute)[0] if sinks is None else _kernel_array(np.reshape(sinks, -1), compute)
+    return dtype, compute, q, k, v, flags, consts, table, (alibi_entry, dropout, sinks_entry)
 
 
 def _segment_sizes(table, segments, nq, nk):
