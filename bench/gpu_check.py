@@ -262,6 +262,75 @@ def run_flash_attn_checks(device="cuda"):
     return results
 
 
+def run_dropout_and_sink_checks(device="cuda"):
+    """Dropout and learned sinks on the card (fp16, bf16), against attnkit.reference given the same mask.
+
+    Dropout: the keep mask the kernel drew (read back with scale 0 and v the identity) must equal
+    reference.dropout's, and out / dq / dk / dv stay within 2x (3x) the error of the reference run in
+    float32 and stored in the input dtype; the same seed must repeat bit for bit. Sinks: out, lse and
+    the gradients (dsinks included) likewise. device="cpu" runs it on the Numba kernel (the suite does).
+    """
+    import numpy as np
+    import torch
+
+    import attnkit
+    from attnkit.reference import attention as reference
+    from attnkit.reference import attention_backward as reference_backward
+    from attnkit.reference.dropout import keep_mask
+
+    results = []
+    generator = torch.Generator().manual_seed(3)
+    zeros_q, zeros_k = torch.zeros(2, 4, 96, 16, device=device), torch.zeros(2, 4, 160, 16, device=device)
+    eye = torch.eye(160, device=device).expand(2, 4, 160, 160)
+    drawn = attnkit.attention(zeros_q, zeros_k, eye, scale=0.0, dropout_p=0.3, dropout_seed=77)
+    drawn = drawn.double().cpu().numpy() * 160 * 0.7 > 0.5
+    same_mask = bool(np.array_equal(drawn, keep_mask(77, 0.3, 2, 4, 96, 160)))
+    results.append(dict(check="dropout mask = reference.dropout.keep_mask", ok=same_mask))
+    for dtype in (torch.float16, torch.bfloat16):
+        for kind in ("dropout", "sinks"):
+            q = torch.randn(2, 8, 300, 64, generator=generator)
+            k, v = (torch.randn(2, 2, 420, 64, generator=generator) for _ in range(2))
+            sinks = torch.randn(8, generator=generator) * 2
+            d_out = torch.randn(2, 8, 300, 64, generator=generator)
+            options = dict(causal="bottom_right")
+            numpy_options = dict(causal="bottom_right")
+            if kind == "dropout":
+                options.update(dropout_p=0.15, dropout_seed=1234)
+                numpy_options.update(dropout_p=0.15, dropout_keep=keep_mask(1234, 0.15, 2, 8, 300, 420))
+            else:
+                numpy_options["sinks"] = sinks.double().numpy()
+            leaves = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+            sink_leaf = sinks.to(device).requires_grad_()
+            out = attnkit.attention(*leaves, sinks=sink_leaf if kind == "sinks" else None, **options)
+            out.backward(d_out.to(device, dtype))
+            exact = [x.double().numpy() for x in (q, k, v)]
+            want, lse = reference(*exact, return_lse=True, **numpy_options)
+            grads = reference_backward(*exact, want, d_out.double().numpy(), lse, **numpy_options)
+            low = [torch.from_numpy(x).to(dtype).float().numpy() for x in exact]
+            plain, plain_lse = reference(*low, return_lse=True, **numpy_options)
+            plain_grads = reference_backward(*low, plain, d_out.to(dtype).float().numpy(), plain_lse, **numpy_options)
+            plain = torch.from_numpy(plain).to(dtype).double().numpy()
+            ours = [x.grad for x in leaves] + ([sink_leaf.grad] if kind == "sinks" else [])
+            row = dict(check=f"{kind} {str(dtype)[6:]} causal bottom_right GQA 8/2")
+            row["out_err"] = float(np.abs(out.detach().double().cpu().numpy() - want).max())
+            row["plain_err"] = float(np.abs(plain - want).max())
+            row["grad_errs"] = [float(np.abs(g.double().cpu().numpy() - w).max()) for g, w in zip(ours, grads)]
+            row["plain_grad_errs"] = [float(np.abs(np.asarray(p, np.float64) - w).max())
+                                      for p, w in zip(plain_grads, grads)]  # fmt: skip
+            row["ok"] = row["out_err"] <= 2 * row["plain_err"] + 1e-3 and all(
+                e <= 3 * p + 1e-3 for e, p in zip(row["grad_errs"], row["plain_grad_errs"]))
+            if kind == "dropout":
+                again = attnkit.attention(*(x.detach() for x in leaves), **options)
+                row["repeats_bitwise"] = bool(torch.equal(again, out.detach()))
+                row["ok"] = row["ok"] and row["repeats_bitwise"]
+            results.append(row)
+    for row in results:
+        log(f"  {'ok  ' if row['ok'] else 'FAIL'} {row['check']}: " + ", ".join(
+            f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in row.items() if key not in ("check", "ok")))
+    return results
+
+
 # ------------------------------------------------------------------------ timing
 
 def time_ms(fn, budget_ms=120.0, max_reps=200):
@@ -456,11 +525,12 @@ def main(argv=None):
     log("\n[1/3] correctness vs float32 reference (err/plain-error per output)")
     correctness = run_correctness(triton_ops, [torch.float16, torch.bfloat16], args.quick)
     integration = run_integration_checks(triton_ops)
-    try:
-        correctness += run_flash_attn_checks()
-    except Exception as error:  # report, do not abort the timing that follows
-        correctness.append(dict(check="flash_attn", ok=False, error=f"{type(error).__name__}: {error}"[:300]))
-        log(f"  FAIL flash_attn checks: {error}")
+    for name, checks in (("flash_attn", run_flash_attn_checks), ("dropout and sinks", run_dropout_and_sink_checks)):
+        try:
+            correctness += checks()
+        except Exception as error:  # report, do not abort the timing that follows
+            correctness.append(dict(check=name, ok=False, error=f"{type(error).__name__}: {error}"[:300]))
+            log(f"  FAIL {name} checks: {error}")
     log(f"  correctness: {sum(r['ok'] for r in correctness)}/{len(correctness)} cases pass "
         f"({time.time() - started:.0f} s so far)")
 

@@ -568,3 +568,12 @@ def test_gpu_checks_of_flash_attn_run_on_the_cpu_kernel():
     results = gpu_check.run_flash_attn_checks("cpu")
     assert len(results) == 8
     assert all(row["ok"] for row in results), [row for row in results if not row["ok"]]
+
+
+def test_gpu_checks_of_dropout_and_sinks_run_on_the_cpu_kernel():
+    """bench/gpu_check.py's dropout and sinks section, on the Numba kernel: it runs and passes."""
+    from attnkit.bench import gpu_check
+
+    results = gpu_check.run_dropout_and_sink_checks("cpu")
+    assert len(results) == 5
+    assert all(row["ok"] for row in results), [row for row in results if not row["ok"]]
