@@ -13,6 +13,7 @@ import torch
 import attnkit
 from attnkit.reference import attention as reference_attention
 from attnkit.reference import attention_backward as reference_backward
+from triton_device import triton_device
 
 
 def explicit(q, k, v, sinks, mask=None, scale=None):
@@ -169,23 +170,11 @@ def test_sinks_within_flash_attns_rule(dtype):
         assert_within_rule(name, got, want, same_dtype, factor, floor=1e-6 if dtype == torch.float32 else 1e-3)
 
 
-def _sink_backends():
-    backends = ["numba", "reference"]
-    try:
-        from attnkit.kernels import triton_attention
-
-        if torch.cuda.is_available() or triton_attention.interpreting():
-            backends.append("triton")
-    except Exception:  # no triton
-        pass
-    return backends
-
-
-@pytest.mark.parametrize("backend", _sink_backends())
+@pytest.mark.parametrize("backend", ["numba", "reference"] + ["triton"] * (triton_device()[0] is not None))
 def test_the_kernels_join_the_sinks_everywhere(backend):
     """Dense with a masked row, a decode step (GQA, the Numba decode path), and packed sequences one of
     which has no keys: out and lse against the explicit computation; an empty row gives 0 and lse = sink."""
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = (triton_device()[0] if backend == "triton" else None) or "cpu"
     q, k, v, sinks = (x.float() for x in inputs(20, b=2, hq=4, hkv=2, nq=19, nk=27, d=16))
     mask = torch.rand(2, 1, 19, 27, generator=torch.Generator().manual_seed(21)) > 0.3
     mask[1, 0, 4] = False

@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from triton_device import device_or_skip_module
+
+DEVICE = device_or_skip_module()
 torch = pytest.importorskip("torch")
-try:
-    from attnkit.kernels import triton_attention as ta
-except Exception as error:  # no triton
-    pytest.skip(f"triton cannot be imported ({type(error).__name__}: {error})", allow_module_level=True)
 
 import attnkit  # noqa: E402
 from attnkit.reference import attention as reference  # noqa: E402
@@ -23,10 +22,6 @@ from attnkit.reference.dropout import keep_mask  # noqa: E402
 from attnkit.reference.varlen import varlen_attention as reference_varlen  # noqa: E402
 from attnkit.testing import assert_within_rule, max_error  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not ta.interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET=1 was not set before triton was imported",
-                allow_module_level=True)
 
 pytestmark = pytest.mark.filterwarnings("error::attnkit.AttnkitFallbackWarning")
 

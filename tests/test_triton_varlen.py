@@ -12,21 +12,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from triton_device import device_or_skip_module
+
+DEVICE = device_or_skip_module()
 torch = pytest.importorskip("torch")
-try:
-    from attnkit.kernels import triton_attention as ta
-except Exception as error:  # no triton
-    pytest.skip(f"triton cannot be imported ({type(error).__name__}: {error})", allow_module_level=True)
 
 import attnkit  # noqa: E402
 from attnkit.reference.varlen import varlen_attention as reference  # noqa: E402
 from attnkit.reference.varlen import varlen_attention_backward as reference_backward  # noqa: E402
 from attnkit.testing import max_error  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not ta.interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET=1 was not set before triton was imported",
-                allow_module_level=True)
 
 # (lengths_q, lengths_k, Hq, Hkv, D, causal, align, window, softcap, alibi)
 CASES = [
