@@ -391,15 +391,19 @@ def available_backends():
     return backend_status()
 
 
-def warmup():
-    """Compile every available JIT backend now, so no later call pays for it.
+def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
+    """Compile every available JIT backend now for calls of these dtypes, so no later call pays for it.
 
-    The Numba kernel compiles (or loads from its cache) on first use: seconds,
-    once per process. Call this at start-up to move that cost out of the first
-    attention call.
+    The Numba kernel compiles (or loads from its on-disk cache) on first use:
+    seconds per kernel, once per process. warmup compiles the kernels calls of
+    these dtypes run: small and large forwards, the backward (backward=False
+    skips it) and the decode kernel (decode=False skips it). Causal alignment,
+    windows, masks, softcap, ALiBi, dropout, sinks and packed sequences run in
+    those same kernels, so afterwards no such call compiles in this process.
+    dtypes: names among "float32", "bfloat16", "float16", "float64".
     """
     from .backends import BACKENDS
 
     for backend in BACKENDS.values():
         if backend.unavailable_reason() is None:
-            backend.warmup()
+            backend.warmup(tuple(dtypes), backward=backward, decode=decode)

@@ -36,8 +36,7 @@ imported = time.perf_counter() - start
 g = torch.Generator().manual_seed(0)
 q = torch.randn(1, 32, 1024, 64, generator=g)
 k, v = (torch.randn(1, 8, 1024, 64, generator=g) for _ in range(2))
-recorder = event.install_recorder("numba:compile")
-with recorder:
+with event.install_recorder("numba:compile") as recorder:
     start = time.perf_counter()
     CALL
     first = time.perf_counter() - start

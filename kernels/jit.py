@@ -6,14 +6,21 @@ be loaded as it was (this once hid a wrong exp2 from the tests). So at import,
 when the kernel sources differ from the ones the cache in kernels/__pycache__
 (or, with NUMBA_CACHE_DIR set, the folder Numba keeps for kernels/ there) was
 built from, that cache is discarded (discard_stale_cache).
+
+A first call that compiles sits silent for seconds, so the first compilation
+of each kernel in a process says so on stderr, one line
+(ATTNKIT_COMPILE_NOTICE=0 silences it); loading from the cache says nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from pathlib import Path
 
 from numba import njit
+from numba.core import event
 
 __all__ = ["discard_stale_cache", "jit"]
 
@@ -70,6 +77,33 @@ def _discard_unless_stamped(cache, stamp_text):
 
 
 discard_stale_cache()
+
+
+class _CompileNotice(event.Listener):
+    """One stderr line per attnkit kernel the first time this process compiles it (not for the
+    functions compiled inside it, and not when it loads from the cache: that is no compilation)."""
+
+    def __init__(self):
+        self.depth = 0
+        self.told = set()
+
+    def on_start(self, event):
+        self.depth += 1
+        function = getattr(event.data["dispatcher"], "py_func", None)
+        if self.depth > 1 or function is None or not function.__module__.startswith(__package__):
+            return
+        if function.__qualname__ not in self.told:
+            self.told.add(function.__qualname__)
+            sys.stderr.write(f"attnkit: compiling {function.__qualname__} for this CPU (first use: seconds; "
+                             "cached on disk for later processes; attnkit.warmup() compiles ahead)\n")
+            sys.stderr.flush()
+
+    def on_end(self, event):
+        self.depth -= 1
+
+
+if os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
+    event.register("numba:compile", _CompileNotice())
 
 
 def jit(**options):

@@ -284,22 +284,51 @@ def flash_backward(
     return dq, dk, dv_grad
 
 
-def warmup():
-    """Compile (or load from cache) forward and backward for float32 and float64, and the
-    bf16 products where bf16 stays bf16 (bf16 bits; float32 under "medium" on VDPBF16PS)."""
-    from .microkernels import BF16_DOT, BF16_PRODUCTS, bf16_bits
+def warmup_variants(dtypes):
+    """The kernel variants (input dtype for the kernel, bf16_products) that calls of these torch/NumPy
+    dtype names run, as flash_forward chooses them ("float32", "bfloat16", "float16", "float64")."""
+    from .microkernels import BF16_DOT, BF16_PRODUCTS
+
+    variants = []
+    for name in dtypes:
+        if name == "float64":
+            chosen = [(np.float64, False)]
+        elif name == "bfloat16" and BF16_PRODUCTS != "fp32":
+            chosen = [(np.uint16, True)]  # bf16 bits on the bf16 micro-kernel
+        elif name in ("float32", "bfloat16", "float16"):
+            chosen = [(np.float32, False)]  # bf16 elsewhere, and float16, run in float32
+            if name == "float32" and BF16_DOT:
+                chosen.append((np.float32, True))  # torch's "medium" float32 matmul precision
+        else:
+            raise ValueError(f"warmup dtypes must be among float32, bfloat16, float16, float64; got {name!r}")
+        variants += [v for v in chosen if v not in variants]
+    return variants
+
+
+def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
+    """Compile (or load from the cache) every kernel that calls of these dtypes run: the serial
+    forward (small calls), the parallel one, the backward and the decode kernel (float dtypes).
+
+    Causal alignment, windows, masks, softcap, ALiBi, dropout, sinks and packed sequences are run-time
+    flags and arrays of the same compiled kernels: once these have run, no call of these dtypes
+    compiles again in this process (tests/test_numba_backend.py checks the dispatchers' signatures).
+    """
+    from .microkernels import bf16_bits
 
     rng = np.random.default_rng(0)
-    variants = [(np.float32, False), (np.float64, False)]
-    if BF16_PRODUCTS != "fp32":
-        variants += [(np.uint16, True)]
-    if BF16_DOT:
-        variants += [(np.float32, True)]
-    for dtype, bf16_products in variants:
-        q, k, v = (rng.standard_normal(shape) for shape in ((1, 2, 3, 4), (1, 1, 5, 4), (1, 1, 5, 4)))
-        q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
-        options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bf16_products)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", numba.NumbaWarning)
-            out, lse = flash_forward(q, k, v, None, **options)
-            flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
+    shapes = [((1, 2, 3, 4), (1, 1, 5, 4))]  # small: the serial forward
+    shapes.append(((1, 4, 256, 64), (1, 2, 256, 64)))  # above _SERIAL_WORK: the parallel forward
+    if decode:
+        shapes.append(((1, 4, 1, 64), (1, 2, _DECODE_MIN_KEYS, 64)))  # the decode kernel
+    for dtype, bf16_products in warmup_variants(dtypes):
+        for q_shape, kv_shape in shapes:
+            if dtype == np.uint16 and q_shape[2] == 1:
+                continue  # bf16 bits never take the decode kernel
+            q, k, v = (rng.standard_normal(shape) for shape in (q_shape, kv_shape, kv_shape))
+            q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
+            options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bf16_products)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", numba.NumbaWarning)
+                out, lse = flash_forward(q, k, v, None, **options)
+                if backward and q_shape[2] > 1:
+                    flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)

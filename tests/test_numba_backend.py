@@ -204,6 +204,9 @@ def test_jit_cache_is_written_and_reused(tmp_path):
     second = _run_python(code, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert float(second.stdout) < float(first.stdout)
+    # The first process said it was compiling (one line per kernel); the second loaded and said nothing.
+    assert "attnkit: compiling _forward_kernel_serial for this CPU" in first.stderr, first.stderr[-2000:]
+    assert "attnkit: compiling" not in second.stderr
 
 
 def test_warmup_compiles_ahead():
@@ -241,3 +244,49 @@ def test_training_loop_reuses_its_memory():
     assert faults <= steps * result_pages // 4, (
         f"{faults} page faults in {steps} steady-state steps; the results span {result_pages} pages per step"
     )
+
+
+def _kernel_signatures():
+    """{dispatcher name: number of compiled signatures} over attnkit's Numba kernel modules."""
+    import importlib
+    import pkgutil
+
+    import attnkit.kernels
+    import attnkit.kernels.cpu
+
+    counts = {}
+    for package in (attnkit.kernels, attnkit.kernels.cpu):
+        for info in pkgutil.iter_modules(package.__path__):
+            name = f"{package.__name__}.{info.name}"
+            if "triton" in info.name:
+                continue
+            module = importlib.import_module(name)
+            for attribute, value in vars(module).items():
+                if hasattr(value, "signatures") and hasattr(value, "py_func"):
+                    counts[f"{name}.{attribute}"] = len(value.signatures)
+    return counts
+
+
+def test_after_warmup_no_call_of_the_prepared_dtypes_compiles():
+    """warmup(float32) compiles what float32 calls run: afterwards small, large, causal, masked, windowed,
+    ALiBi, softcapped, packed, dropout, sinks, decode and backward calls add no dispatcher signature."""
+    attnkit.warmup(["float32"])
+    before = _kernel_signatures()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 32, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 300, 300, generator=g) > 0.2
+    calls = [
+        dict(), dict(causal=True), dict(mask=mask), dict(window=(30, 0), softcap=5.0),
+        dict(alibi_slopes=torch.rand(4)), dict(dropout_p=0.1), dict(sinks=torch.randn(4)),
+    ]  # fmt: skip
+    for options in calls:
+        attnkit.attention(q, k, v, **options).sum().backward()
+    small = attnkit.attention(*(x[:1, :2, :8, :16] for x in (q, k, v)))
+    decode = attnkit.attention(q[:, :, -1:].detach(), k[:, :2].detach(), v[:, :2].detach())
+    packed = attnkit.varlen_attention(q[0], k[0], v[0], torch.tensor([0, 100, 300]), torch.tensor([0, 120, 300]),
+                                      causal=True)  # fmt: skip
+    packed.sum().backward()
+    assert small.shape == (1, 2, 8, 16) and decode.shape == (2, 4, 1, 32)
+    after = _kernel_signatures()
+    grown = {name: (before.get(name, 0), count) for name, count in after.items() if count != before.get(name, 0)}
+    assert not grown, f"compiled after warmup: {grown}"

@@ -148,10 +148,10 @@ class NumbaBackend(Backend):
         path, why = cpu_product_path(spec.dtype)
         return f"{path} products: {why}; compiled for {describe()}"
 
-    def warmup(self):
+    def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
         from ..kernels.numba_attention import warmup
 
-        warmup()
+        warmup(dtypes, backward=backward, decode=decode)
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
