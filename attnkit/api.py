@@ -400,7 +400,8 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
     skips it) and the decode kernel (decode=False skips it). Causal alignment,
     windows, masks, softcap, ALiBi, dropout, sinks and packed sequences run in
     those same kernels, so afterwards no such call compiles in this process.
-    dtypes: names among "float32", "bfloat16", "float16", "float64".
+    dtypes: names among "float32", "bfloat16", "float16", "float64". float32 is
+    prepared for the products torch.get_float32_matmul_precision() selects now.
     """
     from .backends import BACKENDS
 

@@ -284,9 +284,10 @@ def flash_backward(
     return dq, dk, dv_grad
 
 
-def warmup_variants(dtypes):
+def warmup_variants(dtypes, float32_bf16=False):
     """The kernel variants (input dtype for the kernel, bf16_products) that calls of these torch/NumPy
-    dtype names run, as flash_forward chooses them ("float32", "bfloat16", "float16", "float64")."""
+    dtype names run, as flash_forward chooses them ("float32", "bfloat16", "float16", "float64");
+    float32_bf16: float32 calls run bf16 products (torch's "medium" float32 matmul precision)."""
     from .microkernels import BF16_DOT, BF16_PRODUCTS
 
     variants = []
@@ -297,21 +298,22 @@ def warmup_variants(dtypes):
             chosen = [(np.uint16, True)]  # bf16 bits on the bf16 micro-kernel
         elif name in ("float32", "bfloat16", "float16"):
             chosen = [(np.float32, False)]  # bf16 elsewhere, and float16, run in float32
-            if name == "float32" and BF16_DOT:
-                chosen.append((np.float32, True))  # torch's "medium" float32 matmul precision
+            if name == "float32" and float32_bf16 and BF16_DOT:
+                chosen = [(np.float32, True)]
         else:
             raise ValueError(f"warmup dtypes must be among float32, bfloat16, float16, float64; got {name!r}")
         variants += [v for v in chosen if v not in variants]
     return variants
 
 
-def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
+def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, float32_bf16=False):
     """Compile (or load from the cache) every kernel that calls of these dtypes run: the serial
     forward (small calls), the parallel one, the backward and the decode kernel (float dtypes).
 
     Causal alignment, windows, masks, softcap, ALiBi, dropout, sinks and packed sequences are run-time
     flags and arrays of the same compiled kernels: once these have run, no call of these dtypes
     compiles again in this process (tests/test_numba_backend.py checks the dispatchers' signatures).
+    float32_bf16: prepare float32 for bf16 products (what torch's "medium" precision selects).
     """
     from .microkernels import bf16_bits
 
@@ -320,7 +322,7 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
     shapes.append(((1, 4, 256, 64), (1, 2, 256, 64)))  # above _SERIAL_WORK: the parallel forward
     if decode:
         shapes.append(((1, 4, 1, 64), (1, 2, _DECODE_MIN_KEYS, 64)))  # the decode kernel
-    for dtype, bf16_products in warmup_variants(dtypes):
+    for dtype, bf16_products in warmup_variants(dtypes, float32_bf16):
         for q_shape, kv_shape in shapes:
             if dtype == np.uint16 and q_shape[2] == 1:
                 continue  # bf16 bits never take the decode kernel

@@ -151,7 +151,8 @@ class NumbaBackend(Backend):
     def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
         from ..kernels.numba_attention import warmup
 
-        warmup(dtypes, backward=backward, decode=decode)
+        # float32 calls run bf16 products under torch's "medium" precision: prepare what is set now.
+        warmup(dtypes, backward=backward, decode=decode, float32_bf16=float32_matmul_precision() == "medium")
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
