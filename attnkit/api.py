@@ -362,9 +362,13 @@ def attention_backward(
 
 def explain(
     q, k, v, *, causal=False, mask=None, scale=None, window=None, softcap=None, alibi_slopes=None, align=None,
-    sinks=None, return_weights=False, backend="auto", cu_seqlens_q=None, cu_seqlens_k=None,
+    sinks=None, dropout_p=0.0, dropout_seed=None, return_weights=False, backend="auto", cu_seqlens_q=None,
+    cu_seqlens_k=None,
 ):  # fmt: skip
     """Which backend attention() would run these arguments on, and why (a string).
+
+    dropout_seed is accepted so that attention()'s arguments can be passed as they are; it does not
+    change the choice.
 
     With cu_seqlens_q and cu_seqlens_k, varlen_attention's arguments instead
     (q (Hq, total_q, D), ...; causal a bool, align default "bottom_right"):
@@ -382,7 +386,8 @@ def explain(
     else:
         spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
                                   alibi_slopes=alibi_slopes, align=align, sinks=sinks)  # fmt: skip
-    request = Request(return_weights=return_weights, grad=_needs_grad(spec, q, k, v, sinks))
+    request = Request(return_weights=return_weights, dropout=dropout_probability(dropout_p) > 0,
+                      grad=_needs_grad(spec, q, k, v, sinks))  # fmt: skip
     return choose_backend(spec, backend, request, warn=False).explain(spec)
 
 

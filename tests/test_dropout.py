@@ -250,3 +250,11 @@ def test_flash_attn_s_dmask_is_the_weights_with_dropped_ones_negated():
                                            dropout_p=0.25, causal=True, return_attn_probs=True)  # fmt: skip
     assert torch.equal(s_p, s_dmask)  # the packed call draws what the dense one drew
     assert_close(out_p.reshape(out.shape), out, atol=2e-6, name="packed out")
+
+
+def test_explain_takes_attentions_dropout_arguments():
+    q, k, v = (x.detach() for x in inputs(16, grad=False))
+    assert "numba" in attnkit.explain(q, k, v, dropout_p=0.2, dropout_seed=3)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        attnkit.explain(q, k, v, dropout_p=2.0)
+
