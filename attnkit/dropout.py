@@ -10,6 +10,7 @@ for bit, as torch's own dropout does.
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -30,10 +31,10 @@ class Dropout(NamedTuple):
         sequences = int(np.prod(spec.batch, dtype=np.int64))
         return keep_mask(self.seed, self.p, sequences, spec.hq, spec.nq, spec.nk).reshape(spec.scores_shape)
 
-    def sequence_keep(self, spec, index):
-        """The keep mask (Hq, Nq_s, Nk_s) of packed sequence `index`."""
-        nq, nk = int(spec.lengths_q[index]), int(spec.lengths_k[index])
-        return keep_mask(self.seed, self.p, 1, spec.hq, nq, nk, first_sequence=index)[0]
+
+def _is_torch_generator(x):
+    torch = sys.modules.get("torch")  # a torch.Generator exists only once torch is imported
+    return torch is not None and isinstance(x, torch.Generator)
 
 
 def draw_dropout(dropout_p, dropout_seed, kind):
@@ -58,7 +59,7 @@ def draw_dropout(dropout_p, dropout_seed, kind):
         seed = int(dropout_seed)
         if not 0 <= seed < 1 << 63:  # an int64 for the torch operators
             raise ValueError(f"dropout_seed must be in [0, 2**63); got {seed}")
-    elif type(dropout_seed).__name__ == "Generator" and type(dropout_seed).__module__.startswith("torch"):
+    elif _is_torch_generator(dropout_seed):
         import torch
 
         seed = int(torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, generator=dropout_seed,

@@ -7,7 +7,7 @@ starts, so each needs a process). It prints the target, one `ok NAME max-error`
 line per check and `done`; a failed check raises (exit 1) with the element and
 the error. Every check is flash-attn's rule (attnkit.testing.assert_within_rule) against
 the float64 reference. A representative subset: forward and backward in float32, bf16 and
-float64, GQA, causal, masks, decode, packed sequences and a flash-attn call,
+float64, GQA, causal, masks, decode, packed sequences, a flash-attn call, dropout and sinks,
 on odd sizes (tails of every block and vector width).
 """
 
@@ -123,6 +123,30 @@ def packed_and_flash_attn(rng):
                       [x.numpy().transpose(0, 2, 1, 3) for x in (qf, kf, vf)])  # (B, N, H, D) -> (B, H, N, D)
 
 
+def dropout_and_sinks(rng):
+    """Dropout (forward and gradients, the reference given the same keep mask) and sinks on the decode path."""
+    from attnkit.reference.dropout import keep_mask
+
+    q = torch.tensor(rng.standard_normal((2, 4, 61, 32)), dtype=torch.float32, requires_grad=True)
+    k, v = (torch.tensor(rng.standard_normal((2, 2, 75, 32)), dtype=torch.float32, requires_grad=True)
+            for _ in range(2))  # fmt: skip
+    d_out = rng.standard_normal((2, 4, 61, 32))
+    out = attnkit.attention(q, k, v, causal=True, dropout_p=0.3, dropout_seed=11, backend="numba")
+    out.backward(torch.tensor(d_out, dtype=torch.float32))
+    options = dict(causal=True, dropout_p=0.3, dropout_keep=keep_mask(11, 0.3, 2, 4, 61, 75))
+    inputs = [x.detach().double().numpy() for x in (q, k, v)] + [d_out]
+    want = forward_and_gradients(*inputs, **options)
+    plain = forward_and_gradients(*(x.astype(np.float32) for x in inputs), **options)
+    for part, got, expected, rough, factor in zip(("forward", "dq", "dk", "dv"), (out.detach(), q.grad, k.grad, v.grad),
+                                                  want, plain, (2, 3, 3, 3)):  # fmt: skip
+        report(f"dropout_{part}", got.numpy(), expected, rough, factor)
+    q1 = rng.standard_normal((3, 8, 1, 128)).astype(np.float32)
+    cache_k, cache_v = (rng.standard_normal((3, 2, 1000, 128)).astype(np.float32) for _ in range(2))
+    sinks = rng.standard_normal(8).astype(np.float32)
+    against_reference("sinks_decode", attnkit.attention(q1, cache_k, cache_v, sinks=sinks, backend="numba"),
+                      lambda *x: reference.attention(*x[:3], sinks=x[3]), (q1, cache_k, cache_v, sinks))  # fmt: skip
+
+
 def main():
     print("target", describe(TARGET), flush=True)
     print("paths", microkernels.BF16_PRODUCTS, microkernels.F32_PRODUCTS, microkernels.BLOCKS, flush=True)
@@ -131,6 +155,7 @@ def main():
     bf16_two_times_rule(rng)
     masks_and_decode(rng)
     packed_and_flash_attn(rng)
+    dropout_and_sinks(rng)
     print("done", flush=True)
 
 

@@ -237,6 +237,7 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     dropout = dropout_parameters(dropout_seed, dropout_p) if dropout_p > 0 else _NO_DROPOUT
     if sinks is not None:
         flags |= _HAS_SINKS
+    # No sinks: a (1,) zeros row of the cached placeholder (the kernels read it only under _HAS_SINKS).
     sinks_entry = _no_alibi(compute)[0] if sinks is None else _kernel_array(np.reshape(sinks, -1), compute)
     return dtype, compute, q, k, v, flags, consts, table, (alibi_entry, dropout, sinks_entry)
 
