@@ -59,7 +59,10 @@ def table_line(row):
     for i, (_, width, cell) in enumerate(COLUMNS):
         text = cell(row)
         cells.append(f"{text:<{width}}" if i == 1 else f"{text:>{width}}")
-    return "  ".join(cells) + ("  busy: " + _load_text(row) if is_busy(row, os.cpu_count() or 1) else "")
+    line = "  ".join(cells) + ("  busy: " + _load_text(row) if is_busy(row, os.cpu_count() or 1) else "")
+    if row.get("rounds_disagree"):
+        line += "  rounds disagree: medians " + ", ".join(f"{m * 1e3:.3f}" for m in row["round_medians_s"]) + " ms"
+    return line
 
 
 def _load_text(row):
@@ -121,6 +124,10 @@ def format_summary(document):
         lines.append(f"warning: the machine was busy during {len(busy)} of the measured points (up to "
                      f"{_load_text(worst)}): another program took CPU time, so those times and the fitted "
                      "exponents are not this machine's; rerun on a quiet machine, or with --rounds to see the spread")
+    disagreeing = [row for row in rows if row["status"] == "ok" and row.get("rounds_disagree")]
+    if disagreeing:
+        lines.append(f"warning: at {len(disagreeing)} points the rounds disagree (a round's median outside the pooled "
+                     "20-80% band): the machine's speed changed during the run; compare contenders within one N only")
     for name, reason in document["contenders"]["left_out"].items():
         lines.append(f"left out {name}: {reason}")
     if not document["complete"]:

@@ -16,7 +16,8 @@ from .accounting import attention_flops, extrapolate, format_bytes, format_secon
 
 ROW_FIELDS = ("backend", "N", "status", "note", "median_s", "p20_s", "p80_s", "first_call_s",
               "compile_s", "repeats", "flops", "flops_per_s", "peak_memory_bytes", "cpu_pressure",
-              "load_average")  # the last two: the most load seen before or after the point's rounds
+              "load_average",  # the most load seen before or after the point's rounds
+              "round_medians_s", "rounds_disagree")  # with --rounds: each round's median, and rounds_disagree
 
 
 def select_contenders(settings, contenders, requested=None):
@@ -106,6 +107,10 @@ def pool_rounds(results):
     The first round's first call (the one that compiled) gives first_call_s;
     the median and percentiles are over every round's steady-state samples;
     peak memory is the largest seen. A failed round fails the point.
+
+    The rounds disagree (rounds_disagree) when a round's median lies outside the
+    pooled samples' 20th-80th percentile band: its conditions differed from the
+    others' by more than the noise within them (the machine changed speed).
     """
     from .measure import summarize
 
@@ -118,6 +123,8 @@ def pool_rounds(results):
     samples = [s for r in results for s in r["samples_s"]]
     pooled = {**first, **summarize(samples), "repeats": len(samples)}
     pooled["compile_s"] = max(first["first_call_s"] - pooled["median_s"], 0.0)
+    pooled["round_medians_s"] = [r["median_s"] for r in results]
+    pooled["rounds_disagree"] = any(not pooled["p20_s"] <= m <= pooled["p80_s"] for m in pooled["round_medians_s"])
     for field in ("cpu_pressure", "load_average"):  # the busiest round speaks for the point
         seen = [r[field] for r in results if r.get(field) is not None]
         pooled[field] = max(seen) if seen else None

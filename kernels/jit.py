@@ -8,7 +8,7 @@ when the kernel sources differ from the ones the cache in kernels/__pycache__
 built from, that cache is discarded (discard_stale_cache).
 
 A first call that compiles sits silent for seconds, so the first compilation
-of each kernel in a process says so on stderr, one line
+of each kernel (forward, backward, decode) in a process says so on stderr, one line
 (ATTNKIT_COMPILE_NOTICE=0 silences it); loading from the cache says nothing.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from numba import njit
 from numba.core import event
 
-__all__ = ["discard_stale_cache", "jit"]
+__all__ = ["announce_as", "discard_stale_cache", "jit"]
 
 _STAMP = "attnkit-kernel-sources.sha256"
 
@@ -80,30 +80,34 @@ discard_stale_cache()
 
 
 class _CompileNotice(event.Listener):
-    """One stderr line per attnkit kernel the first time this process compiles it (not for the
-    functions compiled inside it, and not when it loads from the cache: that is no compilation)."""
+    """One stderr line per kernel (forward, backward, decode: see announce_as) the first time this
+    process compiles any attnkit function for it (not when it loads from the cache: no compilation)."""
 
     def __init__(self):
-        self.depth = 0
+        self.kernel = "CPU"
         self.told = set()
 
     def on_start(self, event):
-        self.depth += 1
         function = getattr(event.data["dispatcher"], "py_func", None)
-        if self.depth > 1 or function is None or not function.__module__.startswith(__package__):
+        if function is None or not function.__module__.startswith(__package__) or self.kernel in self.told:
             return
-        if function.__qualname__ not in self.told:
-            self.told.add(function.__qualname__)
-            sys.stderr.write(f"attnkit: compiling {function.__qualname__} for this CPU (first use: seconds; "
-                             "cached on disk for later processes; attnkit.warmup() compiles ahead)\n")
-            sys.stderr.flush()
+        self.told.add(self.kernel)
+        sys.stderr.write(f"attnkit: compiling the {self.kernel} kernel for this CPU (first use: seconds; "
+                         "cached on disk for later processes; attnkit.warmup() compiles ahead)\n")
+        sys.stderr.flush()
 
     def on_end(self, event):
-        self.depth -= 1
+        pass
 
 
+_NOTICE = _CompileNotice()
 if os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
-    event.register("numba:compile", _CompileNotice())
+    event.register("numba:compile", _NOTICE)
+
+
+def announce_as(kernel):
+    """Name the kernel that the compilations from here on are for, in the compile notice."""
+    _NOTICE.kernel = kernel
 
 
 def jit(**options):

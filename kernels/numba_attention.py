@@ -28,12 +28,14 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from .jit import announce_as
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
-from .cpu.backward import _backward_kernel
+from .cpu.backward import _backward_kernel, backward_on_this_thread
 from .cpu.constants import _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE
-from .cpu.decode import _decode_kernel
+from .cpu.decode import _decode_kernel, decode_on_this_thread
 from .cpu.forward import _forward_kernel, _forward_kernel_serial
 from .cpu.memory import _CALL_LOCK, WORKSPACE, arrays_together, _single_threaded_blas
+from .cpu.threads import worker_count
 from .cpu.plan import (
     _backward_block_sizes, _backward_chunks, _block_sizes, _kernel_array, _mask_plan, _prepare, _segment_sizes,
 )
@@ -144,6 +146,7 @@ def flash_forward(
     includes it and a row that sees no key gives 0 and lse = its sink.
     """
     check_paths()
+    announce_as("forward")
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
     dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
         q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed, sinks)
@@ -166,7 +169,7 @@ def flash_forward(
     block_q, block_k = _block_sizes(longest_q, longest_k)
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + extras, flags | mask_flags
-    n_workers = numba.get_num_threads()
+    n_workers = worker_count()  # fewer when other programs hold cores; 1 in a forked child
     micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
     v_width = dv if dv % PAD == 0 else padded(dv, PAD)
     dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
@@ -179,7 +182,7 @@ def flash_forward(
     else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
         operand, operand_shapes = dtype, (
             (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
-    serial = hq * d * work <= _SERIAL_WORK
+    serial = n_workers == 1 or hq * d * work <= _SERIAL_WORK
     with _CALL_LOCK, _single_threaded_blas():
         k_packed, v_packed = WORKSPACE.arrays(operand, operand_shapes, zero=False)
         if not bf16 and v_width == dv:
@@ -216,17 +219,25 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     key_blocks = -(-nk // _DECODE_BLOCK_K)
     n_splits = max(1, min(key_blocks, -(-2 * n_workers // (batch * hkv))))
+    announce_as("decode")
+    if n_workers == 1:
+        n_splits = 1  # one thread: no OpenMP region, and no split to merge
     if _RECORDINGS:
-        _record("decode", q, k, v, mask, n_splits)
+        _record("decode_serial" if n_workers == 1 else "decode", q, k, v, mask, n_splits)
     with _CALL_LOCK, _single_threaded_blas():
         part_out, part_lse = WORKSPACE.zeroed(
             out.dtype, ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
             else ((1, 1, 1, 1, 1), (1, 1, 1, 1)),
         )  # fmt: skip
-        _decode_kernel(
-            q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, n_workers,
-            out, lse, part_out, part_lse,
-        )  # fmt: skip
+        if n_workers == 1:
+            decode_on_this_thread(
+                q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), micro, out, lse, part_out, part_lse,
+            )  # fmt: skip
+        else:
+            _decode_kernel(
+                q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, n_workers,
+                out, lse, part_out, part_lse,
+            )  # fmt: skip
     return out, lse
 
 
@@ -244,6 +255,7 @@ def flash_backward(
     segment get zero gradients.
     """
     check_paths()
+    announce_as("backward")
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
     dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
         q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed)
@@ -259,7 +271,7 @@ def flash_backward(
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + extras, flags | mask_flags
     n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
-    n_workers = numba.get_num_threads()
+    n_workers = worker_count()  # fewer when other programs hold cores; 1 in a forked child
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
         operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)),
@@ -276,11 +288,17 @@ def flash_backward(
         else:  # one kept block, so a training loop faults no fresh pages in
             dk_t, dv_t, k_packed, v_packed, k_rows = WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
         if _RECORDINGS:
-            _record("backward", q, k, v, mask)
-        _backward_kernel(
-            q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro,
-            n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
-        )  # fmt: skip
+            _record("backward_serial" if n_workers == 1 else "backward", q, k, v, mask)
+        if n_workers == 1:
+            backward_on_this_thread(
+                q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro,
+                k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+            )  # fmt: skip
+        else:
+            _backward_kernel(
+                q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro,
+                n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+            )  # fmt: skip
     return dq, dk, dv_grad
 
 

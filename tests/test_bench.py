@@ -478,6 +478,24 @@ def test_a_busy_machine_is_recorded_and_warned_about(tmp_path):
     assert sweep.pool_rounds([first, second])["cpu_pressure"] == 30.0  # the busiest round speaks
 
 
+def test_rounds_that_disagree_beyond_the_noise_are_flagged():
+    """--rounds: a round whose median sits outside the pooled 20-80% band marks the point, in the table
+    and the summary; rounds that agree do not."""
+    def round_of(samples):
+        return dict(status="ok", samples_s=samples, first_call_s=samples[0], peak_memory_bytes=1, **measure.summarize(samples))
+
+    steady = [round_of([1.00, 1.01, 0.99, 1.02, 0.98]) for _ in range(3)]
+    agreed = sweep.pool_rounds(steady)
+    assert not agreed["rounds_disagree"] and len(agreed["round_medians_s"]) == 3
+    drifted = sweep.pool_rounds(steady[:2] + [round_of([1.9, 2.0, 2.1, 2.0, 1.95])])  # the machine slowed down
+    assert drifted["rounds_disagree"] and drifted["round_medians_s"][2] == 2.0
+    document = synthetic_document(True)
+    row = next(row for row in document["results"] if row["status"] == "ok")
+    row.update(round_medians_s=drifted["round_medians_s"], rounds_disagree=True)
+    assert "rounds disagree: medians 1000.000, 1000.000, 2000.000 ms" in report.table_line(row)
+    assert "warning: at 1 points the rounds disagree" in report.format_summary(document)
+
+
 @pytest.mark.parametrize("complete", [True, False])
 def test_charts_are_drawn_from_saved_results(tmp_path, complete):
     report.write_json(synthetic_document(complete), tmp_path / "results.json")

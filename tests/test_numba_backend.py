@@ -127,6 +127,79 @@ def test_eight_threads_at_once_get_their_own_answers():
         assert_close(results[i], expected[i], atol=2e-5, rtol=2e-5, name=f"thread {i}")
 
 
+def test_the_load_gauge_counts_other_programs_runnable_threads(monkeypatch):
+    """kernels.cpu.threads: a running average of the machine's runnable threads less ours, sampled no
+    more often than SAMPLE_INTERVAL_S; one thread per call once other programs' threads fill every core."""
+    from attnkit.kernels.cpu import threads
+
+    clock, runnable = [10.0], [2]
+    gauge = threads._LoadGauge(lambda: runnable[0], lambda: clock[0])
+    assert gauge.other_runnable(own=2) == 0.0  # only ours
+    runnable[0] = 4
+    assert gauge.other_runnable(own=2) == 0.0  # too soon to look again
+    for _ in range(30):
+        clock[0] += threads.SAMPLE_INTERVAL_S
+        gauge.other_runnable(own=2)
+    assert gauge.other_runnable(own=2) == pytest.approx(2.0, abs=1e-3)  # two of another program's
+    monkeypatch.setattr(threads, "_GAUGE", gauge)
+    monkeypatch.setattr(threads, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
+    assert threads.worker_count() == 1  # two cores, both wanted by others: the calling thread alone
+    gauge.average = 3.0  # one other thread: the parallel kernels still gain from both cores
+    assert threads.worker_count() == 2
+    monkeypatch.setenv("ATTNKIT_LOAD_AWARE", "0")
+    gauge.average = 9.0
+    assert threads.worker_count() == 2
+    assert threads._LoadGauge(lambda: None).other_runnable(own=1) == 0.0  # no /proc/loadavg: quiet
+
+
+def test_with_one_core_left_every_kernel_runs_on_the_calling_thread(monkeypatch):
+    """Forward, decode and backward of calls big enough for the parallel kernels run their serial
+    versions (no OpenMP region) when one thread is all there is, with the same results."""
+    from attnkit.kernels import numba_attention
+
+    monkeypatch.setattr(numba_attention, "worker_count", lambda: 1)
+    rng = np.random.default_rng(5)
+    cases = {"forward": ((1, 4, 200, 32), (1, 2, 230, 32)), "decode": ((2, 8, 1, 64), (2, 2, 700, 64))}
+    for name, (shape_q, shape_k) in cases.items():
+        q, k, v = (torch.from_numpy(x).requires_grad_() for x in qkv(rng, shape_q, shape_k))
+        with numba_attention.recording() as launches:
+            out = attnkit.attention(q, k, v, causal="bottom_right", backend="numba")
+            d_out = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (q, k, v), d_out)
+        assert [launch.worker for launch in launches] == [f"{name}_serial", "backward_serial"], name
+        q64, k64, v64 = (x.detach().double().numpy() for x in (q, k, v))
+        expected, lse = reference.attention(q64, k64, v64, causal="bottom_right", return_lse=True)
+        expected_grads = reference.attention_backward(q64, k64, v64, expected, d_out.double().numpy(), lse,
+                                                      causal="bottom_right")
+        assert_close(out.detach().numpy(), expected, atol=2e-5, rtol=2e-5, name=f"{name} out")
+        for grad_name, g, e in zip(("dq", "dk", "dv"), grads, expected_grads):
+            assert_close(g.numpy(), e, atol=1e-4, rtol=1e-4, name=f"{name} {grad_name}")
+
+
+FORKED = """
+    import os, signal, numpy as np, attnkit
+    from attnkit import reference
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 4, 300, 32), dtype=np.float32) for _ in range(3))
+    expected = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), causal=True)
+    attnkit.attention(q, k, v, causal=True, backend="numba")  # the parent's worker threads start
+    pid = os.fork()
+    if pid == 0:  # the child has none of them: it must start its own, not wait for the parent's
+        signal.alarm(120)  # a hang fails the test instead of stalling it
+        out = attnkit.attention(q, k, v, causal=True, backend="numba")
+        os._exit(0 if np.abs(out - expected).max() < 2e-5 else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_parallel_calls():
+    result = _run_python(FORKED)
+    assert result.returncode == 0 and "child 0" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
 def _run_python(code, env=None, cwd=None):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, **(env or {})}, cwd=cwd)
@@ -204,8 +277,9 @@ def test_jit_cache_is_written_and_reused(tmp_path):
     second = _run_python(code, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert float(second.stdout) < float(first.stdout)
-    # The first process said it was compiling (one line per kernel); the second loaded and said nothing.
-    assert "attnkit: compiling _forward_kernel_serial for this CPU" in first.stderr, first.stderr[-2000:]
+    # The first process said it was compiling, one line for the forward kernel; the second loaded and said nothing.
+    notices = [line for line in first.stderr.splitlines() if line.startswith("attnkit: compiling")]
+    assert notices == [notices[0]] and "compiling the forward kernel for this CPU" in notices[0], first.stderr[-2000:]
     assert "attnkit: compiling" not in second.stderr
 
 

@@ -202,3 +202,22 @@ def _backward_kernel(
     for t in prange(n_heads):
         _finish_kv_grad(dk_t, n_chunks, dk, t)
         _finish_kv_grad(dv_t, n_chunks, dv_grad, t)
+
+
+def backward_on_this_thread(
+    q, k, v, segments, masks, out, d_out, lse, consts, flags,
+    block_q, block_k, n_chunks, micro, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+):  # fmt: skip
+    """_backward_kernel on the calling thread alone, with no OpenMP region (a forked child, or one
+    core left: kernels/cpu/threads.py): the same compiled steps, called one by one."""
+    n_heads = k.shape[0] * k.shape[1]
+    for t in range(n_heads):
+        _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
+    tasks, order = _backward_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
+    _backward_worker(
+        q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
+        flags, block_q, block_k, n_chunks, micro, order, np.zeros(1, np.int64), dq, dk_t, dv_t,
+    )  # fmt: skip
+    for t in range(n_heads):
+        _finish_kv_grad(dk_t, n_chunks, dk, t)
+        _finish_kv_grad(dv_t, n_chunks, dv_grad, t)

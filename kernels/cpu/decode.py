@@ -163,3 +163,15 @@ def _decode_kernel(
     if n_splits > 1:
         for t in prange(q.shape[0] * q.shape[1]):
             _merge_splits(part_out, part_lse, out, lse, t)
+
+
+def decode_on_this_thread(
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, micro, out, lse, part_out, part_lse,
+):  # fmt: skip
+    """_decode_kernel on the calling thread alone, keys unsplit, with no OpenMP region (a forked
+    child, or one core left: kernels/cpu/threads.py)."""
+    n_tasks = k.shape[0] * k.shape[1]
+    _decode_worker(
+        q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, 1, micro,
+        np.arange(n_tasks), np.zeros(1, np.int64), out, lse, part_out, part_lse,
+    )  # fmt: skip
