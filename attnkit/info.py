@@ -120,6 +120,18 @@ def cpu_bf16():
             "blocks": {kind: list(block) for kind, block in bf16.BLOCKS.items()}, "error": error}
 
 
+def kernel_cache():
+    """Where the Numba kernels' compiled code is cached, and why there."""
+    try:
+        from pathlib import Path
+
+        from .kernels import jit
+    except Exception as error:  # numba missing or failing to initialise
+        return {"path": None, "how": f"unavailable ({type(error).__name__}: {error})"}
+    path, how = jit.cache_location(Path(jit.__file__).parent / "cpu")
+    return {"path": None if path is None else str(path), "how": how}
+
+
 def collect():
     """Everything `attnkit info` reports, as one JSON-ready dict."""
     from . import __version__, available_backends
@@ -131,6 +143,7 @@ def collect():
         "cpu": cpu_info(),
         "cpu_blas": cpu_blas(),
         "cpu_bf16": cpu_bf16(),
+        "kernel_cache": kernel_cache(),
         "cuda": cuda_devices(),
         "backends": available_backends(),
     }
@@ -152,6 +165,7 @@ def format_report(info):
         f"  bf16     {info['cpu_bf16']['detail']}  (bf16, and float32 under torch's \"medium\"; ATTNKIT_CPU_BF16)",
         f"  float32  {info['cpu_bf16'].get('float32_detail', '')}  (ATTNKIT_CPU_F32)",
         *([f"  error    {info['cpu_bf16']['error']}"] if info["cpu_bf16"].get("error") else []),
+        f"  cache    {info['kernel_cache']['path'] or '-'}  ({info['kernel_cache']['how']})",
         "",
         "cuda:",
     ]

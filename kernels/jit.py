@@ -3,9 +3,10 @@
 Numba's cache checks only the source file of the function it loads: a kernel
 in numba_attention.py compiled against an older simd.py or cpu_blas.py would
 be loaded as it was (this once hid a wrong exp2 from the tests). So at import,
-when the kernel sources differ from the ones the cache in kernels/__pycache__
-(or, with NUMBA_CACHE_DIR set, the folder Numba keeps for kernels/ there) was
-built from, that cache is discarded (discard_stale_cache).
+when the kernel sources differ from the ones the cache was built from, that
+cache is discarded (discard_stale_cache). The cache is where Numba puts it
+(cache_location): NUMBA_CACHE_DIR when set, else kernels/__pycache__, else, in
+a read-only install, the user's cache folder (`attnkit info` says which).
 
 A first call that compiles sits silent for seconds, so the first compilation
 of each kernel (forward, backward, decode) in a process says so on stderr, one line
@@ -22,20 +23,32 @@ from pathlib import Path
 from numba import njit
 from numba.core import event
 
-__all__ = ["announce_as", "discard_stale_cache", "jit"]
+__all__ = ["announce_as", "cache_location", "discard_stale_cache", "jit"]
 
 _STAMP = "attnkit-kernel-sources.sha256"
 
 
-def cache_folder(folder):
-    """Where Numba caches the functions of folder/*.py: folder/__pycache__, or its folder
-    under NUMBA_CACHE_DIR when that is set (named as numba.core.caching names it)."""
-    from numba.core import config
-    from numba.core.caching import _CacheLocator
+def cache_location(folder):
+    """(where Numba caches the functions of folder/*.py, how it chose it): the first of Numba's own
+    choices that can be written, in its order: NUMBA_CACHE_DIR; folder/__pycache__; the user's cache
+    folder (a read-only install); or (None, "nowhere writable": compiled in memory, every process)."""
+    from numba.core import caching
 
-    if config.CACHE_DIR:
-        return Path(config.CACHE_DIR) / _CacheLocator.get_suitable_cache_subpath(str(Path(folder) / "any.py"))
-    return Path(folder) / "__pycache__"
+    sources = sorted(Path(folder).glob("*.py"))
+    if not sources:
+        return None, "no sources"
+    choices = ((caching.UserProvidedCacheLocator, "NUMBA_CACHE_DIR"), (caching.InTreeCacheLocator, "next to the sources"),
+               (caching.UserWideCacheLocator, "the user's cache folder (the package folder is read-only)"))
+    for locator_class, how in choices:
+        locator = locator_class.from_function(discard_stale_cache, str(sources[0]))
+        if locator is not None:
+            return Path(locator.get_cache_path()), how
+    return None, "nowhere writable: kernels compile in memory in every process"
+
+
+def cache_folder(folder):
+    """Where Numba caches the functions of folder/*.py (cache_location), or None."""
+    return cache_location(folder)[0]
 
 
 def discard_stale_cache(folder=Path(__file__).parent):
@@ -53,7 +66,9 @@ def discard_stale_cache(folder=Path(__file__).parent):
         digest.update(source.relative_to(folder).as_posix().encode() + b"\0" + source.read_bytes())
     discarded = False
     for source_folder in sorted({source.parent for source in sources} | {folder}):
-        discarded |= _discard_unless_stamped(cache_folder(source_folder), digest.hexdigest())
+        cache = cache_folder(source_folder)
+        if cache is not None:
+            discarded |= _discard_unless_stamped(cache, digest.hexdigest())
     return discarded
 
 

@@ -22,6 +22,7 @@ lse is converted back to natural log at the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -114,6 +115,27 @@ def _record(worker, q, k, v, mask=None, n_splits=1):
 _SERIAL_WORK = 1 << 17
 
 
+def _padded(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q, longest_k, work):
+    """What a forward call's shapes decide (planned once per signature: small calls feel every
+    microsecond): (block_q, block_k, V's padded width, decode?, the packed operands' dtype and
+    shapes, small enough for the calling thread alone?)."""
+    block_q, block_k = _block_sizes(longest_q, longest_k)
+    v_width = _padded(dv, PAD)
+    decode = dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv
+    if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
+        operand, operand_shapes = np.uint16, (
+            (batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (nk + 1) // 2, 2 * v_width))
+    else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
+        operand, operand_shapes = dtype, (
+            (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
+    return block_q, block_k, v_width, decode, operand, operand_shapes, hq * d * work <= _SERIAL_WORK
+
+
 def flash_forward(
     q, k, v, mask, *, scale, causal, window, softcap, bf16_products=False, segments=None, align=None, alibi=None,
     f32_products=None, dropout_p=0.0, dropout_seed=None, sinks=None,
@@ -166,23 +188,18 @@ def flash_forward(
                 lse[:] = extras[2][None, :, None]
             return out, lse
     longest_q, longest_k, work = _segment_sizes(table, segments, nq, nk)
-    block_q, block_k = _block_sizes(longest_q, longest_k)
+    micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
+    dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
+    block_q, block_k, v_width, decode, operand, operand_shapes, small = _forward_layout(
+        batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q, longest_k, work)
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + extras, flags | mask_flags
-    n_workers = worker_count()  # fewer when other programs hold cores; 1 in a forked child
-    micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
-    v_width = dv if dv % PAD == 0 else padded(dv, PAD)
-    dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
-    if dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv:
+    # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
+    n_workers = 1 if small and not decode else worker_count()
+    if decode:
         lo, hi = int(table[0, 5]), int(table[0, 6])
         return _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
-    if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
-        operand, operand_shapes = np.uint16, (
-            (batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (nk + 1) // 2, 2 * padded(dv, PAD)))
-    else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
-        operand, operand_shapes = dtype, (
-            (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
-    serial = n_workers == 1 or hq * d * work <= _SERIAL_WORK
+    serial = n_workers == 1
     with _CALL_LOCK, _single_threaded_blas():
         k_packed, v_packed = WORKSPACE.arrays(operand, operand_shapes, zero=False)
         if not bf16 and v_width == dv:

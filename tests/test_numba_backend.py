@@ -183,9 +183,9 @@ FORKED = """
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((1, 4, 300, 32), dtype=np.float32) for _ in range(3))
     expected = reference.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), causal=True)
-    attnkit.attention(q, k, v, causal=True, backend="numba")  # the parent's worker threads start
+    attnkit.attention(q, k, v, causal=True, backend="numba")  # the parent's OpenMP threads start
     pid = os.fork()
-    if pid == 0:  # the child has none of them: it must start its own, not wait for the parent's
+    if pid == 0:  # GNU OpenMP cannot run here (Numba would terminate the child): one thread instead
         signal.alarm(120)  # a hang fails the test instead of stalling it
         out = attnkit.attention(q, k, v, causal=True, backend="numba")
         os._exit(0 if np.abs(out - expected).max() < 2e-5 else 3)
@@ -239,18 +239,20 @@ def _installed_copy(target):
     return target
 
 
-def test_read_only_install_still_runs(tmp_path):
-    """No writable cache anywhere (package folder, HOME): the kernel compiles in memory."""
+@pytest.mark.parametrize("home_writable", [False, True], ids=["nothing-writable", "home-writable"])
+def test_read_only_install_still_runs(tmp_path, home_writable):
+    """A read-only package folder: the kernels cache in the user's cache folder, and `attnkit info`
+    says so; with HOME read-only too, nothing can be cached and the kernel compiles in memory."""
     if shutil.which("unshare") is None:
         pytest.skip("needs util-linux's unshare for a read-only bind mount")
     target = _installed_copy(tmp_path / "site")
     home = tmp_path / "home"
     home.mkdir()
-    code = ("import numpy as np, attnkit; q = np.ones((1, 2, 9, 8), np.float32); "
+    code = ("import numpy as np, attnkit; from attnkit.info import kernel_cache; q = np.ones((1, 2, 9, 8), np.float32); "
             "out = attnkit.attention(q, q, q, backend='numba'); "
-            "assert np.allclose(out, 1); print('ran')")
-    script = (f"mount --bind {target} {target} && mount -o remount,bind,ro {target} && "
-              f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "
+            "assert np.allclose(out, 1); print('ran', kernel_cache())")
+    protect_home = "" if home_writable else f"mount --bind {home} {home} && mount -o remount,bind,ro {home} && "
+    script = (f"mount --bind {target} {target} && mount -o remount,bind,ro {target} && {protect_home}"
               f"touch {target}/probe 2>/dev/null && echo WRITABLE; "
               f"{sys.executable} -c \"{code}\"")
     env = {**os.environ, "PYTHONPATH": str(target), "HOME": str(home), "XDG_CACHE_HOME": str(home)}
@@ -261,6 +263,11 @@ def test_read_only_install_still_runs(tmp_path):
         pytest.skip(f"mount namespaces are not permitted here: {result.stderr.strip()[:200]}")
     assert "WRITABLE" not in result.stdout
     assert result.returncode == 0 and "ran" in result.stdout, result.stderr[-3000:]
+    if home_writable:
+        assert "the user's cache folder" in result.stdout and str(home) in result.stdout, result.stdout
+        assert list(home.rglob("*.nbi")), "nothing cached in the user's cache folder"
+    else:
+        assert "nowhere writable" in result.stdout, result.stdout
 
 
 def test_jit_cache_is_written_and_reused(tmp_path):

@@ -103,19 +103,25 @@ class Workspace:
     def __init__(self, keep_bytes):
         self.keep_bytes = keep_bytes
         self.buffer = np.empty(0, np.uint8)
+        self.last = (None, None, None)  # (dtype, shapes, (block, views)) of the last request
 
     def arrays(self, dtype, shapes, zero):
         """Arrays of the given shapes (zeroed if zero) in the kept memory."""
         dtype = np.dtype(dtype)
-        starts, total = _packed_layout(dtype, shapes)
-        if total * dtype.itemsize > self.keep_bytes:
-            return arrays_together(dtype, shapes, zero=zero)
-        if self.buffer.nbytes < total * dtype.itemsize:
-            self.buffer = np.empty(total * dtype.itemsize, np.uint8)
-        block = self.buffer[: total * dtype.itemsize].view(dtype)
+        if self.last[0] == dtype and self.last[1] == shapes:  # a loop's next call: the same views
+            block, views = self.last[2]
+        else:
+            starts, total = _packed_layout(dtype, shapes)
+            if total * dtype.itemsize > self.keep_bytes:
+                return arrays_together(dtype, shapes, zero=zero)
+            if self.buffer.nbytes < total * dtype.itemsize:
+                self.buffer = np.empty(total * dtype.itemsize, np.uint8)
+            block = self.buffer[: total * dtype.itemsize].view(dtype)
+            views = _packed_views(block, shapes, starts)
+            self.last = (dtype, shapes, (block, views))
         if zero:
             block.fill(0)
-        return _packed_views(block, shapes, starts)
+        return views
 
     def zeroed(self, dtype, shapes):
         return self.arrays(dtype, shapes, zero=True)

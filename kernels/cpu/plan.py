@@ -210,36 +210,54 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     tuple's ALiBi, dropout and sinks entries) for a kernel call.
 
     bf16 products take bf16 bits (uint16) as they are and float32 otherwise; the
-    float kernels take float32 or float64.
+    float kernels take float32 or float64. What depends only on dtypes, shapes and
+    options is planned once per signature (_static_prepare, _dense_table): small
+    calls feel every microsecond.
     """
-    if bf16_products:
-        dtype = np.dtype(np.uint16 if np.dtype(q.dtype) == np.uint16 else np.float32)
-        compute = np.dtype(np.float32)
-    else:
-        dtype = compute = np.dtype(np.float64 if np.dtype(q.dtype) == np.float64 else np.float32)
+    dtype, compute, flags, consts = _static_prepare(
+        np.dtype(q.dtype), bool(bf16_products), scale, softcap, alibi is not None, dropout_p, sinks is not None)
     q, k, v = (_kernel_array(x, dtype) for x in (q, k, v))
-    flags = _HAS_SOFTCAP if softcap is not None else 0
     if segments is None:
-        lo, hi, diagonal = _visible_offsets(q.shape[2], k.shape[2], causal, window, align)
-        table = _dense_segments(q.shape[0], q.shape[2], k.shape[2], lo, hi, diagonal)
+        table = _dense_table(q.shape[0], q.shape[2], k.shape[2], causal, _hashable(window), align)
     else:
         if align is None:
             align = "bottom_right" if causal == "bottom_right" else "top_left"
         table = _segment_table(segments, causal is not None, align, window, q.shape[2], k.shape[2])
     alibi_entry = _no_alibi(compute) if alibi is None else _kernel_array(alibi, compute)
-    if alibi is not None:
+    dropout = dropout_parameters(dropout_seed, dropout_p) if dropout_p > 0 else _NO_DROPOUT
+    # No sinks: a (1,) zeros row of the cached placeholder (the kernels read it only under _HAS_SINKS).
+    sinks_entry = _no_alibi(compute)[0] if sinks is None else _kernel_array(np.reshape(sinks, -1), compute)
+    return dtype, compute, q, k, v, flags, consts, table, (alibi_entry, dropout, sinks_entry)
+
+
+def _hashable(window):
+    return None if window is None else tuple(window)
+
+
+@functools.lru_cache(maxsize=256)
+def _static_prepare(q_dtype, bf16_products, scale, softcap, has_alibi, dropout_p, has_sinks):
+    """(dtype of the results, compute dtype, flags, constants): _prepare's part that no array value changes."""
+    if bf16_products:
+        dtype = np.dtype(np.uint16 if q_dtype == np.uint16 else np.float32)
+        compute = np.dtype(np.float32)
+    else:
+        dtype = compute = np.dtype(np.float64 if q_dtype == np.float64 else np.float32)
+    flags = _HAS_SOFTCAP if softcap is not None else 0
+    if has_alibi:
         flags |= _HAS_ALIBI
     keep_scale = 1.0
     if dropout_p > 0:
         flags |= _HAS_DROPOUT
         keep_scale = keep_scale_of(dropout_p)
-    consts = _constants(compute, scale, softcap, keep_scale)
-    dropout = dropout_parameters(dropout_seed, dropout_p) if dropout_p > 0 else _NO_DROPOUT
-    if sinks is not None:
+    if has_sinks:
         flags |= _HAS_SINKS
-    # No sinks: a (1,) zeros row of the cached placeholder (the kernels read it only under _HAS_SINKS).
-    sinks_entry = _no_alibi(compute)[0] if sinks is None else _kernel_array(np.reshape(sinks, -1), compute)
-    return dtype, compute, q, k, v, flags, consts, table, (alibi_entry, dropout, sinks_entry)
+    return dtype, compute, flags, _constants(compute, scale, softcap, keep_scale)
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_table(batch, nq, nk, causal, window, align):
+    lo, hi, diagonal = _visible_offsets(nq, nk, causal, window, align)
+    return _dense_segments(batch, nq, nk, lo, hi, diagonal)
 
 
 def _segment_sizes(table, segments, nq, nk):
