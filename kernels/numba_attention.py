@@ -115,6 +115,13 @@ def _record(worker, q, k, v, mask=None, n_splits=1):
 _SERIAL_WORK = 1 << 17
 
 
+_ONE_THREAD = []  # non-empty while warmup prepares the one-thread paths
+
+
+def _worker_count():
+    return 1 if _ONE_THREAD else worker_count()
+
+
 def _padded(n, multiple):
     return -(-n // multiple) * multiple
 
@@ -195,7 +202,7 @@ def flash_forward(
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + extras, flags | mask_flags
     # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
-    n_workers = 1 if small and not decode else worker_count()
+    n_workers = 1 if small and not decode else _worker_count()
     if decode:
         lo, hi = int(table[0, 5]), int(table[0, 6])
         return _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
@@ -364,8 +371,16 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
             q, k, v = (rng.standard_normal(shape) for shape in (q_shape, kv_shape, kv_shape))
             q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
             options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bf16_products)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", numba.NumbaWarning)
-                out, lse = flash_forward(q, k, v, None, **options)
-                if backward and q_shape[2] > 1:
-                    flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
+            # Both thread counts: the one-thread paths (a busy machine, a forked child) call the
+            # workers from Python, which compiles them apart from the parallel kernels.
+            for one_thread in (False, True):
+                if one_thread:
+                    _ONE_THREAD.append(True)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", numba.NumbaWarning)
+                        out, lse = flash_forward(q, k, v, None, **options)
+                        if backward and q_shape[2] > 1:
+                            flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
+                finally:
+                    _ONE_THREAD.clear()

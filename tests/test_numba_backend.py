@@ -348,9 +348,12 @@ def _kernel_signatures():
     return counts
 
 
-def test_after_warmup_no_call_of_the_prepared_dtypes_compiles():
+def test_after_warmup_no_call_of_the_prepared_dtypes_compiles(monkeypatch):
     """warmup(float32) compiles what float32 calls run: afterwards small, large, causal, masked, windowed,
-    ALiBi, softcapped, packed, dropout, sinks, decode and backward calls add no dispatcher signature."""
+    ALiBi, softcapped, packed, dropout, sinks, decode and backward calls add no dispatcher signature,
+    on all threads or (a busy machine, a forked child) on one."""
+    from attnkit.kernels import numba_attention
+
     attnkit.warmup(["float32"])
     before = _kernel_signatures()
     g = torch.Generator().manual_seed(0)
@@ -368,6 +371,11 @@ def test_after_warmup_no_call_of_the_prepared_dtypes_compiles():
                                       causal=True)  # fmt: skip
     packed.sum().backward()
     assert small.shape == (1, 2, 8, 16) and decode.shape == (2, 4, 1, 32)
+    monkeypatch.setattr(numba_attention, "worker_count", lambda: 1)
+    with numba_attention.recording() as launches:
+        attnkit.attention(q, k, v, causal=True).sum().backward()
+        attnkit.attention(q[:, :, -1:].detach(), k[:, :2].detach(), v[:, :2].detach())
+    assert [launch.worker for launch in launches] == ["forward_serial", "backward_serial", "decode_serial"]
     after = _kernel_signatures()
     grown = {name: (before.get(name, 0), count) for name, count in after.items() if count != before.get(name, 0)}
     assert not grown, f"compiled after warmup: {grown}"
