@@ -212,7 +212,7 @@ def _run_bench(args):
     from ..info import collect
     from . import contenders as contenders_module
     from . import plots, report
-    from .measure import machine_load, matmul_rate, memory_method
+    from .measure import machine_load, matmul_rate, memory_method, read_bandwidth
     from .sweep import select_contenders, sweep
     from .worker import WorkerPool
 
@@ -240,6 +240,7 @@ def _run_bench(args):
         "schema": report.SCHEMA, "complete": False, "started": _now(), "finished": None,
         "options": _options(args), "settings": settings.as_dict(), "machine": machine,
         "roofline": matmul_rate(settings.device, settings.dtype),
+        "bandwidth": read_bandwidth(settings.device) if settings.query_len is not None else None,
         "memory_method": memory_method(settings.device),
         "contenders": {"run": [c.name for c in to_run], "left_out": dict(left_out)},
         "results": [],

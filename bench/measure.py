@@ -368,6 +368,19 @@ def matmul_rate(device, dtype, size=None, repeats=None):
     return roofline
 
 
+def read_bandwidth(device, size_bytes=256 << 20, repeats=5):
+    """The rate this machine reads memory at, bytes/s: torch's sum over a float32 array of
+    size_bytes (far beyond the caches), on every torch thread; the roofline of a decode step, which
+    reads the K/V cache once. Returns {"bytes_per_s", "what"}."""
+    import torch
+
+    x = torch.ones(size_bytes // 4, device=device)
+    samples = [time_once(lambda: None, lambda _: x.sum(), device) for _ in range(repeats + 1)][1:]
+    threads = f", {torch.get_num_threads()} threads" if device == "cpu" else ""
+    return {"bytes_per_s": size_bytes / statistics.median(samples),
+            "what": f"torch sum over {size_bytes >> 20} MiB float32{threads}"}
+
+
 def _cpu_kernel_kind(dtype):
     """Which micro-kernel attnkit's CPU kernel multiplies this dtype with ("float32", "bf16"), or None
     (float64 goes through the BLAS, which numpy's matmul measures)."""

@@ -113,6 +113,15 @@ def format_summary(document):
         for row in above:
             lines.append(f"warning: {row['backend']} at N={row['N']} ({row['flops_per_s'] / 1e9:.1f} GFLOP/s) is above "
                          "the roofline measured here: the machine's speed changed during the run")  # fmt: skip
+    bandwidth = document.get("bandwidth")
+    decode_rows = [row for row in rows if row["status"] == "ok" and row.get("kv_bytes_per_s")]
+    if bandwidth and decode_rows:
+        lines.append(f"read bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['what']})")
+        for backend in dict.fromkeys(row["backend"] for row in decode_rows):
+            longest = max((row for row in decode_rows if row["backend"] == backend), key=lambda row: row["N"])
+            rate = longest["kv_bytes_per_s"]
+            lines.append(f"decode: {backend} reads the K/V cache at {rate / 1e9:.1f} GB/s at N={longest['N']}, "
+                         f"{100 * rate / bandwidth['bytes_per_s']:.0f}% of the read bandwidth")
     for field, label in (("median_s", "time"), ("peak_memory_bytes", "memory")):
         fitted = exponents(rows, field)
         if fitted:

@@ -12,12 +12,13 @@ with None for what a skipped or failed point lacks.
 
 from __future__ import annotations
 
-from .accounting import attention_flops, extrapolate, format_bytes, format_seconds
+from .accounting import ITEMSIZE, attention_flops, extrapolate, format_bytes, format_seconds
 
 ROW_FIELDS = ("backend", "N", "status", "note", "median_s", "p20_s", "p80_s", "first_call_s",
               "compile_s", "repeats", "flops", "flops_per_s", "peak_memory_bytes", "cpu_pressure",
               "load_average",  # the most load seen before or after the point's rounds
-              "round_medians_s", "rounds_disagree")  # with --rounds: each round's median, and rounds_disagree
+              "round_medians_s", "rounds_disagree",  # with --rounds: each round's median, and rounds_disagree
+              "kv_bytes", "kv_bytes_per_s")  # decode sweeps: the K/V cache's bytes, read per second
 
 
 def select_contenders(settings, contenders, requested=None):
@@ -94,10 +95,14 @@ def make_row(contender_name, n, settings, status, note="", measurement=None):
     row.update(backend=contender_name, N=n, status=status, note=note)
     row["flops"] = attention_flops(settings.batch, settings.heads, settings.queries(n), n, settings.head_dim,
                                    settings.causal, settings.mode)
+    if settings.query_len is not None:  # a decode step reads the whole K/V cache once
+        row["kv_bytes"] = 2 * settings.batch * settings.key_heads * n * settings.head_dim * ITEMSIZE[settings.dtype]
     if measurement:
         row.update({key: measurement[key] for key in ROW_FIELDS if key in measurement})
         if row["median_s"]:
             row["flops_per_s"] = row["flops"] / row["median_s"]
+            if row["kv_bytes"]:
+                row["kv_bytes_per_s"] = row["kv_bytes"] / row["median_s"]
     return row
 
 

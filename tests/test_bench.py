@@ -478,6 +478,23 @@ def test_a_busy_machine_is_recorded_and_warned_about(tmp_path):
     assert sweep.pool_rounds([first, second])["cpu_pressure"] == 30.0  # the busiest round speaks
 
 
+def test_decode_sweeps_report_the_cache_read_rate_against_the_read_bandwidth():
+    """--query-len: each row carries the K/V bytes a step reads and their rate; the summary compares the
+    rate at the longest cache with the bandwidth measured in the run."""
+    settings = Settings(ns=(1024, 4096), heads=8, kv_heads=2, query_len=1, head_dim=64, dtype="bfloat16")
+    rows = [sweep.make_row("numba", n, settings, "ok", measurement={"median_s": 1e-6 * n}) for n in settings.ns]
+    assert rows[1]["kv_bytes"] == 2 * 2 * 4096 * 64 * 2  # K and V, 2 kv heads, bf16
+    assert rows[1]["kv_bytes_per_s"] == pytest.approx(rows[1]["kv_bytes"] / 4.096e-3)
+    document = dict(synthetic_document(), results=rows,
+                    bandwidth={"bytes_per_s": 1.0e9, "what": "torch sum over 256 MiB float32, 2 threads"})
+    summary = report.format_summary(document)
+    assert "read bandwidth: 1.0 GB/s (torch sum over 256 MiB float32, 2 threads)" in summary
+    assert "decode: numba reads the K/V cache at 0.5 GB/s at N=4096, 51% of the read bandwidth" in summary
+    assert sweep.make_row("numba", 1024, Settings(ns=(1024,)), "ok", measurement={"median_s": 1.0})["kv_bytes"] is None
+    rate = measure.read_bandwidth("cpu", size_bytes=8 << 20, repeats=2)
+    assert rate["bytes_per_s"] > 0 and "8 MiB" in rate["what"]
+
+
 def test_rounds_that_disagree_beyond_the_noise_are_flagged():
     """--rounds: a round whose median sits outside the pooled 20-80% band marks the point, in the table
     and the summary; rounds that agree do not."""
