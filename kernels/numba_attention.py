@@ -202,7 +202,7 @@ def flash_forward(
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + extras, flags | mask_flags
     # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
-    n_workers = 1 if small and not decode else _worker_count()
+    n_workers = 1 if small else _worker_count()
     if decode:
         lo, hi = int(table[0, 5]), int(table[0, 6])
         return _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
@@ -227,8 +227,10 @@ def flash_forward(
 
 # Decode (flash-decoding): at most this many query rows per head, against at
 # least _DECODE_MIN_KEYS keys, and at most 128 rows per GQA group in one tile.
+# Short caches too: B4 Hq32 Nk64-200 D128 took 0.35-0.6x the prefill path's time
+# (no K^T packing, a group's rows in one tile; bench/results/decode-bandwidth.md).
 _DECODE_MAX_QUERIES = 16
-_DECODE_MIN_KEYS = 256
+_DECODE_MIN_KEYS = 16
 _DECODE_BLOCK_K = 512
 
 
