@@ -9,4 +9,5 @@
     backward.py   backward workers (five products per tile)
     plan.py       host-side planning: blocks, constants, masks, segments
     memory.py     allocations, the kept workspace, BLAS thread pinning
+    threads.py    how many threads a call gets (one on a full machine, or in a forked child)
 """
