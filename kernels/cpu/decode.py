@@ -20,6 +20,10 @@ from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _
 # ---------------------------------------------------------------------------
 
 
+# Below this many rows per tile (GQA group x queries) the scores are dot products.
+_DOT_ROWS = 4
+
+
 @_jit(fastmath=_FASTMATH)
 def _decode_worker(
     q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
@@ -86,11 +90,21 @@ def _decode_worker(
             j0 = kb * block_k
             j1 = min(j0 + block_k, nk)
             bk = j1 - j0
-            _product(k[b, hk, j0:j1], q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
             s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
-            for j in range(bk):
+            if rows < _DOT_ROWS:  # few rows: dot products (the micro-kernel fills 16 columns for them)
                 for r in range(rows):
-                    s_full[r, j] = st[j, r]
+                    q_row = q[b, h0 + r // nq, r % nq]
+                    for j in range(bk):
+                        k_row = k[b, hk, j0 + j]
+                        total = zero
+                        for c in range(d):
+                            total += k_row[c] * q_row[c]
+                        s_full[r, j] = total
+            else:
+                _product(k[b, hk, j0:j1], q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
+                for j in range(bk):
+                    for r in range(rows):
+                        s_full[r, j] = st[j, r]
             for g in range(group):
                 slab = s_full[g * nq : (g + 1) * nq, :bk]  # (Nq, Bk) rows of head h0 + g
                 _, _, key_start, key_stop = _task_keys(masks, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
