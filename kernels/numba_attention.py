@@ -122,17 +122,13 @@ def _worker_count():
     return 1 if _ONE_THREAD else worker_count()
 
 
-def _padded(n, multiple):
-    return -(-n // multiple) * multiple
-
-
 @functools.lru_cache(maxsize=256)
 def _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q, longest_k, work):
     """What a forward call's shapes decide (planned once per signature: small calls feel every
     microsecond): (block_q, block_k, V's padded width, decode?, the packed operands' dtype and
     shapes, small enough for the calling thread alone?)."""
     block_q, block_k = _block_sizes(longest_q, longest_k)
-    v_width = _padded(dv, PAD)
+    v_width = padded(dv, PAD)
     decode = dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv
     if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
         operand, operand_shapes = np.uint16, (
@@ -297,7 +293,7 @@ def flash_backward(
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + extras, flags | mask_flags
     n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
-    n_workers = worker_count()  # fewer when other programs hold cores; 1 in a forked child
+    n_workers = _worker_count()  # 1 when other programs fill the cores, and in a forked child
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
         operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)),
@@ -364,8 +360,8 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
     rng = np.random.default_rng(0)
     shapes = [((1, 2, 3, 4), (1, 1, 5, 4))]  # small: the serial forward
     shapes.append(((1, 4, 256, 64), (1, 2, 256, 64)))  # above _SERIAL_WORK: the parallel forward
-    if decode:
-        shapes.append(((1, 4, 1, 64), (1, 2, _DECODE_MIN_KEYS, 64)))  # the decode kernel
+    if decode:  # the decode kernel, parallel (keys above _SERIAL_WORK)
+        shapes.append(((1, 4, 1, 64), (1, 2, 1024, 64)))
     for dtype, bf16_products in warmup_variants(dtypes, float32_bf16):
         for q_shape, kv_shape in shapes:
             if dtype == np.uint16 and q_shape[2] == 1:

@@ -101,6 +101,9 @@ def masks_and_decode(rng):
     cache_k, cache_v = (rng.standard_normal((3, 2, 1000, 128)).astype(np.float32) for _ in range(2))
     against_reference("decode", attnkit.attention(q1, cache_k, cache_v, backend="numba"), reference.attention,
                       (q1, cache_k, cache_v))  # fmt: skip
+    mha_k, mha_v = (rng.standard_normal((3, 8, 300, 128)).astype(np.float32) for _ in range(2))  # one row a tile
+    against_reference("decode_mha", attnkit.attention(q1, mha_k, mha_v, backend="numba"), reference.attention,
+                      (q1, mha_k, mha_v))  # fmt: skip
     q1b, kb, vb = (torch.tensor(x).bfloat16() for x in (q1, cache_k, cache_v))
     got = attnkit.attention(q1b, kb, vb, backend="numba").float()
     want = reference.attention(*(x.double().numpy() for x in (q1b, kb, vb)))

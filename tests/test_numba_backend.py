@@ -354,6 +354,9 @@ def test_after_warmup_no_call_of_the_prepared_dtypes_compiles(monkeypatch):
     on all threads or (a busy machine, a forked child) on one."""
     from attnkit.kernels import numba_attention
 
+    import numba
+
+    monkeypatch.setattr(numba_attention, "worker_count", numba.get_num_threads)  # however busy the machine
     attnkit.warmup(["float32"])
     before = _kernel_signatures()
     g = torch.Generator().manual_seed(0)
@@ -367,6 +370,8 @@ def test_after_warmup_no_call_of_the_prepared_dtypes_compiles(monkeypatch):
         attnkit.attention(q, k, v, **options).sum().backward()
     small = attnkit.attention(*(x[:1, :2, :8, :16] for x in (q, k, v)))
     decode = attnkit.attention(q[:, :, -1:].detach(), k[:, :2].detach(), v[:, :2].detach())
+    long_k, long_v = (torch.randn(1, 2, 2048, 32, generator=g) for _ in range(2))  # the parallel decode kernel
+    attnkit.attention(q[:1, :, -1:].detach(), long_k, long_v)
     packed = attnkit.varlen_attention(q[0], k[0], v[0], torch.tensor([0, 100, 300]), torch.tensor([0, 120, 300]),
                                       causal=True)  # fmt: skip
     packed.sum().backward()

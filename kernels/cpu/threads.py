@@ -28,7 +28,7 @@ import time
 
 import numba
 
-__all__ = ["worker_count", "other_runnable_threads"]
+__all__ = ["worker_count"]
 
 SAMPLE_INTERVAL_S = 0.005
 SMOOTHING = 0.3  # the weight of a new sample in the running average
@@ -65,11 +65,6 @@ class _LoadGauge:
 
 
 _GAUGE = _LoadGauge()
-
-
-def other_runnable_threads():
-    """Runnable threads of other programs lately (an average; 0.0 where it cannot be read)."""
-    return _GAUGE.other_runnable(numba.get_num_threads())
 
 
 def _usable_cores():
