@@ -4,6 +4,7 @@
     attnkit.scaled_dot_product_attention(query, key, value, ...)  torch's drop-in
     attnkit.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k) packed sequences of different lengths
     attnkit.flash_attn                                            flash-attn's functions, on every device
+    attnkit.flex_attention(q, k, v, score_mod=, block_mask=)      FlexAttention's, with a CPU backward
     attnkit.explain(q, k, v, ...)                                 which backend, and why
     attnkit.reference                                             the NumPy specification
 """
@@ -32,6 +33,7 @@ from .api import (
     warmup,
 )
 from .backends import AttnkitFallbackWarning
+from .flex import create_block_mask, flex_attention
 from .varlen import varlen_attention
 
 __all__ = [
@@ -40,7 +42,9 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "available_backends",
+    "create_block_mask",
     "explain",
+    "flex_attention",
     "scaled_dot_product_attention",
     "varlen_attention",
     "warmup",

@@ -1,0 +1,370 @@
+"""FlexAttention's API on attnkit's kernels: score_mod, mask_mod and block masks, forward and backward.
+
+    attnkit.flex_attention(q, k, v, score_mod=None, block_mask=None, scale=None,
+                           enable_gqa=False, return_lse=False)
+    attnkit.create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128)
+
+The signatures and semantics are torch.nn.attention.flex_attention's, and so are the user
+functions: a score_mod / mask_mod written for torch runs unchanged. Each is traced once by torch.fx
+(attnkit/flex/trace.py), written out as Numba source, compiled into the CPU tile loop
+(kernels/cpu/flex.py) and cached on disk by the source's digest: new values in the captured tensors
+(a bias table, document ids) reuse the compiled kernel. `generated_source(...)` shows the code.
+
+Unlike torch's compiled CPU path, the backward runs on the CPU, with gradients for captured tensors
+that require one (a learnable bias table), and NumPy arrays are accepted (forward only).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _arrays
+from ..backends import AttnkitFallbackWarning
+from .trace import IDENTITY_SCORE_MOD, NO_MASK_MOD, UntraceableError, trace_mask_mod, trace_score_mod
+
+__all__ = [
+    "UntraceableError",
+    "and_masks",
+    "create_block_mask",
+    "flex_attention",
+    "generated_source",
+    "noop_mask",
+    "or_masks",
+]
+
+_DEFAULT_BLOCK = 128
+
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """Every score visible (torch's noop_mask)."""
+    return q_idx >= 0  # a tensor like q_idx, all True
+
+
+def and_masks(*mask_mods):
+    """A mask_mod that allows a score where every one of mask_mods does."""
+
+    def mask(b, h, q_idx, kv_idx):
+        result = noop_mask(b, h, q_idx, kv_idx)
+        for mod in mask_mods:
+            result = result & mod(b, h, q_idx, kv_idx)
+        return result
+
+    return mask
+
+
+def or_masks(*mask_mods):
+    """A mask_mod that allows a score where any one of mask_mods does."""
+
+    def mask(b, h, q_idx, kv_idx):
+        result = ~noop_mask(b, h, q_idx, kv_idx)
+        for mod in mask_mods:
+            result = result | mod(b, h, q_idx, kv_idx)
+        return result
+
+    return mask
+
+
+def _module(score_traced, mask_traced):
+    from ..kernels.cpu import flex_build
+
+    if score_traced is None and mask_traced is None:
+        return flex_build.module_for(None)
+    score = score_traced.source if score_traced is not None else IDENTITY_SCORE_MOD
+    mask = mask_traced.source if mask_traced is not None else NO_MASK_MOD
+    return flex_build.module_for(f"{score}\n\n{mask}")
+
+
+def generated_source(score_mod=None, mask_mod=None):
+    """The Numba source attnkit compiles for score_mod and mask_mod (either may be None)."""
+    score = trace_score_mod(score_mod).source if score_mod is not None else IDENTITY_SCORE_MOD
+    mask = trace_mask_mod(mask_mod).source if mask_mod is not None else NO_MASK_MOD
+    return f"{score}\n\n{mask}"
+
+
+def _capture_arrays(captures):
+    """Captured tensors as NumPy arrays the kernel reads: floats in float64 or float32, ints as int64."""
+    import torch
+
+    arrays = []
+    for tensor in captures:
+        t = tensor.detach().cpu()
+        if t.dtype == torch.bool:
+            arrays.append(t.numpy().copy())
+        elif t.dtype.is_floating_point:
+            arrays.append(t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).contiguous().numpy())
+        else:
+            arrays.append(t.to(torch.int64).contiguous().numpy())
+    return tuple(arrays)
+
+
+# ---------------------------------------------------------------------------
+# Block masks
+# ---------------------------------------------------------------------------
+
+
+def _block_size(value, name="BLOCK_SIZE"):
+    sizes = (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ValueError(f"{name} must be a positive int or a pair of them (query block, key block); got {value!r}")
+    return sizes
+
+
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=_DEFAULT_BLOCK, _compile=False):
+    """torch's create_block_mask, evaluated by a compiled kernel (no Python call per score).
+
+    B or H None means one block layout shared by every batch entry or head. Returns torch's own
+    BlockMask (full blocks, partial blocks, and the transposed lists torch computes from them), so
+    it works with torch's flex_attention as well as attnkit's.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from ..kernels.cpu import flex_build
+
+    for name, value, allow_none in (("B", B, True), ("H", H, True), ("Q_LEN", Q_LEN, False),
+                                    ("KV_LEN", KV_LEN, False)):
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if allow_none else 0):
+            raise ValueError(f"create_block_mask: {name} must be a {'positive ' if allow_none else 'non-negative '}"
+                             f"int{' or None' if allow_none else ''}; got {value!r}")
+    if not callable(mask_mod):
+        raise TypeError(f"create_block_mask: mask_mod must be callable (b, h, q_idx, kv_idx) -> bool; got "
+                        f"{type(mask_mod).__name__}")
+    block_q, block_k = _block_size(BLOCK_SIZE)
+    batch, heads = B or 1, H or 1
+    traced = trace_mask_mod(mask_mod)
+    kinds = flex_build.classify_blocks(_module(None, traced), batch, heads, Q_LEN, KV_LEN, block_q, block_k,
+                                       _capture_arrays(traced.captures))
+    partial, full = kinds == 1, kinds == 2
+    # Each list: the block indices in increasing order, first; the rest of the row is padding.
+    partial_idx = np.argsort(~partial, axis=-1, kind="stable").astype(np.int32)
+    full_idx = np.argsort(~full, axis=-1, kind="stable").astype(np.int32)
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")  # noqa: E731
+    return BlockMask.from_kv_blocks(
+        as_tensor(partial.sum(-1, dtype=np.int32)), as_tensor(partial_idx),
+        as_tensor(full.sum(-1, dtype=np.int32)), as_tensor(full_idx),
+        BLOCK_SIZE=(block_q, block_k), mask_mod=mask_mod, seq_lengths=(Q_LEN, KV_LEN),
+    )  # fmt: skip
+
+
+def _mask_arrays(block_mask, batch, heads, nq, nk):
+    """(partial count, partial list, full count, full list) int32 arrays, block sizes and the
+    mask_mod of block_mask (torch's BlockMask, from either create_block_mask); None: all full."""
+    if block_mask is None:
+        block_q, block_k = _DEFAULT_BLOCK, _DEFAULT_BLOCK
+        n_qb, n_kb = max(1, -(-nq // block_q)), max(1, -(-nk // block_k))
+        full_num = np.full((1, 1, n_qb), n_kb if nk else 0, np.int32)
+        full_idx = np.broadcast_to(np.arange(n_kb, dtype=np.int32), (1, 1, n_qb, n_kb)).copy()
+        partial_num, partial_idx = np.zeros((1, 1, n_qb), np.int32), np.zeros((1, 1, n_qb, 1), np.int32)
+        return (partial_num, partial_idx, full_num, full_idx), block_q, block_k, None
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:  # pragma: no cover: torch is a dependency
+        BlockMask = ()
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a BlockMask (from attnkit.create_block_mask or torch's) or None; got "
+                        f"{type(block_mask).__name__}")
+    block_q, block_k = block_mask.BLOCK_SIZE
+    seq = tuple(block_mask.seq_lengths)
+    if seq != (nq, nk):
+        raise ValueError(f"block_mask was made for (Q_LEN, KV_LEN) = {seq}; the call has ({nq}, {nk}): make it "
+                         "with the call's lengths")
+    arrays = []
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        tensor = getattr(block_mask, name)
+        if tensor is None:  # no separate full blocks: every listed block evaluates mask_mod
+            tensor_array = np.zeros((1, 1, arrays[0].shape[2]) + ((1,) if name.endswith("indices") else ()), np.int32)
+        else:
+            tensor_array = np.ascontiguousarray(tensor.detach().cpu().numpy().astype(np.int32))
+        arrays.append(tensor_array)
+    for array, name in zip(arrays, ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")):
+        if array.shape[0] not in (1, batch) or array.shape[1] not in (1, heads):
+            raise ValueError(f"block_mask.{name} has shape {tuple(array.shape)}: its batch and head axes must be 1 "
+                             f"or the call's ({batch}, {heads})")
+    if arrays[0].shape[2] < -(-nq // block_q):
+        raise ValueError(f"block_mask has {arrays[0].shape[2]} query blocks of {block_q}; the call's {nq} queries "
+                         f"need {-(-nq // block_q)}")
+    return tuple(arrays), block_q, block_k, block_mask.mask_mod
+
+
+# ---------------------------------------------------------------------------
+# flex_attention
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Everything a call's forward and backward need besides q, k, v."""
+
+    module: object
+    blocks: tuple
+    block_q: int
+    block_k: int
+    scale: float
+    score_caps: tuple  # NumPy views of the score_mod's captured tensors
+    mask_caps: tuple
+    grad_captures: list  # torch tensors (score_mod's captures) that get gradients
+    grad_shapes: list
+
+
+def _compute_dtype(dtype_name):
+    return np.float64 if dtype_name == "float64" else np.float32
+
+
+def _operand(x, dtype):
+    """x as a C-contiguous NumPy array of the compute dtype (bf16 / fp16 widened once)."""
+    return np.ascontiguousarray(_arrays.to_numpy(x), dtype=dtype)
+
+
+def _validate(query, key, value, scale, enable_gqa):
+    names = ("query", "key", "value")
+    families = {_arrays.family(x) for x in (query, key, value)}
+    for name, x in zip(names, (query, key, value)):
+        if _arrays.family(x) is None:
+            raise TypeError(f"flex_attention: {name} must be a torch.Tensor or numpy.ndarray; got {_arrays.type_name(x)}")
+    if len(families) != 1:
+        raise TypeError("flex_attention: query, key and value must all be torch tensors or all NumPy arrays; got "
+                        + ", ".join(_arrays.type_name(x) for x in (query, key, value)))
+    for name, x in zip(names, (query, key, value)):
+        if x.ndim != 4:
+            raise ValueError(f"flex_attention: {name} must be 4-D (B, H, N, D); got shape {tuple(x.shape)}")
+    dtypes = {_arrays.dtype_name(x) for x in (query, key, value)}
+    if len(dtypes) != 1:
+        raise TypeError("flex_attention: query, key and value must share a dtype; got "
+                        + ", ".join(_arrays.dtype_name(x) for x in (query, key, value)))
+    dtype = dtypes.pop()
+    if dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise TypeError(f"flex_attention: dtype {dtype} is not supported; expected float16, bfloat16, float32 or float64")
+    devices = {_arrays.device_name(x) for x in (query, key, value)}
+    if len(devices) != 1:
+        raise ValueError(f"flex_attention: query, key and value are on different devices: {sorted(devices)}")
+    (b, hq, nq, d), (bk, hkv, nk, dk), (bv, hv, nv, _) = query.shape, key.shape, value.shape
+    if not b == bk == bv:
+        raise ValueError(f"flex_attention: batch sizes differ: query {b}, key {bk}, value {bv}")
+    if hkv != hv or nk != nv:
+        raise ValueError(f"flex_attention: key {tuple(key.shape)} and value {tuple(value.shape)} must agree in heads "
+                         "and length")
+    if d != dk:
+        raise ValueError(f"flex_attention: query's head dim {d} differs from key's {dk}")
+    if hq != hkv and not enable_gqa:
+        raise ValueError(f"flex_attention: query has {hq} heads and key/value {hkv}; pass enable_gqa=True for GQA")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"flex_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"flex_attention: scale must be a finite number or None; got {scale!r}")
+    return dtype, devices.pop()
+
+
+def _plan(query, key, score_mod, block_mask, scale):
+    batch, hq, nq, d = query.shape
+    nk = key.shape[2]
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"flex_attention: score_mod must be callable (score, b, h, q_idx, kv_idx) -> score; got "
+                        f"{type(score_mod).__name__}")
+    blocks, block_q, block_k, mask_mod = _mask_arrays(block_mask, batch, hq, nq, nk)
+    if mask_mod is not None and not int(blocks[0].max(initial=0)):
+        mask_mod = None  # no partial block: mask_mod is never evaluated
+    score_traced = trace_score_mod(score_mod) if score_mod is not None else None
+    mask_traced = trace_mask_mod(mask_mod) if mask_mod is not None else None
+    grad_captures = [score_traced.captures[n] for n in score_traced.grad_captures] if score_traced else []
+    return _Plan(
+        module=_module(score_traced, mask_traced), blocks=blocks, block_q=block_q, block_k=block_k,
+        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+        score_caps=_capture_arrays(score_traced.captures) if score_traced else (),
+        mask_caps=_capture_arrays(mask_traced.captures) if mask_traced else (),
+        grad_captures=grad_captures, grad_shapes=[tuple(t.shape) for t in grad_captures],
+    )  # fmt: skip
+
+
+def _forward(plan, q, k, v):
+    from ..kernels.cpu import flex_build
+
+    return flex_build.forward(plan.module, q, k, v, plan.scale, plan.score_caps, plan.mask_caps, plan.blocks,
+                              plan.block_q, plan.block_k)
+
+
+def _autograd_function():
+    import torch
+
+    class FlexFunction(torch.autograd.Function):
+        """q, k, v and the captured tensors that require grad -> (out, lse)."""
+
+        @staticmethod
+        def forward(ctx, plan, query, key, value, *grad_captures):
+            dtype = _compute_dtype(str(query.dtype).removeprefix("torch."))
+            q, k, v = (_operand(x, dtype) for x in (query, key, value))
+            out, lse = _forward(plan, q, k, v)
+            ctx.plan, ctx.arrays = plan, (q, k, v, out, lse)
+            ctx.dtypes = (query.dtype, key.dtype, value.dtype)
+            ctx.device = query.device
+            return torch.from_numpy(out).to(query.dtype), torch.from_numpy(lse).float()
+
+        @staticmethod
+        def backward(ctx, d_out, d_lse):
+            from ..kernels.cpu import flex_build
+
+            plan = ctx.plan
+            q, k, v, out, lse = ctx.arrays
+            dout = _operand(d_out if d_out is not None else torch.zeros(out.shape), q.dtype)
+            dlse = _operand(d_lse, q.dtype) if d_lse is not None else np.zeros(lse.shape, q.dtype)
+            dq, dk, dv, grads = flex_build.backward(
+                plan.module, q, k, v, out, dout, lse, dlse, plan.scale, plan.score_caps, plan.mask_caps,
+                plan.blocks, plan.block_q, plan.block_k, plan.grad_shapes,
+            )  # fmt: skip
+            results = [torch.from_numpy(g).to(device=ctx.device, dtype=t) for g, t in zip((dq, dk, dv), ctx.dtypes)]
+            results += [torch.from_numpy(g).to(device=t.device, dtype=t.dtype) for g, t in zip(grads, plan.grad_captures)]
+            return (None, *results)
+
+    return FlexFunction
+
+
+_FLEX_FUNCTION = None
+
+
+def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
+                   return_lse=False, kernel_options=None):
+    """torch.nn.attention.flex_attention on attnkit's kernels.
+
+    query (B, Hq, Nq, D), key (B, Hkv, Nk, D), value (B, Hkv, Nk, Dv): torch tensors (gradients
+    flow to them and to captured tensors of score_mod that require grad) or NumPy arrays.
+    score_mod(score, b, h, q_idx, kv_idx) -> score, applied to the scaled scores; block_mask from
+    attnkit.create_block_mask or torch's; enable_gqa lets Hq be a multiple of Hkv. Returns out
+    (B, Hq, Nq, Dv) in query's dtype, and with return_lse the natural-log log-sum-exp (B, Hq, Nq)
+    in float32 (-inf, with out 0, on rows the mask hides entirely). kernel_options is accepted for
+    torch's signature and ignored: the CPU kernel picks its own tiles.
+    """
+    global _FLEX_FUNCTION
+    del kernel_options
+    dtype, device = _validate(query, key, value, scale, enable_gqa)
+    plan = _plan(query, key, score_mod, block_mask, scale)
+    if _arrays.family(query) == "numpy":
+        compute = _compute_dtype(dtype)
+        out, lse = _forward(plan, *(_operand(x, compute) for x in (query, key, value)))
+        out = out.astype(query.dtype, copy=False)
+        return (out, lse.astype(np.float32)) if return_lse else out
+    import torch
+
+    if device != "cpu":
+        warnings.warn(
+            f"attnkit.flex_attention: the Triton flex kernel is not written yet; {device} tensors run on the CPU "
+            "kernel and are copied back", AttnkitFallbackWarning, stacklevel=2,
+        )  # fmt: skip
+    if _FLEX_FUNCTION is None:
+        _FLEX_FUNCTION = _autograd_function()
+    needs_grad = torch.is_grad_enabled() and (
+        any(x.requires_grad for x in (query, key, value)) or bool(plan.grad_captures))
+    if needs_grad:
+        out, lse = _FLEX_FUNCTION.apply(plan, query, key, value, *plan.grad_captures)
+    else:
+        compute = _compute_dtype(dtype)
+        out_np, lse_np = _forward(plan, *(_operand(x, compute) for x in (query, key, value)))
+        out, lse = torch.from_numpy(out_np).to(query.dtype), torch.from_numpy(lse_np).float()
+    if device != "cpu":
+        out, lse = out.to(device), lse.to(device)
+    return (out, lse) if return_lse else out

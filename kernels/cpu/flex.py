@@ -1,0 +1,280 @@
+"""FlexAttention on the CPU: a tile loop whose scores pass through a user's score_mod and mask_mod.
+
+This file is a module and a template. attnkit.flex traces a user's torch function and generates
+score_mod, score_mod_vjp and mask_mod from it (the block between the GENERATED markers); flex_build
+writes that block with the rest of this file to a module named by their digest and imports it, so
+Numba compiles and caches each user function once, like any other kernel. Imported as it is, the
+placeholders are the identity: flex_attention without a score_mod or a mask.
+
+Blocks come from a block mask (torch's BlockMask layout): per (batch, head, query block) the key
+blocks where mask_mod must be evaluated (partial) and the ones where every score is visible (full).
+Empty blocks are in neither list and never visited. Batch and head axes of size 1 broadcast.
+
+Products go through the BLAS (cpu_blas.matmul) in the compute dtype: float32 (bf16 and fp16 are
+widened once per call by the caller) or float64. Memory beyond inputs and outputs: O(block) a worker.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ..cpu_blas import matmul, set_threads_local
+from ..jit import jit as _jit
+from .constants import _FASTMATH
+from .schedule import _claim
+
+# consts: the per-call numbers, in the compute dtype (BLAS scalars must match it).
+_SCALE, _ONE, _ZERO = 0, 1, 2
+
+# --- GENERATED BEGIN (flex_build replaces this block; the placeholders are the identity)
+
+
+@_jit(inline="always")
+def score_mod(score, b, h, q_idx, kv_idx, caps):
+    return score
+
+
+@_jit(inline="always")
+def score_mod_vjp(score, b, h, q_idx, kv_idx, caps, grad, grad_bufs, worker):
+    return grad
+
+
+@_jit(inline="always")
+def mask_mod(b, h, q_idx, kv_idx, caps):
+    return True
+
+
+# --- GENERATED END
+
+
+@_jit(inline="always")
+def _block_of(blocks, b, h, qb, n):
+    """(key block, is it partial) of entry n of (b, h, qb)'s list: full blocks first, then partial."""
+    partial_num, partial_idx, full_num, full_idx = blocks
+    mb = min(b, partial_num.shape[0] - 1)
+    mh = min(h, partial_num.shape[1] - 1)
+    n_full = full_num[min(b, full_num.shape[0] - 1), min(h, full_num.shape[1] - 1), qb]
+    if n < n_full:
+        return full_idx[min(b, full_idx.shape[0] - 1), min(h, full_idx.shape[1] - 1), qb, n], False
+    return partial_idx[mb, mh, qb, n - n_full], True
+
+
+@_jit(inline="always")
+def _block_count(blocks, b, h, qb):
+    partial_num, _, full_num, _ = blocks
+    n_full = full_num[min(b, full_num.shape[0] - 1), min(h, full_num.shape[1] - 1), qb]
+    return n_full + partial_num[min(b, partial_num.shape[0] - 1), min(h, partial_num.shape[1] - 1), qb]
+
+
+@_jit(fastmath=_FASTMATH)
+def _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps):
+    """s (Bq, Bk) = q.k products -> score_mod(scale * s), -inf where a partial block's mask_mod says no."""
+    n_rows, n_cols = s.shape
+    for r in range(n_rows):
+        i = i0 + r
+        row = s[r]  # (Bk,)
+        if partial:
+            for c in range(n_cols):
+                x = score_mod(row[c] * scale, b, h, i, j0 + c, score_caps)
+                row[c] = x if mask_mod(b, h, i, j0 + c, mask_caps) else -np.inf
+        else:
+            for c in range(n_cols):
+                row[c] = score_mod(row[c] * scale, b, h, i, j0 + c, score_caps)
+
+
+@_jit(fastmath=_FASTMATH)
+def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task, out, lse):
+    """Take (batch, head, query block) tasks from the queue (order, next_task) until it is empty.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), out (B, Hq, Nq, Dv) in the compute
+    dtype; lse (B, Hq, Nq) natural log, -inf (and out 0) for a row that sees no key.
+    """
+    _, hq, nq, _ = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
+    n_qb = (nq + block_q - 1) // block_q
+    scale, one, zero = consts[_SCALE], consts[_ONE], consts[_ZERO]
+    s_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) scores, then P
+    acc = np.empty((block_q, dv), q.dtype)  # (Bq, Dv) running numerator
+    row_max = np.empty(block_q, q.dtype)  # (Bq,)
+    row_sum = np.empty(block_q, q.dtype)  # (Bq,)
+    blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        b, h, qb = t // (hq * n_qb), (t // n_qb) % hq, t % n_qb
+        hk = h // group
+        i0 = qb * block_q
+        i1 = min(i0 + block_q, nq)
+        bq = i1 - i0
+        q_blk = q[b, h, i0:i1]  # (Bq, D)
+        for r in range(bq):
+            row_max[r] = -np.inf
+            row_sum[r] = zero
+        acc[:bq] = zero
+        for n in range(_block_count(blocks, b, h, qb)):
+            kb, partial = _block_of(blocks, b, h, qb, n)
+            j0 = kb * block_k
+            j1 = min(j0 + block_k, nk)
+            if j1 <= j0:
+                continue
+            s = s_buf[:bq, : j1 - j0]  # (Bq, Bk)
+            matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)  # S = Q K^T
+            _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps)
+            for r in range(bq):
+                row = s[r]
+                new_max = row_max[r]
+                for c in range(row.shape[0]):
+                    if row[c] > new_max:
+                        new_max = row[c]
+                if new_max == -np.inf:  # nothing visible in this row yet: P = 0, nothing to rescale
+                    row[:] = zero
+                    continue
+                total = zero
+                for c in range(row.shape[0]):
+                    p = math.exp(row[c] - new_max)
+                    row[c] = p
+                    total += p
+                rescale = math.exp(row_max[r] - new_max)
+                row_sum[r] = row_sum[r] * rescale + total
+                row_max[r] = new_max
+                for c in range(dv):
+                    acc[r, c] *= rescale
+            matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P V
+        for r in range(bq):
+            if row_sum[r] == zero:  # the row sees no key: 0, never NaN
+                out[b, h, i0 + r] = zero
+                lse[b, h, i0 + r] = -np.inf
+            else:
+                inv = one / row_sum[r]
+                for c in range(dv):
+                    out[b, h, i0 + r, c] = acc[r, c] * inv
+                lse[b, h, i0 + r] = row_max[r] + math.log(row_sum[r])
+    set_threads_local(blas_threads)
+
+
+@_jit(fastmath=_FASTMATH)
+def backward_worker(
+    q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task,
+    worker, dq, dk, dv, grad_bufs,
+):  # fmt: skip
+    """Take (batch, kv head) tasks from the queue: each owns dk[b, hk], dv[b, hk] and the dq rows of
+    its query heads, so no two workers write the same place. Captured tensors' gradients go to this
+    worker's slice grad_bufs[n][worker]. Five products per tile, as FlashAttention-2's backward.
+    dlse (B, Hq, Nq) is the gradient reaching the lse (zeros when the lse was not used)."""
+    _, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    n_qb = (nq + block_q - 1) // block_q
+    scale, one, zero = consts[_SCALE], consts[_ONE], consts[_ZERO]
+    raw_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) q.k products
+    p_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) P
+    dp_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) dP, then dS
+    delta = np.empty(block_q, q.dtype)  # (Bq,) rowsum(dO * O)
+    blas_threads = set_threads_local(1)
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        b, hk = t // hkv, t % hkv
+        for h in range(hk * group, hk * group + group):
+            for qb in range(n_qb):
+                i0 = qb * block_q
+                i1 = min(i0 + block_q, nq)
+                bq = i1 - i0
+                q_blk, do_blk, dq_blk = q[b, h, i0:i1], dout[b, h, i0:i1], dq[b, h, i0:i1]  # (Bq, D), (Bq, Dv), (Bq, D)
+                for r in range(bq):
+                    total = zero
+                    for c in range(do_blk.shape[1]):
+                        total += do_blk[r, c] * out[b, h, i0 + r, c]
+                    delta[r] = total - dlse[b, h, i0 + r]  # d lse / d score is P: it joins dO.O
+                for n in range(_block_count(blocks, b, h, qb)):
+                    kb, partial = _block_of(blocks, b, h, qb, n)
+                    j0 = kb * block_k
+                    j1 = min(j0 + block_k, nk)
+                    if j1 <= j0:
+                        continue
+                    bk = j1 - j0
+                    k_blk, v_blk = k[b, hk, j0:j1], v[b, hk, j0:j1]  # (Bk, D), (Bk, Dv)
+                    raw, p, dp = raw_buf[:bq, :bk], p_buf[:bq, :bk], dp_buf[:bq, :bk]
+                    matmul(q_blk, k_blk.T, raw, one, zero)  # S = Q K^T
+                    for r in range(bq):
+                        row_lse = lse[b, h, i0 + r]
+                        for c in range(bk):
+                            x = score_mod(raw[r, c] * scale, b, h, i0 + r, j0 + c, score_caps)
+                            visible = row_lse != -np.inf and (not partial or mask_mod(b, h, i0 + r, j0 + c, mask_caps))
+                            p[r, c] = math.exp(x - row_lse) if visible else zero
+                    matmul(p.T, do_blk, dv[b, hk, j0:j1], one, one)  # dV += P^T dO
+                    matmul(do_blk, v_blk.T, dp, one, zero)  # dP = dO V^T
+                    for r in range(bq):
+                        for c in range(bk):
+                            grad = p[r, c] * (dp[r, c] - delta[r])  # d loss / d modded score
+                            if grad != zero:  # hidden or underflowed: nothing flows, to the score or the captures
+                                grad = score_mod_vjp(
+                                    raw[r, c] * scale, b, h, i0 + r, j0 + c, score_caps, grad, grad_bufs, worker
+                                ) * scale
+                            dp[r, c] = grad
+                    matmul(dp, k_blk, dq_blk, one, one)  # dQ += dS K
+                    matmul(dp.T, q_blk, dk[b, hk, j0:j1], one, one)  # dK += dS^T Q
+    set_threads_local(blas_threads)
+
+
+@_jit()
+def classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, next_task, kinds):
+    """kinds[b, h, qb, kb] = 2 where mask_mod allows every score of the block, 1 where it allows some,
+    0 where none: create_block_mask's work, compiled, one (b, h, query block) task at a time."""
+    n_qb, n_kb = kinds.shape[2], kinds.shape[3]
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        b, h, qb = t // (heads * n_qb), (t // n_qb) % heads, t % n_qb
+        i0 = qb * block_q
+        i1 = min(i0 + block_q, nq)
+        for kb in range(n_kb):
+            j0 = kb * block_k
+            j1 = min(j0 + block_k, nk)
+            seen = False
+            hidden = False
+            for i in range(i0, i1):
+                for j in range(j0, j1):
+                    if mask_mod(b, h, i, j, mask_caps):
+                        seen = True
+                    else:
+                        hidden = True
+                if seen and hidden:
+                    break
+            kinds[b, h, qb, kb] = 1 if seen and hidden else (2 if seen else 0)
+
+
+# The parallel functions only fan the workers out (parfor compilation is slow); one worker runs on
+# the calling thread by calling a worker directly (flex_build.run).
+@_jit(parallel=True)
+def forward_parallel(q, k, v, consts, score_caps, mask_caps, blocks, block_q, block_k, order, n_workers, out, lse):
+    next_task = np.zeros(1, np.int64)
+    for _ in prange(n_workers):
+        forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task, out, lse)
+
+
+@_jit(parallel=True)
+def backward_parallel(
+    q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k, order, n_workers,
+    dq, dk, dv, grad_bufs,
+):  # fmt: skip
+    next_task = np.zeros(1, np.int64)
+    for worker in prange(n_workers):
+        backward_worker(
+            q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task,
+            worker, dq, dk, dv, grad_bufs,
+        )  # fmt: skip
+
+
+@_jit(parallel=True)
+def classify_parallel(batch, heads, nq, nk, block_q, block_k, mask_caps, order, n_workers, kinds):
+    next_task = np.zeros(1, np.int64)
+    for _ in prange(n_workers):
+        classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, next_task, kinds)
