@@ -12,6 +12,10 @@ Empty blocks are in neither list and never visited. Batch and head axes of size 
 
 Products go through the BLAS (cpu_blas.matmul) in the compute dtype: float32 (bf16 and fp16 are
 widened once per call by the caller) or float64. Memory beyond inputs and outputs: O(block) a worker.
+
+The workers release the GIL and share a task queue; flex_build runs one per thread from a Python
+thread pool. No parallel (parfor) function: each new score_mod compiles three plain functions, and
+a process forked from one that ran a call can run calls too (no OpenMP runtime involved).
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
-
 from ..cpu_blas import matmul, set_threads_local
 from ..jit import jit as _jit
 from .constants import _FASTMATH
@@ -85,7 +87,7 @@ def _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps):
                 row[c] = score_mod(row[c] * scale, b, h, i, j0 + c, score_caps)
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit(fastmath=_FASTMATH, nogil=True)
 def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task, out, lse):
     """Take (batch, head, query block) tasks from the queue (order, next_task) until it is empty.
 
@@ -157,7 +159,7 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
     set_threads_local(blas_threads)
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit(fastmath=_FASTMATH, nogil=True)
 def backward_worker(
     q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task,
     worker, dq, dk, dv, grad_bufs,
@@ -223,7 +225,7 @@ def backward_worker(
     set_threads_local(blas_threads)
 
 
-@_jit()
+@_jit(nogil=True)
 def classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, next_task, kinds):
     """kinds[b, h, qb, kb] = 2 where mask_mod allows every score of the block, 1 where it allows some,
     0 where none: create_block_mask's work, compiled, one (b, h, query block) task at a time."""
@@ -249,32 +251,3 @@ def classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, ne
                 if seen and hidden:
                     break
             kinds[b, h, qb, kb] = 1 if seen and hidden else (2 if seen else 0)
-
-
-# The parallel functions only fan the workers out (parfor compilation is slow); one worker runs on
-# the calling thread by calling a worker directly (flex_build.run).
-@_jit(parallel=True)
-def forward_parallel(q, k, v, consts, score_caps, mask_caps, blocks, block_q, block_k, order, n_workers, out, lse):
-    next_task = np.zeros(1, np.int64)
-    for _ in prange(n_workers):
-        forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task, out, lse)
-
-
-@_jit(parallel=True)
-def backward_parallel(
-    q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k, order, n_workers,
-    dq, dk, dv, grad_bufs,
-):  # fmt: skip
-    next_task = np.zeros(1, np.int64)
-    for worker in prange(n_workers):
-        backward_worker(
-            q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task,
-            worker, dq, dk, dv, grad_bufs,
-        )  # fmt: skip
-
-
-@_jit(parallel=True)
-def classify_parallel(batch, heads, nq, nk, block_q, block_k, mask_caps, order, n_workers, kinds):
-    next_task = np.zeros(1, np.int64)
-    for _ in prange(n_workers):
-        classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, next_task, kinds)

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -108,6 +109,29 @@ def _workers(n_tasks):
     return max(1, min(worker_count(), n_tasks))
 
 
+_pool = None
+_pool_pid = None
+
+
+def _run_workers(worker, workers, *args):
+    """worker(*args, next_task, ...) on `workers` threads sharing the queue counter next_task.
+
+    The workers release the GIL (nogil kernels), so the threads run at once. A worker's last
+    arguments may need its index (backward); `args` holds a callable there: index -> extra args."""
+    global _pool, _pool_pid
+    next_task = np.zeros(1, np.int64)
+    *fixed, tail = args
+    if workers == 1:
+        worker(*fixed, next_task, *tail(0))
+        return
+    if _pool is None or _pool_pid != os.getpid():  # a forked child starts its own threads
+        _pool, _pool_pid = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="attnkit-flex"), os.getpid()
+    futures = [_pool.submit(worker, *fixed, next_task, *tail(w)) for w in range(1, workers)]
+    worker(*fixed, next_task, *tail(0))  # the calling thread is one of the workers
+    for future in futures:
+        future.result()
+
+
 def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, block_k):
     """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq)) in q's dtype (float32 or float64); contiguous inputs."""
     batch, hq, nq, _ = q.shape
@@ -116,11 +140,8 @@ def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, bloc
     n_qb = -(-nq // block_q)
     order = _heaviest_first(blocks, batch, hq, n_qb)
     workers = _workers(order.shape[0])
-    args = (q, k, v, _consts(scale, q.dtype), score_caps, mask_caps, blocks, block_q, block_k, order)
-    if workers == 1:
-        module.forward_worker(*args, np.zeros(1, np.int64), out, lse)
-    else:
-        module.forward_parallel(*args, workers, out, lse)
+    _run_workers(module.forward_worker, workers, q, k, v, _consts(scale, q.dtype), score_caps, mask_caps, blocks,
+                 block_q, block_k, order, lambda w: (out, lse))
     return out, lse
 
 
@@ -131,11 +152,8 @@ def backward(module, q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps
     order = np.arange(batch * hkv, dtype=np.int64)
     workers = _workers(order.shape[0])
     grad_bufs = tuple(np.zeros((workers, *shape), np.float64) for shape in grad_shapes)
-    args = (q, k, v, out, dout, lse, dlse, _consts(scale, q.dtype), score_caps, mask_caps, blocks, block_q, block_k, order)
-    if workers == 1:
-        module.backward_worker(*args, np.zeros(1, np.int64), 0, dq, dk, dv, grad_bufs)
-    else:
-        module.backward_parallel(*args, workers, dq, dk, dv, grad_bufs)
+    _run_workers(module.backward_worker, workers, q, k, v, out, dout, lse, dlse, _consts(scale, q.dtype), score_caps,
+                 mask_caps, blocks, block_q, block_k, order, lambda w: (w, dq, dk, dv, grad_bufs))
     return dq, dk, dv, tuple(buf.sum(axis=0) for buf in grad_bufs)
 
 
@@ -144,8 +162,6 @@ def classify_blocks(module, batch, heads, nq, nk, block_q, block_k, mask_caps):
     kinds = np.empty((batch, heads, -(-nq // block_q), -(-nk // block_k)), np.int8)
     order = np.arange(batch * heads * kinds.shape[2], dtype=np.int64)
     workers = _workers(order.shape[0])
-    if workers == 1:
-        module.classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, np.zeros(1, np.int64), kinds)
-    else:
-        module.classify_parallel(batch, heads, nq, nk, block_q, block_k, mask_caps, order, workers, kinds)
+    _run_workers(module.classify_worker, workers, batch, heads, nq, nk, block_q, block_k, mask_caps, order,
+                 lambda w: (kinds,))
     return kinds

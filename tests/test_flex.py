@@ -1,0 +1,294 @@
+"""attnkit.flex_attention against torch's FlexAttention and against attnkit's reference.
+
+torch's eager flex refuses a backward on the CPU at its public entry point, but the higher-order
+operator underneath (torch._higher_order_ops.flex_attention) runs forward and backward in eager
+mode, with captured tensors passed as extra buffers of the user functions: that is the peer here,
+in float64 (the exact answer) and in the kernel's dtype (whose error sets the 2x / 3x budget).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch._higher_order_ops.flex_attention import flex_attention as torch_flex_op
+from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+import attnkit
+from attnkit import reference
+from attnkit.flex import UntraceableError, and_masks, generated_source, or_masks
+from attnkit.testing import assert_close, assert_within_rule
+
+BLOCK = 16  # small blocks: odd lengths give full, partial and empty blocks at test sizes
+HQ, HKV, NQ, NK, D = 4, 2, 37, 53, 16
+
+
+def _case(name, generator, nq=NQ, nk=NK):
+    """(score_fn, score buffers, mask_fn, mask buffers): fns take their buffers as extra arguments."""
+    if name == "relative_bias":  # a learnable (Hq, Nq + Nk) table indexed by the distance
+        table = (torch.randn(HQ, nq + nk, generator=generator, dtype=torch.float64) * 0.5).requires_grad_()
+        return (lambda s, b, h, q, kv, t: s + t[h, q - kv + nk]), [table], None, []
+    if name == "alibi":  # learnable slopes, bottom-right aligned as attnkit's built-in ALiBi
+        slopes = (torch.rand(HQ, generator=generator, dtype=torch.float64) * 0.5).requires_grad_()
+        return (lambda s, b, h, q, kv, m: s - m[h] * torch.abs(q + (nk - nq) - kv)), [slopes], None, []
+    if name == "softcap":
+        return (lambda s, b, h, q, kv: 1.5 * torch.tanh(s / 1.5)), [], None, []
+    if name == "document":  # random document boundaries, the same documents on both sides
+        q_docs = torch.sort(torch.randint(0, 4, (nq,), generator=generator)).values
+        kv_docs = torch.sort(torch.randint(0, 4, (nk,), generator=generator)).values
+        return None, [], (lambda b, h, q, kv, dq, dk: dq[q] == dk[kv]), [q_docs, kv_docs]
+    if name == "prefix_lm":
+        return None, [], (lambda b, h, q, kv: (kv <= 9) | (q >= kv)), []
+    if name == "window_and_sinks":  # a causal window of 8 plus the first 3 keys, as StreamingLLM
+        return None, [], (lambda b, h, q, kv: ((q >= kv) & (q - kv <= 8)) | (kv < 3)), []
+    if name == "hidden_rows":  # every 5th query sees nothing; with a score_mod as well
+        return ((lambda s, b, h, q, kv: s * 0.5 + h)), [], (lambda b, h, q, kv: (q % 5 != 2) & (kv >= q - 20)), []
+    raise KeyError(name)
+
+
+CASES = ["relative_bias", "alibi", "softcap", "document", "prefix_lm", "window_and_sinks", "hidden_rows"]
+
+
+def _bind(fn, buffers):
+    if fn is None:
+        return None
+    if fn.__code__.co_argcount - len(buffers) == 4:  # torch tells mask_mod from score_mod by the arity
+        return lambda b, h, q_idx, kv_idx: fn(b, h, q_idx, kv_idx, *buffers)
+    return lambda score, b, h, q_idx, kv_idx: fn(score, b, h, q_idx, kv_idx, *buffers)
+
+
+def _inputs(dtype, generator, nq=NQ, nk=NK, hq=HQ, hkv=HKV, batch=2):
+    shapes = ((batch, hq, nq, D), (batch, hkv, nk, D), (batch, hkv, nk, D))
+    return [torch.randn(s, generator=generator, dtype=torch.float64).to(dtype).requires_grad_() for s in shapes]
+
+
+def _torch_flex(q, k, v, score_fn, score_bufs, block_mask):
+    """torch's eager flex operator; GQA by repeating K / V heads (the operator wants equal heads)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    score = score_fn if score_fn is not None else (lambda s, b, h, qi, kv: s)
+    out, lse, *_ = torch_flex_op(q, k, v, score, block_mask.as_tuple(), q.shape[-1] ** -0.5, {}, tuple(score_bufs), ())
+    return out, lse * np.log(2.0)  # the operator's lse is in base 2; the public function's (and ours) natural
+
+
+def _block_masks(mask_fn, mask_bufs, batch, maker, nq=NQ, nk=NK):
+    mask = _bind(mask_fn, mask_bufs) if mask_fn is not None else (lambda b, h, q, kv: q >= 0)
+    if maker == "torch":
+        return torch_create_block_mask(mask, batch, None, nq, nk, device="cpu", BLOCK_SIZE=BLOCK)
+    return attnkit.create_block_mask(mask, batch, None, nq, nk, BLOCK_SIZE=BLOCK)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", CASES)
+def test_forward_and_gradients_match_torch_flex(name, dtype):
+    generator = torch.Generator().manual_seed(CASES.index(name) + 10 * (dtype == torch.bfloat16))
+    score_fn, score_bufs, mask_fn, mask_bufs = _case(name, generator)
+    q, k, v = _inputs(dtype, generator)
+    block_mask = _block_masks(mask_fn, mask_bufs, q.shape[0], "attnkit")
+    bufs_for = {torch.float64: score_bufs, dtype: [b.detach().to(dtype).requires_grad_(b.requires_grad)
+                                                   if b.is_floating_point() else b for b in score_bufs]}
+
+    out, lse = attnkit.flex_attention(q, k, v, score_mod=_bind(score_fn, score_bufs), block_mask=block_mask,
+                                      enable_gqa=True, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    differentiable = [q, k, v] + [b for b in score_bufs if b.requires_grad]
+    grads = torch.autograd.grad(out, differentiable, grad_out.to(dtype))
+
+    results = {}
+    for run_dtype in (torch.float64, dtype):
+        tq, tk, tv = (x.detach().to(run_dtype).requires_grad_() for x in (q, k, v))
+        bufs = bufs_for[run_dtype]
+        t_out, t_lse = _torch_flex(tq, tk, tv, score_fn, bufs, block_mask)  # its mask_mod holds its buffers
+        t_grads = torch.autograd.grad(t_out, [tq, tk, tv] + [b for b in bufs if b.requires_grad], grad_out.to(run_dtype))
+        results[run_dtype] = (t_out, t_lse, t_grads)
+    exact, plain = results[torch.float64], results[dtype]
+    assert_within_rule(f"{name} out", out, exact[0], plain[0], 2)
+    hidden = torch.isinf(exact[1])
+    assert torch.equal(torch.isinf(lse), hidden), "lse is -inf exactly on the rows that see no key"
+    assert_within_rule(f"{name} lse", lse[~hidden], exact[1][~hidden], plain[1][~hidden], 2)
+    for label, got, want, base in zip(["dq", "dk", "dv", "dbuffer"], grads, exact[2], plain[2]):
+        assert_within_rule(f"{name} {label}", got, want, base, 3)
+    if name == "hidden_rows":
+        assert hidden.any() and not torch.isnan(out).any()
+        assert torch.all(out.float()[hidden] == 0) and torch.all(grads[0].float()[hidden] == 0)
+
+
+@pytest.mark.parametrize("lengths", [(NQ, NK), (48, 64)], ids=["odd", "whole_blocks"])
+@pytest.mark.parametrize("maker", ["attnkit", "torch"])
+def test_block_masks_from_either_maker_give_the_same_result(maker, lengths):
+    nq, nk = lengths
+    generator = torch.Generator().manual_seed(5)
+    _, _, mask_fn, mask_bufs = _case("prefix_lm", generator, nq, nk)
+    q, k, v = _inputs(torch.float64, generator, nq, nk)
+    block_mask = _block_masks(mask_fn, mask_bufs, q.shape[0], maker, nq, nk)
+    kinds = block_mask.to_dense()  # (B, 1, query blocks, key blocks): 1 where visited
+    assert kinds.any() and not kinds.all(), "the case has empty blocks as well as visited ones"
+    # torch's counts the padding past the lengths as hidden: its tail blocks are never full.
+    assert block_mask.kv_num_blocks.sum() > 0 and (block_mask.full_kv_num_blocks.sum() > 0 or maker == "torch")
+    out = attnkit.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    dense = _bind(mask_fn, mask_bufs)(0, 0, torch.arange(nq)[:, None], torch.arange(nk)[None, :])
+    expected = reference.attention(q.detach().numpy(), k.detach().numpy(), v.detach().numpy(), mask=dense.numpy())
+    assert_close(out, expected, atol=1e-12, rtol=1e-10, name=f"prefix-LM mask from {maker}'s create_block_mask")
+
+
+def test_create_block_mask_matches_torch_block_for_block():
+    """On whole blocks; past the lengths torch counts padding as hidden, attnkit ignores it (its tail
+    blocks may be full), and both lists are valid for either kernel (tested above)."""
+    generator = torch.Generator().manual_seed(6)
+    for name in ("document", "prefix_lm", "window_and_sinks", "hidden_rows"):
+        _, _, mask_fn, mask_bufs = _case(name, generator, 40, 64)
+        mask = _bind(mask_fn, mask_bufs)
+        ours = attnkit.create_block_mask(mask, 2, 3, 40, 64, BLOCK_SIZE=(8, 16))
+        theirs = torch_create_block_mask(mask, 2, 3, 40, 64, device="cpu", BLOCK_SIZE=(8, 16))
+        for field in ("kv_num_blocks", "full_kv_num_blocks"):
+            assert torch.equal(getattr(ours, field), getattr(theirs, field)), f"{name}: {field}"
+        for count, field in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+            n = getattr(ours, count)
+            for index in np.ndindex(*n.shape):
+                used = int(n[index])
+                assert torch.equal(getattr(ours, field)[index][:used], getattr(theirs, field)[index][:used]), name
+
+
+@pytest.mark.parametrize("feature", ["alibi", "softcap", "window", "causal_bottom_right"])
+def test_built_in_features_written_as_flex_functions_match_the_reference(feature):
+    """The equivalences the README documents: a built-in option and its score_mod / mask_mod."""
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((1, HQ, NQ, D))
+    k, v = rng.standard_normal((2, 1, HKV, NK, D))
+    score_mod, mask_mod, options = None, None, {}
+    if feature == "alibi":
+        slopes = rng.random(HQ)
+        slopes_t = torch.from_numpy(slopes)
+        score_mod = lambda s, b, h, qi, kv: s - slopes_t[h] * torch.abs(qi + (NK - NQ) - kv)  # noqa: E731
+        options = {"alibi_slopes": slopes, "align": "bottom_right"}
+    elif feature == "softcap":
+        score_mod = lambda s, b, h, qi, kv: 2.0 * torch.tanh(s / 2.0)  # noqa: E731
+        options = {"softcap": 2.0}
+    elif feature == "window":
+        mask_mod = lambda b, h, qi, kv: (qi - kv <= 5) & (kv - qi <= 2)  # noqa: E731
+        options = {"window": (5, 2)}
+    else:
+        mask_mod = lambda b, h, qi, kv: kv <= qi + (NK - NQ)  # noqa: E731
+        options = {"causal": "bottom_right"}
+    block_mask = attnkit.create_block_mask(mask_mod, None, None, NQ, NK, BLOCK_SIZE=BLOCK) if mask_mod else None
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    out, lse = attnkit.flex_attention(tq, tk, tv, score_mod=score_mod, block_mask=block_mask, enable_gqa=True,
+                                      return_lse=True)
+    expected, expected_lse = reference.attention(q, k, v, return_lse=True, **options)
+    assert_close(out, expected, atol=1e-12, rtol=1e-10, name=f"{feature} out")
+    assert_close(lse, expected_lse, atol=1e-5, rtol=1e-6, name=f"{feature} lse")
+    d_out = rng.standard_normal(expected.shape)
+    grads = torch.autograd.grad(out, (tq, tk, tv), torch.from_numpy(d_out))
+    expected_grads = reference.attention_backward(q, k, v, expected, d_out, expected_lse, **options)
+    for label, got, want in zip(("dq", "dk", "dv"), grads, expected_grads):
+        assert_close(got, want, atol=1e-11, rtol=1e-9, name=f"{feature} {label}")
+
+
+def test_numpy_arrays_run_the_same_kernel():
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((1, 2, 40, D)).astype(np.float32)
+    k, v = rng.standard_normal((2, 1, 2, 33, D)).astype(np.float32)
+    block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, 40, 33, BLOCK_SIZE=BLOCK)
+    out, lse = attnkit.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s * 2, block_mask=block_mask,
+                                      return_lse=True)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and lse.dtype == np.float32
+    expected = reference.attention(q.astype(np.float64), k, v, causal=True, scale=2 / np.sqrt(D))
+    assert_close(out, expected, atol=2e-6, rtol=2e-5, name="numpy flex")
+
+
+def test_lse_gradient_flows():
+    """A loss on the returned lse reaches q and k (d lse / d score = P). The lse is float32, so its
+    gradient is too: 0.25 keeps the comparison exact."""
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = _inputs(torch.float64, generator, hq=2, hkv=2)
+    out, lse = attnkit.flex_attention(q, k, v, return_lse=True)
+    grads = torch.autograd.grad((out.sum() + (lse * 0.25).sum()), (q, k, v))
+    qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+    scores = qq @ kk.transpose(-1, -2) * D**-0.5
+    expected = torch.autograd.grad((torch.softmax(scores, -1) @ vv).sum() + (torch.logsumexp(scores, -1) * 0.25).sum(),
+                                   (qq, kk, vv))
+    for label, got, want in zip(("dq", "dk", "dv"), grads, expected):
+        assert_close(got, want, atol=1e-11, rtol=1e-9, name=label)
+
+
+def test_combinators_and_or():
+    def causal(b, h, q, kv):
+        return q >= kv
+
+    def near(b, h, q, kv):
+        return torch.abs(q - kv) <= 3
+
+    qs, ks = torch.arange(NQ)[:, None], torch.arange(NK)[None, :]
+    for combined, expected in ((and_masks(causal, near), (qs >= ks) & ((qs - ks).abs() <= 3)),
+                               (or_masks(causal, near), (qs >= ks) | ((qs - ks).abs() <= 3))):
+        block_mask = attnkit.create_block_mask(combined, None, None, NQ, NK, BLOCK_SIZE=BLOCK)
+        assert torch.equal(block_mask.to_dense()[0, 0].bool(),
+                           torch_create_block_mask(combined, None, None, NQ, NK, device="cpu",
+                                                   BLOCK_SIZE=BLOCK).to_dense()[0, 0].bool())
+        rng = np.random.default_rng(10)
+        q, k, v = rng.standard_normal((1, 1, NQ, D)), rng.standard_normal((1, 1, NK, D)), rng.standard_normal((1, 1, NK, D))
+        out = attnkit.flex_attention(q, k, v, block_mask=block_mask)
+        assert_close(out, reference.attention(q, k, v, mask=expected.numpy()), atol=1e-12, rtol=1e-10, name="combined")
+
+
+def test_new_captured_values_reuse_the_compiled_kernel():
+    from attnkit.flex import _plan
+
+    q = torch.randn(1, 2, 20, D)
+    made = []
+    for _ in range(2):
+        table = torch.randn(2, 64)
+        made.append(_plan(q, q, lambda s, b, h, qi, kv: s + table[h, qi - kv + 30], None, None))
+    assert made[0].module is made[1].module, "the same function structure shares one compiled module"
+    assert not np.array_equal(made[0].score_caps[0], made[1].score_caps[0])
+    assert generated_source(lambda s, b, h, qi, kv: s * 2) == generated_source(lambda s, b, h, qi, kv: s * 2)
+
+
+def test_generated_source_shows_the_kernel_code():
+    source = generated_source(lambda s, b, h, qi, kv: torch.where(qi >= kv, s, -float("inf")))
+    assert "def score_mod(score, b, h, q_idx, kv_idx, caps):" in source
+    assert "(score if " in source and "-np.inf" in source and "def score_mod_vjp" in source
+
+
+def test_bad_input_is_named():
+    q = torch.randn(1, 4, 8, D)
+    kv = torch.randn(1, 2, 8, D)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        attnkit.flex_attention(q, kv, kv)
+    with pytest.raises(ValueError, match="4-D"):
+        attnkit.flex_attention(q[0], kv[0], kv[0])
+    with pytest.raises(TypeError, match="share a dtype"):
+        attnkit.flex_attention(q, kv.double(), kv.double(), enable_gqa=True)
+    with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
+        mask = attnkit.create_block_mask(lambda b, h, qi, k: qi >= k, None, None, 9, 8)
+        attnkit.flex_attention(q, kv, kv, block_mask=mask, enable_gqa=True)
+    with pytest.raises(UntraceableError, match="nonzero|could not be traced|cannot compile"):
+        attnkit.flex_attention(q, kv, kv, score_mod=lambda s, b, h, qi, k: s + torch.nonzero(qi).sum(),
+                               enable_gqa=True)
+    with pytest.raises(UntraceableError, match="could not be traced"):
+        attnkit.flex_attention(q, kv, kv, score_mod=lambda s, b, h, qi, k: s if int(qi) > 3 else s * 2,
+                               enable_gqa=True)
+    with pytest.raises(TypeError, match="score_mod must be callable"):
+        attnkit.flex_attention(q, kv, kv, score_mod=3, enable_gqa=True)
+    with pytest.raises(ValueError, match="scale"):
+        attnkit.flex_attention(q, kv, kv, scale=float("nan"), enable_gqa=True)
+
+
+def test_one_worker_and_two_give_the_same_result(monkeypatch):
+    """The workers share a queue; which thread takes a task must not change what it computes."""
+    from attnkit.kernels.cpu import flex_build
+
+    generator = torch.Generator().manual_seed(11)
+    score_fn, score_bufs, mask_fn, mask_bufs = _case("relative_bias", generator)
+    q, k, v = _inputs(torch.float32, generator)
+    results = []
+    for workers in (1, 2):
+        monkeypatch.setattr(flex_build, "worker_count", lambda: workers)
+        block_mask = _block_masks(*_case("window_and_sinks", generator)[2:], q.shape[0], "attnkit")
+        out = attnkit.flex_attention(q, k, v, score_mod=_bind(score_fn, score_bufs), block_mask=block_mask,
+                                     enable_gqa=True)
+        results.append((out, *torch.autograd.grad(out.sum(), (q, k, v, score_bufs[0]))))
+    for label, one, two in zip(("out", "dq", "dk", "dv"), results[0], results[1]):
+        assert torch.equal(one, two), label
+    assert_close(results[0][4], results[1][4], atol=1e-12, rtol=1e-12, name="dtable (summed per worker)")
