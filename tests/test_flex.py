@@ -292,3 +292,22 @@ def test_one_worker_and_two_give_the_same_result(monkeypatch):
     for label, one, two in zip(("out", "dq", "dk", "dv"), results[0], results[1]):
         assert torch.equal(one, two), label
     assert_close(results[0][4], results[1][4], atol=1e-12, rtol=1e-12, name="dtable (summed per worker)")
+
+
+def test_a_function_is_traced_again_when_what_it_reads_changes():
+    """Traces are remembered per function; a new captured object or number means a new trace."""
+    from attnkit.flex.trace import trace_score_mod
+
+    offset, table = 3, torch.zeros(2, 8)
+
+    def shifted(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx] + offset
+
+    first = trace_score_mod(shifted)
+    assert trace_score_mod(shifted) is first
+    table = torch.ones(2, 8)  # noqa: F841: read by shifted
+    second = trace_score_mod(shifted)
+    assert second is not first and second.captures[0] is table
+    offset = 5  # noqa: F841
+    third = trace_score_mod(shifted)
+    assert "+ 5)" in third.source and third is not second

@@ -12,6 +12,8 @@ d(score_mod)/d(score), and the scatter-adds into the gradients of captured tenso
 from __future__ import annotations
 
 import math
+import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -386,8 +388,60 @@ def _indent(lines):
     return "".join(f"    {line}\n" for line in lines)
 
 
+def _fingerprint(fn, keep, depth=0):
+    """Identities of everything fn reads from outside: closure cells and the globals its code names,
+    through nested functions (and_masks' closures); numbers and strings by value. A new object in
+    any of them means a new trace; the same objects (a tensor updated in place included: the kernel
+    reads it on every call) do not. keep collects the objects, so that their ids stay theirs."""
+    if isinstance(fn, (bool, int, float, str, type(None))):
+        return ("value", type(fn).__name__, fn)
+    keep.append(fn)
+    if depth > 8 or not isinstance(fn, types.FunctionType):
+        if isinstance(fn, (tuple, list)):
+            return (id(fn), tuple(_fingerprint(x, keep, depth + 1) for x in fn))
+        return (id(fn),)
+    parts = [id(fn.__code__)]
+    for cell in fn.__closure__ or ():
+        try:
+            parts.append(_fingerprint(cell.cell_contents, keep, depth + 1))
+        except ValueError:  # an empty cell
+            parts.append(None)
+    for name in fn.__code__.co_names:
+        if name in fn.__globals__:
+            parts.append(_fingerprint(fn.__globals__[name], keep, depth + 1))
+    return tuple(parts)
+
+
+_traces = weakref.WeakKeyDictionary()  # function -> (fingerprint, kind, Traced, kept objects)
+
+
+def _cached(fn, kind, trace):
+    """trace(fn), remembered per function object: tracing costs ~10 ms a call."""
+    keep = []
+    fingerprint = _fingerprint(fn, keep)
+    try:
+        known = _traces.get(fn)
+    except TypeError:  # not weakly referenceable: trace every time
+        return trace(fn)
+    if known is not None and known[0] == fingerprint and known[1] == kind:
+        return known[2]
+    traced = trace(fn)
+    _traces[fn] = (fingerprint, kind, traced, keep)
+    return traced
+
+
 def trace_score_mod(score_mod):
-    """Traced(score_mod and score_mod_vjp source, captured tensors) for a torch score_mod."""
+    """Traced(score_mod and score_mod_vjp source, captured tensors) for a torch score_mod (cached
+    per function while what it reads from outside stays the same objects)."""
+    return _cached(score_mod, "score_mod", _trace_score_mod)
+
+
+def trace_mask_mod(mask_mod):
+    """Traced(mask_mod source, captured tensors) for a torch mask_mod (cached as trace_score_mod)."""
+    return _cached(mask_mod, "mask_mod", _trace_mask_mod)
+
+
+def _trace_score_mod(score_mod):
     graph_module = _trace(score_mod, SCORE_ARGS, "score_mod")
     writer = _Writer(graph_module, SCORE_ARGS, _name(score_mod), "score_mod").run()
     grad_captures = [n for n, t in enumerate(writer.captures) if t.requires_grad]
@@ -411,8 +465,7 @@ def trace_score_mod(score_mod):
     return Traced(source, writer.captures, grad_captures)
 
 
-def trace_mask_mod(mask_mod):
-    """Traced(mask_mod source, captured tensors) for a torch mask_mod."""
+def _trace_mask_mod(mask_mod):
     graph_module = _trace(mask_mod, MASK_ARGS, "mask_mod")
     writer = _Writer(graph_module, MASK_ARGS, _name(mask_mod), "mask_mod").run()
     result = writer.expr(writer.output) if isinstance(writer.output, torch.fx.Node) else _literal(writer.output)

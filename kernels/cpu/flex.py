@@ -25,11 +25,12 @@ import math
 import numpy as np
 from ..cpu_blas import matmul, set_threads_local
 from ..jit import jit as _jit
+from ..simd import exp2_affine, row_max
 from .constants import _FASTMATH
 from .schedule import _claim
 
 # consts: the per-call numbers, in the compute dtype (BLAS scalars must match it).
-_SCALE, _ONE, _ZERO = 0, 1, 2
+_SCALE, _ONE, _ZERO, _LOG2E = 0, 1, 2, 3
 
 # --- GENERATED BEGIN (flex_build replaces this block; the placeholders are the identity)
 
@@ -98,10 +99,10 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     group = hq // hkv
     n_qb = (nq + block_q - 1) // block_q
-    scale, one, zero = consts[_SCALE], consts[_ONE], consts[_ZERO]
+    scale, one, zero, log2e = consts[_SCALE], consts[_ONE], consts[_ZERO], consts[_LOG2E]
     s_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) scores, then P
     acc = np.empty((block_q, dv), q.dtype)  # (Bq, Dv) running numerator
-    row_max = np.empty(block_q, q.dtype)  # (Bq,)
+    running_max = np.empty(block_q, q.dtype)  # (Bq,)
     row_sum = np.empty(block_q, q.dtype)  # (Bq,)
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
     while True:
@@ -115,7 +116,7 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
         bq = i1 - i0
         q_blk = q[b, h, i0:i1]  # (Bq, D)
         for r in range(bq):
-            row_max[r] = -np.inf
+            running_max[r] = -np.inf
             row_sum[r] = zero
         acc[:bq] = zero
         for n in range(_block_count(blocks, b, h, qb)):
@@ -128,22 +129,15 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
             matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)  # S = Q K^T
             _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps)
             for r in range(bq):
-                row = s[r]
-                new_max = row_max[r]
-                for c in range(row.shape[0]):
-                    if row[c] > new_max:
-                        new_max = row[c]
+                row = s[r]  # (Bk,)
+                new_max = row_max(row, running_max[r])
                 if new_max == -np.inf:  # nothing visible in this row yet: P = 0, nothing to rescale
                     row[:] = zero
                     continue
-                total = zero
-                for c in range(row.shape[0]):
-                    p = math.exp(row[c] - new_max)
-                    row[c] = p
-                    total += p
-                rescale = math.exp(row_max[r] - new_max)
+                total = exp2_affine(row, log2e, new_max * log2e)  # P = e^(s - max), vectorised
+                rescale = math.exp(running_max[r] - new_max)
                 row_sum[r] = row_sum[r] * rescale + total
-                row_max[r] = new_max
+                running_max[r] = new_max
                 for c in range(dv):
                     acc[r, c] *= rescale
             matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P V
@@ -155,7 +149,7 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
                 inv = one / row_sum[r]
                 for c in range(dv):
                     out[b, h, i0 + r, c] = acc[r, c] * inv
-                lse[b, h, i0 + r] = row_max[r] + math.log(row_sum[r])
+                lse[b, h, i0 + r] = running_max[r] + math.log(row_sum[r])
     set_threads_local(blas_threads)
 
 
@@ -172,7 +166,7 @@ def backward_worker(
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
     n_qb = (nq + block_q - 1) // block_q
-    scale, one, zero = consts[_SCALE], consts[_ONE], consts[_ZERO]
+    scale, one, zero, log2e = consts[_SCALE], consts[_ONE], consts[_ZERO], consts[_LOG2E]
     raw_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) q.k products
     p_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) P
     dp_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) dP, then dS
@@ -204,12 +198,14 @@ def backward_worker(
                     k_blk, v_blk = k[b, hk, j0:j1], v[b, hk, j0:j1]  # (Bk, D), (Bk, Dv)
                     raw, p, dp = raw_buf[:bq, :bk], p_buf[:bq, :bk], dp_buf[:bq, :bk]
                     matmul(q_blk, k_blk.T, raw, one, zero)  # S = Q K^T
+                    p[:, :] = raw
+                    _modded_scores(p, i0, j0, b, h, scale, partial, score_caps, mask_caps)
                     for r in range(bq):
                         row_lse = lse[b, h, i0 + r]
-                        for c in range(bk):
-                            x = score_mod(raw[r, c] * scale, b, h, i0 + r, j0 + c, score_caps)
-                            visible = row_lse != -np.inf and (not partial or mask_mod(b, h, i0 + r, j0 + c, mask_caps))
-                            p[r, c] = math.exp(x - row_lse) if visible else zero
+                        if row_lse == -np.inf:  # the row sees no key
+                            p[r, :] = zero
+                        else:
+                            exp2_affine(p[r], log2e, row_lse * log2e)  # P = e^(s - lse)
                     matmul(p.T, do_blk, dv[b, hk, j0:j1], one, one)  # dV += P^T dO
                     matmul(do_blk, v_blk.T, dp, one, zero)  # dP = dO V^T
                     for r in range(bq):

@@ -95,7 +95,7 @@ def module_for(generated):
 
 
 def _consts(scale, dtype):
-    return np.array([scale, 1.0, 0.0], dtype)
+    return np.array([scale, 1.0, 0.0, np.log2(np.e)], dtype)
 
 
 def _heaviest_first(blocks, batch, heads, n_qb):
