@@ -311,3 +311,23 @@ def test_a_function_is_traced_again_when_what_it_reads_changes():
     offset = 5  # noqa: F841
     third = trace_score_mod(shifted)
     assert "+ 5)" in third.source and third is not second
+
+
+def test_torch_compile_runs_it_as_a_graph_break(recwarn):
+    table = torch.randn(2, 64)
+
+    def relative(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + 30]
+
+    def layer(q, k, v):
+        return attnkit.flex_attention(q * 2, k, v, score_mod=relative).sin()
+
+    q = torch.randn(1, 2, 20, D, requires_grad=True)
+    compiled = torch.compile(layer, backend="eager")
+    out = compiled(q, q, q)
+    expected = layer(q, q, q)
+    assert_close(out, expected, atol=0, name="compiled")
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), q)
+    assert_close(grad, expected_grad, atol=0, name="compiled grad")
+    assert not [w for w in recwarn if "Dynamo" in str(w.message) or "graph break" in str(w.message).lower()]

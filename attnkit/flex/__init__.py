@@ -325,6 +325,7 @@ def _autograd_function():
 
 
 _FLEX_FUNCTION = None
+_OUTSIDE_COMPILE = None
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
@@ -338,9 +339,23 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     (B, Hq, Nq, Dv) in query's dtype, and with return_lse the natural-log log-sum-exp (B, Hq, Nq)
     in float32 (-inf, with out 0, on rows the mask hides entirely). kernel_options is accepted for
     torch's signature and ignored: the CPU kernel picks its own tiles.
+
+    Under torch.compile the call is a graph break: the compiled graph runs up to it, attnkit's
+    kernel (and its backward) runs, the graph goes on.
     """
+    global _OUTSIDE_COMPILE
+    if _arrays.family(query) != "torch":
+        return _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+    if _OUTSIDE_COMPILE is None:
+        import torch
+
+        # Dynamo cannot trace the tracing of score_mod (make_fx) or the Numba call: stop here, quietly.
+        _OUTSIDE_COMPILE = torch._dynamo.disable(_flex_attention)
+    return _OUTSIDE_COMPILE(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+
+
+def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse):
     global _FLEX_FUNCTION
-    del kernel_options
     dtype, device = _validate(query, key, value, scale, enable_gqa)
     plan = _plan(query, key, score_mod, block_mask, scale)
     if _arrays.family(query) == "numpy":

@@ -10,4 +10,6 @@
     plan.py       host-side planning: blocks, constants, masks, segments
     memory.py     allocations, the kept workspace, BLAS thread pinning
     threads.py    how many threads a call gets (one on a full machine, or in a forked child)
+    flex.py       FlexAttention's tile loop, a template for generated score_mod / mask_mod
+    flex_build.py writes, imports and runs flex.py with a user's generated functions
 """
