@@ -45,7 +45,6 @@ def _documents(torch, n, generator):
 def forward_rows(args, torch, attnkit):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    compiled = torch.compile(flex_attention)
     rows = []
     generator = torch.Generator().manual_seed(0)
     for n in args.lengths:
@@ -64,6 +63,10 @@ def forward_rows(args, torch, attnkit):
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
                 q, k, v = (torch.randn(1, args.heads, n, d, generator=generator).to(dtype) for _ in range(3))
+                # A fresh compilation per shape: past Dynamo's recompile limit (8) torch would run its
+                # eager flex (the whole score matrix) and the comparison would flatter attnkit.
+                torch._dynamo.reset()
+                compiled = torch.compile(flex_attention)
                 for case, ours, theirs in (
                     ("relative bias", lambda: attnkit.flex_attention(q, k, v, score_mod=relative),
                      lambda: compiled(q, k, v, score_mod=relative)),

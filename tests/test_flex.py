@@ -331,3 +331,24 @@ def test_torch_compile_runs_it_as_a_graph_break(recwarn):
     (expected_grad,) = torch.autograd.grad(expected.sum(), q)
     assert_close(grad, expected_grad, atol=0, name="compiled grad")
     assert not [w for w in recwarn if "Dynamo" in str(w.message) or "graph break" in str(w.message).lower()]
+
+
+def test_captured_scalars_as_values_with_their_gradient():
+    """A 0-d learnable temperature and a constant made inside the function, through where / pow / exp;
+    against the same function on the dense score matrix under torch's autograd."""
+    generator = torch.Generator().manual_seed(12)
+    q, k, v = _inputs(torch.float64, generator, hq=2, hkv=2)
+    temperature = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+
+    def score_mod(s, b, h, q_idx, kv_idx):
+        return torch.where(q_idx >= kv_idx, s**2 * 0.1 + torch.exp(-s) * temperature, s + torch.tensor(0.5) * h)
+
+    out = attnkit.flex_attention(q, k, v, score_mod=score_mod)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, temperature))
+    index = torch.meshgrid(*(torch.arange(n) for n in (q.shape[0], q.shape[1], NQ, NK)), indexing="ij")
+    scores = score_mod(q @ k.transpose(-1, -2) * D**-0.5, *index)
+    expected = torch.softmax(scores, -1) @ v
+    assert_close(out, expected, atol=1e-12, rtol=1e-10, name="out")
+    for label, got, want in zip(("dq", "dk", "dv", "dtemperature"), grads,
+                                torch.autograd.grad(expected.sum(), (q, k, v, temperature))):
+        assert_close(got, want, atol=1e-11, rtol=1e-9, name=label)

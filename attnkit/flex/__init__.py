@@ -92,6 +92,7 @@ def _capture_arrays(captures):
     arrays = []
     for tensor in captures:
         t = tensor.detach().cpu()
+        t = t.reshape(1) if t.dim() == 0 else t  # the generated code reads a captured scalar as caps[n][0]
         if t.dtype == torch.bool:
             arrays.append(t.numpy().copy())
         elif t.dtype.is_floating_point:

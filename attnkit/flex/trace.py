@@ -114,8 +114,9 @@ class _Writer:
 
     def expr(self, arg):
         if isinstance(arg, torch.fx.Node):
-            if arg in self.capture_of:
-                self.fail("uses a captured tensor as a value; index it with b, h, q_idx or kv_idx")
+            if arg in self.capture_of and arg not in self.names:
+                self.fail("uses a captured tensor of more than one element as a value; index it with b, h, q_idx "
+                          "or kv_idx")
             return self.names[arg]
         if isinstance(arg, (bool, int, float)):
             return _literal(arg)
@@ -137,6 +138,14 @@ class _Writer:
                     n = len(self.captures)
                     self.captures.append(tensor)
                 self.capture_of[node] = n
+                if tensor.numel() == 1:  # a captured scalar (a temperature, a constant): usable as a value
+                    var = f"v{len(self.lines)}"
+                    indices = ["0"] * max(tensor.dim(), 1)  # 0-d captures reach the kernel as shape (1,)
+                    self.lines.append(f"{var} = caps[{n}][{', '.join(indices)}]")
+                    self.steps.append((node, "index", (n, ["0"] * tensor.dim())))
+                    self.names[node] = var
+                    self.kinds[node] = "bool" if tensor.dtype == torch.bool else (
+                        "float" if tensor.dtype.is_floating_point else "int")
             elif node.op == "call_function":
                 self.call(node)
             elif node.op == "output":
@@ -318,7 +327,7 @@ def _reverse_lines(writer, grad_captures):
         e = writer.expr
         if op == "index":
             n, indices = args
-            lines.append(f"grad_bufs[{grad_captures.index(n)}][worker, {', '.join(indices)}] += {g}")
+            lines.append(f"grad_bufs[{grad_captures.index(n)}][{', '.join(['worker', *indices])}] += {g}")
         elif op == "add":
             add(args[0], g)
             add(args[1], f"{g} * {_literal(args[2])}")

@@ -154,7 +154,7 @@ def backward(module, q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps
     grad_bufs = tuple(np.zeros((workers, *shape), np.float64) for shape in grad_shapes)
     _run_workers(module.backward_worker, workers, q, k, v, out, dout, lse, dlse, _consts(scale, q.dtype), score_caps,
                  mask_caps, blocks, block_q, block_k, order, lambda w: (w, dq, dk, dv, grad_bufs))
-    return dq, dk, dv, tuple(buf.sum(axis=0) for buf in grad_bufs)
+    return dq, dk, dv, tuple(np.asarray(buf.sum(axis=0)) for buf in grad_bufs)
 
 
 def classify_blocks(module, batch, heads, nq, nk, block_q, block_k, mask_caps):
