@@ -244,7 +244,7 @@ def _validate(query, key, value, scale, enable_gqa):
     devices = {_arrays.device_name(x) for x in (query, key, value)}
     if len(devices) != 1:
         raise ValueError(f"flex_attention: query, key and value are on different devices: {sorted(devices)}")
-    (b, hq, nq, d), (bk, hkv, nk, dk), (bv, hv, nv, _) = query.shape, key.shape, value.shape
+    (b, hq, _, d), (bk, hkv, nk, dk), (bv, hv, nv, _) = query.shape, key.shape, value.shape
     if not b == bk == bv:
         raise ValueError(f"flex_attention: batch sizes differ: query {b}, key {bk}, value {bv}")
     if hkv != hv or nk != nv:

@@ -35,6 +35,7 @@ class Traced:
     source: str  # the generated functions (score_mod and score_mod_vjp, or mask_mod)
     captures: list  # torch tensors, caps[n]
     grad_captures: list = field(default_factory=list)  # indices into captures whose gradients are computed
+    graph: object = None  # the _Graph, for the Triton source (triton_source)
 
 
 def _name(fn):
@@ -68,86 +69,67 @@ def _kind(node):
     return "float" if value.dtype.is_floating_point else "int"
 
 
-def _literal(value):
+def _literal(value, inf="np.inf", nan="np.nan"):
     if isinstance(value, bool):
         return repr(value)
     if isinstance(value, float):
         if math.isnan(value):
-            return "np.nan"
+            return nan
         if math.isinf(value):
-            return "np.inf" if value > 0 else "-np.inf"
+            return inf if value > 0 else f"-{inf}"
         return repr(value)
     if isinstance(value, int):
         return repr(value)
     raise TypeError(f"unexpected constant {value!r}")
 
 
-# aten operation -> a function of the argument expressions (already strings) giving the expression.
-_BINARY = {"add": "+", "sub": "-", "mul": "*", "floor_divide": "//", "remainder": "%",
-           "eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-_UNARY_MATH = {"exp": "math.exp", "log": "math.log", "tanh": "math.tanh", "sin": "math.sin", "cos": "math.cos",
-               "sqrt": "math.sqrt", "log1p": "math.log1p", "expm1": "math.expm1", "floor": "math.floor",
-               "ceil": "math.ceil", "trunc": "math.trunc", "abs": "abs", "log2": "math.log2"}
+_COMPARISONS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_ARITHMETIC = {"add": "+", "sub": "-", "mul": "*"}
+_UNARY = {"exp", "log", "tanh", "sin", "cos", "sqrt", "log1p", "expm1", "floor", "ceil", "trunc", "abs", "log2",
+          "sigmoid", "rsqrt", "exp2", "sign", "neg"}
 _IDENTITY = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "expand", "clone", "alias", "detach",
              "lift_fresh_copy", "contiguous", "lift_fresh"}
 _CONSTANT_LIKE = {"new_ones": 1, "ones_like": 1, "new_zeros": 0, "zeros_like": 0}
+_LOGICAL = {"bitwise_and": "&", "logical_and": "&", "bitwise_or": "|", "logical_or": "|", "bitwise_xor": "^",
+            "logical_xor": "^"}
 
 
-class _Writer:
-    """Walks a traced graph and writes each node as one Numba statement `vN = expression`."""
+@dataclass
+class _Step:
+    """One operation of a traced function, independent of the language it is written in."""
+
+    node: object  # the fx node
+    var: str  # its variable, vN
+    op: str  # normalised: index, arith, compare, div, floordiv, mod, truncdiv, logical, not, unary, pow,
+    #          where, max, min, clamp, same, cast, const
+    args: tuple  # fx nodes or Python numbers (index: (capture n, index args))
+    kind: str  # float / int / bool
+    extra: object = None  # the operator symbol, the unary function's name, alpha, a constant's value
+
+
+class _Graph:
+    """A traced graph as a list of _Steps, with its captured tensors."""
 
     def __init__(self, graph_module, arg_names, fn_name, what):
-        self.graph_module = graph_module
-        self.arg_names = arg_names
         self.fn_name = fn_name
         self.what = what
-        self.names = {}  # fx node -> variable name or capture reference
-        self.kinds = {}  # fx node -> "float" / "int" / "bool"
+        self.arg_names = arg_names
+        self.steps = []
+        self.var = {}  # fx node -> variable name
+        self.kinds = {}
         self.captures = []  # torch tensors in caps order
         self.capture_of = {}  # fx node (get_attr) -> caps index
-        self.lines = []  # forward statements
-        self.steps = []  # (node, op name, args) for the reverse pass
         self.output = None
-
-    def fail(self, message):
-        raise UntraceableError(f"{self.what} {self.fn_name!r}: {message}")
-
-    def expr(self, arg):
-        if isinstance(arg, torch.fx.Node):
-            if arg in self.capture_of and arg not in self.names:
-                self.fail("uses a captured tensor of more than one element as a value; index it with b, h, q_idx "
-                          "or kv_idx")
-            return self.names[arg]
-        if isinstance(arg, (bool, int, float)):
-            return _literal(arg)
-        self.fail(f"has an argument {arg!r} of type {type(arg).__name__} that the kernels cannot compile")
-
-    def run(self):
         placeholders = 0
-        for node in self.graph_module.graph.nodes:
+        for node in graph_module.graph.nodes:
             if node.op == "placeholder":
-                self.names[node] = self.arg_names[placeholders]
-                self.kinds[node] = "float" if self.arg_names[placeholders] == "score" else "int"
+                self.var[node] = arg_names[placeholders]
+                self.kinds[node] = "float" if arg_names[placeholders] == "score" else "int"
                 placeholders += 1
             elif node.op == "get_attr":
-                tensor = getattr(self.graph_module, node.target)
-                for n, known in enumerate(self.captures):
-                    if known is tensor:
-                        break
-                else:
-                    n = len(self.captures)
-                    self.captures.append(tensor)
-                self.capture_of[node] = n
-                if tensor.numel() == 1:  # a captured scalar (a temperature, a constant): usable as a value
-                    var = f"v{len(self.lines)}"
-                    indices = ["0"] * max(tensor.dim(), 1)  # 0-d captures reach the kernel as shape (1,)
-                    self.lines.append(f"{var} = caps[{n}][{', '.join(indices)}]")
-                    self.steps.append((node, "index", (n, ["0"] * tensor.dim())))
-                    self.names[node] = var
-                    self.kinds[node] = "bool" if tensor.dtype == torch.bool else (
-                        "float" if tensor.dtype.is_floating_point else "int")
+                self._capture(node, getattr(graph_module, node.target))
             elif node.op == "call_function":
-                self.call(node)
+                self._call(node)
             elif node.op == "output":
                 result = node.args[0]
                 if isinstance(result, (tuple, list)):
@@ -157,19 +139,44 @@ class _Writer:
                 self.output = result
             else:
                 self.fail(f"has a graph node of kind {node.op!r}")
-        return self
 
-    def call(self, node):
-        target = node.target
-        packet = getattr(target, "overloadpacket", None)
-        op = getattr(packet, "__name__", str(target))
+    def fail(self, message):
+        raise UntraceableError(f"{self.what} {self.fn_name!r}: {message}")
+
+    def _add(self, node, op, args, kind, extra=None):
+        for arg in args if op != "index" else args[1]:
+            if isinstance(arg, torch.fx.Node) and arg not in self.var:
+                if arg in self.capture_of:
+                    self.fail("uses a captured tensor of more than one element as a value; index it with b, h, "
+                              "q_idx or kv_idx")
+                self.fail(f"uses {arg} before it has a value")
+            if not isinstance(arg, (torch.fx.Node, bool, int, float, type(None))):
+                self.fail(f"has an argument {arg!r} of type {type(arg).__name__} that the kernels cannot compile")
+        var = f"v{len(self.steps)}"
+        self.steps.append(_Step(node, var, op, tuple(args), kind, extra))
+        self.var[node] = var
+        self.kinds[node] = kind
+
+    def _capture(self, node, tensor):
+        for n, known in enumerate(self.captures):
+            if known is tensor:
+                break
+        else:
+            n = len(self.captures)
+            self.captures.append(tensor)
+        self.capture_of[node] = n
+        if tensor.numel() == 1:  # a captured scalar (a temperature, a constant): usable as a value
+            kind = "bool" if tensor.dtype == torch.bool else ("float" if tensor.dtype.is_floating_point else "int")
+            self._add(node, "index", (n, [0] * tensor.dim()), kind)
+
+    def _call(self, node):
+        packet = getattr(node.target, "overloadpacket", None)
+        op = getattr(packet, "__name__", str(node.target))
         value = node.meta.get("val")
         if isinstance(value, torch.Tensor) and value.numel() != 1:
             self.fail(f"operation {op} gives a tensor of shape {tuple(value.shape)}; score_mod and mask_mod work "
                       "on one score at a time (torch's flex calls them under vmap)")
-        args, kwargs = node.args, node.kwargs
-        var = f"v{len(self.lines)}"
-        kind = _kind(node)
+        args, kwargs, kind = node.args, node.kwargs, _kind(node)
         if op == "index":
             source, indices = args
             if source not in self.capture_of:
@@ -180,163 +187,276 @@ class _Writer:
             if len(indices) != self.captures[n].dim():
                 self.fail(f"indexes a {self.captures[n].dim()}-D captured tensor with {len(indices)} indices; "
                           "index every axis")
-            expression = f"caps[{n}][{', '.join(self.expr(i) for i in indices)}]"
-            self.steps.append((node, "index", (n, [self.expr(i) for i in indices])))
-        elif op in _BINARY:
-            a, b = self.expr(args[0]), self.expr(args[1])
-            alpha = kwargs.get("alpha", 1)
-            if alpha != 1:
-                b = f"({_literal(alpha)} * {b})"
-            if kind == "bool" and op in ("add", "mul"):
+            self._add(node, "index", (n, list(indices)), kind)
+        elif op in _ARITHMETIC:
+            if kind == "bool":
                 self.fail(f"adds or multiplies booleans ({op}); use & and |")
-            expression = f"({a} {_BINARY[op]} {b})"
-            self.steps.append((node, op, (args[0], args[1], alpha)))
+            self._add(node, "arith", args[:2], kind, (_ARITHMETIC[op], kwargs.get("alpha", 1)))
+        elif op in _COMPARISONS:
+            self._add(node, "compare", args[:2], kind, _COMPARISONS[op])
         elif op in ("div", "true_divide"):
-            a, b = self.expr(args[0]), self.expr(args[1])
             rounding = kwargs.get("rounding_mode")
-            if rounding is None:
-                expression = f"({a} / {b})"
-                self.steps.append((node, "div", (args[0], args[1])))
-            elif rounding == "floor":
-                expression = f"({a} // {b})" if kind == "int" else f"math.floor({a} / {b})"
-            else:  # trunc
-                expression = f"int({a} / {b})" if kind == "int" else f"math.trunc({a} / {b})"
-        elif op in ("bitwise_and", "logical_and", "bitwise_or", "logical_or", "bitwise_xor", "logical_xor"):
-            a, b = self.expr(args[0]), self.expr(args[1])
-            symbol = {"and": "&", "or": "|", "xor": "^"}[op.split("_")[1]]
-            if kind == "bool" or op.startswith("logical"):
-                expression = f"(bool({a}) {symbol} bool({b}))"
-            else:
-                expression = f"({a} {symbol} {b})"
+            self._add(node, {None: "div", "floor": "floordiv", "trunc": "truncdiv"}[rounding], args[:2], kind)
+        elif op == "floor_divide":
+            self._add(node, "floordiv", args[:2], kind)
+        elif op in ("remainder", "fmod"):
+            if op == "fmod":
+                self.fail("uses torch.fmod; use % (torch.remainder)")
+            self._add(node, "mod", args[:2], kind)
+        elif op in _LOGICAL:
+            self._add(node, "logical", args[:2], kind, (_LOGICAL[op], op.startswith("logical")))
         elif op in ("bitwise_not", "logical_not"):
-            a = self.expr(args[0])
-            expression = f"(not {a})" if kind == "bool" else f"(~{a})"
-        elif op == "neg":
-            expression = f"(-{self.expr(args[0])})"
-            self.steps.append((node, "neg", (args[0],)))
-        elif op in _UNARY_MATH:
-            expression = f"{_UNARY_MATH[op]}({self.expr(args[0])})"
-            if op in ("floor", "ceil", "trunc") and kind == "float":
-                expression = f"float({expression})"
-            self.steps.append((node, op, (args[0],)))
-        elif op == "sigmoid":
-            expression = f"(1.0 / (1.0 + math.exp(-{self.expr(args[0])})))"
-            self.steps.append((node, op, (args[0],)))
-        elif op == "rsqrt":
-            expression = f"(1.0 / math.sqrt({self.expr(args[0])}))"
-            self.steps.append((node, op, (args[0],)))
-        elif op == "exp2":
-            expression = f"(2.0 ** {self.expr(args[0])})"
-            self.steps.append((node, op, (args[0],)))
-        elif op == "sign":
-            a = self.expr(args[0])
-            expression = f"(({a} > 0) - ({a} < 0))"
+            self._add(node, "not", args[:1], kind, op.startswith("logical"))
+        elif op in _UNARY:
+            self._add(node, "unary", args[:1], kind, op)
         elif op == "pow":
-            expression = f"({self.expr(args[0])} ** {self.expr(args[1])})"
-            self.steps.append((node, "pow", (args[0], args[1])))
+            self._add(node, "pow", args[:2], kind)
         elif op == "square":
-            a = self.expr(args[0])
-            expression = f"({a} * {a})"
-            self.steps.append((node, "mul", (args[0], args[0], 1)))
+            self._add(node, "pow", (args[0], 2), kind)
         elif op == "where":
-            c, a, b = (self.expr(x) for x in args)
-            expression = f"({a} if {c} else {b})"
-            self.steps.append((node, "where", tuple(args)))
+            self._add(node, "where", args[:3], kind)
         elif op in ("maximum", "minimum", "fmax", "fmin"):
-            a, b = self.expr(args[0]), self.expr(args[1])
-            expression = f"{'max' if op in ('maximum', 'fmax') else 'min'}({a}, {b})"
-            self.steps.append((node, "pick", (args[0], args[1])))
+            self._add(node, "max" if op in ("maximum", "fmax") else "min", args[:2], kind)
         elif op in ("clamp", "clamp_min", "clamp_max"):
-            a = self.expr(args[0])
             low = args[1] if op in ("clamp", "clamp_min") and len(args) > 1 else kwargs.get("min")
             high = (args[2] if len(args) > 2 else kwargs.get("max")) if op == "clamp" else (
                 args[1] if op == "clamp_max" else None)
-            expression = a
-            if low is not None:
-                expression = f"max({expression}, {self.expr(low)})"
-            if high is not None:
-                expression = f"min({expression}, {self.expr(high)})"
-            self.steps.append((node, "clamp", (args[0], low, high)))
+            self._add(node, "clamp", (args[0], low, high), kind)
         elif op in _IDENTITY:
-            expression = self.expr(args[0])
-            self.steps.append((node, "same", (args[0],)))
-        elif op in ("_to_copy", "to", "type_as", "_conj"):
-            a = self.expr(args[0])
-            expression = {"float": f"float({a})", "int": f"int({a})", "bool": f"({a} != 0)"}[kind]
-            if kind == "float":
-                self.steps.append((node, "same", (args[0],)))
+            self._add(node, "same", args[:1], kind)
+        elif op in ("_to_copy", "to", "type_as"):
+            self._add(node, "cast", args[:1], kind)
         elif op in _CONSTANT_LIKE:
-            expression = _literal({"bool": bool, "int": int, "float": float}[kind](_CONSTANT_LIKE[op]))
+            self._add(node, "const", (), kind, _CONSTANT_LIKE[op])
         elif op in ("full_like", "new_full"):
-            expression = _literal({"bool": bool, "int": int, "float": float}[kind](args[1]))
+            self._add(node, "const", (), kind, args[1])
         elif op in ("scalar_tensor", "full"):
-            fill = args[0] if op == "scalar_tensor" else args[1]
-            expression = _literal({"bool": bool, "int": int, "float": float}[kind](fill))
+            self._add(node, "const", (), kind, args[0] if op == "scalar_tensor" else args[1])
         else:
-            self.fail(f"uses torch operation {op} ({target}), which attnkit's kernels cannot compile yet")
-        self.lines.append(f"{var} = {expression}")
-        self.names[node] = var
-        self.kinds[node] = kind
+            self.fail(f"uses torch operation {op} ({node.target}), which attnkit's kernels cannot compile yet")
 
 
-def _active(writer, grad_captures):
-    """Nodes whose value depends on the score or on a captured tensor that requires a gradient."""
-    active = set()
-    for node, op, args in writer.steps:
+class _Numba:
+    """Statements for Numba: scalar Python on one score."""
+
+    name = "numba"
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def e(self, arg):
+        if isinstance(arg, torch.fx.Node):
+            return self.graph.var[arg]
+        return _literal(arg)
+
+    def load(self, n, indices):
+        return f"caps[{n}][{', '.join(indices) or '0'}]"  # a 0-d capture reaches the kernel as shape (1,)
+
+    def accumulate(self, slot, indices, g):
+        return f"grad_bufs[{slot}][{', '.join(['worker', *indices])}] += {g}"
+
+    def unary(self, name, a):
+        table = {"exp": f"math.exp({a})", "log": f"math.log({a})", "tanh": f"math.tanh({a})",
+                 "sin": f"math.sin({a})", "cos": f"math.cos({a})", "sqrt": f"math.sqrt({a})",
+                 "log1p": f"math.log1p({a})", "expm1": f"math.expm1({a})", "floor": f"math.floor({a})",
+                 "ceil": f"math.ceil({a})", "trunc": f"math.trunc({a})", "abs": f"abs({a})",
+                 "log2": f"math.log2({a})", "sigmoid": f"(1.0 / (1.0 + math.exp(-{a})))",
+                 "rsqrt": f"(1.0 / math.sqrt({a}))", "exp2": f"(2.0 ** {a})", "sign": f"(({a} > 0) - ({a} < 0))",
+                 "neg": f"(-{a})"}
+        return table[name]
+
+    def select(self, condition, a, b):
+        return f"({a} if {condition} else {b})"
+
+    def pick(self, which, a, b):
+        return f"{which}({a}, {b})"
+
+    def floordiv(self, a, b, kind):
+        return f"({a} // {b})" if kind == "int" else f"math.floor({a} / {b})"
+
+    def mod(self, a, b):
+        return f"({a} % {b})"
+
+    def truncdiv(self, a, b, kind):
+        return f"int({a} / {b})" if kind == "int" else f"math.trunc({a} / {b})"
+
+    def logical(self, symbol, a, b, kind, logical):
+        return f"(bool({a}) {symbol} bool({b}))" if kind == "bool" or logical else f"({a} {symbol} {b})"
+
+    def negate(self, a, kind, logical):
+        return f"(not {a})" if kind == "bool" or logical else f"(~{a})"
+
+    def cast(self, a, kind):
+        return {"float": f"float({a})", "int": f"int({a})", "bool": f"({a} != 0)"}[kind]
+
+    def power(self, a, b):
+        return f"({a} ** {b})"
+
+
+class _Triton(_Numba):
+    """Statements for Triton: the same operations on a (BLOCK_M, BLOCK_N) tile of scores."""
+
+    name = "triton"
+
+    def e(self, arg):
+        if isinstance(arg, torch.fx.Node):
+            return self.graph.var[arg]
+        return _literal(arg, inf="_INF", nan="_NAN")
+
+    def __init__(self, graph, prefix, grad_captures=()):
+        super().__init__(graph)
+        self.prefix = prefix  # C: score_mod's captures, M: mask_mod's
+        self.grad_captures = list(grad_captures)
+
+    def _offset(self, n, indices):
+        return " + ".join(f"({i}) * {self.prefix}{n}_s{axis}" for axis, i in enumerate(indices)) or "0"
+
+    def load(self, n, indices):
+        return f"tl.load({self.prefix}{n} + {self._offset(n, indices)} + zero_index, mask=valid, other=0)"
+
+    def accumulate(self, slot, indices, g):
+        n = self.grad_captures[slot]  # the gradient has its capture's (contiguous) layout
+        return (f"if ACCUMULATE:\n    tl.atomic_add(G{slot} + {self._offset(n, indices)} + zero_index, {g}, "
+                f"mask=valid & ({g} != 0))")
+
+    def unary(self, name, a):
+        table = {"exp": f"tl.exp({a})", "log": f"tl.log({a})", "tanh": f"_tanh({a})", "sin": f"tl.sin({a})",
+                 "cos": f"tl.cos({a})", "sqrt": f"tl.sqrt({a})", "log1p": f"tl.log(1.0 + {a})",
+                 "expm1": f"(tl.exp({a}) - 1.0)", "floor": f"tl.floor({a})", "ceil": f"tl.ceil({a})",
+                 "trunc": f"_trunc({a})", "abs": f"tl.abs({a})", "log2": f"tl.log2({a})",
+                 "sigmoid": f"(1.0 / (1.0 + tl.exp(-{a})))", "rsqrt": f"(1.0 / tl.sqrt({a}))",
+                 "exp2": f"tl.exp2({a})", "sign": f"(({a} > 0).to(tl.float32) - ({a} < 0).to(tl.float32))",
+                 "neg": f"(-{a})"}
+        return table[name]
+
+    def select(self, condition, a, b):
+        return f"tl.where({condition}, {a}, {b})"
+
+    def pick(self, which, a, b):
+        return f"tl.{'maximum' if which == 'max' else 'minimum'}({a}, {b})"
+
+    def floordiv(self, a, b, kind):
+        return f"_floordiv({a}, {b})" if kind == "int" else f"tl.floor({a} / {b})"
+
+    def mod(self, a, b):
+        return f"_mod({a}, {b})"
+
+    def truncdiv(self, a, b, kind):
+        return f"({a} // {b})" if kind == "int" else f"_trunc({a} / {b})"  # Triton's // truncates, as C
+
+    def logical(self, symbol, a, b, kind, logical):
+        return f"(({a} != 0) {symbol} ({b} != 0))" if kind == "bool" or logical else f"({a} {symbol} {b})"
+
+    def negate(self, a, kind, logical):
+        return f"({a} == 0)" if kind == "bool" or logical else f"(~{a})"
+
+    def cast(self, a, kind):
+        return {"float": f"(({a}) + 0.0)", "int": f"(({a}) + 0)", "bool": f"({a} != 0)"}[kind]
+
+    def power(self, a, b):
+        if isinstance(b, str) and b.isdigit() and int(b) <= 4:
+            return "(" + " * ".join([a] * int(b)) + ")" if int(b) else "1.0"
+        return f"tl.exp({b} * tl.log({a}))"
+
+
+def _forward_lines(graph, dialect):
+    lines = []
+    e = dialect.e
+    for step in graph.steps:
+        op, args = step.op, step.args
         if op == "index":
-            if args[0] in grad_captures:
-                active.add(node)
+            expression = dialect.load(args[0], [e(i) for i in args[1]])
+        elif op == "arith":
+            symbol, alpha = step.extra
+            b = e(args[1]) if alpha == 1 else f"({_literal(alpha)} * {e(args[1])})"
+            expression = f"({e(args[0])} {symbol} {b})"
+        elif op == "compare":
+            expression = f"({e(args[0])} {step.extra} {e(args[1])})"
+        elif op == "div":
+            expression = f"({e(args[0])} / {e(args[1])})"
+        elif op == "floordiv":
+            expression = dialect.floordiv(e(args[0]), e(args[1]), step.kind)
+        elif op == "truncdiv":
+            expression = dialect.truncdiv(e(args[0]), e(args[1]), step.kind)
+        elif op == "mod":
+            expression = dialect.mod(e(args[0]), e(args[1]))
+        elif op == "logical":
+            expression = dialect.logical(step.extra[0], e(args[0]), e(args[1]), step.kind, step.extra[1])
+        elif op == "not":
+            expression = dialect.negate(e(args[0]), step.kind, step.extra)
+        elif op == "unary":
+            expression = dialect.unary(step.extra, e(args[0]))
+            if step.extra in ("floor", "ceil", "trunc") and step.kind == "float" and dialect.name == "numba":
+                expression = f"float({expression})"
+        elif op == "pow":
+            expression = dialect.power(e(args[0]), e(args[1]))
+        elif op == "where":
+            expression = dialect.select(e(args[0]), e(args[1]), e(args[2]))
+        elif op in ("max", "min"):
+            expression = dialect.pick(op, e(args[0]), e(args[1]))
+        elif op == "clamp":
+            expression = e(args[0])
+            if args[1] is not None:
+                expression = dialect.pick("max", expression, e(args[1]))
+            if args[2] is not None:
+                expression = dialect.pick("min", expression, e(args[2]))
+        elif op == "same":
+            expression = e(args[0])
+        elif op == "cast":
+            expression = dialect.cast(e(args[0]), step.kind)
+        else:  # const
+            expression = dialect.e({"bool": bool, "int": int, "float": float}[step.kind](step.extra))
+        lines.append(f"{step.var} = {expression}")
+    return lines
+
+
+_DIFFERENTIABLE = {"index", "arith", "div", "unary", "pow", "where", "max", "min", "clamp", "same", "cast"}
+
+
+def _active(graph, grad_captures):
+    """Steps whose value depends on the score or on a captured tensor that requires a gradient."""
+    active = set()
+    for step in graph.steps:
+        if step.op not in _DIFFERENTIABLE or step.kind != "float":
             continue
-        if any(isinstance(a, torch.fx.Node) and (a in active or writer.names.get(a) == "score") for a in args):
-            active.add(node)
+        if step.op == "index":
+            if step.args[0] in grad_captures:
+                active.add(step.node)
+        elif any(isinstance(a, torch.fx.Node) and (a in active or graph.var.get(a) == "score") for a in step.args):
+            active.add(step.node)
     return active
 
 
-def _reverse_lines(writer, grad_captures):
-    """Reverse-mode statements: g_<var> accumulate d(output)/d(var); returns (lines, score's adjoint)."""
-    active = _active(writer, grad_captures)
-    lines = []
-    adjoint = {}  # fx node (or "score") -> adjoint variable name
-
-    def grad_of(node):
-        if isinstance(node, torch.fx.Node) and writer.names.get(node) == "score":
-            return "g_score"
-        if isinstance(node, torch.fx.Node) and node in active:
-            return adjoint.setdefault(node, f"g_{writer.names[node]}")
-        return None
+def _reverse_lines(graph, dialect, grad_captures):
+    """Reverse-mode statements: g_<var> accumulates d(output)/d(var). Returns (lines, score's adjoint)."""
+    active = _active(graph, grad_captures)
+    e = dialect.e
+    lines = [f"g_{step.var} = 0.0" for step in graph.steps if step.node in active]
 
     def add(target, expression):
-        name = grad_of(target)
-        if name is not None:
-            lines.append(f"{name} += {expression}")
+        if isinstance(target, torch.fx.Node) and graph.var.get(target) == "score":
+            lines.append(f"g_score += {expression}")
+        elif isinstance(target, torch.fx.Node) and target in active:
+            lines.append(f"g_{graph.var[target]} += {expression}")
 
-    for node, _, _ in writer.steps:  # in graph order: the same function gives the same source
-        if node in active:
-            lines.append(f"g_{writer.names[node]} = 0.0")
-    output = writer.output
-    if output is None or not isinstance(output, torch.fx.Node):
-        return lines, "0.0"
-    out_grad = grad_of(output)
-    if out_grad is not None:
-        lines.append(f"{out_grad} += grad")
-    for node, op, args in reversed(writer.steps):
-        if node not in active:
+    output = graph.output
+    if isinstance(output, torch.fx.Node):
+        add(output, "grad")
+    for step in reversed(graph.steps):
+        if step.node not in active:
             continue
-        g = f"g_{writer.names[node]}"
-        out = writer.names[node]
-        e = writer.expr
+        g, out, args = f"g_{step.var}", step.var, step.args
+        op = step.extra if step.op == "unary" else step.op
         if op == "index":
-            n, indices = args
-            lines.append(f"grad_bufs[{grad_captures.index(n)}][{', '.join(['worker', *indices])}] += {g}")
-        elif op == "add":
-            add(args[0], g)
-            add(args[1], f"{g} * {_literal(args[2])}")
-        elif op == "sub":
-            add(args[0], g)
-            add(args[1], f"-{g} * {_literal(args[2])}")
-        elif op == "mul":
-            add(args[0], f"{g} * {e(args[1])}")
-            add(args[1], f"{g} * {e(args[0])}")
+            lines.append(dialect.accumulate(grad_captures.index(args[0]), [e(i) for i in args[1]], g))
+        elif op == "arith":
+            symbol, alpha = step.extra
+            if symbol == "*":
+                add(args[0], f"{g} * {e(args[1])}")
+                add(args[1], f"{g} * {e(args[0])}")
+            else:
+                add(args[0], g)
+                add(args[1], f"{'-' if symbol == '-' else ''}{g} * {_literal(alpha)}")
         elif op == "div":
             add(args[0], f"{g} / {e(args[1])}")
             add(args[1], f"-{g} * {out} / {e(args[1])}")
@@ -359,42 +479,119 @@ def _reverse_lines(writer, grad_captures):
         elif op == "sigmoid":
             add(args[0], f"{g} * {out} * (1.0 - {out})")
         elif op == "sin":
-            add(args[0], f"{g} * math.cos({e(args[0])})")
+            add(args[0], f"{g} * {dialect.unary('cos', e(args[0]))}")
         elif op == "cos":
-            add(args[0], f"-{g} * math.sin({e(args[0])})")
+            add(args[0], f"-{g} * {dialect.unary('sin', e(args[0]))}")
         elif op == "sqrt":
             add(args[0], f"{g} * 0.5 / {out}")
         elif op == "rsqrt":
             add(args[0], f"-{g} * 0.5 * {out} / {e(args[0])}")
         elif op == "abs":
-            a = e(args[0])
-            add(args[0], f"{g} * (({a} > 0) - ({a} < 0))")
+            add(args[0], f"{g} * {dialect.unary('sign', e(args[0]))}")
         elif op == "pow":
             a, b = e(args[0]), e(args[1])
-            add(args[0], f"{g} * {b} * {a} ** ({b} - 1)")
-            add(args[1], f"{g} * {out} * math.log({a})")
+            exponent = f"({b} - 1)" if not isinstance(args[1], (int, float)) else _literal(args[1] - 1)
+            add(args[0], f"{g} * {b} * {dialect.power(a, exponent)}")
+            add(args[1], f"{g} * {out} * {dialect.unary('log', a)}")
         elif op == "where":
             c = e(args[0])
-            add(args[1], f"({g} if {c} else 0.0)")
-            add(args[2], f"(0.0 if {c} else {g})")
-        elif op == "pick":  # max / min: the argument that was chosen
-            a = e(args[0])
-            add(args[0], f"({g} if {out} == {a} else 0.0)")
-            add(args[1], f"(0.0 if {out} == {a} else {g})")
+            add(args[1], dialect.select(c, g, "0.0"))
+            add(args[2], dialect.select(c, "0.0", g))
+        elif op in ("max", "min"):  # the argument that was chosen
+            chosen = f"{out} == {e(args[0])}"
+            add(args[0], dialect.select(chosen, g, "0.0"))
+            add(args[1], dialect.select(chosen, "0.0", g))
         elif op == "clamp":
             a = e(args[0])
-            inside = " and ".join(
-                [f"{a} >= {e(args[1])}"] * (args[1] is not None) + [f"{a} <= {e(args[2])}"] * (args[2] is not None)
-            ) or "True"
-            add(args[0], f"({g} if {inside} else 0.0)")
-        elif op == "same":
+            inside = [f"({a} >= {e(args[1])})"] * (args[1] is not None) + [f"({a} <= {e(args[2])})"] * (
+                args[2] is not None)
+            add(args[0], dialect.select(" & ".join(inside), g, "0.0") if inside else g)
+        elif op in ("same", "cast"):
             add(args[0], g)
-        # floor / ceil / trunc / comparisons: zero derivative almost everywhere
-    return lines, ("g_score" if any("g_score" in line for line in lines) else "0.0")
+        # floor / ceil / trunc / sign: zero derivative almost everywhere
+    return lines, ("g_score" if any(line.startswith("g_score +=") for line in lines) else "0.0")
 
 
 def _indent(lines):
-    return "".join(f"    {line}\n" for line in lines)
+    return "".join(f"    {part}\n" for line in lines for part in line.split("\n"))
+
+
+def _result(graph, dialect):
+    return dialect.e(graph.output)
+
+
+def _numba_score_source(graph, fn_name, grad_captures):
+    dialect = _Numba(graph)
+    forward = _forward_lines(graph, dialect)
+    reverse, score_grad = _reverse_lines(graph, dialect, grad_captures)
+    return (
+        f"# score_mod {fn_name!r}, traced by attnkit.flex (torch.fx) and written as Numba source\n"
+        "@_jit(inline=\"always\")\n"
+        "def score_mod(score, b, h, q_idx, kv_idx, caps):\n"
+        f"{_indent(forward)}    return {_result(graph, dialect)}\n\n\n"
+        "@_jit(inline=\"always\")\n"
+        "def score_mod_vjp(score, b, h, q_idx, kv_idx, caps, grad, grad_bufs, worker):\n"
+        "    # the forward again, then d(score_mod)/d(each value) in reverse order\n"
+        f"{_indent(forward)}    g_score = 0.0\n{_indent(reverse)}    return {score_grad}\n"
+    )
+
+
+def _numba_mask_source(graph, fn_name):
+    dialect = _Numba(graph)
+    return (
+        f"# mask_mod {fn_name!r}, traced by attnkit.flex (torch.fx) and written as Numba source\n"
+        "@_jit(inline=\"always\")\n"
+        "def mask_mod(b, h, q_idx, kv_idx, caps):\n"
+        f"{_indent(_forward_lines(graph, dialect))}    return bool({_result(graph, dialect)})\n"
+    )
+
+
+TRITON_SLOTS, TRITON_AXES = 4, 4  # captured tensors a Triton score_mod / mask_mod may read, and their axes
+
+
+def _slots(prefix):
+    return ", ".join(f"{prefix}{n}, " + ", ".join(f"{prefix}{n}_s{a}" for a in range(TRITON_AXES))
+                     for n in range(TRITON_SLOTS))
+
+
+def triton_score_source(traced):
+    """score_mod and score_mod_vjp as Triton functions of a tile (None traced: the identity)."""
+    slots = _slots("C")
+    grads = ", ".join(f"G{n}" for n in range(TRITON_SLOTS))
+    head = (f"@triton.jit\ndef score_mod(score, b, h, q_idx, kv_idx, valid, zero_index, {slots}):\n")
+    vjp_head = (f"@triton.jit\ndef score_mod_vjp(score, b, h, q_idx, kv_idx, valid, zero_index, {slots}, grad, "
+                f"{grads}, ACCUMULATE: tl.constexpr):\n")
+    if traced is None:
+        return f"{head}    return score\n\n\n{vjp_head}    return grad\n"
+    graph = traced.graph
+    _check_slots(graph, traced.captures)
+    dialect = _Triton(graph, "C", traced.grad_captures)
+    forward = _forward_lines(graph, dialect)
+    reverse, score_grad = _reverse_lines(graph, dialect, traced.grad_captures)
+    return (
+        f"{head}{_indent(forward)}    return ({_result(graph, dialect)}) + zero_index * 0.0\n\n\n"
+        f"{vjp_head}{_indent(forward)}    g_score = 0.0\n{_indent(reverse)}"
+        f"    return ({score_grad}) + zero_index * 0.0\n"
+    )
+
+
+def triton_mask_source(traced):
+    """mask_mod as a Triton function of a tile (None traced: every score visible)."""
+    head = f"@triton.jit\ndef mask_mod(b, h, q_idx, kv_idx, valid, zero_index, {_slots('M')}):\n"
+    if traced is None:
+        return f"{head}    return zero_index == 0\n"
+    graph = traced.graph
+    _check_slots(graph, traced.captures)
+    dialect = _Triton(graph, "M")
+    return f"{head}{_indent(_forward_lines(graph, dialect))}    return (({_result(graph, dialect)}) != 0) | (zero_index != 0)\n"
+
+
+def _check_slots(graph, captures):
+    if len(captures) > TRITON_SLOTS:
+        graph.fail(f"captures {len(captures)} tensors; the Triton kernel takes at most {TRITON_SLOTS}")
+    for tensor in captures:
+        if tensor.dim() > TRITON_AXES:
+            graph.fail(f"captures a {tensor.dim()}-D tensor; the Triton kernel reads at most {TRITON_AXES} axes")
 
 
 def _fingerprint(fn, keep, depth=0):
@@ -451,40 +648,17 @@ def trace_mask_mod(mask_mod):
 
 
 def _trace_score_mod(score_mod):
-    graph_module = _trace(score_mod, SCORE_ARGS, "score_mod")
-    writer = _Writer(graph_module, SCORE_ARGS, _name(score_mod), "score_mod").run()
-    grad_captures = [n for n, t in enumerate(writer.captures) if t.requires_grad]
+    graph = _Graph(_trace(score_mod, SCORE_ARGS, "score_mod"), SCORE_ARGS, _name(score_mod), "score_mod")
+    grad_captures = [n for n, t in enumerate(graph.captures) if t.requires_grad]
     for n in grad_captures:
-        if not writer.captures[n].dtype.is_floating_point:
-            writer.fail(f"captured tensor {n} requires grad but is {writer.captures[n].dtype}")
-    result = writer.expr(writer.output) if isinstance(writer.output, torch.fx.Node) else _literal(writer.output)
-    reverse, score_grad = _reverse_lines(writer, grad_captures)
-    if "g_score" not in score_grad:
-        score_grad = "0.0"
-    head = f"# score_mod {_name(score_mod)!r}, traced by attnkit.flex (torch.fx) and written as Numba source\n"
-    source = (
-        f"{head}@_jit(inline=\"always\")\n"
-        "def score_mod(score, b, h, q_idx, kv_idx, caps):\n"
-        f"{_indent(writer.lines)}    return {result}\n\n\n"
-        "@_jit(inline=\"always\")\n"
-        "def score_mod_vjp(score, b, h, q_idx, kv_idx, caps, grad, grad_bufs, worker):\n"
-        "    # the forward again, then d(score_mod)/d(each value) in reverse order\n"
-        f"{_indent(writer.lines)}    g_score = 0.0\n{_indent(reverse)}    return {score_grad}\n"
-    )
-    return Traced(source, writer.captures, grad_captures)
+        if not graph.captures[n].dtype.is_floating_point:
+            graph.fail(f"captured tensor {n} requires grad but is {graph.captures[n].dtype}")
+    return Traced(_numba_score_source(graph, _name(score_mod), grad_captures), graph.captures, grad_captures, graph)
 
 
 def _trace_mask_mod(mask_mod):
-    graph_module = _trace(mask_mod, MASK_ARGS, "mask_mod")
-    writer = _Writer(graph_module, MASK_ARGS, _name(mask_mod), "mask_mod").run()
-    result = writer.expr(writer.output) if isinstance(writer.output, torch.fx.Node) else _literal(writer.output)
-    head = f"# mask_mod {_name(mask_mod)!r}, traced by attnkit.flex (torch.fx) and written as Numba source\n"
-    source = (
-        f"{head}@_jit(inline=\"always\")\n"
-        "def mask_mod(b, h, q_idx, kv_idx, caps):\n"
-        f"{_indent(writer.lines)}    return bool({result})\n"
-    )
-    return Traced(source, writer.captures)
+    graph = _Graph(_trace(mask_mod, MASK_ARGS, "mask_mod"), MASK_ARGS, _name(mask_mod), "mask_mod")
+    return Traced(_numba_mask_source(graph, _name(mask_mod)), graph.captures, [], graph)
 
 
 IDENTITY_SCORE_MOD = (
