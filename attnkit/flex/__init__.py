@@ -141,23 +141,19 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=_DE
     traced = trace_mask_mod(mask_mod)
     kinds = flex_build.classify_blocks(_module(None, traced), batch, heads, Q_LEN, KV_LEN, block_q, block_k,
                                        _capture_arrays(traced.captures))
-    partial, full = kinds == 1, kinds == 2
-    # Each list: the block indices in increasing order, first; the rest of the row is padding.
-    partial_idx = np.argsort(~partial, axis=-1, kind="stable").astype(np.int32)
-    full_idx = np.argsort(~full, axis=-1, kind="stable").astype(np.int32)
+    partial_num, partial_idx, full_num, full_idx = _lists(kinds)
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")  # noqa: E731
     return BlockMask.from_kv_blocks(
-        as_tensor(partial.sum(-1, dtype=np.int32)), as_tensor(partial_idx),
-        as_tensor(full.sum(-1, dtype=np.int32)), as_tensor(full_idx),
+        as_tensor(partial_num), as_tensor(partial_idx), as_tensor(full_num), as_tensor(full_idx),
         BLOCK_SIZE=(block_q, block_k), mask_mod=mask_mod, seq_lengths=(Q_LEN, KV_LEN),
     )  # fmt: skip
 
 
-def _mask_arrays(block_mask, batch, heads, nq, nk):
+def _mask_arrays(block_mask, batch, heads, nq, nk, default_block=_DEFAULT_BLOCK):
     """(partial count, partial list, full count, full list) int32 arrays, block sizes and the
     mask_mod of block_mask (torch's BlockMask, from either create_block_mask); None: all full."""
     if block_mask is None:
-        block_q, block_k = _DEFAULT_BLOCK, _DEFAULT_BLOCK
+        block_q, block_k = default_block, default_block
         n_qb, n_kb = max(1, -(-nq // block_q)), max(1, -(-nk // block_k))
         full_num = np.full((1, 1, n_qb), n_kb if nk else 0, np.int32)
         full_idx = np.broadcast_to(np.arange(n_kb, dtype=np.int32), (1, 1, n_qb, n_kb)).copy()
@@ -200,17 +196,100 @@ def _mask_arrays(block_mask, batch, heads, nq, nk):
 
 @dataclass
 class _Plan:
-    """Everything a call's forward and backward need besides q, k, v."""
+    """Everything a call's forward and backward need besides q, k, v: the kernels' module (CPU or
+    Triton), the block lists, the captured tensors as the kernels read them."""
 
+    kernel: str  # "numba" or "triton"
     module: object
-    blocks: tuple
+    blocks: tuple  # kv lists: (partial count, partial list, full count, full list) int32 NumPy arrays
     block_q: int
     block_k: int
     scale: float
-    score_caps: tuple  # NumPy views of the score_mod's captured tensors
+    score_caps: tuple  # the score_mod's captured tensors as the kernel reads them
     mask_caps: tuple
     grad_captures: list  # torch tensors (score_mod's captures) that get gradients
-    grad_shapes: list
+    grad_slots: list  # their indices in score_caps
+    device: object = None  # the Triton kernels' torch device
+
+    def forward(self, q, k, v):
+        """(out, lse float32, the kernel's own lse for the backward): torch from torch q, k, v, NumPy
+        from NumPy. The CPU kernel's lse is in its compute dtype (float64 for float64 inputs)."""
+        if self.kernel == "triton":
+            out, lse = self.module.forward(*_triton_operands(q, k, v), self.scale, self.score_caps, self.mask_caps,
+                                           self._device_lists(self.blocks), self.block_q, self.block_k)
+            return out, lse, lse
+        from ..kernels.cpu import flex_build
+
+        compute = _compute_dtype(_arrays.dtype_name(q))
+        out, lse = flex_build.forward(self.module, *(_operand(x, compute) for x in (q, k, v)), self.scale,
+                                      self.score_caps, self.mask_caps, self.blocks, self.block_q, self.block_k)
+        if _arrays.family(q) == "numpy":
+            return out.astype(q.dtype, copy=False), lse.astype(np.float32), lse
+        import torch
+
+        return (torch.from_numpy(out).to(device=q.device, dtype=q.dtype), torch.from_numpy(lse).float().to(q.device),
+                lse)
+
+    def backward(self, q, k, v, out, d_out, lse, d_lse):
+        """(dq, dk, dv, gradients of grad_captures) as torch tensors."""
+        import torch
+
+        if self.kernel == "triton":
+            n_kb = -(-k.shape[2] // self.block_k)
+            q_lists = _lists(np.swapaxes(_kinds(self.blocks, n_kb), 2, 3))
+            dq, dk, dv, grads = self.module.backward(
+                *_triton_operands(q, k, v), out.contiguous(), d_out.contiguous(), lse.contiguous(),
+                d_lse.float().contiguous(), self.scale, self.score_caps, self.mask_caps,
+                self._device_lists(self.blocks), self._device_lists(q_lists), self.block_q, self.block_k,
+                self.grad_slots,
+            )  # fmt: skip
+        else:
+            from ..kernels.cpu import flex_build
+
+            compute = _compute_dtype(_arrays.dtype_name(q))
+            arrays = [_operand(x, compute) for x in (q, k, v, out, d_out)] + [lse, _operand(d_lse, compute)]
+            dq, dk, dv, grads = flex_build.backward(
+                self.module, *arrays, self.scale, self.score_caps, self.mask_caps, self.blocks, self.block_q,
+                self.block_k, [tuple(t.shape) for t in self.grad_captures],
+            )  # fmt: skip
+            dq, dk, dv = (torch.from_numpy(g) for g in (dq, dk, dv))
+            grads = [torch.from_numpy(g) for g in grads]
+        results = [g.to(device=x.device, dtype=x.dtype) for g, x in zip((dq, dk, dv), (q, k, v))]
+        return results + [g.to(device=t.device, dtype=t.dtype).reshape(t.shape) for g, t in zip(grads, self.grad_captures)]
+
+    def _device_lists(self, lists):
+        import torch
+
+        partial_num, partial_idx, full_num, full_idx = lists
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+                     for a in (full_num, full_idx, partial_num, partial_idx))
+
+
+def _triton_operands(*tensors):
+    return [t.detach().contiguous() for t in tensors]
+
+
+def _kinds(blocks, n_kb):
+    """Dense (B or 1, H or 1, query blocks, key blocks) int8 from kv lists: 2 full, 1 partial, 0 empty."""
+    partial_num, partial_idx, full_num, full_idx = blocks
+    batch = max(a.shape[0] for a in blocks)
+    heads = max(a.shape[1] for a in blocks)
+    n_qb = partial_num.shape[2]
+    kinds = np.zeros((batch, heads, n_qb, n_kb), np.int8)
+    for num, idx, kind in ((partial_num, partial_idx, 1), (full_num, full_idx, 2)):
+        num = np.broadcast_to(num, (batch, heads, n_qb))
+        idx = np.broadcast_to(idx, (batch, heads, n_qb, idx.shape[3]))
+        b, h, qb, n = np.nonzero(np.arange(idx.shape[3]) < num[..., None])
+        kinds[b, h, qb, idx[b, h, qb, n]] = kind
+    return kinds
+
+
+def _lists(kinds):
+    """(partial count, partial list, full count, full list) over kinds' last axis, each list in increasing
+    order first and padded after (torch's BlockMask layout)."""
+    partial, full = kinds == 1, kinds == 2
+    return (partial.sum(-1, dtype=np.int32), np.argsort(~partial, axis=-1, kind="stable").astype(np.int32),
+            full.sum(-1, dtype=np.int32), np.argsort(~full, axis=-1, kind="stable").astype(np.int32))
 
 
 def _compute_dtype(dtype_name):
@@ -262,65 +341,103 @@ def _validate(query, key, value, scale, enable_gqa):
     return dtype, devices.pop()
 
 
-def _plan(query, key, score_mod, block_mask, scale):
+def _uses_triton(query, backend):
+    from ..kernels import triton_attention
+
+    if backend not in ("auto", "numba", "triton"):
+        raise ValueError(f"flex_attention: backend must be 'auto', 'numba' or 'triton'; got {backend!r}")
+    on_gpu = _arrays.family(query) == "torch" and query.device.type != "cpu"
+    if backend == "triton":
+        if _arrays.family(query) != "torch":
+            raise TypeError("flex_attention: backend='triton' takes torch tensors")
+        if not on_gpu and not triton_attention.interpreting():
+            raise ValueError("flex_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                             "triton is imported, to run the Triton kernels on the CPU)")
+        return True
+    return on_gpu and backend == "auto" and _arrays.dtype_name(query) != "float64"
+
+
+def _plan(query, key, score_mod, block_mask, scale, backend="numba"):
     batch, hq, nq, d = query.shape
     nk = key.shape[2]
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"flex_attention: score_mod must be callable (score, b, h, q_idx, kv_idx) -> score; got "
                         f"{type(score_mod).__name__}")
-    blocks, block_q, block_k, mask_mod = _mask_arrays(block_mask, batch, hq, nq, nk)
+    triton = backend == "triton"
+    blocks, block_q, block_k, mask_mod = _mask_arrays(block_mask, batch, hq, nq, nk, default_block=64 if triton else
+                                                      _DEFAULT_BLOCK)
     if mask_mod is not None and not int(blocks[0].max(initial=0)):
         mask_mod = None  # no partial block: mask_mod is never evaluated
     score_traced = trace_score_mod(score_mod) if score_mod is not None else None
     mask_traced = trace_mask_mod(mask_mod) if mask_mod is not None else None
-    grad_captures = [score_traced.captures[n] for n in score_traced.grad_captures] if score_traced else []
+    grad_slots = list(score_traced.grad_captures) if score_traced else []
+    grad_captures = [score_traced.captures[n] for n in grad_slots]
+    score_captures = score_traced.captures if score_traced else []
+    mask_captures = mask_traced.captures if mask_traced else []
+    if triton:
+        for name, size in (("query", block_q), ("key", block_k)):
+            if size & (size - 1) or size < 16:
+                raise ValueError(f"flex_attention: the Triton kernel needs block sizes that are powers of two, at "
+                                 f"least 16; the block mask's {name} blocks are {size}")
+        device = query.device
+        module = _triton_module(score_traced, mask_traced)
+        score_caps = tuple(_device_capture(t, device) for t in score_captures)
+        mask_caps = tuple(_device_capture(t, device) for t in mask_captures)
+    else:
+        device = None
+        module = _module(score_traced, mask_traced)
+        score_caps, mask_caps = _capture_arrays(score_captures), _capture_arrays(mask_captures)
     return _Plan(
-        module=_module(score_traced, mask_traced), blocks=blocks, block_q=block_q, block_k=block_k,
-        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
-        score_caps=_capture_arrays(score_traced.captures) if score_traced else (),
-        mask_caps=_capture_arrays(mask_traced.captures) if mask_traced else (),
-        grad_captures=grad_captures, grad_shapes=[tuple(t.shape) for t in grad_captures],
+        kernel="triton" if triton else "numba", module=module, blocks=blocks, block_q=block_q, block_k=block_k,
+        scale=1.0 / math.sqrt(d) if scale is None else float(scale), score_caps=score_caps, mask_caps=mask_caps,
+        grad_captures=grad_captures, grad_slots=grad_slots, device=device,
     )  # fmt: skip
 
 
-def _forward(plan, q, k, v):
+def _triton_module(score_traced, mask_traced):
+    from ..kernels import triton_flex
     from ..kernels.cpu import flex_build
+    from .trace import triton_mask_source, triton_score_source
 
-    return flex_build.forward(plan.module, q, k, v, plan.scale, plan.score_caps, plan.mask_caps, plan.blocks,
-                              plan.block_q, plan.block_k)
+    if score_traced is None and mask_traced is None:
+        return triton_flex
+    return flex_build.module_for(f"{triton_score_source(score_traced)}\n\n{triton_mask_source(mask_traced)}",
+                                 triton_flex)
+
+
+def _device_capture(tensor, device):
+    """A captured tensor as the Triton kernel reads it: contiguous, on the call's device; floats in
+    float32, booleans as int8, a 0-d tensor as shape (1,)."""
+    import torch
+
+    t = tensor.detach().to(device)
+    t = t.reshape(1) if t.dim() == 0 else t
+    if t.dtype == torch.bool:
+        t = t.to(torch.int8)
+    elif t.dtype.is_floating_point:
+        t = t.float()
+    return t.contiguous()
 
 
 def _autograd_function():
     import torch
 
     class FlexFunction(torch.autograd.Function):
-        """q, k, v and the captured tensors that require grad -> (out, lse)."""
+        """q, k, v and the captured tensors that require grad -> (out, lse), on either kernel."""
 
         @staticmethod
         def forward(ctx, plan, query, key, value, *grad_captures):
-            dtype = _compute_dtype(str(query.dtype).removeprefix("torch."))
-            q, k, v = (_operand(x, dtype) for x in (query, key, value))
-            out, lse = _forward(plan, q, k, v)
-            ctx.plan, ctx.arrays = plan, (q, k, v, out, lse)
-            ctx.dtypes = (query.dtype, key.dtype, value.dtype)
-            ctx.device = query.device
-            return torch.from_numpy(out).to(query.dtype), torch.from_numpy(lse).float()
+            out, lse, ctx.kernel_lse = plan.forward(query, key, value)
+            ctx.plan = plan
+            ctx.save_for_backward(query, key, value, out, lse)
+            return out, lse
 
         @staticmethod
         def backward(ctx, d_out, d_lse):
-            from ..kernels.cpu import flex_build
-
-            plan = ctx.plan
-            q, k, v, out, lse = ctx.arrays
-            dout = _operand(d_out if d_out is not None else torch.zeros(out.shape), q.dtype)
-            dlse = _operand(d_lse, q.dtype) if d_lse is not None else np.zeros(lse.shape, q.dtype)
-            dq, dk, dv, grads = flex_build.backward(
-                plan.module, q, k, v, out, dout, lse, dlse, plan.scale, plan.score_caps, plan.mask_caps,
-                plan.blocks, plan.block_q, plan.block_k, plan.grad_shapes,
-            )  # fmt: skip
-            results = [torch.from_numpy(g).to(device=ctx.device, dtype=t) for g, t in zip((dq, dk, dv), ctx.dtypes)]
-            results += [torch.from_numpy(g).to(device=t.device, dtype=t.dtype) for g, t in zip(grads, plan.grad_captures)]
-            return (None, *results)
+            query, key, value, out, lse = ctx.saved_tensors
+            d_out = torch.zeros_like(out) if d_out is None else d_out
+            d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
+            return (None, *ctx.plan.backward(query, key, value, out, d_out, ctx.kernel_lse, d_lse))
 
     return FlexFunction
 
@@ -330,7 +447,7 @@ _OUTSIDE_COMPILE = None
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
-                   return_lse=False, kernel_options=None):
+                   return_lse=False, kernel_options=None, *, backend="auto"):
     """torch.nn.attention.flex_attention on attnkit's kernels.
 
     query (B, Hq, Nq, D), key (B, Hkv, Nk, D), value (B, Hkv, Nk, Dv): torch tensors (gradients
@@ -339,37 +456,42 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     attnkit.create_block_mask or torch's; enable_gqa lets Hq be a multiple of Hkv. Returns out
     (B, Hq, Nq, Dv) in query's dtype, and with return_lse the natural-log log-sum-exp (B, Hq, Nq)
     in float32 (-inf, with out 0, on rows the mask hides entirely). kernel_options is accepted for
-    torch's signature and ignored: the CPU kernel picks its own tiles.
+    torch's signature and ignored: each kernel picks its own tiles.
+
+    backend (attnkit's addition): "auto" runs CUDA tensors on the Triton kernel (float64 on the
+    CPU kernel, with a warning) and the rest on the Numba CPU kernel; "numba" or "triton" ask for
+    one ("triton" on CPU tensors runs under the Triton interpreter, TRITON_INTERPRET=1).
 
     Under torch.compile the call is a graph break: the compiled graph runs up to it, attnkit's
     kernel (and its backward) runs, the graph goes on.
     """
     global _OUTSIDE_COMPILE
+    del kernel_options
     if _arrays.family(query) != "torch":
-        return _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+        return _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, backend)
     if _OUTSIDE_COMPILE is None:
         import torch
 
-        # Dynamo cannot trace the tracing of score_mod (make_fx) or the Numba call: stop here, quietly.
+        # Dynamo cannot trace the tracing of score_mod (make_fx) or the kernels' calls: stop here, quietly.
         _OUTSIDE_COMPILE = torch._dynamo.disable(_flex_attention)
-    return _OUTSIDE_COMPILE(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse)
+    return _OUTSIDE_COMPILE(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, backend)
 
 
-def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse):
+def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, backend):
     global _FLEX_FUNCTION
-    dtype, device = _validate(query, key, value, scale, enable_gqa)
-    plan = _plan(query, key, score_mod, block_mask, scale)
+    _, device = _validate(query, key, value, scale, enable_gqa)
+    triton = _uses_triton(query, backend)
+    plan = _plan(query, key, score_mod, block_mask, scale, "triton" if triton else "numba")
     if _arrays.family(query) == "numpy":
-        compute = _compute_dtype(dtype)
-        out, lse = _forward(plan, *(_operand(x, compute) for x in (query, key, value)))
-        out = out.astype(query.dtype, copy=False)
-        return (out, lse.astype(np.float32)) if return_lse else out
+        out, lse, _ = plan.forward(query, key, value)
+        return (out, lse) if return_lse else out
     import torch
 
-    if device != "cpu":
+    if device != "cpu" and not triton:
         warnings.warn(
-            f"attnkit.flex_attention: the Triton flex kernel is not written yet; {device} tensors run on the CPU "
-            "kernel and are copied back", AttnkitFallbackWarning, stacklevel=2,
+            f"attnkit.flex_attention: {device} {_arrays.dtype_name(query)} tensors run on the CPU kernel (the "
+            "Triton kernel takes float16, bfloat16 and float32) and are copied back", AttnkitFallbackWarning,
+            stacklevel=3,
         )  # fmt: skip
     if _FLEX_FUNCTION is None:
         _FLEX_FUNCTION = _autograd_function()
@@ -378,9 +500,5 @@ def _flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa,
     if needs_grad:
         out, lse = _FLEX_FUNCTION.apply(plan, query, key, value, *plan.grad_captures)
     else:
-        compute = _compute_dtype(dtype)
-        out_np, lse_np = _forward(plan, *(_operand(x, compute) for x in (query, key, value)))
-        out, lse = torch.from_numpy(out_np).to(query.dtype), torch.from_numpy(lse_np).float()
-    if device != "cpu":
-        out, lse = out.to(device), lse.to(device)
+        out, lse, _ = plan.forward(query, key, value)
     return (out, lse) if return_lse else out

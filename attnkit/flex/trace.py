@@ -249,7 +249,7 @@ class _Numba:
             return self.graph.var[arg]
         return _literal(arg)
 
-    def load(self, n, indices):
+    def load(self, n, indices, kind):
         return f"caps[{n}][{', '.join(indices) or '0'}]"  # a 0-d capture reaches the kernel as shape (1,)
 
     def accumulate(self, slot, indices, g):
@@ -311,8 +311,9 @@ class _Triton(_Numba):
     def _offset(self, n, indices):
         return " + ".join(f"({i}) * {self.prefix}{n}_s{axis}" for axis, i in enumerate(indices)) or "0"
 
-    def load(self, n, indices):
-        return f"tl.load({self.prefix}{n} + {self._offset(n, indices)} + zero_index, mask=valid, other=0)"
+    def load(self, n, indices, kind):
+        value = f"tl.load({self.prefix}{n} + {self._offset(n, indices)} + zero_index, mask=valid, other=0)"
+        return f"({value} != 0)" if kind == "bool" else value  # booleans reach the kernel as int8
 
     def accumulate(self, slot, indices, g):
         n = self.grad_captures[slot]  # the gradient has its capture's (contiguous) layout
@@ -365,7 +366,7 @@ def _forward_lines(graph, dialect):
     for step in graph.steps:
         op, args = step.op, step.args
         if op == "index":
-            expression = dialect.load(args[0], [e(i) for i in args[1]])
+            expression = dialect.load(args[0], [e(i) for i in args[1]], step.kind)
         elif op == "arith":
             symbol, alpha = step.extra
             b = e(args[1]) if alpha == 1 else f"({_literal(alpha)} * {e(args[1])})"
