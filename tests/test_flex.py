@@ -78,22 +78,44 @@ def _block_masks(mask_fn, mask_bufs, batch, maker, nq=NQ, nk=NK):
     return attnkit.create_block_mask(mask, batch, None, nq, nk, BLOCK_SIZE=BLOCK)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def _triton_ready():
+    """The Triton kernels run here: on a GPU, or under the interpreter (conftest sets TRITON_INTERPRET=1
+    before triton is imported when there is no GPU)."""
+    try:
+        from attnkit.kernels import triton_attention
+    except Exception:  # noqa: BLE001: a triton that cannot be imported
+        return False
+    return torch.cuda.is_available() or triton_attention.interpreting()
+
+
+GPU = torch.cuda.is_available()
+KERNELS = [("numba", torch.float32), ("numba", torch.bfloat16), ("triton", torch.float32), ("triton", torch.float16)]
+KERNELS += [("triton", torch.bfloat16)] if GPU else []  # the interpreter computes in NumPy, which has no bf16
+
+
+@pytest.mark.parametrize("backend,dtype", KERNELS, ids=[f"{b}-{str(d)[6:]}" for b, d in KERNELS])
 @pytest.mark.parametrize("name", CASES)
-def test_forward_and_gradients_match_torch_flex(name, dtype):
+def test_forward_and_gradients_match_torch_flex(name, backend, dtype):
+    if backend == "triton" and not _triton_ready():
+        pytest.skip("triton cannot run here")
+    device = "cuda" if backend == "triton" and GPU else "cpu"
     generator = torch.Generator().manual_seed(CASES.index(name) + 10 * (dtype == torch.bfloat16))
     score_fn, score_bufs, mask_fn, mask_bufs = _case(name, generator)
     q, k, v = _inputs(dtype, generator)
     block_mask = _block_masks(mask_fn, mask_bufs, q.shape[0], "attnkit")
     bufs_for = {torch.float64: score_bufs, dtype: [b.detach().to(dtype).requires_grad_(b.requires_grad)
                                                    if b.is_floating_point() else b for b in score_bufs]}
+    # the call's own tensors, on its device: leaves, as a user's would be
+    call_q, call_k, call_v = (x.detach().to(device).requires_grad_() for x in (q, k, v))
+    call_bufs = [b.detach().to(device).requires_grad_(b.requires_grad) for b in score_bufs]
 
-    out, lse = attnkit.flex_attention(q, k, v, score_mod=_bind(score_fn, score_bufs), block_mask=block_mask,
-                                      enable_gqa=True, return_lse=True)
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    out, lse = attnkit.flex_attention(call_q, call_k, call_v, score_mod=_bind(score_fn, call_bufs),
+                                      block_mask=block_mask, enable_gqa=True, return_lse=True, backend=backend)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.device.type == device
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-    differentiable = [q, k, v] + [b for b in score_bufs if b.requires_grad]
-    grads = torch.autograd.grad(out, differentiable, grad_out.to(dtype))
+    differentiable = [call_q, call_k, call_v] + [b for b in call_bufs if b.requires_grad]
+    grads = torch.autograd.grad(out, differentiable, grad_out.to(device=device, dtype=dtype))
+    out, lse = out.cpu(), lse.cpu()
 
     results = {}
     for run_dtype in (torch.float64, dtype):
@@ -111,7 +133,7 @@ def test_forward_and_gradients_match_torch_flex(name, dtype):
         assert_within_rule(f"{name} {label}", got, want, base, 3)
     if name == "hidden_rows":
         assert hidden.any() and not torch.isnan(out).any()
-        assert torch.all(out.float()[hidden] == 0) and torch.all(grads[0].float()[hidden] == 0)
+        assert torch.all(out.float()[hidden] == 0) and torch.all(grads[0].cpu().float()[hidden] == 0)
 
 
 @pytest.mark.parametrize("lengths", [(NQ, NK), (48, 64)], ids=["odd", "whole_blocks"])
@@ -352,3 +374,44 @@ def test_captured_scalars_as_values_with_their_gradient():
     for label, got, want in zip(("dq", "dk", "dv", "dtemperature"), grads,
                                 torch.autograd.grad(expected.sum(), (q, k, v, temperature))):
         assert_close(got, want, atol=1e-11, rtol=1e-9, name=label)
+
+
+def test_triton_takes_torch_block_masks_and_captured_scalars():
+    """The Triton kernel with torch's own BlockMask (batch and head axes), a 0-d learnable temperature,
+    and a loss on the lse, against the CPU kernel on the same call."""
+    if not _triton_ready():
+        pytest.skip("triton cannot run here")
+    device = "cuda" if GPU else "cpu"
+    generator = torch.Generator().manual_seed(13)
+    q, k, v = _inputs(torch.float32, generator, hq=4, hkv=1)
+    temperature = torch.tensor(0.7, requires_grad=True)
+    block_mask = torch_create_block_mask(lambda b, h, qi, kv: (qi + b + h) % 4 != 1, 2, 4, NQ, NK, device="cpu",
+                                         BLOCK_SIZE=16)
+    results = []
+    for backend, where in (("numba", "cpu"), ("triton", device)):
+        leaves = [x.detach().to(where).requires_grad_() for x in (q, k, v, temperature)]
+        out, lse = attnkit.flex_attention(
+            *leaves[:3], score_mod=lambda s, b, h, qi, kv, t=leaves[3]: s * t - (qi - kv).abs() * 0.1,
+            block_mask=block_mask, enable_gqa=True, return_lse=True, backend=backend)
+        loss = out.sum() + (lse * 0.25).sum()
+        results.append([out, lse, *torch.autograd.grad(loss, leaves)])
+    for label, a, b in zip(("out", "lse", "dq", "dk", "dv", "dtemperature"), *results):
+        assert_close(b.cpu(), a, atol=2e-5, rtol=2e-5, name=f"triton {label}")
+
+
+def test_backend_choice_is_checked():
+    q = torch.randn(1, 2, 8, D)
+    with pytest.raises(ValueError, match="backend must be"):
+        attnkit.flex_attention(q, q, q, backend="cuda")
+    with pytest.raises(TypeError, match="torch tensors"):
+        attnkit.flex_attention(q.numpy(), q.numpy(), q.numpy(), backend="triton")
+    if _triton_ready():
+        mask = attnkit.create_block_mask(lambda b, h, qi, k: qi >= k, None, None, 8, 8, BLOCK_SIZE=24)
+        with pytest.raises(ValueError, match="powers of two"):
+            attnkit.flex_attention(q, q, q, block_mask=mask, backend="triton")
+
+
+def test_generated_triton_source_reads_captures_through_pointers():
+    table = torch.zeros(2, 64)
+    source = generated_source(lambda s, b, h, qi, kv: s + table[h, qi - kv + 30], backend="triton")
+    assert "@triton.jit" in source and "tl.load(C0 + (h) * C0_s0" in source and "def score_mod_vjp" in source

@@ -78,11 +78,18 @@ def _module(score_traced, mask_traced):
     return flex_build.module_for(f"{score}\n\n{mask}")
 
 
-def generated_source(score_mod=None, mask_mod=None):
-    """The Numba source attnkit compiles for score_mod and mask_mod (either may be None)."""
-    score = trace_score_mod(score_mod).source if score_mod is not None else IDENTITY_SCORE_MOD
-    mask = trace_mask_mod(mask_mod).source if mask_mod is not None else NO_MASK_MOD
-    return f"{score}\n\n{mask}"
+def generated_source(score_mod=None, mask_mod=None, backend="numba"):
+    """The source attnkit compiles for score_mod and mask_mod (either may be None): Numba functions of
+    one score, or with backend="triton" Triton functions of a tile."""
+    score = trace_score_mod(score_mod) if score_mod is not None else None
+    mask = trace_mask_mod(mask_mod) if mask_mod is not None else None
+    if backend == "triton":
+        from .trace import triton_mask_source, triton_score_source
+
+        return f"{triton_score_source(score)}\n\n{triton_mask_source(mask)}"
+    if backend != "numba":
+        raise ValueError(f"generated_source: backend must be 'numba' or 'triton'; got {backend!r}")
+    return f"{score.source if score else IDENTITY_SCORE_MOD}\n\n{mask.source if mask else NO_MASK_MOD}"
 
 
 def _capture_arrays(captures):

@@ -49,8 +49,14 @@ def _trace(fn, arg_names, what):
     example = [torch.zeros(1, dtype=torch.int32) for _ in MASK_ARGS]
     if len(arg_names) == 5:
         example = [torch.zeros(1, dtype=torch.float32), *example]
+    if len(arg_names) == 5:  # a fixed arity: make_fx would count parameters with defaults as inputs
+        def call(score, b, h, q_idx, kv_idx):
+            return fn(score, b, h, q_idx, kv_idx)
+    else:
+        def call(b, h, q_idx, kv_idx):
+            return fn(b, h, q_idx, kv_idx)
     try:
-        graph_module = make_fx(fn)(*example)
+        graph_module = make_fx(call)(*example)
     except Exception as error:  # noqa: BLE001: any failure in the user's function is reported as such
         raise UntraceableError(
             f"{what} {_name(fn)!r} could not be traced with one-element tensors as torch's flex_attention "
@@ -616,6 +622,8 @@ def _fingerprint(fn, keep, depth=0):
     for name in fn.__code__.co_names:
         if name in fn.__globals__:
             parts.append(_fingerprint(fn.__globals__[name], keep, depth + 1))
+    for value in (fn.__defaults__ or ()) + tuple((fn.__kwdefaults__ or {}).values()):
+        parts.append(_fingerprint(value, keep, depth + 1))
     return tuple(parts)
 
 
