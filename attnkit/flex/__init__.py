@@ -24,7 +24,33 @@ import numpy as np
 
 from .. import _arrays
 from ..backends import AttnkitFallbackWarning
-from .trace import IDENTITY_SCORE_MOD, NO_MASK_MOD, UntraceableError, trace_mask_mod, trace_score_mod
+
+# torch is imported only once a flex function is called: importing attnkit stays torch-free.
+
+
+class UntraceableError(ValueError):
+    """A score_mod / mask_mod uses something the kernels cannot compile (the message names it)."""
+
+
+IDENTITY_SCORE_MOD = (
+    "@_jit(inline=\"always\")\n"
+    "def score_mod(score, b, h, q_idx, kv_idx, caps):\n    return score\n\n\n"
+    "@_jit(inline=\"always\")\n"
+    "def score_mod_vjp(score, b, h, q_idx, kv_idx, caps, grad, grad_bufs, worker):\n    return grad\n"
+)
+NO_MASK_MOD = "@_jit(inline=\"always\")\ndef mask_mod(b, h, q_idx, kv_idx, caps):\n    return True\n"
+
+
+def trace_score_mod(score_mod):
+    from .trace import trace_score_mod as trace
+
+    return trace(score_mod)
+
+
+def trace_mask_mod(mask_mod):
+    from .trace import trace_mask_mod as trace
+
+    return trace(mask_mod)
 
 __all__ = [
     "UntraceableError",

@@ -24,8 +24,7 @@ SCORE_ARGS = ("score", "b", "h", "q_idx", "kv_idx")
 MASK_ARGS = ("b", "h", "q_idx", "kv_idx")
 
 
-class UntraceableError(ValueError):
-    """A score_mod / mask_mod uses something the kernels cannot compile (the message names it)."""
+from . import UntraceableError  # defined beside the API, which must not import torch for NumPy users
 
 
 @dataclass
@@ -668,12 +667,3 @@ def _trace_score_mod(score_mod):
 def _trace_mask_mod(mask_mod):
     graph = _Graph(_trace(mask_mod, MASK_ARGS, "mask_mod"), MASK_ARGS, _name(mask_mod), "mask_mod")
     return Traced(_numba_mask_source(graph, _name(mask_mod)), graph.captures, [], graph)
-
-
-IDENTITY_SCORE_MOD = (
-    "@_jit(inline=\"always\")\n"
-    "def score_mod(score, b, h, q_idx, kv_idx, caps):\n    return score\n\n\n"
-    "@_jit(inline=\"always\")\n"
-    "def score_mod_vjp(score, b, h, q_idx, kv_idx, caps, grad, grad_bufs, worker):\n    return grad\n"
-)
-NO_MASK_MOD = "@_jit(inline=\"always\")\ndef mask_mod(b, h, q_idx, kv_idx, caps):\n    return True\n"
