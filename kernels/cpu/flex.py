@@ -54,6 +54,14 @@ def mask_mod(b, h, q_idx, kv_idx, caps):
 
 
 @_jit(inline="always")
+def _key_range(blocks, b, h, qb, n, block_k, nk):
+    """(first key, end key, is the block partial) of entry n of (b, h, qb)'s list; empty past Nk."""
+    kb, partial = _block_of(blocks, b, h, qb, n)
+    j0 = kb * block_k
+    return j0, max(j0, min(j0 + block_k, nk)), partial
+
+
+@_jit(inline="always")
 def _block_of(blocks, b, h, qb, n):
     """(key block, is it partial) of entry n of (b, h, qb)'s list: full blocks first, then partial."""
     partial_num, partial_idx, full_num, full_idx = blocks
@@ -120,10 +128,8 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
             row_sum[r] = zero
         acc[:bq] = zero
         for n in range(_block_count(blocks, b, h, qb)):
-            kb, partial = _block_of(blocks, b, h, qb, n)
-            j0 = kb * block_k
-            j1 = min(j0 + block_k, nk)
-            if j1 <= j0:
+            j0, j1, partial = _key_range(blocks, b, h, qb, n, block_k, nk)
+            if j1 == j0:
                 continue
             s = s_buf[:bq, : j1 - j0]  # (Bq, Bk)
             matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)  # S = Q K^T
@@ -189,10 +195,8 @@ def backward_worker(
                         total += do_blk[r, c] * out[b, h, i0 + r, c]
                     delta[r] = total - dlse[b, h, i0 + r]  # d lse / d score is P: it joins dO.O
                 for n in range(_block_count(blocks, b, h, qb)):
-                    kb, partial = _block_of(blocks, b, h, qb, n)
-                    j0 = kb * block_k
-                    j1 = min(j0 + block_k, nk)
-                    if j1 <= j0:
+                    j0, j1, partial = _key_range(blocks, b, h, qb, n, block_k, nk)
+                    if j1 == j0:
                         continue
                     bk = j1 - j0
                     k_blk, v_blk = k[b, hk, j0:j1], v[b, hk, j0:j1]  # (Bk, D), (Bk, Dv)
