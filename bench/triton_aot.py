@@ -38,13 +38,6 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
     registers, stack bytes (spill space), LDL/STL spill instructions counted in
     the SASS and HGMMA instructions (Hopper warpgroup MMA).
     """
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     fn = _jit_function(_KERNELS[kernel])
     bm, bn, warps, stages = config
     ty = _TRITON_TYPES[dtype]
@@ -88,6 +81,24 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
             signature[arg] = "i64"
         else:
             signature[arg] = "i32"
+    return dict(
+        kernel=kernel, arch=f"sm_{arch}", dtype=str(dtype).replace("torch.", ""),
+        head_dim=head_dim, causal=bool(causal), block_m=bm, block_n=bn, num_warps=warps,
+        num_stages=stages, **compile_report(fn, signature, constexprs, attrs, arch, warps, stages),
+    )
+
+
+def compile_report(fn, signature, constexprs, attrs, arch, warps, stages):
+    """triton.compile fn for sm_<arch> (no GPU) and read the cubin with the cuobjdump triton ships:
+    registers and stack bytes per thread, LDL/STL spill instructions, HGMMA (Hopper warpgroup) and
+    HMMA (Ampere) tensor-core instructions, shared memory."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
@@ -103,12 +114,10 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     return dict(
-        kernel=kernel, arch=f"sm_{arch}", dtype=str(dtype).replace("torch.", ""),
-        head_dim=head_dim, causal=bool(causal), block_m=bm, block_n=bn, num_warps=warps,
-        num_stages=stages, registers=int(regs.group(1)) if regs else None,
-        stack_bytes=int(stack.group(1)) if stack else None,
+        registers=int(regs.group(1)) if regs else None, stack_bytes=int(stack.group(1)) if stack else None,
         spill_loads=len(re.findall(r"\bLDL\b", sass)), spill_stores=len(re.findall(r"\bSTL\b", sass)),
-        hgmma=len(re.findall(r"\bHGMMA\b", sass)), shared_bytes=compiled.metadata.shared,
+        hgmma=len(re.findall(r"\bHGMMA\b", sass)), mma=len(re.findall(r"\bHMMA\b", sass)),
+        shared_bytes=compiled.metadata.shared,
     )
 
 

@@ -298,6 +298,9 @@ def flex_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, FN, FI, PN, PI, fn_b, fn_h, fi
 # ---------------------------------------------------------------------------
 
 _SLOTS = 4
+# 8 warps: compiled ahead of time for sm_90 (bench/results/flex-aot.md), 64 x 64 tiles at D 128 spill
+# nothing in the forward and dQ with 8 warps (dK/dV: 840 stack bytes); with 4 warps all three spill.
+_WARPS = 8
 
 
 def _slot_args(tensors, filler):
@@ -351,6 +354,7 @@ def forward(q, k, v, scale, score_caps, mask_caps, kv_lists, block_m, block_n):
         lse.stride(0), lse.stride(1), scale, nq, nk, hq, hq // hkv, d, dv,
         *_slot_args(score_caps, q), *_slot_args(mask_caps, q),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_dim(d), BLOCK_DV=_head_dim(dv), DOT_PREC=_precision(q.dtype),
+        num_warps=_WARPS,
     )  # fmt: skip
     return out, lse
 
@@ -371,7 +375,7 @@ def backward(q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps, kv_lis
               v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), scale, nq, nk)
     slots = (*_slot_args(score_caps, q), *_slot_args(mask_caps, q))
     sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_dim(d), BLOCK_DV=_head_dim(dv_dim),
-                 DOT_PREC=_precision(q.dtype))
+                 DOT_PREC=_precision(q.dtype), num_warps=_WARPS)
     grad_args = (grads + [q] * _SLOTS)[:_SLOTS]  # each gradient shares its capture's contiguous layout
     flex_backward_dkdv[(triton.cdiv(nk, block_n), batch * hkv)](
         q, k, v, dout, lse, delta, dk, dv, *_list_args(q_lists), *common, hkv, hq // hkv, d, dv_dim, *slots,
