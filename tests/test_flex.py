@@ -279,7 +279,7 @@ def test_bad_input_is_named():
         attnkit.flex_attention(q, kv, kv)
     with pytest.raises(ValueError, match="4-D"):
         attnkit.flex_attention(q[0], kv[0], kv[0])
-    with pytest.raises(TypeError, match="share a dtype"):
+    with pytest.raises(TypeError, match="share one dtype"):
         attnkit.flex_attention(q, kv.double(), kv.double(), enable_gqa=True)
     with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
         mask = attnkit.create_block_mask(lambda b, h, qi, k: qi >= k, None, None, 9, 8)

@@ -335,54 +335,35 @@ def _operand(x, dtype):
 
 
 def _validate(query, key, value, scale, enable_gqa):
-    names = ("query", "key", "value")
-    families = {_arrays.family(x) for x in (query, key, value)}
-    for name, x in zip(names, (query, key, value)):
-        if _arrays.family(x) is None:
-            raise TypeError(f"flex_attention: {name} must be a torch.Tensor or numpy.ndarray; got {_arrays.type_name(x)}")
-    if len(families) != 1:
-        raise TypeError("flex_attention: query, key and value must all be torch tensors or all NumPy arrays; got "
-                        + ", ".join(_arrays.type_name(x) for x in (query, key, value)))
-    for name, x in zip(names, (query, key, value)):
+    """(dtype, device) after the checks every entry point shares (validation.py), and flex's own:
+    4-D (B, H, N, D) operands with one batch, and enable_gqa for Hq != Hkv."""
+    from ..validation import _check_heads, _check_inputs, _number
+
+    _, device, dtype = _check_inputs(query, key, value)
+    for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise ValueError(f"flex_attention: {name} must be 4-D (B, H, N, D); got shape {tuple(x.shape)}")
-    dtypes = {_arrays.dtype_name(x) for x in (query, key, value)}
-    if len(dtypes) != 1:
-        raise TypeError("flex_attention: query, key and value must share a dtype; got "
-                        + ", ".join(_arrays.dtype_name(x) for x in (query, key, value)))
-    dtype = dtypes.pop()
-    if dtype not in ("float16", "bfloat16", "float32", "float64"):
-        raise TypeError(f"flex_attention: dtype {dtype} is not supported; expected float16, bfloat16, float32 or float64")
-    devices = {_arrays.device_name(x) for x in (query, key, value)}
-    if len(devices) != 1:
-        raise ValueError(f"flex_attention: query, key and value are on different devices: {sorted(devices)}")
-    (b, hq, _, d), (bk, hkv, nk, dk), (bv, hv, nv, _) = query.shape, key.shape, value.shape
-    if not b == bk == bv:
-        raise ValueError(f"flex_attention: batch sizes differ: query {b}, key {bk}, value {bv}")
-    if hkv != hv or nk != nv:
-        raise ValueError(f"flex_attention: key {tuple(key.shape)} and value {tuple(value.shape)} must agree in heads "
-                         "and length")
-    if d != dk:
-        raise ValueError(f"flex_attention: query's head dim {d} differs from key's {dk}")
-    if hq != hkv and not enable_gqa:
-        raise ValueError(f"flex_attention: query has {hq} heads and key/value {hkv}; pass enable_gqa=True for GQA")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"flex_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        raise ValueError(f"flex_attention: batch sizes differ: query {query.shape[0]}, key {key.shape[0]}, "
+                         f"value {value.shape[0]}")
+    _check_heads(tuple(query.shape), tuple(key.shape), tuple(value.shape))
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"flex_attention: query has {query.shape[1]} heads and key/value {key.shape[1]}; pass "
+                         "enable_gqa=True for GQA")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"flex_attention: scale must be a finite number or None; got {scale!r}")
-    return dtype, devices.pop()
+        _number("scale", scale)
+    return dtype, device
 
 
 def _uses_triton(query, backend):
-    from ..kernels import triton_attention
-
     if backend not in ("auto", "numba", "triton"):
         raise ValueError(f"flex_attention: backend must be 'auto', 'numba' or 'triton'; got {backend!r}")
     on_gpu = _arrays.family(query) == "torch" and query.device.type != "cpu"
     if backend == "triton":
         if _arrays.family(query) != "torch":
             raise TypeError("flex_attention: backend='triton' takes torch tensors")
+        from ..kernels import triton_attention  # imports triton: only when asked for
+
         if not on_gpu and not triton_attention.interpreting():
             raise ValueError("flex_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                              "triton is imported, to run the Triton kernels on the CPU)")

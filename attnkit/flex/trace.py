@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-_aten = torch.ops.aten
 
 SCORE_ARGS = ("score", "b", "h", "q_idx", "kv_idx")
 MASK_ARGS = ("b", "h", "q_idx", "kv_idx")
