@@ -150,6 +150,26 @@ def dropout_and_sinks(rng):
                       lambda *x: reference.attention(*x[:3], sinks=x[3]), (q1, cache_k, cache_v, sinks))  # fmt: skip
 
 
+def flex(rng):
+    """attnkit.flex_attention on the CPU kernel: a softcap score_mod on a causal block mask (partial, full
+    and empty blocks), forward and gradients, against the reference's built-in softcap and causal."""
+    q = torch.tensor(rng.standard_normal((1, 4, 70, 32)), dtype=torch.float32, requires_grad=True)
+    k, v = (torch.tensor(rng.standard_normal((1, 2, 70, 32)), dtype=torch.float32, requires_grad=True)
+            for _ in range(2))  # fmt: skip
+    d_out = rng.standard_normal((1, 4, 70, 32))
+    block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: qi >= kv, None, None, 70, 70, BLOCK_SIZE=16)
+    out = attnkit.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: 3.0 * torch.tanh(s / 3.0),
+                                 block_mask=block_mask, enable_gqa=True)
+    out.backward(torch.tensor(d_out, dtype=torch.float32))
+    options = dict(causal=True, softcap=3.0)
+    inputs = [x.detach().double().numpy() for x in (q, k, v)] + [d_out]
+    want = forward_and_gradients(*inputs, **options)
+    plain = forward_and_gradients(*(x.astype(np.float32) for x in inputs), **options)
+    for part, got, expected, rough, factor in zip(("forward", "dq", "dk", "dv"), (out.detach(), q.grad, k.grad, v.grad),
+                                                  want, plain, (2, 3, 3, 3)):  # fmt: skip
+        report(f"flex_{part}", got.numpy(), expected, rough, factor)
+
+
 def main():
     print("target", describe(TARGET), flush=True)
     print("paths", microkernels.BF16_PRODUCTS, microkernels.F32_PRODUCTS, microkernels.BLOCKS, flush=True)
@@ -159,6 +179,7 @@ def main():
     masks_and_decode(rng)
     packed_and_flash_attn(rng)
     dropout_and_sinks(rng)
+    flex(rng)
     print("done", flush=True)
 
 
