@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from . import _arrays
+from . import _arrays, planned
 from .backends import Request, backend_status, choose_backend
 from .dropout import draw_dropout
 from .op_codes import operator_options
@@ -97,8 +97,18 @@ def cached_plans():
 
 
 def clear_plans():
-    """Empty the plan cache: every next call validates and chooses its backend afresh."""
+    """Empty the plan caches: every next call validates and chooses its backend afresh."""
     _PLANS.clear()
+    planned.clear()
+
+
+def _planned_call(options, q, k, v):
+    """(key, PlannedCall or None) of an unmasked inference call (attnkit/planned.py)."""
+    try:
+        call_key = planned.key(options, q, k, v)
+        return call_key, planned.lookup(call_key)
+    except TypeError:  # an unhashable option (a window given as a list, say): the full path
+        return None, None
 
 
 def _planned(key, make):
@@ -216,6 +226,16 @@ def attention(
     Raises:
         TypeError, ValueError: naming the argument, for any invalid input.
     """
+    call_key = None
+    if (mask is None and alibi_slopes is None and sinks is None and not return_weights and type(dropout_p) is float
+            and dropout_p == 0.0):  # fmt: skip
+        call_key, call = _planned_call(
+            ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap), align, backend),
+            q, k, v,
+        )  # fmt: skip
+        result = None if call is None else call.run(q, k, v, with_lse=return_lse)
+        if result is not None:
+            return result
     dropout_p = dropout_probability(dropout_p)
     options = ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap), align,
                return_weights, dropout_p > 0, backend)  # fmt: skip
@@ -228,10 +248,13 @@ def attention(
         return spec, _choose(spec, backend, q, k, v, return_weights, dropout_p)
 
     spec, choice = _planned(_plan_key(q, k, v, mask, options, alibi_slopes, sinks), make)
-    return _attend(
+    result = _attend(
         q, k, v, mask, spec, backend, return_lse=return_lse, return_weights=return_weights, choice=choice,
         alibi=alibi_slopes, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
+    if call_key is not None:
+        planned.remember(call_key, spec, choice, q, k, v, _needs_grad(spec, q, k, v))
+    return result
 
 
 def scaled_dot_product_attention(
@@ -265,6 +288,13 @@ def scaled_dot_product_attention(
         raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, (bool, np.bool_)):
         raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
+    call_key = None
+    if attn_mask is None and sinks is None and type(dropout_p) is float and dropout_p == 0.0:
+        call_key, call = _planned_call(("sdpa", bool(is_causal), scale, type(scale), enable_gqa, backend),
+                                       query, key, value)  # fmt: skip
+        out = None if call is None else call.run(query, key, value, with_lse=False)
+        if out is not None:
+            return out
     dropout_p = dropout_probability(dropout_p)
     if is_causal and attn_mask is not None:
         raise ValueError(
@@ -273,7 +303,9 @@ def scaled_dot_product_attention(
         )
 
     if not enable_gqa:
-        query = _broadcast_query_heads(query, key, value)
+        expanded = _broadcast_query_heads(query, key, value)
+        if expanded is not query:
+            call_key, query = None, expanded  # the planned call does not expand
     options = ("sdpa", bool(is_causal), scale, type(scale), dropout_p > 0, backend)
 
     def make():
@@ -284,11 +316,14 @@ def scaled_dot_product_attention(
         return spec, _choose(spec, backend, query, key, value, False, dropout_p)
 
     spec, choice = _planned(_plan_key(query, key, value, attn_mask, options, sinks=sinks), make)
-    return _attend(
+    out = _attend(
         query, key, value, attn_mask, spec, backend,
         return_lse=False, return_weights=False, dropout_p=dropout_p, dropout_seed=dropout_seed, choice=choice,
         sinks=sinks,
     )
+    if call_key is not None:
+        planned.remember(call_key, spec, choice, query, key, value, _needs_grad(spec, query, key, value))
+    return out
 
 
 def _broadcast_query_heads(query, key, value):

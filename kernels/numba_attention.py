@@ -32,13 +32,16 @@ import numpy as np
 from .jit import announce_as
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
 from .cpu.backward import _backward_kernel, backward_on_this_thread
-from .cpu.constants import _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE
+from .cpu.constants import (
+    _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SINKS, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE,
+)
 from .cpu.decode import _decode_kernel, decode_on_this_thread
 from .cpu.forward import _forward_kernel, _forward_kernel_serial
-from .cpu.memory import _CALL_LOCK, WORKSPACE, arrays_together, _single_threaded_blas
+from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
 from .cpu.plan import (
-    _backward_block_sizes, _backward_chunks, _block_sizes, _kernel_array, _mask_plan, _prepare, _segment_sizes,
+    _NO_DROPOUT, _backward_block_sizes, _backward_chunks, _block_sizes, _dense_table, _hashable, _kernel_array,
+    _mask_plan, _no_alibi, _prepare, _segment_sizes, _static_prepare,
 )
 
 __all__ = [
@@ -171,54 +174,116 @@ def flash_forward(
     includes it and a row that sees no key gives 0 and lse = its sink.
     """
     check_paths()
-    announce_as("forward")
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
+    if segments is None and mask is None and alibi is None and not dropout_p > 0:  # planned once per signature
+        plan = dense_forward_plan(
+            q.shape, k.shape, v.shape, np.dtype(q.dtype), bool(bf16), scale, causal, _hashable(window), softcap,
+            align, f32_products, sinks is not None,
+        )  # fmt: skip
+        return plan.run(*(_kernel_array(x, plan.dtype) for x in (q, k, v)), sinks=sinks)
     dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
         q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed, sinks)
-    batch, hq, nq, d = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    if bf16:  # out in bf16 bits (or float32), lse in float32: two allocations
-        out, lse = np.empty((batch, hq, nq, dv), dtype), np.empty((batch, hq, nq), compute)
-    else:
-        out, lse = arrays_together(dtype, ((batch, hq, nq, dv), (batch, hq, nq)), zero=False)
-    if out.size == 0 and lse.size == 0:
-        return out, lse
-    if nk == 0 or segments is not None:  # rows no key reaches (or no segment holds): 0 and -inf
-        out.fill(0)
-        lse.fill(-np.inf)
-        if nk == 0:
-            if sinks is not None:  # all the weight on the sink
-                lse[:] = extras[2][None, :, None]
-            return out, lse
-    longest_q, longest_k, work = _segment_sizes(table, segments, nq, nk)
-    micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
-    dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
-    block_q, block_k, v_width, decode, operand, operand_shapes, small = _forward_layout(
-        batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q, longest_k, work)
-    masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
-    masks, flags = masks + extras, flags | mask_flags
-    # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
-    n_workers = 1 if small else _worker_count()
-    if decode:
-        lo, hi = int(table[0, 5]), int(table[0, 6])
-        return _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse)
-    serial = n_workers == 1
-    with _CALL_LOCK, _single_threaded_blas():
-        k_packed, v_packed = WORKSPACE.arrays(operand, operand_shapes, zero=False)
-        if not bf16 and v_width == dv:
-            v_packed = v  # read V in place
-        if _RECORDINGS:
-            _record("forward_serial" if serial else "forward", q, k, v, mask)
-        if serial:
-            _forward_kernel_serial(
-                q, k, v, table, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse
-            )
+    plan = ForwardPlan(q.shape, k.shape, v.shape, dtype, compute, bf16, table, segments is not None, flags, consts,
+                       f32_products, mask, extras)  # fmt: skip
+    return plan.run(q, k, v)
+
+
+@functools.lru_cache(maxsize=256)
+def dense_forward_plan(q_shape, k_shape, v_shape, q_dtype, bf16, scale, causal, window, softcap, align,
+                       f32_products=None, has_sinks=False):  # fmt: skip
+    """The ForwardPlan of a dense call without mask, ALiBi or dropout (cached by its arguments:
+    shapes, the input dtype, bf16 products, the options as flash_forward takes them, window a tuple)."""
+    dtype, compute, flags, consts = _static_prepare(q_dtype, bf16, scale, softcap, False, 0.0, has_sinks)
+    table = _dense_table(q_shape[0], q_shape[2], k_shape[2], causal, window, align)
+    extras = (_no_alibi(compute), _NO_DROPOUT, _no_alibi(compute)[0])
+    return ForwardPlan(q_shape, k_shape, v_shape, dtype, compute, bf16, table, False, flags, consts, f32_products,
+                       None, extras)  # fmt: skip
+
+
+_SEPARATE_RESULTS_BYTES = 1 << 16
+
+
+class ForwardPlan:
+    """Everything a forward call does besides reading q, k, v: block sizes, the packed operands'
+    layout, the kernel (decode, the serial or the parallel forward), its tables and constants.
+
+    Made per call for masked, packed, ALiBi and dropout calls; planned once per signature for
+    the plain dense ones (dense_forward_plan), whose run() is then the results' allocation and
+    one kernel entry: what attnkit's planned calls (attnkit/planned.py) run on every call.
+    """
+
+    __slots__ = (
+        "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
+        "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "empty", "no_keys",
+        "unreached", "lo", "hi",
+    )  # fmt: skip
+
+    def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
+                 mask, extras):  # fmt: skip
+        batch, hq, nq, d = q_shape
+        hkv, nk, dv = k_shape[1], k_shape[2], v_shape[3]
+        self.dtype, self.compute, self.bf16, self.table, self.consts, self.mask = dtype, compute, bf16, table, consts, mask
+        self.result_shapes = ((batch, hq, nq, dv), (batch, hq, nq))
+        # One block for both results saves page faults on large calls (arrays_together); small
+        # ones are served from the heap's free lists either way.
+        self.separate = bf16 or batch * hq * nq * (dv + 1) * np.dtype(dtype).itemsize < _SEPARATE_RESULTS_BYTES
+        self.empty = batch * hq * nq == 0
+        self.no_keys = nk == 0
+        self.unreached = packed  # rows no segment holds: 0 and -inf
+        longest_q, longest_k, work = _segment_sizes(table, table if packed else None, nq, nk)
+        self.micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
+        dense = not packed and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
+        (self.block_q, self.block_k, v_width, self.decode, self.operand, self.operand_shapes,
+         self.small) = _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q, longest_k, work)
+        self.v_in_place = not bf16 and v_width == dv
+        masks, mask_flags = _mask_plan(mask, compute, nk, self.block_q, self.block_k)
+        self.masks, self.flags = masks + extras, flags | mask_flags
+        self.lo, self.hi = int(table[0, 5]), int(table[0, 6])
+
+    def run(self, q, k, v, sinks=None):
+        """(out, lse) for q, k, v: C-contiguous, writeable arrays of self.dtype and the planned shapes.
+        sinks: the (Hq,) logits of a plan made with has_sinks (None otherwise)."""
+        masks = self.masks
+        if sinks is not None:
+            masks = masks[:6] + (_kernel_array(np.reshape(sinks, -1), self.compute),)
+        if self.separate:  # bf16 bits (or float32) and float32 lse; or small: two np.empty cost less
+            out, lse = np.empty(self.result_shapes[0], self.dtype), np.empty(self.result_shapes[1], self.compute)
         else:
-            _forward_kernel(
-                q, k, v, table, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed,
-                out, lse,
-            )  # fmt: skip
-    return out, lse
+            out, lse = arrays_together(self.dtype, self.result_shapes, zero=False)
+        if self.empty:
+            return out, lse
+        if self.no_keys or self.unreached:  # rows no key reaches (or no segment holds): 0 and -inf
+            out.fill(0)
+            lse.fill(-np.inf)
+            if self.no_keys:
+                if self.flags & _HAS_SINKS:  # all the weight on the sink
+                    lse[:] = masks[6][None, :, None]
+                return out, lse
+        # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
+        n_workers = 1 if self.small else _worker_count()
+        if self.decode:
+            return _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro,
+                           n_workers, out, lse)  # fmt: skip
+        announce_as("forward")
+        serial = n_workers == 1
+        # A small call pins no BLAS threads: products this small run single-threaded in any BLAS.
+        with _CALL_LOCK, _NOTHING_TO_PIN if self.small else _single_threaded_blas():
+            k_packed, v_packed = WORKSPACE.arrays(self.operand, self.operand_shapes, zero=False)
+            if self.v_in_place:
+                v_packed = v  # read V in place
+            if _RECORDINGS:
+                _record("forward_serial" if serial else "forward", q, k, v, self.mask)
+            if serial:
+                _forward_kernel_serial(
+                    q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
+                    k_packed, v_packed, out, lse,
+                )  # fmt: skip
+            else:
+                _forward_kernel(
+                    q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
+                    n_workers, k_packed, v_packed, out, lse,
+                )  # fmt: skip
+        return out, lse
 
 
 # Decode (flash-decoding): at most this many query rows per head, against at

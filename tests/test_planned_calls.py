@@ -1,0 +1,178 @@
+"""Planned calls (attnkit/planned.py): a repeated inference call runs as one lookup and one kernel
+entry, gives what the full path gives, and is never used for a call it does not fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit import api, planned
+from attnkit.kernels.numba_attention import recording
+from attnkit.reference import attention as reference
+
+
+def _numpy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().numpy() if x.dtype == torch.bfloat16 else x.detach().numpy()
+    return x
+
+
+def _fresh(shape, dtype, rng, array="torch"):
+    x = rng.standard_normal(shape).astype(np.float32)
+    if array == "numpy":
+        return x.astype(dtype)
+    return torch.from_numpy(x).to(dtype)
+
+
+@pytest.fixture
+def full_path_refused(monkeypatch):
+    """Inside the block every call must come from its plan: the full path raises."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    return lambda: monkeypatch.setattr(api, "_attend", refuse)
+
+
+CASES = {
+    # id: (q shape, kv shape, dtype, array type, sdpa keyword arguments)
+    "tiny-fp32": ((1, 4, 32, 32), (1, 4, 32, 32), torch.float32, "torch", {}),
+    "one-row-fp32": ((1, 1, 1, 64), (1, 1, 1, 64), torch.float32, "torch", {}),
+    "decode-gqa-fp32": ((2, 8, 1, 64), (2, 2, 40, 64), torch.float32, "torch", dict(enable_gqa=True)),
+    "causal-odd-fp64": ((2, 3, 37, 24), (2, 3, 53, 24), torch.float64, "torch", dict(is_causal=True, scale=0.3)),
+    "bf16": ((1, 4, 33, 64), (1, 4, 33, 64), torch.bfloat16, "torch", dict(is_causal=True)),
+    "three-axes": ((4, 17, 16), (4, 17, 16), torch.float32, "torch", {}),
+    "five-axes": ((2, 3, 2, 9, 8), (2, 3, 2, 9, 8), torch.float32, "torch", {}),
+    "parallel-fp32": ((1, 4, 256, 64), (1, 4, 256, 64), torch.float32, "torch", dict(is_causal=True)),
+    "numpy-fp32": ((2, 2, 19, 16), (2, 2, 23, 16), np.float32, "numpy", {}),
+    "numpy-fp64-gqa": ((1, 4, 5, 16), (1, 2, 30, 16), np.float64, "numpy", dict(enable_gqa=True)),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_a_planned_call_gives_the_full_paths_result(case, full_path_refused):
+    q_shape, kv_shape, dtype, array, options = case
+    rng = np.random.default_rng(sum(q_shape))
+    api.clear_plans()
+    q, k, v = (_fresh(s, dtype, rng, array) for s in (q_shape, kv_shape, kv_shape))
+    first = attnkit.scaled_dot_product_attention(q, k, v, **options)  # the full path, which plans it
+    assert planned.count() == 1
+    full_path_refused()
+    again = attnkit.scaled_dot_product_attention(q, k, v, **options)
+    assert type(again) is type(q) and again.dtype == q.dtype and again.shape == first.shape
+    np.testing.assert_array_equal(_numpy(again), _numpy(first))
+    # New values through the same plan, against the reference (fp64) by the kernel's tolerance.
+    q, k, v = (_fresh(s, dtype, rng, array) for s in (q_shape, kv_shape, kv_shape))
+    out = attnkit.scaled_dot_product_attention(q, k, v, **options)
+    want = reference(*(_numpy(x).astype(np.float64) for x in (q, k, v)), causal=options.get("is_causal", False),
+                     scale=options.get("scale"))  # fmt: skip
+    tol = {torch.bfloat16: 3e-2, torch.float64: 1e-10, np.float64: 1e-10}.get(dtype, 2e-5)
+    np.testing.assert_allclose(_numpy(out).astype(np.float64), want, atol=tol, rtol=tol)
+
+
+def test_attention_plans_its_options_and_the_lse(full_path_refused):
+    rng = np.random.default_rng(1)
+    q, k, v = (_fresh((2, 4, 21, 32), torch.float32, rng) for _ in range(3))
+    options = dict(causal="bottom_right", window=(5, 0), softcap=20.0, scale=0.2)
+    api.clear_plans()
+    out, lse = attnkit.attention(q, k, v, return_lse=True, **options)
+    plain = attnkit.attention(q, k, v, **options)  # the same plan without the lse
+    full_path_refused()
+    out2, lse2 = attnkit.attention(q, k, v, return_lse=True, **options)
+    assert torch.equal(out2, out) and torch.equal(lse2, lse) and torch.equal(attnkit.attention(q, k, v, **options), plain)
+    want, want_lse = reference(*(x.double().numpy() for x in (q, k, v)), return_lse=True, causal="bottom_right",
+                               window=(5, 0), softcap=20.0, scale=0.2)  # fmt: skip
+    np.testing.assert_allclose(out2.double().numpy(), want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse2.double().numpy(), want_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_each_planned_call_returns_new_memory():
+    rng = np.random.default_rng(2)
+    q, k, v = (_fresh((1, 2, 8, 16), torch.float32, rng) for _ in range(3))
+    api.clear_plans()
+    first = attnkit.scaled_dot_product_attention(q, k, v)
+    second = attnkit.scaled_dot_product_attention(q, k, v)
+    kept = second.clone()
+    third = attnkit.scaled_dot_product_attention(q * 2, k, v)
+    assert third.data_ptr() not in (first.data_ptr(), second.data_ptr())
+    assert torch.equal(second, kept)
+
+
+def test_calls_the_key_does_not_cover_take_the_full_path():
+    rng = np.random.default_rng(3)
+    q, k, v = (_fresh((1, 2, 12, 16), torch.float32, rng) for _ in range(3))
+    api.clear_plans()
+    attnkit.scaled_dot_product_attention(q, k, v)  # planned
+    want = reference(*(x.double().numpy() for x in (q, k, v)))
+
+    # A tensor that requires grad: the full path, with its backward.
+    q_grad = q.clone().requires_grad_()
+    out = attnkit.scaled_dot_product_attention(q_grad, k, v)
+    out.sum().backward()
+    assert out.grad_fn is not None and q_grad.grad is not None and q_grad.grad.abs().sum() > 0
+    # The same values in another layout (a transposed view), read-only NumPy arrays; another byte order.
+    q_strided = q.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not q_strided.is_contiguous()
+    np.testing.assert_allclose(attnkit.scaled_dot_product_attention(q_strided, k, v).double().numpy(), want,
+                               atol=2e-5, rtol=2e-5)  # fmt: skip
+    arrays = [x.numpy().copy() for x in (q, k, v)]
+    attnkit.scaled_dot_product_attention(*arrays)  # planned for NumPy
+    for x in arrays:
+        x.flags.writeable = False
+    np.testing.assert_allclose(attnkit.scaled_dot_product_attention(*arrays), want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(TypeError, match="q has dtype >f4"):  # validated, though shapes match a plan
+        attnkit.scaled_dot_product_attention(*[x.astype(">f4") for x in arrays])
+    # A subclass of Tensor (a Parameter) is never planned; neither are masks, sinks, dropout.
+    parameter = torch.nn.Parameter(q.clone(), requires_grad=False)
+    attnkit.scaled_dot_product_attention(parameter, k, v)
+    mask = torch.ones(12, 12, dtype=torch.bool).tril()
+    attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    attnkit.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+    attnkit.attention(q, k, v, sinks=torch.zeros(2))
+    assert planned.count() == 2  # the two first calls' plans only
+
+
+def test_a_plan_follows_torchs_float32_matmul_precision():
+    from attnkit.kernels.microkernels import BF16_DOT
+
+    if not BF16_DOT:
+        pytest.skip("this CPU has no bf16 products: every precision runs float32 products")
+    rng = np.random.default_rng(4)
+    q, k, v = (_fresh((1, 2, 24, 64), torch.float32, rng) for _ in range(3))
+    before = torch.get_float32_matmul_precision()
+    try:
+        api.clear_plans()
+        highest = attnkit.scaled_dot_product_attention(q, k, v)
+        torch.set_float32_matmul_precision("medium")
+        medium = attnkit.scaled_dot_product_attention(q, k, v)  # a new key: planned apart
+        api.clear_plans()
+        assert torch.equal(attnkit.scaled_dot_product_attention(q, k, v), medium)  # the full path's bits
+        assert not torch.equal(medium, highest)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_planned_calls_run_the_kernel_that_the_full_path_runs():
+    rng = np.random.default_rng(5)
+    q, k, v = (_fresh((1, 4, 1, 64), torch.float32, rng) for _ in range(3))
+    k, v = (_fresh((1, 4, 300, 64), torch.float32, rng) for _ in range(2))
+    api.clear_plans()
+    with recording() as full:
+        attnkit.scaled_dot_product_attention(q, k, v)
+    with recording() as fast:
+        attnkit.scaled_dot_product_attention(q, k, v)
+    assert [launch.worker for launch in fast] == [launch.worker for launch in full] and full
+
+
+def test_validation_still_runs_before_a_plan_is_used():
+    q = torch.randn(1, 2, 8, 16)
+    api.clear_plans()
+    attnkit.scaled_dot_product_attention(q, q, q)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        attnkit.scaled_dot_product_attention(q, q, q, is_causal=1)
+    with pytest.raises(TypeError, match="enable_gqa must be a bool"):
+        attnkit.scaled_dot_product_attention(q, q, q, enable_gqa=None)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attnkit.scaled_dot_product_attention(q, q, q, backend="nope")
