@@ -56,7 +56,7 @@ from numba.extending import intrinsic
 
 from .jit import jit
 
-__all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "row_max"]
+__all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "row_max", "row_max_at"]
 
 
 def _exp2_polynomial(degree):
@@ -292,6 +292,49 @@ def _call_on_row(context, builder, signature, args, function, real):
     return builder.call(function, [base, n, *args[1:]])
 
 
+def _call_on_matrix_row(context, builder, signature, args, function, real):
+    """Call an IR row function on row args[1] of the 2-D array argument (its pointer and width): no
+    row array is made, so no reference count moves (a row view costs ~20 ns: bench/results/tiny-calls.md)."""
+    array = context.make_array(signature.args[0])(context, builder, args[0])
+    row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
+    width = cgutils.unpack_tuple(builder, array.shape, 2)[1]
+    start = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(args[1], row_stride)])
+    return builder.call(function, [builder.bitcast(start, real.scalar.as_pointer()), width, *args[2:]])
+
+
+def _matrix_row(matrix, r):
+    """The _Real of a 2-D float32/float64 array type with an integer row index, or None."""
+    if isinstance(matrix, types.Array) and matrix.ndim == 2 and _check_real(matrix.dtype) and isinstance(
+            r, types.Integer):  # fmt: skip
+        return _Real(matrix.dtype)
+    return None
+
+
+@intrinsic
+def _row_max_at_intrinsic(typingctx, matrix, r, initial):
+    real = _matrix_row(matrix, r)
+    if real is None or initial != matrix.dtype:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _call_on_matrix_row(context, builder, signature, args, _row_max_function(builder.module, real), real)
+
+    return initial(matrix, r, initial), codegen
+
+
+@intrinsic
+def _exp2_affine_at_intrinsic(typingctx, matrix, r, multiplier, shift):
+    real = _matrix_row(matrix, r)
+    if real is None or multiplier != matrix.dtype or shift != matrix.dtype:
+        return None
+
+    def codegen(context, builder, signature, args):
+        function = _exp2_affine_function(builder.module, real)
+        return _call_on_matrix_row(context, builder, signature, args, function, real)
+
+    return multiplier(matrix, r, multiplier, shift), codegen
+
+
 @intrinsic
 def _row_max_intrinsic(typingctx, row, initial):
     real = _row_array(row)
@@ -333,3 +376,20 @@ def exp2_affine(row, multiplier, shift):
     if row.shape[0] > 1 and row.strides[0] != row.itemsize:
         raise ValueError("exp2_affine: the row must be contiguous")
     return _exp2_affine_intrinsic(row, multiplier, shift)
+
+
+@jit(inline="always")
+def row_max_at(matrix, r, initial):
+    """row_max(matrix[r], initial) for a 2-D array with contiguous rows, the row never made an array."""
+    if matrix.shape[1] > 1 and matrix.strides[1] != matrix.itemsize:
+        raise ValueError("row_max_at: the rows must be contiguous")
+    return _row_max_at_intrinsic(matrix, r, initial)
+
+
+@jit(inline="always")
+def exp2_affine_at(matrix, r, multiplier, shift):
+    """exp2_affine(matrix[r], multiplier, shift) for a 2-D array with contiguous rows, the row never
+    made an array."""
+    if matrix.shape[1] > 1 and matrix.strides[1] != matrix.itemsize:
+        raise ValueError("exp2_affine_at: the rows must be contiguous")
+    return _exp2_affine_at_intrinsic(matrix, r, multiplier, shift)

@@ -8,7 +8,7 @@ from numba import prange
 from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from ..simd import exp2_affine
+from ..simd import exp2_affine_at
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SOFTCAP
 from .dropout import _dropout_factors
 from .operands import (
@@ -129,7 +129,7 @@ def _backward_worker(
                     masks[0], masks[1], slope, diagonal, True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
-                    exp2_affine(p[r], multiplier, lse2[r])
+                    exp2_affine_at(p, r, multiplier, lse2[r])
                 _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv)  # dP = dO V^T
                 keep = keep_buf[:1].reshape((1, 1))
                 if has_dropout:
@@ -163,7 +163,7 @@ def _backward_worker(
             dq_blk = dq[b, h, rows]  # (Bq, D)
             for r in range(bq):
                 for c in range(d):
-                    dq_blk[r, c] = _store(dq_blk[r], dq_acc[r, c])
+                    dq_blk[r, c] = _store(dq_blk, dq_acc[r, c])
     set_threads_local(blas_threads)
 
 
@@ -179,7 +179,7 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
             total = partial_t[b, hk * n_chunks, c, j]
             for chunk in range(1, n_chunks):
                 total += partial_t[b, hk * n_chunks + chunk, c, j]
-            dst[j, c] = _store(dst[j], total)
+            dst[j, c] = _store(dst, total)
 
 
 @_jit(parallel=True)

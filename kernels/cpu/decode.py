@@ -93,12 +93,11 @@ def _decode_worker(
             s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
             if rows < _DOT_ROWS:  # few rows: dot products (the micro-kernel fills 16 columns for them)
                 for r in range(rows):
-                    q_row = q[b, h0 + r // nq, r % nq]
-                    for j in range(bk):
-                        k_row = k[b, hk, j0 + j]
+                    hq_r, i_r = h0 + r // nq, r % nq
+                    for j in range(bk):  # rows indexed, never made arrays (no reference count per key)
                         total = zero
                         for c in range(d):
-                            total += k_row[c] * q_row[c]
+                            total += k[b, hk, j0 + j, c] * q[b, hq_r, i_r, c]
                         s_full[r, j] = total
             else:
                 _product(k[b, hk, j0:j1], q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T

@@ -25,7 +25,7 @@ import math
 import numpy as np
 from ..cpu_blas import matmul, set_threads_local
 from ..jit import jit as _jit
-from ..simd import exp2_affine, row_max
+from ..simd import exp2_affine_at, row_max_at
 from .constants import _FASTMATH
 from .schedule import _claim
 
@@ -84,16 +84,15 @@ def _block_count(blocks, b, h, qb):
 def _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps):
     """s (Bq, Bk) = q.k products -> score_mod(scale * s), -inf where a partial block's mask_mod says no."""
     n_rows, n_cols = s.shape
-    for r in range(n_rows):
+    for r in range(n_rows):  # rows indexed, never made arrays (no reference counting per row)
         i = i0 + r
-        row = s[r]  # (Bk,)
         if partial:
             for c in range(n_cols):
-                x = score_mod(row[c] * scale, b, h, i, j0 + c, score_caps)
-                row[c] = x if mask_mod(b, h, i, j0 + c, mask_caps) else -np.inf
+                x = score_mod(s[r, c] * scale, b, h, i, j0 + c, score_caps)
+                s[r, c] = x if mask_mod(b, h, i, j0 + c, mask_caps) else -np.inf
         else:
             for c in range(n_cols):
-                row[c] = score_mod(row[c] * scale, b, h, i, j0 + c, score_caps)
+                s[r, c] = score_mod(s[r, c] * scale, b, h, i, j0 + c, score_caps)
 
 
 @_jit(fastmath=_FASTMATH, nogil=True)
@@ -135,12 +134,12 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
             matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)  # S = Q K^T
             _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps)
             for r in range(bq):
-                row = s[r]  # (Bk,)
-                new_max = row_max(row, running_max[r])
+                new_max = row_max_at(s, r, running_max[r])
                 if new_max == -np.inf:  # nothing visible in this row yet: P = 0, nothing to rescale
-                    row[:] = zero
+                    for c in range(s.shape[1]):
+                        s[r, c] = zero
                     continue
-                total = exp2_affine(row, log2e, new_max * log2e)  # P = e^(s - max), vectorised
+                total = exp2_affine_at(s, r, log2e, new_max * log2e)  # P = e^(s - max), vectorised
                 rescale = math.exp(running_max[r] - new_max)
                 row_sum[r] = row_sum[r] * rescale + total
                 running_max[r] = new_max
@@ -209,7 +208,7 @@ def backward_worker(
                         if row_lse == -np.inf:  # the row sees no key
                             p[r, :] = zero
                         else:
-                            exp2_affine(p[r], log2e, row_lse * log2e)  # P = e^(s - lse)
+                            exp2_affine_at(p, r, log2e, row_lse * log2e)  # P = e^(s - lse)
                     matmul(p.T, do_blk, dv[b, hk, j0:j1], one, one)  # dV += P^T dO
                     matmul(do_blk, v_blk.T, dp, one, zero)  # dP = dO V^T
                     for r in range(bq):

@@ -110,12 +110,11 @@ def _pack_keys(k, dst):
     nk, d = k.shape
     dst[:] = 0
     for j in range(nk):
-        row = k[j]  # (D,)
         for p in range(d // 2):
-            dst[p, 2 * j] = bf16_of(row[2 * p])
-            dst[p, 2 * j + 1] = bf16_of(row[2 * p + 1])
+            dst[p, 2 * j] = bf16_of(k[j, 2 * p])
+            dst[p, 2 * j + 1] = bf16_of(k[j, 2 * p + 1])
         if d % 2:
-            dst[d // 2, 2 * j] = bf16_of(row[d - 1])
+            dst[d // 2, 2 * j] = bf16_of(k[j, d - 1])
 
 
 def _operand_of(dst, value):
@@ -140,13 +139,12 @@ def _load_rows(src, dst):
 @_jit(fastmath=_FASTMATH)
 def _load_row_prefixes(src, cols, dst):
     """_load_rows of src[:, :cols]; pass a C-contiguous src (a slice's rows would not vectorise)."""
-    rows = src.shape[0]
-    for r in range(rows):
-        s_row, d_row = src[r], dst[r]
+    rows, width = src.shape[0], dst.shape[1]
+    for r in range(rows):  # rows indexed, never made arrays (no reference counting per row)
         for c in range(cols):
-            d_row[c] = _operand_of(d_row, s_row[c])
-        for c in range(cols, d_row.shape[0]):
-            d_row[c] = 0
+            dst[r, c] = _operand_of(dst, src[r, c])
+        for c in range(cols, width):
+            dst[r, c] = 0
 
 
 # ---------------------------------------------------------------------------
@@ -180,12 +178,12 @@ def _f64_of_overload(value):
 def _load_transposed(src, dst):
     """dst[c, r] = src[r, c] as elements of dst's dtype; dst (C, >= R) rows zero past R."""
     rows, cols = src.shape
+    width = dst.shape[1]
     for c in range(cols):
-        d_row = dst[c]
         for r in range(rows):
-            d_row[r] = _operand_of(d_row, src[r, c])
-        for r in range(rows, d_row.shape[0]):
-            d_row[r] = 0
+            dst[c, r] = _operand_of(dst, src[r, c])
+        for r in range(rows, width):
+            dst[c, r] = 0
 
 
 def _pack_operands(k, v, k_packed, v_packed, k_rows):

@@ -9,7 +9,7 @@ from numba.extending import overload
 
 from ..jit import jit as _jit
 from ..microkernels import f32_to_bf16
-from ..simd import exp2_affine, row_max
+from ..simd import exp2_affine_at, row_max_at
 from .constants import (
     _C_INV_SOFTCAP, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO, _FASTMATH,
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_SOFTCAP, _TILE_HIDDEN, _TILE_VISIBLE,
@@ -22,9 +22,9 @@ from .constants import (
 
 
 @_jit(inline="always")
-def _broadcast_row(mask, b, h, i):
-    """Row (b, h, i) of a (Bm, Hm, Mq, Nk) mask whose axes of size 1 broadcast."""
-    return mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
+def _broadcast_index(mask, b, h, i):
+    """(b, h, i) as indices of a (Bm, Hm, Mq, Nk) mask whose axes of size 1 broadcast."""
+    return min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)
 
 
 @_jit(fastmath=_FASTMATH)
@@ -62,42 +62,40 @@ def _tile_scores_base2(
             multiplier = scale_log2e
         else:
             for r in range(n_rows):
-                row = s[r]  # (Bk,)
                 for c in range(n_cols):
-                    row[c] *= scale_log2e
+                    s[r, c] *= scale_log2e
     else:
         softcap = consts[_C_SOFTCAP]
         inv_softcap = consts[_C_INV_SOFTCAP]
         one = consts[_C_ONE]
+        # Rows are indexed, never made arrays: a row view costs a reference count (~20 ns a row).
         for r in range(n_rows):
             i = i0 + r
-            row = s[r]  # (Bk,)
             if has_softcap and store_softcap_grad:
-                grad_row = softcap_grad[r]  # (Bk,)
                 for c in range(n_cols):
-                    t = math.tanh(row[c] * scale * inv_softcap)
-                    row[c] = softcap * t
-                    grad_row[c] = scale * (one - t * t)
+                    t = math.tanh(s[r, c] * scale * inv_softcap)
+                    s[r, c] = softcap * t
+                    softcap_grad[r, c] = scale * (one - t * t)
             elif has_softcap:
                 for c in range(n_cols):
-                    row[c] = softcap * math.tanh(row[c] * scale * inv_softcap)
+                    s[r, c] = softcap * math.tanh(s[r, c] * scale * inv_softcap)
             else:
                 for c in range(n_cols):
-                    row[c] *= scale
+                    s[r, c] *= scale
             if has_additive:
-                am = _broadcast_row(additive_mask, b, h, i)  # (Nk,)
+                mb, mh, mi = _broadcast_index(additive_mask, b, h, i)
                 for c in range(n_cols):
-                    row[c] += am[j0 + c]
+                    s[r, c] += additive_mask[mb, mh, mi, j0 + c]
             if has_alibi:
                 distance = i + diagonal - j0  # to column c: |distance - c|
                 for c in range(n_cols):
-                    row[c] -= slope * abs(distance - c)
+                    s[r, c] -= slope * abs(distance - c)
             for c in range(n_cols):
-                row[c] *= log2e
+                s[r, c] *= log2e
             if has_bool:
-                bm = _broadcast_row(bool_mask, b, h, i)  # (Nk,)
+                mb, mh, mi = _broadcast_index(bool_mask, b, h, i)
                 for c in range(n_cols):
-                    row[c] = row[c] if bm[j0 + c] else neg_inf
+                    s[r, c] = s[r, c] if bool_mask[mb, mh, mi, j0 + c] else neg_inf
 
     # Causal / window / key range: the visible columns of each row form one interval.
     fully_visible = (
@@ -109,11 +107,10 @@ def _tile_scores_base2(
             i = i0 + r
             first = max(0, min(n_cols, max(i + lo_offset, key_start) - j0))
             stop = max(first, min(n_cols, min(i + hi_offset + 1, key_stop) - j0))
-            row = s[r]
             for c in range(first):
-                row[c] = neg_inf
+                s[r, c] = neg_inf
             for c in range(stop, n_cols):
-                row[c] = neg_inf
+                s[r, c] = neg_inf
     return multiplier
 
 
@@ -171,22 +168,21 @@ def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescal
     """
     neg_inf, zero, one = consts[_C_NEG_INF], consts[_C_ZERO], consts[_C_ONE]
     bq = s.shape[0]
-    for r in range(bq):
-        row = s[r]  # (Bk,)
-        tile_max = row_max(row, neg_inf) * multiplier
+    for r in range(bq):  # rows indexed, never made arrays (no reference counting per row)
+        tile_max = row_max_at(s, r, neg_inf) * multiplier
         old_max = running_max[r]
         new_max = tile_max if tile_max > old_max else old_max
         # All seen keys invisible so far: shift by 0 so exp2(-inf) stays 0.
         shift = zero if new_max == neg_inf else new_max
         rescale[r] = math.exp2(old_max - shift)
-        running_sum[r] = running_sum[r] * rescale[r] + exp2_affine(row, multiplier, shift)
+        running_sum[r] = running_sum[r] * rescale[r] + exp2_affine_at(s, r, multiplier, shift)
         running_max[r] = new_max
+    dv = acc.shape[1]
     for r in range(bq):
         alpha = rescale[r]
         if alpha != one:  # after the first tiles the max rarely moves
-            acc_row = acc[r]  # (Dv,)
-            for c in range(acc_row.shape[0]):
-                acc_row[c] *= alpha
+            for c in range(dv):
+                acc[r, c] *= alpha
 
 
 @_jit(fastmath=_FASTMATH)
@@ -195,17 +191,16 @@ def _finish_rows(acc, running_max, running_sum, consts, out, lse):
     neg_inf, zero = consts[_C_NEG_INF], consts[_C_ZERO]
     ln2 = math.log(2.0)
     dv = out.shape[1]
-    for r in range(out.shape[0]):
+    for r in range(out.shape[0]):  # rows indexed, never made arrays (no reference counting per row)
         total = running_sum[r]
-        out_row = out[r]  # (Dv,)
         if total == zero:  # no visible key: exact zeros, lse -inf
             for c in range(dv):
-                out_row[c] = _store(out_row, zero)
+                out[r, c] = _store(out, zero)
             lse[r] = neg_inf
         else:
             inv_total = consts[_C_ONE] / total
             for c in range(dv):
-                out_row[c] = _store(out_row, acc[r, c] * inv_total)
+                out[r, c] = _store(out, acc[r, c] * inv_total)
             lse[r] = running_max[r] * ln2 + math.log(total)
 
 
