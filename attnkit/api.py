@@ -102,10 +102,10 @@ def clear_plans():
     planned.clear()
 
 
-def _planned_call(options, q, k, v):
+def _planned_call(options, q, k, v, sinks):
     """(key, PlannedCall or None) of an unmasked inference call (attnkit/planned.py)."""
     try:
-        call_key = planned.key(options, q, k, v)
+        call_key = planned.key(options, q, k, v, sinks)
         return call_key, planned.lookup(call_key)
     except TypeError:  # an unhashable option (a window given as a list, say): the full path
         return None, None
@@ -227,13 +227,12 @@ def attention(
         TypeError, ValueError: naming the argument, for any invalid input.
     """
     call_key = None
-    if (mask is None and alibi_slopes is None and sinks is None and not return_weights and type(dropout_p) is float
-            and dropout_p == 0.0):  # fmt: skip
+    if mask is None and alibi_slopes is None and not return_weights and type(dropout_p) is float and dropout_p == 0.0:
         call_key, call = _planned_call(
             ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap), align, backend),
-            q, k, v,
+            q, k, v, sinks,
         )  # fmt: skip
-        result = None if call is None else call.run(q, k, v, with_lse=return_lse)
+        result = None if call is None else call.run(q, k, v, with_lse=return_lse, sinks=sinks)
         if result is not None:
             return result
     dropout_p = dropout_probability(dropout_p)
@@ -253,7 +252,7 @@ def attention(
         alibi=alibi_slopes, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed,
     )
     if call_key is not None:
-        planned.remember(call_key, spec, choice, q, k, v, _needs_grad(spec, q, k, v))
+        planned.remember(call_key, spec, choice, q, k, v, _needs_grad(spec, q, k, v, sinks))
     return result
 
 
@@ -289,10 +288,10 @@ def scaled_dot_product_attention(
     if not isinstance(enable_gqa, (bool, np.bool_)):
         raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
     call_key = None
-    if attn_mask is None and sinks is None and type(dropout_p) is float and dropout_p == 0.0:
+    if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
         call_key, call = _planned_call(("sdpa", bool(is_causal), scale, type(scale), enable_gqa, backend),
-                                       query, key, value)  # fmt: skip
-        out = None if call is None else call.run(query, key, value, with_lse=False)
+                                       query, key, value, sinks)  # fmt: skip
+        out = None if call is None else call.run(query, key, value, with_lse=False, sinks=sinks)
         if out is not None:
             return out
     dropout_p = dropout_probability(dropout_p)
@@ -322,7 +321,7 @@ def scaled_dot_product_attention(
         sinks=sinks,
     )
     if call_key is not None:
-        planned.remember(call_key, spec, choice, query, key, value, _needs_grad(spec, query, key, value))
+        planned.remember(call_key, spec, choice, query, key, value, _needs_grad(spec, query, key, value, sinks))
     return out
 
 

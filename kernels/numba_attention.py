@@ -174,6 +174,7 @@ def flash_forward(
     includes it and a row that sees no key gives 0 and lse = its sink.
     """
     check_paths()
+    announce_as("forward")  # planning compiles small helpers too: name the kernel in the notice first
     bf16 = bf16_products or np.dtype(q.dtype) == np.uint16
     if segments is None and mask is None and alibi is None and not dropout_p > 0:  # planned once per signature
         plan = dense_forward_plan(
@@ -220,6 +221,7 @@ class ForwardPlan:
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
                  mask, extras):  # fmt: skip
+        announce_as("forward")
         batch, hq, nq, d = q_shape
         hkv, nk, dv = k_shape[1], k_shape[2], v_shape[3]
         self.dtype, self.compute, self.bf16, self.table, self.consts, self.mask = dtype, compute, bf16, table, consts, mask

@@ -124,13 +124,13 @@ def test_calls_the_key_does_not_cover_take_the_full_path():
     np.testing.assert_allclose(attnkit.scaled_dot_product_attention(*arrays), want, atol=2e-5, rtol=2e-5)
     with pytest.raises(TypeError, match="q has dtype >f4"):  # validated, though shapes match a plan
         attnkit.scaled_dot_product_attention(*[x.astype(">f4") for x in arrays])
-    # A subclass of Tensor (a Parameter) is never planned; neither are masks, sinks, dropout.
+    # A subclass of Tensor (a Parameter) is never planned as q, k or v; neither are masks, dropout.
     parameter = torch.nn.Parameter(q.clone(), requires_grad=False)
     attnkit.scaled_dot_product_attention(parameter, k, v)
     mask = torch.ones(12, 12, dtype=torch.bool).tril()
     attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     attnkit.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-    attnkit.attention(q, k, v, sinks=torch.zeros(2))
+    attnkit.attention(q, k, v, alibi_slopes=torch.ones(2))
     assert planned.count() == 2  # the two first calls' plans only
 
 
@@ -176,3 +176,35 @@ def test_validation_still_runs_before_a_plan_is_used():
         attnkit.scaled_dot_product_attention(q, q, q, enable_gqa=None)
     with pytest.raises(ValueError, match="backend must be one of"):
         attnkit.scaled_dot_product_attention(q, q, q, backend="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sinks_are_planned_as_a_models_parameter_under_no_grad(dtype, full_path_refused):
+    """gpt-oss's inference calls: the sinks a Parameter (requires_grad) of the model, run under no_grad."""
+    rng = np.random.default_rng(6)
+    q = _fresh((1, 8, 1, 64), dtype, rng)
+    k, v = (_fresh((1, 2, 70, 64), dtype, rng) for _ in range(2))
+    sinks = torch.nn.Parameter(_fresh((8,), dtype, rng) * 3)
+    api.clear_plans()
+    with torch.no_grad():
+        first = attnkit.attention(q, k, v, sinks=sinks)
+        assert planned.count() == 1
+        full_path_refused()
+        again = attnkit.attention(q, k, v, sinks=sinks)
+        sinks.data += 1  # new values, the same plan
+        moved = attnkit.attention(q, k, v, sinks=sinks)
+    assert torch.equal(again, first)
+    want = reference(*(_numpy(x).astype(np.float64) for x in (q, k, v)), sinks=_numpy(sinks).astype(np.float64))
+    tol = 3e-2 if dtype == torch.bfloat16 else 2e-5
+    np.testing.assert_allclose(_numpy(moved).astype(np.float64), want, atol=tol, rtol=tol)
+
+
+def test_sinks_that_need_a_gradient_take_the_full_path():
+    rng = np.random.default_rng(7)
+    q, k, v = (_fresh((1, 4, 6, 16), torch.float32, rng) for _ in range(3))
+    sinks = torch.zeros(4, requires_grad=True)
+    api.clear_plans()
+    attnkit.attention(q, k, v, sinks=sinks.detach())  # planned without a gradient
+    out = attnkit.attention(q, k, v, sinks=sinks)
+    out.sum().backward()
+    assert sinks.grad is not None and sinks.grad.abs().sum() > 0
