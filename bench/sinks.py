@@ -1,6 +1,6 @@
 """What learned sinks cost: attnkit.attention with and without `sinks`, taking turns in one process.
 
-    python -m attnkit.bench.sinks [--rounds 7]
+    python -m attnkit.bench.sinks [--rounds 7] [--only "tiny fp32" ...]
 
 Cases: B1 H8 N2048 D64 causal forward and forward+backward (fp32 and bf16), a decode step (B4 GQA
 32/8, one query against 4096 keys, D128) and a tiny call (B1 H4 N32 D32). Prints each median and the
@@ -25,6 +25,7 @@ CASES = [  # (label, dtype, B, Hq, Hkv, Nq, Nk, D, causal, backward)
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m attnkit.bench.sinks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--only", nargs="+", default=None, help="the case labels to run (default: all)")
     args = parser.parse_args(argv)
     import torch
 
@@ -33,6 +34,8 @@ def main(argv=None):
     print("| case | without sinks | with sinks | cost |")
     print("| --- | ---: | ---: | ---: |")
     for label, dtype, b, hq, hkv, nq, nk, d, causal, backward in CASES:
+        if args.only and label not in args.only:
+            continue
         g = torch.Generator().manual_seed(0)
         dt = getattr(torch, dtype)
         q = torch.randn(b, hq, nq, d, generator=g).to(dt).requires_grad_(backward)

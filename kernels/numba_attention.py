@@ -246,8 +246,10 @@ class ForwardPlan:
         """(out, lse) for q, k, v: C-contiguous, writeable arrays of self.dtype and the planned shapes.
         sinks: the (Hq,) logits of a plan made with has_sinks (None otherwise)."""
         masks = self.masks
-        if sinks is not None:
-            masks = masks[:6] + (_kernel_array(np.reshape(sinks, -1), self.compute),)
+        if sinks is not None:  # (Hq,) as the kernel reads it (the checks first: tiny calls feel ~2 us)
+            ready = type(sinks) is np.ndarray and sinks.dtype == self.compute and sinks.ndim == 1
+            masks = masks[:6] + (sinks if ready and sinks.flags.c_contiguous and sinks.flags.writeable
+                                 else _kernel_array(np.reshape(sinks, -1), self.compute),)  # fmt: skip
         if self.separate:  # bf16 bits (or float32) and float32 lse; or small: two np.empty cost less
             out, lse = np.empty(self.result_shapes[0], self.dtype), np.empty(self.result_shapes[1], self.compute)
         else:
