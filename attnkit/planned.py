@@ -111,11 +111,30 @@ def remember(call_key, spec, choice, q, k, v, grad):
 class PlannedCall:
     """run(q, k, v) -> (out, lse) of a planned signature, in the inputs' array type."""
 
-    __slots__ = ("plan", "tensors", "shapes", "rows", "bits", "folded")
+    __slots__ = ("plan", "tensors", "shapes", "rows", "bits", "folded", "last_sinks")
 
     def __init__(self, plan, tensors, shapes, rows, bits):
         self.plan, self.tensors, self.shapes, self.rows, self.bits = plan, tensors, shapes, rows, bits
         self.folded = len(rows) != 3  # leading axes other than one batch axis: reshaped views
+        self.last_sinks = (None, 0, None)  # (tensor, its data pointer, its NumPy form)
+
+    def _sinks_array(self, sinks):
+        """The sinks tensor as NumPy (detached; bf16 as float32; never moved off its device).
+
+        A model passes the same parameter on every call: its view is kept while the tensor is the
+        same object over the same memory (an in-place update shows through the view; a new
+        storage, `param.data = ...`, has another address while the old one is still held here).
+        """
+        tensor, address, array = self.last_sinks
+        if tensor is sinks and address == sinks.data_ptr():
+            return array
+        array = sinks.detach()
+        if array.dtype == _torch_names()[1]:
+            array = array.float()  # a copy: not kept, its values would not follow the tensor
+            return array.numpy()
+        array = array.numpy()
+        self.last_sinks = (sinks, sinks.data_ptr(), array)
+        return array
 
     def run(self, q, k, v, with_lse=True, sinks=None):
         """(out, lse), or out alone when not with_lse; None when a tensor is off the CPU or requires
@@ -127,9 +146,8 @@ class PlannedCall:
                     q, k, v = (x.view(int16).numpy().view(np.uint16) for x in (q, k, v))
                 else:
                     q, k, v = q.numpy(), k.numpy(), v.numpy()
-                if sinks is not None:  # detached (a parameter, say); bf16 as float32; never moved
-                    sinks = sinks.detach()
-                    sinks = (sinks.float() if sinks.dtype == _torch_names()[1] else sinks).numpy()
+                if sinks is not None:
+                    sinks = self._sinks_array(sinks)
             except (TypeError, RuntimeError):  # "can't convert cuda:0 ...", "... requires grad"
                 return None
         if self.folded:

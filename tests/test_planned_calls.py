@@ -191,12 +191,16 @@ def test_sinks_are_planned_as_a_models_parameter_under_no_grad(dtype, full_path_
         assert planned.count() == 1
         full_path_refused()
         again = attnkit.attention(q, k, v, sinks=sinks)
-        sinks.data += 1  # new values, the same plan
+        sinks.data += 1  # new values in place, the same plan
         moved = attnkit.attention(q, k, v, sinks=sinks)
+        want = reference(*(_numpy(x).astype(np.float64) for x in (q, k, v)), sinks=_numpy(sinks).astype(np.float64))
+        sinks.data = sinks.data * 0 - 2  # a new storage under the same parameter
+        replaced = attnkit.attention(q, k, v, sinks=sinks)
     assert torch.equal(again, first)
-    want = reference(*(_numpy(x).astype(np.float64) for x in (q, k, v)), sinks=_numpy(sinks).astype(np.float64))
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-5
     np.testing.assert_allclose(_numpy(moved).astype(np.float64), want, atol=tol, rtol=tol)
+    want = reference(*(_numpy(x).astype(np.float64) for x in (q, k, v)), sinks=_numpy(sinks).astype(np.float64))
+    np.testing.assert_allclose(_numpy(replaced).astype(np.float64), want, atol=tol, rtol=tol)
 
 
 def test_sinks_that_need_a_gradient_take_the_full_path():
