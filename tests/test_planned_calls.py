@@ -212,3 +212,14 @@ def test_sinks_that_need_a_gradient_take_the_full_path():
     out = attnkit.attention(q, k, v, sinks=sinks)
     out.sum().backward()
     assert sinks.grad is not None and sinks.grad.abs().sum() > 0
+
+
+def test_torch_compile_traces_the_operator_not_the_planned_call():
+    q, k, v = (torch.randn(1, 2, 16, 32) for _ in range(3))
+    api.clear_plans()
+    eager = attnkit.scaled_dot_product_attention(q, k, v, is_causal=True)
+    attnkit.scaled_dot_product_attention(q, k, v, is_causal=True)  # planned now
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attnkit.scaled_dot_product_attention(q, k, v, is_causal=True) * 2.0,
+                             fullgraph=True)  # fmt: skip  (a graph break would raise)
+    torch.testing.assert_close(compiled(q, k, v), eager * 2.0, atol=0, rtol=0)
