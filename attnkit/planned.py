@@ -28,6 +28,8 @@ import sys
 
 import numpy as np
 
+from .backends.cpu import float32_matmul_precision
+
 _CALLS = {}
 _MAX_CALLS = 1024
 _TORCH = []  # (torch, torch.bfloat16, torch.int16) once a tensor call was planned
@@ -50,7 +52,7 @@ def key(options, q, k, v, sinks=None):
             return None
         if sinks is not None and type(sinks) is not np.ndarray:
             return None
-        precision = _precision() if q.dtype == np.float32 else None
+        precision = float32_matmul_precision() if q.dtype == np.float32 else None
         sinks_key = None if sinks is None else (sinks.shape, sinks.dtype)
         return (options, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, precision, sinks_key)
     torch = sys.modules.get("torch")
@@ -65,13 +67,8 @@ def key(options, q, k, v, sinks=None):
         sinks_key = (sinks.shape, sinks.dtype)
     # Not in the key: the device and requires_grad. Tensor.numpy() refuses a tensor off the CPU
     # or one that requires grad, and run() then returns None: the full path takes the call.
-    precision = torch.get_float32_matmul_precision() if q.dtype == torch.float32 else None
+    precision = float32_matmul_precision() if q.dtype == torch.float32 else None
     return (options, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, precision, sinks_key)
-
-
-def _precision():
-    torch = sys.modules.get("torch")
-    return torch.get_float32_matmul_precision() if torch is not None else "highest"
 
 
 def lookup(call_key):
@@ -152,7 +149,7 @@ class PlannedCall:
                 return None
         if self.folded:
             q, k, v = (x.reshape(shape) for x, shape in zip((q, k, v), self.shapes))
-        out, lse = self.plan.run(_ready(q), _ready(k), _ready(v), sinks=sinks)
+        out, lse = self.plan.run(q, k, v, sinks=sinks)
         if self.folded:
             out, lse = out.reshape(self.rows + out.shape[-1:]), lse.reshape(self.rows)
         if self.tensors:
@@ -162,13 +159,6 @@ class PlannedCall:
                 return out
             lse = torch.from_numpy(lse)
         return (out, lse) if with_lse else out
-
-
-def _ready(x):
-    """x as the kernel takes it (one compiled signature): itself when C-contiguous and writeable,
-    else a copy, as the full path makes."""
-    flags = x.flags
-    return x if flags.c_contiguous and flags.writeable else np.array(x, order="C")
 
 
 def clear():

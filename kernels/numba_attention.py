@@ -181,7 +181,7 @@ def flash_forward(
             q.shape, k.shape, v.shape, np.dtype(q.dtype), bool(bf16), scale, causal, _hashable(window), softcap,
             align, f32_products, sinks is not None,
         )  # fmt: skip
-        return plan.run(*(_kernel_array(x, plan.dtype) for x in (q, k, v)), sinks=sinks)
+        return plan.run(q, k, v, sinks=sinks)
     dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
         q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed, sinks)
     plan = ForwardPlan(q.shape, k.shape, v.shape, dtype, compute, bf16, table, segments is not None, flags, consts,
@@ -221,7 +221,6 @@ class ForwardPlan:
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
                  mask, extras):  # fmt: skip
-        announce_as("forward")
         batch, hq, nq, d = q_shape
         hkv, nk, dv = k_shape[1], k_shape[2], v_shape[3]
         self.dtype, self.compute, self.bf16, self.table, self.consts, self.mask = dtype, compute, bf16, table, consts, mask
@@ -240,16 +239,18 @@ class ForwardPlan:
         self.v_in_place = not bf16 and v_width == dv
         masks, mask_flags = _mask_plan(mask, compute, nk, self.block_q, self.block_k)
         self.masks, self.flags = masks + extras, flags | mask_flags
-        self.lo, self.hi = int(table[0, 5]), int(table[0, 6])
+        # The decode kernel's visible key offsets: a dense call's one segment row (a packed call with
+        # no sequence has no row, and never decodes).
+        self.lo, self.hi = (int(table[0, 5]), int(table[0, 6])) if self.decode else (0, 0)
 
     def run(self, q, k, v, sinks=None):
-        """(out, lse) for q, k, v: C-contiguous, writeable arrays of self.dtype and the planned shapes.
-        sinks: the (Hq,) logits of a plan made with has_sinks (None otherwise)."""
+        """(out, lse) for q, k, v of the planned shapes: used as they are when C-contiguous, writeable
+        arrays of self.dtype, else copied into such (one compiled signature per dtype). sinks: the
+        (Hq,) logits of a plan made with has_sinks (None otherwise), any float dtype."""
+        q, k, v = _kernel_array(q, self.dtype), _kernel_array(k, self.dtype), _kernel_array(v, self.dtype)
         masks = self.masks
-        if sinks is not None:  # (Hq,) as the kernel reads it (the checks first: tiny calls feel ~2 us)
-            ready = type(sinks) is np.ndarray and sinks.dtype == self.compute and sinks.ndim == 1
-            masks = masks[:6] + (sinks if ready and sinks.flags.c_contiguous and sinks.flags.writeable
-                                 else _kernel_array(np.reshape(sinks, -1), self.compute),)  # fmt: skip
+        if sinks is not None:
+            masks = masks[:6] + (_kernel_array(sinks, self.compute),)
         if self.separate:  # bf16 bits (or float32) and float32 lse; or small: two np.empty cost less
             out, lse = np.empty(self.result_shapes[0], self.dtype), np.empty(self.result_shapes[1], self.compute)
         else:
