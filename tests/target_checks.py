@@ -45,6 +45,16 @@ def forward_and_gradients(q, k, v, d_out, **options):
     return (out, *reference.attention_backward(q, k, v, out, d_out, lse, **options))
 
 
+def report_forward_and_gradients(name, out, q, k, v, d_out, **options):
+    """out and q, k, v's gradients (float32, after backward) against the reference's by the 2x / 3x rule."""
+    inputs = [x.detach().double().numpy() for x in (q, k, v)] + [d_out]
+    want = forward_and_gradients(*inputs, **options)
+    plain = forward_and_gradients(*(x.astype(np.float32) for x in inputs), **options)
+    for part, got, expected, rough, factor in zip(("forward", "dq", "dk", "dv"), (out.detach(), q.grad, k.grad, v.grad),
+                                                  want, plain, (2, 3, 3, 3)):  # fmt: skip
+        report(f"{name}_{part}", got.numpy(), expected, rough, factor)
+
+
 def float32_and_float64(rng):
     """Forward and gradients, GQA 4/2, causal, an odd head size: float32 by the 2x / 3x rule, float64 exact."""
     for dtype in (torch.float32, torch.float64):
@@ -136,13 +146,8 @@ def dropout_and_sinks(rng):
     d_out = rng.standard_normal((2, 4, 61, 32))
     out = attnkit.attention(q, k, v, causal=True, dropout_p=0.3, dropout_seed=11, backend="numba")
     out.backward(torch.tensor(d_out, dtype=torch.float32))
-    options = dict(causal=True, dropout_p=0.3, dropout_keep=keep_mask(11, 0.3, 2, 4, 61, 75))
-    inputs = [x.detach().double().numpy() for x in (q, k, v)] + [d_out]
-    want = forward_and_gradients(*inputs, **options)
-    plain = forward_and_gradients(*(x.astype(np.float32) for x in inputs), **options)
-    for part, got, expected, rough, factor in zip(("forward", "dq", "dk", "dv"), (out.detach(), q.grad, k.grad, v.grad),
-                                                  want, plain, (2, 3, 3, 3)):  # fmt: skip
-        report(f"dropout_{part}", got.numpy(), expected, rough, factor)
+    report_forward_and_gradients("dropout", out, q, k, v, d_out, causal=True, dropout_p=0.3,
+                                 dropout_keep=keep_mask(11, 0.3, 2, 4, 61, 75))  # fmt: skip
     q1 = rng.standard_normal((3, 8, 1, 128)).astype(np.float32)
     cache_k, cache_v = (rng.standard_normal((3, 2, 1000, 128)).astype(np.float32) for _ in range(2))
     sinks = rng.standard_normal(8).astype(np.float32)
@@ -161,13 +166,7 @@ def flex(rng):
     out = attnkit.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: 3.0 * torch.tanh(s / 3.0),
                                  block_mask=block_mask, enable_gqa=True)
     out.backward(torch.tensor(d_out, dtype=torch.float32))
-    options = dict(causal=True, softcap=3.0)
-    inputs = [x.detach().double().numpy() for x in (q, k, v)] + [d_out]
-    want = forward_and_gradients(*inputs, **options)
-    plain = forward_and_gradients(*(x.astype(np.float32) for x in inputs), **options)
-    for part, got, expected, rough, factor in zip(("forward", "dq", "dk", "dv"), (out.detach(), q.grad, k.grad, v.grad),
-                                                  want, plain, (2, 3, 3, 3)):  # fmt: skip
-        report(f"flex_{part}", got.numpy(), expected, rough, factor)
+    report_forward_and_gradients("flex", out, q, k, v, d_out, causal=True, softcap=3.0)
 
 
 def main():
