@@ -31,12 +31,13 @@ import numpy as np
 
 from .jit import announce_as
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
-from .cpu.backward import _backward_kernel, backward_on_this_thread
+from .cpu.backward import _backward_kernel, backward_on_this_thread, backward_steps
 from .cpu.constants import (
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SINKS, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE,
 )
-from .cpu.decode import _decode_kernel, decode_on_this_thread
-from .cpu.forward import _forward_kernel, _forward_kernel_serial
+from .cpu.decode import _decode_kernel, decode_on_this_thread, decode_steps
+from .cpu.forward import _forward_kernel, _forward_kernel_serial, forward_steps
+from .cpu.launch import launch
 from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
 from .cpu.plan import (
@@ -216,7 +217,7 @@ class ForwardPlan:
     __slots__ = (
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
         "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "empty", "no_keys",
-        "unreached", "lo", "hi",
+        "unreached", "lo", "hi", "steps",
     )  # fmt: skip
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
@@ -242,6 +243,7 @@ class ForwardPlan:
         # The decode kernel's visible key offsets: a dense call's one segment row (a packed call with
         # no sequence has no row, and never decodes).
         self.lo, self.hi = (int(table[0, 5]), int(table[0, 6])) if self.decode else (0, 0)
+        self.steps = None  # the forward kernels' steps (forward_steps), found at the first run
 
     def run(self, q, k, v, sinks=None):
         """(out, lse) for q, k, v of the planned shapes: used as they are when C-contiguous, writeable
@@ -278,16 +280,13 @@ class ForwardPlan:
                 v_packed = v  # read V in place
             if _RECORDINGS:
                 _record("forward_serial" if serial else "forward", q, k, v, self.mask)
-            if serial:
-                _forward_kernel_serial(
-                    q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
-                    k_packed, v_packed, out, lse,
-                )  # fmt: skip
-            else:
-                _forward_kernel(
-                    q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
-                    n_workers, k_packed, v_packed, out, lse,
-                )  # fmt: skip
+            arguments = (q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro)
+            results = (k_packed, v_packed, out, lse)
+            kernel, kernel_arguments = ((_forward_kernel_serial, arguments + results) if serial
+                                        else (_forward_kernel, arguments + (n_workers,) + results))  # fmt: skip
+            # the steps of the last call (its types, most likely these): the kernel checks them
+            self.steps = launch(kernel, kernel_arguments,
+                                lambda exact: forward_steps(*arguments, *results, exact=exact), self.steps)  # fmt: skip
         return out, lse
 
 
@@ -326,10 +325,10 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
                 q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), micro, out, lse, part_out, part_lse,
             )  # fmt: skip
         else:
-            _decode_kernel(
-                q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, n_workers,
-                out, lse, part_out, part_lse,
-            )  # fmt: skip
+            arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro)
+            results = (out, lse, part_out, part_lse)
+            launch(_decode_kernel, arguments + (n_workers,) + results,
+                   lambda exact: decode_steps(*arguments, *results, exact=exact))  # fmt: skip
     return out, lse
 
 
@@ -387,10 +386,10 @@ def flash_backward(
                 k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
             )  # fmt: skip
         else:
-            _backward_kernel(
-                q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro,
-                n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
-            )  # fmt: skip
+            arguments = (q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro)
+            results = (k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad)
+            launch(_backward_kernel, arguments + (n_workers,) + results,
+                   lambda exact: backward_steps(*arguments, *results, exact=exact))  # fmt: skip
     return dq, dk, dv_grad
 
 

@@ -10,6 +10,7 @@ from numba import prange
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS
+from .launch import address_of, call_step, steps_array, token_of
 from .operands import _product
 from .schedule import _claim
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -163,19 +164,43 @@ def _merge_splits(part_out, part_lse, out, lse, t):
 @_jit(parallel=True)
 def _decode_kernel(
     q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, n_workers,
-    out, lse, part_out, part_lse,
+    out, lse, part_out, part_lse, steps,
 ):  # fmt: skip
+    """steps: decode_steps(); returns False, running nothing, when they were compiled for other
+    types (kernels/cpu/launch.py)."""
     n_tasks = k.shape[0] * k.shape[1] * n_splits
     order = np.arange(n_tasks)
     next_task = np.zeros(1, np.int64)
+    # the argument tuples are written out in the loops too: a parfor takes no tuple holding arrays
+    working = (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
+               order, next_task, out, lse, part_out, part_lse)  # fmt: skip
+    if steps[1] != token_of(working, None) or steps[3] != token_of((part_out, part_lse, out, lse), 0):
+        return False
+    work, merge = steps[0], steps[2]
     for w in prange(n_workers):
-        _decode_worker(
-            q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
-            order, next_task, out, lse, part_out, part_lse,
-        )  # fmt: skip
+        call_step(work, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
+                         order, next_task, out, lse, part_out, part_lse), None)  # fmt: skip
     if n_splits > 1:
         for t in prange(q.shape[0] * q.shape[1]):
-            _merge_splits(part_out, part_lse, out, lse, t)
+            call_step(merge, (part_out, part_lse, out, lse), t)
+    return True
+
+
+# np.arange(n) and next_task, as values typeof() reads the kernel's types from
+_TASK_QUEUE = (np.empty(0, np.int64), np.zeros(1, np.int64))
+
+
+def decode_steps(
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, out, lse, part_out, part_lse,
+    exact=False,
+):  # fmt: skip
+    """_decode_kernel's `steps` for these arguments: the worker and the merge of split keys."""
+    order, next_task = _TASK_QUEUE
+    return steps_array(
+        address_of(_decode_worker, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
+                                    micro, order, next_task, out, lse, part_out, part_lse), exact=exact),
+        address_of(_merge_splits, (part_out, part_lse, out, lse), indexed=True, exact=exact),
+    )  # fmt: skip
 
 
 def decode_on_this_thread(

@@ -1,0 +1,97 @@
+"""Kernels call their steps by address (kernels/cpu/launch.py): a kernel handed steps compiled for
+other argument types refuses them before calling anything, and the call then finds the steps by
+the arguments' exact types; unaligned inputs are copied, not compiled for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.cpu.plan import _kernel_array
+from attnkit.reference import attention, attention_backward
+from attnkit.testing import assert_within_rule
+
+
+def _wrong(steps):
+    """steps whose tokens match nothing, at address 0: calling one would crash the process."""
+    wrong = steps.copy()
+    wrong[0::2] = 0
+    wrong[1::2] += 1
+    return wrong
+
+
+@pytest.fixture
+def steps_wrong_at_first(monkeypatch):
+    """Each kernel's steps are first found wrong (fingerprint lookup), right by exact types; returns
+    the calls seen: [(kernel, exact), ...]."""
+    seen = []
+    for name in ("forward_steps", "backward_steps", "decode_steps"):
+        find = getattr(kernel, name)
+
+        def wrong_first(*arguments, exact=False, find=find, name=name):
+            seen.append((name, exact))
+            steps = find(*arguments, exact=exact)
+            return steps if exact else _wrong(steps)
+
+        monkeypatch.setattr(kernel, name, wrong_first)
+    return seen
+
+
+def _inputs(q_shape, kv_shape, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(q_shape).astype(np.float32)
+    k, v = (rng.standard_normal(kv_shape).astype(np.float32) for _ in range(2))
+    return q, k, v, rng
+
+
+def _check(name, actual, q, k, v, mask, d_out=None, grads=None):
+    """The kernel's out (and gradients) against the reference by the 2x / 3x rule."""
+    options = dict(mask=mask, scale=0.25)
+    exact = attention(*(x.astype(np.float64) for x in (q, k, v)), return_lse=True, **options)
+    plain = attention(q, k, v, return_lse=True, **options)
+    assert_within_rule(f"{name} out", actual, exact[0], plain[0], 2)
+    if grads is not None:
+        exact_grads = attention_backward(*(x.astype(np.float64) for x in (q, k, v)), exact[0], d_out, exact[1],
+                                         **options)  # fmt: skip
+        plain_grads = attention_backward(q, k, v, plain[0], d_out.astype(np.float32), plain[1], **options)
+        for part, got, want, budget in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
+            assert_within_rule(f"{name} {part}", got, want, budget, 3)
+
+
+@pytest.mark.parametrize("workers", ["serial", "parallel"])
+def test_a_kernel_refuses_steps_of_other_types_and_the_call_retries_by_exact_types(
+    workers, steps_wrong_at_first, monkeypatch,
+):  # fmt: skip
+    if workers == "serial":
+        monkeypatch.setattr(kernel, "_worker_count", lambda: 1)
+    q, k, v, rng = _inputs((1, 4, 96, 32), (1, 2, 96, 32), seed=11)
+    mask = rng.random((1, 1, 96, 96)) < 0.8  # a masked call plans afresh: no steps kept from another call
+    options = dict(scale=0.25, causal=None, window=None, softcap=None)
+    out, lse = kernel.flash_forward(q, k, v, mask, **options)
+    d_out = rng.standard_normal(out.shape).astype(np.float32)
+    grads = kernel.flash_backward(q, k, v, mask, out, d_out, lse, **options)
+    _check(workers, out, q, k, v, mask, d_out, grads)
+    assert ("forward_steps", False) in steps_wrong_at_first and ("forward_steps", True) in steps_wrong_at_first
+    if workers == "parallel":  # the one-thread backward calls its steps from Python, with no steps array
+        assert ("backward_steps", True) in steps_wrong_at_first
+
+
+def test_the_decode_kernel_refuses_steps_of_other_types(steps_wrong_at_first, monkeypatch):
+    monkeypatch.setattr(kernel, "_worker_count", lambda: 2)
+    q, k, v, rng = _inputs((2, 8, 1, 64), (2, 2, 1500, 64), seed=12)  # keys split across workers, then merged
+    mask = rng.random((2, 1, 1, 1500)) < 0.9
+    out, _ = kernel.flash_forward(q, k, v, mask, scale=0.25, causal=None, window=None, softcap=None)
+    _check("decode", out, q, k, v, mask)
+    assert [exact for name, exact in steps_wrong_at_first if name == "decode_steps"] == [False, True]
+
+
+def test_unaligned_inputs_are_copied_into_aligned_ones():
+    q, k, v, _ = _inputs((1, 2, 9, 16), (1, 2, 9, 16), seed=13)
+    raw = np.zeros(q.nbytes + 1, np.uint8)
+    unaligned = raw[1:].view(np.float32).reshape(q.shape)
+    unaligned[...] = q
+    assert not unaligned.flags.aligned and unaligned.flags.c_contiguous
+    assert _kernel_array(unaligned, np.float32).flags.aligned
+    out, _ = kernel.flash_forward(unaligned, k, v, None, scale=0.25, causal=None, window=None, softcap=None)
+    _check("unaligned", out, q, k, v, None)
