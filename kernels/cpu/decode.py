@@ -11,7 +11,7 @@ from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS
 from .launch import address_of, call_step, steps_array, token_of
-from .operands import _product
+from .operands import _not_literal, _product
 from .schedule import _claim
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
@@ -113,8 +113,8 @@ def _decode_worker(
                     key_start = key_stop = j0  # hidden by the mask: no column visible
                     tile_flags = flags & ~(_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK)
                 multiplier = _tile_scores_base2(
-                    slab, 0, j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                    masks[0], masks[1], zero, 0, False, unused_grad,
+                    slab, _not_literal(0), j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop,
+                    tile_flags, masks[0], masks[1], zero, _not_literal(0), False, unused_grad,  # the forward's types
                 )  # fmt: skip
                 if multiplier != consts[_C_ONE]:  # raw products left scaled by the caller: scale them here
                     for r in range(nq):

@@ -109,8 +109,7 @@ def _forward_worker(
                         s[r, c] *= keep[r, c]
             p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
             v_row = _key_row(ks + j0, k_packed)
-            # [v_row:, :] types as Q K^T's operand does (layout 'A'): one compiled product, not two
-            _product(p_rows, v_packed[b, hk, v_row:, :], acc, bq, dv, bk, True, micro)  # acc += P V
+            _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
         _finish_rows(acc, running_max, running_sum, consts, out[b, h, qs + i0 : qs + i1], lse[b, h, qs + i0 : qs + i1])
     set_threads_local(blas_threads)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import types
-from numba.extending import overload
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic, overload
 
 from ..cpu_blas import matmul
 from ..jit import jit as _jit
@@ -12,10 +13,44 @@ from ..microkernels import bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_colum
 from .constants import _FASTMATH
 
 
+# One compiled signature per dtype for the products, whatever the call site's operands:
+# slices of C arrays are typed 'C' or 'A' by how they were cut, and a constant argument
+# as its literal value, each a signature of its own compiled from scratch (in a cold
+# warmup, the products and micro-kernels were compiled three to seven times per dtype).
+@intrinsic
+def _any_layout(typingctx, x):
+    """x typed as an array of layout 'A' (the same data; the products read strides anyway)."""
+    if not isinstance(x, types.Array):
+        return None
+    result = x.copy(layout="A")
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, result, args[0])
+
+    return result(x), codegen
+
+
+@intrinsic
+def _not_literal(typingctx, x):
+    """x typed without its literal value (Literal[int](0) -> int64)."""
+    result = types.unliteral(x)
+
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[0], x, result)
+
+    return result(x), codegen
+
+
+@_jit(inline="always")
 def _product(a, b, c, m, n, k, accumulate, micro):
     """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n]: bf16 bits (b pair-packed) on the bf16
     micro-kernel; float32 on the FMA micro-kernel when micro (b and c padded to 16
     columns); else, and float64 always, through the BLAS."""
+    _typed_product(_any_layout(a), _any_layout(b), _any_layout(c), m, n, k, _not_literal(accumulate), micro)
+
+
+def _typed_product(a, b, c, m, n, k, accumulate, micro):
+    """_product's operands, typed alike."""
 
 
 @_jit()
@@ -24,8 +59,8 @@ def _blas_product(a, b, c, m, n, k, accumulate):
     matmul(a[:m, :k], b[:k, :n], c[:m, :n], one, one if accumulate else c.dtype.type(0))
 
 
-@overload(_product, jit_options={"inline": "always"})
-def _product_overload(a, b, c, m, n, k, accumulate, micro):
+@overload(_typed_product, jit_options={"inline": "always"})
+def _typed_product_overload(a, b, c, m, n, k, accumulate, micro):
     if a.dtype == types.uint16:  # bf16 bits: the bf16 micro-kernel, k elements as pairs
         return lambda a, b, c, m, n, k, accumulate, micro: gemm(a, b, c, m, n, (k + 1) // 2, accumulate)
     if a.dtype == types.float32:
@@ -229,8 +264,10 @@ def _dp_product(a, b, c, m, n, k):
 @overload(_dp_product, jit_options={"inline": "always"})
 def _dp_product_overload(a, b, c, m, n, k):
     if a.dtype == types.uint16:
-        return lambda a, b, c, m, n, k: gemm(a, b, c, m, n, (k + 1) // 2, False)
-    return lambda a, b, c, m, n, k: _blas_product(a, b, c, m, n, k, False)
+        return lambda a, b, c, m, n, k: gemm(_any_layout(a), _any_layout(b), _any_layout(c), m, n, (k + 1) // 2,
+                                             _not_literal(False))  # fmt: skip
+    return lambda a, b, c, m, n, k: _blas_product(_any_layout(a), _any_layout(b), _any_layout(c), m, n, k,
+                                                  _not_literal(False))  # fmt: skip
 
 
 def _b_rows_of(x, x_full, bk, buffer):
