@@ -48,7 +48,7 @@ def _kernel_arguments(plan, q, k, v):
     """(compiled kernel, its arguments) of one ForwardPlan.run, or None when it ran the decode kernel."""
     from attnkit.kernels import numba_attention as na
 
-    originals = {name: getattr(na, name) for name in ("_forward_kernel_serial", "_forward_kernel")}
+    originals = {name: getattr(na, name) for name in ("_forward_kernel",)}
     caught = []
 
     def catcher(kernel):

@@ -31,12 +31,12 @@ import numpy as np
 
 from .jit import announce_as
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
-from .cpu.backward import _backward_kernel, backward_on_this_thread, backward_steps
+from .cpu.backward import _backward_kernel, backward_steps
 from .cpu.constants import (
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SINKS, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE,
 )
-from .cpu.decode import _decode_kernel, decode_on_this_thread, decode_steps
-from .cpu.forward import _forward_kernel, _forward_kernel_serial, forward_steps
+from .cpu.decode import _decode_kernel, decode_steps
+from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import launch
 from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
@@ -119,11 +119,8 @@ def _record(worker, q, k, v, mask=None, n_splits=1):
 _SERIAL_WORK = 1 << 17
 
 
-_ONE_THREAD = []  # non-empty while warmup prepares the one-thread paths
-
-
 def _worker_count():
-    return 1 if _ONE_THREAD else worker_count()
+    return worker_count()
 
 
 @functools.lru_cache(maxsize=256)
@@ -207,7 +204,7 @@ _SEPARATE_RESULTS_BYTES = 1 << 16
 
 class ForwardPlan:
     """Everything a forward call does besides reading q, k, v: block sizes, the packed operands'
-    layout, the kernel (decode, the serial or the parallel forward), its tables and constants.
+    layout, the kernel (decode or forward) and its thread count, its tables and constants.
 
     Made per call for masked, packed, ALiBi and dropout calls; planned once per signature for
     the plain dense ones (dense_forward_plan), whose run() is then the results' allocation and
@@ -269,8 +266,9 @@ class ForwardPlan:
         # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
         n_workers = 1 if self.small else _worker_count()
         if self.decode:
-            return _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro,
-                           n_workers, out, lse)  # fmt: skip
+            self.steps = _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro,
+                                 n_workers, out, lse, self.steps)  # fmt: skip
+            return out, lse
         announce_as("forward")
         serial = n_workers == 1
         # A small call pins no BLAS threads: products this small run single-threaded in any BLAS.
@@ -282,10 +280,8 @@ class ForwardPlan:
                 _record("forward_serial" if serial else "forward", q, k, v, self.mask)
             arguments = (q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro)
             results = (k_packed, v_packed, out, lse)
-            kernel, kernel_arguments = ((_forward_kernel_serial, arguments + results) if serial
-                                        else (_forward_kernel, arguments + (n_workers,) + results))  # fmt: skip
             # the steps of the last call (its types, most likely these): the kernel checks them
-            self.steps = launch(kernel, kernel_arguments,
+            self.steps = launch(_forward_kernel, arguments + (n_workers,) + results,
                                 lambda exact: forward_steps(*arguments, *results, exact=exact), self.steps)  # fmt: skip
         return out, lse
 
@@ -303,9 +299,10 @@ def _is_decode(nq, nk, group):
     return nq <= _DECODE_MAX_QUERIES and nk >= _DECODE_MIN_KEYS and group * nq <= 128
 
 
-def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse):
+def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, steps=None):
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
-    pairs than twice the workers, partials merged by lse."""
+    pairs than twice the workers, partials merged by lse. steps: those of the plan's last call,
+    or None; returns the steps it ran with."""
     batch, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     key_blocks = -(-nk // _DECODE_BLOCK_K)
@@ -320,16 +317,10 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
             out.dtype, ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
             else ((1, 1, 1, 1, 1), (1, 1, 1, 1)),
         )  # fmt: skip
-        if n_workers == 1:
-            decode_on_this_thread(
-                q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), micro, out, lse, part_out, part_lse,
-            )  # fmt: skip
-        else:
-            arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro)
-            results = (out, lse, part_out, part_lse)
-            launch(_decode_kernel, arguments + (n_workers,) + results,
-                   lambda exact: decode_steps(*arguments, *results, exact=exact))  # fmt: skip
-    return out, lse
+        arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro)
+        results = (out, lse, part_out, part_lse)
+        return launch(_decode_kernel, arguments + (n_workers,) + results,
+                      lambda exact: decode_steps(*arguments, *results, exact=exact), steps)  # fmt: skip
 
 
 def flash_backward(
@@ -380,16 +371,10 @@ def flash_backward(
             dk_t, dv_t, k_packed, v_packed, k_rows = WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
         if _RECORDINGS:
             _record("backward_serial" if n_workers == 1 else "backward", q, k, v, mask)
-        if n_workers == 1:
-            backward_on_this_thread(
-                q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro,
-                k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
-            )  # fmt: skip
-        else:
-            arguments = (q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro)
-            results = (k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad)
-            launch(_backward_kernel, arguments + (n_workers,) + results,
-                   lambda exact: backward_steps(*arguments, *results, exact=exact))  # fmt: skip
+        arguments = (q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro)
+        results = (k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad)
+        launch(_backward_kernel, arguments + (n_workers,) + results,
+               lambda exact: backward_steps(*arguments, *results, exact=exact))  # fmt: skip
     return dq, dk, dv_grad
 
 
@@ -416,20 +401,20 @@ def warmup_variants(dtypes, float32_bf16=False):
 
 
 def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, float32_bf16=False):
-    """Compile (or load from the cache) every kernel that calls of these dtypes run: the serial
-    forward (small calls), the parallel one, the backward and the decode kernel (float dtypes).
+    """Compile (or load from the cache) every kernel that calls of these dtypes run: the forward,
+    the backward and the decode kernel (float dtypes), and their steps (kernels/cpu/launch.py).
 
-    Causal alignment, windows, masks, softcap, ALiBi, dropout, sinks and packed sequences are run-time
-    flags and arrays of the same compiled kernels: once these have run, no call of these dtypes
+    Causal alignment, windows, masks, softcap, ALiBi, dropout, sinks, packed sequences and the
+    thread count (one thread for small calls, a busy machine or a forked child) are run-time flags
+    and arrays of the same compiled kernels: once these have run, no call of these dtypes
     compiles again in this process (tests/test_numba_backend.py checks the dispatchers' signatures).
     float32_bf16: prepare float32 for bf16 products (what torch's "medium" precision selects).
     """
     from .microkernels import bf16_bits
 
     rng = np.random.default_rng(0)
-    shapes = [((1, 2, 3, 4), (1, 1, 5, 4))]  # small: the serial forward
-    shapes.append(((1, 4, 256, 64), (1, 2, 256, 64)))  # above _SERIAL_WORK: the parallel forward
-    if decode:  # the decode kernel, parallel (keys above _SERIAL_WORK)
+    shapes = [((1, 4, 256, 64), (1, 2, 256, 64))]  # the forward and the backward
+    if decode:  # the decode kernel, splitting keys and merging them when two threads are there
         shapes.append(((1, 4, 1, 64), (1, 2, 1024, 64)))
     for dtype, bf16_products in warmup_variants(dtypes, float32_bf16):
         for q_shape, kv_shape in shapes:
@@ -438,16 +423,8 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
             q, k, v = (rng.standard_normal(shape) for shape in (q_shape, kv_shape, kv_shape))
             q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
             options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bf16_products)
-            # Both thread counts: the one-thread paths (a busy machine, a forked child) call the
-            # workers from Python, which compiles them apart from the parallel kernels.
-            for one_thread in (False, True):
-                if one_thread:
-                    _ONE_THREAD.append(True)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", numba.NumbaWarning)
-                        out, lse = flash_forward(q, k, v, None, **options)
-                        if backward and q_shape[2] > 1:
-                            flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
-                finally:
-                    _ONE_THREAD.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", numba.NumbaWarning)
+                out, lse = flash_forward(q, k, v, None, **options)
+                if backward and q_shape[2] > 1:
+                    flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)

@@ -4,10 +4,12 @@ the arguments' exact types; unaligned inputs are copied, not compiled for."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
 from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.cpu.launch import address_of, run_step, steps_array, token_of
 from attnkit.kernels.cpu.plan import _kernel_array
 from attnkit.reference import attention, attention_backward
 from attnkit.testing import assert_within_rule
@@ -72,9 +74,8 @@ def test_a_kernel_refuses_steps_of_other_types_and_the_call_retries_by_exact_typ
     d_out = rng.standard_normal(out.shape).astype(np.float32)
     grads = kernel.flash_backward(q, k, v, mask, out, d_out, lse, **options)
     _check(workers, out, q, k, v, mask, d_out, grads)
-    assert ("forward_steps", False) in steps_wrong_at_first and ("forward_steps", True) in steps_wrong_at_first
-    if workers == "parallel":  # the one-thread backward calls its steps from Python, with no steps array
-        assert ("backward_steps", True) in steps_wrong_at_first
+    for name in ("forward_steps", "backward_steps"):
+        assert [exact for seen, exact in steps_wrong_at_first if seen == name] == [False, True]
 
 
 def test_the_decode_kernel_refuses_steps_of_other_types(steps_wrong_at_first, monkeypatch):
@@ -95,3 +96,32 @@ def test_unaligned_inputs_are_copied_into_aligned_ones():
     assert _kernel_array(unaligned, np.float32).flags.aligned
     out, _ = kernel.flash_forward(unaligned, k, v, None, scale=0.25, causal=None, window=None, softcap=None)
     _check("unaligned", out, q, k, v, None)
+
+
+@numba.njit
+def _write_index(out, task):
+    """A step: out[task] = task + 1; task 2 of an array longer than 5 raises instead."""
+    if out.shape[0] > 5 and task == 2:
+        raise ValueError("task 2 fails")
+    out[task] = task + 1
+
+
+@numba.njit
+def _run_write_index(steps, out, parallel):
+    if steps[1] != token_of((out,), 0):
+        return -1
+    return 1 if run_step(steps[0], (out,), 0, out.shape[0], parallel) else 0
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["here", "threads"])
+def test_run_step_passes_each_task_its_index_and_reports_a_step_that_raised(parallel):
+    out = np.zeros(5, np.int64)
+    steps = steps_array(address_of(_write_index, (out,), indexed=True))
+    assert _run_write_index(steps, out, parallel) == 1
+    np.testing.assert_array_equal(out, np.arange(1, 6))
+    failing = np.zeros(6, np.int64)  # longer than 5: task 2 raises; the others still ran
+    assert _run_write_index(steps_array(address_of(_write_index, (failing,), indexed=True)), failing, parallel) == 0
+    np.testing.assert_array_equal(failing, [1, 2, 0, 4, 5, 6])
+    readonly = np.zeros(5, np.int64)
+    readonly.flags.writeable = False  # another type: the token differs, nothing runs
+    assert _run_write_index(steps, readonly, parallel) == -1

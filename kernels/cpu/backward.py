@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
@@ -11,7 +10,7 @@ from ..microkernels import PAD, padded
 from ..simd import exp2_affine_at
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SOFTCAP
 from .dropout import _dropout_factors
-from .launch import address_of, call_step, steps_array, token_of
+from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import (
     _a_rows_of, _b_rows_of, _dp_product, _f64_of, _key_offset, _key_row, _load_rows, _load_transposed,
     _pack_head_backward, _product,
@@ -183,33 +182,34 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
             dst[j, c] = _store(dst, total)
 
 
-@_jit(parallel=True)
+@_jit()
 def _backward_kernel(
     q, k, v, segments, masks, out, d_out, lse, consts, flags,
     block_q, block_k, n_chunks, micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad, steps,
 ):  # fmt: skip
     """dq, dk, dv (input dtype) through transposed partials dk_t / dv_t (zero on entry;
-    float32, float64 for float64). steps: backward_steps(); returns False, running nothing,
-    when they were compiled for other types (kernels/cpu/launch.py)."""
+    float32, float64 for float64), on n_workers threads (1: the calling thread alone, no
+    thread pool). steps: backward_steps(). Returns RAN, REFUSED (nothing run: the steps were
+    compiled for other types) or FAILED (a step raised); see kernels/cpu/launch.py."""
     n_heads = k.shape[0] * k.shape[1]
     tasks, order = _backward_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
-    next_task = np.zeros(1, np.int64)
-    # the argument tuples are written out in the loops too: a parfor takes no tuple holding arrays
+    packing = (k, v, k_packed, v_packed, k_rows)
     working = (q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
-               flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t)  # fmt: skip
-    if (steps[1] != token_of((k, v, k_packed, v_packed, k_rows), 0) or steps[3] != token_of(working, None)
-            or steps[5] != token_of((dk_t, n_chunks, dk), 0) or steps[7] != token_of((dv_t, n_chunks, dv_grad), 0)):
-        return False
-    pack, work, finish_k, finish_v = steps[0], steps[2], steps[4], steps[6]
-    for t in prange(n_heads):
-        call_step(pack, (k, v, k_packed, v_packed, k_rows), t)
-    for w in prange(n_workers):
-        call_step(work, (q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
-                         flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t), None)  # fmt: skip
-    for t in prange(n_heads):
-        call_step(finish_k, (dk_t, n_chunks, dk), t)
-        call_step(finish_v, (dv_t, n_chunks, dv_grad), t)
-    return True
+               flags, block_q, block_k, n_chunks, micro, order, np.zeros(1, np.int64), dq, dk_t, dv_t)  # fmt: skip
+    finishing_k, finishing_v = (dk_t, n_chunks, dk), (dv_t, n_chunks, dv_grad)
+    if (steps[1] != token_of(packing, 0) or steps[3] != token_of(working, None)
+            or steps[5] != token_of(finishing_k, 0) or steps[7] != token_of(finishing_v, 0)):
+        return REFUSED
+    parallel = n_workers > 1
+    if not run_step(steps[0], packing, 0, n_heads, parallel):
+        return FAILED
+    if not run_step(steps[2], working, None, n_workers, parallel):
+        return FAILED
+    if not run_step(steps[4], finishing_k, 0, n_heads, parallel):
+        return FAILED
+    if not run_step(steps[6], finishing_v, 0, n_heads, parallel):
+        return FAILED
+    return RAN
 
 
 # What _backward_schedule returns and next_task, as values typeof() reads the kernel's types from
@@ -229,22 +229,3 @@ def backward_steps(
         address_of(_finish_kv_grad, (dk_t, n_chunks, dk), indexed=True, exact=exact),
         address_of(_finish_kv_grad, (dv_t, n_chunks, dv_grad), indexed=True, exact=exact),
     )  # fmt: skip
-
-
-def backward_on_this_thread(
-    q, k, v, segments, masks, out, d_out, lse, consts, flags,
-    block_q, block_k, n_chunks, micro, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
-):  # fmt: skip
-    """_backward_kernel on the calling thread alone, with no OpenMP region (a forked child, or one
-    core left: kernels/cpu/threads.py): the same compiled steps, called one by one."""
-    n_heads = k.shape[0] * k.shape[1]
-    for t in range(n_heads):
-        _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
-    tasks, order = _backward_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
-    _backward_worker(
-        q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
-        flags, block_q, block_k, n_chunks, micro, order, np.zeros(1, np.int64), dq, dk_t, dv_t,
-    )  # fmt: skip
-    for t in range(n_heads):
-        _finish_kv_grad(dk_t, n_chunks, dk, t)
-        _finish_kv_grad(dv_t, n_chunks, dv_grad, t)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
 
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS
-from .launch import address_of, call_step, steps_array, token_of
+from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import _not_literal, _product
 from .schedule import _claim
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -161,29 +160,26 @@ def _merge_splits(part_out, part_lse, out, lse, t):
         lse[b, h, i] = row_lse
 
 
-@_jit(parallel=True)
+@_jit()
 def _decode_kernel(
     q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, n_workers,
     out, lse, part_out, part_lse, steps,
 ):  # fmt: skip
-    """steps: decode_steps(); returns False, running nothing, when they were compiled for other
-    types (kernels/cpu/launch.py)."""
+    """n_workers workers (1: on the calling thread, no thread pool), then the merge of split
+    keys. steps: decode_steps(). Returns RAN, REFUSED (nothing run: the steps were compiled
+    for other types) or FAILED (a step raised); see kernels/cpu/launch.py."""
     n_tasks = k.shape[0] * k.shape[1] * n_splits
-    order = np.arange(n_tasks)
-    next_task = np.zeros(1, np.int64)
-    # the argument tuples are written out in the loops too: a parfor takes no tuple holding arrays
     working = (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
-               order, next_task, out, lse, part_out, part_lse)  # fmt: skip
-    if steps[1] != token_of(working, None) or steps[3] != token_of((part_out, part_lse, out, lse), 0):
-        return False
-    work, merge = steps[0], steps[2]
-    for w in prange(n_workers):
-        call_step(work, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
-                         order, next_task, out, lse, part_out, part_lse), None)  # fmt: skip
-    if n_splits > 1:
-        for t in prange(q.shape[0] * q.shape[1]):
-            call_step(merge, (part_out, part_lse, out, lse), t)
-    return True
+               np.arange(n_tasks), np.zeros(1, np.int64), out, lse, part_out, part_lse)  # fmt: skip
+    merging = (part_out, part_lse, out, lse)
+    if steps[1] != token_of(working, None) or steps[3] != token_of(merging, 0):
+        return REFUSED
+    parallel = n_workers > 1
+    if not run_step(steps[0], working, None, n_workers, parallel):
+        return FAILED
+    if n_splits > 1 and not run_step(steps[2], merging, 0, q.shape[0] * q.shape[1], parallel):
+        return FAILED
+    return RAN
 
 
 # np.arange(n) and next_task, as values typeof() reads the kernel's types from
@@ -200,16 +196,4 @@ def decode_steps(
         address_of(_decode_worker, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
                                     micro, order, next_task, out, lse, part_out, part_lse), exact=exact),
         address_of(_merge_splits, (part_out, part_lse, out, lse), indexed=True, exact=exact),
-    )  # fmt: skip
-
-
-def decode_on_this_thread(
-    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, micro, out, lse, part_out, part_lse,
-):  # fmt: skip
-    """_decode_kernel on the calling thread alone, keys unsplit, with no OpenMP region (a forked
-    child, or one core left: kernels/cpu/threads.py)."""
-    n_tasks = k.shape[0] * k.shape[1]
-    _decode_worker(
-        q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, 1, micro,
-        np.arange(n_tasks), np.zeros(1, np.int64), out, lse, part_out, part_lse,
     )  # fmt: skip

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SINKS
 from .dropout import _dropout_factors
-from .launch import address_of, call_step, steps_array, token_of
+from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
 from .schedule import _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -114,55 +113,37 @@ def _forward_worker(
     set_threads_local(blas_threads)
 
 
-# The kernels only fan the steps out, calling them by address (kernels/cpu/launch.py):
-# compiled once on their own, not again inside each kernel and parfor gufunc.
-@_jit(parallel=True)
+# The kernel only fans the steps out, calling them by address (kernels/cpu/launch.py):
+# they are compiled once on their own, and no parallel function is compiled per kernel.
+@_jit()
 def _forward_kernel(
     q, k, v, segments, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed, out, lse, steps,
 ):  # fmt: skip
-    """steps: forward_steps(); returns False, running nothing, when they were compiled for other types."""
-    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k)
-    next_task = np.zeros(1, np.int64)
-    # the argument tuples are written out in the loops too: a parfor takes no tuple holding arrays
-    packing = (k, v, k_packed, v_packed)
-    working = (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro, order, next_task,
-               out, lse)  # fmt: skip
-    if steps[1] != token_of(packing, 0) or steps[3] != token_of(working, None):
-        return False
-    pack, work = steps[0], steps[2]
-    for t in prange(k.shape[0] * k.shape[1]):
-        call_step(pack, (k, v, k_packed, v_packed), t)
-    for w in prange(n_workers):
-        call_step(work, (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro, order,
-                         next_task, out, lse), None)  # fmt: skip
-    return True
-
-
-@_jit()
-def _forward_kernel_serial(
-    q, k, v, segments, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse, steps,
-):  # fmt: skip
-    """_forward_kernel on the calling thread alone: small calls start no thread pool."""
+    """Pack K and V, then run n_workers workers (1: on the calling thread, no thread pool).
+    steps: forward_steps(). Returns RAN, REFUSED (nothing run: the steps were compiled for
+    other types) or FAILED (a step raised)."""
     tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k)
     packing = (k, v, k_packed, v_packed)
     working = (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro, order,
                np.zeros(1, np.int64), out, lse)  # fmt: skip
     if steps[1] != token_of(packing, 0) or steps[3] != token_of(working, None):
-        return False
-    for t in range(k.shape[0] * k.shape[1]):
-        call_step(steps[0], packing, t)
-    call_step(steps[2], working, None)
-    return True
+        return REFUSED
+    parallel = n_workers > 1
+    if not run_step(steps[0], packing, 0, k.shape[0] * k.shape[1], parallel):
+        return FAILED
+    if not run_step(steps[2], working, None, n_workers, parallel):
+        return FAILED
+    return RAN
 
 
-# What _forward_schedule returns and next_task, as values typeof() reads the kernels' types from
+# What _forward_schedule returns and next_task, as values typeof() reads the kernel's types from
 _TASK_QUEUE = (np.empty((0, 3), np.int64), np.empty(0, np.int64), np.zeros(1, np.int64))
 
 
 def forward_steps(
     q, k, v, segments, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse, exact=False,
 ):  # fmt: skip
-    """The kernels' `steps` for these arguments: the packing and the worker, compiled for their types."""
+    """_forward_kernel's `steps` for these arguments: the packing and the worker, compiled for their types."""
     tasks, order, next_task = _TASK_QUEUE
     return steps_array(
         address_of(_pack_forward_head, (k, v, k_packed, v_packed), indexed=True, exact=exact),

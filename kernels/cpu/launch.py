@@ -1,19 +1,26 @@
-"""Kernels that fan work out call their steps (packing, the workers, merges) by address.
+"""How the kernels run their steps (packing, the workers, reductions, merges): by address, on
+the calling thread or fanned out over Numba's threads by one shared parallel loop.
 
 Why: Numba links the IR of every njit function a function calls into the
-caller's module, then optimises it and emits machine code for it again there.
-A parallel (parfor) kernel does so in each gufunc it generates: the cold fp32
-forward spent ~10 s of its ~25 s compiling its worker a second and third time
-(bench/results/compile-time.md). Here a step is compiled once, on its own (the
-same compilation the one-thread paths use when they call it from Python), and
-the kernels call it through its address, an integer argument: the kernels'
-cached machine code holds no address, so Numba's on-disk cache stays valid.
+caller's module, then optimises it and emits machine code for it again there,
+and a parallel (parfor) function does so again in each gufunc it generates: the
+cold fp32 forward spent ~10 s of its ~25 s compiling its worker a second and
+third time, and the parfor machinery cost seconds per kernel and dtype
+(bench/results/compile-time.md). Here a step is compiled once, on its own; a
+kernel is a plain njit function that runs a step `count` times with
+`run_step`: the step's address and arguments are stored in the kernel's stack
+frame with a small trampoline that unpacks them and calls the step (`bundle`),
+and `_fan` runs the trampoline in a loop here or through `_fan_out`, the one
+parallel function: both compiled once for every kernel, dtype and step. The
+addresses are integer arguments, not constants in the machine code, so Numba's
+on-disk cache of the kernels stays valid.
 
 Safety: an address is only good for the exact argument types it was compiled
 for. `address_of` compiles the step for the types `numba.typeof` gives the
 values it is shown, and returns a token of those types with the address; a
 kernel compares each token with `token_of` the arguments it is about to pass
-(a compile-time constant) and returns False instead of calling when one differs.
+(a compile-time constant) and returns REFUSED instead of calling when one
+differs; `launch` then finds the steps by the arguments' exact types.
 """
 
 from __future__ import annotations
@@ -21,12 +28,16 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
-from numba import typeof, types
+from llvmlite import ir
+from numba import prange, typeof, types
 from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["address_of", "call_step", "launch", "steps_array", "token_of"]
+from ..jit import jit as _jit
+
+__all__ = ["FAILED", "RAN", "REFUSED", "address_of", "launch", "run_step", "steps_array", "token_of"]
+
 
 def _step_types(arguments, index):
     """The step's argument types: the tuple's, and int64 for an index (None: no index)."""
@@ -50,27 +61,124 @@ def token_of(typingctx, arguments, index):
     return types.int64(arguments, index), codegen
 
 
-@intrinsic
-def call_step(typingctx, address, arguments, index):
-    """step(*arguments) or step(*arguments, int64(index)) for the step compiled at `address`
-    (address_of), which returns nothing; an exception the step raises propagates."""
-    if not isinstance(arguments, types.BaseTuple) or not isinstance(address, types.Integer):
-        return None
+RAN, REFUSED, FAILED = 0, 1, 2  # what a kernel returns
+
+
+def _record_type(context, arguments):
+    """The bundle's memory: (step address, the arguments tuple as Numba stores it)."""
+    return ir.LiteralStructType([ir.IntType(64), context.get_value_type(arguments)])
+
+
+def _trampoline(context, module, arguments, index):
+    """int32 trampoline(bundle pointer, index) in `module`: step(*arguments[, index]); 0 when it
+    returned, 1 when it raised (the exception itself cannot cross the threads)."""
     argument_types = _step_types(arguments, index)
+    record_type = _record_type(context, arguments)
+    pointer_type = ir.IntType(8).as_pointer()
+    function = ir.Function(module, ir.FunctionType(ir.IntType(32), [pointer_type, ir.IntType(64)]),
+                           name=module.get_unique_name("attnkit_step_trampoline"))  # fmt: skip
+    function.linkage = "internal"
+    builder = ir.IRBuilder(function.append_basic_block("entry"))
+    record = builder.bitcast(function.args[0], record_type.as_pointer())
+    zero = ir.Constant(ir.IntType(32), 0)
+    address = builder.load(builder.gep(record, [zero, zero]))
+    packed = builder.load(builder.gep(record, [zero, ir.Constant(ir.IntType(32), 1)]))
+    items = [builder.extract_value(packed, i) for i in range(len(arguments.types))]
+    if not isinstance(index, types.NoneType):
+        items.append(function.args[1])
+    step_type = context.call_conv.get_function_type(types.none, argument_types)
+    step = builder.inttoptr(address, step_type.as_pointer())
+    status, _ = context.call_conv.call_function(builder, step, types.none, argument_types, items)
+    builder.ret(builder.select(status.is_ok, zero, ir.Constant(ir.IntType(32), 1)))
+    return function
+
+
+@intrinsic
+def bundle(typingctx, address, arguments, index):
+    """(trampoline, record) addresses for _fan: step(*arguments) at `address`, with the task's
+    index appended when `index` is an integer (None: the step takes no index). The arguments
+    are kept alive (a reference each) until _release(bundled, arguments)."""
+    if not isinstance(address, types.Integer) or not isinstance(arguments, types.BaseTuple):
+        return None
+    if not isinstance(index, (types.Integer, types.NoneType)):
+        return None
 
     def codegen(context, builder, signature, values):
-        address_value, packed, index_value = values
-        items = [builder.extract_value(packed, i) for i in range(len(arguments.types))]
-        if not isinstance(index, types.NoneType):
-            items.append(context.cast(builder, index_value, index, types.int64))
-        function_type = context.call_conv.get_function_type(types.none, argument_types)
-        callee = builder.inttoptr(address_value, function_type.as_pointer())
-        status, _ = context.call_conv.call_function(builder, callee, types.none, argument_types, items)
-        with cgutils.if_unlikely(builder, status.is_error):
-            context.call_conv.return_status_propagate(builder, status)
+        address_value, packed, _ = values
+        record = cgutils.alloca_once(builder, _record_type(context, arguments))
+        zero = ir.Constant(ir.IntType(32), 0)
+        builder.store(context.cast(builder, address_value, address, types.int64), builder.gep(record, [zero, zero]))
+        builder.store(packed, builder.gep(record, [zero, ir.Constant(ir.IntType(32), 1)]))
+        context.nrt.incref(builder, arguments, packed)
+        trampoline = _trampoline(context, builder.module, arguments, index)
+        result = types.UniTuple(types.intp, 2)
+        return context.make_tuple(builder, result, [builder.ptrtoint(trampoline, ir.IntType(64)),
+                                                    builder.ptrtoint(record, ir.IntType(64))])  # fmt: skip
+
+    return types.UniTuple(types.intp, 2)(address, arguments, index), codegen
+
+
+@intrinsic
+def _release(typingctx, bundled, arguments):
+    """Drop the references bundle() took on the arguments it stored."""
+
+    def codegen(context, builder, signature, values):
+        record = builder.extract_value(values[0], 1)
+        pointer = builder.inttoptr(record, _record_type(context, arguments).as_pointer())
+        zero = ir.Constant(ir.IntType(32), 0)
+        packed = builder.load(builder.gep(pointer, [zero, ir.Constant(ir.IntType(32), 1)]))
+        context.nrt.decref(builder, arguments, packed)
         return context.get_dummy_value()
 
-    return types.none(address, arguments, index), codegen
+    return types.none(bundled, arguments), codegen
+
+
+@intrinsic
+def _call_trampoline(typingctx, trampoline, record, index):
+    """trampoline(record, index) (see _trampoline): 0, or 1 when the step raised."""
+
+    def codegen(context, builder, signature, values):
+        pointer_type = ir.IntType(8).as_pointer()
+        function_type = ir.FunctionType(ir.IntType(32), [pointer_type, ir.IntType(64)])
+        function = builder.inttoptr(values[0], function_type.as_pointer())
+        task = context.cast(builder, values[2], index, types.int64)
+        return builder.call(function, [builder.inttoptr(values[1], pointer_type), task])
+
+    return types.int32(trampoline, record, index), codegen
+
+
+@_jit(parallel=True)
+def _fan_out(trampoline, record, count):
+    """Tasks 0 .. count - 1 over Numba's threads; how many raised."""
+    failures = 0
+    for task in prange(count):
+        failures += _call_trampoline(trampoline, record, task)
+    return failures
+
+
+@_jit()
+def _fan(bundled, count, parallel):
+    """Run the bundled step for tasks 0 .. count - 1, over Numba's threads when parallel (else
+    here: no thread pool starts); True when none raised. One compilation serves every step."""
+    trampoline, record = bundled
+    failures = 0
+    if parallel:
+        failures = _fan_out(trampoline, record, count)
+    else:
+        for task in range(count):
+            failures += _call_trampoline(trampoline, record, task)
+    return failures == 0
+
+
+@_jit(inline="always")
+def run_step(address, arguments, index, count, parallel):
+    """step(*arguments[, task]) for tasks 0 .. count - 1 (index an integer: the task's index is
+    appended; None: not), step being the function at `address` (address_of); True when no task
+    raised. Inlined into the kernel: nothing compiled per step but the trampoline."""
+    bundled = bundle(address, arguments, index)
+    ran = _fan(bundled, count, parallel)
+    _release(bundled, arguments)
+    return ran
 
 
 _ADDRESSES = {}  # (step, Numba's fingerprint of the arguments' types, indexed) -> (address, token)
@@ -103,16 +211,21 @@ def address_of(step, arguments, indexed=False, exact=False):
 
 
 def launch(kernel, arguments, find_steps, steps=None):
-    """kernel(*arguments, steps), which returns False when its steps were compiled for other types
+    """kernel(*arguments, steps), which returns REFUSED when its steps were compiled for other types
     than its arguments': steps (when given, e.g. kept by a plan) or find_steps(exact=False) first,
     then find_steps(exact=True). Returns the steps it ran with."""
+    name = kernel.py_func.__name__
     for exact in (False, True):
         if steps is None:
             steps = find_steps(exact)
-        if kernel(*arguments, steps):
+        status = kernel(*arguments, steps)
+        if status == RAN:
             return steps
+        if status == FAILED:
+            raise RuntimeError(f"attnkit: a step of {name} raised on a worker thread (out of memory?); "
+                               "the call's results are not valid")  # fmt: skip
         steps = None
-    raise RuntimeError(f"attnkit: {kernel.py_func.__name__} refused the steps compiled for its own arguments' types")
+    raise RuntimeError(f"attnkit: {name} refused the steps compiled for its own arguments' types")
 
 
 def steps_array(*found):
