@@ -5,7 +5,7 @@ the slowest one at the end of a region by spinning. When another program holds
 a core, a thread of ours that lost its core holds the region open while the
 others spin on the cores it needs: a 0.7 ms call took 24 ms beside another
 program running torch (#24). Then the call runs on the calling thread alone
-(the serial kernels, no OpenMP region), which costs at most the lost core.
+(the kernels on one thread, no OpenMP region), which costs at most the lost core.
 
 And GNU OpenMP cannot run in a process forked from one that used it (Numba
 terminates such a child with SIGTERM): a DataLoader worker, say. A forked
