@@ -214,7 +214,6 @@ def launch(kernel, arguments, find_steps, steps=None):
     """kernel(*arguments, steps), which returns REFUSED when its steps were compiled for other types
     than its arguments': steps (when given, e.g. kept by a plan) or find_steps(exact=False) first,
     then find_steps(exact=True). Returns the steps it ran with."""
-    name = kernel.py_func.__name__
     for exact in (False, True):
         if steps is None:
             steps = find_steps(exact)
@@ -222,10 +221,14 @@ def launch(kernel, arguments, find_steps, steps=None):
         if status == RAN:
             return steps
         if status == FAILED:
-            raise RuntimeError(f"attnkit: a step of {name} raised on a worker thread (out of memory?); "
+            raise RuntimeError(f"attnkit: a step of {_name(kernel)} raised on a worker thread (out of memory?); "
                                "the call's results are not valid")  # fmt: skip
         steps = None
-    raise RuntimeError(f"attnkit: {name} refused the steps compiled for its own arguments' types")
+    raise RuntimeError(f"attnkit: {_name(kernel)} refused the steps compiled for its own arguments' types")
+
+
+def _name(kernel):
+    return getattr(getattr(kernel, "py_func", kernel), "__name__", repr(kernel))
 
 
 def steps_array(*found):
