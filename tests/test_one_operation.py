@@ -130,3 +130,15 @@ def test_explain_speaks_for_dense_and_packed_calls():
     assert "backend 'numba'" in text and "2 packed sequences" in text
     text = attnkit.explain(q[None], q[None], q[None], alibi_slopes=torch.ones(2), align="bottom_right")
     assert "backend 'numba'" in text and "batch 1" in text
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_a_packed_call_with_no_sequence_gives_empty_results(backend):
+    """cu_seqlens = [0]: no sequence (validation allows it); empty out and lse, empty gradients."""
+    q = torch.randn(3, 0, 8, requires_grad=True)
+    kv = torch.randn(3, 0, 8, requires_grad=True)
+    cu = torch.tensor([0], dtype=torch.int32)
+    out, lse = attnkit.varlen_attention(q, kv, kv, cu, cu, causal=True, return_lse=True, backend=backend)
+    assert out.shape == (3, 0, 8) and lse.shape == (3, 0)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and kv.grad.shape == kv.shape

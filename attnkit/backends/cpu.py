@@ -78,7 +78,7 @@ def _key_layout(lengths_k):
     from ..kernels.cpu.plan import SEGMENT_ALIGN
 
     room = (lengths_k + 2 * SEGMENT_ALIGN - 1) // SEGMENT_ALIGN * SEGMENT_ALIGN
-    starts = np.concatenate([[0], np.cumsum(room)[:-1]]).astype(np.int64)
+    starts = (np.cumsum(room) - room).astype(np.int64)  # one per sequence (none for none)
     return starts, int(room.sum())
 
 

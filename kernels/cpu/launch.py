@@ -50,7 +50,7 @@ def _token(argument_types):
 
 @intrinsic
 def token_of(typingctx, arguments, index):
-    """The token of the types call_step(address, arguments, index) passes: a constant."""
+    """The token of the types run_step(address, arguments, index, ...) passes to the step: a constant."""
     if not isinstance(arguments, types.BaseTuple):
         return None
     token = _token(_step_types(arguments, index))
@@ -186,7 +186,7 @@ _ADDRESSES = {}  # (step, Numba's fingerprint of the arguments' types, indexed) 
 
 def address_of(step, arguments, indexed=False, exact=False):
     """(address, token) of the njit function `step` compiled (or loaded from the cache) for the
-    types of `arguments`, plus an int64 index when indexed: what call_step calls and token_of checks.
+    types of `arguments`, plus an int64 index when indexed: what run_step calls and token_of checks.
 
     Found again by the fingerprint Numba's dispatchers key their own type cache with (~1 µs for a
     kernel's arguments; numba.typeof takes ~15 µs per array). The fingerprint leaves out an array's
