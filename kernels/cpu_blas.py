@@ -116,9 +116,19 @@ def _scipy_blas_detail():
             + ", pinned to one thread per worker through threadpoolctl)")
 
 
-@cfunc(types.int32(types.CPointer(types.int32)))
-def _no_thread_setting(_):  # the OpenBLAS path: threads are pinned by the caller instead
-    return 0
+def _no_thread_setting():
+    """The address of a C function that sets no thread count (the OpenBLAS path: threads are pinned
+    by the caller instead). Compiled only on that path: a compilation at import costs every process."""
+
+    @cfunc(types.int32(types.CPointer(types.int32)))
+    def no_thread_setting(_):
+        return 0
+
+    _KEPT.append(no_thread_setting)  # the code lives as long as the object
+    return no_thread_setting.address
+
+
+_KEPT = []
 
 
 def _bind():
@@ -133,7 +143,7 @@ def _bind():
         addresses, name, detail = mkl, "mkl", f"Intel MKL inside torch ({_torch_library_path()})"
     else:
         addresses, name, detail = _scipy_blas(), "openblas", _scipy_blas_detail()
-        addresses["threads"] = _no_thread_setting.address
+        addresses["threads"] = _no_thread_setting()
     for key, symbol in _SYMBOLS.items():
         llvm.add_symbol(symbol, addresses[key])
     return name, detail
