@@ -37,7 +37,7 @@ from .cpu.constants import (
 )
 from .cpu.decode import _decode_kernel, decode_steps
 from .cpu.forward import _forward_kernel, forward_steps
-from .cpu.launch import launch
+from .cpu.launch import RAN, launch
 from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
 from .cpu.plan import (
@@ -278,11 +278,18 @@ class ForwardPlan:
                 v_packed = v  # read V in place
             if _RECORDINGS:
                 _record("forward_serial" if serial else "forward", q, k, v, self.mask)
+            # the last call's steps (its types, most likely these; the kernel checks them), else
+            # launch() finds them (and raises when a step keeps failing)
+            steps = self.steps
+            if steps is not None and _forward_kernel(
+                q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
+                n_workers, k_packed, v_packed, out, lse, steps,
+            ) == RAN:  # fmt: skip
+                return out, lse
             arguments = (q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro)
             results = (k_packed, v_packed, out, lse)
-            # the steps of the last call (its types, most likely these): the kernel checks them
             self.steps = launch(_forward_kernel, arguments + (n_workers,) + results,
-                                lambda exact: forward_steps(*arguments, *results, exact=exact), self.steps)  # fmt: skip
+                                lambda exact: forward_steps(*arguments, *results, exact=exact))  # fmt: skip
         return out, lse
 
 
