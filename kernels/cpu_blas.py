@@ -33,6 +33,7 @@ copy), with c's rows contiguous. With beta = 1 a product accumulates in place.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
@@ -116,19 +117,16 @@ def _scipy_blas_detail():
             + ", pinned to one thread per worker through threadpoolctl)")
 
 
+@functools.cache  # the compiled code lives as long as the object it returns
 def _no_thread_setting():
-    """The address of a C function that sets no thread count (the OpenBLAS path: threads are pinned
-    by the caller instead). Compiled only on that path: a compilation at import costs every process."""
+    """A C function that sets no thread count (the OpenBLAS path: threads are pinned by the
+    caller instead). Compiled only on that path: a compilation at import costs every process."""
 
     @cfunc(types.int32(types.CPointer(types.int32)))
     def no_thread_setting(_):
         return 0
 
-    _KEPT.append(no_thread_setting)  # the code lives as long as the object
-    return no_thread_setting.address
-
-
-_KEPT = []
+    return no_thread_setting
 
 
 def _bind():
@@ -143,7 +141,7 @@ def _bind():
         addresses, name, detail = mkl, "mkl", f"Intel MKL inside torch ({_torch_library_path()})"
     else:
         addresses, name, detail = _scipy_blas(), "openblas", _scipy_blas_detail()
-        addresses["threads"] = _no_thread_setting()
+        addresses["threads"] = _no_thread_setting().address
     for key, symbol in _SYMBOLS.items():
         llvm.add_symbol(symbol, addresses[key])
     return name, detail

@@ -37,7 +37,7 @@ from .cpu.constants import (
 )
 from .cpu.decode import _decode_kernel, decode_steps
 from .cpu.forward import _forward_kernel, forward_steps
-from .cpu.launch import RAN, launch
+from .cpu.launch import launch
 from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
 from .cpu.plan import (
@@ -117,10 +117,6 @@ def _record(worker, q, k, v, mask=None, n_splits=1):
 # ~0.5 MFLOP in all) run on the calling thread: waking the worker threads costs
 # more than such a call's work.
 _SERIAL_WORK = 1 << 17
-
-
-def _worker_count():
-    return worker_count()
 
 
 @functools.lru_cache(maxsize=256)
@@ -264,7 +260,7 @@ class ForwardPlan:
                     lse[:] = masks[6][None, :, None]
                 return out, lse
         # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
-        n_workers = 1 if self.small else _worker_count()
+        n_workers = 1 if self.small else worker_count()
         if self.decode:
             self.steps = _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro,
                                  n_workers, out, lse, self.steps)  # fmt: skip
@@ -278,18 +274,10 @@ class ForwardPlan:
                 v_packed = v  # read V in place
             if _RECORDINGS:
                 _record("forward_serial" if serial else "forward", q, k, v, self.mask)
-            # the last call's steps (its types, most likely these; the kernel checks them), else
-            # launch() finds them (and raises when a step keeps failing)
-            steps = self.steps
-            if steps is not None and _forward_kernel(
-                q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
-                n_workers, k_packed, v_packed, out, lse, steps,
-            ) == RAN:  # fmt: skip
-                return out, lse
-            arguments = (q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro)
-            results = (k_packed, v_packed, out, lse)
-            self.steps = launch(_forward_kernel, arguments + (n_workers,) + results,
-                                lambda exact: forward_steps(*arguments, *results, exact=exact))  # fmt: skip
+            # the last call's steps: its types, most likely these (the kernel checks them)
+            arguments = (q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
+                         n_workers, k_packed, v_packed, out, lse)  # fmt: skip
+            self.steps = launch(_forward_kernel, arguments, forward_steps, self.steps)
         return out, lse
 
 
@@ -324,10 +312,9 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
             out.dtype, ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
             else ((1, 1, 1, 1, 1), (1, 1, 1, 1)),
         )  # fmt: skip
-        arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro)
-        results = (out, lse, part_out, part_lse)
-        return launch(_decode_kernel, arguments + (n_workers,) + results,
-                      lambda exact: decode_steps(*arguments, *results, exact=exact), steps)  # fmt: skip
+        arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, n_workers,
+                     out, lse, part_out, part_lse)  # fmt: skip
+        return launch(_decode_kernel, arguments, decode_steps, steps)
 
 
 def flash_backward(
@@ -360,7 +347,7 @@ def flash_backward(
     masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
     masks, flags = masks + extras, flags | mask_flags
     n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
-    n_workers = _worker_count()  # 1 when other programs fill the cores, and in a forked child
+    n_workers = worker_count()  # 1 when other programs fill the cores, and in a forked child
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
     if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
         operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)),
@@ -378,10 +365,9 @@ def flash_backward(
             dk_t, dv_t, k_packed, v_packed, k_rows = WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
         if _RECORDINGS:
             _record("backward_serial" if n_workers == 1 else "backward", q, k, v, mask)
-        arguments = (q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks, micro)
-        results = (k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad)
-        launch(_backward_kernel, arguments + (n_workers,) + results,
-               lambda exact: backward_steps(*arguments, *results, exact=exact))  # fmt: skip
+        launch(_backward_kernel, (q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks,
+                                  micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad),
+               backward_steps)  # fmt: skip
     return dq, dk, dv_grad
 
 

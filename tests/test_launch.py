@@ -66,7 +66,7 @@ def test_a_kernel_refuses_steps_of_other_types_and_the_call_retries_by_exact_typ
     workers, steps_wrong_at_first, monkeypatch,
 ):  # fmt: skip
     if workers == "serial":
-        monkeypatch.setattr(kernel, "_worker_count", lambda: 1)
+        monkeypatch.setattr(kernel, "worker_count", lambda: 1)
     q, k, v, rng = _inputs((1, 4, 96, 32), (1, 2, 96, 32), seed=11)
     mask = rng.random((1, 1, 96, 96)) < 0.8  # a masked call plans afresh: no steps kept from another call
     options = dict(scale=0.25, causal=None, window=None, softcap=None)
@@ -79,7 +79,7 @@ def test_a_kernel_refuses_steps_of_other_types_and_the_call_retries_by_exact_typ
 
 
 def test_the_decode_kernel_refuses_steps_of_other_types(steps_wrong_at_first, monkeypatch):
-    monkeypatch.setattr(kernel, "_worker_count", lambda: 2)
+    monkeypatch.setattr(kernel, "worker_count", lambda: 2)
     q, k, v, rng = _inputs((2, 8, 1, 64), (2, 2, 1500, 64), seed=12)  # keys split across workers, then merged
     mask = rng.random((2, 1, 1, 1500)) < 0.9
     out, _ = kernel.flash_forward(q, k, v, mask, scale=0.25, causal=None, window=None, softcap=None)

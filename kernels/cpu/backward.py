@@ -15,7 +15,7 @@ from .operands import (
     _a_rows_of, _b_rows_of, _dp_product, _f64_of, _key_offset, _key_row, _load_rows, _load_transposed,
     _pack_head_backward, _product,
 )
-from .schedule import _backward_schedule, _next_task, _segment
+from .schedule import TASK_QUEUE, _backward_schedule, _next_task, _segment
 from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -212,16 +212,13 @@ def _backward_kernel(
     return RAN
 
 
-# What _backward_schedule returns and next_task, as values typeof() reads the kernel's types from
-_TASK_QUEUE = (np.empty((0, 3), np.int64), np.empty(0, np.int64), np.zeros(1, np.int64))
-
-
 def backward_steps(
     q, k, v, segments, masks, out, d_out, lse, consts, flags,
-    block_q, block_k, n_chunks, micro, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad, exact=False,
+    block_q, block_k, n_chunks, micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+    exact=False,
 ):  # fmt: skip
-    """_backward_kernel's `steps` for these arguments: packing, the worker and the two reductions."""
-    tasks, order, next_task = _TASK_QUEUE
+    """_backward_kernel's `steps` for its arguments: packing, the worker and the two reductions."""
+    tasks, order, next_task = TASK_QUEUE
     return steps_array(
         address_of(_pack_head_backward, (k, v, k_packed, v_packed, k_rows), indexed=True, exact=exact),
         address_of(_backward_worker, (q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,

@@ -11,7 +11,7 @@ from ..microkernels import PAD, padded
 from .constants import _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import _not_literal, _product
-from .schedule import _claim
+from .schedule import TASK_QUEUE, _claim
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -182,16 +182,12 @@ def _decode_kernel(
     return RAN
 
 
-# np.arange(n) and next_task, as values typeof() reads the kernel's types from
-_TASK_QUEUE = (np.empty(0, np.int64), np.zeros(1, np.int64))
-
-
 def decode_steps(
-    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, out, lse, part_out, part_lse,
-    exact=False,
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, n_workers,
+    out, lse, part_out, part_lse, exact=False,
 ):  # fmt: skip
-    """_decode_kernel's `steps` for these arguments: the worker and the merge of split keys."""
-    order, next_task = _TASK_QUEUE
+    """_decode_kernel's `steps` for its arguments: the worker and the merge of split keys."""
+    _, order, next_task = TASK_QUEUE
     return steps_array(
         address_of(_decode_worker, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
                                     micro, order, next_task, out, lse, part_out, part_lse), exact=exact),

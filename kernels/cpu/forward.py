@@ -11,7 +11,7 @@ from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FA
 from .dropout import _dropout_factors
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
-from .schedule import _forward_schedule, _next_task, _segment
+from .schedule import TASK_QUEUE, _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -136,15 +136,12 @@ def _forward_kernel(
     return RAN
 
 
-# What _forward_schedule returns and next_task, as values typeof() reads the kernel's types from
-_TASK_QUEUE = (np.empty((0, 3), np.int64), np.empty(0, np.int64), np.zeros(1, np.int64))
-
-
 def forward_steps(
-    q, k, v, segments, masks, consts, flags, block_q, block_k, micro, k_packed, v_packed, out, lse, exact=False,
+    q, k, v, segments, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed, out, lse,
+    exact=False,
 ):  # fmt: skip
-    """_forward_kernel's `steps` for these arguments: the packing and the worker, compiled for their types."""
-    tasks, order, next_task = _TASK_QUEUE
+    """_forward_kernel's `steps` for its arguments: the packing and the worker, compiled for their types."""
+    tasks, order, next_task = TASK_QUEUE
     return steps_array(
         address_of(_pack_forward_head, (k, v, k_packed, v_packed), indexed=True, exact=exact),
         address_of(_forward_worker, (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k,

@@ -212,11 +212,11 @@ def address_of(step, arguments, indexed=False, exact=False):
 
 def launch(kernel, arguments, find_steps, steps=None):
     """kernel(*arguments, steps), which returns REFUSED when its steps were compiled for other types
-    than its arguments': steps (when given, e.g. kept by a plan) or find_steps(exact=False) first,
-    then find_steps(exact=True). Returns the steps it ran with."""
+    than its arguments': steps (when given, e.g. kept by a plan) or find_steps(*arguments) first,
+    then find_steps(*arguments, exact=True). Returns the steps it ran with."""
     for exact in (False, True):
         if steps is None:
-            steps = find_steps(exact)
+            steps = find_steps(*arguments, exact=exact)
         status = kernel(*arguments, steps)
         if status == RAN:
             return steps

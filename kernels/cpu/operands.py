@@ -46,7 +46,8 @@ def _product(a, b, c, m, n, k, accumulate, micro):
     """c[:m, :n] (+)= a[:m, :k] @ b[:k, :n]: bf16 bits (b pair-packed) on the bf16
     micro-kernel; float32 on the FMA micro-kernel when micro (b and c padded to 16
     columns); else, and float64 always, through the BLAS."""
-    _typed_product(_any_layout(a), _any_layout(b), _any_layout(c), m, n, k, _not_literal(accumulate), micro)
+    _typed_product(_any_layout(a), _any_layout(b), _any_layout(c), m, n, k, _not_literal(accumulate),
+                   _not_literal(micro))  # fmt: skip
 
 
 def _typed_product(a, b, c, m, n, k, accumulate, micro):
@@ -254,20 +255,13 @@ def _pack_head_backward(k, v, k_packed, v_packed, k_rows, t):
     _pack_operands(k[b, hk], v[b, hk], k_packed[b, hk], v_packed[b, hk], k_rows[b, hk])
 
 
+@_jit(inline="always")
 def _dp_product(a, b, c, m, n, k):
-    """dP = dO V^T. bf16 on the micro-kernel; float32 through the BLAS, whose blocked
-    summation keeps dP - delta (which cancels when one key dominates a row) as
-    accurate as a float32 reference; the micro-kernel's one long FMA chain per
-    element left 3x its error (Nk = 1, D = 64)."""
-
-
-@overload(_dp_product, jit_options={"inline": "always"})
-def _dp_product_overload(a, b, c, m, n, k):
-    if a.dtype == types.uint16:
-        return lambda a, b, c, m, n, k: gemm(_any_layout(a), _any_layout(b), _any_layout(c), m, n, (k + 1) // 2,
-                                             _not_literal(False))  # fmt: skip
-    return lambda a, b, c, m, n, k: _blas_product(_any_layout(a), _any_layout(b), _any_layout(c), m, n, k,
-                                                  _not_literal(False))  # fmt: skip
+    """dP = dO V^T: _product without the FMA micro-kernel. bf16 on the micro-kernel; float32
+    through the BLAS, whose blocked summation keeps dP - delta (which cancels when one key
+    dominates a row) as accurate as a float32 reference; the micro-kernel's one long FMA chain
+    per element left 3x its error (Nk = 1, D = 64)."""
+    _product(a, b, c, m, n, k, False, False)
 
 
 def _b_rows_of(x, x_full, bk, buffer):

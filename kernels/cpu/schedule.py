@@ -118,3 +118,8 @@ def _backward_schedule(segments, hkv, block_q, block_k, n_chunks):
                     costs[t] += stop - first
                 t += 1
     return tasks, _heaviest_first(costs)
+
+
+# A schedule's tasks and order, and the shared next_task counter, as values numba.typeof reads the
+# kernels' types from (kernels/cpu/launch.py compiles the workers for them before any call)
+TASK_QUEUE = (np.empty((0, 3), np.int64), np.empty(0, np.int64), np.zeros(1, np.int64))
