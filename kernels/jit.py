@@ -11,6 +11,10 @@ a read-only install, the user's cache folder (`attnkit info` says which).
 A first call that compiles sits silent for seconds, so the first compilation
 of each kernel (forward, backward, decode) in a process says so on stderr, one line
 (ATTNKIT_COMPILE_NOTICE=0 silences it); loading from the cache says nothing.
+
+Processes share the cache: warmup's compiling processes, DataLoader workers, distributed
+ranks. Numba's own index is not safe for two of them saving signatures of one function
+at once (LockedFunctionCache says why and what this module does instead).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import os
 import sys
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from numba import njit
-from numba.core import event
+from numba.core import caching, event
 
 __all__ = ["announce_as", "cache_location", "discard_stale_cache", "jit"]
 
@@ -125,18 +130,67 @@ def announce_as(kernel):
     _NOTICE.kernel = kernel
 
 
-def jit(**options):
-    """njit(cache=True, **options), falling back to no cache where none can be written.
+class _LockedIndexDataFile(caching.IndexDataCacheFile):
+    """Numba's index and data files for one function, with saves that processes can make at once.
 
-    Numba raises RuntimeError at decoration time when neither the package
-    directory nor the user cache directory is writable (read-only installs);
-    the function then compiles in memory on first use.
+    Numba's save reads the index, numbers a new data file after the entries it found, writes
+    the index, then the data. Two processes saving different signatures at the same moment can
+    pick the same number: the index then names one signature's machine code under the other's
+    key, and a later process calls it with arguments of other types (a crash, or wrong results).
+    Here the index is read, updated and written under one lock per cache folder, each data file
+    is named after its key (two keys never share a file, even where the lock cannot be had),
+    and the data is written before the index names it (a reader never finds an entry without
+    its file). Loading is Numba's: each file is replaced whole, never seen half written.
+    """
+
+    LOCK_NAME = "attnkit-cache.lock"
+    LOCK_TIMEOUT_S = 120.0  # a save takes milliseconds; a lock held this long is not coming back
+
+    def save(self, key, data):
+        lock = FileLock(os.path.join(self._cache_path, self.LOCK_NAME), timeout=self.LOCK_TIMEOUT_S)
+        try:
+            with lock:
+                overloads = self._load_index()
+                name = overloads.get(key) or self.data_name_of(key)
+                self._save_data(name, data)
+                if overloads.get(key) != name:
+                    overloads[key] = name
+                    self._save_index(overloads)
+        except Timeout:
+            pass  # not cached this time: the function still runs, compiled in this process
+
+    def data_name_of(self, key):
+        """The data file's name for a key: (signature, target, bytecode hashes) as Numba tells
+        types apart, by their names."""
+        digest = hashlib.sha256(repr(key).encode()).hexdigest()[:20]
+        return f"{self._index_name[: -len('.nbi')]}.{digest}.nbc"
+
+
+class LockedFunctionCache(caching.FunctionCache):
+    """Numba's FunctionCache with saves that processes can make at once (_LockedIndexDataFile)."""
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file = _LockedIndexDataFile(
+            cache_path=self._cache_path, filename_base=self._impl.filename_base,
+            source_stamp=self._impl.locator.get_source_stamp(),
+        )  # fmt: skip
+
+
+def jit(**options):
+    """njit(**options) with the on-disk cache (LockedFunctionCache), or none where none can be written.
+
+    Numba raises RuntimeError when neither the package directory nor the user
+    cache directory is writable (read-only installs); the function then compiles
+    in memory on first use.
     """
 
     def decorate(func):
+        dispatcher = njit(**options)(func)
         try:
-            return njit(cache=True, **options)(func)
+            dispatcher._cache = LockedFunctionCache(func)  # what njit(cache=True) does, with its own cache
         except RuntimeError:
-            return njit(cache=False, **options)(func)
+            pass  # Numba's NullCache: compiled in every process
+        return dispatcher
 
     return decorate

@@ -206,26 +206,20 @@ def test_inputs_are_not_modified():
 
 
 def test_uncacheable_location_falls_back_to_no_cache(monkeypatch):
-    # Numba raises RuntimeError at decoration when no cache directory is
-    # writable (read-only installs); the module must still work there.
+    # Numba raises RuntimeError when no cache directory is writable (read-only
+    # installs): no locator takes the file. The module must still work there.
+    from numba.core import caching
+
     from attnkit.kernels import jit as jit_module
 
-    real_njit = jit_module.njit
-    seen = []
-
-    def njit_failing_cache(*, cache, **options):
-        seen.append(cache)
-        if cache:
-            raise RuntimeError("cannot cache function: no locator available")
-        return real_njit(cache=cache, **options)
-
-    monkeypatch.setattr(jit_module, "njit", njit_failing_cache)
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
 
     @jit_module.jit()
     def add_one(x):
         return x + 1
 
-    assert add_one(1) == 2 and seen == [True, False]
+    assert isinstance(add_one._cache, caching.NullCache)
+    assert add_one(1) == 2
 
 
 def test_warmup_runs():

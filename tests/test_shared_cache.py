@@ -1,0 +1,121 @@
+"""Processes share the kernels' on-disk cache (kernels/jit.py): saves made at the same moment by
+several processes never let one signature's index entry name another signature's machine code,
+and lose no entry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+from attnkit.kernels.jit import LockedFunctionCache, _LockedIndexDataFile
+
+_SAVER = """
+import sys, time
+from attnkit.kernels.jit import _LockedIndexDataFile
+folder, process, n_keys, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+cache = _LockedIndexDataFile(cache_path=folder, filename_base="shared-1.py3", source_stamp=("stamp", 1))
+while time.time() < start:  # every process starts saving at the same moment
+    time.sleep(0.001)
+for i in range(n_keys):
+    cache.save(("signature", process, i), ("machine code of", process, i, b"x" * 4096))
+"""
+
+
+def _run_at_once(scripts_and_args, env=None):
+    """Start each (script, args) as a Python process, all together; fail on any failure."""
+    children = [
+        subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for script, args in scripts_and_args
+    ]  # fmt: skip
+    for child in children:
+        out, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err[-3000:]
+
+
+def test_processes_saving_at_once_keep_every_entry_with_its_own_data(tmp_path):
+    n_processes, n_keys = 4, 60
+    start = time.time() + 3.0  # after every interpreter has imported numba
+    _run_at_once([(_SAVER, (tmp_path, p, n_keys, start)) for p in range(n_processes)])
+    cache = _LockedIndexDataFile(cache_path=str(tmp_path), filename_base="shared-1.py3", source_stamp=("stamp", 1))
+    index = cache._load_index()
+    assert len(index) == n_processes * n_keys  # no entry lost
+    for p in range(n_processes):
+        for i in range(n_keys):
+            assert cache.load(("signature", p, i)) == ("machine code of", p, i, b"x" * 4096)
+    assert len(set(index.values())) == len(index)  # one data file per key
+    assert not list(tmp_path.glob("*.tmp.*"))  # no file left half written
+
+
+def test_data_files_are_named_by_key_and_written_before_the_index_names_them(tmp_path):
+    cache = _LockedIndexDataFile(cache_path=str(tmp_path), filename_base="f-3.py3", source_stamp=("stamp", 1))
+    seen_at_index_write = []
+    save_index = cache._save_index
+
+    def save_index_checking(overloads):
+        seen_at_index_write.extend(os.path.exists(cache._data_path(name)) for name in overloads.values())
+        save_index(overloads)
+
+    cache._save_index = save_index_checking
+    cache.save(("a",), 1)
+    cache.save(("b",), 2)
+    cache.save(("a",), 3)  # the same key again: its own file, replaced
+    assert seen_at_index_write and all(seen_at_index_write)
+    assert cache.load(("a",)) == 3 and cache.load(("b",)) == 2
+    names = cache._load_index()
+    assert names[("a",)] == cache.data_name_of(("a",)) != cache.data_name_of(("b",)) == names[("b",)]
+    assert sorted(p.name for p in tmp_path.glob("*.nbc")) == sorted(names.values())
+    # a second process's view of the same folder names the same files
+    other = _LockedIndexDataFile(cache_path=str(tmp_path), filename_base="f-3.py3", source_stamp=("stamp", 1))
+    assert other.data_name_of(("b",)) == names[("b",)] and other.load(("b",)) == 2
+
+
+_MODULE = """
+from attnkit.kernels.jit import jit
+
+@jit()
+def twice_plus_one(x):
+    return x * 2 + 1
+"""
+
+_COMPILER = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+import shared_cache_kernel as m
+m.twice_plus_one(np.arange(5, dtype=sys.argv[2]))
+assert m.twice_plus_one.stats.cache_misses, "compiled nothing: the cache was not empty"
+"""
+
+_LOADER = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+import shared_cache_kernel as m
+for dtype in sys.argv[2:]:
+    x = np.arange(5, dtype=dtype)
+    assert np.array_equal(m.twice_plus_one(x), x * 2 + 1), dtype
+stats = m.twice_plus_one.stats
+assert not stats.cache_misses, f"compiled again: {dict(stats.cache_misses)}"
+assert sum(stats.cache_hits.values()) == len(sys.argv) - 2, dict(stats.cache_hits)
+"""
+
+
+def test_signatures_compiled_in_processes_at_once_load_in_the_next(tmp_path):
+    """Five processes compile one kernel for five dtypes into one cache folder at the same time;
+    a sixth loads every signature from it, runs it, and compiles nothing."""
+    (tmp_path / "shared_cache_kernel.py").write_text(textwrap.dedent(_MODULE))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), ATTNKIT_COMPILE_NOTICE="0")
+    dtypes = ["float32", "float64", "int32", "int64", "complex64"]
+    _run_at_once([(_COMPILER, (tmp_path, dtype)) for dtype in dtypes], env=env)
+    _run_at_once([(_LOADER, (tmp_path, *dtypes))], env=env)
+
+
+def test_kernels_use_the_locked_cache():
+    from attnkit.kernels.cpu.forward import _forward_kernel
+    from attnkit.kernels.cpu.launch import _fan_out
+
+    for dispatcher in (_forward_kernel, _fan_out):
+        assert isinstance(dispatcher._cache, LockedFunctionCache)
+        assert isinstance(dispatcher._cache._cache_file, _LockedIndexDataFile)
