@@ -126,7 +126,7 @@ def _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q
     shapes, small enough for the calling thread alone?)."""
     block_q, block_k = _block_sizes(longest_q, longest_k)
     v_width = padded(dv, PAD)
-    decode = dense and not bf16 and _is_decode(nq, nk, hq // hkv) and v_width == dv
+    decode = dense and _is_decode(nq, nk, hq // hkv) and v_width == dv  # bf16 bits widened as read
     if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
         operand, operand_shapes = np.uint16, (
             (batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (nk + 1) // 2, 2 * v_width))
@@ -226,7 +226,8 @@ class ForwardPlan:
         self.no_keys = nk == 0
         self.unreached = packed  # rows no segment holds: 0 and -inf
         longest_q, longest_k, work = _segment_sizes(table, table if packed else None, nq, nk)
-        self.micro = dtype == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
+        # float32 products (bf16 bits widened by the decode kernel too) on the FMA micro-kernel
+        self.micro = compute == np.float32 and (f32_products or F32_PRODUCTS) == "fma"
         dense = not packed and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
         (self.block_q, self.block_k, v_width, self.decode, self.operand, self.operand_shapes,
          self.small) = _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q, longest_k, work)
@@ -309,7 +310,8 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
         _record("decode_serial" if n_workers == 1 else "decode", q, k, v, mask, n_splits)
     with _CALL_LOCK, _single_threaded_blas():
         part_out, part_lse = WORKSPACE.zeroed(
-            out.dtype, ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
+            consts.dtype,  # the compute dtype: bf16 partials stay float32 until the merge rounds them
+            ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
             else ((1, 1, 1, 1, 1), (1, 1, 1, 1)),
         )  # fmt: skip
         arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, n_workers,
@@ -411,8 +413,6 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
         shapes.append(((1, 4, 1, 64), (1, 2, 1024, 64)))
     for dtype, bf16_products in warmup_variants(dtypes, float32_bf16):
         for q_shape, kv_shape in shapes:
-            if dtype == np.uint16 and q_shape[2] == 1:
-                continue  # bf16 bits never take the decode kernel
             q, k, v = (rng.standard_normal(shape) for shape in (q_shape, kv_shape, kv_shape))
             q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
             options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bf16_products)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.bf16 import bf16_bits, bf16_to_float32
 from attnkit.reference import attention
 
 from attnkit.testing import assert_within_rule
@@ -39,13 +40,17 @@ def case_id(case):
     return "-".join(parts)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16], ids=["float32", "float64", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_decode_against_reference(case, dtype):
+    """bf16 (bits, uint16) takes the decode kernel wherever float32 does: K / V widened as read."""
     b, hq, hkv, nq, nk, d, causal, window, mask_kind = case
     rng = np.random.default_rng(nk + nq)
     q = rng.standard_normal((b, hq, nq, d))
     k, v = (rng.standard_normal((b, hkv, nk, d)) for _ in range(2))
+    if dtype == np.uint16:  # the reference runs on the bf16 values
+        bits = [bf16_bits(x) for x in (q, k, v)]
+        q, k, v = (bf16_to_float32(x).astype(np.float64) for x in bits)
     mask = None
     if mask_kind == "key_padding":  # one sequence fully padded, one of five keys
         lengths = np.array([0, 5, nk])[:b]
@@ -54,8 +59,13 @@ def test_decode_against_reference(case, dtype):
         mask = rng.random((b, 1, nq, nk)) < 0.5
         mask[:, :, 0, 600:] = False
     scale = 1.0 / math.sqrt(d)
-    out, lse = kernel.flash_forward(*(x.astype(dtype) for x in (q, k, v)), mask, scale=scale, causal=causal,
-                                    window=window, softcap=None)
+    options = dict(scale=scale, causal=causal, window=window, softcap=None)
+    inputs = bits if dtype == np.uint16 else [x.astype(dtype) for x in (q, k, v)]
+    with kernel.recording() as launches:
+        out, lse = kernel.flash_forward(*inputs, mask, **options)
+    with kernel.recording() as float32_launches:
+        kernel.flash_forward(*(x.astype(np.float32) for x in (q, k, v)), mask, **options)
+    assert [x.worker for x in launches] == [x.worker for x in float32_launches]
     kw = dict(mask=mask, scale=scale, causal=causal or False, window=window, return_lse=True)
     out64, lse64 = attention(q, k, v, **kw)
     out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), **kw)
@@ -64,20 +74,35 @@ def test_decode_against_reference(case, dtype):
     assert np.all(out[empty] == 0)
     if dtype == np.float64:
         np.testing.assert_allclose(out, out64, atol=1e-12)
-    else:
-        assert_within_rule("out", out, out64, out32, 2)
-        assert_within_rule("lse", lse[~empty], lse64[~empty], lse32[~empty], 2)
+        return
+    if dtype == np.uint16:  # bf16 out; the plain implementation's output rounded to bf16 too
+        assert out.dtype == np.uint16 and lse.dtype == np.float32
+        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
+    assert_within_rule("out", out, out64, out32, 2)
+    assert_within_rule("lse", lse[~empty], lse64[~empty], lse32[~empty], 2)
 
 
-def test_decode_splits_keys_when_there_are_few_heads(monkeypatch):
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["float32", "bf16"])
+def test_decode_splits_keys_when_there_are_few_heads(monkeypatch, dtype):
     import numba
 
     monkeypatch.setattr(kernel, "worker_count", numba.get_num_threads)  # all threads, however busy the machine
     if numba.get_num_threads() == 1:
         pytest.skip("one thread: nothing to split the keys across")
     rng = np.random.default_rng(0)
-    q = rng.standard_normal((1, 4, 1, 64)).astype(np.float32)
-    k, v = (rng.standard_normal((1, 1, 5000, 64)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, 4, 1, 64))
+    k, v = (rng.standard_normal((1, 1, 5000, 64)) for _ in range(2))
+    if dtype == np.uint16:
+        inputs = [bf16_bits(x) for x in (q, k, v)]
+        q, k, v = (bf16_to_float32(x).astype(np.float64) for x in inputs)
+    else:
+        inputs = [x.astype(dtype) for x in (q, k, v)]
     with kernel.recording() as launches:
-        kernel.flash_forward(q, k, v, None, scale=0.125, causal=None, window=None, softcap=None)
+        out, lse = kernel.flash_forward(*inputs, None, scale=0.125, causal=None, window=None, softcap=None)
     assert [launch.worker for launch in launches] == ["decode"] and launches[0].n_splits > 1
+    out64, lse64 = attention(q, k, v, scale=0.125, return_lse=True)
+    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), scale=0.125, return_lse=True)
+    if dtype == np.uint16:  # the partials merge in float32, rounded to bf16 once
+        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
+    assert_within_rule("out", out, out64, out32, 2)
+    assert_within_rule("lse", lse, lse64, lse32, 2)

@@ -10,9 +10,9 @@ from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
-from .operands import _not_literal, _product
+from .operands import _not_literal, _operand_of, _product, _rows_as, _widening_buffer
 from .schedule import TASK_QUEUE, _claim
-from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
+from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_flags, _tile_scores_base2
 
 
 # ---------------------------------------------------------------------------
@@ -37,6 +37,10 @@ def _decode_worker(
     its split of the blocks any row can see; with n_splits > 1 its normalised
     partial output and lse go to part_out (S, B, Hq, Nq, Dv) / part_lse (S, B, Hq,
     Nq) for _merge_splits, else straight to out / lse.
+
+    bf16 bits (uint16 q, k, v, out) are widened to float32 as they are read, a key block
+    at a time, and every product runs in float32 (consts' dtype, the compute dtype): the
+    cache is read once, in place, at 2 bytes an element, and nothing is packed per call.
     """
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], out.shape[3]
@@ -44,7 +48,7 @@ def _decode_worker(
     rows = group * nq
     neg_inf = consts[_C_NEG_INF]
     zero = consts[_C_ZERO]
-    dtype = q.dtype
+    dtype = consts.dtype  # the compute dtype: float32 for bf16 bits
 
     q_t = np.zeros((d, padded(rows, PAD)), dtype)  # (D, rows16) Q^T of the group
     st = np.empty((block_k, padded(rows, PAD)), dtype)  # (Bk, rows16) S^T
@@ -54,6 +58,8 @@ def _decode_worker(
     running_sum = np.empty(rows, dtype)
     rescale = np.empty(rows, dtype)
     unused_grad = np.empty((1, 1), dtype)
+    k_wide = _widening_buffer(k, block_k * d, consts)  # (Bk, D) a key block widened (bf16 only)
+    v_wide = _widening_buffer(v_rows, block_k * dv, consts)  # (Bk, Dv)
     sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
 
@@ -68,7 +74,7 @@ def _decode_worker(
         for g in range(group):
             for i in range(nq):
                 for c in range(d):
-                    q_t[c, g * nq + i] = q[b, h0 + g, i, c]
+                    q_t[c, g * nq + i] = _operand_of(q_t, q[b, h0 + g, i, c])
         # Key blocks: those any head of the group can see, cut into n_splits runs.
         first, stop = nk, 0
         for g in range(group):
@@ -97,10 +103,10 @@ def _decode_worker(
                     for j in range(bk):  # rows indexed, never made arrays (no reference count per key)
                         total = zero
                         for c in range(d):
-                            total += k[b, hk, j0 + j, c] * q[b, hq_r, i_r, c]
+                            total += _operand_of(s_full, k[b, hk, j0 + j, c]) * _operand_of(s_full, q[b, hq_r, i_r, c])
                         s_full[r, j] = total
             else:
-                _product(k[b, hk, j0:j1], q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
+                _product(_rows_as(k, b, hk, j0, bk, k_wide), q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
                 for j in range(bk):
                     for r in range(rows):
                         s_full[r, j] = st[j, r]
@@ -120,7 +126,7 @@ def _decode_worker(
                         for c in range(bk):
                             slab[r, c] *= multiplier
             _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc)
-            _product(s_full, v_rows[b, hk, j0:], acc, rows, dv, bk, True, micro)  # acc += P V
+            _product(s_full, _rows_as(v_rows, b, hk, j0, bk, v_wide), acc, rows, dv, bk, True, micro)  # acc += P V
 
         for g in range(group):
             h = h0 + g
@@ -136,7 +142,8 @@ def _decode_worker(
 
 @_jit()
 def _merge_splits(part_out, part_lse, out, lse, t):
-    """out / lse of (batch, head) t from the splits' normalised partials, weighted by exp(lse_s - lse)."""
+    """out / lse of (batch, head) t from the splits' normalised partials, weighted by exp(lse_s - lse)
+    (out: the partials' float dtype, or bf16 bits, rounded once)."""
     n_splits, batch, hq, nq, dv = part_out.shape
     b, h = t // hq, t % hq
     for i in range(nq):
@@ -144,19 +151,21 @@ def _merge_splits(part_out, part_lse, out, lse, t):
         for sp in range(n_splits):
             top = max(top, part_lse[sp, b, h, i])
         if top == -np.inf:  # no split saw a key: exact zeros, lse -inf
-            out[b, h, i, :] = 0
+            for c in range(dv):
+                out[b, h, i, c] = _store(out, 0.0)
             lse[b, h, i] = -np.inf
             continue
         total = 0.0
         for sp in range(n_splits):
             total += math.exp(part_lse[sp, b, h, i] - top)
         row_lse = top + math.log(total)
-        out[b, h, i, :] = 0
-        for sp in range(n_splits):
-            weight = math.exp(part_lse[sp, b, h, i] - row_lse)
-            if weight > 0:
-                for c in range(dv):
-                    out[b, h, i, c] += weight * part_out[sp, b, h, i, c]
+        for c in range(dv):
+            value = 0.0
+            for sp in range(n_splits):
+                weight = math.exp(part_lse[sp, b, h, i] - row_lse)
+                if weight > 0:
+                    value += weight * part_out[sp, b, h, i, c]
+            out[b, h, i, c] = _store(out, value)
         lse[b, h, i] = row_lse
 
 

@@ -210,6 +210,40 @@ def _f64_of_overload(value):
     return lambda value: np.float64(value)
 
 
+def _widening_buffer(x, size, like):
+    """A 1-D scratch of like's dtype for _rows_as: size elements when x's elements need widening
+    (bf16 bits), none when x is read in place."""
+
+
+@overload(_widening_buffer, jit_options={"inline": "always"})
+def _widening_buffer_overload(x, size, like):
+    if x.dtype == like.dtype:
+        return lambda x, size, like: np.empty(0, like.dtype)
+    return lambda x, size, like: np.empty(size, like.dtype)
+
+
+def _rows_as(x, b, h, j0, rows, buffer):
+    """Rows j0 .. of x[b, h] (x: (B, H, N, C)) as an operand of buffer's dtype: x[b, h, j0:] itself
+    when x has that dtype (read in place); else rows j0 .. j0 + rows widened from bf16 bits into
+    buffer (room for rows * C), read from x's contiguous rows."""
+
+
+@overload(_rows_as, jit_options={"inline": "always"})
+def _rows_as_overload(x, b, h, j0, rows, buffer):
+    if x.dtype == buffer.dtype:
+        return lambda x, b, h, j0, rows, buffer: x[b, h, j0:]
+
+    def widened(x, b, h, j0, rows, buffer):
+        cols = x.shape[3]
+        wide = buffer[: rows * cols].reshape((rows, cols))
+        for r in range(rows):  # rows indexed, never made arrays (no reference counting per row)
+            for c in range(cols):
+                wide[r, c] = _f32_of(x[b, h, j0 + r, c])
+        return wide
+
+    return widened
+
+
 @_jit()
 def _load_transposed(src, dst):
     """dst[c, r] = src[r, c] as elements of dst's dtype; dst (C, >= R) rows zero past R."""
