@@ -430,7 +430,7 @@ def available_backends():
     return backend_status()
 
 
-def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
+def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
     """Compile every available JIT backend now for calls of these dtypes, so no later call pays for it.
 
     The Numba kernel compiles (or loads from its on-disk cache) on first use:
@@ -441,9 +441,16 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
     those same kernels, so afterwards no such call compiles in this process.
     dtypes: names among "float32", "bfloat16", "float16", "float64". float32 is
     prepared for the products torch.get_float32_matmul_precision() selects now.
+    processes: how many processes may compile at once (default: one per CPU, at
+    most one per kernel; 1: this process alone). Helper processes start only
+    when something has to be compiled, compile into the on-disk cache, and
+    exit; this process then loads what they compiled.
     """
     from .backends import BACKENDS
 
+    from .kernels.warmup import check_processes
+
+    check_processes(processes)
     for backend in BACKENDS.values():
         if backend.unavailable_reason() is None:
-            backend.warmup(tuple(dtypes), backward=backward, decode=decode)
+            backend.warmup(tuple(dtypes), backward=backward, decode=decode, processes=processes)

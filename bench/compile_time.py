@@ -1,6 +1,6 @@
 """Where a first call's time goes: Numba compilation, per kernel function, cold and with a warm cache.
 
-    python -m attnkit.bench.compile_time [--kinds fp32 fp32-backward bf16 fp64 decode warmup]
+    python -m attnkit.bench.compile_time [--kinds fp32 fp32-backward bf16 fp64 decode warmup warmup-one-process]
 
 Each kind runs in a fresh Python process with an empty NUMBA_CACHE_DIR (cold), then in a second
 fresh process that finds the cache the first one wrote (warm). A process times its first call and a
@@ -24,7 +24,8 @@ KINDS = {  # kind -> the call, as code run in the child (q, k, v and attnkit are
     "bf16": "attnkit.attention(*(x.bfloat16() for x in (q, k, v)), causal=True)",
     "fp64": "attnkit.attention(*(x.double() for x in (q, k, v)), causal=True)",
     "decode": "attnkit.attention(q[:, :, -1:], k[:, :8], v[:, :8])",
-    "warmup": "attnkit.warmup()",
+    "warmup": "attnkit.warmup()",  # helper processes compile from the back of the job list (kernels/warmup.py)
+    "warmup-one-process": "attnkit.warmup(processes=1)",
 }
 
 _CHILD = r"""

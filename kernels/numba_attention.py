@@ -5,7 +5,7 @@ constants), tile.py (one tile's scores and the online softmax), schedule.py
 (tasks heaviest first, the work queue), operands.py (packing K / V, products by
 dtype), forward.py, decode.py, backward.py (the workers), plan.py (host-side
 planning), memory.py (allocations, workspace, BLAS pinning). This file holds
-the entry points: flash_forward, flash_backward, warmup, and two documented
+the entry points: flash_forward, flash_backward, warmup (kernels/warmup.py), and two documented
 ways to look inside a call (for tests and diagnostics): plan_mask (how a mask
 will be read) and recording (which worker ran, on which arrays). What each
 version changed and measured: docs/kernel-log.md.
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from .jit import announce_as
@@ -40,6 +38,7 @@ from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import launch
 from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
+from .warmup import warmup  # the entry point's home since before kernels/warmup.py
 from .cpu.plan import (
     _NO_DROPOUT, _backward_block_sizes, _backward_chunks, _block_sizes, _dense_table, _hashable, _kernel_array,
     _mask_plan, _no_alibi, _prepare, _segment_sizes, _static_prepare,
@@ -371,53 +370,3 @@ def flash_backward(
                                   micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad),
                backward_steps)  # fmt: skip
     return dq, dk, dv_grad
-
-
-def warmup_variants(dtypes, float32_bf16=False):
-    """The kernel variants (input dtype for the kernel, bf16_products) that calls of these torch/NumPy
-    dtype names run, as flash_forward chooses them ("float32", "bfloat16", "float16", "float64");
-    float32_bf16: float32 calls run bf16 products (torch's "medium" float32 matmul precision)."""
-    from .microkernels import BF16_DOT, BF16_PRODUCTS
-
-    variants = []
-    for name in dtypes:
-        if name == "float64":
-            chosen = [(np.float64, False)]
-        elif name == "bfloat16" and BF16_PRODUCTS != "fp32":
-            chosen = [(np.uint16, True)]  # bf16 bits on the bf16 micro-kernel
-        elif name in ("float32", "bfloat16", "float16"):
-            chosen = [(np.float32, False)]  # bf16 elsewhere, and float16, run in float32
-            if name == "float32" and float32_bf16 and BF16_DOT:
-                chosen = [(np.float32, True)]
-        else:
-            raise ValueError(f"warmup dtypes must be among float32, bfloat16, float16, float64; got {name!r}")
-        variants += [v for v in chosen if v not in variants]
-    return variants
-
-
-def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, float32_bf16=False):
-    """Compile (or load from the cache) every kernel that calls of these dtypes run: the forward,
-    the backward and the decode kernel (float dtypes), and their steps (kernels/cpu/launch.py).
-
-    Causal alignment, windows, masks, softcap, ALiBi, dropout, sinks, packed sequences and the
-    thread count (one thread for small calls, a busy machine or a forked child) are run-time flags
-    and arrays of the same compiled kernels: once these have run, no call of these dtypes
-    compiles again in this process (tests/test_numba_backend.py checks the dispatchers' signatures).
-    float32_bf16: prepare float32 for bf16 products (what torch's "medium" precision selects).
-    """
-    from .microkernels import bf16_bits
-
-    rng = np.random.default_rng(0)
-    shapes = [((1, 4, 256, 64), (1, 2, 256, 64))]  # the forward and the backward
-    if decode:  # the decode kernel, splitting keys and merging them when two threads are there
-        shapes.append(((1, 4, 1, 64), (1, 2, 1024, 64)))
-    for dtype, bf16_products in warmup_variants(dtypes, float32_bf16):
-        for q_shape, kv_shape in shapes:
-            q, k, v = (rng.standard_normal(shape) for shape in (q_shape, kv_shape, kv_shape))
-            q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
-            options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bf16_products)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", numba.NumbaWarning)
-                out, lse = flash_forward(q, k, v, None, **options)
-                if backward and q_shape[2] > 1:
-                    flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)

@@ -119,3 +119,46 @@ def test_kernels_use_the_locked_cache():
     for dispatcher in (_forward_kernel, _fan_out):
         assert isinstance(dispatcher._cache, LockedFunctionCache)
         assert isinstance(dispatcher._cache._cache_file, _LockedIndexDataFile)
+
+
+_WARMUP = """
+import numpy as np
+import attnkit
+from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.cpu.decode import _decode_worker
+from attnkit.kernels.cpu.forward import _forward_worker
+
+attnkit.warmup(["float64"], backward=False)  # two jobs: the forward here, the decode in a helper
+assert _forward_worker.stats.cache_misses, "the forward compiled here"
+assert _decode_worker.stats.cache_hits and not _decode_worker.stats.cache_misses, (
+    f"decode: hits {dict(_decode_worker.stats.cache_hits)}, misses {dict(_decode_worker.stats.cache_misses)}")
+before = {f: len(f.signatures) for f in (_forward_worker, _decode_worker)}
+rng = np.random.default_rng(1)
+q, k, v = rng.standard_normal((2, 8, 1, 64)), rng.standard_normal((2, 2, 700, 64)), rng.standard_normal((2, 2, 700, 64))
+out, _ = kernel.flash_forward(q, k, v, None, scale=0.125, causal=None, window=None, softcap=None)
+s = np.einsum("bhqd,bhkd->bhqk", q, np.repeat(k, 4, axis=1)) * 0.125
+p = np.exp(s - s.max(-1, keepdims=True))
+expected = np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), np.repeat(v, 4, axis=1))
+assert np.abs(out - expected).max() < 1e-10
+assert before == {f: len(f.signatures) for f in (_forward_worker, _decode_worker)}, "a call compiled again"
+print("ok")
+"""
+
+
+def test_warmup_compiles_in_helper_processes_and_this_one_loads_their_work(tmp_path):
+    """With a cold cache, warmup's helper process compiles the decode kernel while this process
+    compiles the forward; this process then loads the decode kernel from the cache (a hit, no
+    compilation), and its calls compile nothing more and give the right result."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), ATTNKIT_COMPILE_NOTICE="0")
+    result = subprocess.run([sys.executable, "-c", _WARMUP], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_warmup_processes_must_be_a_positive_int():
+    import pytest
+
+    import attnkit
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="processes"):
+            attnkit.warmup(["float32"], processes=bad)

@@ -56,8 +56,9 @@ class Backend:
         regenerated from its seed; out and lse include any sinks, so the backward needs no more)."""
         raise NotImplementedError
 
-    def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
-        """Compile whatever the backend compiles lazily for calls of these dtypes (nothing by default)."""
+    def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
+        """Compile whatever the backend compiles lazily for calls of these dtypes (nothing by default),
+        in up to `processes` processes at once where it can."""
 
     def product_path(self, spec):
         """A line on how this backend multiplies the call's tiles, or None."""

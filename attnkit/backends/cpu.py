@@ -148,11 +148,12 @@ class NumbaBackend(Backend):
         path, why = cpu_product_path(spec.dtype)
         return f"{path} products: {why}; compiled for {describe()}"
 
-    def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True):
-        from ..kernels.numba_attention import warmup
+    def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
+        from ..kernels.warmup import warmup
 
         # float32 calls run bf16 products under torch's "medium" precision: prepare what is set now.
-        warmup(dtypes, backward=backward, decode=decode, float32_bf16=float32_matmul_precision() == "medium")
+        warmup(dtypes, backward=backward, decode=decode, float32_bf16=float32_matmul_precision() == "medium",
+               processes=processes)  # fmt: skip
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
