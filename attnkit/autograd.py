@@ -18,9 +18,10 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights):
-        out, lse, weights = backend.forward(
-            q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout, sinks=sinks
-        )
+        with backend.preparing_backward(spec):
+            out, lse, weights = backend.forward(
+                q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout, sinks=sinks
+            )
         ctx.save_for_backward(q, k, v, mask, alibi, sinks, out, lse)
         ctx.backend, ctx.spec, ctx.dropout = backend, spec, dropout  # the backward redraws dropout's mask
         # One call: a second mark_non_differentiable would replace the first.

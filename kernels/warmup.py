@@ -7,10 +7,16 @@ on-disk cache), helper processes take jobs from the back. They compile into the 
 (kernels/jit.py makes concurrent saves safe) and exit; this process then loads what they
 compiled, so afterwards no call of those dtypes compiles here. Where no cache can be written,
 or with processes=1, everything compiles in this process.
+
+The same helpers serve a training step's first call (compiling_ahead): when a forward that a
+backward will follow starts compiling, a helper compiles the backward kernel meanwhile, and
+the backward waits for it (wait_for_ahead) and loads its work instead of compiling it again.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import subprocess
@@ -26,7 +32,7 @@ from numba.core import event
 
 from .jit import cache_location
 
-__all__ = ["check_processes", "warmup", "warmup_variants"]
+__all__ = ["check_processes", "compiling_ahead", "wait_for_ahead", "warmup", "warmup_variants"]
 
 # The shapes each job runs: the forward and the backward; the decode kernel (keys split and
 # merged when two threads are there).
@@ -56,21 +62,25 @@ def warmup_variants(dtypes, float32_bf16=False):
 
 
 def run_job(dtype_name, bf16_products, kind, backward):
-    """Run one job's calls in this process: kind "forward" (and the backward when backward) or
-    "decode", for kernel inputs of dtype_name ("float32", "float64", "uint16": bf16 bits)."""
+    """Run one job's calls in this process: kind "forward" (and the backward when backward),
+    "decode", or "backward" (the backward kernel alone), for kernel inputs of dtype_name
+    ("float32", "float64", "uint16": bf16 bits)."""
     from .microkernels import bf16_bits
     from .numba_attention import flash_backward, flash_forward
 
     dtype = np.dtype(dtype_name)
-    q_shape, kv_shape = _SHAPES[kind]
+    q_shape, kv_shape = _SHAPES["forward" if kind == "backward" else kind]
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(shape) for shape in (q_shape, kv_shape, kv_shape))
     q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
     options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bool(bf16_products))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", numba.NumbaWarning)
-        out, lse = flash_forward(q, k, v, None, **options)
-        if backward and kind == "forward":
+        if kind == "backward":  # any out and lse compile it: the values are not used
+            out, lse = np.zeros_like(q), np.zeros(q.shape[:3], np.float64 if dtype == np.float64 else np.float32)
+        else:
+            out, lse = flash_forward(q, k, v, None, **options)
+        if backward and kind != "decode":
             flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
 
 
@@ -92,7 +102,7 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
             for dtype, bf16 in warmup_variants(dtypes, float32_bf16) for kind in kinds]  # fmt: skip
     check_processes(processes)
     helpers = min(len(jobs), processes or os.cpu_count() or 1) - 1
-    if helpers > 0 and cache_location(Path(__file__).parent)[0] is None:
+    if helpers > 0 and not _cache_to_share():
         helpers = 0  # nowhere to share compiled code: every process would compile for itself
     _Jobs(jobs, helpers).run()
 
@@ -118,7 +128,7 @@ class _Jobs:
         self.failures = []
 
     def run(self):
-        listener = _FirstCompile(self.compiling)
+        listener = _FirstCompile(self.compiling.set)
         threads = [threading.Thread(target=self._mind_helpers, name=f"attnkit-warmup-{i}", daemon=True)
                    for i in range(self.helpers)]  # fmt: skip
         for thread in threads:
@@ -159,13 +169,10 @@ class _Jobs:
             self._run_helper(job)
 
     def _run_helper(self, job):
-        command = [sys.executable, "-m", __name__, json.dumps(job)]
-        environment = dict(os.environ, ATTNKIT_COMPILE_NOTICE="0")
         try:
-            child = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)  # fmt: skip
+            child = _start_helper(job)
         except OSError as error:  # no interpreter to start (an embedded Python): this process compiles
-            self.failures.append(f"{command[0]!r} could not start: {error}")
+            self.failures.append(f"{sys.executable!r} could not start: {error}")
             return
         with self.lock:
             self.children.add(child)
@@ -182,17 +189,81 @@ class _Jobs:
             child.kill()
 
 
-class _FirstCompile(event.Listener):
-    """Sets an event when Numba starts compiling anything (loading from the cache compiles nothing)."""
+def _start_helper(job):
+    """A helper process running job (run_job's arguments); raises OSError if none can start."""
+    command = [sys.executable, "-m", __name__, json.dumps(job)]
+    environment = dict(os.environ, ATTNKIT_COMPILE_NOTICE="0")
+    return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    def __init__(self, started):
-        self.started = started
+
+def _cache_to_share():
+    """Whether the kernels have an on-disk cache, through which a helper's work reaches this process."""
+    return cache_location(Path(__file__).parent)[0] is not None
+
+
+def _helpers_can_share():
+    """Whether a helper process can compile beside this one to any use: a cache, a second CPU."""
+    return (os.cpu_count() or 1) > 1 and _cache_to_share()
+
+
+class _FirstCompile(event.Listener):
+    """Calls on_first() once, when Numba starts compiling anything (a cache load compiles nothing)."""
+
+    def __init__(self, on_first):
+        self.on_first = on_first
+        self.called = False
 
     def on_start(self, event):
-        self.started.set()
+        if not self.called:
+            self.called = True
+            self.on_first()
 
     def on_end(self, event):
         pass
+
+
+_AHEAD = {}  # job -> the helper process compiling it ahead, or None (considered: no helper)
+
+
+@contextlib.contextmanager
+def compiling_ahead(job):
+    """Within the block, should anything start compiling (a cold cache), start a helper process
+    compiling job (run_job's arguments: say, the backward kernel of a forward that needs a
+    gradient) while this process goes on. Each job is considered once per process: later blocks
+    cost a dict lookup. wait_for_ahead(job) waits for the helper."""
+    if job in _AHEAD:
+        yield
+        return
+    _AHEAD[job] = None
+    if not _helpers_can_share():
+        yield
+        return
+
+    def start():
+        try:
+            _AHEAD[job] = _start_helper(job)
+        except OSError:
+            pass  # the job compiles in this process when it runs
+
+    with event.install_listener("numba:compile", _FirstCompile(start)):
+        yield
+
+
+def wait_for_ahead(job):
+    """Wait for the helper compiling job ahead, if one was started (then its work loads from the
+    cache; if it failed, the job compiles here as it would have)."""
+    child = _AHEAD.get(job)
+    if child is not None:
+        child.communicate()
+        _AHEAD[job] = None
+
+
+@atexit.register
+def _stop_helpers():
+    """A helper still compiling ahead when this process ends is not needed any more."""
+    for child in list(_AHEAD.values()):
+        if child is not None and child.poll() is None:
+            child.kill()
 
 
 def _main(argv):

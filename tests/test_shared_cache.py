@@ -162,3 +162,37 @@ def test_warmup_processes_must_be_a_positive_int():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="processes"):
             attnkit.warmup(["float32"], processes=bad)
+
+
+_TRAINING_STEP = """
+import torch
+import attnkit
+from attnkit.kernels import warmup
+from attnkit.kernels.cpu.backward import _backward_worker
+
+started, start = [], warmup._start_helper
+warmup._start_helper = lambda job: started.append(job) or start(job)
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 4, 33, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+attnkit.attention(q, k, v, causal=True).sum().backward()
+hits, misses = sum(_backward_worker.stats.cache_hits.values()), sum(_backward_worker.stats.cache_misses.values())
+grads = [x.grad.clone() for x in (q, k, v)]
+for x in (q, k, v):
+    x.grad = None
+torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+assert all(torch.allclose(g, x.grad, atol=1e-10) for g, x in zip(grads, (q, k, v)))
+print(len(started), hits, misses)
+"""
+
+
+def test_a_first_training_step_compiles_its_backward_in_a_helper_meanwhile(tmp_path):
+    """Cold cache: while the forward compiles here, a helper process compiles the backward kernel;
+    the backward then loads it from the cache (a hit, no compilation) and the gradients are right.
+    With the cache warm, nothing compiles and no helper starts."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), ATTNKIT_COMPILE_NOTICE="0")
+    for run, helpers in (("cold", "1"), ("warm", "0")):
+        result = subprocess.run([sys.executable, "-c", _TRAINING_STEP], env=env, capture_output=True, text=True,
+                                timeout=900)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        # helpers started; the backward worker's cache hits and compilations
+        assert result.stdout.split() == [helpers, "1", "0"], (run, result.stdout)

@@ -8,6 +8,7 @@ checks user input (validation did) and never chooses another backend.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 
@@ -55,6 +56,11 @@ class Backend:
         """Returns (dq, dk, dv) in the array type, device and dtype of q, k, v (dropout's mask
         regenerated from its seed; out and lse include any sinks, so the backward needs no more)."""
         raise NotImplementedError
+
+    def preparing_backward(self, spec):
+        """A context manager around a forward that a backward will follow: a backend that compiles
+        lazily may prepare the backward meanwhile (nothing by default)."""
+        return contextlib.nullcontext()
 
     def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
         """Compile whatever the backend compiles lazily for calls of these dtypes (nothing by default),

@@ -55,6 +55,16 @@ def _cpu_product_path(dtype, precision):
     return "float32", f"{blas} (float32 matmul precision {precision!r})"
 
 
+@functools.lru_cache(maxsize=16)
+def _backward_job(dtype, bf16):
+    """The warmup job (kernels/warmup.py run_job's arguments) compiling the backward kernel that calls
+    of this dtype name run with these products."""
+    from ..kernels.warmup import warmup_variants
+
+    ((kernel_dtype, bf16_products),) = warmup_variants([dtype], float32_bf16=bf16 and dtype == "float32")
+    return (np.dtype(kernel_dtype).name, bf16_products, "backward", True)
+
+
 def _host(x, spec, bf16):
     """x as the kernel's NumPy operand: bf16 bits (uint16) when bf16, float64 kept, else float32."""
     if bf16 and spec.dtype == "bfloat16":
@@ -155,6 +165,12 @@ class NumbaBackend(Backend):
         warmup(dtypes, backward=backward, decode=decode, float32_bf16=float32_matmul_precision() == "medium",
                processes=processes)  # fmt: skip
 
+    def preparing_backward(self, spec):
+        from ..kernels.warmup import compiling_ahead
+
+        # A cold cache: a helper process compiles the backward kernel while this one compiles the forward.
+        return compiling_ahead(_backward_job(spec.dtype, cpu_product_path(spec.dtype)[0] == "bf16"))
+
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
         sinks = _arrays.to_numpy(sinks)
@@ -165,7 +181,10 @@ class NumbaBackend(Backend):
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
+        from ..kernels.warmup import wait_for_ahead
+
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
+        wait_for_ahead(_backward_job(spec.dtype, bf16))  # a helper compiling it: load its work instead
         if spec.packed:
             grads = self._packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16, dropout)
         else:
