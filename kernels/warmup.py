@@ -189,11 +189,12 @@ class _Jobs:
             child.kill()
 
 
-def _start_helper(job):
-    """A helper process running job (run_job's arguments); raises OSError if none can start."""
+def _start_helper(job, errors=subprocess.PIPE):
+    """A helper process running job (run_job's arguments), its stderr to `errors` (a pipe: read it,
+    or a full one stops the helper); raises OSError if none can start."""
     command = [sys.executable, "-m", __name__, json.dumps(job)]
     environment = dict(os.environ, ATTNKIT_COMPILE_NOTICE="0")
-    return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=errors, text=True)
 
 
 def _cache_to_share():
@@ -241,7 +242,7 @@ def compiling_ahead(job):
 
     def start():
         try:
-            _AHEAD[job] = _start_helper(job)
+            _AHEAD[job] = _start_helper(job, subprocess.DEVNULL)  # its failure shows as this process compiling
         except OSError:
             pass  # the job compiles in this process when it runs
 
@@ -254,7 +255,7 @@ def wait_for_ahead(job):
     cache; if it failed, the job compiles here as it would have)."""
     child = _AHEAD.get(job)
     if child is not None:
-        child.communicate()
+        child.wait()
         _AHEAD[job] = None
 
 

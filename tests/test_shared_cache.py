@@ -171,7 +171,7 @@ from attnkit.kernels import warmup
 from attnkit.kernels.cpu.backward import _backward_worker
 
 started, start = [], warmup._start_helper
-warmup._start_helper = lambda job: started.append(job) or start(job)
+warmup._start_helper = lambda job, *rest: started.append(job) or start(job, *rest)
 torch.manual_seed(0)
 q, k, v = (torch.randn(2, 4, 33, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
 attnkit.attention(q, k, v, causal=True).sum().backward()
