@@ -128,7 +128,7 @@ class _Jobs:
         self.failures = []
 
     def run(self):
-        listener = _FirstCompile(self.compiling.set)
+        listener = _FirstCompile(self._cold)
         threads = [threading.Thread(target=self._mind_helpers, name=f"attnkit-warmup-{i}", daemon=True)
                    for i in range(self.helpers)]  # fmt: skip
         for thread in threads:
@@ -158,6 +158,14 @@ class _Jobs:
         if self.failures:
             warnings.warn("attnkit.warmup: a helper process failed; its kernels compiled in this process "
                           f"instead:\n{self.failures[0]}", RuntimeWarning, stacklevel=3)  # fmt: skip
+
+    def _cold(self):
+        """The first compilation here: the cache is cold, so the helpers start (and say so)."""
+        if self.helpers and os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
+            sys.stderr.write(f"attnkit: warmup: {len(self.jobs)} kernel jobs to compile, "
+                             f"{self.helpers} helper process{'es' if self.helpers > 1 else ''} alongside this one\n")  # fmt: skip
+            sys.stderr.flush()
+        self.compiling.set()
 
     def _mind_helpers(self):
         self.compiling.wait()
