@@ -25,6 +25,8 @@ CASES = [
     (1, 4, 1, 1, 10000, 64, None, None, None),
     (1, 2, 2, 5, 300, 32, "top_left", None, None),  # Nq > 1, top-left: later keys hidden
     (1, 6, 3, 7, 4097, 59, None, (None, 0), None),  # odd head dim: the tiled path
+    (2, 8, 8, 1, 777, 64, None, None, "key_padding"),  # MHA: one row per tile, P V a key at a time
+    (1, 4, 4, 1, 1500, 128, "bottom_right", (300, 0), None),
 ]
 
 

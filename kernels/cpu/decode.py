@@ -26,6 +26,13 @@ from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_
 # 2.1-2.2x torch, bf16 1.10-1.15 -> 1.20x; at 8 rows (H32/4) the micro-kernel stays ahead.
 _DOT_ROWS = 5
 
+# Below this many rows (one: MHA decode) P V adds each key's row of V, scaled, to the output row
+# (bf16 widened on the way): the micro-kernel's 6-row tile was 5/6 padding. Taking turns with
+# torch, separate caches, two runs each, B4 H32/32 D128: bf16 Nk1024 0.67 / 0.69 -> 0.82 / 0.81x
+# torch, Nk64 0.41 / 0.36 -> 0.49 / 0.44x; fp32 Nk1024 0.91 / 0.94 -> 1.03 / 0.97x. At 2 and 4 rows
+# it lost (fp32 GQA 32/8 Nk512 1.01 / 1.17 -> 0.88 / 1.01x).
+_AXPY_ROWS = 2
+
 
 @_jit(fastmath=_FASTMATH)
 def _decode_worker(
@@ -129,7 +136,14 @@ def _decode_worker(
                         for c in range(bk):
                             slab[r, c] *= multiplier
             _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc)
-            _product(s_full, _rows_as(v_rows, b, hk, j0, bk, v_wide), acc, rows, dv, bk, True, micro)  # acc += P V
+            if rows < _AXPY_ROWS:  # acc += P V, a key at a time
+                for j in range(bk):
+                    for r in range(rows):
+                        weight = s_full[r, j]
+                        for c in range(dv):
+                            acc[r, c] += weight * _operand_of(acc, v_rows[b, hk, j0 + j, c])
+            else:
+                _product(s_full, _rows_as(v_rows, b, hk, j0, bk, v_wide), acc, rows, dv, bk, True, micro)  # acc += P V
 
         for g in range(group):
             h = h0 + g
