@@ -167,7 +167,18 @@ class _LockedIndexDataFile(caching.IndexDataCacheFile):
 
 
 class LockedFunctionCache(caching.FunctionCache):
-    """Numba's FunctionCache with saves that processes can make at once (_LockedIndexDataFile)."""
+    """Numba's FunctionCache with saves that processes can make at once (_LockedIndexDataFile), and
+    loads that keep what a function needs run before its code is called (its reload_init).
+
+    Numba runs a loaded function's reload_init (for a parallel function: start the threading
+    layer) but does not keep it on the loaded library, so a function compiled later that calls
+    it is cached without it. A process whose first call loads that caller then calls into a
+    threading layer nobody started: a segfault. It happened to launch.py's _fan_out, compiled
+    once and called by every kernel: float32 in one process, float64's kernel compiled in a
+    second, float64 first in a third (tests/test_shared_cache.py).
+    """
+
+    _RELOAD_INIT = 7  # where CompileResult._reduce puts reload_init in the cached tuple
 
     def __init__(self, py_func):
         super().__init__(py_func)
@@ -175,6 +186,16 @@ class LockedFunctionCache(caching.FunctionCache):
             cache_path=self._cache_path, filename_base=self._impl.filename_base,
             source_stamp=self._impl.locator.get_source_stamp(),
         )  # fmt: skip
+
+    def _load_overload(self, sig, target_context):
+        if not self._enabled:
+            return None
+        data = self._cache_file.load(self._index_key(sig, target_context.codegen()))
+        if data is None:
+            return None
+        result = self._impl.rebuild(target_context, data)
+        result.library._reload_init.update(data[self._RELOAD_INIT])  # inherited by whatever links it
+        return result
 
 
 def jit(**options):

@@ -162,8 +162,8 @@ class _Jobs:
     def _cold(self):
         """The first compilation here: the cache is cold, so the helpers start (and say so)."""
         if self.helpers and os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
-            sys.stderr.write(f"attnkit: warmup: {len(self.jobs)} kernel jobs to compile, "
-                             f"{self.helpers} helper process{'es' if self.helpers > 1 else ''} alongside this one\n")  # fmt: skip
+            helpers = f"{self.helpers} helper process{'es' if self.helpers > 1 else ''}"
+            sys.stderr.write(f"attnkit: warmup: {len(self.jobs)} kernel jobs, {helpers} alongside this one\n")
             sys.stderr.flush()
         self.compiling.set()
 
@@ -234,19 +234,19 @@ class _FirstCompile(event.Listener):
 _AHEAD = {}  # job -> the helper process compiling it ahead, or None (considered: no helper)
 
 
-@contextlib.contextmanager
+_NOTHING_AHEAD = contextlib.nullcontext()
+
+
 def compiling_ahead(job):
-    """Within the block, should anything start compiling (a cold cache), start a helper process
-    compiling job (run_job's arguments: say, the backward kernel of a forward that needs a
-    gradient) while this process goes on. Each job is considered once per process: later blocks
-    cost a dict lookup. wait_for_ahead(job) waits for the helper."""
+    """A context manager: within it, should anything start compiling (a cold cache), a helper process
+    starts compiling job (run_job's arguments: say, the backward kernel of a forward that needs a
+    gradient) while this process goes on. Each job is considered once per process: later calls
+    cost a dict lookup and return a shared no-op. wait_for_ahead(job) waits for the helper."""
     if job in _AHEAD:
-        yield
-        return
+        return _NOTHING_AHEAD
     _AHEAD[job] = None
     if not _helpers_can_share():
-        yield
-        return
+        return _NOTHING_AHEAD
 
     def start():
         try:
@@ -254,8 +254,7 @@ def compiling_ahead(job):
         except OSError:
             pass  # the job compiles in this process when it runs
 
-    with event.install_listener("numba:compile", _FirstCompile(start)):
-        yield
+    return event.install_listener("numba:compile", _FirstCompile(start))
 
 
 def wait_for_ahead(job):

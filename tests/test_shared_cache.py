@@ -196,3 +196,43 @@ def test_a_first_training_step_compiles_its_backward_in_a_helper_meanwhile(tmp_p
         assert result.returncode == 0, result.stderr[-3000:]
         # helpers started; the backward worker's cache hits and compilations
         assert result.stdout.split() == [helpers, "1", "0"], (run, result.stdout)
+
+
+_PARALLEL_MODULE = """
+import numpy as np
+from numba import prange
+from attnkit.kernels.jit import jit
+
+@jit(parallel=True)
+def fan_out(x):  # like kernels/cpu/launch.py's _fan_out: one parallel function, compiled once
+    for i in prange(x.shape[0]):
+        x[i] += 1.0
+
+@jit()
+def caller(x):  # like a kernel: compiled later, linking the cached parallel function
+    fan_out(x)
+    return x.sum()
+"""
+
+_CALLS = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+import shared_parallel_kernel as m
+for call in sys.argv[2:]:
+    x = np.zeros(1000, dtype=call.split(":")[1])
+    getattr(m, call.split(":")[0])(x)
+    assert float(np.sum(x)) == 1000.0, call
+print("ok")
+"""
+
+
+def test_a_function_compiled_after_loading_a_parallel_one_loads_first_in_a_new_process(tmp_path):
+    """A parallel function loaded from the cache, then a caller compiled in that process: a third
+    process that loads the caller first must start the threading layer (it segfaulted: Numba drops
+    the loaded function's reload_init, so the caller was cached without it)."""
+    (tmp_path / "shared_parallel_kernel.py").write_text(textwrap.dedent(_PARALLEL_MODULE))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), ATTNKIT_COMPILE_NOTICE="0")
+    for calls in (["fan_out:float64"], ["fan_out:float64", "caller:float64"], ["caller:float64"]):
+        result = subprocess.run([sys.executable, "-c", _CALLS, str(tmp_path), *calls], env=env, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0 and result.stdout.strip() == "ok", (calls, result.returncode, result.stderr[-2000:])

@@ -55,13 +55,21 @@ def _cpu_product_path(dtype, precision):
     return "float32", f"{blas} (float32 matmul precision {precision!r})"
 
 
+@functools.cache
+def _kernel_warmup():
+    """kernels/warmup.py, imported on first use (it imports Numba), then held: an import statement
+    costs ~2 us, which every training call would pay twice."""
+    from ..kernels import warmup
+
+    return warmup
+
+
 @functools.lru_cache(maxsize=16)
 def _backward_job(dtype, bf16):
     """The warmup job (kernels/warmup.py run_job's arguments) compiling the backward kernel that calls
     of this dtype name run with these products."""
-    from ..kernels.warmup import warmup_variants
-
-    ((kernel_dtype, bf16_products),) = warmup_variants([dtype], float32_bf16=bf16 and dtype == "float32")
+    ((kernel_dtype, bf16_products),) = _kernel_warmup().warmup_variants(
+        [dtype], float32_bf16=bf16 and dtype == "float32")
     return (np.dtype(kernel_dtype).name, bf16_products, "backward", True)
 
 
@@ -159,17 +167,13 @@ class NumbaBackend(Backend):
         return f"{path} products: {why}; compiled for {describe()}"
 
     def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
-        from ..kernels.warmup import warmup
-
         # float32 calls run bf16 products under torch's "medium" precision: prepare what is set now.
-        warmup(dtypes, backward=backward, decode=decode, float32_bf16=float32_matmul_precision() == "medium",
-               processes=processes)  # fmt: skip
+        _kernel_warmup().warmup(dtypes, backward=backward, decode=decode, processes=processes,
+                                float32_bf16=float32_matmul_precision() == "medium")  # fmt: skip
 
     def preparing_backward(self, spec):
-        from ..kernels.warmup import compiling_ahead
-
         # A cold cache: a helper process compiles the backward kernel while this one compiles the forward.
-        return compiling_ahead(_backward_job(spec.dtype, cpu_product_path(spec.dtype)[0] == "bf16"))
+        return _kernel_warmup().compiling_ahead(_backward_job(spec.dtype, cpu_product_path(spec.dtype)[0] == "bf16"))
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
@@ -181,10 +185,8 @@ class NumbaBackend(Backend):
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
-        from ..kernels.warmup import wait_for_ahead
-
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
-        wait_for_ahead(_backward_job(spec.dtype, bf16))  # a helper compiling it: load its work instead
+        _kernel_warmup().wait_for_ahead(_backward_job(spec.dtype, bf16))  # a helper compiling it: load its work
         if spec.packed:
             grads = self._packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16, dropout)
         else:
