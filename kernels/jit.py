@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from numba import njit
 from numba.core import caching, event
 
-__all__ = ["announce_as", "cache_location", "discard_stale_cache", "jit"]
+__all__ = ["announce_as", "cache_location", "discard_stale_cache", "jit", "set_code_variant"]
 
 _STAMP = "attnkit-kernel-sources.sha256"
 
@@ -166,6 +166,16 @@ class _LockedIndexDataFile(caching.IndexDataCacheFile):
         return f"{self._index_name[: -len('.nbi')]}.{digest}.nbc"
 
 
+_code_variant = [""]
+
+
+def set_code_variant(text):
+    """Name the product paths the kernels are compiled with (microkernels sets it at import): the same
+    source compiles to other code under ATTNKIT_CPU_BF16=dpbf16 on an AMX machine, so the on-disk
+    cache keys carry it and the two never load each other's code."""
+    _code_variant[0] = text
+
+
 class LockedFunctionCache(caching.FunctionCache):
     """Numba's FunctionCache with saves that processes can make at once (_LockedIndexDataFile), and
     loads that keep what a function needs run before its code is called (its reload_init).
@@ -186,6 +196,9 @@ class LockedFunctionCache(caching.FunctionCache):
             cache_path=self._cache_path, filename_base=self._impl.filename_base,
             source_stamp=self._impl.locator.get_source_stamp(),
         )  # fmt: skip
+
+    def _index_key(self, sig, codegen):
+        return (*super()._index_key(sig, codegen), _code_variant[0])
 
     def _load_overload(self, sig, target_context):
         if not self._enabled:

@@ -21,7 +21,10 @@ compiles for; nothing here looks at the host):
   extension BFDOT does the same on 4 lanes;
 - bf16 elsewhere: the same pair-packed operands, each pair widened to two
   float32 vectors as it is loaded (a shift and a mask) and multiplied with
-  FMAs. Nothing is converted ahead of the product.
+  FMAs. Nothing is converted ahead of the product;
+- bf16 on a CPU with AMX (Intel Sapphire Rapids and later) whose OS grants it:
+  kernels/amx.py's tiles take the same operands (pair-packing is AMX's layout
+  for B), 4-7x the VDPBF16PS micro-kernel on the 2-vCPU Xeon of 2026-12-03.
 
 The register block (MR rows of C times NR vectors) is shaped per target by its
 register count and was chosen by measuring the candidates
@@ -63,7 +66,8 @@ from numba.extending import intrinsic
 from .bf16 import (  # noqa: F401  (re-exported: the conversions are part of this module's interface)
     _BFloat, bf16_bits, bf16_of, bf16_to_f32, bf16_to_float32, f32_to_bf16, f32_to_bf16_ir,
 )
-from .jit import jit
+from .amx import os_grants_amx, tiles as _amx_tiles
+from .jit import jit, set_code_variant
 from .target import TARGET
 
 __all__ = [
@@ -147,19 +151,28 @@ def _target_name(target):
     return f"the target Numba compiles for ({target.cpu}, {target.isa})"
 
 
-def choose_bf16_path(target=TARGET):
-    """(path, detail, error or None): whether bf16 runs on VDPBF16PS ("dpbf16") or BFDOT ("bfdot"),
-    widened to float32 in the micro-kernel ("widen"), or converted to float32 at the boundary
-    ("fp32"), from ATTNKIT_CPU_BF16 and what the target has (an error is raised at the call)."""
+def choose_bf16_path(target=TARGET, amx_grant=None):
+    """(path, detail, error or None): whether bf16 runs on AMX tiles ("amx"), VDPBF16PS ("dpbf16") or
+    BFDOT ("bfdot"), widened to float32 in the micro-kernel ("widen"), or converted to float32 at the
+    boundary ("fp32"), from ATTNKIT_CPU_BF16 and what the target has (an error is raised at the call).
+    amx_grant: (granted, why) from the OS (amx.os_grants_amx(), asked only for a target with AMX)."""
     choices = {
+        "amx": "bf16 products on Intel AMX tiles (TDPBF16PS) with float32 accumulation",
         "dpbf16": "bf16 products on AVX-512 BF16 (VDPBF16PS) with float32 accumulation",
         "bfdot": "bf16 products on AArch64 BFDOT with float32 accumulation",
         "widen": f"bf16 stays bf16; each pair widened to float32 in the micro-kernel ({target.lanes}-lane FMAs)",
         "fp32": "bf16 runs in float32 (converted at the boundary)",
     }
     dot = bf16_kind(target)
-    auto = dot if target.bf16_dot else "widen" if target.fma else "fp32"
+    if target.amx and amx_grant is None:
+        amx_grant = os_grants_amx()
+    amx = target.amx and amx_grant[0]
+    auto = "amx" if amx else dot if target.bf16_dot else "widen" if target.fma else "fp32"
     unavailable = {}
+    if not target.amx:
+        unavailable["amx"] = f"{_target_name(target)} has no AMX (amx-tile, amx-bf16)"
+    elif not amx:
+        unavailable["amx"] = f"{_target_name(target)} has AMX, but {amx_grant[1]}"
     if dot != "dpbf16":
         unavailable["dpbf16"] = f"{_target_name(target)} has no AVX-512 BF16 (avx512_bf16)"
     if dot != "bfdot":
@@ -168,6 +181,9 @@ def choose_bf16_path(target=TARGET):
         unavailable["widen"] = f"{_target_name(target)} runs bf16 on {dot} ({dot} or fp32)"
     elif not target.fma:
         unavailable["widen"] = f"{_target_name(target)} has no FMA"
+    if amx and target.bf16_dot:
+        detail = f"{choices['amx']}; VDPBF16PS with ATTNKIT_CPU_BF16=dpbf16"
+        choices = {**choices, "amx": detail}
     return _choose_path("ATTNKIT_CPU_BF16", choices, auto, unavailable)
 
 
@@ -183,9 +199,10 @@ def choose_f32_path(target=TARGET):
 
 
 BF16_PRODUCTS, BF16_DETAIL, _BF16_ERROR = choose_bf16_path()
-BF16_DOT = BF16_PRODUCTS in ("dpbf16", "bfdot")  # bf16 products faster than float32's: "medium" may use them
+BF16_DOT = BF16_PRODUCTS in ("amx", "dpbf16", "bfdot")  # bf16 products faster than float32's: "medium" may use them
 F32_PRODUCTS, F32_DETAIL, _F32_ERROR = choose_f32_path()
 _BF16_KIND = bf16_kind(TARGET)
+set_code_variant(f"bf16 products: {'amx' if BF16_PRODUCTS == 'amx' else _BF16_KIND}")  # gemm's code differs
 BLOCKS = {"f32": register_block("f32"), "bf16": register_block(_BF16_KIND)}
 
 
@@ -455,7 +472,8 @@ def tile_loop(micro, mr, nr_max, lanes, a_item):
     return tiles
 
 
-_tiles_bf16 = jit()(tile_loop(_BF16_MICRO, *BLOCKS["bf16"], TARGET.lanes, 2))
+# AMX's tiles where the path is "amx" (the target has AMX and the OS granted it), else the micro-kernel.
+_tiles_bf16 = jit()(_amx_tiles if BF16_PRODUCTS == "amx" else tile_loop(_BF16_MICRO, *BLOCKS["bf16"], TARGET.lanes, 2))
 _tiles_f32 = jit()(tile_loop(_F32_MICRO, *BLOCKS["f32"], TARGET.lanes, 4))
 
 

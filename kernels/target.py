@@ -23,7 +23,10 @@ On this probe rest:
   avx512_bf16 with AVX-512F, 16 lanes) or BFDOT (AArch64 with the bf16
   extension: Apple M2 and later, Graviton 3 and 4, Neoverse V1/V2/N2; 4 lanes);
 - BF16_CONVERT, a float32 -> bf16 conversion instruction (VCVTNEPS2BF16, or
-  BFCVTN on AArch64 with the bf16 extension); elsewhere integer rounding.
+  BFCVTN on AArch64 with the bf16 extension); elsewhere integer rounding;
+- amx, Intel AMX tiles with bf16 (amx-tile and amx-bf16). Not probed by compiling (an AMX
+  instruction for a target without it stops LLVM): read off the feature string Numba passes,
+  which lists every feature for the host; a CPU name given without features counts as no AMX.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Target:
     bf16_dot: bool
     bf16_convert: bool
     host: bool  # Numba compiles for the CPU it runs on (no NUMBA_CPU_NAME / NUMBA_CPU_FEATURES)
+    amx: bool = False  # AMX tiles with bf16 products (amx-tile, amx-bf16)
 
     @property
     def vector_isa(self):
@@ -65,7 +69,7 @@ class Target:
     @property
     def isa(self):
         """vector_isa, with BF16 where the target has bf16 instructions."""
-        return self.vector_isa + (" + BF16" if self.bf16_dot else "")
+        return self.vector_isa + (" + BF16" if self.bf16_dot else "") + (" + AMX" if self.amx else "")
 
 
 def _numba_target():
@@ -133,9 +137,11 @@ def probe(triple, cpu, features, host=False):
         avx512 = "zmm" in fma16
         lanes = 16 if avx512 else 8 if "ymm" in fma8 else 4
         fma = "vfmadd" in fma8
+        listed = set(features.split(","))
         return Target(triple, cpu, features, arch, lanes, 32 if avx512 else 16, fma,
                       bf16_dot=avx512 and "vcvtneps2bf16" in bf16 and "zmm" in bf16,
-                      bf16_convert="vcvtneps2bf16" in bf16, host=host)  # fmt: skip
+                      bf16_convert="vcvtneps2bf16" in bf16, host=host,
+                      amx={"+amx-tile", "+amx-bf16"} <= listed)  # fmt: skip
     if arch == "aarch64":
         has_bf16 = "bfcvt" in bf16  # the bf16 extension brings BFCVT(N) and BFDOT together
         return Target(triple, cpu, features, arch, 4, 32, "fmla" in fma16, bf16_dot=has_bf16,

@@ -63,9 +63,11 @@ def test_bf16_rounding_matches_torch():
     assert np.isnan(as_float(nan)).all()
 
 
+# AMX covers C in 16-row x 16-column tiles and the reduction in chunks of 16 pairs: (37, 45, 41)
+# has a last row tile of 5 rows, a lone last column tile and a chunk plus a 5-pair tail.
 @needs_bf16_cpu
-@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 33, 5), (6, 64, 64), (13, 130, 63), (128, 512, 64), (130, 70, 512)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 33, 5), (6, 64, 64), (13, 130, 63), (128, 512, 64), (130, 70, 512),
+                                     (37, 45, 41), (16, 16, 32), (33, 48, 66)], ids=lambda x: str(x))
 @pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
 def test_gemm_against_float64(m, n, k, accumulate):
     rng = np.random.default_rng(m * 1000 + n + k)
@@ -138,8 +140,8 @@ def test_environment_variable_is_checked(monkeypatch):
     monkeypatch.setenv("ATTNKIT_CPU_F32", "avx2")
     path, _, error = bf16.choose_f32_path()
     assert path == bf16.F32_PRODUCTS and error == "ATTNKIT_CPU_F32 must be one of auto, fma, blas; got 'avx2'"
-    monkeypatch.setenv("ATTNKIT_CPU_BF16", "amx")
-    assert bf16.choose_bf16_path()[2] == "ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'"
+    monkeypatch.setenv("ATTNKIT_CPU_BF16", "tmul")
+    assert bf16.choose_bf16_path()[2] == "ATTNKIT_CPU_BF16 must be one of auto, amx, dpbf16, bfdot, widen, fp32; got 'tmul'"
     monkeypatch.setenv("ATTNKIT_CPU_BF16", "fp32")
     assert bf16.choose_bf16_path()[:3:2] == ("fp32", None)
     script = (
@@ -148,8 +150,51 @@ def test_environment_variable_is_checked(monkeypatch):
         "try:\n    attnkit.attention(q, q, q, backend='numba')\n"
         "except ValueError as error:\n    print('refused:', error)\n"
     )
-    stdout = run_python(script, ATTNKIT_CPU_BF16="amx")  # imports, then refuses at the call
-    assert "refused: ATTNKIT_CPU_BF16 must be one of auto, dpbf16, bfdot, widen, fp32; got 'amx'" in stdout
+    stdout = run_python(script, ATTNKIT_CPU_BF16="tmul")  # imports, then refuses at the call
+    assert "refused: ATTNKIT_CPU_BF16 must be one of auto, amx, dpbf16, bfdot, widen, fp32; got 'tmul'" in stdout
+
+
+def test_amx_path_follows_the_target_and_the_os(monkeypatch):
+    """AMX runs where the target has it and the OS grants it; otherwise the vector path, and forcing
+    amx there is an error naming why."""
+    from dataclasses import replace
+
+    from attnkit.kernels.target import TARGET
+
+    monkeypatch.delenv("ATTNKIT_CPU_BF16", raising=False)
+    with_amx = replace(TARGET, amx=True, bf16_dot=True, arch="x86_64", lanes=16)
+    assert bf16.choose_bf16_path(with_amx, (True, "granted"))[0] == "amx"
+    path, _, error = bf16.choose_bf16_path(with_amx, (False, "the OS refused AMX (errno 22)"))
+    assert path == "dpbf16" and error is None
+    monkeypatch.setenv("ATTNKIT_CPU_BF16", "amx")
+    assert "has AMX, but the OS refused AMX (errno 22)" in bf16.choose_bf16_path(with_amx, (False, "the OS refused AMX (errno 22)"))[2]
+    assert "has no AMX" in bf16.choose_bf16_path(replace(with_amx, amx=False))[2]
+    monkeypatch.setenv("ATTNKIT_CPU_BF16", "dpbf16")
+    assert bf16.choose_bf16_path(with_amx, (True, "granted"))[0] == "dpbf16"
+    if TARGET.amx and bf16.os_grants_amx()[0] and not os.environ.get("ATTNKIT_CPU_BF16"):
+        assert bf16.BF16_PRODUCTS == "amx"  # this machine: its products really run on AMX
+
+
+@pytest.mark.skipif(bf16.BF16_PRODUCTS != "amx", reason=f"no AMX here: {bf16.BF16_DETAIL}")
+def test_amx_and_vector_paths_keep_apart_in_the_cache(tmp_path):
+    """ATTNKIT_CPU_BF16=dpbf16 compiles gemm to other code than AMX's: a process of each kind
+    sharing a cache folder loads its own (a miss the first time, then a hit), and both are right."""
+    script = (
+        "import numpy as np\n"
+        "from attnkit.kernels import microkernels as mk\n"
+        "rng = np.random.default_rng(0)\n"
+        "a = mk.bf16_bits(rng.standard_normal((37, 42))); b = mk.bf16_bits(rng.standard_normal((42, 45)))\n"
+        "bp = np.zeros((21, 2 * 48), np.uint16); mk.pack_pairs(b, bp); c = np.zeros((37, 48), np.float32)\n"
+        "mk.gemm(a, bp, c, 37, 45, 21, False)\n"
+        "want = mk.bf16_to_float32(a).astype(np.float64) @ mk.bf16_to_float32(b)\n"
+        "stats = mk.gemm.stats\n"
+        "print(mk.BF16_PRODUCTS, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()),\n"
+        "      float(np.abs(c[:, :45] - want).max()))\n"
+    )
+    cache = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [run_python(script, **cache, ATTNKIT_CPU_BF16=path).split() for path in ("amx", "dpbf16", "amx", "dpbf16")]
+    assert [run[:3] for run in runs] == [["amx", "0", "1"], ["dpbf16", "0", "1"], ["amx", "1", "0"], ["dpbf16", "1", "0"]]
+    assert all(float(run[3]) < 1e-4 for run in runs)
 
 
 # ---------------------------------------------------------------------------

@@ -106,6 +106,16 @@ def test_micro_kernels_cross_compile_without_spills(case):
     assert "__truncsfbf2" not in text  # not resolvable under Numba's JIT
 
 
+def test_amx_is_read_off_the_feature_string():
+    """AMX only where the features Numba passes list amx-tile and amx-bf16 (the host's list does,
+    on a CPU that has them); a CPU name alone never turns it on (LLVM would stop on an AMX
+    instruction for a CPU without it)."""
+    listed = SKYLAKE_AVX512 + ",+avx512bf16,+amx-tile,+amx-bf16"
+    assert probe(X86, "sapphirerapids", listed).amx
+    assert not probe(X86, "sapphirerapids", listed.replace("+amx-bf16", "-amx-bf16")).amx
+    assert not probe(X86, "sapphirerapids", "").amx and not probe(X86, "znver4", "").amx
+
+
 def test_spill_check_sees_spills():
     """The check above would fail a block too big for the register file (6 x 4 widened on AVX2)."""
     assert microkernels.register_block("widen", probe(X86, "haswell", "")) != (6, 4)
