@@ -296,6 +296,28 @@ def test_bad_input_is_named():
         attnkit.flex_attention(q, kv, kv, scale=float("nan"), enable_gqa=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+def test_key_blocks_starting_at_odd_keys(dtype):
+    """Key blocks of 9: bf16 products read keys in pairs from an even key, the key before the block
+    hidden from every row; float32 and float64 start where the block does. Against torch's flex."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = _inputs(dtype, generator)
+    block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: (qi - kv) % 3 != 1, None, None, NQ, NK,
+                                           BLOCK_SIZE=(16, 9))
+    out = attnkit.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    results = []
+    for run_dtype in (torch.float64, dtype):
+        tq, tk, tv = (x.detach().to(run_dtype).requires_grad_() for x in (q, k, v))
+        t_out, _ = _torch_flex(tq, tk, tv, None, [], block_mask)
+        results.append((t_out, *torch.autograd.grad(t_out, (tq, tk, tv), grad_out.to(run_dtype))))
+    exact, plain = results
+    assert_within_rule("out", out, exact[0], plain[0], 2)
+    for label, got, want, base in zip(("dq", "dk", "dv"), grads, exact[1:], plain[1:]):
+        assert_within_rule(label, got, want, base, 3)
+
+
 def test_one_worker_and_two_give_the_same_result(monkeypatch):
     """The workers share a queue; which thread takes a task must not change what it computes."""
     from attnkit.kernels.cpu import flex_build
