@@ -255,7 +255,8 @@ class _Plan:
 
         compute = _compute_dtype(_arrays.dtype_name(q))
         out, lse = flex_build.forward(self.module, *(_operand(x, compute) for x in (q, k, v)), self.scale,
-                                      self.score_caps, self.mask_caps, self.blocks, self.block_q, self.block_k)
+                                      self.score_caps, self.mask_caps, self.blocks, self.block_q, self.block_k,
+                                      bf16=_arrays.dtype_name(q) == "bfloat16")
         if _arrays.family(q) == "numpy":
             return out.astype(q.dtype, copy=False), lse.astype(np.float32), lse
         import torch

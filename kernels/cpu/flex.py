@@ -10,8 +10,11 @@ Blocks come from a block mask (torch's BlockMask layout): per (batch, head, quer
 blocks where mask_mod must be evaluated (partial) and the ones where every score is visible (full).
 Empty blocks are in neither list and never visited. Batch and head axes of size 1 broadcast.
 
-Products go through the BLAS (cpu_blas.matmul) in the compute dtype: float32 (bf16 and fp16 are
-widened once per call by the caller) or float64. Memory beyond inputs and outputs: O(block) a worker.
+The forward's products are the built-in kernel's (operands.py's _product on K and V packed once a
+call): bf16 inputs on the bf16 path (AMX tiles or VDPBF16PS), float32 on the FMA micro-kernel,
+float64 through the BLAS. The backward's go through the BLAS (cpu_blas.matmul) in the compute
+dtype (bf16 and fp16 widened to float32 by the caller). Memory beyond inputs, outputs and the
+packed K and V: O(block) a worker.
 
 The workers release the GIL and share a task queue; flex_build runs one per thread from a Python
 thread pool. No parallel (parfor) function: each new score_mod compiles three plain functions, and
@@ -26,7 +29,9 @@ import numpy as np
 from ..cpu_blas import matmul, set_threads_local
 from ..jit import jit as _jit
 from ..simd import exp2_affine_at, row_max_at
+from ..microkernels import PAD, padded
 from .constants import _FASTMATH
+from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
 from .schedule import _claim
 
 # consts: the per-call numbers, in the compute dtype (BLAS scalars must match it).
@@ -95,22 +100,44 @@ def _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps):
                 s[r, c] = score_mod(s[r, c] * scale, b, h, i, j0 + c, score_caps)
 
 
+@_jit(nogil=True)
+def pack_worker(k, v, k_packed, v_packed, order, next_task):
+    """Take (batch, kv head) tasks from the queue: that head's K and V as the forward's B operands
+    (kernels/cpu/operands.py: bf16 pairs, or K^T and V rows padded to 16 columns)."""
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        _pack_forward_head(k, v, k_packed, v_packed, t)
+
+
 @_jit(fastmath=_FASTMATH, nogil=True)
-def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task, out, lse):
+def forward_worker(
+    q, k_packed, v_packed, nk, consts, score_caps, mask_caps, blocks, block_q, block_k, micro, order, next_task, out,
+    lse,
+):  # fmt: skip
     """Take (batch, head, query block) tasks from the queue (order, next_task) until it is empty.
 
-    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), out (B, Hq, Nq, Dv) in the compute
-    dtype; lse (B, Hq, Nq) natural log, -inf (and out 0) for a row that sees no key.
+    q (B, Hq, Nq, D), out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) in the compute dtype; k_packed and
+    v_packed: nk keys from pack_worker. Products as the built-in forward's (_product): bf16 on the bf16
+    path (AMX or VDPBF16PS; Q and P rounded to bf16) when the operands are uint16, float32 on the
+    FMA micro-kernel when micro, else the BLAS. lse natural log, -inf (and out 0) for a row that
+    sees no key.
     """
-    _, hq, nq, _ = q.shape
-    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    _, hq, nq, d = q.shape
+    hkv, dv = k_packed.shape[1], out.shape[3]
     group = hq // hkv
     n_qb = (nq + block_q - 1) // block_q
     scale, one, zero, log2e = consts[_SCALE], consts[_ONE], consts[_ZERO], consts[_LOG2E]
-    s_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) scores, then P
-    acc = np.empty((block_q, dv), q.dtype)  # (Bq, Dv) running numerator
-    running_max = np.empty(block_q, q.dtype)  # (Bq,)
-    row_sum = np.empty(block_q, q.dtype)  # (Bq,)
+    real = q.dtype
+    operand = k_packed.dtype
+    # rows padded to 16 columns for the micro-kernels, +1 key for bf16's even first key
+    score_buf = np.empty(block_q * padded(block_k + 1, PAD), real)  # (Bq, Bk16) scores, then P
+    acc = np.empty((block_q, padded(dv, PAD)), real)  # (Bq, Dv16) running numerator
+    running_max = np.empty(block_q, real)  # (Bq,)
+    row_sum = np.empty(block_q, real)  # (Bq,)
+    q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
+    p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
     while True:
         t = _claim(order, next_task)
@@ -122,6 +149,7 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
         i1 = min(i0 + block_q, nq)
         bq = i1 - i0
         q_blk = q[b, h, i0:i1]  # (Bq, D)
+        q_rows = _a_rows_of(q_blk, q_blk, q_buf)  # itself, or rounded to bf16
         for r in range(bq):
             running_max[r] = -np.inf
             row_sum[r] = zero
@@ -130,22 +158,29 @@ def forward_worker(q, k, v, consts, score_caps, mask_caps, blocks, block_q, bloc
             j0, j1, partial = _key_range(blocks, b, h, qb, n, block_k, nk)
             if j1 == j0:
                 continue
-            s = s_buf[:bq, : j1 - j0]  # (Bq, Bk)
-            matmul(q_blk, k[b, hk, j0:j1].T, s, one, zero)  # S = Q K^T
-            _modded_scores(s, i0, j0, b, h, scale, partial, score_caps, mask_caps)
+            first = _first_key(j0, k_packed)  # bf16: from an even key (the extra one hidden below)
+            bk = j1 - first
+            s_full = score_buf[: bq * padded(bk, PAD)].reshape((bq, padded(bk, PAD)))  # (Bq, Bk16)
+            _product(q_rows, k_packed[b, hk, :, _key_offset(first, k_packed):], s_full, bq, bk, d, False, micro)
+            s = s_full[:, :bk]  # (Bq, Bk): S = Q K^T
+            _modded_scores(s[:, j0 - first :], i0, j0, b, h, scale, partial, score_caps, mask_caps)
             for r in range(bq):
+                if first < j0:
+                    s[r, 0] = -np.inf
                 new_max = row_max_at(s, r, running_max[r])
                 if new_max == -np.inf:  # nothing visible in this row yet: P = 0, nothing to rescale
-                    for c in range(s.shape[1]):
+                    for c in range(bk):
                         s[r, c] = zero
                     continue
                 total = exp2_affine_at(s, r, log2e, new_max * log2e)  # P = e^(s - max), vectorised
                 rescale = math.exp(running_max[r] - new_max)
                 row_sum[r] = row_sum[r] * rescale + total
                 running_max[r] = new_max
-                for c in range(dv):
-                    acc[r, c] *= rescale
-            matmul(s, v[b, hk, j0:j1], acc[:bq], one, one)  # acc += P V
+                if rescale != one:
+                    for c in range(dv):
+                        acc[r, c] *= rescale
+            p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
+            _product(p_rows, v_packed[b, hk, _key_row(first, k_packed):], acc, bq, dv, bk, True, micro)  # acc += P V
         for r in range(bq):
             if row_sum[r] == zero:  # the row sees no key: 0, never NaN
                 out[b, h, i0 + r] = zero

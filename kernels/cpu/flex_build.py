@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..microkernels import PAD, padded
 from . import flex as _template
 from .threads import worker_count
 
@@ -136,16 +137,38 @@ def _run_workers(worker, workers, *args):
         future.result()
 
 
-def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, block_k):
-    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq)) in q's dtype (float32 or float64); contiguous inputs."""
+def _packed_operands(k, v, bf16):
+    """Empty K and V operands of the forward's products (kernels/cpu/operands.py's layouts): bf16
+    pairs, or K^T and V with rows padded to 16 columns (None for V when its rows already are)."""
+    batch, hkv, nk, d = k.shape
+    v_width = padded(v.shape[3], PAD)
+    if bf16:
+        return (np.empty((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), np.uint16),
+                np.empty((batch, hkv, (nk + 1) // 2, 2 * v_width), np.uint16))
+    v_packed = None if v_width == v.shape[3] else np.empty((batch, hkv, nk, v_width), k.dtype)
+    return np.empty((batch, hkv, d, nk + PAD), k.dtype), v_packed
+
+
+def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, block_k, bf16=False):
+    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq)) in q's dtype (float32 or float64); contiguous inputs.
+    bf16: q, k, v hold bf16 values (widened): the products run on the bf16 path, as the built-in
+    kernel's do."""
+    from ..microkernels import BF16_PRODUCTS, F32_PRODUCTS
+
     batch, hq, nq, _ = q.shape
     out = np.empty((batch, hq, nq, v.shape[3]), q.dtype)
     lse = np.empty((batch, hq, nq), q.dtype)
+    bf16 = bf16 and q.dtype == np.float32 and BF16_PRODUCTS != "fp32"
+    k_packed, v_packed = _packed_operands(k, v, bf16)
+    v_packed = v if v_packed is None else v_packed  # V in place: the packing leaves it
+    heads = np.arange(k.shape[0] * k.shape[1], dtype=np.int64)
+    _run_workers(module.pack_worker, _workers(heads.shape[0]), k, v, k_packed, v_packed, heads, lambda w: ())
+    micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
     n_qb = -(-nq // block_q)
     order = _heaviest_first(blocks, batch, hq, n_qb)
-    workers = _workers(order.shape[0])
-    _run_workers(module.forward_worker, workers, q, k, v, _consts(scale, q.dtype), score_caps, mask_caps, blocks,
-                 block_q, block_k, order, lambda w: (out, lse))
+    _run_workers(module.forward_worker, _workers(order.shape[0]), q, k_packed, v_packed, k.shape[2],
+                 _consts(scale, q.dtype), score_caps, mask_caps, blocks, block_q, block_k, micro, order,
+                 lambda w: (out, lse))
     return out, lse
 
 
