@@ -318,6 +318,32 @@ def test_key_blocks_starting_at_odd_keys(dtype):
         assert_within_rule(label, got, want, base, 3)
 
 
+@pytest.mark.parametrize("scale", [0.4, -0.4], ids=["positive_scale", "negative_scale"])
+def test_identity_score_mod_scales_inside_exp2(scale):
+    """With no score_mod the kernels keep raw q.k products and scale them inside exp2 (the forward
+    only for a positive scale: max commutes with it); both signs against the reference."""
+    from attnkit.reference import attention, attention_backward
+
+    rng = np.random.default_rng(3)
+    q, k, v, d_out = (rng.standard_normal((2, HQ, n, D)) for n in (NQ, NK, NK, NQ))
+    k, v = k[:, :HKV], v[:, :HKV]
+    mask = lambda b, h, qi, kv: (qi >= kv) & (kv != 5)  # noqa: E731
+    block_mask = attnkit.create_block_mask(mask, None, None, NQ, NK, BLOCK_SIZE=BLOCK)
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    out = attnkit.flex_attention(tq, tk, tv, block_mask=block_mask, scale=scale, enable_gqa=True)
+    grads = torch.autograd.grad(out, (tq, tk, tv), torch.from_numpy(d_out))
+    visible = (np.arange(NQ)[:, None] >= np.arange(NK)[None, :]) & (np.arange(NK) != 5)[None, :]
+    group = HQ // HKV
+    k_full, v_full = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    want, lse = attention(q, k_full, v_full, mask=visible, scale=scale, return_lse=True)
+    want_grads = attention_backward(q, k_full, v_full, want, d_out, lse, mask=visible, scale=scale)
+    assert_close(out, torch.from_numpy(want), atol=1e-10, rtol=1e-10, name="out")
+    assert_close(grads[0], torch.from_numpy(want_grads[0]), atol=1e-10, rtol=1e-10, name="dq")
+    for label, got, want_full in zip(("dk", "dv"), grads[1:], want_grads[1:]):
+        summed = want_full.reshape(2, HKV, group, NK, D).sum(axis=2)
+        assert_close(got, torch.from_numpy(summed), atol=1e-10, rtol=1e-10, name=label)
+
+
 def test_one_worker_and_two_give_the_same_result(monkeypatch):
     """The workers share a queue; which thread takes a task must not change what it computes."""
     from attnkit.kernels.cpu import flex_build

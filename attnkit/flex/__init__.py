@@ -33,6 +33,7 @@ class UntraceableError(ValueError):
 
 
 IDENTITY_SCORE_MOD = (
+    "SCORE_MOD_IS_IDENTITY = True\n\n\n"
     "@_jit(inline=\"always\")\n"
     "def score_mod(score, b, h, q_idx, kv_idx, caps):\n    return score\n\n\n"
     "@_jit(inline=\"always\")\n"
@@ -99,7 +100,8 @@ def _module(score_traced, mask_traced):
 
     if score_traced is None and mask_traced is None:
         return flex_build.module_for(None)
-    score = score_traced.source if score_traced is not None else IDENTITY_SCORE_MOD
+    # a traced score_mod: the kernels apply it (and its vjp) score by score
+    score = f"SCORE_MOD_IS_IDENTITY = False\n\n\n{score_traced.source}" if score_traced is not None else IDENTITY_SCORE_MOD
     mask = mask_traced.source if mask_traced is not None else NO_MASK_MOD
     return flex_build.module_for(f"{score}\n\n{mask}")
 
@@ -253,16 +255,13 @@ class _Plan:
             return out, lse, lse
         from ..kernels.cpu import flex_build
 
-        compute = _compute_dtype(_arrays.dtype_name(q))
-        out, lse = flex_build.forward(self.module, *(_operand(x, compute) for x in (q, k, v)), self.scale,
-                                      self.score_caps, self.mask_caps, self.blocks, self.block_q, self.block_k,
-                                      bf16=_arrays.dtype_name(q) == "bfloat16")
+        out, lse = flex_build.forward(self.module, *_cpu_operands(q, k, v), self.scale, self.score_caps,
+                                      self.mask_caps, self.blocks, self.block_q, self.block_k)
         if _arrays.family(q) == "numpy":
             return out.astype(q.dtype, copy=False), lse.astype(np.float32), lse
         import torch
 
-        return (torch.from_numpy(out).to(device=q.device, dtype=q.dtype), torch.from_numpy(lse).float().to(q.device),
-                lse)
+        return _arrays.like(out, q), torch.from_numpy(lse).float().to(q.device), lse
 
     def backward(self, q, k, v, out, d_out, lse, d_lse):
         """(dq, dk, dv, gradients of grad_captures) as torch tensors."""
@@ -281,12 +280,12 @@ class _Plan:
             from ..kernels.cpu import flex_build
 
             compute = _compute_dtype(_arrays.dtype_name(q))
-            arrays = [_operand(x, compute) for x in (q, k, v, out, d_out)] + [lse, _operand(d_lse, compute)]
+            arrays = [*_cpu_operands(q, k, v, out, d_out), lse, _operand(d_lse, compute)]
             dq, dk, dv, grads = flex_build.backward(
                 self.module, *arrays, self.scale, self.score_caps, self.mask_caps, self.blocks, self.block_q,
                 self.block_k, [tuple(t.shape) for t in self.grad_captures],
             )  # fmt: skip
-            dq, dk, dv = (torch.from_numpy(g) for g in (dq, dk, dv))
+            dq, dk, dv = (_arrays.like(g, x) for g, x in zip((dq, dk, dv), (q, k, v)))
             grads = [torch.from_numpy(g) for g in grads]
         results = [g.to(device=x.device, dtype=x.dtype) for g, x in zip((dq, dk, dv), (q, k, v))]
         return results + [g.to(device=t.device, dtype=t.dtype).reshape(t.shape) for g, t in zip(grads, self.grad_captures)]
@@ -333,6 +332,18 @@ def _compute_dtype(dtype_name):
 def _operand(x, dtype):
     """x as a C-contiguous NumPy array of the compute dtype (bf16 / fp16 widened once)."""
     return np.ascontiguousarray(_arrays.to_numpy(x), dtype=dtype)
+
+
+def _cpu_operands(*tensors):
+    """The CPU kernel's operands: bf16 tensors as their bits (uint16, no conversion: the products
+    run on the bf16 path) where flex_build takes them, else C-contiguous arrays of the compute dtype."""
+    from ..kernels.cpu import flex_build
+
+    names = {_arrays.dtype_name(x) for x in tensors}
+    if names == {"bfloat16"} and flex_build.takes_bf16_bits():
+        return [np.ascontiguousarray(_arrays.bf16_bits(x)) for x in tensors]
+    compute = _compute_dtype(_arrays.dtype_name(tensors[0]))
+    return [_operand(x, compute) for x in tensors]
 
 
 def _validate(query, key, value, scale, enable_gqa):

@@ -10,11 +10,11 @@ Blocks come from a block mask (torch's BlockMask layout): per (batch, head, quer
 blocks where mask_mod must be evaluated (partial) and the ones where every score is visible (full).
 Empty blocks are in neither list and never visited. Batch and head axes of size 1 broadcast.
 
-The forward's products are the built-in kernel's (operands.py's _product on K and V packed once a
-call): bf16 inputs on the bf16 path (AMX tiles or VDPBF16PS), float32 on the FMA micro-kernel,
-float64 through the BLAS. The backward's go through the BLAS (cpu_blas.matmul) in the compute
-dtype (bf16 and fp16 widened to float32 by the caller). Memory beyond inputs, outputs and the
-packed K and V: O(block) a worker.
+The products are the built-in kernel's (operands.py's _product on K and V packed once a call):
+bf16 inputs on the bf16 path (AMX tiles or VDPBF16PS; Q, P, dO and dS rounded to bf16 as the
+built-in kernel does), float32 on the FMA micro-kernel, float64 through the BLAS; the rest in the
+compute dtype (bf16 and fp16 widened to float32 by the caller). Memory beyond inputs, outputs, the
+packed K and V and the backward's transposed dK / dV: O(block) a worker.
 
 The workers release the GIL and share a task queue; flex_build runs one per thread from a Python
 thread pool. No parallel (parfor) function: each new score_mod compiles three plain functions, and
@@ -26,18 +26,25 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from ..cpu_blas import matmul, set_threads_local
+from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..simd import exp2_affine_at, row_max_at
 from ..microkernels import PAD, padded
 from .constants import _FASTMATH
-from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
+from .operands import (
+    _a_rows_of, _b_rows_of, _dp_product, _first_key, _key_offset, _key_row, _load_rows, _load_transposed,
+    _f64_of, _pack_forward_head, _pack_head_backward, _product, _scratch,
+)
 from .schedule import _claim
+from .tile import _store
 
 # consts: the per-call numbers, in the compute dtype (BLAS scalars must match it).
 _SCALE, _ONE, _ZERO, _LOG2E = 0, 1, 2, 3
 
 # --- GENERATED BEGIN (flex_build replaces this block; the placeholders are the identity)
+
+
+SCORE_MOD_IS_IDENTITY = True  # the kernels then scale inside exp2 and need no pass of their own
 
 
 @_jit(inline="always")
@@ -56,6 +63,10 @@ def mask_mod(b, h, q_idx, kv_idx, caps):
 
 
 # --- GENERATED END
+
+# Adjacent full key blocks are run as one tile of up to this many keys (the built-in kernel's
+# forward / backward key blocks): fewer, wider products and row passes.
+_FORWARD_SPAN, _BACKWARD_SPAN = 512, 256
 
 
 @_jit(inline="always")
@@ -83,6 +94,32 @@ def _block_count(blocks, b, h, qb):
     partial_num, _, full_num, _ = blocks
     n_full = full_num[min(b, full_num.shape[0] - 1), min(h, full_num.shape[1] - 1), qb]
     return n_full + partial_num[min(b, partial_num.shape[0] - 1), min(h, partial_num.shape[1] - 1), qb]
+
+
+@_jit(inline="always")
+def _key_span(blocks, b, h, qb, n, count, block_k, nk, span):
+    """(first key, end key, partial, next entry) from entry n: a partial block alone, or full
+    blocks while the next is full and adjacent and the keys stay within `span`."""
+    j0, j1, partial = _key_range(blocks, b, h, qb, n, block_k, nk)
+    n += 1
+    if not partial:
+        while n < count and j1 - j0 + block_k <= span:
+            k0, k1, next_partial = _key_range(blocks, b, h, qb, n, block_k, nk)
+            if next_partial or k0 != j1:
+                break
+            j1 = k1
+            n += 1
+    return j0, j1, partial, n
+
+
+@_jit(fastmath=_FASTMATH)
+def _masked_raw_scores(s, i0, j0, b, h, mask_caps):
+    """-inf in s (Bq, Bk) where mask_mod hides a score (a partial block under the identity score_mod:
+    the products stay raw, scaled inside exp2)."""
+    n_rows, n_cols = s.shape
+    for r in range(n_rows):  # a select, not a branch: the loop vectorises where mask_mod allows
+        for c in range(n_cols):
+            s[r, c] = s[r, c] if mask_mod(b, h, i0 + r, j0 + c, mask_caps) else -np.inf
 
 
 @_jit(fastmath=_FASTMATH)
@@ -118,8 +155,8 @@ def forward_worker(
 ):  # fmt: skip
     """Take (batch, head, query block) tasks from the queue (order, next_task) until it is empty.
 
-    q (B, Hq, Nq, D), out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) in the compute dtype; k_packed and
-    v_packed: nk keys from pack_worker. Products as the built-in forward's (_product): bf16 on the bf16
+    q (B, Hq, Nq, D) and out (B, Hq, Nq, Dv) in the compute dtype or as bf16 bits (uint16), lse
+    (B, Hq, Nq) in the compute dtype; k_packed and v_packed: nk keys from pack_worker. Products as the built-in forward's (_product): bf16 on the bf16
     path (AMX or VDPBF16PS; Q and P rounded to bf16) when the operands are uint16, float32 on the
     FMA micro-kernel when micro, else the BLAS. lse natural log, -inf (and out 0) for a row that
     sees no key.
@@ -129,15 +166,21 @@ def forward_worker(
     group = hq // hkv
     n_qb = (nq + block_q - 1) // block_q
     scale, one, zero, log2e = consts[_SCALE], consts[_ONE], consts[_ZERO], consts[_LOG2E]
-    real = q.dtype
+    # Under the identity score_mod (and a positive scale, which max commutes with) the scores stay
+    # raw q.k products and running_max is kept in their units: exp2 multiplies by scale log2(e).
+    raw = SCORE_MOD_IS_IDENTITY and scale > zero
+    multiplier = scale * log2e if raw else log2e  # score units -> base-2 exponent
+    unit = scale if raw else one  # score units -> natural-log units (the lse)
+    real = lse.dtype  # the compute dtype (q may hold bf16 bits)
     operand = k_packed.dtype
+    span = max(block_k, _FORWARD_SPAN // block_k * block_k)
     # rows padded to 16 columns for the micro-kernels, +1 key for bf16's even first key
-    score_buf = np.empty(block_q * padded(block_k + 1, PAD), real)  # (Bq, Bk16) scores, then P
+    score_buf = np.empty(block_q * padded(span + 1, PAD), real)  # (Bq, Bk16) scores, then P
     acc = np.empty((block_q, padded(dv, PAD)), real)  # (Bq, Dv16) running numerator
-    running_max = np.empty(block_q, real)  # (Bq,)
+    running_max = np.empty(block_q, real)  # (Bq,) in score units
     row_sum = np.empty(block_q, real)  # (Bq,)
     q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
-    p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
+    p_buf = np.empty(_scratch(block_q * padded(span + 2, 2), k_packed), operand)  # bf16: P
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
     while True:
         t = _claim(order, next_task)
@@ -154,8 +197,10 @@ def forward_worker(
             running_max[r] = -np.inf
             row_sum[r] = zero
         acc[:bq] = zero
-        for n in range(_block_count(blocks, b, h, qb)):
-            j0, j1, partial = _key_range(blocks, b, h, qb, n, block_k, nk)
+        count = _block_count(blocks, b, h, qb)
+        n = 0
+        while n < count:
+            j0, j1, partial, n = _key_span(blocks, b, h, qb, n, count, block_k, nk, span)
             if j1 == j0:
                 continue
             first = _first_key(j0, k_packed)  # bf16: from an even key (the extra one hidden below)
@@ -163,7 +208,11 @@ def forward_worker(
             s_full = score_buf[: bq * padded(bk, PAD)].reshape((bq, padded(bk, PAD)))  # (Bq, Bk16)
             _product(q_rows, k_packed[b, hk, :, _key_offset(first, k_packed):], s_full, bq, bk, d, False, micro)
             s = s_full[:, :bk]  # (Bq, Bk): S = Q K^T
-            _modded_scores(s[:, j0 - first :], i0, j0, b, h, scale, partial, score_caps, mask_caps)
+            if raw:
+                if partial:
+                    _masked_raw_scores(s[:, j0 - first :], i0, j0, b, h, mask_caps)
+            else:
+                _modded_scores(s[:, j0 - first :], i0, j0, b, h, scale, partial, score_caps, mask_caps)
             for r in range(bq):
                 if first < j0:
                     s[r, 0] = -np.inf
@@ -172,8 +221,8 @@ def forward_worker(
                     for c in range(bk):
                         s[r, c] = zero
                     continue
-                total = exp2_affine_at(s, r, log2e, new_max * log2e)  # P = e^(s - max), vectorised
-                rescale = math.exp(running_max[r] - new_max)
+                total = exp2_affine_at(s, r, multiplier, new_max * multiplier)  # P = e^(score - max), vectorised
+                rescale = math.exp2((running_max[r] - new_max) * multiplier)
                 row_sum[r] = row_sum[r] * rescale + total
                 running_max[r] = new_max
                 if rescale != one:
@@ -183,34 +232,65 @@ def forward_worker(
             _product(p_rows, v_packed[b, hk, _key_row(first, k_packed):], acc, bq, dv, bk, True, micro)  # acc += P V
         for r in range(bq):
             if row_sum[r] == zero:  # the row sees no key: 0, never NaN
-                out[b, h, i0 + r] = zero
+                for c in range(dv):
+                    out[b, h, i0 + r, c] = _store(out, zero)
                 lse[b, h, i0 + r] = -np.inf
             else:
                 inv = one / row_sum[r]
                 for c in range(dv):
-                    out[b, h, i0 + r, c] = acc[r, c] * inv
-                lse[b, h, i0 + r] = running_max[r] + math.log(row_sum[r])
+                    out[b, h, i0 + r, c] = _store(out, acc[r, c] * inv)
+                lse[b, h, i0 + r] = running_max[r] * unit + math.log(row_sum[r])
     set_threads_local(blas_threads)
+
+
+@_jit(nogil=True)
+def pack_backward_worker(k, v, k_packed, v_packed, k_rows, order, next_task):
+    """Take (batch, kv head) tasks: that head's K and V as the backward's operands (operands.py:
+    K^T and V^T for S and dP, K by rows for dQ; bf16 in pairs)."""
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
 
 
 @_jit(fastmath=_FASTMATH, nogil=True)
 def backward_worker(
-    q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k, order, next_task,
-    worker, dq, dk, dv, grad_bufs,
+    q, k_packed, v_packed, k_rows, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k,
+    micro, order, next_task, worker, dq, dk_t, dv_t, dk, dv, grad_bufs,
 ):  # fmt: skip
     """Take (batch, kv head) tasks from the queue: each owns dk[b, hk], dv[b, hk] and the dq rows of
     its query heads, so no two workers write the same place. Captured tensors' gradients go to this
-    worker's slice grad_bufs[n][worker]. Five products per tile, as FlashAttention-2's backward.
+    worker's slice grad_bufs[n][worker]. Five products per tile, as FlashAttention-2's backward, on
+    the built-in backward's operands and products (bf16 pairs for bf16 inputs, P and dS rounded to
+    bf16; float32 on the FMA micro-kernel when micro; else the BLAS); dK and dV accumulate
+    transposed in dk_t / dv_t (B, Hkv, D or Dv, Nk + 16), zero on entry, in the compute dtype.
+    q, k, v, out, dout and the gradients: the compute dtype, or all bf16 bits (uint16).
     dlse (B, Hq, Nq) is the gradient reaching the lse (zeros when the lse was not used)."""
-    _, hq, nq, _ = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    _, hq, nq, d = q.shape
+    hkv, nk, dv_dim = dk.shape[1], dk.shape[2], dv.shape[3]
     group = hq // hkv
     n_qb = (nq + block_q - 1) // block_q
     scale, one, zero, log2e = consts[_SCALE], consts[_ONE], consts[_ZERO], consts[_LOG2E]
-    raw_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) q.k products
-    p_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) P
-    dp_buf = np.empty((block_q, block_k), q.dtype)  # (Bq, Bk) dP, then dS
-    delta = np.empty(block_q, q.dtype)  # (Bq,) rowsum(dO * O)
+    # P = exp2(scale log2(e) q.k - lse log2(e)), dS = P (dP - delta) scale; a hidden score's -inf
+    # times a negative scale would be +inf, so only for a positive one
+    raw_scores = SCORE_MOD_IS_IDENTITY and scale > zero
+    real = dk_t.dtype
+    operand = k_packed.dtype
+    bq_width = padded(block_q, 2)
+    span = max(block_k, _BACKWARD_SPAN // block_k * block_k)
+    tile = block_q * padded(span + 1, PAD)
+    q_buf = np.empty((block_q, padded(d, 2)), operand)  # (Bq, D even) Q rows
+    do_buf = np.empty((block_q, padded(dv_dim, 2)), operand)  # (Bq, Dv even) dO rows
+    q_t = np.empty((d, bq_width), operand)  # (D, Bq even) Q^T
+    do_t = np.empty((dv_dim, bq_width), operand)  # (Dv, Bq even) dO^T
+    raw_buf = np.empty(1 if raw_scores else tile, real)  # (Bq, Bk) q.k products, for score_mod_vjp
+    p_buf = np.empty(tile, real)  # (Bq, Bk16) P
+    ds_buf = np.empty(tile, real)  # (Bq, Bk16) dP, then dS
+    pairs_buf = np.empty(bq_width * padded(span + 1, PAD), operand)  # P or dS as a B operand
+    ds_rows = np.empty(block_q * padded(span + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
+    dq_acc = np.empty((block_q, padded(d, PAD)), real)  # (Bq, D16)
+    delta = np.empty(block_q, real)  # (Bq,) rowsum(dO * O) - dlse
     blas_threads = set_threads_local(1)
     while True:
         t = _claim(order, next_task)
@@ -222,40 +302,78 @@ def backward_worker(
                 i0 = qb * block_q
                 i1 = min(i0 + block_q, nq)
                 bq = i1 - i0
-                q_blk, do_blk, dq_blk = q[b, h, i0:i1], dout[b, h, i0:i1], dq[b, h, i0:i1]  # (Bq, D), (Bq, Dv), (Bq, D)
+                _load_rows(q[b, h, i0:i1], q_buf)
+                _load_rows(dout[b, h, i0:i1], do_buf)
+                _load_transposed(q[b, h, i0:i1], q_t)
+                _load_transposed(dout[b, h, i0:i1], do_t)
                 for r in range(bq):
-                    total = zero
-                    for c in range(do_blk.shape[1]):
-                        total += do_blk[r, c] * out[b, h, i0 + r, c]
+                    total = 0.0  # float64, from inputs that may be bf16 bits
+                    for c in range(dv_dim):
+                        total += _f64_of(dout[b, h, i0 + r, c]) * _f64_of(out[b, h, i0 + r, c])
                     delta[r] = total - dlse[b, h, i0 + r]  # d lse / d score is P: it joins dO.O
-                for n in range(_block_count(blocks, b, h, qb)):
-                    j0, j1, partial = _key_range(blocks, b, h, qb, n, block_k, nk)
+                dq_acc[:bq] = zero
+                count = _block_count(blocks, b, h, qb)
+                n = 0
+                while n < count:
+                    j0, j1, partial, n = _key_span(blocks, b, h, qb, n, count, block_k, nk, span)
                     if j1 == j0:
                         continue
-                    bk = j1 - j0
-                    k_blk, v_blk = k[b, hk, j0:j1], v[b, hk, j0:j1]  # (Bk, D), (Bk, Dv)
-                    raw, p, dp = raw_buf[:bq, :bk], p_buf[:bq, :bk], dp_buf[:bq, :bk]
-                    matmul(q_blk, k_blk.T, raw, one, zero)  # S = Q K^T
-                    p[:, :] = raw
-                    _modded_scores(p, i0, j0, b, h, scale, partial, score_caps, mask_caps)
+                    first = _first_key(j0, k_packed)  # bf16: from an even key, the extra one hidden
+                    skip = j0 - first
+                    bk = j1 - first
+                    bk16 = padded(bk, PAD)
+                    p_full = p_buf[: bq * bk16].reshape((bq, bk16))
+                    ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
+                    p, ds = p_full[:, :bk], ds_full[:, :bk]
+                    key_cols = _key_offset(first, k_packed)
+                    _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
+                    if raw_scores:
+                        multiplier = scale * log2e
+                        if partial:
+                            _masked_raw_scores(p[:, skip:], i0, j0, b, h, mask_caps)
+                    else:
+                        multiplier = log2e
+                        raw = raw_buf[: bq * bk].reshape((bq, bk))
+                        raw[:, :] = p
+                        _modded_scores(p[:, skip:], i0, j0, b, h, scale, partial, score_caps, mask_caps)
                     for r in range(bq):
                         row_lse = lse[b, h, i0 + r]
-                        if row_lse == -np.inf:  # the row sees no key
-                            p[r, :] = zero
+                        if row_lse == -np.inf or skip:
+                            p[r, 0] = -np.inf  # the row sees no key; or the key before the block
+                        if row_lse == -np.inf:
+                            for c in range(bk):
+                                p[r, c] = zero
                         else:
-                            exp2_affine_at(p, r, log2e, row_lse * log2e)  # P = e^(s - lse)
-                    matmul(p.T, do_blk, dv[b, hk, j0:j1], one, one)  # dV += P^T dO
-                    matmul(do_blk, v_blk.T, dp, one, zero)  # dP = dO V^T
-                    for r in range(bq):
-                        for c in range(bk):
-                            grad = p[r, c] * (dp[r, c] - delta[r])  # d loss / d modded score
-                            if grad != zero:  # hidden or underflowed: nothing flows, to the score or the captures
-                                grad = score_mod_vjp(
-                                    raw[r, c] * scale, b, h, i0 + r, j0 + c, score_caps, grad, grad_bufs, worker
-                                ) * scale
-                            dp[r, c] = grad
-                    matmul(dp, k_blk, dq_blk, one, one)  # dQ += dS K
-                    matmul(dp.T, q_blk, dk[b, hk, j0:j1], one, one)  # dK += dS^T Q
+                            exp2_affine_at(p, r, multiplier, row_lse * log2e)  # P = e^(score - lse)
+                    _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv_dim)  # dP = dO V^T
+                    if raw_scores:
+                        for r in range(bq):
+                            row_delta = delta[r]
+                            for c in range(bk):
+                                ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
+                    else:
+                        for r in range(bq):
+                            for c in range(bk):
+                                grad = p[r, c] * (ds[r, c] - delta[r])  # d loss / d modded score
+                                if grad != zero:  # hidden or underflowed: nothing flows, to the score or the captures
+                                    grad = score_mod_vjp(
+                                        raw[r, c] * scale, b, h, i0 + r, first + c, score_caps, grad, grad_bufs, worker
+                                    ) * scale
+                                ds[r, c] = grad
+                    p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
+                    _product(do_t, p_rows, dv_t[b, hk, :, first:], dv_dim, bk, bq, True, micro)  # dV^T += dO^T P
+                    ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)
+                    _product(q_t, ds_as_b, dk_t[b, hk, :, first:], d, bk, bq, True, micro)  # dK^T += Q^T dS
+                    ds_as_a = _a_rows_of(ds, ds_full, ds_rows)
+                    _product(ds_as_a, k_rows[b, hk, _key_row(first, k_packed):], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
+                for r in range(bq):
+                    for c in range(d):
+                        dq[b, h, i0 + r, c] = _store(dq, dq_acc[r, c])
+        for j in range(nk):  # this task's dK and dV, untransposed
+            for c in range(d):
+                dk[b, hk, j, c] = _store(dk, dk_t[b, hk, c, j])
+            for c in range(dv_dim):
+                dv[b, hk, j, c] = _store(dv, dv_t[b, hk, c, j])
     set_threads_local(blas_threads)
 
 

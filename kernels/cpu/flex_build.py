@@ -149,17 +149,29 @@ def _packed_operands(k, v, bf16):
     return np.empty((batch, hkv, d, nk + PAD), k.dtype), v_packed
 
 
-def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, block_k, bf16=False):
-    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq)) in q's dtype (float32 or float64); contiguous inputs.
-    bf16: q, k, v hold bf16 values (widened): the products run on the bf16 path, as the built-in
-    kernel's do."""
-    from ..microkernels import BF16_PRODUCTS, F32_PRODUCTS
+def takes_bf16_bits():
+    """Whether bf16 inputs go to the kernels as their bits (products on the bf16 path), rather than
+    widened to float32 first (ATTNKIT_CPU_BF16=fp32)."""
+    from ..microkernels import BF16_PRODUCTS
+
+    return BF16_PRODUCTS != "fp32"
+
+
+def _compute(x):
+    return np.float32 if x.dtype == np.uint16 else x.dtype
+
+
+def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, block_k):
+    """(out (B, Hq, Nq, Dv), lse (B, Hq, Nq)); contiguous inputs: float32 or float64 (out and lse of
+    that dtype), or bf16 bits (uint16; out bf16 bits, lse float32, the products on the bf16 path as
+    the built-in kernel's: takes_bf16_bits())."""
+    from ..microkernels import F32_PRODUCTS
 
     batch, hq, nq, _ = q.shape
+    compute = _compute(q)
     out = np.empty((batch, hq, nq, v.shape[3]), q.dtype)
-    lse = np.empty((batch, hq, nq), q.dtype)
-    bf16 = bf16 and q.dtype == np.float32 and BF16_PRODUCTS != "fp32"
-    k_packed, v_packed = _packed_operands(k, v, bf16)
+    lse = np.empty((batch, hq, nq), compute)
+    k_packed, v_packed = _packed_operands(k, v, q.dtype == np.uint16)
     v_packed = v if v_packed is None else v_packed  # V in place: the packing leaves it
     heads = np.arange(k.shape[0] * k.shape[1], dtype=np.int64)
     _run_workers(module.pack_worker, _workers(heads.shape[0]), k, v, k_packed, v_packed, heads, lambda w: ())
@@ -167,20 +179,36 @@ def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, bloc
     n_qb = -(-nq // block_q)
     order = _heaviest_first(blocks, batch, hq, n_qb)
     _run_workers(module.forward_worker, _workers(order.shape[0]), q, k_packed, v_packed, k.shape[2],
-                 _consts(scale, q.dtype), score_caps, mask_caps, blocks, block_q, block_k, micro, order,
+                 _consts(scale, compute), score_caps, mask_caps, blocks, block_q, block_k, micro, order,
                  lambda w: (out, lse))
     return out, lse
 
 
 def backward(module, q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps, blocks, block_q, block_k, grad_shapes):
-    """(dq, dk, dv, grads of the captured tensors named by grad_shapes), in q's dtype / float64."""
-    batch, hkv = k.shape[0], k.shape[1]
-    dq, dk, dv = np.zeros(q.shape, q.dtype), np.zeros(k.shape, q.dtype), np.zeros(v.shape, q.dtype)
+    """(dq, dk, dv, grads of the captured tensors named by grad_shapes (float64)): dq, dk, dv of q's
+    dtype (bf16 bits for bf16 bits: q, k, v, out, dout all bits then, lse and dlse float32)."""
+    from ..microkernels import F32_PRODUCTS
+
+    batch, hkv, nk, d = k.shape
+    dv_dim = v.shape[3]
+    compute = _compute(q)
+    dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
+    dk_t, dv_t = np.zeros((batch, hkv, d, nk + PAD), compute), np.zeros((batch, hkv, dv_dim, nk + PAD), compute)
+    if q.dtype == np.uint16:  # pairs along the features, and the keys
+        k_packed = np.empty((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), np.uint16)
+        v_packed = np.empty((batch, hkv, (dv_dim + 1) // 2, 2 * (nk + PAD)), np.uint16)
+        k_rows = np.empty((batch, hkv, (nk + 1) // 2, 2 * padded(d, PAD)), np.uint16)
+    else:  # K^T, V^T and K with rows of a whole number of vectors
+        k_packed, v_packed = np.empty(dk_t.shape, q.dtype), np.empty(dv_t.shape, q.dtype)
+        k_rows = np.empty((batch, hkv, nk, padded(d, PAD)), q.dtype)
     order = np.arange(batch * hkv, dtype=np.int64)
     workers = _workers(order.shape[0])
+    _run_workers(module.pack_backward_worker, workers, k, v, k_packed, v_packed, k_rows, order, lambda w: ())
     grad_bufs = tuple(np.zeros((workers, *shape), np.float64) for shape in grad_shapes)
-    _run_workers(module.backward_worker, workers, q, k, v, out, dout, lse, dlse, _consts(scale, q.dtype), score_caps,
-                 mask_caps, blocks, block_q, block_k, order, lambda w: (w, dq, dk, dv, grad_bufs))
+    micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
+    _run_workers(module.backward_worker, workers, q, k_packed, v_packed, k_rows, out, dout, lse, dlse,
+                 _consts(scale, compute), score_caps, mask_caps, blocks, block_q, block_k, micro, order,
+                 lambda w: (w, dq, dk_t, dv_t, dk, dv, grad_bufs))
     return dq, dk, dv, tuple(np.asarray(buf.sum(axis=0)) for buf in grad_bufs)
 
 
