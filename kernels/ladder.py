@@ -16,7 +16,7 @@ Each rung computes softmax(q k^T * scale) v for q, k, v of shape (B, H, N, D)
     7. microkernel        the same with attnkit's AVX-512 FMA micro-kernel for the products
                           instead of the BLAS (kernels/microkernels.py)
     8. threads            every core: the production kernel as attnkit runs it
-    9. bf16_products      bf16 inputs on the VDPBF16PS micro-kernel, float32 accumulation
+    9. bf16_products      bf16 inputs on the bf16 path (AMX tiles or VDPBF16PS), float32 accumulation
                           (needs avx512_bf16; AMX tiles would be the next rung, on CPUs that have them)
    10. triton             the fused GPU kernel (only with a CUDA device)
 
@@ -232,7 +232,7 @@ RUNGS = (
     ("vector_softmax", vector_softmax, "bigger tiles, explicit vector max/exp2, scale folded in (BLAS products)"),
     ("microkernel", microkernel, "attnkit's AVX-512 FMA micro-kernel instead of the BLAS"),
     ("threads", threads, "every core (the production kernel)"),
-    ("bf16_products", bf16_products, "bf16 inputs on the VDPBF16PS micro-kernel (float32 accumulation)"),
+    ("bf16_products", bf16_products, "bf16 inputs on the bf16 path: AMX tiles or VDPBF16PS (float32 accumulation)"),
     ("triton", triton, "the fused GPU kernel"),
 )
 
