@@ -344,6 +344,24 @@ def test_identity_score_mod_scales_inside_exp2(scale):
         assert_close(got, torch.from_numpy(summed), atol=1e-10, rtol=1e-10, name=label)
 
 
+def test_a_number_minus_a_tensor_is_traced():
+    """`1 - kv_idx` and `0.5 - score` reach torch as rsub (number - tensor): both directions, against torch."""
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = (x.detach() for x in _inputs(torch.float64, generator))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    k, v = (x.repeat_interleave(HQ // HKV, dim=1).detach().requires_grad_() for x in (k, v))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return 0.5 - score * 0.25 + (1 - kv_idx) * score * 0.01  # (an int times a Python float would be float32 in torch)
+
+    block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: kv >= 0 - qi + 3, None, None, NQ, NK, BLOCK_SIZE=BLOCK)
+    out = attnkit.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    want, _ = _torch_flex(q, k, v, score_mod, [], block_mask)
+    assert_close(out, want, atol=1e-10, rtol=1e-10, name="out")
+    for label, got, expected in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        assert_close(got, expected, atol=1e-10, rtol=1e-10, name=f"d{label}")
+
+
 def test_one_worker_and_two_give_the_same_result(monkeypatch):
     """The workers share a queue; which thread takes a task must not change what it computes."""
     from attnkit.kernels.cpu import flex_build

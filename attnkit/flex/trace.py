@@ -196,6 +196,10 @@ class _Graph:
             if kind == "bool":
                 self.fail(f"adds or multiplies booleans ({op}); use & and |")
             self._add(node, "arith", args[:2], kind, (_ARITHMETIC[op], kwargs.get("alpha", 1)))
+        elif op == "rsub":  # a number minus a tensor: rsub(tensor, number, alpha) = number - alpha tensor
+            if kind == "bool":
+                self.fail("subtracts booleans (rsub); use & and |")
+            self._add(node, "arith", (args[1], args[0]), kind, ("-", kwargs.get("alpha", 1)))
         elif op in _COMPARISONS:
             self._add(node, "compare", args[:2], kind, _COMPARISONS[op])
         elif op in ("div", "true_divide"):
