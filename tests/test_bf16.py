@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -316,6 +317,20 @@ def test_kernel_bf16_against_reference(case):
         if theirs is not None:
             candidates.append((theirs, want64))
         assert_within_rule(name, as_float(got), want64, baseline(*candidates), 3)
+
+
+@pytest.mark.skipif(bf16.BF16_PRODUCTS != "amx", reason="no AMX here: the tests above run the vector path")
+def test_the_vector_path_on_an_amx_machine():
+    """Where this process runs bf16 on AMX, the kernel and product checks above run again in a process
+    whose bf16 runs on VDPBF16PS (ATTNKIT_CPU_BF16=dpbf16), so neither path goes untested."""
+    selection = "kernel_bf16_against_reference or gemm_against_float64"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env={**os.environ, "ATTNKIT_CPU_BF16": "dpbf16"}, capture_output=True, text=True, timeout=1200,
+        cwd=os.path.dirname(__file__),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"\b34 passed", result.stdout), result.stdout[-2000:]
 
 
 @needs_bf16_cpu
