@@ -114,10 +114,13 @@ def cpu_bf16():
         bf16.check_paths()
     except ValueError as problem:
         error = str(problem)
+    blocks = {kind: list(block) for kind, block in bf16.BLOCKS.items()}
+    if bf16.BF16_PRODUCTS == "amx":  # C in 16-row tiles, two of 16 columns side by side (kernels/amx.py)
+        blocks["bf16"] = [16, 2]
     return {"name": bf16.BF16_PRODUCTS, "detail": bf16.BF16_DETAIL,
             "float32": bf16.F32_PRODUCTS, "float32_detail": bf16.F32_DETAIL,
             "target": describe(TARGET), "lanes": TARGET.lanes, "registers": TARGET.registers,
-            "blocks": {kind: list(block) for kind, block in bf16.BLOCKS.items()}, "error": error}
+            "blocks": blocks, "error": error}
 
 
 def kernel_cache():

@@ -69,29 +69,26 @@ def _tile(value):
     return ir.Constant(_I8, value.literal_value)
 
 
-@intrinsic(prefer_literal=True)
-def _tile_load(typingctx, tile, address, stride):
-    """tile <- rows at address, stride bytes apart (as many rows and bytes as the tile is configured for)."""
-    if not isinstance(tile, types.IntegerLiteral):
-        return None
+def _tile_memory(llvm_name):
+    """An intrinsic (tile, address, stride): llvm_name moves a tile's rows from or to address, stride
+    bytes apart (as many rows and bytes as the tile is configured for)."""
 
-    def codegen(context, builder, signature, args):
-        _call(builder, "llvm.x86.tileloadd64", [_tile(tile), builder.inttoptr(args[1], _BYTES), args[2]])
-        return context.get_dummy_value()
+    @intrinsic(prefer_literal=True)
+    def tile_memory(typingctx, tile, address, stride):
+        if not isinstance(tile, types.IntegerLiteral):
+            return None
 
-    return types.void(tile, types.intp, types.intp), codegen
+        def codegen(context, builder, signature, args):
+            _call(builder, llvm_name, [_tile(tile), builder.inttoptr(args[1], _BYTES), args[2]])
+            return context.get_dummy_value()
+
+        return types.void(tile, types.intp, types.intp), codegen
+
+    return tile_memory
 
 
-@intrinsic(prefer_literal=True)
-def _tile_store(typingctx, tile, address, stride):
-    if not isinstance(tile, types.IntegerLiteral):
-        return None
-
-    def codegen(context, builder, signature, args):
-        _call(builder, "llvm.x86.tilestored64", [_tile(tile), builder.inttoptr(args[1], _BYTES), args[2]])
-        return context.get_dummy_value()
-
-    return types.void(tile, types.intp, types.intp), codegen
+_tile_load = _tile_memory("llvm.x86.tileloadd64")
+_tile_store = _tile_memory("llvm.x86.tilestored64")
 
 
 @intrinsic(prefer_literal=True)

@@ -277,7 +277,7 @@ def backward_worker(
     hkv, nk, dv_dim = dk.shape[1], dk.shape[2], dv.shape[3]
     group = hq // hkv
     n_qb = (nq + block_q - 1) // block_q
-    scale, one, zero, log2e = consts[_SCALE], consts[_ONE], consts[_ZERO], consts[_LOG2E]
+    scale, zero, log2e = consts[_SCALE], consts[_ZERO], consts[_LOG2E]
     # P = exp2(scale log2(e) q.k - lse log2(e)), dS = P (dP - delta) scale; a hidden score's -inf
     # times a negative scale would be +inf, so only for a positive one
     raw_scores = SCORE_MOD_IS_IDENTITY and scale > zero
