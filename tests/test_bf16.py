@@ -319,6 +319,25 @@ def test_kernel_bf16_against_reference(case):
         assert_within_rule(name, as_float(got), want64, baseline(*candidates), 3)
 
 
+@pytest.mark.skipif(bf16.BF16_PRODUCTS != "amx" or not hasattr(os, "fork"), reason=f"no AMX here: {bf16.BF16_DETAIL}")
+def test_amx_in_a_forked_child():
+    """The OS's AMX grant is the process's: a forked child (a DataLoader worker) runs AMX tiles too,
+    where a missing grant would kill it at its first tile instruction."""
+    rng = np.random.default_rng(1)
+    a, b = bf16.bf16_bits(rng.standard_normal((20, 40))), bf16.bf16_bits(rng.standard_normal((40, 30)))
+    packed = np.zeros((20, 64), np.uint16)
+    bf16.pack_pairs(b, packed)
+    parent = np.zeros((20, 32), np.float32)
+    bf16.gemm(a, packed, parent, 20, 30, 20, False)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 when its product equals the parent's
+        child = np.zeros((20, 32), np.float32)
+        bf16.gemm(a, packed, child, 20, 30, 20, False)
+        os._exit(0 if np.array_equal(parent, child) else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status}"
+
+
 @pytest.mark.skipif(bf16.BF16_PRODUCTS != "amx", reason="no AMX here: the tests above run the vector path")
 def test_the_vector_path_on_an_amx_machine():
     """Where this process runs bf16 on AMX, the kernel and product checks above run again in a process
