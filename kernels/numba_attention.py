@@ -36,6 +36,7 @@ from .cpu.constants import (
 from .cpu.decode import _decode_kernel, decode_steps
 from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import launch
+from .cpu.operands import backward_operand_shapes, forward_operand_shapes
 from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
 from .warmup import warmup  # the entry point's home since before kernels/warmup.py
@@ -126,12 +127,9 @@ def _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q
     block_q, block_k = _block_sizes(longest_q, longest_k)
     v_width = padded(dv, PAD)
     decode = dense and _is_decode(nq, nk, hq // hkv) and v_width == dv  # bf16 bits widened as read
-    if bf16:  # pairs along the features (Q K^T) and along the keys (P V)
-        operand, operand_shapes = np.uint16, (
-            (batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (nk + 1) // 2, 2 * v_width))
-    else:  # K^T, and V with rows of a whole number of vectors (V itself when Dv already is)
-        operand, operand_shapes = dtype, (
-            (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else (1, 1, 1, 1))
+    k_shape, v_shape = forward_operand_shapes(batch, hkv, nk, d, dv, bf16)
+    operand = np.uint16 if bf16 else dtype
+    operand_shapes = (k_shape, v_shape or (1, 1, 1, 1))  # V read in place: a placeholder
     return block_q, block_k, v_width, decode, operand, operand_shapes, hq * d * work <= _SERIAL_WORK
 
 
@@ -350,13 +348,7 @@ def flash_backward(
     n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
     n_workers = worker_count()  # 1 when other programs fill the cores, and in a forked child
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
-    if bf16:  # pairs along the features (S, dP) and along the keys (dQ)
-        operand_shapes = ((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)),
-                          (batch, hkv, (dv + 1) // 2, 2 * (nk + PAD)),
-                          (batch, hkv, (nk + 1) // 2, 2 * padded(d, PAD)))  # fmt: skip
-    else:  # K^T, V^T and K with rows of a whole number of vectors
-        operand_shapes = ((batch, hkv, d, nk + PAD), (batch, hkv, dv, nk + PAD),
-                          (batch, hkv, nk, padded(d, PAD)))  # fmt: skip
+    operand_shapes = backward_operand_shapes(batch, hkv, nk, d, dv, bf16)
     partial_shapes = ((batch, hkv * n_chunks, d, nk + PAD), (batch, hkv * n_chunks, dv, nk + PAD))
     with _CALL_LOCK, _single_threaded_blas():
         if bf16:  # uint16 operands apart from the float32 partials

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..microkernels import PAD, padded
+from ..microkernels import PAD
 from . import flex as _template
+from .operands import backward_operand_shapes, forward_operand_shapes
 from .threads import worker_count
 
 _BEGIN, _END = "# --- GENERATED BEGIN", "# --- GENERATED END"
@@ -137,18 +138,6 @@ def _run_workers(worker, workers, *args):
         future.result()
 
 
-def _packed_operands(k, v, bf16):
-    """Empty K and V operands of the forward's products (kernels/cpu/operands.py's layouts): bf16
-    pairs, or K^T and V with rows padded to 16 columns (None for V when its rows already are)."""
-    batch, hkv, nk, d = k.shape
-    v_width = padded(v.shape[3], PAD)
-    if bf16:
-        return (np.empty((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), np.uint16),
-                np.empty((batch, hkv, (nk + 1) // 2, 2 * v_width), np.uint16))
-    v_packed = None if v_width == v.shape[3] else np.empty((batch, hkv, nk, v_width), k.dtype)
-    return np.empty((batch, hkv, d, nk + PAD), k.dtype), v_packed
-
-
 def takes_bf16_bits():
     """Whether bf16 inputs go to the kernels as their bits (products on the bf16 path), rather than
     widened to float32 first (ATTNKIT_CPU_BF16=fp32)."""
@@ -171,8 +160,9 @@ def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, bloc
     compute = _compute(q)
     out = np.empty((batch, hq, nq, v.shape[3]), q.dtype)
     lse = np.empty((batch, hq, nq), compute)
-    k_packed, v_packed = _packed_operands(k, v, q.dtype == np.uint16)
-    v_packed = v if v_packed is None else v_packed  # V in place: the packing leaves it
+    k_shape, v_shape = forward_operand_shapes(*k.shape[:3], k.shape[3], v.shape[3], q.dtype == np.uint16)
+    k_packed = np.empty(k_shape, q.dtype)  # bf16 bits, or the compute dtype
+    v_packed = v if v_shape is None else np.empty(v_shape, q.dtype)  # V in place: the packing leaves it
     heads = np.arange(k.shape[0] * k.shape[1], dtype=np.int64)
     _run_workers(module.pack_worker, _workers(heads.shape[0]), k, v, k_packed, v_packed, heads, lambda w: ())
     micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
@@ -194,13 +184,8 @@ def backward(module, q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps
     compute = _compute(q)
     dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
     dk_t, dv_t = np.zeros((batch, hkv, d, nk + PAD), compute), np.zeros((batch, hkv, dv_dim, nk + PAD), compute)
-    if q.dtype == np.uint16:  # pairs along the features, and the keys
-        k_packed = np.empty((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), np.uint16)
-        v_packed = np.empty((batch, hkv, (dv_dim + 1) // 2, 2 * (nk + PAD)), np.uint16)
-        k_rows = np.empty((batch, hkv, (nk + 1) // 2, 2 * padded(d, PAD)), np.uint16)
-    else:  # K^T, V^T and K with rows of a whole number of vectors
-        k_packed, v_packed = np.empty(dk_t.shape, q.dtype), np.empty(dv_t.shape, q.dtype)
-        k_rows = np.empty((batch, hkv, nk, padded(d, PAD)), q.dtype)
+    k_packed, v_packed, k_rows = (np.empty(shape, q.dtype)  # bf16 bits, or the compute dtype
+                                  for shape in backward_operand_shapes(batch, hkv, nk, d, dv_dim, q.dtype == np.uint16))
     order = np.arange(batch * hkv, dtype=np.int64)
     workers = _workers(order.shape[0])
     _run_workers(module.pack_backward_worker, workers, k, v, k_packed, v_packed, k_rows, order, lambda w: ())

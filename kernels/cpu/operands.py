@@ -9,7 +9,7 @@ from numba.extending import intrinsic, overload
 
 from ..cpu_blas import matmul
 from ..jit import jit as _jit
-from ..microkernels import bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
+from ..microkernels import PAD, bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
 from .constants import _FASTMATH
 
 
@@ -74,6 +74,25 @@ def _typed_product_overload(a, b, c, m, n, k, accumulate, micro):
 
         return product
     return lambda a, b, c, m, n, k, accumulate, micro: _blas_product(a, b, c, m, n, k, accumulate)
+
+
+def forward_operand_shapes(batch, hkv, nk, d, dv, bf16):
+    """Shapes of _pack_forward's K and V operands: bf16 pairs along the features (Q K^T) and along the
+    keys (P V); or K^T and V with rows of a whole number of vectors (None for V: its rows already
+    are, and the products read it in place)."""
+    v_width = padded(dv, PAD)
+    if bf16:
+        return (batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (nk + 1) // 2, 2 * v_width)
+    return (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else None
+
+
+def backward_operand_shapes(batch, hkv, nk, d, dv, bf16):
+    """Shapes of _pack_operands' K, V and K-rows operands: bf16 pairs along the features (S, dP) and
+    along the keys (dQ); or K^T, V^T and K with rows of a whole number of vectors."""
+    if bf16:
+        return ((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (dv + 1) // 2, 2 * (nk + PAD)),
+                (batch, hkv, (nk + 1) // 2, 2 * padded(d, PAD)))  # fmt: skip
+    return (batch, hkv, d, nk + PAD), (batch, hkv, dv, nk + PAD), (batch, hkv, nk, padded(d, PAD))
 
 
 def _pack_forward(k, v, k_packed, v_packed):
