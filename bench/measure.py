@@ -319,11 +319,25 @@ def microkernel_rate(kind, seconds=0.3):
     return flops / elapsed, f"{what}, {threads} threads, {_TILE_M}x{_TILE_N}x{_TILE_K} tiles in cache"
 
 
+def _product_rate(make, multiply, size, repeats, device, budget_s=0.25):
+    """(FLOP/s, n) of multiply(a, b) on n x n operands from make(n): n starts at 256 and doubles up to
+    size while a product stays well within budget_s. A CPU without bf16 instructions multiplies
+    torch's bf16 at ~0.3 GFLOP/s (AMD Zen 3): one 2048^3 product took 59 s."""
+    n = min(256, size)
+    while True:
+        a, b = make(n)
+        samples = [time_once(lambda: None, lambda _: multiply(a, b), device) for _ in range(repeats + 1)][1:]
+        seconds = statistics.median(samples)
+        if n >= size or 8 * seconds > budget_s:
+            return 2 * n**3 / seconds, n
+        n = min(size, 2 * n)
+
+
 def matmul_rate(device, dtype, size=None, repeats=None):
     """The best matrix-multiply rate here, in FLOP/s: the roofline for attention.
 
-    Times C = A @ B with square (size x size) matrices in the sweep's dtype:
-    torch.matmul on the device and, on the CPU, NumPy's matmul as well (the
+    Times C = A @ B with square matrices (size x size, smaller where one product would take long)
+    in the sweep's dtype: torch.matmul on the device and, on the CPU, NumPy's matmul as well (the
     reference runs on NumPy's BLAS). Returns {"flops_per_s", "what", "rates"}.
     """
     import numpy as np
@@ -333,20 +347,21 @@ def matmul_rate(device, dtype, size=None, repeats=None):
 
     size = size or (8192 if device == "cuda" else 2048)
     repeats = repeats or (10 if device == "cuda" else 3)
-    flops = 2 * size**3
-    rates = {}
+    rates, names = {}, {}
 
-    a, b = (torch.randn(size, size, device=device).to(torch_dtype(dtype)) for _ in range(2))
-    samples = [time_once(lambda: None, lambda _: torch.matmul(a, b), device)
-               for _ in range(repeats + 1)][1:]
-    rates[f"torch.matmul {dtype}"] = flops / statistics.median(samples)
+    def torch_operands(dtype_name, on):
+        return lambda n: tuple(torch.randn(n, n, device=on).to(torch_dtype(dtype_name)) for _ in range(2))
 
+    def record(name, make, multiply, on):
+        rates[name], n = _product_rate(make, multiply, size, repeats, on)
+        names[name] = f"{name}, {n}x{n}x{n}"
+
+    record(f"torch.matmul {dtype}", torch_operands(dtype, device), torch.matmul, device)
     if device == "cpu" and dtype in ("float32", "float64"):
-        a, b = (np.random.default_rng(0).standard_normal((size, size)).astype(dtype) for _ in range(2))
-        samples = [time_once(lambda: None, lambda _: a @ b, "cpu") for _ in range(repeats + 1)][1:]
-        rates[f"numpy matmul {dtype}"] = flops / statistics.median(samples)
+        rng = np.random.default_rng(0)
+        record(f"numpy matmul {dtype}", lambda n: tuple(rng.standard_normal((n, n)).astype(dtype) for _ in range(2)),
+               np.matmul, "cpu")  # fmt: skip
 
-    names = {name: f"{name}, {size}x{size}x{size}" for name in rates}
     kernel_kind = _cpu_kernel_kind(dtype) if device == "cpu" else None
     if kernel_kind:  # what attnkit's own kernel multiplies with, on every core
         rate, names[f"attnkit {kernel_kind}"] = microkernel_rate(kernel_kind)
@@ -356,10 +371,8 @@ def matmul_rate(device, dtype, size=None, repeats=None):
     if device == "cpu" and dtype != "bfloat16":
         # The bf16 line: what bf16 products (attnkit's bf16 path, float32 under
         # "medium") could reach here, next to the sweep's own dtype.
-        a, b = (torch.randn(size, size).bfloat16() for _ in range(2))
-        samples = [time_once(lambda: None, lambda _: torch.matmul(a, b), "cpu") for _ in range(repeats + 1)][1:]
-        rates["torch.matmul bfloat16"] = flops / statistics.median(samples)
-        bf16 = {"torch.matmul bfloat16": (rates["torch.matmul bfloat16"], f"torch.matmul bfloat16, {size}x{size}x{size}")}
+        record("torch.matmul bfloat16", torch_operands("bfloat16", "cpu"), torch.matmul, "cpu")
+        bf16 = {"torch.matmul bfloat16": (rates["torch.matmul bfloat16"], names["torch.matmul bfloat16"])}
         if _cpu_kernel_kind("bfloat16") == "bf16":
             rate, what = microkernel_rate("bf16")
             rates["attnkit bf16"], bf16["attnkit bf16"] = rate, (rate, what)
