@@ -422,7 +422,7 @@ def explain(
                                   alibi_slopes=alibi_slopes, align=align, sinks=sinks)  # fmt: skip
     request = Request(return_weights=return_weights, dropout=dropout_probability(dropout_p) > 0,
                       grad=_needs_grad(spec, q, k, v, sinks))  # fmt: skip
-    return choose_backend(spec, backend, request, warn=False).explain(spec)
+    return choose_backend(spec, backend, request, warn=False, start_compiling=False).explain(spec)
 
 
 def available_backends():

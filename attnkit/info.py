@@ -128,11 +128,19 @@ def kernel_cache():
     try:
         from pathlib import Path
 
-        from .kernels import jit
+        from .backends import while_compiling_policy
+        from .kernels import jit, numba_attention  # noqa: F401 (the product path names the cached code)
+        from .kernels.warmup import cached_units, describe_units
     except Exception as error:  # numba missing or failing to initialise
-        return {"path": None, "how": f"unavailable ({type(error).__name__}: {error})"}
+        return {"path": None, "how": f"unavailable ({type(error).__name__}: {error})", "compiled": None,
+                "while_compiling": None}  # fmt: skip
     path, how = jit.cache_location(Path(jit.__file__).parent / "cpu")
-    return {"path": None if path is None else str(path), "how": how}
+    try:
+        policy = while_compiling_policy()
+    except ValueError as error:
+        policy = str(error)
+    return {"path": None if path is None else str(path), "how": how, "compiled": describe_units(cached_units()),
+            "while_compiling": policy}  # fmt: skip
 
 
 def collect():
@@ -169,6 +177,9 @@ def format_report(info):
         f"  float32  {info['cpu_bf16'].get('float32_detail', '')}  (ATTNKIT_CPU_F32)",
         *([f"  error    {info['cpu_bf16']['error']}"] if info["cpu_bf16"].get("error") else []),
         f"  cache    {info['kernel_cache']['path'] or '-'}  ({info['kernel_cache']['how']})",
+        f"  compiled {info['kernel_cache'].get('compiled') or '-'}  (kernels in the cache for this target; "
+        f"calls of the others run on the reference while helpers compile them: ATTNKIT_WHILE_COMPILING="
+        f"{info['kernel_cache'].get('while_compiling')})",
         "",
         "cuda:",
     ]

@@ -1,12 +1,15 @@
 """Where a first call's time goes: Numba compilation, per kernel function, cold and with a warm cache.
 
-    python -m attnkit.bench.compile_time [--kinds fp32 fp32-backward bf16 fp64 decode warmup warmup-one-process]
+    python -m attnkit.bench.compile_time [--kinds fp32 fp32-wait fp32-backward bf16 fp64 decode warmup ...]
 
 Each kind runs in a fresh Python process with an empty NUMBA_CACHE_DIR (cold), then in a second
-fresh process that finds the cache the first one wrote (warm). A process times its first call and a
-second identical one, and records Numba's "numba:compile" events: which functions compiled, how
-often (one per signature), and for how long (inclusive: a function compiled inside another's
-compilation counts in both). Prints one table per kind, and the call times.
+fresh process that finds the cache the first one wrote (warm). A process times its first call;
+while helper processes compile kernels for it (the reference standing in: attnkit.backends), it
+repeats the call until they are done; then it times the next call (the kernel's first, loading
+what the helpers compiled) and one more. It records Numba's "numba:compile" events in the process
+itself: which functions compiled, how often (one per signature), and for how long (inclusive: a
+function compiled inside another's compilation counts in both). "-wait" kinds compile in the call
+(ATTNKIT_WHILE_COMPILING=wait), as attnkit did before the stand-in. Prints one table per kind.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import tempfile
 
 KINDS = {  # kind -> the call, as code run in the child (q, k, v and attnkit are defined there)
     "fp32": "attnkit.attention(q, k, v, causal=True)",
+    "fp32-wait": "attnkit.attention(q, k, v, causal=True)",
     "fp32-backward": "attnkit.attention(*(x.requires_grad_() for x in (q, k, v)), causal=True).sum().backward()",
+    "fp32-backward-wait": "attnkit.attention(*(x.requires_grad_() for x in (q, k, v)), causal=True).sum().backward()",
     "bf16": "attnkit.attention(*(x.bfloat16() for x in (q, k, v)), causal=True)",
     "fp64": "attnkit.attention(*(x.double() for x in (q, k, v)), causal=True)",
     "decode": "attnkit.attention(q[:, :, -1:], k[:, :8], v[:, :8])",
@@ -33,6 +38,7 @@ import json, sys, time
 import numba.core.event as event
 start = time.perf_counter()
 import torch, attnkit
+from attnkit.kernels import warmup
 imported = time.perf_counter() - start
 g = torch.Generator().manual_seed(0)
 q = torch.randn(1, 32, 1024, 64, generator=g)
@@ -41,9 +47,17 @@ with event.install_recorder("numba:compile") as recorder:
     start = time.perf_counter()
     CALL
     first = time.perf_counter() - start
+    meanwhile = 0
+    while warmup.compiling():  # the reference stands in until the helpers are done
+        CALL
+        meanwhile += 1
+    ready = time.perf_counter() - start
+    start = time.perf_counter()
+    CALL
+    second = time.perf_counter() - start
 start = time.perf_counter()
 CALL
-second = time.perf_counter() - start
+third = time.perf_counter() - start
 begun, spent = {}, {}
 for timestamp, item in recorder.buffer:
     name = getattr(item.data["dispatcher"], "py_func", None)
@@ -54,13 +68,17 @@ for timestamp, item in recorder.buffer:
     elif key in begun:
         total, count = spent.get(name, (0.0, 0))
         spent[name] = (total + timestamp - begun.pop(key), count + 1)
-print(json.dumps(dict(imported=imported, first=first, second=second, compiled=spent)))
+print(json.dumps(dict(imported=imported, first=first, meanwhile=meanwhile, ready=ready, second=second, third=third,
+                      compiled=spent)))
 """
 
 
 def run_kind(kind, cache_dir):
     code = _CHILD.replace("CALL", KINDS[kind])
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    env.pop("ATTNKIT_WHILE_COMPILING", None)
+    if kind.endswith("-wait"):
+        env["ATTNKIT_WHILE_COMPILING"] = "wait"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{kind}: the child process failed:\n{done.stderr[-2000:]}")
@@ -72,8 +90,9 @@ def main(argv=None):
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     parser.add_argument("--top", type=int, default=8, help="functions listed per kind (default 8)")
     args = parser.parse_args(argv)
-    print("| kind | cache | import | first call | second call | functions compiled | signatures |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| kind | cache | import | first call | calls meanwhile | kernel from | next call | one more | "
+          "functions compiled here | signatures here |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     details = []
     for kind in args.kinds:
         with tempfile.TemporaryDirectory(prefix="attnkit-numba-cache-") as cache_dir:
@@ -82,7 +101,8 @@ def main(argv=None):
                 result = run_kind(kind, cache_dir)
                 compiled = result["compiled"]
                 print(f"| {kind} | {state} | {result['imported']:.2f} s | {result['first']:.2f} s | "
-                      f"{1e3 * result['second']:.1f} ms | {len(compiled)} | "
+                      f"{result['meanwhile']} | {result['ready']:.1f} s | {1e3 * result['second']:.1f} ms | "
+                      f"{1e3 * result['third']:.1f} ms | {len(compiled)} | "
                       f"{sum(count for _, count in compiled.values())} |", flush=True)
                 if state == "cold":
                     details.append((kind, compiled))

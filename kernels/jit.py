@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from numba import njit
 from numba.core import caching, event
 
-__all__ = ["announce_as", "cache_location", "discard_stale_cache", "jit", "set_code_variant"]
+__all__ = ["announce_as", "cache_location", "code_variant", "discard_stale_cache", "jit", "set_code_variant"]
 
 _STAMP = "attnkit-kernel-sources.sha256"
 
@@ -78,7 +78,8 @@ def discard_stale_cache(folder=Path(__file__).parent):
 
 
 def _discard_unless_stamped(cache, stamp_text):
-    """Delete cache/*.nb[ic] unless cache's stamp reads stamp_text; then stamp it. True when deleted."""
+    """Delete cache/*.nb[ic] (and kernels/warmup.py's ready markers) unless cache's stamp reads
+    stamp_text; then stamp it. True when deleted."""
     stamp = cache / _STAMP
     try:
         if stamp.read_text(encoding="ascii") == stamp_text:
@@ -86,7 +87,7 @@ def _discard_unless_stamped(cache, stamp_text):
     except OSError:
         pass  # no stamp yet
     try:
-        stale = list(cache.glob("*.nb[ic]"))
+        stale = list(cache.glob("*.nb[ic]")) + list(cache.glob("attnkit-ready-*"))
         for path in stale:
             path.unlink(missing_ok=True)
         cache.mkdir(parents=True, exist_ok=True)
@@ -167,6 +168,11 @@ class _LockedIndexDataFile(caching.IndexDataCacheFile):
 
 
 _code_variant = [""]
+
+
+def code_variant():
+    """The product paths' name set by set_code_variant ("" before microkernels is imported)."""
+    return _code_variant[0]
 
 
 def set_code_variant(text):

@@ -46,8 +46,8 @@ from .cpu.plan import (
 )
 
 __all__ = [
-    "flash_forward", "flash_backward", "warmup", "plan_mask", "MaskPlan", "recording", "Launch", "TILE_HIDDEN",
-    "TILE_VISIBLE", "TILE_MIXED",
+    "flash_forward", "flash_backward", "runs_decode", "warmup", "plan_mask", "MaskPlan", "recording", "Launch",
+    "TILE_HIDDEN", "TILE_VISIBLE", "TILE_MIXED",
 ]  # fmt: skip
 
 # Tile states of MaskPlan.tiles: every score hidden, every score visible (run unmasked), or read one by one.
@@ -126,7 +126,7 @@ def _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q
     shapes, small enough for the calling thread alone?)."""
     block_q, block_k = _block_sizes(longest_q, longest_k)
     v_width = padded(dv, PAD)
-    decode = dense and _is_decode(nq, nk, hq // hkv) and v_width == dv  # bf16 bits widened as read
+    decode = runs_decode(nq, nk, hq // hkv, dv, dense)
     k_shape, v_shape = forward_operand_shapes(batch, hkv, nk, d, dv, bf16)
     operand = np.uint16 if bf16 else dtype
     operand_shapes = (k_shape, v_shape or (1, 1, 1, 1))  # V read in place: a placeholder
@@ -290,6 +290,13 @@ _DECODE_BLOCK_K = 512
 
 def _is_decode(nq, nk, group):
     return nq <= _DECODE_MAX_QUERIES and nk >= _DECODE_MIN_KEYS and group * nq <= 128
+
+
+def runs_decode(nq, nk, group, dv, dense):
+    """Whether a forward call of these sizes runs the decode kernel rather than the forward one
+    (group: query heads per kv head; dense: one sequence per batch entry, no ALiBi, no dropout).
+    V must need no padding: the decode kernel reads it in place (bf16 bits widened as read)."""
+    return dense and _is_decode(nq, nk, group) and dv % PAD == 0
 
 
 def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, steps=None):

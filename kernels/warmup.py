@@ -8,15 +8,21 @@ on-disk cache), helper processes take jobs from the back. They compile into the 
 compiled, so afterwards no call of those dtypes compiles here. Where no cache can be written,
 or with processes=1, everything compiles in this process.
 
-The same helpers serve a training step's first call (compiling_ahead): when a forward that a
-backward will follow starts compiling, a helper compiles the backward kernel meanwhile, and
-the backward waits for it (wait_for_ahead) and loads its work instead of compiling it again.
+The same helpers serve first calls. attnkit's dispatcher (backend="auto") asks whether a call's
+kernels are ready (units_ready: run in this process, or marked in the on-disk cache by the process
+that compiled them); if not, helpers compile them (compile_in_background) while the call and the
+next ones run on the NumPy reference, until the kernels load from the cache. And when a forward
+that a backward will follow starts compiling in this process, a helper compiles the backward
+kernel meanwhile (compiling_ahead); the backward waits for it (wait_for_background) and loads its
+work instead of compiling it again. Helpers finish their job even when this process exits first:
+what they compile serves later processes.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -28,11 +34,15 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from filelock import FileLock
 from numba.core import event
 
 from .jit import cache_location
 
-__all__ = ["check_processes", "compiling_ahead", "wait_for_ahead", "warmup", "warmup_variants"]
+__all__ = [
+    "cached_units", "check_processes", "compile_in_background", "compiling", "compiling_ahead", "describe_units",
+    "mark_ready", "units_ready", "wait_for_background", "warmup", "warmup_variants",
+]  # fmt: skip
 
 # The shapes each job runs: the forward and the backward; the decode kernel (keys split and
 # merged when two threads are there).
@@ -82,6 +92,7 @@ def run_job(dtype_name, bf16_products, kind, backward):
             out, lse = flash_forward(q, k, v, None, **options)
         if backward and kind != "decode":
             flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
+    mark_ready(_units_of_job(dtype_name, bf16_products, kind, backward))
 
 
 def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, float32_bf16=False,
@@ -101,6 +112,7 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
     jobs = [(np.dtype(dtype).name, bool(bf16), kind, bool(backward))
             for dtype, bf16 in warmup_variants(dtypes, float32_bf16) for kind in kinds]  # fmt: skip
     check_processes(processes)
+    wait_for_background()  # kernels helpers are compiling already load from the cache after them
     helpers = min(len(jobs), processes or os.cpu_count() or 1) - 1
     if helpers > 0 and not _cache_to_share():
         helpers = 0  # nowhere to share compiled code: every process would compile for itself
@@ -231,52 +243,194 @@ class _FirstCompile(event.Listener):
         pass
 
 
-_AHEAD = {}  # job -> the helper process compiling it ahead, or None (considered: no helper)
+# ---------------------------------------------------------------------------
+# Kernels ready or compiling: what a call may run without compiling in the calling process
+# ---------------------------------------------------------------------------
+# A unit is one compiled kernel with its steps: (kernel input dtype name, bf16 products, kernel),
+# kernel "forward", "decode" or "backward". A unit is ready when this process has run it, or
+# when its marker file says an earlier process compiled it into the on-disk cache (then a call
+# loads it in well under a second). The markers sit beside the compiled code and are deleted
+# with it when the kernel sources change (jit.discard_stale_cache).
+
+READY_MARKER_PREFIX = "attnkit-ready-"
+
+_READY = set()  # units this process ran, or found marked in the cache
+_HELPERS = {}  # unit -> the helper process compiling it (running or finished)
+_FAILED = set()  # units a helper could not compile: they compile in the calling process
+_CONSIDERED_AHEAD = set()  # units compiling_ahead has looked at (each once per process)
+_TOLD = [False]  # the background-compilation notice was written
+
+
+def unit_job(unit):
+    """run_job's arguments compiling one unit."""
+    dtype_name, bf16_products, kernel = unit
+    return (dtype_name, bool(bf16_products), kernel, kernel == "backward")
+
+
+def _units_of_job(dtype_name, bf16_products, kind, backward):
+    kernels = [kind] if kind != "backward" else []
+    if backward and kind != "decode":
+        kernels.append("backward")
+    return [(dtype_name, bool(bf16_products), kernel) for kernel in kernels]
+
+
+def _marker(unit):
+    """The marker file of a unit in the on-disk cache (None without one): named after everything
+    Numba's cache keys tell compiled code apart by, so a marker never vouches for code another
+    CPU target, product path, Numba or Python would need."""
+    from .jit import code_variant
+    from .target import TARGET
+
+    folder = _marker_folder()
+    if folder is None:
+        return None
+    key = (unit, code_variant(), TARGET.triple, TARGET.cpu, TARGET.features, numba.__version__, sys.version_info[:2])
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:24]
+    return folder / f"{READY_MARKER_PREFIX}{digest}"
+
+
+@functools.cache
+def _marker_folder():
+    """The cache folder of this module's own folder (cache_location: checking it touches the disk)."""
+    return cache_location(Path(__file__).parent)[0]
+
+
+def mark_ready(units):
+    """These units ran in this process: remember it, and mark them in the on-disk cache for later
+    processes (their code was saved there when they compiled)."""
+    for unit in units:
+        if unit in _READY:
+            continue
+        _READY.add(unit)
+        marker = _marker(unit)
+        if marker is not None and not marker.exists():
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(repr(unit) + "\n", encoding="ascii")
+            except OSError:
+                pass  # a read-only cache: later processes compile as this one did
+
+
+def units_ready(units):
+    """Whether a call needing these units runs without compiling anything in this process."""
+    for unit in units:
+        if unit in _READY:
+            continue
+        helper = _HELPERS.get(unit)
+        if helper is not None and helper.poll() is None:
+            return False  # still compiling
+        marker = _marker(unit)
+        if marker is not None and marker.exists():
+            _READY.add(unit)  # compiled by a helper or an earlier process: it loads from the cache
+            continue
+        if helper is not None:  # finished without marking it: it failed
+            _FAILED.add(unit)
+        return False
+    return True
+
+
+def compile_in_background(units, *, start=True):
+    """Have helper processes compile the units not ready (units_ready) into the on-disk cache, so
+    that this process can go on without them meanwhile; True when every such unit has a helper
+    (started now, or before). False when one cannot: no cache to share, no interpreter to start,
+    or a helper that failed on it before; the unit then compiles where it is called.
+    start=False: only say whether it could (attnkit.explain)."""
+    waiting = [unit for unit in units if not units_ready((unit,))]
+    if any(unit in _FAILED for unit in waiting) or (waiting and not _cache_to_share()):
+        return False
+    if not start:
+        return True
+    started = []
+    for unit in waiting:
+        if unit in _HELPERS and _HELPERS[unit].poll() is None:
+            continue
+        try:
+            _HELPERS[unit] = _start_helper(unit_job(unit), subprocess.DEVNULL)
+        except OSError:
+            _FAILED.add(unit)
+            return False
+        started.append(unit)
+    if started and not _TOLD[0] and os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
+        _TOLD[0] = True
+        sys.stderr.write(
+            f"attnkit: compiling the CPU kernels ({describe_units(started)}) in helper processes (first use on "
+            "this machine: seconds; cached on disk for later processes); until they are ready, calls run on the NumPy "
+            "reference (exact, slower). attnkit.warmup() compiles ahead; ATTNKIT_WHILE_COMPILING=wait "
+            "compiles in the call instead\n")
+        sys.stderr.flush()
+    return True
+
+
+def _dtype_label(unit):
+    dtype_name, bf16_products, _ = unit
+    if dtype_name == "uint16":
+        return "bfloat16"
+    return f"{dtype_name} (bf16 products)" if bf16_products else dtype_name
+
+
+def cached_units():
+    """The units marked compiled in the on-disk cache for this target and product path (`attnkit info`)."""
+    variants = warmup_variants(("float32", "bfloat16", "float64")) + warmup_variants(("float32",), float32_bf16=True)
+    units = [(np.dtype(dtype).name, bool(bf16), kernel)
+             for dtype, bf16 in dict.fromkeys(variants) for kernel in ("forward", "decode", "backward")]  # fmt: skip
+    markers = {unit: _marker(unit) for unit in units}
+    return [unit for unit, marker in markers.items() if marker is not None and marker.exists()]
+
+
+def describe_units(units):
+    """Units as text: "float32: forward, backward; float64: decode"."""
+    kernels = {}
+    for unit in units:
+        kernels.setdefault(_dtype_label(unit), []).append(unit[2])
+    return "; ".join(f"{label}: {', '.join(names)}" for label, names in kernels.items()) or "none"
+
+
+def compiling(units=None):
+    """The units helper processes are compiling now (of `units`, or all)."""
+    return [unit for unit, helper in list(_HELPERS.items())
+            if helper.poll() is None and (units is None or unit in units)]  # fmt: skip
+
+
+def wait_for_background(units=None):
+    """Wait for the helpers compiling these units (all when None): their work then loads from the
+    cache; a unit a helper failed to compile compiles here when it runs."""
+    for unit in list(_HELPERS) if units is None else units:
+        helper = _HELPERS.get(unit)
+        if helper is not None:
+            helper.wait()
 
 
 _NOTHING_AHEAD = contextlib.nullcontext()
 
 
-def compiling_ahead(job):
+def compiling_ahead(unit):
     """A context manager: within it, should anything start compiling (a cold cache), a helper process
-    starts compiling job (run_job's arguments: say, the backward kernel of a forward that needs a
-    gradient) while this process goes on. Each job is considered once per process: later calls
-    cost a dict lookup and return a shared no-op. wait_for_ahead(job) waits for the helper."""
-    if job in _AHEAD:
+    starts compiling the unit (say, the backward kernel of a forward that needs a gradient) while
+    this process goes on. Each unit is considered once per process: later calls cost a set lookup
+    and return a shared no-op. wait_for_background((unit,)) waits for the helper."""
+    if unit in _CONSIDERED_AHEAD:
         return _NOTHING_AHEAD
-    _AHEAD[job] = None
-    if not _helpers_can_share():
+    _CONSIDERED_AHEAD.add(unit)
+    if unit in _HELPERS or unit in _READY or not _helpers_can_share():
         return _NOTHING_AHEAD
 
     def start():
         try:
-            _AHEAD[job] = _start_helper(job, subprocess.DEVNULL)  # its failure shows as this process compiling
+            _HELPERS[unit] = _start_helper(unit_job(unit), subprocess.DEVNULL)  # failing, it compiles here
         except OSError:
-            pass  # the job compiles in this process when it runs
+            pass  # the unit compiles in this process when it runs
 
     return event.install_listener("numba:compile", _FirstCompile(start))
 
 
-def wait_for_ahead(job):
-    """Wait for the helper compiling job ahead, if one was started (then its work loads from the
-    cache; if it failed, the job compiles here as it would have)."""
-    child = _AHEAD.get(job)
-    if child is not None:
-        child.wait()
-        _AHEAD[job] = None
-
-
-@atexit.register
-def _stop_helpers():
-    """A helper still compiling ahead when this process ends is not needed any more."""
-    for child in list(_AHEAD.values()):
-        if child is not None and child.poll() is None:
-            child.kill()
-
-
 def _main(argv):
-    """A helper process: run one job, given as JSON (see _Jobs._run_helper)."""
-    run_job(*json.loads(argv[0]))
+    """A helper process: run one job, given as JSON (see _Jobs._run_helper). Helpers compiling the
+    same job (two processes of one program, say) take turns: the second loads the first's work."""
+    job = json.loads(argv[0])
+    marker = _marker(_units_of_job(*job)[0])
+    lock = contextlib.nullcontext() if marker is None else FileLock(f"{marker}.lock")
+    with lock:
+        run_job(*job)
     return 0
 
 

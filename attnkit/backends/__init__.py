@@ -8,11 +8,18 @@ call (unsupported_reason); backend="auto" takes the first one in AUTO_ORDER for
 the data's device that can, and reports what it skipped and why
 (attnkit.explain, the "attnkit" logger, and a warning when the fallback is the
 slow reference).
+
+A kernel not compiled yet (a new machine, a new version: 15-30 s of Numba
+compilation) does not hold "auto" calls up: helper processes compile it
+into the on-disk cache while the NumPy reference stands in for calls small
+enough for it (reference.STAND_IN_BYTES); once it is ready, calls run on it.
+ATTNKIT_WHILE_COMPILING=wait compiles in the calling process instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -61,11 +68,12 @@ def _refusal(backend, spec, request):
     return backend.unavailable_reason() or backend.unsupported_reason(spec, request)
 
 
-def choose_backend(spec, requested, request, warn=True, stacklevel=4):
+def choose_backend(spec, requested, request, warn=True, stacklevel=4, start_compiling=True):
     """Pick the backend for one call; raise ValueError if a named one cannot run it.
 
     With warn=True an automatic fall-back to the reference raises an
-    AttnkitFallbackWarning.
+    AttnkitFallbackWarning. start_compiling=False (attnkit.explain): say what
+    the call would run on without starting any compilation.
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string; got {type(requested).__name__}")
@@ -89,6 +97,8 @@ def choose_backend(spec, requested, request, warn=True, stacklevel=4):
         skipped.append((name, reason))
     else:  # pragma: no cover - the reference never refuses
         raise RuntimeError("no backend can run this call")
+    if choice.backend.name != "reference":
+        choice = _while_compiling(choice, spec, request, start_compiling)
 
     if warn and choice.backend.name == "reference" and (skipped or device_type != "cpu"):
         warnings.warn(
@@ -100,6 +110,32 @@ def choose_backend(spec, requested, request, warn=True, stacklevel=4):
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s", choice.explain(spec))
     return choice
+
+
+WHILE_COMPILING = ("reference", "wait")
+
+
+def while_compiling_policy():
+    """ATTNKIT_WHILE_COMPILING: "reference" (the default: the reference stands in for a kernel that
+    helper processes compile) or "wait" (the call compiles the kernel itself)."""
+    policy = os.environ.get("ATTNKIT_WHILE_COMPILING", "reference")
+    if policy not in WHILE_COMPILING:
+        raise ValueError(f"ATTNKIT_WHILE_COMPILING must be one of {', '.join(WHILE_COMPILING)}; got {policy!r}")
+    return policy
+
+
+def _while_compiling(choice, spec, request, start):
+    """The reference in the chosen backend's place while helpers compile what the call needs, when
+    the call is small enough for it; else the choice as it was (the call compiles, or waits for a
+    helper, where it runs)."""
+    backend = choice.backend
+    if backend.compiled_for(spec, request) or while_compiling_policy() == "wait":
+        return choice
+    reference = BACKENDS["reference"]
+    if reference.stand_in_refusal(spec) is not None or not backend.compile_in_background(spec, request, start=start):
+        return choice
+    why = "not compiled for these calls yet: helper processes compile it, the reference stands in meanwhile"
+    return Choice(reference, choice.requested, choice.skipped + [(backend.name, why)])
 
 
 def backend_status():

@@ -57,6 +57,15 @@ class Backend:
         regenerated from its seed; out and lse include any sinks, so the backward needs no more)."""
         raise NotImplementedError
 
+    def compiled_for(self, spec, request):
+        """Whether the call runs without compiling anything first (True by default: nothing to compile)."""
+        return True
+
+    def compile_in_background(self, spec, request, *, start=True):
+        """Have what the call needs compiled elsewhere (helper processes) while this process goes on;
+        True when that is under way. start=False: only say whether it could. False by default."""
+        return False
+
     def preparing_backward(self, spec):
         """A context manager around a forward that a backward will follow: a backend that compiles
         lazily may prepare the backward meanwhile (nothing by default)."""

@@ -64,13 +64,36 @@ def _kernel_warmup():
     return warmup
 
 
-@functools.lru_cache(maxsize=16)
-def _backward_job(dtype, bf16):
-    """The warmup job (kernels/warmup.py run_job's arguments) compiling the backward kernel that calls
-    of this dtype name run with these products."""
+@functools.cache
+def _numba_attention():
+    """kernels/numba_attention.py, held the same way."""
+    from ..kernels import numba_attention
+
+    return numba_attention
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_units(dtype, bf16, kernels):
+    """The compiled units (kernels/warmup.py) that calls of this dtype name, with these products,
+    run for these kernels ("forward", "decode", "backward")."""
     ((kernel_dtype, bf16_products),) = _kernel_warmup().warmup_variants(
         [dtype], float32_bf16=bf16 and dtype == "float32")
-    return (np.dtype(kernel_dtype).name, bf16_products, "backward", True)
+    return tuple((np.dtype(kernel_dtype).name, bf16_products, kernel) for kernel in kernels)
+
+
+def _forward_kernel_name(spec, dropout):
+    """"decode" or "forward": the kernel a forward call of this spec runs (flash_forward's choice)."""
+    dense = not spec.packed and not spec.alibi and not dropout
+    decode = _numba_attention().runs_decode(spec.nq, spec.nk, spec.hq // spec.hkv, spec.dv, dense)
+    return "decode" if decode else "forward"
+
+
+def _forward_units(spec, bf16, dropout):
+    return _kernel_units(spec.dtype, bf16, (_forward_kernel_name(spec, dropout),))
+
+
+def _backward_units(spec, bf16):
+    return _kernel_units(spec.dtype, bf16, ("backward",))
 
 
 def _host(x, spec, bf16):
@@ -171,26 +194,45 @@ class NumbaBackend(Backend):
         _kernel_warmup().warmup(dtypes, backward=backward, decode=decode, processes=processes,
                                 float32_bf16=float32_matmul_precision() == "medium")  # fmt: skip
 
+    def _units(self, spec, request):
+        bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
+        units = _forward_units(spec, bf16, request.dropout)
+        return units + _backward_units(spec, bf16) if request.grad else units
+
+    def compiled_for(self, spec, request):
+        return _kernel_warmup().units_ready(self._units(spec, request))
+
+    def compile_in_background(self, spec, request, *, start=True):
+        return _kernel_warmup().compile_in_background(self._units(spec, request), start=start)
+
     def preparing_backward(self, spec):
         # A cold cache: a helper process compiles the backward kernel while this one compiles the forward.
-        return _kernel_warmup().compiling_ahead(_backward_job(spec.dtype, cpu_product_path(spec.dtype)[0] == "bf16"))
+        (unit,) = _backward_units(spec, cpu_product_path(spec.dtype)[0] == "bf16")
+        return _kernel_warmup().compiling_ahead(unit)
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
+        units = _forward_units(spec, bf16, dropout is not None)
+        warm = _kernel_warmup()
+        warm.wait_for_background(units)  # a helper compiling them: load its work rather than compile it too
         sinks = _arrays.to_numpy(sinks)
         if spec.packed:
             out, lse = self._packed_forward(q, k, v, spec, alibi, bf16, dropout, sinks)
         else:
             out, lse = self._dense_forward(q, k, v, mask, spec, alibi, bf16, dropout, sinks)
+        warm.mark_ready(units)
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), None
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
-        _kernel_warmup().wait_for_ahead(_backward_job(spec.dtype, bf16))  # a helper compiling it: load its work
+        units = _backward_units(spec, bf16)
+        warm = _kernel_warmup()
+        warm.wait_for_background(units)
         if spec.packed:
             grads = self._packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16, dropout)
         else:
             grads = self._dense_backward(q, k, v, mask, out, d_out, lse, spec, alibi, bf16, dropout)
+        warm.mark_ready(units)
         return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))
 
     @staticmethod

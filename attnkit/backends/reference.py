@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .. import _arrays
 from ..reference import attention as reference_attention
 from ..reference import attention_backward as reference_attention_backward
@@ -28,10 +30,34 @@ def _packed_dropout(dropout):
     return {} if dropout is None else dict(dropout_p=dropout.p, dropout_seed=dropout.seed)
 
 
+# The largest call the reference stands in for while a kernel compiles (attnkit.backends): its
+# score matrix, in the compute dtype, at most this many bytes. The reference holds a few such
+# arrays; at 2**25 float32 scores (B1 H32 N1024) it took 0.5-0.7 s forward and 1.3-1.8 s backward
+# on the 2-core machine, against a first compilation of 15-30 s. Larger calls wait for the kernel:
+# their own time dwarfs its compilation.
+STAND_IN_BYTES = 128 << 20
+
+
+def score_count(spec):
+    """How many scores a call computes: the batch entries' (or packed sequences') Nq x Nk, per head."""
+    if spec.packed:
+        return spec.hq * int((spec.lengths_q * spec.lengths_k).sum())
+    return math.prod(spec.batch) * spec.hq * spec.nq * spec.nk
+
+
 class ReferenceBackend(Backend):
     """The NumPy specification. Runs anything, anywhere, through host memory."""
 
     name = "reference"
+
+    def stand_in_refusal(self, spec):
+        """None when the reference can stand in for a kernel still compiling on this call (small
+        enough: STAND_IN_BYTES), else why not."""
+        scores = score_count(spec)
+        size = scores * (8 if spec.dtype == "float64" else 4)
+        if size > STAND_IN_BYTES:
+            return f"{scores:,} scores ({size / 2**20:.0f} MiB) are more than the reference stands in for"
+        return None
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         qn, kn, vn, sinks_n = map(_arrays.to_numpy, (q, k, v, sinks))

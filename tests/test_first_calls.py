@@ -1,0 +1,163 @@
+"""First calls on a machine where the kernels are not compiled yet: the NumPy reference stands in
+while helper processes compile them (attnkit.backends, kernels/warmup.py)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import attnkit
+from attnkit import backends
+from attnkit.backends import NumbaBackend, choose_backend
+from attnkit.backends.reference import STAND_IN_BYTES
+from attnkit.kernels import jit, warmup
+from attnkit.validation import validate_attention
+
+# A training step in float64, compared with torch's SDPA (math backend) in float64; the process
+# records whatever Numba compiles in it.
+_FIRST_CALLS = r"""
+import sys
+import torch
+from numba.core import event
+import attnkit
+from attnkit.kernels import warmup
+
+def step(q, k, v, mask):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = attnkit.attention(q, k, v, causal="bottom_right", mask=mask)
+    out.backward(d_out)
+    return [out.detach()] + [x.grad for x in (q, k, v)]
+
+def expected(q, k, v, mask):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    visible = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(k.shape[-2] - q.shape[-2]) & mask
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    out.backward(d_out)
+    return [out.detach()] + [x.grad for x in (q, k, v)]
+
+g = torch.Generator().manual_seed(int(sys.argv[1]))
+q = torch.randn(2, 4, 37, 24, dtype=torch.float64, generator=g)
+k, v = (torch.randn(2, 2, 45, 24, dtype=torch.float64, generator=g) for _ in range(2))
+mask = torch.rand(37, 45, generator=g) > 0.3
+d_out = torch.randn(2, 4, 37, 24, dtype=torch.float64, generator=g)
+want = expected(q, k, v, mask)
+report = []
+for call in range(2):
+    if call == 1:
+        warmup.wait_for_background()  # the helpers' work is in the cache now
+    runs_on = attnkit.explain(q, k, v, causal="bottom_right", mask=mask).split("'")[1]
+    with event.install_recorder("numba:compile") as compiled:
+        got = step(q, k, v, mask)
+    error = max(float((a - b).abs().max()) for a, b in zip(got, want))
+    report.append(f"{runs_on} compiled={len(compiled.buffer)} helpers={len(warmup._HELPERS)} ok={error < 1e-10}")
+print(" | ".join(report))
+"""
+
+
+def _run(code, cache, *arguments):
+    env = {key: value for key, value in os.environ.items() if key != "ATTNKIT_WHILE_COMPILING"}
+    env["NUMBA_CACHE_DIR"] = str(cache)
+    result = subprocess.run([sys.executable, "-c", code, *arguments], env=env, capture_output=True, text=True,
+                            timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip(), result.stderr
+
+
+def test_first_calls_run_on_the_reference_while_helpers_compile_then_on_the_kernel(tmp_path):
+    """A cold cache: the first training step runs on the reference and compiles nothing in the
+    calling process (two helpers compile the forward and the backward kernel); once they are done,
+    the next step runs on the Numba kernel, loaded from the cache (still nothing compiled here).
+    A later process runs the kernel from its first call and starts no helper. Each step equals
+    torch's SDPA in float64."""
+    stdout, stderr = _run(_FIRST_CALLS, tmp_path, "1")
+    assert stdout == "reference compiled=0 helpers=2 ok=True | numba compiled=0 helpers=2 ok=True", stdout
+    assert stderr.count("attnkit: compiling the CPU kernels (float64: forward, backward)") == 1, stderr
+    markers = list(tmp_path.rglob(f"{warmup.READY_MARKER_PREFIX}*"))
+    assert len([m for m in markers if not m.name.endswith(".lock")]) == 2, markers
+
+    stdout, stderr = _run(_FIRST_CALLS, tmp_path, "2")
+    assert stdout == "numba compiled=0 helpers=0 ok=True | numba compiled=0 helpers=0 ok=True", stdout
+    assert "attnkit: compiling" not in stderr, stderr
+
+
+@pytest.fixture
+def not_compiled(monkeypatch):
+    """The Numba backend as on a cold cache whose kernels helpers can compile; returns the calls
+    to compile_in_background (start flags)."""
+    started = []
+    monkeypatch.setattr(NumbaBackend, "compiled_for", lambda self, spec, request: False)
+    monkeypatch.setattr(NumbaBackend, "compile_in_background",
+                        lambda self, spec, request, *, start=True: started.append(start) or True)  # fmt: skip
+    monkeypatch.delenv("ATTNKIT_WHILE_COMPILING", raising=False)
+    return started
+
+
+def _spec(batch, hq, n, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((batch, hq, n, 8)).astype(dtype)
+    k = rng.standard_normal((batch, 1, n, 8)).astype(dtype)
+    return validate_attention(q, k, k, causal=True, mask=None, scale=None, window=None, softcap=None)
+
+
+def test_the_reference_stands_in_only_for_auto_small_calls_and_unless_told_to_wait(not_compiled, monkeypatch):
+    small = _spec(1, 2, 64)
+    request = backends.Request(grad=True)
+    choice = choose_backend(small, "auto", request)
+    assert choice.backend.name == "reference" and not_compiled == [True]
+    assert "stands in" in choice.explain(small)
+    assert choose_backend(small, "numba", request).backend.name == "numba"  # named: never replaced
+
+    # explain() says what a call would run on and starts nothing
+    assert choose_backend(small, "auto", request, warn=False, start_compiling=False).backend.name == "reference"
+    assert not_compiled == [True, False]
+
+    # too large for the reference: the call compiles (or waits for a helper) where it runs
+    side = int((STAND_IN_BYTES // 4) ** 0.5)  # one float32 head with just more scores than the limit
+    assert choose_backend(_spec(1, 1, side + 1), "auto", request).backend.name == "numba"
+    assert choose_backend(_spec(1, 1, side), "auto", request).backend.name == "reference"
+    assert choose_backend(_spec(1, 1, side * 3 // 4, np.float64), "auto", request).backend.name == "numba"
+
+    monkeypatch.setenv("ATTNKIT_WHILE_COMPILING", "wait")
+    assert choose_backend(small, "auto", request).backend.name == "numba"
+    monkeypatch.setenv("ATTNKIT_WHILE_COMPILING", "later")
+    with pytest.raises(ValueError, match="ATTNKIT_WHILE_COMPILING must be one of reference, wait; got 'later'"):
+        choose_backend(small, "auto", request)
+
+
+def test_a_call_runs_the_kernel_when_no_helper_can_compile_it(not_compiled, monkeypatch):
+    monkeypatch.setattr(NumbaBackend, "compile_in_background", lambda self, spec, request, *, start=True: False)
+    assert choose_backend(_spec(1, 2, 64), "auto", backends.Request()).backend.name == "numba"
+
+
+def test_a_unit_whose_helper_failed_is_compiled_by_the_caller(monkeypatch):
+    """A helper that exits with an error marks nothing: the unit is not ready, and no second helper
+    is started for it (the call then compiles it itself, rather than stand in forever)."""
+    monkeypatch.setattr(warmup, "_HELPERS", {})
+    monkeypatch.setattr(warmup, "_FAILED", set())
+    monkeypatch.setattr(warmup, "_TOLD", [True])
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(warmup, "_start_helper", lambda job, errors=None: subprocess.Popen(failing))
+    monkeypatch.setattr(warmup, "_cache_to_share", lambda: True)
+    unit = ("float32", False, "a kernel nobody compiles")
+    assert warmup.compile_in_background([unit]) is True
+    warmup.wait_for_background([unit])
+    assert not warmup.units_ready([unit])
+    assert warmup.compile_in_background([unit]) is False
+
+
+def test_ready_markers_go_with_a_stale_cache(tmp_path):
+    """Markers vouch for compiled code in the cache: when the kernel sources change, both go."""
+    (tmp_path / "f.nbi").write_text("index")
+    (tmp_path / f"{warmup.READY_MARKER_PREFIX}0123").write_text("unit")
+    (tmp_path / "other.txt").write_text("kept")
+    assert jit._discard_unless_stamped(tmp_path, "sources, version 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [jit._STAMP, "other.txt"]
+
+
+def test_explain_on_a_warm_process_names_the_kernel():
+    """In this process the kernels run (the suite compiles them): auto picks numba."""
+    q = np.random.default_rng(0).standard_normal((1, 2, 16, 8)).astype(np.float32)
+    attnkit.attention(q, q, q)
+    assert attnkit.explain(q, q, q).startswith("backend 'numba'")
