@@ -18,7 +18,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights):
-        with backend.preparing_backward(spec):
+        with backend.preparing_backward(spec, dropout):
             out, lse, weights = backend.forward(
                 q, k, v, mask, spec, alibi=alibi, return_weights=return_weights, dropout=dropout, sinks=sinks
             )

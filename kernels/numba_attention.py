@@ -33,7 +33,9 @@ from .cpu.backward import _backward_kernel, backward_steps
 from .cpu.constants import (
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SINKS, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE,
 )
-from .cpu.decode import _decode_kernel, decode_steps
+from .cpu.decode import (
+    _DECODE_BACKWARD_BLOCK_K, _decode_backward_kernel, _decode_kernel, decode_backward_steps, decode_steps,
+)
 from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import launch
 from .cpu.operands import backward_operand_shapes, forward_operand_shapes
@@ -46,7 +48,7 @@ from .cpu.plan import (
 )
 
 __all__ = [
-    "flash_forward", "flash_backward", "runs_decode", "warmup", "plan_mask", "MaskPlan", "recording", "Launch",
+    "flash_forward", "flash_backward", "runs_decode", "runs_decode_backward", "warmup", "plan_mask", "MaskPlan", "recording", "Launch",
     "TILE_HIDDEN", "TILE_VISIBLE", "TILE_MIXED",
 ]  # fmt: skip
 
@@ -299,6 +301,12 @@ def runs_decode(nq, nk, group, dv, dense):
     return dense and _is_decode(nq, nk, group) and dv % PAD == 0
 
 
+def runs_decode_backward(nq, nk, group, dense):
+    """Whether a backward call of these sizes runs the decode backward (a group's few rows against
+    the keys, a key at a time) rather than the prefill one; dense as for runs_decode."""
+    return dense and _is_decode(nq, nk, group)
+
+
 def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, steps=None):
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
     pairs than twice the workers, partials merged by lse. steps: those of the plan's last call,
@@ -347,6 +355,19 @@ def flash_backward(
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv_grad = arrays_together(dtype, (q.shape, k.shape, v.shape), zero=True)
     if nq == 0 or nk == 0 or batch * hq == 0:
+        return dq, dk, dv_grad
+    dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
+    if runs_decode_backward(nq, nk, hq // hkv, dense):
+        announce_as("decode backward")
+        block_k = min(_DECODE_BACKWARD_BLOCK_K, nk)
+        masks, mask_flags = _mask_plan(mask, compute, nk, _backward_block_sizes(nq, nk)[0], block_k)
+        n_workers = worker_count()
+        if _RECORDINGS:
+            _record("decode_backward_serial" if n_workers == 1 else "decode_backward", q, k, v, mask)
+        with _CALL_LOCK, _single_threaded_blas():
+            launch(_decode_backward_kernel, (q, k, v, masks + extras, consts, int(table[0, 5]), int(table[0, 6]),
+                                             flags | mask_flags, block_k, n_workers, out, d_out, lse, dq, dk, dv_grad),
+                   decode_backward_steps)  # fmt: skip
         return dq, dk, dv_grad
     longest_q, longest_k, _ = _segment_sizes(table, segments, nq, nk)
     block_q, block_k = _backward_block_sizes(longest_q, longest_k)

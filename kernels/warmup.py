@@ -71,26 +71,31 @@ def warmup_variants(dtypes, float32_bf16=False):
     return variants
 
 
+# A job's kind: the kernel it runs, and the kernel a backward of the same shapes runs.
+_BACKWARD_OF = {"forward": "backward", "decode": "decode_backward"}
+_FORWARD_OF = {"backward": "forward", "decode_backward": "decode"}
+
+
 def run_job(dtype_name, bf16_products, kind, backward):
-    """Run one job's calls in this process: kind "forward" (and the backward when backward),
-    "decode", or "backward" (the backward kernel alone), for kernel inputs of dtype_name
-    ("float32", "float64", "uint16": bf16 bits)."""
+    """Run one job's calls in this process: kind "forward" or "decode" (and its backward when
+    backward), or "backward" / "decode_backward" (that backward kernel alone), for kernel inputs
+    of dtype_name ("float32", "float64", "uint16": bf16 bits)."""
     from .microkernels import bf16_bits
     from .numba_attention import flash_backward, flash_forward
 
     dtype = np.dtype(dtype_name)
-    q_shape, kv_shape = _SHAPES["forward" if kind == "backward" else kind]
+    q_shape, kv_shape = _SHAPES[_FORWARD_OF.get(kind, kind)]
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal(shape) for shape in (q_shape, kv_shape, kv_shape))
     q, k, v = (bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in (q, k, v))
     options = dict(scale=0.5, causal=None, window=None, softcap=None, bf16_products=bool(bf16_products))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", numba.NumbaWarning)
-        if kind == "backward":  # any out and lse compile it: the values are not used
+        if kind in _FORWARD_OF:  # any out and lse compile the backward: the values are not used
             out, lse = np.zeros_like(q), np.zeros(q.shape[:3], np.float64 if dtype == np.float64 else np.float32)
         else:
             out, lse = flash_forward(q, k, v, None, **options)
-        if backward and kind != "decode":
+        if backward or kind in _FORWARD_OF:
             flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
     mark_ready(_units_of_job(dtype_name, bf16_products, kind, backward))
 
@@ -264,13 +269,11 @@ _TOLD = [False]  # the background-compilation notice was written
 def unit_job(unit):
     """run_job's arguments compiling one unit."""
     dtype_name, bf16_products, kernel = unit
-    return (dtype_name, bool(bf16_products), kernel, kernel == "backward")
+    return (dtype_name, bool(bf16_products), kernel, kernel in _FORWARD_OF)
 
 
 def _units_of_job(dtype_name, bf16_products, kind, backward):
-    kernels = [kind] if kind != "backward" else []
-    if backward and kind != "decode":
-        kernels.append("backward")
+    kernels = [kind] + ([_BACKWARD_OF[kind]] if backward and kind in _BACKWARD_OF else [])
     return [(dtype_name, bool(bf16_products), kernel) for kernel in kernels]
 
 
@@ -372,7 +375,8 @@ def cached_units():
     """The units marked compiled in the on-disk cache for this target and product path (`attnkit info`)."""
     variants = warmup_variants(("float32", "bfloat16", "float64")) + warmup_variants(("float32",), float32_bf16=True)
     units = [(np.dtype(dtype).name, bool(bf16), kernel)
-             for dtype, bf16 in dict.fromkeys(variants) for kernel in ("forward", "decode", "backward")]  # fmt: skip
+             for dtype, bf16 in dict.fromkeys(variants)
+             for kernel in ("forward", "decode", "backward", "decode_backward")]  # fmt: skip
     markers = {unit: _marker(unit) for unit in units}
     return [unit for unit, marker in markers.items() if marker is not None and marker.exists()]
 

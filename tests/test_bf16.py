@@ -287,6 +287,9 @@ BF16_CASES = [
     Bf16Case(b=2, hq=4, nq=127, nk=200, d=80, mask="add_full"),
     Bf16Case(nq=200, nk=129, d=64, mask="bool_shared", causal="bottom_right"),
     Bf16Case(nq=129, d=64, scale=-0.3),
+    # decode-shaped: the decode backward, bf16 read in place and widened
+    Bf16Case(b=2, hq=8, hkv=2, nq=1, nk=700, d=64, causal="bottom_right"),
+    Bf16Case(hq=4, hkv=2, nq=3, nk=300, d=59, softcap=5.0, mask="bool_key_pad"),
 ]
 
 

@@ -67,7 +67,9 @@ def test_decode_against_reference(case, dtype):
         out, lse = kernel.flash_forward(*inputs, mask, **options)
     with kernel.recording() as float32_launches:
         kernel.flash_forward(*(x.astype(np.float32) for x in (q, k, v)), mask, **options)
-    assert [x.worker for x in launches] == [x.worker for x in float32_launches]
+    # the same kernel; serial or not follows the machine's load at the time (kernels/cpu/threads.py)
+    assert [x.worker.removesuffix("_serial") for x in launches] == [
+        x.worker.removesuffix("_serial") for x in float32_launches]
     kw = dict(mask=mask, scale=scale, causal=causal or False, window=window, return_lse=True)
     out64, lse64 = attention(q, k, v, **kw)
     out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), **kw)

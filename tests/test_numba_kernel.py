@@ -122,10 +122,35 @@ CASES = [
     Case(nq=129, d=32, scale=2.0, causal="top_left"),
 ]
 
+# Decode-shaped calls (Nq <= 16, a GQA group's rows at most 128): the decode backward.
+DECODE_BACKWARD_CASES = [
+    Case(b=2, hq=8, hkv=2, nq=1, nk=700, d=64, causal="bottom_right"),
+    Case(hq=4, hkv=1, nq=16, nk=300, d=59, causal="bottom_right", window=(100, 0)),
+    Case(b=3, hq=4, hkv=2, nq=2, nk=300, d=32, mask="bool_key_pad", dtype=F64),
+    Case(b=2, hq=4, hkv=4, nq=1, nk=129, d=64, dv=48, mask="add_full"),
+    Case(hq=4, hkv=2, nq=3, nk=200, d=64, softcap=2.0, causal="bottom_right"),
+    Case(hq=16, hkv=2, nq=16, nk=150, d=32, scale=-0.3),
+    Case(hq=2, nq=5, nk=300, d=32, causal="top_left", mask="bool_full"),
+    Case(nq=7, nk=16, d=16, window=(None, 3)),
+]
+CASES += DECODE_BACKWARD_CASES
+
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_matches_reference(case):
     check_case(case)
+
+
+@pytest.mark.parametrize("case", DECODE_BACKWARD_CASES + [Case(nq=1, nk=1000, d=64, causal="bottom_right")],
+                         ids=lambda c: c.id)  # fmt: skip
+def test_decode_shaped_backward_runs_the_decode_backward(case):
+    """(test_matches_reference checks its results.) Few query rows: no packing, no partial slots."""
+    from attnkit.kernels.numba_attention import recording
+
+    q, k, v, d_out, mask = make_inputs(case)
+    with recording() as launches:
+        run_kernel(case, q, k, v, d_out, mask)
+    assert [x.worker.removesuffix("_serial") for x in launches][-1] == "decode_backward"
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])

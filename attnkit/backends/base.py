@@ -66,7 +66,7 @@ class Backend:
         True when that is under way. start=False: only say whether it could. False by default."""
         return False
 
-    def preparing_backward(self, spec):
+    def preparing_backward(self, spec, dropout=None):
         """A context manager around a forward that a backward will follow: a backend that compiles
         lazily may prepare the backward meanwhile (nothing by default)."""
         return contextlib.nullcontext()

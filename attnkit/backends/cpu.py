@@ -92,8 +92,10 @@ def _forward_units(spec, bf16, dropout):
     return _kernel_units(spec.dtype, bf16, (_forward_kernel_name(spec, dropout),))
 
 
-def _backward_units(spec, bf16):
-    return _kernel_units(spec.dtype, bf16, ("backward",))
+def _backward_units(spec, bf16, dropout):
+    dense = not spec.packed and not spec.alibi and not dropout
+    decode = _numba_attention().runs_decode_backward(spec.nq, spec.nk, spec.hq // spec.hkv, dense)
+    return _kernel_units(spec.dtype, bf16, ("decode_backward" if decode else "backward",))
 
 
 def _host(x, spec, bf16):
@@ -197,7 +199,7 @@ class NumbaBackend(Backend):
     def _units(self, spec, request):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
         units = _forward_units(spec, bf16, request.dropout)
-        return units + _backward_units(spec, bf16) if request.grad else units
+        return units + _backward_units(spec, bf16, request.dropout) if request.grad else units
 
     def compiled_for(self, spec, request):
         return _kernel_warmup().units_ready(self._units(spec, request))
@@ -205,9 +207,9 @@ class NumbaBackend(Backend):
     def compile_in_background(self, spec, request, *, start=True):
         return _kernel_warmup().compile_in_background(self._units(spec, request), start=start)
 
-    def preparing_backward(self, spec):
+    def preparing_backward(self, spec, dropout=None):
         # A cold cache: a helper process compiles the backward kernel while this one compiles the forward.
-        (unit,) = _backward_units(spec, cpu_product_path(spec.dtype)[0] == "bf16")
+        (unit,) = _backward_units(spec, cpu_product_path(spec.dtype)[0] == "bf16", dropout is not None)
         return _kernel_warmup().compiling_ahead(unit)
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
@@ -225,7 +227,7 @@ class NumbaBackend(Backend):
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
-        units = _backward_units(spec, bf16)
+        units = _backward_units(spec, bf16, dropout is not None)
         warm = _kernel_warmup()
         warm.wait_for_background(units)
         if spec.packed:

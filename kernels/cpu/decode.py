@@ -1,4 +1,5 @@
-"""Flash-decoding: a GQA group's few query rows against many keys, keys split across cores."""
+"""Flash-decoding: a GQA group's few query rows against many keys, keys split across cores; and
+its backward: the group's rows against the keys a key at a time, K and V read in place."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import numpy as np
 
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from .constants import _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS
+from ..simd import exp2_affine_at
+from .constants import (
+    _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS,
+    _HAS_SOFTCAP,
+)
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import _not_literal, _operand_of, _product, _rows_as, _widening_buffer
 from .schedule import TASK_QUEUE, _claim
@@ -218,4 +223,165 @@ def decode_steps(
         address_of(_decode_worker, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
                                     micro, order, next_task, out, lse, part_out, part_lse), exact=exact),
         address_of(_merge_splits, (part_out, part_lse, out, lse), indexed=True, exact=exact),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# The decode backward: a few query rows per GQA group, gradients a key at a time
+# ---------------------------------------------------------------------------
+
+_DECODE_BACKWARD_BLOCK_K = 128
+
+
+@_jit(fastmath=_FASTMATH)
+def _decode_backward_worker(
+    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, order, next_task, out, d_out, lse, dq, dk, dv_grad,
+):  # fmt: skip
+    """Take (batch, kv head) tasks: the GQA group's Hq / Hkv heads times Nq rows against every key
+    they see, a block of keys at a time.
+
+    Per block: S and dP = dO V^T as dot products with each key's row of K and V (read in place,
+    bf16 widened as read), the masks and the scale per head, P = exp(S - lse) and dS =
+    P (dP - delta); then per key, dV_j = sum_r P_rj dO_r and dK_j = sum_r dS_rj Q_r, written
+    once (this task owns the kv head's keys: no partial slots, nothing to reduce after), and
+    dQ_r += dS_rj K_j. The prefill backward packs K and V per call and keeps dK and dV in
+    transposed per-task slots: for one query row that is most of its time.
+    """
+    batch, hq, nq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = hq // hkv
+    rows = group * nq
+    neg_inf = consts[_C_NEG_INF]
+    zero = consts[_C_ZERO]
+    log2e = consts[_C_LOG2E]
+    scale = consts[_C_SCALE]
+    has_softcap = (flags & _HAS_SOFTCAP) != 0
+    dtype = consts.dtype  # the compute dtype: float32 for bf16 bits
+
+    q_rows = np.empty((rows, d), dtype)  # the group's rows of Q
+    do_rows = np.empty((rows, dv), dtype)  # and of dO
+    dq_acc = np.empty((rows, d), dtype)
+    lse2 = np.empty(rows, dtype)
+    delta = np.empty(rows, dtype)
+    k_blk = np.empty((block_k, d), dtype)  # the block's keys, widened where bf16
+    score_buf = np.empty(rows * block_k, dtype)  # (rows, Bk) S, then P
+    dp_buf = np.empty(rows * block_k, dtype)  # (rows, Bk) dP, then dS
+    cap_buf = np.empty(nq * block_k if has_softcap else 1, dtype)  # (Nq, Bk) one head's softcap factors
+    v_row = np.empty(dv, dtype)
+    dk_row = np.empty(d, dtype)
+    dv_row = np.empty(dv, dtype)
+
+    while True:
+        t = _claim(order, next_task)
+        if t < 0:
+            break
+        hk = t % hkv
+        b = t // hkv
+        h0 = hk * group
+        for g in range(group):
+            for i in range(nq):
+                r = g * nq + i
+                total = 0.0
+                for c in range(d):
+                    q_rows[r, c] = _operand_of(q_rows, q[b, h0 + g, i, c])
+                for c in range(dv):
+                    do_rows[r, c] = _operand_of(do_rows, d_out[b, h0 + g, i, c])
+                    total += np.float64(do_rows[r, c]) * np.float64(_operand_of(do_rows, out[b, h0 + g, i, c]))
+                delta[r] = total
+                row_lse = lse[b, h0 + g, i]
+                lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
+        dq_acc[:] = zero
+        first, stop = nk, 0  # the key blocks any head of the group sees
+        for g in range(group):
+            f, e, _, _ = _task_keys(masks, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
+            if e > f:
+                first, stop = min(first, f), max(stop, e)
+
+        for kb in range(first, stop):
+            j0 = kb * block_k
+            bk = min(j0 + block_k, nk) - j0
+            s = score_buf[: rows * bk].reshape((rows, bk))
+            dp = dp_buf[: rows * bk].reshape((rows, bk))
+            for j in range(bk):  # S and dP: each key's rows of K and V against the group's rows
+                for c in range(d):
+                    k_blk[j, c] = _operand_of(k_blk, k[b, hk, j0 + j, c])
+                for c in range(dv):
+                    v_row[c] = _operand_of(v_row, v[b, hk, j0 + j, c])
+                for r in range(rows):
+                    total = zero
+                    for c in range(d):
+                        total += q_rows[r, c] * k_blk[j, c]
+                    s[r, j] = total
+                    total = zero
+                    for c in range(dv):
+                        total += do_rows[r, c] * v_row[c]
+                    dp[r, j] = total
+            for g in range(group):  # masks and scale per head, then P and dS
+                slab = s[g * nq : (g + 1) * nq]
+                _, _, key_start, key_stop = _task_keys(masks, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
+                tile_flags = _tile_flags(masks, flags, b, h0 + g, 0, kb)
+                if tile_flags < 0:
+                    key_start = key_stop = j0  # hidden by the mask: no column visible
+                    tile_flags = flags & ~(_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK)
+                cap_grad = cap_buf[: nq * bk].reshape((nq, bk)) if has_softcap else cap_buf.reshape((1, 1))
+                multiplier = _tile_scores_base2(
+                    slab, _not_literal(0), j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop,
+                    tile_flags, masks[0], masks[1], zero, _not_literal(0), True, cap_grad,
+                )  # fmt: skip
+                for i in range(nq):
+                    r = g * nq + i
+                    exp2_affine_at(s, r, multiplier, lse2[r])  # P
+                    row_delta = delta[r]
+                    if has_softcap:
+                        for c in range(bk):
+                            dp[r, c] = s[r, c] * (dp[r, c] - row_delta) * cap_grad[i, c]
+                    else:
+                        for c in range(bk):
+                            dp[r, c] = s[r, c] * (dp[r, c] - row_delta) * scale
+            for j in range(bk):  # dV_j, dK_j written once; dQ accumulated
+                dv_row[:] = zero
+                dk_row[:] = zero
+                for r in range(rows):
+                    weight = s[r, j]
+                    for c in range(dv):
+                        dv_row[c] += weight * do_rows[r, c]
+                    grad = dp[r, j]
+                    for c in range(d):
+                        dk_row[c] += grad * q_rows[r, c]
+                        dq_acc[r, c] += grad * k_blk[j, c]
+                for c in range(dv):
+                    dv_grad[b, hk, j0 + j, c] = _store(dv_grad, dv_row[c])
+                for c in range(d):
+                    dk[b, hk, j0 + j, c] = _store(dk, dk_row[c])
+        for g in range(group):
+            for i in range(nq):
+                for c in range(d):
+                    dq[b, h0 + g, i, c] = _store(dq, dq_acc[g * nq + i, c])
+
+
+@_jit()
+def _decode_backward_kernel(
+    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, n_workers, out, d_out, lse, dq, dk, dv_grad, steps,
+):  # fmt: skip
+    """n_workers workers (1: on the calling thread) over the (batch, kv head) tasks. steps:
+    decode_backward_steps(). Returns RAN, REFUSED or FAILED (kernels/cpu/launch.py)."""
+    n_tasks = k.shape[0] * k.shape[1]
+    working = (q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, np.arange(n_tasks),
+               np.zeros(1, np.int64), out, d_out, lse, dq, dk, dv_grad)  # fmt: skip
+    if steps[1] != token_of(working, None):
+        return REFUSED
+    if not run_step(steps[0], working, None, min(n_workers, n_tasks), n_workers > 1):
+        return FAILED
+    return RAN
+
+
+def decode_backward_steps(
+    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, n_workers, out, d_out, lse, dq, dk, dv_grad,
+    exact=False,
+):  # fmt: skip
+    """_decode_backward_kernel's `steps` for its arguments: the worker."""
+    _, order, next_task = TASK_QUEUE
+    return steps_array(
+        address_of(_decode_backward_worker, (q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, order,
+                                             next_task, out, d_out, lse, dq, dk, dv_grad), exact=exact),
     )  # fmt: skip
