@@ -297,8 +297,8 @@ def _is_decode(nq, nk, group):
 def runs_decode(nq, nk, group, dv, dense):
     """Whether a forward call of these sizes runs the decode kernel rather than the forward one
     (group: query heads per kv head; dense: one sequence per batch entry, no ALiBi, no dropout).
-    V must need no padding: the decode kernel reads it in place (bf16 bits widened as read)."""
-    return dense and _is_decode(nq, nk, group) and dv % PAD == 0
+    Any Dv: V is read in place, or a block at a time widened (bf16) or padded to 16 columns."""
+    return dense and _is_decode(nq, nk, group)
 
 
 def runs_decode_backward(nq, nk, group, dense):

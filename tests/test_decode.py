@@ -24,7 +24,7 @@ CASES = [
     (2, 4, 2, 2, 1500, 64, None, None, "bool_full"),
     (1, 4, 1, 1, 10000, 64, None, None, None),
     (1, 2, 2, 5, 300, 32, "top_left", None, None),  # Nq > 1, top-left: later keys hidden
-    (1, 6, 3, 7, 4097, 59, None, (None, 0), None),  # odd head dim: the tiled path
+    (1, 6, 3, 7, 4097, 59, None, (None, 0), None),  # odd head dim: V padded a block at a time
     (2, 8, 8, 1, 777, 64, None, None, "key_padding"),  # MHA: one row per tile, P V a key at a time
     (1, 4, 4, 1, 1500, 128, "bottom_right", (300, 0), None),
 ]
@@ -110,3 +110,27 @@ def test_decode_splits_keys_when_there_are_few_heads(monkeypatch, dtype):
         out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
     assert_within_rule("out", out, out64, out32, 2)
     assert_within_rule("lse", lse, lse64, lse32, 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("dv", [59, 48, 8, 1])
+def test_any_value_width_takes_the_decode_kernel(dv, dtype):
+    """V rows not a multiple of 16 wide are padded a block at a time (the P V product reads whole
+    16-column groups), not sent down the prefill path."""
+    rng = np.random.default_rng(dv)
+    q = rng.standard_normal((2, 8, 3, 64))
+    k, v = rng.standard_normal((2, 2, 300, 64)), rng.standard_normal((2, 2, 300, dv))
+    inputs = [x.astype(np.float32) for x in (q, k, v)]
+    if dtype == np.uint16:
+        inputs = [bf16_bits(x) for x in (q, k, v)]
+        q, k, v = (bf16_to_float32(x).astype(np.float64) for x in inputs)
+    options = dict(scale=0.125, causal="bottom_right", window=None, softcap=None)
+    with kernel.recording() as launches:
+        out, _ = kernel.flash_forward(*inputs, None, **options)
+    assert [x.worker.removesuffix("_serial") for x in launches] == ["decode"]
+    kw = dict(scale=0.125, causal="bottom_right")
+    out64 = attention(q, k, v, **kw)
+    out32 = attention(*(x.astype(np.float32) for x in (q, k, v)), **kw)
+    if dtype == np.uint16:
+        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
+    assert_within_rule("out", out, out64, out32, 2)

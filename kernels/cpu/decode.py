@@ -15,7 +15,9 @@ from .constants import (
     _HAS_SOFTCAP,
 )
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
-from .operands import _not_literal, _operand_of, _product, _rows_as, _widening_buffer
+from .operands import (
+    _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as, _widening_buffer,
+)
 from .schedule import TASK_QUEUE, _claim
 from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_flags, _tile_scores_base2
 
@@ -75,7 +77,7 @@ def _decode_worker(
     rescale = np.empty(rows, dtype)
     unused_grad = np.empty((1, 1), dtype)
     k_wide = _widening_buffer(k, block_k * d, consts)  # (Bk, D) a key block widened (bf16 only)
-    v_wide = _widening_buffer(v_rows, block_k * dv, consts)  # (Bk, Dv)
+    v_wide = _padding_buffer(v_rows, block_k, consts)  # (Bk, Dv16) a value block widened or padded, if need be
     sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
 
@@ -148,7 +150,8 @@ def _decode_worker(
                         for c in range(dv):
                             acc[r, c] += weight * _operand_of(acc, v_rows[b, hk, j0 + j, c])
             else:
-                _product(s_full, _rows_as(v_rows, b, hk, j0, bk, v_wide), acc, rows, dv, bk, True, micro)  # acc += P V
+                v_blk = _padded_rows_as(v_rows, b, hk, j0, bk, v_wide)  # read in place where Dv allows
+                _product(s_full, v_blk, acc, rows, dv, bk, True, micro)  # acc += P V
 
         for g in range(group):
             h = h0 + g

@@ -241,6 +241,52 @@ def _widening_buffer_overload(x, size, like):
     return lambda x, size, like: np.empty(size, like.dtype)
 
 
+def _padding_buffer(x, rows, like):
+    """A 1-D scratch of like's dtype for _padded_rows_as: room for rows of x (B, H, N, C) padded to a
+    multiple of PAD when they must be copied (bf16 bits to widen, or C not a multiple of PAD), else none."""
+
+
+@overload(_padding_buffer, jit_options={"inline": "always"})
+def _padding_buffer_overload(x, rows, like):
+    if x.dtype == like.dtype:
+        return lambda x, rows, like: np.empty(0 if x.shape[3] % PAD == 0 else rows * padded(x.shape[3], PAD),
+                                              like.dtype)  # fmt: skip
+    return lambda x, rows, like: np.empty(rows * padded(x.shape[3], PAD), like.dtype)
+
+
+@_jit(inline="always")
+def _copy_padded_rows(x, b, h, j0, rows, buffer):
+    """Rows j0 .. j0 + rows of x[b, h] as elements of buffer's dtype, zero-padded to a multiple of PAD."""
+    cols = x.shape[3]
+    width = padded(cols, PAD)
+    wide = buffer[: rows * width].reshape((rows, width))
+    for r in range(rows):  # rows indexed, never made arrays (no reference counting per row)
+        for c in range(cols):
+            wide[r, c] = _operand_of(wide, x[b, h, j0 + r, c])
+        for c in range(cols, width):
+            wide[r, c] = 0
+    return wide
+
+
+def _padded_rows_as(x, b, h, j0, rows, buffer):
+    """Rows j0 .. of x[b, h] as a B operand of buffer's dtype, whose rows a product may read in whole
+    groups of PAD columns: x[b, h, j0:] itself when x has that dtype and C is a multiple of PAD, else
+    copied into buffer (_padding_buffer), widened from bf16 bits and zero-padded."""
+
+
+@overload(_padded_rows_as, jit_options={"inline": "always"})
+def _padded_rows_as_overload(x, b, h, j0, rows, buffer):
+    if x.dtype != buffer.dtype:
+        return lambda x, b, h, j0, rows, buffer: _copy_padded_rows(x, b, h, j0, rows, buffer)
+
+    def in_place_when_padded(x, b, h, j0, rows, buffer):
+        if x.shape[3] % PAD == 0:
+            return x[b, h, j0:]
+        return _copy_padded_rows(x, b, h, j0, rows, buffer)
+
+    return in_place_when_padded
+
+
 def _rows_as(x, b, h, j0, rows, buffer):
     """Rows j0 .. of x[b, h] (x: (B, H, N, C)) as an operand of buffer's dtype: x[b, h, j0:] itself
     when x has that dtype (read in place); else rows j0 .. j0 + rows widened from bf16 bits into
