@@ -122,6 +122,10 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
     if helpers > 0 and not _cache_to_share():
         helpers = 0  # nowhere to share compiled code: every process would compile for itself
     _Jobs(jobs, helpers).run()
+    if "float16" in dtypes:  # float16 is widened to float32 at the boundary, by a compiled loop
+        from .bf16 import float16_to_float32
+
+        float16_to_float32(np.zeros(1, np.float16))
 
 
 def check_processes(processes):

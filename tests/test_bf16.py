@@ -502,3 +502,18 @@ def test_forced_float32_path_for_bf16():
     assert "float32 products" in stdout and "ATTNKIT_CPU_BF16=fp32" in stdout
     error = float(stdout.split("error")[-1])
     assert error < 2 ** -7, error  # bf16 output rounding of values of size ~1
+
+
+def test_float16_widens_exactly_for_every_bit_pattern():
+    """float16 -> float32 at the boundary (kernels/bf16.py): every one of the 65,536 values, subnormals,
+    infinities and NaNs included, equals NumPy's conversion (NaN as NaN, with its sign)."""
+    from attnkit.kernels.bf16 import float16_to_float32
+
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got, want = float16_to_float32(halves), halves.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert np.array_equal(np.signbit(got[nan]), np.signbit(want[nan]))
+    strided = np.random.default_rng(0).standard_normal((3, 40, 7)).astype(np.float16)[:, ::3]
+    assert np.array_equal(float16_to_float32(strided), strided.astype(np.float32))

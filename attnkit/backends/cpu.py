@@ -102,6 +102,10 @@ def _host(x, spec, bf16):
     """x as the kernel's NumPy operand: bf16 bits (uint16) when bf16, float64 kept, else float32."""
     if bf16 and spec.dtype == "bfloat16":
         return _arrays.bf16_bits(x)
+    if spec.dtype == "float16":
+        from ..kernels.bf16 import float16_to_float32
+
+        return float16_to_float32(_arrays.to_numpy(x))
     return _arrays.to_numpy(x).astype(np.float64 if spec.dtype == "float64" else np.float32, copy=False)
 
 
