@@ -256,9 +256,9 @@ class _FirstCompile(event.Listener):
 # Kernels ready or compiling: what a call may run without compiling in the calling process
 # ---------------------------------------------------------------------------
 # A unit is one compiled kernel with its steps: (kernel input dtype name, bf16 products, kernel),
-# kernel "forward", "decode" or "backward". A unit is ready when this process has run it, or
-# when its marker file says an earlier process compiled it into the on-disk cache (then a call
-# loads it in well under a second). The markers sit beside the compiled code and are deleted
+# kernel "forward", "decode", "backward" or "decode_backward". A unit is ready when this process
+# has run it, or when its marker file says an earlier process compiled it into the on-disk cache
+# (then a call loads it in well under a second). The markers sit beside the compiled code and are deleted
 # with it when the kernel sources change (jit.discard_stale_cache).
 
 READY_MARKER_PREFIX = "attnkit-ready-"
