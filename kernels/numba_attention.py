@@ -48,7 +48,7 @@ from .cpu.plan import (
 )
 
 __all__ = [
-    "flash_forward", "flash_backward", "runs_decode", "runs_decode_backward", "warmup", "plan_mask", "MaskPlan", "recording", "Launch",
+    "flash_forward", "flash_backward", "runs_decode", "warmup", "plan_mask", "MaskPlan", "recording", "Launch",
     "TILE_HIDDEN", "TILE_VISIBLE", "TILE_MIXED",
 ]  # fmt: skip
 
@@ -128,7 +128,7 @@ def _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q
     shapes, small enough for the calling thread alone?)."""
     block_q, block_k = _block_sizes(longest_q, longest_k)
     v_width = padded(dv, PAD)
-    decode = runs_decode(nq, nk, hq // hkv, dv, dense)
+    decode = runs_decode(nq, nk, hq // hkv, dense)
     k_shape, v_shape = forward_operand_shapes(batch, hkv, nk, d, dv, bf16)
     operand = np.uint16 if bf16 else dtype
     operand_shapes = (k_shape, v_shape or (1, 1, 1, 1))  # V read in place: a placeholder
@@ -294,16 +294,11 @@ def _is_decode(nq, nk, group):
     return nq <= _DECODE_MAX_QUERIES and nk >= _DECODE_MIN_KEYS and group * nq <= 128
 
 
-def runs_decode(nq, nk, group, dv, dense):
-    """Whether a forward call of these sizes runs the decode kernel rather than the forward one
-    (group: query heads per kv head; dense: one sequence per batch entry, no ALiBi, no dropout).
-    Any Dv: V is read in place, or a block at a time widened (bf16) or padded to 16 columns."""
-    return dense and _is_decode(nq, nk, group)
-
-
-def runs_decode_backward(nq, nk, group, dense):
-    """Whether a backward call of these sizes runs the decode backward (a group's few rows against
-    the keys, a key at a time) rather than the prefill one; dense as for runs_decode."""
+def runs_decode(nq, nk, group, dense):
+    """Whether a call of these sizes runs the decode kernels (forward, and backward when it has a
+    gradient: a GQA group's few rows against the keys) rather than the prefill ones. group: query
+    heads per kv head; dense: one sequence per batch entry, no ALiBi, no dropout. Any Dv: the decode
+    forward reads V in place, or a block at a time widened (bf16) or padded to 16 columns."""
     return dense and _is_decode(nq, nk, group)
 
 
@@ -357,7 +352,7 @@ def flash_backward(
     if nq == 0 or nk == 0 or batch * hq == 0:
         return dq, dk, dv_grad
     dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
-    if runs_decode_backward(nq, nk, hq // hkv, dense):
+    if runs_decode(nq, nk, hq // hkv, dense):
         announce_as("decode backward")
         block_k = min(_DECODE_BACKWARD_BLOCK_K, nk)
         masks, mask_flags = _mask_plan(mask, compute, nk, _backward_block_sizes(nq, nk)[0], block_k)

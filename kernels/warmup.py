@@ -73,7 +73,7 @@ def warmup_variants(dtypes, float32_bf16=False):
 
 # A job's kind: the kernel it runs, and the kernel a backward of the same shapes runs.
 _BACKWARD_OF = {"forward": "backward", "decode": "decode_backward"}
-_FORWARD_OF = {"backward": "forward", "decode_backward": "decode"}
+_FORWARD_OF = {backward: forward for forward, backward in _BACKWARD_OF.items()}
 
 
 def run_job(dtype_name, bf16_products, kind, backward):
@@ -258,8 +258,8 @@ class _FirstCompile(event.Listener):
 # A unit is one compiled kernel with its steps: (kernel input dtype name, bf16 products, kernel),
 # kernel "forward", "decode", "backward" or "decode_backward". A unit is ready when this process
 # has run it, or when its marker file says an earlier process compiled it into the on-disk cache
-# (then a call loads it in well under a second). The markers sit beside the compiled code and are deleted
-# with it when the kernel sources change (jit.discard_stale_cache).
+# (then a call loads it in well under a second). The markers sit beside the compiled code and are
+# deleted with it when the kernel sources change (jit.discard_stale_cache).
 
 READY_MARKER_PREFIX = "attnkit-ready-"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import sys
 
 import numpy as np
@@ -56,46 +57,33 @@ def _cpu_product_path(dtype, precision):
 
 
 @functools.cache
-def _kernel_warmup():
-    """kernels/warmup.py, imported on first use (it imports Numba), then held: an import statement
-    costs ~2 us, which every training call would pay twice."""
-    from ..kernels import warmup
-
-    return warmup
-
-
-@functools.cache
-def _numba_attention():
-    """kernels/numba_attention.py, held the same way."""
-    from ..kernels import numba_attention
-
-    return numba_attention
+def _kernels(name):
+    """attnkit.kernels.<name>, imported on first use (it imports Numba), then held: an import
+    statement costs ~2 us, which every training call would pay twice."""
+    return importlib.import_module(f"..kernels.{name}", __package__)
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel_units(dtype, bf16, kernels):
+def _kernel_units(dtype, bf16, kernel):
     """The compiled units (kernels/warmup.py) that calls of this dtype name, with these products,
-    run for these kernels ("forward", "decode", "backward")."""
-    ((kernel_dtype, bf16_products),) = _kernel_warmup().warmup_variants(
+    run for this kernel ("forward", "decode", "backward", "decode_backward")."""
+    ((kernel_dtype, bf16_products),) = _kernels("warmup").warmup_variants(
         [dtype], float32_bf16=bf16 and dtype == "float32")
-    return tuple((np.dtype(kernel_dtype).name, bf16_products, kernel) for kernel in kernels)
+    return ((np.dtype(kernel_dtype).name, bf16_products, kernel),)
 
 
-def _forward_kernel_name(spec, dropout):
-    """"decode" or "forward": the kernel a forward call of this spec runs (flash_forward's choice)."""
+def _decode_shaped(spec, dropout):
+    """Whether the call runs the decode kernels (numba_attention.runs_decode; dropout: a bool)."""
     dense = not spec.packed and not spec.alibi and not dropout
-    decode = _numba_attention().runs_decode(spec.nq, spec.nk, spec.hq // spec.hkv, spec.dv, dense)
-    return "decode" if decode else "forward"
+    return _kernels("numba_attention").runs_decode(spec.nq, spec.nk, spec.hq // spec.hkv, dense)
 
 
 def _forward_units(spec, bf16, dropout):
-    return _kernel_units(spec.dtype, bf16, (_forward_kernel_name(spec, dropout),))
+    return _kernel_units(spec.dtype, bf16, "decode" if _decode_shaped(spec, dropout) else "forward")
 
 
 def _backward_units(spec, bf16, dropout):
-    dense = not spec.packed and not spec.alibi and not dropout
-    decode = _numba_attention().runs_decode_backward(spec.nq, spec.nk, spec.hq // spec.hkv, dense)
-    return _kernel_units(spec.dtype, bf16, ("decode_backward" if decode else "backward",))
+    return _kernel_units(spec.dtype, bf16, "decode_backward" if _decode_shaped(spec, dropout) else "backward")
 
 
 def _host(x, spec, bf16):
@@ -103,9 +91,7 @@ def _host(x, spec, bf16):
     if bf16 and spec.dtype == "bfloat16":
         return _arrays.bf16_bits(x)
     if spec.dtype == "float16":
-        from ..kernels.bf16 import float16_to_float32
-
-        return float16_to_float32(_arrays.to_numpy(x))
+        return _kernels("bf16").float16_to_float32(_arrays.to_numpy(x))
     return _arrays.to_numpy(x).astype(np.float64 if spec.dtype == "float64" else np.float32, copy=False)
 
 
@@ -197,7 +183,7 @@ class NumbaBackend(Backend):
 
     def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
         # float32 calls run bf16 products under torch's "medium" precision: prepare what is set now.
-        _kernel_warmup().warmup(dtypes, backward=backward, decode=decode, processes=processes,
+        _kernels("warmup").warmup(dtypes, backward=backward, decode=decode, processes=processes,
                                 float32_bf16=float32_matmul_precision() == "medium")  # fmt: skip
 
     def _units(self, spec, request):
@@ -206,20 +192,20 @@ class NumbaBackend(Backend):
         return units + _backward_units(spec, bf16, request.dropout) if request.grad else units
 
     def compiled_for(self, spec, request):
-        return _kernel_warmup().units_ready(self._units(spec, request))
+        return _kernels("warmup").units_ready(self._units(spec, request))
 
     def compile_in_background(self, spec, request, *, start=True):
-        return _kernel_warmup().compile_in_background(self._units(spec, request), start=start)
+        return _kernels("warmup").compile_in_background(self._units(spec, request), start=start)
 
     def preparing_backward(self, spec, dropout=None):
         # A cold cache: a helper process compiles the backward kernel while this one compiles the forward.
         (unit,) = _backward_units(spec, cpu_product_path(spec.dtype)[0] == "bf16", dropout is not None)
-        return _kernel_warmup().compiling_ahead(unit)
+        return _kernels("warmup").compiling_ahead(unit)
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
         units = _forward_units(spec, bf16, dropout is not None)
-        warm = _kernel_warmup()
+        warm = _kernels("warmup")
         warm.wait_for_background(units)  # a helper compiling them: load its work rather than compile it too
         sinks = _arrays.to_numpy(sinks)
         if spec.packed:
@@ -232,7 +218,7 @@ class NumbaBackend(Backend):
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
         bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
         units = _backward_units(spec, bf16, dropout is not None)
-        warm = _kernel_warmup()
+        warm = _kernels("warmup")
         warm.wait_for_background(units)
         if spec.packed:
             grads = self._packed_backward(q, k, v, out, d_out, lse, spec, alibi, bf16, dropout)
