@@ -67,12 +67,31 @@ def _address(function):
     return ctypes.cast(function, ctypes.c_void_p).value
 
 
+def _load_torch_global_deps(library_path):
+    """Load torch's libtorch_global_deps with RTLD_GLOBAL, as `import torch` does first.
+
+    Why: it puts torch's OpenMP runtime (its libgomp.so.1) in the process's global scope, so Numba's
+    OpenMP layer, loaded later, binds to that one runtime. Without it, libtorch_cpu loaded here before
+    torch is imported brings torch's libgomp in locally, Numba's layer loads the system's next to it,
+    and the two thread teams spin against each other on the same cores once torch runs too: attnkit
+    and torch SDPA fp32 B1 H8 N256 took ~4.0 ms each, taking turns on 2 cores, against 1.0-1.2 ms
+    in a process that imported torch first (bench/results/busy-machine.md).
+    """
+    path = os.path.join(os.path.dirname(library_path), "libtorch_global_deps.so")
+    if sys.platform.startswith("linux") and os.path.exists(path):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # the order is an optimisation: libtorch_cpu loads without it
+            pass
+
+
 def _torch_mkl():
     """{"sgemm", "dgemm", "threads"} addresses from torch's bundled MKL, or None."""
     path = _torch_library_path()
     if path is None:
         return None
     try:
+        _load_torch_global_deps(path)
         library = ctypes.CDLL(path)
         # MKL's lower-case names with a trailing underscore are the Fortran interface.
         return {

@@ -120,3 +120,47 @@ def test_torch_imported_after_the_kernel_still_works():
         """
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def _gomp_parallel_bindings(stderr):
+    """{library file name: libgomp path} of each GOMP_parallel binding in an LD_DEBUG=bindings report."""
+    found = {}
+    for line in stderr.splitlines():
+        if "`GOMP_parallel'" in line and "binding file" in line:
+            source = line.split("binding file ", 1)[1].split(" [", 1)[0]
+            target = line.split(" to ", 1)[1].split(" [", 1)[0]
+            found[os.path.basename(source)] = target
+    return found
+
+
+@pytest.mark.skipif(cpu_blas.BLAS_NAME != "mkl" or not sys.platform.startswith("linux"),
+                    reason="libtorch_cpu is loaded by attnkit only on the MKL path (Linux here)")  # fmt: skip
+def test_numba_and_torch_share_one_openmp_runtime_whatever_the_import_order():
+    """The kernel's BLAS binding loads libtorch_cpu before torch is imported. Numba's OpenMP layer,
+    started next, and torch's ops must then use one libgomp: two runtimes' thread teams spin
+    against each other (~4x slower calls on 2 cores, bench/results/busy-machine.md). The dynamic
+    linker reports which library each GOMP_parallel reference bound to (glibc's LD_DEBUG)."""
+    result = _run(
+        """
+        import sys
+        import attnkit.kernels.cpu_blas
+        import numba
+        from numba.np.ufunc import parallel
+        assert "torch" not in sys.modules
+        parallel._launch_threads()
+        print("layer", numba.threading_layer())
+        import torch
+        torch.ones(8) @ torch.ones(8)
+        print("ok")
+        """,
+        LD_DEBUG="bindings", LD_BIND_NOW="1",
+    )  # fmt: skip
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    if "layer omp" not in result.stdout:
+        pytest.skip(f"Numba's threading layer here is not OpenMP ({result.stdout.strip()})")
+    bindings = _gomp_parallel_bindings(result.stderr)
+    numba_side = [path for name, path in bindings.items() if name.startswith("omppool")]
+    torch_side = [path for name, path in bindings.items() if name.startswith("libtorch_cpu")]
+    if not torch_side:
+        pytest.skip("this libtorch_cpu calls no GOMP_parallel (not an OpenMP build)")
+    assert numba_side and numba_side[0] == torch_side[0], bindings
