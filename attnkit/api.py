@@ -430,7 +430,7 @@ def available_backends():
     return backend_status()
 
 
-def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
+def warmup(dtypes=("float32", "bfloat16"), *, backward=True, decode=True, processes=None):
     """Compile every available JIT backend now for calls of these dtypes, so no later call pays for it.
 
     The Numba kernel compiles (or loads from its on-disk cache) on first use:
@@ -439,8 +439,10 @@ def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=T
     skips it) and the decode kernel (decode=False skips it). Causal alignment,
     windows, masks, softcap, ALiBi, dropout, sinks and packed sequences run in
     those same kernels, so afterwards no such call compiles in this process.
-    dtypes: names among "float32", "bfloat16", "float16", "float64". float32 is
-    prepared for the products torch.get_float32_matmul_precision() selects now.
+    dtypes: names among "float32", "bfloat16", "float16", "float64" (default:
+    float32 and bfloat16, what models run; a float64 call compiles its kernels
+    on first use unless named here). float32 is prepared for the products
+    torch.get_float32_matmul_precision() selects now.
     processes: how many processes may compile at once (default: one per CPU, at
     most one per kernel; 1: this process alone). Helper processes start only
     when something has to be compiled, compile into the on-disk cache, and

@@ -100,7 +100,7 @@ def run_job(dtype_name, bf16_products, kind, backward):
     mark_ready(_units_of_job(dtype_name, bf16_products, kind, backward))
 
 
-def warmup(dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, float32_bf16=False,
+def warmup(dtypes, *, backward=True, decode=True, float32_bf16=False,
            processes=None):  # fmt: skip
     """Compile (or load from the cache) every kernel that calls of these dtypes run: the forward,
     the backward and the decode kernel (float dtypes), and their steps (kernels/cpu/launch.py).

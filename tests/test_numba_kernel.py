@@ -248,7 +248,7 @@ def test_uncacheable_location_falls_back_to_no_cache(monkeypatch):
 
 
 def test_warmup_runs():
-    kernel.warmup()
+    kernel.warmup(["float32", "float64"], backward=False)
 
 
 def test_a_changed_kernel_source_discards_the_cache(tmp_path):

@@ -71,7 +71,7 @@ class Backend:
         lazily may prepare the backward meanwhile (nothing by default)."""
         return contextlib.nullcontext()
 
-    def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
+    def warmup(self, dtypes, *, backward=True, decode=True, processes=None):
         """Compile whatever the backend compiles lazily for calls of these dtypes (nothing by default),
         in up to `processes` processes at once where it can."""
 

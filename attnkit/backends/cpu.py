@@ -181,7 +181,7 @@ class NumbaBackend(Backend):
         path, why = cpu_product_path(spec.dtype)
         return f"{path} products: {why}; compiled for {describe()}"
 
-    def warmup(self, dtypes=("float32", "bfloat16", "float64"), *, backward=True, decode=True, processes=None):
+    def warmup(self, dtypes, *, backward=True, decode=True, processes=None):
         # float32 calls run bf16 products under torch's "medium" precision: prepare what is set now.
         _kernels("warmup").warmup(dtypes, backward=backward, decode=decode, processes=processes,
                                 float32_bf16=float32_matmul_precision() == "medium")  # fmt: skip
