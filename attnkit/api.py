@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _arrays, planned
 from .backends import Request, backend_status, choose_backend
-from .dropout import draw_dropout
+from .dropout import Dropout, draw_dropout, seed_tensor
 from .op_codes import operator_options
 from .validation import as_heads, dropout_probability, validate_attention, validate_packed
 
@@ -32,15 +32,17 @@ def _compiling():
     return torch is not None and torch.compiler.is_compiling()
 
 
-def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropout_p):
+def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropout_p, dropout_seed, sinks):
     """(out, lse) through attnkit's torch operators, for torch.compile: one graph node each.
 
-    Backend choice, NumPy and Numba stay inside the operators, out of the trace.
+    Backend choice, NumPy and Numba stay inside the operators, out of the trace. Dropout's seed is
+    drawn inside the graph (a 0-d tensor from torch's generator: a fresh mask every call, repeated
+    by torch.manual_seed); the operators' autograd gives the sinks their gradient.
     """
-    if return_weights or dropout_p > 0:
+    if return_weights:
         raise ValueError(
-            "return_weights and dropout need the NumPy reference, which torch.compile cannot "
-            "trace; call attnkit outside the compiled region for them"
+            "return_weights needs the NumPy reference, which torch.compile cannot trace; "
+            "call attnkit outside the compiled region for it"
         )
     device_type = spec.device.split(":")[0]
     wanted = {"cpu": "numba", "cuda": "triton"}.get(device_type)
@@ -51,7 +53,14 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
     if device_type == "cpu":
         from .torch_ops import numba_attention_fwd
 
-        return numba_attention_fwd(q, k, v, mask, alibi, *operator_options(spec))
+        seed = seed_tensor(dropout_p, dropout_seed) if dropout_p > 0 else None
+        options = operator_options(spec, Dropout(dropout_p, 0) if dropout_p > 0 else None)
+        return numba_attention_fwd(q, k, v, mask, alibi, *options, sinks, seed)
+    if dropout_p > 0 or sinks is not None:
+        raise ValueError(
+            "dropout and sinks are traced by torch.compile on CPU tensors only so far; on CUDA tensors "
+            "call attnkit outside the compiled region for them"
+        )
     from .backends import BACKENDS
 
     out, lse, _ = BACKENDS["triton"].forward(q, k, v, mask, spec, alibi=alibi)
@@ -144,10 +153,8 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
             choice=None, alibi=None, sinks=None):  # fmt: skip
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
     if spec.kind == "torch" and _compiling():
-        if sinks is not None:
-            raise ValueError("sinks are not traced by torch.compile yet; call attnkit outside the compiled region")
         out, lse = _attend_traced(q, k, v, mask, alibi, spec, backend, return_weights=return_weights,
-                                  dropout_p=dropout_p)  # fmt: skip
+                                  dropout_p=dropout_p, dropout_seed=dropout_seed, sinks=sinks)  # fmt: skip
         results = [out] + [lse] * return_lse
         if spec.squeeze:
             results = [r[0] for r in results]

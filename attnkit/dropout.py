@@ -70,3 +70,15 @@ def draw_dropout(dropout_p, dropout_seed, kind):
             f"got {type(dropout_seed).__name__}"
         )
     return Dropout(float(dropout_p), seed)
+
+
+def seed_tensor(dropout_p, dropout_seed):
+    """The seed of a call torch.compile traces, as a 0-d int64 tensor of the graph: drawn from
+    torch's default generator (or a given torch.Generator) on every call, where an int drawn at
+    trace time would be a constant of the graph (the same mask every step); a given int, or a
+    NumPy generator's draw, as a constant."""
+    import torch
+
+    if dropout_seed is None or _is_torch_generator(dropout_seed):
+        return torch.randint(0, _SEED_RANGE, (), dtype=torch.int64, generator=dropout_seed)
+    return torch.tensor(draw_dropout(dropout_p, dropout_seed, "torch").seed, dtype=torch.int64)

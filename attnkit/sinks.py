@@ -11,11 +11,14 @@ and backend. The specification is reference.attention(sinks=).
 from __future__ import annotations
 
 
-def sink_gradient(out, d_out, lse, sinks):
-    """dsinks (Hq,) from the sink-joined out / lse and the gradient reaching out."""
+def sink_gradient(out, d_out, lse, sinks, d_lse=None):
+    """dsinks (Hq,) from the sink-joined out / lse and the gradient reaching out (and lse, where a
+    caller differentiates it: d lse / d sink = p_sink)."""
     import torch
 
     compute = lse.dtype  # float32, float64 for float64 inputs
     delta = (d_out.to(compute) * out.to(compute)).sum(-1)  # (..., Hq, Nq) or (Hq, total)
+    if d_lse is not None:
+        delta = delta - d_lse.to(compute)
     per_row = -torch.exp(sinks.detach().to(compute)[:, None] - lse) * delta  # -p_sink * delta
     return per_row.reshape(-1, sinks.shape[0], per_row.shape[-1]).sum(dim=(0, 2)).to(sinks.dtype)

@@ -2,21 +2,25 @@
 
     torch.ops.attnkit.numba_attention_fwd(q, k, v, mask, alibi, scale, causal, align, window_left,
                                           window_right, softcap, dropout_p=0.0, dropout_seed=0,
-                                          sinks=None) -> (out, lse)
+                                          sinks=None, seed=None) -> (out, lse)
     torch.ops.attnkit.numba_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, scale, causal,
                                           align, window_left, window_right, softcap, dropout_p=0.0,
-                                          dropout_seed=0, sinks=None) -> (dq, dk, dv)
+                                          dropout_seed=0, sinks=None, seed=None) -> (dq, dk, dv)
     torch.ops.attnkit.flash_attention_fwd(...)  the Triton kernels, same arguments
     torch.ops.attnkit.flash_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, d_lse, ...)
 
 Options are coded by attnkit.op_codes (one table for both devices): causal and
 align 0 (none), 1 ("top_left"), 2 ("bottom_right"); dropout by its probability
-and seed (attnkit.reference.dropout's mask). sinks (Hq,) join the forward's
+and seed (attnkit.reference.dropout's mask); the CPU pair also takes the seed as a
+0-d int64 tensor (`seed`, used instead of dropout_seed when given), which a
+compiled graph draws from torch's generator on every call (an int would be a
+constant of the graph: the same mask every step). sinks (Hq,) join the forward's
 softmax; the backward takes them only to mirror the forward's arguments (out
-and lse already include them) and gives them no gradient. Each forward has an autograd
-formula (register_autograd) calling its backward operator; the Triton pair
-also carries the gradient that reaches lse (d_lse), the CPU pair does not (lse
-is returned for callers that want it, not differentiated, as in eager calls).
+and lse already include them). Each forward has an autograd formula
+(register_autograd) calling its backward operator and giving the sinks their
+gradient (attnkit.sinks); the Triton pair also carries the gradient that reaches
+lse (d_lse), the CPU pair does not (lse is returned for callers that want it,
+not differentiated, as in eager calls).
 
 CPU (numba_*): q (..., Hq, Nq, D), k (..., Hkv, Nk, D), v (..., Hkv, Nk, Dv) with
 broadcasting leading axes, as the public API takes them; custom_ops with fake
@@ -40,6 +44,7 @@ from typing import Optional
 import torch
 
 from .op_codes import CAUSAL_CODES, CAUSAL_NAMES, window_of
+from .sinks import sink_gradient
 
 __all__ = [
     "numba_attention_fwd", "numba_attention_bwd", "flash_attention_fwd", "flash_attention_bwd", "triton_attention",
@@ -60,20 +65,29 @@ def _dropout(dropout_p, dropout_seed):
     return Dropout(dropout_p, dropout_seed) if dropout_p > 0 else None
 
 
+_SINKS_OPTION = 8  # the sinks' place among the options (after scale ... dropout_seed)
+
+
 def _register_autograd(forward, backward, passes_d_lse):
     """forward's gradient through backward: (q, k, v, mask, alibi, *options) -> (out, lse).
 
-    The options (the sinks among them) get no gradient: the backward needs only out and lse,
-    which include the sinks; attnkit.attention differentiates the sinks itself.
+    The backward needs only out and lse, which include the sinks; the sinks' own gradient comes
+    from them too (attnkit.sinks.sink_gradient, plus what reaches lse where lse is differentiated).
+    The other options get none. Tensors among the options (the sinks, a seed) are saved for the
+    backward like the inputs.
     """
 
     def setup_context(ctx, inputs, output):
         q, k, v, mask, alibi, *options = inputs
-        ctx.save_for_backward(q, k, v, mask, alibi, *output)
-        ctx.options = options
+        ctx.tensor_options = [i for i, option in enumerate(options) if isinstance(option, torch.Tensor)]
+        ctx.save_for_backward(q, k, v, mask, alibi, *output, *(options[i] for i in ctx.tensor_options))
+        ctx.options = [None if i in ctx.tensor_options else option for i, option in enumerate(options)]
 
     def differentiate(ctx, d_out, d_lse):
-        q, k, v, mask, alibi, out, lse = ctx.saved_tensors
+        q, k, v, mask, alibi, out, lse, *saved_options = ctx.saved_tensors
+        options = list(ctx.options)
+        for i, option in zip(ctx.tensor_options, saved_options):
+            options[i] = option
         if d_out is None:
             d_out = torch.zeros_like(out)
         # First derivatives only: the gradients carry no graph of their own (a second
@@ -81,8 +95,13 @@ def _register_autograd(forward, backward, passes_d_lse):
         tensors = [x.detach() for x in (q, k, v)] + [mask, alibi, out.detach(), d_out.detach(), lse.detach()]
         if passes_d_lse:
             tensors.append(d_lse)
-        dq, dk, dv = backward(*tensors, *ctx.options)
-        return (dq, dk, dv) + (None,) * (2 + len(ctx.options))
+        dq, dk, dv = backward(*tensors, *options)
+        grads = [None] * (2 + len(options))
+        sinks = options[_SINKS_OPTION] if len(options) > _SINKS_OPTION else None
+        if sinks is not None and ctx.needs_input_grad[5 + _SINKS_OPTION]:
+            grads[2 + _SINKS_OPTION] = sink_gradient(out.detach(), d_out.detach(), lse.detach(), sinks,
+                                                     d_lse if passes_d_lse else None)  # fmt: skip
+        return (dq, dk, dv) + tuple(grads)
 
     forward.register_autograd(differentiate, setup_context=setup_context)
 
@@ -104,12 +123,13 @@ def numba_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     scale: float, causal: int, align: int, window_left: Optional[int], window_right: Optional[int],
     softcap: Optional[float], dropout_p: float = 0.0, dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
     spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
-    out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi, dropout=_dropout(dropout_p, dropout_seed),
-                                            sinks=sinks)  # fmt: skip
+    dropout = _dropout(dropout_p, dropout_seed if seed is None else int(seed))
+    out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi, dropout=dropout, sinks=sinks)
     return out, lse
 
 
@@ -118,13 +138,13 @@ def numba_attention_bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor, scale: float, causal: int, align: int,
     window_left: Optional[int], window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0,
-    dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None,
+    dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
     spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
-    return BACKENDS["numba"].backward(q, k, v, mask, out, d_out.contiguous(), lse, spec, alibi=alibi,
-                                      dropout=_dropout(dropout_p, dropout_seed))  # fmt: skip
+    dropout = _dropout(dropout_p, dropout_seed if seed is None else int(seed))
+    return BACKENDS["numba"].backward(q, k, v, mask, out, d_out.contiguous(), lse, spec, alibi=alibi, dropout=dropout)
 
 
 @numba_attention_fwd.register_fake

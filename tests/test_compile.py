@@ -71,8 +71,104 @@ def test_compiled_attention_with_window_softcap_and_lse():
 def test_compiled_rejects_what_it_cannot_trace():
     q = torch.randn(1, 2, 8, 16)
     compiled = torch.compile(lambda q: attnkit.attention(q, q, q, return_weights=True), fullgraph=True)
-    with pytest.raises(Exception, match="return_weights and dropout need the NumPy reference"):
+    with pytest.raises(Exception, match="return_weights needs the NumPy reference"):
         compiled(q)
+
+
+def _gqa_inputs(seed, dtype=torch.float32, nq=33, nk=40):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, nq, 16, generator=generator).to(dtype).requires_grad_()
+    k, v = (torch.randn(2, 2, nk, 16, generator=generator).to(dtype).requires_grad_() for _ in range(2))
+    return q, k, v, generator
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_sinks_match_eager_and_the_reference_with_their_gradient(dtype):
+    """gpt-oss's sinks under torch.compile: one operator node; the sinks' gradient from its autograd."""
+    q, k, v, generator = _gqa_inputs(7, dtype)
+    sinks = torch.randn(4, generator=generator).requires_grad_()
+
+    def fn(q, k, v, sinks):
+        return attnkit.attention(q, k, v, causal="bottom_right", window=(20, 0), sinks=sinks).float() * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    out, expected = compiled(q, k, v, sinks), fn(q, k, v, sinks)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    d_out = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad(out, (q, k, v, sinks), d_out)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, sinks), d_out)
+    for name, got, want in zip(["dq", "dk", "dv"], grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+    # dsinks: a sum over rows, which the compiled backward may order differently; in bf16 Inductor
+    # also drops the round trip of dO through bf16 that eager makes (its default casts)
+    close = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grads[3], expected_grads[3], atol=close * expected_grads[3].abs().max().item(), rtol=close)
+    # and both right: the reference's dsinks on the same inputs (float64)
+    from attnkit.reference import attention_backward
+
+    x64 = [x.detach().double().numpy() for x in (q, k, v)]
+    options = dict(causal="bottom_right", window=(20, 0), sinks=sinks.detach().double().numpy())
+    ref_out, ref_lse = attention(*x64, return_lse=True, **options)
+    *_, ref_d_sinks = attention_backward(*x64, ref_out, 2.0 * d_out.double().numpy(), ref_lse, **options)
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    np.testing.assert_allclose(grads[3].numpy(), ref_d_sinks, atol=tolerance * max(1.0, abs(ref_d_sinks).max()))
+
+
+def test_compiled_dropout_with_an_int_seed_is_the_eager_call_bit_for_bit():
+    q, k, v, generator = _gqa_inputs(8)
+
+    def fn(q, k, v):
+        return attnkit.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True, dropout_seed=1234)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    out, expected = compiled(q, k, v), fn(q, k, v)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    d_out = torch.randn(out.shape, generator=generator)
+    for name, got, want in zip("qkv", torch.autograd.grad(out, (q, k, v), d_out),
+                               torch.autograd.grad(expected, (q, k, v), d_out)):  # fmt: skip
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+def test_compiled_dropout_draws_a_seed_per_call_and_its_backward_reuses_it(monkeypatch):
+    """The seed is a tensor of the graph, drawn from torch's generator on every call (an int drawn
+    while tracing would be a constant: the same mask every step). The operator bodies run eagerly,
+    so the test reads the seeds they hand the kernel."""
+    from attnkit.backends import BACKENDS
+
+    numba = BACKENDS["numba"]
+    seeds = {"forward": [], "backward": []}
+    for name in seeds:
+        method = getattr(numba, name)
+
+        def recording(*args, _method=method, _name=name, **kwargs):
+            seeds[_name].append(kwargs["dropout"].seed)
+            return _method(*args, **kwargs)
+
+        monkeypatch.setattr(numba, name, recording)
+    q, k, v, generator = _gqa_inputs(9)
+
+    def fn(q, k, v):
+        return attnkit.scaled_dot_product_attention(q, k, v, dropout_p=0.25, enable_gqa=True)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    torch.manual_seed(5)
+    first = compiled(q, k, v)
+    second = compiled(q, k, v)
+    torch.manual_seed(5)
+    again = compiled(q, k, v)
+    assert not torch.equal(first, second), "two calls drew the same mask"
+    torch.testing.assert_close(again, first, atol=0, rtol=0)  # torch.manual_seed repeats it
+    assert seeds["forward"][0] == seeds["forward"][2] != seeds["forward"][1]
+    d_out = torch.randn(first.shape, generator=generator)
+    grads = torch.autograd.grad(second, (q, k, v), d_out)
+    assert seeds["backward"] == [seeds["forward"][1]], seeds
+    # the eager call with the seed the graph drew: the same output and gradients
+    monkeypatch.undo()
+    expected = attnkit.scaled_dot_product_attention(q, k, v, dropout_p=0.25, enable_gqa=True,
+                                                    dropout_seed=seeds["forward"][1])  # fmt: skip
+    torch.testing.assert_close(second, expected, atol=0, rtol=0)
+    for name, got, want in zip("qkv", grads, torch.autograd.grad(expected, (q, k, v), d_out)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -88,3 +184,11 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch_ops.numba_attention_bwd,
                           (q.detach(), k.detach(), v.detach(), mask, slopes, out.detach(), d_out, lse.detach(),
                            0.25, 1, 1, None, None, None))
+
+
+def test_opcheck_with_sinks_and_a_seed_tensor():
+    q = torch.randn(2, 4, 20, 16).requires_grad_()
+    k, v = (torch.randn(2, 2, 24, 16).requires_grad_() for _ in range(2))
+    sinks = torch.randn(4).requires_grad_()
+    args = (q, k, v, None, None, 0.25, 1, 1, None, None, None, 0.2, 0, sinks, torch.tensor(77))
+    torch.library.opcheck(torch_ops.numba_attention_fwd, args)
