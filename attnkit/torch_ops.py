@@ -158,7 +158,9 @@ def _numba_fake_fwd(q, k, v, mask, alibi, *options):
 
 @numba_attention_bwd.register_fake
 def _numba_fake_bwd(q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous whatever the inputs' strides, as the kernel's results are (empty_like would keep a
+    # transposed k's strides, and Inductor asserts them: transformers hands k in as such a view)
+    return tuple(x.new_empty(x.shape) for x in (q, k, v))
 
 
 _register_autograd(numba_attention_fwd, numba_attention_bwd, passes_d_lse=False)

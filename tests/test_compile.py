@@ -186,6 +186,18 @@ def test_opcheck(dtype):
                            0.25, 1, 1, None, None, None))
 
 
+def test_opcheck_with_transposed_inputs():
+    """Views as transformers passes them ((B, N, H, D) transposed): the fake results' strides must be
+    the real ones' (Inductor asserts them)."""
+    q, k, v = (torch.randn(2, 24, h, 16).transpose(1, 2).requires_grad_() for h in (4, 2, 2))
+    args = (q, k, v, None, None, 0.25, 1, 1, None, None, None)
+    torch.library.opcheck(torch_ops.numba_attention_fwd, args)
+    out, lse = torch_ops.numba_attention_fwd(*args)
+    torch.library.opcheck(torch_ops.numba_attention_bwd,
+                          (q.detach(), k.detach(), v.detach(), None, None, out.detach(), torch.randn_like(out),
+                           lse.detach(), 0.25, 1, 1, None, None, None))  # fmt: skip
+
+
 def test_opcheck_with_sinks_and_a_seed_tensor():
     q = torch.randn(2, 4, 20, 16).requires_grad_()
     k, v = (torch.randn(2, 2, 24, 16).requires_grad_() for _ in range(2))

@@ -96,7 +96,8 @@ def test_sinks_are_checked():
         attnkit.attention(q, q, q, sinks=np.zeros(4))
 
 
-def test_gpt_oss_with_attnkit_gives_eagers_logits_and_gradients():
+def _gpt_oss_pair():
+    """(eager, attnkit) small gpt-oss models with the same random weights, sinks of different sizes."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "GptOssConfig"):
         pytest.skip("this transformers has no gpt-oss")
@@ -119,14 +120,31 @@ def test_gpt_oss_with_attnkit_gives_eagers_logits_and_gradients():
             a.self_attn.sinks.copy_(torch.randn_like(a.self_attn.sinks))
             b.self_attn.sinks.copy_(a.self_attn.sinks)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-    want, got = eager(ids).logits, ours(ids).logits
+    return eager, ours, ids
+
+
+def _same_logits_and_gradients(eager, ours, ids, run_ours):
+    want, got = eager(ids).logits, run_ours(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     want.sum().backward()
     got.sum().backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), ours.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gpt_oss_with_attnkit_gives_eagers_logits_and_gradients():
+    eager, ours, ids = _gpt_oss_pair()
+    _same_logits_and_gradients(eager, ours, ids, ours)
     assert torch.equal(eager.generate(ids[:1, :5], max_new_tokens=6, do_sample=False),
                        ours.generate(ids[:1, :5], max_new_tokens=6, do_sample=False))
+
+
+def test_gpt_oss_with_attnkit_under_torch_compile():
+    """The whole model traced (AOTAutograd, eager kernels: Inductor's code generation takes ~40 s
+    here; tests/test_compile.py checks the operators' fake strides that Inductor asserts): logits
+    and every parameter's gradient, the sinks' included, as eager attention gives them."""
+    eager, ours, ids = _gpt_oss_pair()
+    _same_logits_and_gradients(eager, ours, ids, torch.compile(ours, backend="aot_eager"))
 
 
 def test_the_flash_attn_functions_take_fa4s_learnable_sink():
