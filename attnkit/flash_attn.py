@@ -211,16 +211,23 @@ def _varlen(q, k, v, cu_q, cu_k, dropout_p, options, alibi_slopes, sinks, return
 
     Sequence b draws the dropout mask of a dense call's batch entry b.
     """
-    dropout = draw_dropout(dropout_p, None, "torch")
+    dropout = _seed_for_probs(dropout_p, return_attn_probs)
     out, lse = varlen_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_q, cu_k, **options, align="bottom_right",
         alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout and dropout.seed,
         return_lse=True, backend=BACKEND,
     )  # fmt: skip
     probs = None
-    if return_attn_probs and dropout is not None:  # as flash-attn: S_dmask only with dropout
+    if dropout is not None:  # as flash-attn: S_dmask only with dropout
         probs = _attn_probs(q, k, v, cu_q, cu_k, options, alibi_slopes, sinks, dropout)
     return out.transpose(0, 1), lse, probs
+
+
+def _seed_for_probs(dropout_p, return_attn_probs):
+    """The call's Dropout when S_dmask must show its mask (drawn here, from torch's generator, and
+    handed to the kernel), else None: attention() then draws the seed itself, the same draw, which
+    torch.compile keeps inside the graph (an int drawn here would be data-dependent there)."""
+    return draw_dropout(dropout_p, None, "torch") if return_attn_probs else None
 
 
 def _results(out, lse, probs, return_attn_probs):
@@ -256,14 +263,15 @@ def flash_attn_func(
                          f"v {tuple(v.shape)}")
     nk = k.shape[1]
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
-    dropout = draw_dropout(dropout_probability(dropout_p), None, "torch")
+    dropout_p = dropout_probability(dropout_p)
+    dropout = _seed_for_probs(dropout_p, return_attn_probs)
     out, lse = attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **_dense(options), alibi_slopes=alibi_slopes,
-        sinks=learnable_sink, dropout_p=dropout.p if dropout else 0.0, dropout_seed=dropout and dropout.seed,
+        sinks=learnable_sink, dropout_p=dropout_p, dropout_seed=dropout and dropout.seed,
         return_lse=True, backend=BACKEND,
     )  # (B, Hq, Nq, Dv), (B, Hq, Nq)
     probs = None
-    if return_attn_probs and dropout is not None:  # as flash-attn: S_dmask only with dropout
+    if dropout is not None:  # as flash-attn: S_dmask only with dropout
         probs = _attn_probs(
             q.reshape(batch * nq, hq, -1), k.reshape(batch * nk, k.shape[2], -1),
             v.reshape(batch * nk, v.shape[2], -1), np.arange(batch + 1) * nq, np.arange(batch + 1) * nk,

@@ -204,3 +204,31 @@ def test_opcheck_with_sinks_and_a_seed_tensor():
     sinks = torch.randn(4).requires_grad_()
     args = (q, k, v, None, None, 0.25, 1, 1, None, None, None, 0.2, 0, sinks, torch.tensor(77))
     torch.library.opcheck(torch_ops.numba_attention_fwd, args)
+
+
+def test_compiled_flash_attn_func_with_dropout():
+    """flash-attn's function draws its seed inside the graph too (it used to draw an int itself)."""
+    from attnkit.flash_attn import flash_attn_func
+
+    generator = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 9, 4, 16, generator=generator).requires_grad_()
+    k, v = (torch.randn(2, 14, 2, 16, generator=generator).requires_grad_() for _ in range(2))
+
+    def fn(q, k, v, dropout_p):
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, 0.0), fn(q, k, v, 0.0), atol=0, rtol=0)
+    torch.manual_seed(3)
+    first, second = compiled(q, k, v, 0.2), compiled(q, k, v, 0.2)
+    torch.manual_seed(3)
+    torch.testing.assert_close(compiled(q, k, v, 0.2), first, atol=0, rtol=0)
+    assert not torch.equal(first, second)
+    # eager draws the same seed from the same generator state: aot_eager runs torch's own randint
+    torch.manual_seed(3)
+    expected = fn(q, k, v, 0.2)
+    torch.testing.assert_close(expected, first, atol=0, rtol=0)
+    d_out = torch.randn(first.shape, generator=generator)
+    for name, got, want in zip("qkv", torch.autograd.grad(first, (q, k, v), d_out),
+                               torch.autograd.grad(expected, (q, k, v), d_out)):  # fmt: skip
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
