@@ -44,7 +44,7 @@ from .cpu.threads import worker_count
 from .warmup import warmup  # the entry point's home since before kernels/warmup.py
 from .cpu.plan import (
     _NO_DROPOUT, _backward_block_sizes, _backward_chunks, _block_sizes, _dense_table, _hashable, _kernel_array,
-    _mask_plan, _no_alibi, _prepare, _segment_sizes, _static_prepare,
+    _mask_plan, _no_alibi, _prepare, _rows_unrestricted, _segment_sizes, _static_prepare,
 )
 
 __all__ = [
@@ -72,12 +72,13 @@ class MaskPlan:
     tiles: np.ndarray | None
 
 
-def plan_mask(mask, nq, nk, *, backward=False):
+def plan_mask(mask, nq, nk, *, backward=False, rows_unrestricted=True):
     """The MaskPlan of a (Bm, Hm, Mq, Nk) bool or additive mask for a forward (or backward)
-    call with Nq queries and Nk keys."""
+    call with Nq queries and Nk keys; rows_unrestricted=False: a call with causal alignment, a
+    window or packed sequences as well."""
     block_q, block_k = (_backward_block_sizes if backward else _block_sizes)(nq, nk)
     compute = np.float64 if mask is not None and mask.dtype == np.float64 else np.float32
-    masks, flags = _mask_plan(mask, compute, nk, block_q, block_k)
+    masks, flags = _mask_plan(mask, compute, nk, block_q, block_k, rows_unrestricted)
     if flags & (_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK):
         return MaskPlan("bool" if flags & _HAS_BOOL_MASK else "additive", None, masks[3])
     return MaskPlan("none", None, None) if mask is None else MaskPlan("key_ranges", masks[2], None)
@@ -231,7 +232,7 @@ class ForwardPlan:
         (self.block_q, self.block_k, v_width, self.decode, self.operand, self.operand_shapes,
          self.small) = _forward_layout(batch, hq, nq, d, hkv, nk, dv, dtype, bf16, dense, longest_q, longest_k, work)
         self.v_in_place = not bf16 and v_width == dv
-        masks, mask_flags = _mask_plan(mask, compute, nk, self.block_q, self.block_k)
+        masks, mask_flags = _mask_plan(mask, compute, nk, self.block_q, self.block_k, _rows_unrestricted(table, packed))
         self.masks, self.flags = masks + extras, flags | mask_flags
         # The decode kernel's visible key offsets: a dense call's one segment row (a packed call with
         # no sequence has no row, and never decodes).
@@ -355,7 +356,8 @@ def flash_backward(
     if runs_decode(nq, nk, hq // hkv, dense):
         announce_as("decode backward")
         block_k = min(_DECODE_BACKWARD_BLOCK_K, nk)
-        masks, mask_flags = _mask_plan(mask, compute, nk, _backward_block_sizes(nq, nk)[0], block_k)
+        masks, mask_flags = _mask_plan(mask, compute, nk, _backward_block_sizes(nq, nk)[0], block_k,
+                                       _rows_unrestricted(table, False))  # fmt: skip
         n_workers = worker_count()
         if _RECORDINGS:
             _record("decode_backward_serial" if n_workers == 1 else "decode_backward", q, k, v, mask)
@@ -366,7 +368,7 @@ def flash_backward(
         return dq, dk, dv_grad
     longest_q, longest_k, _ = _segment_sizes(table, segments, nq, nk)
     block_q, block_k = _backward_block_sizes(longest_q, longest_k)
-    masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k)
+    masks, mask_flags = _mask_plan(mask, compute, nk, block_q, block_k, _rows_unrestricted(table, segments is not None))
     masks, flags = masks + extras, flags | mask_flags
     n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
     n_workers = worker_count()  # 1 when other programs fill the cores, and in a forked child

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -173,7 +174,6 @@ def test_recorded_kernels_never_sit_above_their_roofline():
     """Every committed sweep (bench/results/**/results.json) with the micro-kernel roofline has each
     measured point at or below the roofline of its dtype."""
     import json
-    from pathlib import Path
 
     checked = 0
     for path in Path(__file__).resolve().parents[1].glob("bench/results/**/results.json"):
@@ -612,3 +612,22 @@ def test_gpu_checks_of_dropout_and_sinks_run_on_the_cpu_kernel():
     results = gpu_check.run_dropout_and_sink_checks("cpu")
     assert len(results) == 5
     assert all(row["ok"] for row in results), [row for row in results if not row["ok"]]
+
+
+def test_benchmarks_run_from_the_checkout_root_do_not_shadow_pypi_packages():
+    """`python -m attnkit.bench.models` from the repository root: its kernels/ folder must not stand
+    in for Hugging Face's `kernels` package, which transformers imports (the models benchmark died
+    on an ImportError); nor reference/ or bench/ for packages of those names."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, json, attnkit.bench\n"
+        "print(json.dumps({name: getattr(importlib.util.find_spec(name), 'origin', None)\n"
+        "                  for name in ('kernels', 'reference', 'bench')}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, origin in json.loads(result.stdout.strip().splitlines()[-1]).items():
+        assert origin is None or not Path(origin).resolve().is_relative_to(root), (name, origin)

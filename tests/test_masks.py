@@ -142,3 +142,49 @@ def test_expanded_torch_padding_mask_is_seen_as_key_padding():
     assert kernel.plan_mask(launches[0].mask, 30, 40).kind == "key_ranges"
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def _additive_padding(lengths, nq, nk, dtype=np.float32, hidden=None):
+    """transformers' additive padding mask (B, 1, Nq, Nk): 0 where a key is real, finfo(dtype).min
+    (or `hidden`) past each sequence's length."""
+    keys = np.arange(nk)[None, :] < np.asarray(lengths)[:, None]  # (B, Nk)
+    fill = np.finfo(dtype).min if hidden is None else hidden
+    return np.broadcast_to(np.where(keys, 0.0, fill)[:, None, None, :], (len(lengths), 1, nq, nk)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: "bf16" if d == "bf16" else np.dtype(d).name)
+def test_an_additive_padding_mask_runs_as_key_ranges(dtype):
+    """0 / finfo.min (or -inf) padding, as transformers builds it: every row sees a key, so it is the
+    boolean mask, and the kernel skips the padding instead of adding finfo.min to every score."""
+    rng = np.random.default_rng(6)
+    b, nq, nk = 3, 130, 300
+    q, k, v, d_out = inputs(rng, b, 2, nq, nk, 32)
+    for hidden in (None, -np.inf):
+        mask = _additive_padding([300, 1, 177], nq, nk, hidden=hidden)
+        assert kernel.plan_mask(mask, nq, nk).kind == "key_ranges"
+        assert kernel.plan_mask(mask, nq, nk, backward=True).kind == "key_ranges"
+        run_and_check(q, k, v, d_out, mask, dtype=dtype)
+
+
+def test_an_additive_mask_hiding_a_row_whole_stays_additive():
+    """A row whose every entry is finfo.min averages its keys (the additive arithmetic, torch's
+    too), where the boolean mask would give zeros: such a mask is not converted; nor is one of
+    other values, nor one beside causal alignment or a window (which could hide a row's visible keys)."""
+    rng = np.random.default_rng(7)
+    nq, nk = 70, 90
+    q, k, v, d_out = inputs(rng, 2, 2, nq, nk, 16)
+    mask = _additive_padding([90, 0], nq, nk)  # the second sequence has no real key
+    assert kernel.plan_mask(mask, nq, nk).kind == "additive"
+    run_and_check(q, k, v, d_out, mask)
+    out = kernel.flash_forward(*(x.astype(np.float32) for x in (q, k, v)), mask, scale=0.25, causal=None,
+                               window=None, softcap=None)[0]  # fmt: skip
+    np.testing.assert_allclose(out[1], np.broadcast_to(v[1].mean(axis=1, keepdims=True), out[1].shape), atol=1e-5)
+    tensors = [torch.from_numpy(x.astype(np.float32)) for x in (q, k, v)]  # and so does torch's SDPA
+    torch.testing.assert_close(attnkit.scaled_dot_product_attention(*tensors, attn_mask=torch.from_numpy(mask)),
+                               torch.nn.functional.scaled_dot_product_attention(*tensors, attn_mask=torch.from_numpy(mask)),
+                               atol=2e-5, rtol=2e-5)  # fmt: skip
+    biased = _additive_padding([90, 40], nq, nk) + np.where(rng.random((1, 1, 1, nk)) < 0.5, 0.0, -1e4)
+    assert kernel.plan_mask(biased.astype(np.float32), nq, nk).kind == "additive"  # -1e4 is not a hiding entry
+    left = _additive_padding([90, 45], nq, nk)[..., ::-1].copy()  # left padding, keys 45.. real
+    assert kernel.plan_mask(left, nq, nk, rows_unrestricted=False).kind == "additive"
+    run_and_check(q, k, v, d_out, left, causal="top_left")  # rows 0..44 of batch 1: every visible key hidden
