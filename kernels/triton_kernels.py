@@ -53,7 +53,12 @@ def _scores(qk, qi, kj, M_base, s_mq, s_mk, Nq, Nk, qk_scale, cap_log2, off, win
             if MASK_KIND == 1:
                 s = tl.where(mv != 0, s, float("-inf"))
             else:
-                s = s + mv.to(tl.float32) * 1.4426950408889634
+                # finfo(float32).min times log2(e) is -inf: finite entries below -2^100 are raised to
+                # it (still hidden beside any visible key), so a row of only such entries averages
+                # its keys, as the reference does, instead of counting as a row with no key
+                mvf = mv.to(tl.float32)
+                mvf = tl.where((mvf < -1.2676506002282294e30) & (mvf > float("-inf")), -1.2676506002282294e30, mvf)
+                s = s + mvf * 1.4426950408889634
     if GEOM:
         vis = (kj < Nk) & (qi < Nq)
         pos = qi + off  # the query's position on the key axis

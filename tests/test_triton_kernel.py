@@ -450,3 +450,25 @@ def test_blocky_masks_skip_and_unmask_whole_blocks(kind, monkeypatch):
     mask = visible if kind == "bool" else torch.where(visible, 0.0, float("-inf"))
     check(q, k, v, mask)
     check(q, k, v, mask, causal="bottom_right")
+
+
+def test_a_row_of_finfo_min_entries_averages_its_keys():
+    """transformers' additive padding (finfo(float32).min) hiding a row whole: the reference (and
+    torch) average its keys; finfo.min * log2(e) overflowed to -inf and gave a row with no key."""
+    q, k, v = make_inputs(b=2, hq=2, nq=20, nk=24, d=16)
+    real = torch.ones(2, 24, dtype=torch.bool)
+    real[1] = False  # the second sequence: every key padding
+    real[0, 17:] = False
+    mask = torch.zeros(2, 1, 1, 24).masked_fill(~real[:, None, None, :], torch.finfo(torch.float32).min).to(DEVICE)
+    out, lse = ta.flash_forward(q, k, v, mask, scale=0.25)
+    ref_out, ref_lse = attention(_np64(q), _np64(k), _np64(v), scale=0.25, mask=_np64(mask), return_lse=True)
+    np.testing.assert_allclose(out.cpu().double().numpy(), ref_out, atol=2e-5)
+    np.testing.assert_allclose(out[1].cpu().numpy(), v[1].mean(dim=1, keepdim=True).expand(2, 20, 16).cpu().numpy(),
+                               atol=2e-5)  # fmt: skip
+    assert torch.isfinite(lse).all()
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    grads = ta.flash_backward(q, k, v, mask, out, d_out, lse, scale=0.25)
+    ref_grads = attention_backward(_np64(q), _np64(k), _np64(v), ref_out, _np64(d_out), ref_lse, scale=0.25,
+                                   mask=_np64(mask))  # fmt: skip
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        np.testing.assert_allclose(got.cpu().double().numpy(), want, atol=5e-5, err_msg=name)
