@@ -630,4 +630,4 @@ def test_benchmarks_run_from_the_checkout_root_do_not_shadow_pypi_packages():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for name, origin in json.loads(result.stdout.strip().splitlines()[-1]).items():
-        assert origin is None or not Path(origin).resolve().is_relative_to(root), (name, origin)
+        assert origin is None or not Path(origin).resolve().is_relative_to(root / name), (name, origin)
