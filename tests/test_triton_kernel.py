@@ -472,3 +472,26 @@ def test_a_row_of_finfo_min_entries_averages_its_keys():
                                    mask=_np64(mask))  # fmt: skip
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         np.testing.assert_allclose(got.cpu().double().numpy(), want, atol=5e-5, err_msg=name)
+
+
+def test_sinks_gradient_through_out_and_lse(ops):
+    """The Triton operators' autograd gives the sinks their gradient, lse's share included (d lse /
+    d sink = p_sink), against float64 autograd through an explicit softmax with a sink column."""
+    q, k, v = make_inputs(b=2, hq=4, hkv=2, nq=13, nk=19, d=16)
+    g = torch.Generator().manual_seed(9)
+    sinks = torch.randn(4, generator=g).to(DEVICE).requires_grad_()
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out, lse = ops.flash_attention_fwd(*leaves, None, None, 0.3, 0, 0, None, None, None, 0.0, 0, sinks)
+    w_out, w_lse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    ((out * w_out.to(DEVICE)).sum() + (lse * w_lse.to(DEVICE)).sum()).backward()
+
+    refs = [x.detach().to("cpu", torch.float64).requires_grad_() for x in (q, k, v, sinks)]
+    rq, rk, rv, rs = refs
+    rk, rv = (x.repeat_interleave(2, dim=1) for x in (rk, rv))  # GQA: query head h reads kv head h // 2
+    scores = torch.einsum("bhqd,bhkd->bhqk", rq, rk) * 0.3
+    joined = torch.cat([scores, rs[None, :, None, None].expand(2, 4, 13, 1)], dim=-1)
+    r_lse = torch.logsumexp(joined, dim=-1)
+    r_out = torch.einsum("bhqk,bhkd->bhqd", torch.softmax(joined, dim=-1)[..., :-1], rv)
+    ((r_out * w_out.double()).sum() + (r_lse * w_lse.double()).sum()).backward()
+    for name, leaf, ref in zip(("dq", "dk", "dv", "dsinks"), leaves + [sinks], refs):
+        torch.testing.assert_close(leaf.grad.cpu().double(), ref.grad, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
