@@ -223,9 +223,11 @@ def test_page_in_a_real_browser(page, real, browser, tmp_path):
     assert requests == [page.as_uri()]  # the page itself, and not one request more
     tab.close()
 
-    # The README's picture: layer 5, head 11, "it" selected. Rewritten only when it changed.
+    # The README's picture: layer 5, head 11, "it" selected. Rewritten only when asked
+    # (ATTNKIT_UPDATE_SCREENSHOT=1) and changed: a test run must not edit the checkout (fonts and
+    # rendering differ between machines, so every run elsewhere rewrote the tracked file).
     docs = REPO / "docs"
-    if (REPO / "setup.cfg").exists():
+    if os.environ.get("ATTNKIT_UPDATE_SCREENSHOT") == "1" and (REPO / "setup.cfg").exists():
         docs.mkdir(exist_ok=True)
         target = docs / "viz-screenshot.png"
         if not target.exists() or target.read_bytes() != screenshot.read_bytes():
