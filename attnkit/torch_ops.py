@@ -58,11 +58,12 @@ def _kernel_options(scale, causal, align, window_left, window_right, softcap):
                 window=window_of(window_left, window_right), softcap=softcap)  # fmt: skip
 
 
-def _dropout(dropout_p, dropout_seed):
-    """The operators' dropout arguments as an attnkit.dropout.Dropout, or None."""
+def _dropout(dropout_p, dropout_seed, seed=None):
+    """The operators' dropout arguments as an attnkit.dropout.Dropout, or None (seed: the CPU
+    operators' 0-d tensor, used instead of dropout_seed when given)."""
     from .dropout import Dropout
 
-    return Dropout(dropout_p, dropout_seed) if dropout_p > 0 else None
+    return Dropout(dropout_p, dropout_seed if seed is None else int(seed)) if dropout_p > 0 else None
 
 
 _SINKS_OPTION = 8  # the sinks' place among the options (after scale ... dropout_seed)
@@ -128,7 +129,7 @@ def numba_attention_fwd(
     from .backends import BACKENDS
 
     spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
-    dropout = _dropout(dropout_p, dropout_seed if seed is None else int(seed))
+    dropout = _dropout(dropout_p, dropout_seed, seed)
     out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi, dropout=dropout, sinks=sinks)
     return out, lse
 
@@ -143,7 +144,7 @@ def numba_attention_bwd(
     from .backends import BACKENDS
 
     spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
-    dropout = _dropout(dropout_p, dropout_seed if seed is None else int(seed))
+    dropout = _dropout(dropout_p, dropout_seed, seed)
     return BACKENDS["numba"].backward(q, k, v, mask, out, d_out.contiguous(), lse, spec, alibi=alibi, dropout=dropout)
 
 

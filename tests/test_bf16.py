@@ -436,28 +436,32 @@ def matmul_precision():
     torch.set_float32_matmul_precision(before)
 
 
+def _causal_float32_with_exact():
+    """q, k, v (1, 4, 300, 64) float32 and their causal attention in float64."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 300, 64) for _ in range(3))
+    return q, k, v, torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+
+
+def _assert_float32_products(q, k, v, exact):
+    assert "float32 products" in attnkit.explain(q, k, v, causal=True)
+    out = attnkit.attention(q, k, v, causal=True)
+    assert (out.double() - exact).abs().max().item() < 1e-5  # exact float32
+
+
 @pytest.mark.skipif(bf16.BF16_DOT, reason="this CPU has bf16 products faster than float32's")
 def test_float32_under_medium_stays_float32_without_bf16_instructions(matmul_precision):
     """Widened bf16 is no faster than float32 (AVX2, AVX-512F): "medium" keeps float32's exact products."""
-    torch.manual_seed(1)
-    q, k, v = (torch.randn(1, 4, 300, 64) for _ in range(3))
-    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    q, k, v, exact = _causal_float32_with_exact()
     matmul_precision("medium")
-    assert "float32 products" in attnkit.explain(q, k, v, causal=True)
-    out = attnkit.attention(q, k, v, causal=True)
-    assert (out.double() - exact).abs().max().item() < 1e-5
+    _assert_float32_products(q, k, v, exact)
 
 
 @pytest.mark.skipif(not bf16.BF16_DOT, reason=f"no bf16 products faster than float32's here: {bf16.BF16_DETAIL}")
 def test_float32_under_medium_takes_bf16_products(matmul_precision):
-    torch.manual_seed(1)
-    q, k, v = (torch.randn(1, 4, 300, 64) for _ in range(3))
-    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
-
+    q, k, v, exact = _causal_float32_with_exact()
     matmul_precision("highest")
-    assert "float32 products" in attnkit.explain(q, k, v, causal=True)
-    out = attnkit.attention(q, k, v, causal=True)
-    assert (out.double() - exact).abs().max().item() < 1e-5  # exact float32
+    _assert_float32_products(q, k, v, exact)
 
     matmul_precision("medium")
     assert "bf16 products" in attnkit.explain(q, k, v, causal=True)

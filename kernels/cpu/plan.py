@@ -196,8 +196,8 @@ def _mask_plan(mask, dtype, nk, block_q, block_k, rows_unrestricted=False):
       a padding mask) is that boolean mask, when every row sees a key and nothing else (no
       causal alignment, window or packing: rows_unrestricted) hides keys: a row hidden whole
       would average its keys under the additive mask and give zeros under the boolean one.
-      BERT fine-tuning's padding masks took 1.35x the time of the same call's boolean mask,
-      every score read and added;
+      BERT fine-tuning's padding masks took 1.2-1.3x the time of the same call's boolean mask,
+      every score read and added (bench/results/padding-masks.md);
     - any other mask gets tile states (_tile_summary) for the kernel's block
       grid: hidden tiles are skipped, visible ones run unmasked, mixed ones
       read the mask score by score.
