@@ -47,6 +47,7 @@ def _backward_worker(
     alibi = masks[4]  # (S or 1, Hq or 1) slopes
     dropout = masks[5]  # Philox key and threshold (kernels/cpu/dropout.py)
     has_dropout = (flags & _HAS_DROPOUT) != 0
+    bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
     operand = k_packed.dtype  # uint16 (bf16 bits) or float32
     q_width, dv_width, bq_width = padded(d, 2), padded(dv, 2), padded(block_q, 2)
     neg_inf = consts[_C_NEG_INF]
@@ -107,10 +108,10 @@ def _backward_worker(
             dq_acc[:bq] = zero
 
             first, stop, key_start, key_stop = _task_keys(
-                masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k
+                key_ranges, b, h, i0, i1, nk, lo_offset, hi_offset, block_k
             )
             for kb in range(first, stop):
-                tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+                tile_flags = _tile_flags(tile_states, flags, b, h, qb, kb)
                 if tile_flags < 0:
                     continue  # the mask hides every score of this tile
                 j0 = max(kb * block_k, i0 + lo_offset, key_start)
@@ -126,7 +127,7 @@ def _backward_worker(
                 _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
                 multiplier = _tile_scores_base2(
                     p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                    masks[0], masks[1], slope, diagonal, True, cap_grad,
+                    bool_mask, additive_mask, slope, diagonal, True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
                     exp2_affine_at(p, r, multiplier, lse2[r])

@@ -42,22 +42,22 @@ _AXPY_ROWS = 2
 
 
 @_jit(inline="always")
-def _group_key_blocks(masks, b, h0, group, nq, nk, lo_offset, hi_offset, block_k):
+def _group_key_blocks(key_ranges, b, h0, group, nq, nk, lo_offset, hi_offset, block_k):
     """(first, stop): the key blocks any head h0 .. h0 + group - 1 of the GQA group can see."""
     first, stop = nk, 0
     for g in range(group):
-        f, e, _, _ = _task_keys(masks, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
+        f, e, _, _ = _task_keys(key_ranges, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
         if e > f:
             first, stop = min(first, f), max(stop, e)
     return first, stop
 
 
 @_jit(inline="always")
-def _head_keys(masks, flags, b, h, nq, nk, lo_offset, hi_offset, block_k, kb, j0):
+def _head_keys(key_ranges, tile_states, flags, b, h, nq, nk, lo_offset, hi_offset, block_k, kb, j0):
     """(key_start, key_stop, tile flags) of head h's rows on key block kb (starting at key j0): a
     block the mask hides whole has no visible column, and is then read without the mask."""
-    _, _, key_start, key_stop = _task_keys(masks, b, h, 0, nq, nk, lo_offset, hi_offset, block_k)
-    tile_flags = _tile_flags(masks, flags, b, h, 0, kb)
+    _, _, key_start, key_stop = _task_keys(key_ranges, b, h, 0, nq, nk, lo_offset, hi_offset, block_k)
+    tile_flags = _tile_flags(tile_states, flags, b, h, 0, kb)
     if tile_flags < 0:
         return j0, j0, flags & ~(_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK)
     return key_start, key_stop, tile_flags
@@ -102,6 +102,7 @@ def _decode_worker(
     v_wide = _padding_buffer(v_rows, block_k, consts)  # (Bk, Dv16) a value block widened or padded, if need be
     sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
+    bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
 
     while True:
         t = _claim(order, next_task)
@@ -116,7 +117,7 @@ def _decode_worker(
                 for c in range(d):
                     q_t[c, g * nq + i] = q_rows[g * nq + i, c] = _operand_of(q_t, q[b, h0 + g, i, c])
         # Key blocks: those any head of the group can see, cut into n_splits runs.
-        first, stop = _group_key_blocks(masks, b, h0, group, nq, nk, lo_offset, hi_offset, block_k)
+        first, stop = _group_key_blocks(key_ranges, b, h0, group, nq, nk, lo_offset, hi_offset, block_k)
         per_split = max(1, -(-(stop - first) // n_splits))
         first = first + split * per_split
         stop = min(stop, first + per_split)
@@ -148,10 +149,10 @@ def _decode_worker(
             for g in range(group):
                 slab = s_full[g * nq : (g + 1) * nq, :bk]  # (Nq, Bk) rows of head h0 + g
                 key_start, key_stop, tile_flags = _head_keys(
-                    masks, flags, b, h0 + g, nq, nk, lo_offset, hi_offset, block_k, kb, j0)
+                    key_ranges, tile_states, flags, b, h0 + g, nq, nk, lo_offset, hi_offset, block_k, kb, j0)
                 multiplier = _tile_scores_base2(
                     slab, _not_literal(0), j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop,
-                    tile_flags, masks[0], masks[1], zero, _not_literal(0), False, unused_grad,  # the forward's types
+                    tile_flags, bool_mask, additive_mask, zero, _not_literal(0), False, unused_grad,  # the forward's types
                 )  # fmt: skip
                 if multiplier != consts[_C_ONE]:  # raw products left scaled by the caller: scale them here
                     for r in range(nq):
@@ -288,6 +289,7 @@ def _decode_backward_worker(
     v_row = np.empty(dv, dtype)
     dk_row = np.empty(d, dtype)
     dv_row = np.empty(dv, dtype)
+    bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
 
     while True:
         t = _claim(order, next_task)
@@ -309,7 +311,7 @@ def _decode_backward_worker(
                 row_lse = lse[b, h0 + g, i]
                 lse2[r] = zero if row_lse == neg_inf else row_lse * log2e
         dq_acc[:] = zero
-        first, stop = _group_key_blocks(masks, b, h0, group, nq, nk, lo_offset, hi_offset, block_k)
+        first, stop = _group_key_blocks(key_ranges, b, h0, group, nq, nk, lo_offset, hi_offset, block_k)
 
         for kb in range(first, stop):
             j0 = kb * block_k
@@ -333,11 +335,11 @@ def _decode_backward_worker(
             for g in range(group):  # masks and scale per head, then P and dS
                 slab = s[g * nq : (g + 1) * nq]
                 key_start, key_stop, tile_flags = _head_keys(
-                    masks, flags, b, h0 + g, nq, nk, lo_offset, hi_offset, block_k, kb, j0)
+                    key_ranges, tile_states, flags, b, h0 + g, nq, nk, lo_offset, hi_offset, block_k, kb, j0)
                 cap_grad = cap_buf[: nq * bk].reshape((nq, bk)) if has_softcap else cap_buf.reshape((1, 1))
                 multiplier = _tile_scores_base2(
                     slab, _not_literal(0), j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop,
-                    tile_flags, masks[0], masks[1], zero, _not_literal(0), True, cap_grad,
+                    tile_flags, bool_mask, additive_mask, zero, _not_literal(0), True, cap_grad,
                 )  # fmt: skip
                 for i in range(nq):
                     r = g * nq + i

@@ -48,6 +48,7 @@ def _forward_worker(
     has_dropout = (flags & _HAS_DROPOUT) != 0
     sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
+    bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
 
     # Scratch for this worker: O(block) memory, independent of N; rows padded to
     # 16 columns for the micro-kernels (+1 key: bf16's even first key).
@@ -82,9 +83,9 @@ def _forward_worker(
             running_sum[r] = start_sum
         acc[:bq] = zero
 
-        first, stop, key_start, key_stop = _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
+        first, stop, key_start, key_stop = _task_keys(key_ranges, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
         for kb in range(first, stop):
-            tile_flags = _tile_flags(masks, flags, b, h, qb, kb)
+            tile_flags = _tile_flags(tile_states, flags, b, h, qb, kb)
             if tile_flags < 0:
                 continue  # the mask hides every score of this tile
             # Columns no row of the block can see (causal / window edges, key range) are not computed.
@@ -97,7 +98,7 @@ def _forward_worker(
             s = s_full[:, :bk]  # (Bq, Bk)
             multiplier = _tile_scores_base2(
                 s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                masks[0], masks[1], slope, diagonal, False, unused_grad,
+                bool_mask, additive_mask, slope, diagonal, False, unused_grad,
             )  # fmt: skip
             _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
             if has_dropout:  # after the running sum: dropout scales the weights, not their total

@@ -125,12 +125,16 @@ def _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k):
 
 
 @_jit()
-def _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k):
+def _task_keys(key_ranges, b, h, i0, i1, nk, lo_offset, hi_offset, block_k):
     """(first, stop, key_start, key_stop): the key blocks rows i0..i1-1 of (b, h) can see
-    (causal, window and key range), and that key range [key_start, key_stop)."""
-    ranges = masks[2]  # (Bk, Hk, 2)
-    key_range = ranges[min(b, ranges.shape[0] - 1), min(h, ranges.shape[1] - 1)]
-    key_start, key_stop = max(0, key_range[0]), min(nk, key_range[1])
+    (causal, window and key range), and that key range [key_start, key_stop).
+
+    key_ranges: masks[2], (Bk, Hk, 2). The helpers the task loops call take the one array they
+    read, indexed to scalars, never the masks tuple nor a view: each array an njit function is
+    given or slices is an atomic reference-count update on memory every worker shares (7 per
+    call for the tuple), and perf put 16% of a decode call's time in them (docs/kernel-log.md)."""
+    rb, rh = min(b, key_ranges.shape[0] - 1), min(h, key_ranges.shape[1] - 1)
+    key_start, key_stop = max(0, key_ranges[rb, rh, 0]), min(nk, key_ranges[rb, rh, 1])
     first_key = max(key_start, i0 + lo_offset)
     last_key = min(key_stop - 1, i1 - 1 + hi_offset)
     if first_key > last_key:
@@ -139,9 +143,9 @@ def _task_keys(masks, b, h, i0, i1, nk, lo_offset, hi_offset, block_k):
 
 
 @_jit()
-def _tile_flags(masks, flags, b, h, qb, kb):
-    """The flags to run tile (qb, kb) of (b, h) with, or -1 when the mask hides all of it."""
-    states = masks[3]  # (Bt, Ht, Tq, Tk)
+def _tile_flags(states, flags, b, h, qb, kb):
+    """The flags to run tile (qb, kb) of (b, h) with, or -1 when the mask hides all of it.
+    states: masks[3], (Bt, Ht, Tq, Tk)."""
     state = states[
         min(b, states.shape[0] - 1), min(h, states.shape[1] - 1),
         min(qb, states.shape[2] - 1), min(kb, states.shape[3] - 1),
