@@ -39,7 +39,7 @@ from .cpu.decode import (
 from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import launch
 from .cpu.operands import backward_operand_shapes, forward_operand_shapes
-from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, arrays_together, _single_threaded_blas
+from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas
 from .cpu.threads import worker_count
 from .warmup import warmup  # the entry point's home since before kernels/warmup.py
 from .cpu.plan import (
@@ -209,8 +209,8 @@ class ForwardPlan:
 
     __slots__ = (
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
-        "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "empty", "no_keys",
-        "unreached", "lo", "hi", "steps",
+        "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "result_block",
+        "empty", "no_keys", "unreached", "lo", "hi", "steps",
     )  # fmt: skip
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
@@ -222,6 +222,7 @@ class ForwardPlan:
         # One block for both results saves page faults on large calls (arrays_together); small
         # ones are served from the heap's free lists either way.
         self.separate = bf16 or batch * hq * nq * (dv + 1) * np.dtype(dtype).itemsize < _SEPARATE_RESULTS_BYTES
+        self.result_block = None if self.separate else BlockLayout(dtype, self.result_shapes)
         self.empty = batch * hq * nq == 0
         self.no_keys = nk == 0
         self.unreached = packed  # rows no segment holds: 0 and -inf
@@ -250,7 +251,7 @@ class ForwardPlan:
         if self.separate:  # bf16 bits (or float32) and float32 lse; or small: two np.empty cost less
             out, lse = np.empty(self.result_shapes[0], self.dtype), np.empty(self.result_shapes[1], self.compute)
         else:
-            out, lse = arrays_together(self.dtype, self.result_shapes, zero=False)
+            out, lse = self.result_block.arrays()
         if self.empty:
             return out, lse
         if self.no_keys or self.unreached:  # rows no key reaches (or no segment holds): 0 and -inf

