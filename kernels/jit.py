@@ -223,7 +223,15 @@ def jit(**options):
     Numba raises RuntimeError when neither the package directory nor the user
     cache directory is writable (read-only installs); the function then compiles
     in memory on first use.
+
+    Division follows NumPy (error_model="numpy": x / 0 is inf or nan, as in torch, including
+    in a user's score_mod) rather than raising ZeroDivisionError. The kernels' divisions are
+    guarded, and the raising branch had a cost beyond its test: a function that may raise
+    keeps the reference-count updates on its array arguments (Numba prunes them only where
+    one exit follows the entry), atomic updates on arrays every worker shares, a task at a
+    time: _finish_rows alone made 12 per call (docs/kernel-log.md, v24).
     """
+    options.setdefault("error_model", "numpy")
 
     def decorate(func):
         dispatcher = njit(**options)(func)

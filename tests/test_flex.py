@@ -478,3 +478,25 @@ def test_generated_triton_source_reads_captures_through_pointers():
     table = torch.zeros(2, 64)
     source = generated_source(lambda s, b, h, qi, kv: s + table[h, qi - kv + 30], backend="triton")
     assert "@triton.jit" in source and "tl.load(C0 + (h) * C0_s0" in source and "def score_mod_vjp" in source
+
+
+def test_a_division_by_zero_in_a_score_mod_gives_inf_as_in_torch():
+    """`score - (h + 1) / |q_idx - kv_idx|` is -inf on the diagonal in torch (a key hidden by division): the
+    compiled score_mod divides as NumPy does (kernels/jit.py), where it used to raise
+    ZeroDivisionError inside a worker and fail the call. Forward and gradients against torch."""
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (x.detach() for x in _inputs(torch.float64, generator))
+    k, v = (x.repeat_interleave(HQ // HKV, dim=1) for x in (k, v))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - (h + 1) / torch.abs(q_idx - kv_idx)
+
+    block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: kv >= 0, None, None, NQ, NK, BLOCK_SIZE=BLOCK)
+    out = attnkit.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    want, _ = _torch_flex(q, k, v, score_mod, [], block_mask)
+    assert torch.isfinite(out).all()
+    # torch divides the two int tensors in float32 (its default dtype), the kernel in float64
+    assert_close(out, want, atol=1e-6, rtol=1e-6, name="out")
+    for label, got, expected in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        assert_close(got, expected, atol=1e-6, rtol=1e-6, name=f"d{label}")
