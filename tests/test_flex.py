@@ -500,3 +500,13 @@ def test_a_division_by_zero_in_a_score_mod_gives_inf_as_in_torch():
     assert_close(out, want, atol=1e-6, rtol=1e-6, name="out")
     for label, got, expected in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
         assert_close(got, expected, atol=1e-6, rtol=1e-6, name=f"d{label}")
+
+
+def test_an_integer_division_by_zero_raises_as_in_torch():
+    """torch raises on `//` or `%` by an integer zero; so do the compiled functions, in a mask_mod
+    (create_block_mask) and in a score_mod, naming what divided (floats give inf: the test above)."""
+    q, k, v = (x.detach() for x in _inputs(torch.float32, torch.Generator().manual_seed(12)))
+    with pytest.raises(ZeroDivisionError, match="score_mod or mask_mod"):
+        attnkit.create_block_mask(lambda b, h, qi, kv: qi % (kv - 5) != 1, None, None, NQ, NK, BLOCK_SIZE=BLOCK)
+    with pytest.raises(ZeroDivisionError, match="score_mod or mask_mod"):
+        attnkit.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + qi // (kv - 5), enable_gqa=True)

@@ -279,14 +279,16 @@ class _Numba:
     def pick(self, which, a, b):
         return f"{which}({a}, {b})"
 
+    # Integers divided by zero raise, as in torch (kernels/cpu/flex.py's _int_*); floats give inf or
+    # nan, as in torch: the kernels divide as NumPy does (kernels/jit.py).
     def floordiv(self, a, b, kind):
-        return f"({a} // {b})" if kind == "int" else f"math.floor({a} / {b})"
+        return f"_int_floordiv({a}, {b})" if kind == "int" else f"math.floor({a} / {b})"
 
-    def mod(self, a, b):
-        return f"({a} % {b})"
+    def mod(self, a, b, kind):
+        return f"_int_mod({a}, {b})" if kind == "int" else f"({a} % {b})"
 
     def truncdiv(self, a, b, kind):
-        return f"int({a} / {b})" if kind == "int" else f"math.trunc({a} / {b})"
+        return f"_int_truncdiv({a}, {b})" if kind == "int" else f"math.trunc({a} / {b})"
 
     def logical(self, symbol, a, b, kind, logical):
         return f"(bool({a}) {symbol} bool({b}))" if kind == "bool" or logical else f"({a} {symbol} {b})"
@@ -347,7 +349,7 @@ class _Triton(_Numba):
     def floordiv(self, a, b, kind):
         return f"_floordiv({a}, {b})" if kind == "int" else f"tl.floor({a} / {b})"
 
-    def mod(self, a, b):
+    def mod(self, a, b, kind):
         return f"_mod({a}, {b})"
 
     def truncdiv(self, a, b, kind):
@@ -388,7 +390,7 @@ def _forward_lines(graph, dialect):
         elif op == "truncdiv":
             expression = dialect.truncdiv(e(args[0]), e(args[1]), step.kind)
         elif op == "mod":
-            expression = dialect.mod(e(args[0]), e(args[1]))
+            expression = dialect.mod(e(args[0]), e(args[1]), step.kind)
         elif op == "logical":
             expression = dialect.logical(step.extra[0], e(args[0]), e(args[1]), step.kind, step.extra[1])
         elif op == "not":
