@@ -27,6 +27,7 @@ CASES = [
     (1, 6, 3, 7, 4097, 59, None, (None, 0), None),  # odd head dim: V padded a block at a time
     (2, 8, 8, 1, 777, 64, None, None, "key_padding"),  # MHA: one row per tile, P V a key at a time
     (1, 4, 4, 1, 1500, 128, "bottom_right", (300, 0), None),
+    (1, 8, 2, 1, 333, 40, None, None, "key_padding"),  # 4 rows a tile: both products a key at a time, D 40
 ]
 
 

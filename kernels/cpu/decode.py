@@ -27,18 +27,17 @@ from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_
 # ---------------------------------------------------------------------------
 
 
-# Below this many rows per tile (GQA group x queries) the scores are dot products, read straight
-# from the cache (bf16 widened inside the product): up to 4 rows the 16-column micro-kernel tile
-# is mostly padding. Taking turns with torch (B4 H32/8 Nk4096 D128, 4 rows): fp32 1.6-1.7 ->
-# 2.1-2.2x torch, bf16 1.10-1.15 -> 1.20x; at 8 rows (H32/4) the micro-kernel stays ahead.
-_DOT_ROWS = 5
-
-# Below this many rows (one: MHA decode) P V adds each key's row of V, scaled, to the output row
-# (bf16 widened on the way): the micro-kernel's 6-row tile was 5/6 padding. Taking turns with
-# torch, separate caches, two runs each, B4 H32/32 D128: bf16 Nk1024 0.67 / 0.69 -> 0.82 / 0.81x
-# torch, Nk64 0.41 / 0.36 -> 0.49 / 0.44x; fp32 Nk1024 0.91 / 0.94 -> 1.03 / 0.97x. At 2 and 4 rows
-# it lost (fp32 GQA 32/8 Nk512 1.01 / 1.17 -> 0.88 / 1.01x).
-_AXPY_ROWS = 2
+# Below this many rows per tile (GQA group x queries) both products take the keys one at a time,
+# reading K's and V's rows in memory order, in place (bf16 widened on the way): the scores are
+# dot products, and P V adds each key's V row, scaled, to the group's output rows. Up to 4 rows
+# the micro-kernel's 6 x 16 tiles are mostly padding, and its P V reads V a 16-column strip at a
+# time, a cache line from each row, which the prefetchers served poorly from memory on the Zen 3
+# VM: B4 H32/8 Nk4096 D128 fp32 (4 rows) 15.0 -> 8.1-10.6 ms with P V a key at a time, Nk512
+# 1.6-2.0 -> 0.9-1.4 ms, H32/16 Nk1024 (2 rows) 7.2-7.6 -> 3.6-5.1 ms; bf16 about even (docs/kernel-log.md
+# v25). At 8 rows (H32/4) it was about even, at 16 slower: the micro-kernel keeps those. Register
+# blocks of 2-4 keys in the dot products ran 1.8x faster from L2 but 1.2-1.5x slower from memory
+# (fp32), and were not kept.
+_FEW_ROWS = 5
 
 
 @_jit(inline="always")
@@ -134,7 +133,7 @@ def _decode_worker(
             j1 = min(j0 + block_k, nk)
             bk = j1 - j0
             s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
-            if rows < _DOT_ROWS:  # few rows: dot products (the micro-kernel fills 16 columns for them)
+            if rows < _FEW_ROWS:  # few rows: dot products (the micro-kernel fills 16 columns for them)
                 for j in range(bk):  # rows indexed, never made arrays (no reference count per key)
                     for r in range(rows):  # the key's row stays in L1 for the group's rows
                         total = zero
@@ -159,7 +158,7 @@ def _decode_worker(
                         for c in range(bk):
                             slab[r, c] *= multiplier
             _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc)
-            if rows < _AXPY_ROWS:  # acc += P V, a key at a time
+            if rows < _FEW_ROWS:  # acc += P V, a key at a time
                 for j in range(bk):
                     for r in range(rows):
                         weight = s_full[r, j]
