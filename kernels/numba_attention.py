@@ -39,7 +39,9 @@ from .cpu.decode import (
 from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import launch
 from .cpu.operands import backward_operand_shapes, forward_operand_shapes
-from .cpu.memory import _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas
+from .cpu.memory import (
+    _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas, last_level_cache_bytes,
+)
 from .cpu.threads import worker_count
 from .warmup import warmup  # the entry point's home since before kernels/warmup.py
 from .cpu.plan import (
@@ -95,6 +97,7 @@ class Launch:
     v: np.ndarray
     mask: np.ndarray | None = None
     n_splits: int = 1
+    in_order_rows: int = 0  # decode: tiles of fewer rows read the keys one at a time
 
 
 _RECORDINGS = []
@@ -111,9 +114,9 @@ def recording():
         _RECORDINGS.remove(launches)
 
 
-def _record(worker, q, k, v, mask=None, n_splits=1):
+def _record(worker, q, k, v, mask=None, n_splits=1, in_order_rows=0):
     for launches in _RECORDINGS:
-        launches.append(Launch(worker, q, k, v, mask, n_splits))
+        launches.append(Launch(worker, q, k, v, mask, n_splits, in_order_rows))
 
 
 # Calls with at most this many multiply-adds per product (B * Hq * Nq * Nk * D,
@@ -210,7 +213,7 @@ class ForwardPlan:
     __slots__ = (
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
         "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "result_block",
-        "empty", "no_keys", "unreached", "lo", "hi", "steps",
+        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "steps",
     )  # fmt: skip
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
@@ -238,6 +241,8 @@ class ForwardPlan:
         # The decode kernel's visible key offsets: a dense call's one segment row (a packed call with
         # no sequence has no row, and never decodes).
         self.lo, self.hi = (int(table[0, 5]), int(table[0, 6])) if self.decode else (0, 0)
+        kv_bytes = batch * hkv * nk * (d + dv) * np.dtype(dtype).itemsize
+        self.in_order_rows = _in_order_rows(dtype, kv_bytes)
         self.steps = None  # the forward kernels' steps (forward_steps), found at the first run
 
     def run(self, q, k, v, sinks=None):
@@ -265,7 +270,7 @@ class ForwardPlan:
         n_workers = 1 if self.small else worker_count()
         if self.decode:
             self.steps = _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro,
-                                 n_workers, out, lse, self.steps)  # fmt: skip
+                                 n_workers, out, lse, self.steps, self.in_order_rows)  # fmt: skip
             return out, lse
         announce_as("forward")
         serial = n_workers == 1
@@ -304,10 +309,30 @@ def runs_decode(nq, nk, group, dense):
     return dense and _is_decode(nq, nk, group)
 
 
-def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, steps=None):
+# The decode kernel reads K and V a key at a time, rows in memory order, for tiles of fewer rows
+# (GQA group x queries) than this; the micro-kernel takes larger tiles (kernels/cpu/decode.py).
+# float32 caches larger than the last-level cache take tiles of up to 8 rows in order too: read
+# from memory, in order ran 1.3-1.5x faster at 8 rows than the micro-kernel, which reads V in
+# strips, but 1.3-1.4x slower from the cache (the same call repeated on an 8 MiB cache); bf16 ran
+# ~7% slower in order both ways (its elements are widened once per row). Zen 3 VM, alternate
+# processes, three pairs; docs/kernel-log.md v26.
+_IN_ORDER_ROWS = 5
+_IN_ORDER_ROWS_FROM_MEMORY = 9
+
+
+def _in_order_rows(dtype, kv_bytes):
+    """The decode kernel's in_order_rows for a call whose K and V (of dtype; bf16 as uint16 bits)
+    take kv_bytes."""
+    if np.dtype(dtype) == np.float32 and kv_bytes > last_level_cache_bytes():
+        return _IN_ORDER_ROWS_FROM_MEMORY
+    return _IN_ORDER_ROWS
+
+
+def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, steps=None,
+            in_order_rows=_IN_ORDER_ROWS):  # fmt: skip
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
     pairs than twice the workers, partials merged by lse. steps: those of the plan's last call,
-    or None; returns the steps it ran with."""
+    or None; returns the steps it ran with. in_order_rows: see _in_order_rows."""
     batch, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     key_blocks = -(-nk // _DECODE_BLOCK_K)
@@ -316,15 +341,15 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
     if n_workers == 1:
         n_splits = 1  # one thread: no OpenMP region, and no split to merge
     if _RECORDINGS:
-        _record("decode_serial" if n_workers == 1 else "decode", q, k, v, mask, n_splits)
+        _record("decode_serial" if n_workers == 1 else "decode", q, k, v, mask, n_splits, in_order_rows)
     with _CALL_LOCK, _single_threaded_blas():
         part_out, part_lse = WORKSPACE.zeroed(
             consts.dtype,  # the compute dtype: bf16 partials stay float32 until the merge rounds them
             ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
             else ((1, 1, 1, 1, 1), (1, 1, 1, 1)),
         )  # fmt: skip
-        arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, n_workers,
-                     out, lse, part_out, part_lse)  # fmt: skip
+        arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, in_order_rows,
+                     n_workers, out, lse, part_out, part_lse)  # fmt: skip
         return launch(_decode_kernel, arguments, decode_steps, steps)
 
 

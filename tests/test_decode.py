@@ -135,3 +135,25 @@ def test_any_value_width_takes_the_decode_kernel(dv, dtype):
     if dtype == np.uint16:
         out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
     assert_within_rule("out", out, out64, out32, 2)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 40], ids=["kv-larger-than-the-cache", "kv-in-the-cache"])
+def test_float32_groups_of_eight_rows_read_keys_in_order_when_the_cache_cannot_hold_them(monkeypatch, cache_bytes):
+    """Tiles of 8 rows (GQA 16/2): a key at a time, K and V in memory order, when float32 K / V
+    exceed the last-level cache; the micro-kernel when they fit. Both against the reference."""
+    monkeypatch.setattr(kernel, "last_level_cache_bytes", lambda: cache_bytes)
+    nk = 700 if cache_bytes else 701  # other shapes: no plan made under the other setting is reused
+    rng = np.random.default_rng(nk)
+    q = rng.standard_normal((2, 16, 1, 64))
+    k, v = (rng.standard_normal((2, 2, nk, 64)) for _ in range(2))
+    mask = np.arange(nk)[None, None, None, :] < np.array([nk, 300])[:, None, None, None]
+    options = dict(scale=0.125, causal=None, window=None, softcap=None)
+    with kernel.recording() as launches:
+        out, lse = kernel.flash_forward(*(x.astype(np.float32) for x in (q, k, v)), mask, **options)
+    assert [x.worker.removesuffix("_serial") for x in launches] == ["decode"]
+    assert launches[0].in_order_rows == (5 if cache_bytes else 9)
+    kw = dict(mask=mask, scale=0.125, return_lse=True)
+    out64, lse64 = attention(q, k, v, **kw)
+    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), **kw)
+    assert_within_rule("out", out, out64, out32, 2)
+    assert_within_rule("lse", lse, lse64, lse32, 2)

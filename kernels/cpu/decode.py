@@ -27,17 +27,16 @@ from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_
 # ---------------------------------------------------------------------------
 
 
-# Below this many rows per tile (GQA group x queries) both products take the keys one at a time,
+# Below `in_order_rows` rows per tile (GQA group x queries; the caller's choice, see
+# kernels/numba_attention.py _in_order_rows) both products take the keys one at a time,
 # reading K's and V's rows in memory order, in place (bf16 widened on the way): the scores are
 # dot products, and P V adds each key's V row, scaled, to the group's output rows. Up to 4 rows
 # the micro-kernel's 6 x 16 tiles are mostly padding, and its P V reads V a 16-column strip at a
 # time, a cache line from each row, which the prefetchers served poorly from memory on the Zen 3
 # VM: B4 H32/8 Nk4096 D128 fp32 (4 rows) 15.0 -> 8.1-10.6 ms with P V a key at a time, Nk512
 # 1.6-2.0 -> 0.9-1.4 ms, H32/16 Nk1024 (2 rows) 7.2-7.6 -> 3.6-5.1 ms; bf16 about even (docs/kernel-log.md
-# v25). At 8 rows (H32/4) it was about even, at 16 slower: the micro-kernel keeps those. Register
-# blocks of 2-4 keys in the dot products ran 1.8x faster from L2 but 1.2-1.5x slower from memory
-# (fp32), and were not kept.
-_FEW_ROWS = 5
+# v25). Register blocks of 2-4 keys in the dot products ran 1.8x faster from L2 but 1.2-1.5x
+# slower from memory (fp32), and were not kept.
 
 
 @_jit(inline="always")
@@ -64,7 +63,7 @@ def _head_keys(key_ranges, tile_states, flags, b, h, nq, nk, lo_offset, hi_offse
 
 @_jit(fastmath=_FASTMATH)
 def _decode_worker(
-    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows,
     order, next_task, out, lse, part_out, part_lse,
 ):  # fmt: skip
     """Take (batch, kv head, key split) tasks: every query row of the GQA group at once.
@@ -133,7 +132,7 @@ def _decode_worker(
             j1 = min(j0 + block_k, nk)
             bk = j1 - j0
             s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
-            if rows < _FEW_ROWS:  # few rows: dot products (the micro-kernel fills 16 columns for them)
+            if rows < in_order_rows:  # few rows: dot products (the micro-kernel fills 16 columns for them)
                 for j in range(bk):  # rows indexed, never made arrays (no reference count per key)
                     for r in range(rows):  # the key's row stays in L1 for the group's rows
                         total = zero
@@ -158,7 +157,7 @@ def _decode_worker(
                         for c in range(bk):
                             slab[r, c] *= multiplier
             _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc)
-            if rows < _FEW_ROWS:  # acc += P V, a key at a time
+            if rows < in_order_rows:  # acc += P V, a key at a time
                 for j in range(bk):
                     for r in range(rows):
                         weight = s_full[r, j]
@@ -211,14 +210,14 @@ def _merge_splits(part_out, part_lse, out, lse, t):
 
 @_jit()
 def _decode_kernel(
-    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, n_workers,
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows, n_workers,
     out, lse, part_out, part_lse, steps,
 ):  # fmt: skip
     """n_workers workers (1: on the calling thread, no thread pool), then the merge of split
     keys. steps: decode_steps(). Returns RAN, REFUSED (nothing run: the steps were compiled
     for other types) or FAILED (a step raised); see kernels/cpu/launch.py."""
     n_tasks = k.shape[0] * k.shape[1] * n_splits
-    working = (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro,
+    working = (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows,
                np.arange(n_tasks), np.zeros(1, np.int64), out, lse, part_out, part_lse)  # fmt: skip
     merging = (part_out, part_lse, out, lse)
     if steps[1] != token_of(working, None) or steps[3] != token_of(merging, 0):
@@ -232,14 +231,15 @@ def _decode_kernel(
 
 
 def decode_steps(
-    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, n_workers,
+    q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows, n_workers,
     out, lse, part_out, part_lse, exact=False,
 ):  # fmt: skip
     """_decode_kernel's `steps` for its arguments: the worker and the merge of split keys."""
     _, order, next_task = TASK_QUEUE
     return steps_array(
         address_of(_decode_worker, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
-                                    micro, order, next_task, out, lse, part_out, part_lse), exact=exact),
+                                    micro, in_order_rows, order, next_task, out, lse, part_out, part_lse),
+                   exact=exact),
         address_of(_merge_splits, (part_out, part_lse, out, lse), indexed=True, exact=exact),
     )  # fmt: skip
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +22,24 @@ from ..cpu_blas import uses_process_threads
 # ---------------------------------------------------------------------------
 # Python entry points
 # ---------------------------------------------------------------------------
+
+_ASSUMED_CACHE_BYTES = 32 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes():
+    """The size of the CPU's largest cache (the last level), in bytes: read from Linux's sysfs for
+    the first CPU; 32 MiB where it cannot be read (other systems, some containers)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match:
+            sizes.append(int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[match.group(2)])
+    return max(sizes, default=0) or _ASSUMED_CACHE_BYTES
 
 # Concurrent calls are serialised: numba's workqueue layer aborts on concurrent
 # parallel calls, and OpenBLAS's thread limit is process-wide state.
