@@ -32,12 +32,14 @@ def _compiling():
     return torch is not None and torch.compiler.is_compiling()
 
 
-def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropout_p, dropout_seed, sinks):
+def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropout_p, dropout_seed, sinks,
+                   offsets=None):  # fmt: skip
     """(out, lse) through attnkit's torch operators, for torch.compile: one graph node each.
 
     Backend choice, NumPy and Numba stay inside the operators, out of the trace. Dropout's seed is
     drawn inside the graph (a 0-d tensor from torch's generator: a fresh mask every call, repeated
-    by torch.manual_seed); the operators' autograd gives the sinks their gradient.
+    by torch.manual_seed); the operators' autograd gives the sinks their gradient. offsets: a
+    packed call's (cu_seqlens_q, cu_seqlens_k) tensors, which the operator reads when it runs.
     """
     if return_weights:
         raise ValueError(
@@ -50,12 +52,21 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
         raise ValueError(
             f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}"
         )
+    if offsets is not None:
+        for name, x in zip(("cu_seqlens_q", "cu_seqlens_k"), offsets):
+            if not _arrays.is_tensor(x):
+                raise TypeError(f"under torch.compile {name} must be a torch.Tensor; got {_arrays.type_name(x)}")
     if device_type == "cpu":
         from .torch_ops import numba_attention_fwd
 
         seed = seed_tensor(dropout_p, dropout_seed) if dropout_p > 0 else None
         options = operator_options(spec, Dropout(dropout_p, 0) if dropout_p > 0 else None)
-        return numba_attention_fwd(q, k, v, mask, alibi, *options, sinks, seed)
+        return numba_attention_fwd(q, k, v, mask, alibi, *options, sinks, seed, *(offsets or (None, None)))
+    if offsets is not None:
+        raise ValueError(
+            "packed sequences (cu_seqlens) are traced by torch.compile on CPU tensors only so far; on CUDA "
+            "tensors call attnkit outside the compiled region for them"
+        )
     if dropout_p > 0 or sinks is not None:
         raise ValueError(
             "dropout and sinks are traced by torch.compile on CPU tensors only so far; on CUDA tensors "

@@ -41,7 +41,7 @@ import operator
 import numpy as np
 
 from . import _arrays, kv_cache
-from .api import attention
+from .api import _compiling, attention
 from .dropout import draw_dropout
 from .reference.dropout import keep_mask
 from .validation import dropout_probability, host_offsets
@@ -307,8 +307,11 @@ def flash_attn_kvpacked_func(
 
 
 def _max_seqlen(name, value, offsets):
+    """value an int, at least the longest sequence of offsets (None: not read, under torch.compile)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int; got {value!r}")
+    if offsets is None:
+        return
     longest = int(np.diff(offsets).max(initial=0))
     if value < longest:
         raise ValueError(f"{name} is {int(value)}, but a sequence in the batch has {longest} tokens")
@@ -336,20 +339,30 @@ def flash_attn_varlen_func(
     _tensor("v", v, 4 if paged else 3)
     _same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes, block_table=block_table)
     _heads(q, k, v)
-    cu_q = host_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], int32_only=True)
+    traced = _compiling()  # the offsets are data there: checked by type and shape here, by value when run
+    cu_q = host_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], int32_only=True, read=not traced)
+    if paged and traced:
+        raise ValueError("flash_attn_varlen_func with a block_table is not traced by torch.compile (the pages are "
+                         "gathered on the host); call it outside the compiled region")  # fmt: skip
+    if traced and return_attn_probs and dropout_probability(dropout_p) > 0:
+        raise ValueError("return_attn_probs with dropout needs the NumPy reference, which torch.compile cannot "
+                         "trace; call flash_attn_varlen_func outside the compiled region for it")  # fmt: skip
     if paged:
         lengths = np.diff(np.asarray(_arrays.to_numpy(cu_seqlens_k), np.int64))
         cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, int(lengths.sum()), int32_only=True)
         pages = kv_cache.check_block_table(block_table, len(lengths), k.shape[0], lengths, k.shape[1])
         k, v = kv_cache.gather(k, v, pages, np.zeros_like(lengths), lengths)
     else:
-        cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], int32_only=True)
+        cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], int32_only=True, read=not traced)
         if v.shape[0] != k.shape[0]:
             raise ValueError(f"v must have k's {k.shape[0]} tokens; got shape {tuple(v.shape)}")
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length; got {len(cu_q)} and {len(cu_k)}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length; "
+                         f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")  # fmt: skip
     _max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
     _max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
+    if traced:  # the operator reads the tensors when it runs
+        cu_q, cu_k = cu_seqlens_q, cu_seqlens_k
     options = _options(softmax_scale, causal, window_size, softcap, deterministic)
     out, lse, probs = _varlen(
         q, k, v, cu_q, cu_k, dropout_probability(dropout_p), options, alibi_slopes, learnable_sink, return_attn_probs

@@ -2,10 +2,12 @@
 
     torch.ops.attnkit.numba_attention_fwd(q, k, v, mask, alibi, scale, causal, align, window_left,
                                           window_right, softcap, dropout_p=0.0, dropout_seed=0,
-                                          sinks=None, seed=None) -> (out, lse)
+                                          sinks=None, seed=None, cu_seqlens_q=None,
+                                          cu_seqlens_k=None) -> (out, lse)
     torch.ops.attnkit.numba_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, scale, causal,
                                           align, window_left, window_right, softcap, dropout_p=0.0,
-                                          dropout_seed=0, sinks=None, seed=None) -> (dq, dk, dv)
+                                          dropout_seed=0, sinks=None, seed=None, cu_seqlens_q=None,
+                                          cu_seqlens_k=None) -> (dq, dk, dv)
     torch.ops.attnkit.flash_attention_fwd(...)  the Triton kernels, same arguments
     torch.ops.attnkit.flash_attention_bwd(q, k, v, mask, alibi, out, d_out, lse, d_lse, ...)
 
@@ -23,7 +25,10 @@ lse (d_lse), the CPU pair does not (lse is returned for callers that want it,
 not differentiated, as in eager calls).
 
 CPU (numba_*): q (..., Hq, Nq, D), k (..., Hkv, Nk, D), v (..., Hkv, Nk, Dv) with
-broadcasting leading axes, as the public API takes them; custom_ops with fake
+broadcasting leading axes, as the public API takes them; or, with cu_seqlens_q and
+cu_seqlens_k (int32 / int64 tensors), a packed call's q (Hq, total_q, D), k, v
+(Hkv, total_k, D) as varlen_attention takes them, the offsets read and checked when
+the operator runs (causal then means the alignment `align`). custom_ops with fake
 implementations. Under torch.compile each call is one opaque node: nothing
 inside it (NumPy, Numba, logging) is traced. Eager CPU calls do not go through
 them (the dispatcher adds ~10 µs per call); attnkit.api routes a call here only
@@ -112,11 +117,16 @@ def _register_autograd(forward, backward, passes_d_lse):
 # ---------------------------------------------------------------------------
 
 
-def _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap):
-    from .validation import validate_attention
+def _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap, cu_seqlens_q,
+              cu_seqlens_k):  # fmt: skip
+    """The validated spec of the operators' arguments: a packed call's when it has offsets."""
+    from .validation import validate_attention, validate_packed
 
     options = _kernel_options(scale, causal, align, window_left, window_right, softcap)
-    return validate_attention(q, k, v, mask=mask, alibi_slopes=alibi, **options)
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        return validate_attention(q, k, v, mask=mask, alibi_slopes=alibi, **options)
+    options["causal"] = options["causal"] is not None  # packed calls: a bool, and the alignment apart
+    return validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=alibi, **options)
 
 
 @torch.library.custom_op("attnkit::numba_attention_fwd", mutates_args=())
@@ -124,11 +134,13 @@ def numba_attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], alibi: Optional[torch.Tensor],
     scale: float, causal: int, align: int, window_left: Optional[int], window_right: Optional[int],
     softcap: Optional[float], dropout_p: float = 0.0, dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None,
-    seed: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None, cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
-    spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
+    spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap, cu_seqlens_q,
+                     cu_seqlens_k)  # fmt: skip
     dropout = _dropout(dropout_p, dropout_seed, seed)
     out, lse, _ = BACKENDS["numba"].forward(q, k, v, mask, spec, alibi=alibi, dropout=dropout, sinks=sinks)
     return out, lse
@@ -140,10 +152,12 @@ def numba_attention_bwd(
     out: torch.Tensor, d_out: torch.Tensor, lse: torch.Tensor, scale: float, causal: int, align: int,
     window_left: Optional[int], window_right: Optional[int], softcap: Optional[float], dropout_p: float = 0.0,
     dropout_seed: int = 0, sinks: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     from .backends import BACKENDS
 
-    spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap)
+    spec = _cpu_spec(q, k, v, mask, alibi, scale, causal, align, window_left, window_right, softcap, cu_seqlens_q,
+                     cu_seqlens_k)  # fmt: skip
     dropout = _dropout(dropout_p, dropout_seed, seed)
     return BACKENDS["numba"].backward(q, k, v, mask, out, d_out.contiguous(), lse, spec, alibi=alibi, dropout=dropout)
 

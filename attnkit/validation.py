@@ -315,9 +315,11 @@ def validate_attention(q, k, v, *, causal, mask, scale, window, softcap, alibi_s
     )  # fmt: skip
 
 
-def host_offsets(name, cu_seqlens, total, *, int32_only=False):
+def host_offsets(name, cu_seqlens, total, *, int32_only=False, read=True):
     """cu_seqlens as a host int64 array after checking it: 1-D integers, starting at 0,
-    never decreasing, ending at total. (S + 1,) entries give S sequences."""
+    never decreasing, ending at total. (S + 1,) entries give S sequences. read=False (while
+    torch.compile traces: the values are data there) checks the type, dtype and shape only, and
+    returns None."""
     if _arrays.family(cu_seqlens) is None:
         raise TypeError(f"{name} must be a 1-D integer torch.Tensor or numpy.ndarray; got {_arrays.type_name(cu_seqlens)}")
     dtype = _arrays.dtype_name(cu_seqlens)
@@ -326,6 +328,8 @@ def host_offsets(name, cu_seqlens, total, *, int32_only=False):
         raise TypeError(f"{name} must have dtype {' or '.join(allowed)}; got {dtype}")
     if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name} must be 1-D with S + 1 >= 1 entries; got shape {tuple(cu_seqlens.shape)}")
+    if not read:
+        return None
     offsets = np.asarray(_arrays.to_numpy(cu_seqlens), np.int64)
     if offsets[0] != 0:
         raise ValueError(f"{name}[0] must be 0; got {int(offsets[0])}")
@@ -341,8 +345,11 @@ def host_offsets(name, cu_seqlens, total, *, int32_only=False):
 
 
 def validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale, window, softcap, alibi_slopes,
-                    sinks=None):
-    """varlen_attention's arguments as an AttentionSpec with cu_q / cu_k, or a TypeError/ValueError naming the argument."""
+                    sinks=None, read_offsets=True):
+    """varlen_attention's arguments as an AttentionSpec with cu_q / cu_k, or a TypeError/ValueError naming the argument.
+
+    read_offsets=False (torch.compile tracing) checks the offsets' type, dtype and shape but not
+    their values, and leaves cu_q / cu_k None: attnkit's operator checks the values when it runs."""
     kind, device, dtype = _check_inputs(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 3:
@@ -350,11 +357,12 @@ def validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale
     _check_heads(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     hq, total_q, d = q.shape
     hkv, total_k, dv = v.shape
-    cu_q = host_offsets("cu_seqlens_q", cu_seqlens_q, total_q)
-    cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, total_k)
-    if len(cu_q) != len(cu_k):
+    cu_q = host_offsets("cu_seqlens_q", cu_seqlens_q, total_q, read=read_offsets)
+    cu_k = host_offsets("cu_seqlens_k", cu_seqlens_k, total_k, read=read_offsets)
+    sequences_q, sequences_k = cu_seqlens_q.shape[0] - 1, cu_seqlens_k.shape[0] - 1
+    if sequences_q != sequences_k:
         raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k must describe the same sequences; got {len(cu_q) - 1} and {len(cu_k) - 1}"
+            f"cu_seqlens_q and cu_seqlens_k must describe the same sequences; got {sequences_q} and {sequences_k}"
         )
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r}")
@@ -363,7 +371,7 @@ def validate_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal, align, scale
     return AttentionSpec(
         kind=kind, device=device, dtype=dtype, batch=(), hq=hq, hkv=hkv, nq=total_q, nk=total_k, d=d, dv=dv,
         causal=align if causal else None, align=align, **_common_options(scale, softcap, window, d), mask_kind=None,
-        squeeze=False, alibi=_alibi(alibi_slopes, q, hq, len(cu_q) - 1), sinks=_sinks(sinks, q, hq), cu_q=cu_q,
+        squeeze=False, alibi=_alibi(alibi_slopes, q, hq, sequences_q), sinks=_sinks(sinks, q, hq), cu_q=cu_q,
         cu_k=cu_k,
     )  # fmt: skip
 

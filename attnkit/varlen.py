@@ -12,7 +12,8 @@ sequences out for its kernel (backends/cpu.py, backends/cuda.py).
 
 from __future__ import annotations
 
-from .api import _needs_grad, run_attention
+from . import _arrays
+from .api import _attend_traced, _compiling, _needs_grad, run_attention
 from .backends import Request, choose_backend
 from .dropout import draw_dropout
 from .validation import dropout_probability, validate_packed
@@ -63,11 +64,17 @@ def varlen_attention(
     Raises:
         TypeError, ValueError: naming the argument, for any invalid input.
     """
+    traced = _arrays.is_tensor(q) and _compiling()  # torch.compile: the offsets are data, read by the operator
     spec = validate_packed(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale, window=window,
-        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, read_offsets=not traced,
     )  # fmt: skip
     dropout_p = dropout_probability(dropout_p)
+    if traced:
+        out, lse = _attend_traced(q, k, v, None, alibi_slopes, spec, backend, return_weights=False,
+                                  dropout_p=dropout_p, dropout_seed=dropout_seed, sinks=sinks,
+                                  offsets=(cu_seqlens_q, cu_seqlens_k))  # fmt: skip
+        return (out, lse) if return_lse else out
     grad = _needs_grad(spec, q, k, v, sinks)
     # The dense calls' chooser: same refusals, same AttnkitFallbackWarning (pointing at the caller).
     backend = choose_backend(spec, backend, Request(grad=grad, dropout=dropout_p > 0), stacklevel=3).backend

@@ -9,6 +9,8 @@ import torch
 import attnkit
 from attnkit import torch_ops
 from attnkit.reference import attention
+from attnkit.reference import varlen_attention as reference_varlen
+from attnkit.testing import assert_within_rule
 
 CASES = [
     # (id, Hq, Hkv, Nq, Nk, D, dtype, features)
@@ -206,6 +208,17 @@ def test_opcheck_with_sinks_and_a_seed_tensor():
     torch.library.opcheck(torch_ops.numba_attention_fwd, args)
 
 
+def test_opcheck_with_packed_sequences():
+    q, k, v, cu_q, cu_k, _ = _packed([6, 0, 9], [7, 4, 9], 4, 2, 16, 3)
+    sinks = torch.randn(4).requires_grad_()
+    args = (q, k, v, None, None, 0.25, 2, 2, 5, 0, None, 0.0, 0, sinks, None, cu_q, cu_k)  # causal, window (5, 0)
+    torch.library.opcheck(torch_ops.numba_attention_fwd, args)
+    out, lse = torch_ops.numba_attention_fwd(*args)
+    torch.library.opcheck(torch_ops.numba_attention_bwd,
+                          (q.detach(), k.detach(), v.detach(), None, None, out.detach(), torch.randn_like(out),
+                           lse.detach(), *args[5:13], sinks.detach(), None, cu_q, cu_k))  # fmt: skip
+
+
 def test_compiled_flash_attn_func_with_dropout():
     """flash-attn's function draws its seed inside the graph too (it used to draw an int itself)."""
     from attnkit.flash_attn import flash_attn_func
@@ -232,3 +245,96 @@ def test_compiled_flash_attn_func_with_dropout():
     for name, got, want in zip("qkv", torch.autograd.grad(first, (q, k, v), d_out),
                                torch.autograd.grad(expected, (q, k, v), d_out)):  # fmt: skip
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+def _packed(lengths_q, lengths_k, hq, hkv, d, seed, dtype=torch.float32):
+    """q (Hq, total_q, D), k, v (Hkv, total_k, D) requiring grad, and their int32 offsets."""
+    generator = torch.Generator().manual_seed(seed)
+    cu_q, cu_k = (torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32) for lengths in (lengths_q, lengths_k))
+    q = torch.randn(hq, sum(lengths_q), d, generator=generator).to(dtype).requires_grad_()
+    k, v = (torch.randn(hkv, sum(lengths_k), d, generator=generator).to(dtype).requires_grad_() for _ in range(2))
+    return q, k, v, cu_q, cu_k, generator
+
+
+def _varlen_window_sinks(q, k, v, cu_q, cu_k, sinks):
+    return attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, window=(6, 0), sinks=sinks, return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_varlen_reads_its_offsets_when_it_runs(dtype):
+    """One graph for packed sequences (cu_seqlens are its inputs, not constants): new offsets of the
+    same shapes give the eager results without a recompile, forward and gradients, sinks included."""
+    compiled = torch.compile(_varlen_window_sinks, fullgraph=True)
+    for step, (lengths_q, lengths_k) in enumerate((([5, 0, 17, 9], [8, 3, 17, 30]), ([1, 20, 6, 4], [19, 1, 33, 5]))):
+        q, k, v, cu_q, cu_k, generator = _packed(lengths_q, lengths_k, 4, 2, 16, step, dtype)
+        sinks = torch.randn(4, generator=generator).requires_grad_()
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            out, lse = compiled(q, k, v, cu_q, cu_k, sinks)
+        want_out, want_lse = _varlen_window_sinks(q, k, v, cu_q, cu_k, sinks)
+        torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+        torch.testing.assert_close(lse, want_lse, atol=0, rtol=0)
+        d_out = torch.randn(out.shape, generator=generator).to(dtype)
+        inputs = (q, k, v, sinks)
+        grads, want_grads = torch.autograd.grad(out, inputs, d_out), torch.autograd.grad(want_out, inputs, d_out)
+        for name, got, want in zip("qkv", grads, want_grads):
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
+        # dsinks: a sum over rows that the compiled backward may order differently (see above)
+        close = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(grads[3], want_grads[3], atol=close * want_grads[3].abs().max().item(), rtol=close)
+    # and against the NumPy specification (the last offsets), by the 2x rule
+    offsets = (cu_q.numpy(), cu_k.numpy())
+    options = dict(causal=True, window=(6, 0))
+    exact = reference_varlen(*(x.detach().double().numpy() for x in (q, k, v)), *offsets, **options,
+                             sinks=sinks.detach().double().numpy())  # fmt: skip
+    plain = torch.from_numpy(reference_varlen(*(x.detach().float().numpy() for x in (q, k, v)), *offsets, **options,
+                                              sinks=sinks.detach().numpy()))  # fmt: skip
+    assert_within_rule("out", out.detach().float().numpy(), exact, plain.to(dtype).float().numpy(), 2)
+
+
+def test_compiled_varlen_checks_its_offsets_when_it_runs():
+    compiled = torch.compile(attnkit.varlen_attention, fullgraph=True)
+    q, k, v, cu_q, cu_k, _ = _packed([3, 4], [5, 6], 2, 2, 8, 0)
+    with torch.no_grad():
+        compiled(q, k, v, cu_q, cu_k)
+        with pytest.raises(ValueError, match=r"cu_seqlens_k\[-1\] must equal the number of tokens, 11; got 12"):
+            compiled(q, k, v, cu_q, torch.tensor([0, 6, 12], dtype=torch.int32))
+        # checked while dynamo traces, which wraps the TypeError in its own exception
+        with pytest.raises(Exception, match="cu_seqlens_q must have dtype int32 or int64; got float32"):
+            compiled(q, k, v, cu_q.float(), cu_k)
+
+
+def test_compiled_flash_attn_varlen_func():
+    from attnkit.flash_attn import flash_attn_varlen_func
+
+    q, k, v, cu_q, cu_k, generator = _packed([7, 2, 11], [7, 9, 11], 4, 2, 16, 5)
+    q, k, v = (x.detach().transpose(0, 1).contiguous().requires_grad_() for x in (q, k, v))  # (total, H, D)
+
+    def fn(q, k, v, cu_q, cu_k):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, 11, 11, causal=True, softcap=4.0)
+
+    out = torch.compile(fn, fullgraph=True)(q, k, v, cu_q, cu_k)
+    want = fn(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    d_out = torch.randn(out.shape, generator=generator)
+    for name, got, want in zip("qkv", torch.autograd.grad(out, (q, k, v), d_out),
+                               torch.autograd.grad(want, (q, k, v), d_out)):  # fmt: skip
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+def test_compiled_varlen_dropout_draws_per_call_and_repeats_with_its_seed():
+    q, k, v, cu_q, cu_k, _ = _packed([10, 20, 1], [10, 20, 1], 4, 2, 16, 9)
+
+    def fn(q, k, v, cu_q, cu_k, dropout_seed=None):
+        return attnkit.varlen_attention(q, k, v, cu_q, cu_k, causal=True, dropout_p=0.3, dropout_seed=dropout_seed)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    seeded, want = compiled(q, k, v, cu_q, cu_k, 5), fn(q, k, v, cu_q, cu_k, 5)
+    torch.testing.assert_close(seeded, want, atol=0, rtol=0)
+    for name, got, expected in zip("qkv", torch.autograd.grad(seeded.sum(), (q, k, v)),
+                                   torch.autograd.grad(want.sum(), (q, k, v))):  # fmt: skip
+        torch.testing.assert_close(got, expected, atol=0, rtol=0, msg=lambda m: f"d{name}: {m}")
+    torch.manual_seed(3)
+    first, second = compiled(q, k, v, cu_q, cu_k), compiled(q, k, v, cu_q, cu_k)
+    torch.manual_seed(3)
+    torch.testing.assert_close(compiled(q, k, v, cu_q, cu_k), first, atol=0, rtol=0)
+    assert not torch.equal(first, second)
