@@ -48,7 +48,10 @@ def _llvm_host_flags():
 
 
 def cpu_info():
-    """CPU model, logical cores and the SIMD extensions from SIMD_FLAGS it has."""
+    """CPU model, logical cores, the SIMD extensions from SIMD_FLAGS it has, and the last-level
+    cache's size (which decides how the decode kernel reads float32 caches)."""
+    from .kernels.cpu.memory import last_level_cache_bytes
+
     fields = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -64,6 +67,7 @@ def cpu_info():
         "model": fields.get("model name") or platform.processor() or platform.machine(),
         "logical_cores": os.cpu_count(),
         "simd": [f for f in SIMD_FLAGS if f in flags],
+        "last_level_cache_bytes": last_level_cache_bytes(),
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
     }
@@ -171,6 +175,8 @@ def format_report(info):
         f"  model    {cpu['model']}",
         f"  cores    {cpu['logical_cores']} logical ({cpu['machine']}, {cpu['system']})",
         f"  simd     {' '.join(cpu['simd']) or 'none detected'}",
+        f"  llc      {cpu['last_level_cache_bytes'] / 2**20:g} MiB  (the last-level cache: decode reads float32 K/V "
+        "larger than this a key at a time up to 8 rows a tile)",
         f"  target   {info['cpu_bf16'].get('target', 'unknown')}  (what Numba compiles for; NUMBA_CPU_NAME)",
         f"  blas     {info['cpu_blas']['detail']}  (the numba kernel's tile products; ATTNKIT_CPU_BLAS)",
         f"  bf16     {info['cpu_bf16']['detail']}  (bf16, and float32 under torch's \"medium\"; ATTNKIT_CPU_BF16)",

@@ -27,6 +27,7 @@ def test_info_reports_versions_cpu_cuda_and_backends(tmp_path):
     info = json.loads(result.stdout)
     assert set(info["versions"]) >= {"python", "numpy", "scipy", "numba", "torch", "triton"}
     assert info["cpu"]["logical_cores"] >= 1 and info["cpu"]["model"]
+    assert info["cpu"]["last_level_cache_bytes"] >= 1 << 16
     assert "devices" in info["cuda"] and (info["cuda"]["devices"] or info["cuda"]["reason"])
     assert info["backends"]["reference"] is None
     from attnkit.kernels.target import TARGET
