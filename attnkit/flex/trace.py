@@ -279,16 +279,16 @@ class _Numba:
     def pick(self, which, a, b):
         return f"{which}({a}, {b})"
 
-    # Integers divided by zero raise, as in torch (kernels/cpu/flex.py's _int_*); floats give inf or
-    # nan, as in torch: the kernels divide as NumPy does (kernels/jit.py).
+    # Integers divided by zero raise, as in torch (kernels/cpu/flex.py's _int_divisor); floats give
+    # inf or nan, as in torch: the kernels divide as NumPy does (kernels/jit.py).
     def floordiv(self, a, b, kind):
-        return f"_int_floordiv({a}, {b})" if kind == "int" else f"math.floor({a} / {b})"
+        return f"({a} // _int_divisor({b}))" if kind == "int" else f"math.floor({a} / {b})"
 
     def mod(self, a, b, kind):
-        return f"_int_mod({a}, {b})" if kind == "int" else f"({a} % {b})"
+        return f"({a} % _int_divisor({b}))" if kind == "int" else f"({a} % {b})"
 
     def truncdiv(self, a, b, kind):
-        return f"_int_truncdiv({a}, {b})" if kind == "int" else f"math.trunc({a} / {b})"
+        return f"int({a} / _int_divisor({b}))" if kind == "int" else f"math.trunc({a} / {b})"
 
     def logical(self, symbol, a, b, kind, logical):
         return f"(bool({a}) {symbol} bool({b}))" if kind == "bool" or logical else f"({a} {symbol} {b})"

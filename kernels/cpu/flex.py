@@ -44,27 +44,13 @@ _SCALE, _ONE, _ZERO, _LOG2E = 0, 1, 2, 3
 _INT_DIVISION_BY_ZERO = "integer division or modulo by zero in a score_mod or mask_mod"
 
 
-# What the generated functions divide integers with: // and % as Python and torch define them,
-# and a division by zero raises as torch's does (the kernels' own error model gives 0 instead).
+# The generated functions' integer //, % and truncating division pass their divisor through this:
+# a division by zero raises as torch's does (the kernels' own error model would give 0).
 @_jit(inline="always")
-def _int_floordiv(a, b):
+def _int_divisor(b):
     if b == 0:
         raise ZeroDivisionError(_INT_DIVISION_BY_ZERO)
-    return a // b
-
-
-@_jit(inline="always")
-def _int_mod(a, b):
-    if b == 0:
-        raise ZeroDivisionError(_INT_DIVISION_BY_ZERO)
-    return a % b
-
-
-@_jit(inline="always")
-def _int_truncdiv(a, b):
-    if b == 0:
-        raise ZeroDivisionError(_INT_DIVISION_BY_ZERO)
-    return int(a / b)
+    return b
 
 
 # --- GENERATED BEGIN (flex_build replaces this block; the placeholders are the identity)
