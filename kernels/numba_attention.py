@@ -29,6 +29,7 @@ import numpy as np
 
 from .jit import announce_as
 from .microkernels import F32_PRODUCTS, PAD, check_paths, padded
+from .cpu_blas import uses_process_threads
 from .cpu.backward import _backward_kernel, backward_steps
 from .cpu.constants import (
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_DROPOUT, _HAS_SINKS, _TILE_HIDDEN, _TILE_MIXED, _TILE_VISIBLE,
@@ -37,7 +38,7 @@ from .cpu.decode import (
     _DECODE_BACKWARD_BLOCK_K, _decode_backward_kernel, _decode_kernel, decode_backward_steps, decode_steps,
 )
 from .cpu.forward import _forward_kernel, forward_steps
-from .cpu.launch import launch
+from .cpu.launch import KernelCall, launch
 from .cpu.operands import backward_operand_shapes, forward_operand_shapes
 from .cpu.memory import (
     _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas, last_level_cache_bytes,
@@ -213,7 +214,7 @@ class ForwardPlan:
     __slots__ = (
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
         "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "result_block",
-        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "steps",
+        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call",
     )  # fmt: skip
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
@@ -243,7 +244,9 @@ class ForwardPlan:
         self.lo, self.hi = (int(table[0, 5]), int(table[0, 6])) if self.decode else (0, 0)
         kv_bytes = batch * hkv * nk * (d + dv) * np.dtype(dtype).itemsize
         self.in_order_rows = _in_order_rows(dtype, kv_bytes)
-        self.steps = None  # the forward kernels' steps (forward_steps), found at the first run
+        # the kernel, its steps and its compiled entry, found at the first runs (KernelCall)
+        self.kernel_call = KernelCall(_decode_kernel, decode_steps) if self.decode else KernelCall(
+            _forward_kernel, forward_steps)
 
     def run(self, q, k, v, sinks=None):
         """(out, lse) for q, k, v of the planned shapes: used as they are when C-contiguous, writeable
@@ -269,23 +272,27 @@ class ForwardPlan:
         # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
         n_workers = 1 if self.small else worker_count()
         if self.decode:
-            self.steps = _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro,
-                                 n_workers, out, lse, self.steps, self.in_order_rows)  # fmt: skip
+            _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro, n_workers, out,
+                    lse, self.kernel_call, self.in_order_rows)  # fmt: skip
             return out, lse
         announce_as("forward")
-        serial = n_workers == 1
-        # A small call pins no BLAS threads: products this small run single-threaded in any BLAS.
-        with _CALL_LOCK, _NOTHING_TO_PIN if self.small else _single_threaded_blas():
+        if self.small:
+            # The calling thread alone, on packed operands of its own (a few KiB, from the heap's
+            # free lists): no thread pool, no BLAS threads to pin, no shared workspace, so no lock.
+            k_packed = np.empty(self.operand_shapes[0], self.operand)
+            v_packed = v if self.v_in_place else np.empty(self.operand_shapes[1], self.operand)
+            self._forward(q, k, v, masks, n_workers, k_packed, v_packed, out, lse)
+            return out, lse
+        with _CALL_LOCK, _single_threaded_blas():
             k_packed, v_packed = WORKSPACE.arrays(self.operand, self.operand_shapes, zero=False)
-            if self.v_in_place:
-                v_packed = v  # read V in place
-            if _RECORDINGS:
-                _record("forward_serial" if serial else "forward", q, k, v, self.mask)
-            # the last call's steps: its types, most likely these (the kernel checks them)
-            arguments = (q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
-                         n_workers, k_packed, v_packed, out, lse)  # fmt: skip
-            self.steps = launch(_forward_kernel, arguments, forward_steps, self.steps)
+            self._forward(q, k, v, masks, n_workers, k_packed, v if self.v_in_place else v_packed, out, lse)
         return out, lse
+
+    def _forward(self, q, k, v, masks, n_workers, k_packed, v_packed, out, lse):
+        if _RECORDINGS:
+            _record("forward_serial" if n_workers == 1 else "forward", q, k, v, self.mask)
+        self.kernel_call(q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
+                         n_workers, k_packed, v_packed, out, lse)  # fmt: skip
 
 
 # Decode (flash-decoding): at most this many query rows per head, against at
@@ -328,11 +335,17 @@ def _in_order_rows(dtype, kv_bytes):
     return _IN_ORDER_ROWS
 
 
-def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, steps=None,
+# The decode kernel's partials when the keys are not split: never read nor written.
+_UNUSED_PARTIALS = {
+    dtype: (np.zeros((1, 1, 1, 1, 1), dtype), np.zeros((1, 1, 1, 1), dtype)) for dtype in (np.float32, np.float64)
+}
+
+
+def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, kernel_call=None,
             in_order_rows=_IN_ORDER_ROWS):  # fmt: skip
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
-    pairs than twice the workers, partials merged by lse. steps: those of the plan's last call,
-    or None; returns the steps it ran with. in_order_rows: see _in_order_rows."""
+    pairs than twice the workers, partials merged by lse. kernel_call: the plan's KernelCall of
+    _decode_kernel (None: a new one). in_order_rows: see _in_order_rows."""
     batch, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     key_blocks = -(-nk // _DECODE_BLOCK_K)
@@ -342,15 +355,19 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
         n_splits = 1  # one thread: no OpenMP region, and no split to merge
     if _RECORDINGS:
         _record("decode_serial" if n_workers == 1 else "decode", q, k, v, mask, n_splits, in_order_rows)
-    with _CALL_LOCK, _single_threaded_blas():
-        part_out, part_lse = WORKSPACE.zeroed(
-            consts.dtype,  # the compute dtype: bf16 partials stay float32 until the merge rounds them
-            ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq)) if n_splits > 1
-            else ((1, 1, 1, 1, 1), (1, 1, 1, 1)),
+    # The lock guards the workspace (the split partials), the thread pool and a process-wide BLAS
+    # thread limit: one thread (no split) with a BLAS limited per thread needs none of them.
+    alone = n_workers == 1 and not uses_process_threads()
+    with _NOTHING_TO_PIN if alone else _CALL_LOCK, _single_threaded_blas():
+        if n_splits > 1:  # the compute dtype: bf16 partials stay float32 until the merge rounds them
+            shapes = ((n_splits, batch, hq, nq, dv), (n_splits, batch, hq, nq))
+            part_out, part_lse = WORKSPACE.zeroed(consts.dtype, shapes)
+        else:
+            part_out, part_lse = _UNUSED_PARTIALS[consts.dtype.type]
+        (kernel_call or KernelCall(_decode_kernel, decode_steps))(
+            q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, in_order_rows, n_workers,
+            out, lse, part_out, part_lse,
         )  # fmt: skip
-        arguments = (q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, in_order_rows,
-                     n_workers, out, lse, part_out, part_lse)  # fmt: skip
-        return launch(_decode_kernel, arguments, decode_steps, steps)
 
 
 def flash_backward(

@@ -223,3 +223,86 @@ def test_torch_compile_traces_the_operator_not_the_planned_call():
     compiled = torch.compile(lambda q, k, v: attnkit.scaled_dot_product_attention(q, k, v, is_causal=True) * 2.0,
                              fullgraph=True)  # fmt: skip  (a graph break would raise)
     torch.testing.assert_close(compiled(q, k, v), eager * 2.0, atol=0, rtol=0)
+
+
+ENTRY_CASES = {
+    # id: (q shape, kv shape, dtype, with sinks): the forward kernel on the calling thread and in
+    # parallel, the decode kernel (keys split), bf16, and sinks from a model's parameter.
+    "forward-small": ((1, 2, 20, 16), (1, 2, 20, 16), torch.float32, False),
+    "forward-parallel-fp64": ((1, 4, 160, 32), (1, 4, 160, 32), torch.float64, False),
+    "decode-split-bf16": ((1, 4, 1, 64), (1, 1, 1500, 64), torch.bfloat16, False),
+    "decode-sinks": ((2, 8, 1, 32), (2, 2, 90, 32), torch.float32, True),
+}
+
+
+@pytest.mark.parametrize("case", ENTRY_CASES.values(), ids=ENTRY_CASES.keys())
+def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case):
+    """From its second call a plan calls the kernel's compiled entry directly, skipping Numba's
+    dispatcher (launch.KernelCall): that entry must be the one compiled for the exact types of the
+    arguments of every later call, whatever the inputs' layout (copied when not C-contiguous,
+    aligned and writeable), as the dispatcher would have chosen it."""
+    import numba
+
+    q_shape, kv_shape, dtype, with_sinks = case
+    rng = np.random.default_rng(8)
+    q, k, v = (_fresh(s, dtype, rng) for s in (q_shape, kv_shape, kv_shape))
+    sinks = _fresh(q_shape[1:2], torch.float32, rng) if with_sinks else None
+    api.clear_plans()
+    for _ in range(3):  # full path (planned), second call (entry looked up), third (entered)
+        attnkit.attention(q, k, v, sinks=sinks)
+    call = planned.lookup(planned.key(("attention", False, bool, None, type(None), None, None, type(None), None, "auto"),
+                                      q, k, v, sinks))  # fmt: skip
+    assert call is not None
+    kernel_call, seen = call.plan.kernel_call, []
+    assert kernel_call.entry, "the plan does not enter its kernel directly"
+    call.plan.kernel_call = lambda *arguments: seen.append(arguments) or kernel_call(*arguments)
+    try:
+        later = [(q, k, v),
+                 (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v),  # not C-contiguous: copied
+                 tuple(_fresh(s, dtype, rng) for s in (q_shape, kv_shape, kv_shape))]  # fmt: skip
+        results = [attnkit.attention(*inputs, sinks=sinks) for inputs in later]
+    finally:
+        call.plan.kernel_call = kernel_call
+    assert len(seen) == len(later)
+    for arguments in seen:
+        types = tuple(numba.typeof(value) for value in arguments + (kernel_call.steps,))
+        assert kernel_call.kernel.overloads[types].entry_point is kernel_call.entry
+    tol = 3e-2 if dtype == torch.bfloat16 else 2e-5
+    for inputs, out in zip(later, results):
+        want = reference(*(_numpy(x).astype(np.float64) for x in inputs),
+                         sinks=None if sinks is None else _numpy(sinks).astype(np.float64))  # fmt: skip
+        np.testing.assert_allclose(_numpy(out).astype(np.float64), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["forward", "decode"])
+def test_planned_calls_on_the_calling_thread_from_eight_threads_at_once(kind, monkeypatch):
+    """Calls that run on the calling thread alone take no lock (their own packed operands, no split
+    partials; the kernel holds the GIL while it runs): eight threads calling one plan at once, its
+    kernel entry and steps shared, each get their own answer."""
+    from attnkit.kernels import numba_attention
+
+    monkeypatch.setattr(numba_attention, "worker_count", lambda: 1)
+    import threading
+
+    rng = np.random.default_rng(9)
+    q_shape, kv_shape = ((1, 4, 24, 32), (1, 4, 24, 32)) if kind == "forward" else ((1, 4, 1, 32), (1, 2, 600, 32))
+    inputs = [tuple(_fresh(s, np.float32, rng, "numpy") for s in (q_shape, kv_shape, kv_shape)) for _ in range(8)]
+    api.clear_plans()
+    attnkit.scaled_dot_product_attention(*inputs[0], enable_gqa=True)  # planned
+    results = [[] for _ in inputs]
+
+    def work(index):
+        for _ in range(40):
+            results[index].append(attnkit.scaled_dot_product_attention(*inputs[index], enable_gqa=True))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert planned.count() == 1
+    for index, outs in enumerate(results):
+        want = reference(*(x.astype(np.float64) for x in inputs[index]))
+        assert len(outs) == 40
+        for out in outs:
+            np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)

@@ -74,10 +74,8 @@ def _make_constants(dtype, scale, softcap, keep_scale=1.0):
 def _kernel_array(x, dtype):
     """C-contiguous, writeable, aligned, native-order array of dtype (one compiled signature per dtype):
     x itself when it already is one (checked first: planned calls pass three per call), else a copy."""
-    if type(x) is np.ndarray and x.dtype == dtype:
-        flags = x.flags
-        if flags.c_contiguous and flags.writeable and flags.aligned:
-            return x
+    if type(x) is np.ndarray and x.dtype == dtype and x.flags.carray:  # C-contiguous, aligned, writeable
+        return x
     return np.array(x, dtype=dtype, order="C", copy=True)
 
 
