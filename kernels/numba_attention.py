@@ -345,7 +345,7 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
             in_order_rows=_IN_ORDER_ROWS):  # fmt: skip
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
     pairs than twice the workers, partials merged by lse. kernel_call: the plan's KernelCall of
-    _decode_kernel (None: a new one). in_order_rows: see _in_order_rows."""
+    _decode_kernel (None: a new one); returns the one it ran. in_order_rows: see _in_order_rows."""
     batch, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     key_blocks = -(-nk // _DECODE_BLOCK_K)
@@ -364,10 +364,12 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
             part_out, part_lse = WORKSPACE.zeroed(consts.dtype, shapes)
         else:
             part_out, part_lse = _UNUSED_PARTIALS[consts.dtype.type]
-        (kernel_call or KernelCall(_decode_kernel, decode_steps))(
+        kernel_call = kernel_call or KernelCall(_decode_kernel, decode_steps)
+        kernel_call(
             q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, in_order_rows, n_workers,
             out, lse, part_out, part_lse,
         )  # fmt: skip
+    return kernel_call
 
 
 def flash_backward(
