@@ -137,14 +137,16 @@ def test_any_value_width_takes_the_decode_kernel(dv, dtype):
     assert_within_rule("out", out, out64, out32, 2)
 
 
+@pytest.mark.parametrize("hq", [16, 14], ids=["8-rows", "7-rows"])
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 40], ids=["kv-larger-than-the-cache", "kv-in-the-cache"])
-def test_float32_groups_of_eight_rows_read_keys_in_order_when_the_cache_cannot_hold_them(monkeypatch, cache_bytes):
-    """Tiles of 8 rows (GQA 16/2): a key at a time, K and V in memory order, when float32 K / V
-    exceed the last-level cache; the micro-kernel when they fit. Both against the reference."""
+def test_float32_groups_of_eight_rows_read_keys_in_order_when_the_cache_cannot_hold_them(monkeypatch, cache_bytes, hq):
+    """Tiles of 8 or 7 rows (GQA 16/2, 14/2): a key at a time, K and V in memory order (the dot
+    products 4 + 4 or 4 + 2 + 1 rows at once), when float32 K / V exceed the last-level cache; the
+    micro-kernel when they fit. Both against the reference."""
     monkeypatch.setattr(kernel, "last_level_cache_bytes", lambda: cache_bytes)
-    nk = 700 if cache_bytes else 701  # other shapes: no plan made under the other setting is reused
+    nk = (700 if cache_bytes else 701) + 2 * (hq == 14)  # other shapes: no plan of another setting is reused
     rng = np.random.default_rng(nk)
-    q = rng.standard_normal((2, 16, 1, 64))
+    q = rng.standard_normal((2, hq, 1, 64))
     k, v = (rng.standard_normal((2, 2, nk, 64)) for _ in range(2))
     mask = np.arange(nk)[None, None, None, :] < np.array([nk, 300])[:, None, None, None]
     options = dict(scale=0.125, causal=None, window=None, softcap=None)

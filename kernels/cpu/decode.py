@@ -39,6 +39,42 @@ from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_
 # slower from memory (fp32), and were not kept.
 
 
+@_jit(fastmath=_FASTMATH)
+def _in_order_dots(k, b, hk, j0, bk, q_rows, rows, s_full, zero):
+    """s_full[r, j] = q_rows[r] . k[b, hk, j0 + j] for the tile's rows and bk keys, a key at a time:
+    each element of the key, widened once (bf16), serves four rows' sums (then two, then one).
+    A row at a time, bf16 keys were widened once per row: B4 H32/8 Nk4096 bf16 decode 4.7-4.9 ->
+    3.8-4.0 ms jammed, fp32 6.2-6.4 -> 5.8-5.9 (Zen 3 VM, two threads; docs/kernel-log.md v27)."""
+    d = q_rows.shape[1]
+    r = 0
+    while r + 4 <= rows:
+        for j in range(bk):
+            t0 = t1 = t2 = t3 = zero
+            for c in range(d):
+                x = _operand_of(s_full, k[b, hk, j0 + j, c])
+                t0 += x * q_rows[r, c]
+                t1 += x * q_rows[r + 1, c]
+                t2 += x * q_rows[r + 2, c]
+                t3 += x * q_rows[r + 3, c]
+            s_full[r, j], s_full[r + 1, j], s_full[r + 2, j], s_full[r + 3, j] = t0, t1, t2, t3
+        r += 4
+    while r + 2 <= rows:
+        for j in range(bk):
+            t0 = t1 = zero
+            for c in range(d):
+                x = _operand_of(s_full, k[b, hk, j0 + j, c])
+                t0 += x * q_rows[r, c]
+                t1 += x * q_rows[r + 1, c]
+            s_full[r, j], s_full[r + 1, j] = t0, t1
+        r += 2
+    if r < rows:
+        for j in range(bk):
+            t0 = zero
+            for c in range(d):
+                t0 += _operand_of(s_full, k[b, hk, j0 + j, c]) * q_rows[r, c]
+            s_full[r, j] = t0
+
+
 @_jit(inline="always")
 def _group_key_blocks(key_ranges, b, h0, group, nq, nk, lo_offset, hi_offset, block_k):
     """(first, stop): the key blocks any head h0 .. h0 + group - 1 of the GQA group can see."""
@@ -133,12 +169,7 @@ def _decode_worker(
             bk = j1 - j0
             s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
             if rows < in_order_rows:  # few rows: dot products (the micro-kernel fills 16 columns for them)
-                for j in range(bk):  # rows indexed, never made arrays (no reference count per key)
-                    for r in range(rows):  # the key's row stays in L1 for the group's rows
-                        total = zero
-                        for c in range(d):
-                            total += _operand_of(s_full, k[b, hk, j0 + j, c]) * q_rows[r, c]
-                        s_full[r, j] = total
+                _in_order_dots(k, b, hk, j0, bk, q_rows, rows, s_full, zero)
             else:
                 _product(_rows_as(k, b, hk, j0, bk, k_wide), q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
                 for j in range(bk):
