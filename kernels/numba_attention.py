@@ -320,9 +320,10 @@ def runs_decode(nq, nk, group, dense):
 # (GQA group x queries) than this; the micro-kernel takes larger tiles (kernels/cpu/decode.py).
 # float32 caches larger than the last-level cache take tiles of up to 8 rows in order too: read
 # from memory, in order ran 1.3-1.5x faster at 8 rows than the micro-kernel, which reads V in
-# strips, but 1.3-1.4x slower from the cache (the same call repeated on an 8 MiB cache); bf16 ran
-# ~7% slower in order both ways (its elements are widened once per row). Zen 3 VM, alternate
-# processes, three pairs; docs/kernel-log.md v26.
+# strips, but 1.3-1.4x slower from the cache (the same call repeated on an 8 MiB cache; docs/
+# kernel-log.md v26). bf16 caches take tiles of up to 8 rows in order always: since each key's
+# elements are widened once per four rows' dot products (v27), 5-8 rows in order ran 1.03-1.2x
+# faster than the micro-kernel from memory and from the cache. Zen 3 VM.
 _IN_ORDER_ROWS = 5
 _IN_ORDER_ROWS_FROM_MEMORY = 9
 
@@ -330,7 +331,8 @@ _IN_ORDER_ROWS_FROM_MEMORY = 9
 def _in_order_rows(dtype, kv_bytes):
     """The decode kernel's in_order_rows for a call whose K and V (of dtype; bf16 as uint16 bits)
     take kv_bytes."""
-    if np.dtype(dtype) == np.float32 and kv_bytes > last_level_cache_bytes():
+    dtype = np.dtype(dtype)
+    if dtype == np.uint16 or dtype == np.float32 and kv_bytes > last_level_cache_bytes():
         return _IN_ORDER_ROWS_FROM_MEMORY
     return _IN_ORDER_ROWS
 

@@ -159,3 +159,27 @@ def test_float32_groups_of_eight_rows_read_keys_in_order_when_the_cache_cannot_h
     out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), **kw)
     assert_within_rule("out", out, out64, out32, 2)
     assert_within_rule("lse", lse, lse64, lse32, 2)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 40], ids=["kv-larger-than-the-cache", "kv-in-the-cache"])
+@pytest.mark.parametrize("hq", [16, 10], ids=["8-rows", "5-rows"])
+def test_bf16_groups_of_up_to_eight_rows_read_keys_in_order_wherever_they_are(monkeypatch, cache_bytes, hq):
+    """bf16 tiles of 5-8 rows read the keys in order from memory and from the cache alike (each
+    key's elements widened once per four rows), against the reference."""
+    monkeypatch.setattr(kernel, "last_level_cache_bytes", lambda: cache_bytes)
+    nk = (640 if cache_bytes else 641) + 2 * (hq == 10)  # no plan of another setting is reused
+    rng = np.random.default_rng(nk)
+    q = rng.standard_normal((2, hq, 1, 64))
+    k, v = (rng.standard_normal((2, 2, nk, 64)) for _ in range(2))
+    mask = np.arange(nk)[None, None, None, :] < np.array([nk, 250])[:, None, None, None]
+    bits = [bf16_bits(x) for x in (q, k, v)]
+    with kernel.recording() as launches:
+        out, lse = kernel.flash_forward(*bits, mask, scale=0.125, causal=None, window=None, softcap=None)
+    assert [x.worker.removesuffix("_serial") for x in launches] == ["decode"]
+    assert launches[0].in_order_rows == 9
+    q, k, v = (bf16_to_float32(x).astype(np.float64) for x in bits)  # the reference runs on the bf16 values
+    out64, lse64 = attention(q, k, v, mask=mask, scale=0.125, return_lse=True)
+    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), mask=mask, scale=0.125, return_lse=True)
+    assert out.dtype == np.uint16  # bf16 out; the plain implementation's output rounded to bf16 too
+    assert_within_rule("out", bf16_to_float32(out), out64, bf16_to_float32(bf16_bits(out32)), 2)
+    assert_within_rule("lse", lse, lse64, lse32, 2)
