@@ -3,6 +3,8 @@ entry, gives what the full path gives, and is never used for a call it does not 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -282,8 +284,6 @@ def test_planned_calls_on_the_calling_thread_from_eight_threads_at_once(kind, mo
     from attnkit.kernels import numba_attention
 
     monkeypatch.setattr(numba_attention, "worker_count", lambda: 1)
-    import threading
-
     rng = np.random.default_rng(9)
     q_shape, kv_shape = ((1, 4, 24, 32), (1, 4, 24, 32)) if kind == "forward" else ((1, 4, 1, 32), (1, 2, 600, 32))
     inputs = [tuple(_fresh(s, np.float32, rng, "numpy") for s in (q_shape, kv_shape, kv_shape)) for _ in range(8)]

@@ -91,38 +91,32 @@ def _pv_rows_at_once_overload(v):
 @_jit(fastmath=_FASTMATH)
 def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], a key at a time (V read in memory order):
-    float V serves four output rows per pass over its row (then two, then one), bf16 one."""
-    if _pv_rows_at_once(v) == 1:
-        for j in range(bk):  # the key's V row stays in L1 for the group's rows
-            for r in range(rows):
-                weight = p[r, j]
-                for c in range(dv):
-                    acc[r, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
-        return
+    float V serves four output rows per pass over its row (then two), bf16 one."""
     r = 0
-    while r + 4 <= rows:
-        for j in range(bk):
-            w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
+    if _pv_rows_at_once(v) == 4:
+        while r + 4 <= rows:
+            for j in range(bk):
+                w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
+                for c in range(dv):
+                    x = _operand_of(acc, v[b, hk, j0 + j, c])
+                    acc[r, c] += w0 * x
+                    acc[r + 1, c] += w1 * x
+                    acc[r + 2, c] += w2 * x
+                    acc[r + 3, c] += w3 * x
+            r += 4
+        while r + 2 <= rows:
+            for j in range(bk):
+                w0, w1 = p[r, j], p[r + 1, j]
+                for c in range(dv):
+                    x = _operand_of(acc, v[b, hk, j0 + j, c])
+                    acc[r, c] += w0 * x
+                    acc[r + 1, c] += w1 * x
+            r += 2
+    for j in range(bk):  # the rows left (bf16: all), keys outer: the key's V row stays in L1 for them
+        for i in range(r, rows):
+            weight = p[i, j]
             for c in range(dv):
-                x = _operand_of(acc, v[b, hk, j0 + j, c])
-                acc[r, c] += w0 * x
-                acc[r + 1, c] += w1 * x
-                acc[r + 2, c] += w2 * x
-                acc[r + 3, c] += w3 * x
-        r += 4
-    while r + 2 <= rows:
-        for j in range(bk):
-            w0, w1 = p[r, j], p[r + 1, j]
-            for c in range(dv):
-                x = _operand_of(acc, v[b, hk, j0 + j, c])
-                acc[r, c] += w0 * x
-                acc[r + 1, c] += w1 * x
-        r += 2
-    if r < rows:
-        for j in range(bk):
-            weight = p[r, j]
-            for c in range(dv):
-                acc[r, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
+                acc[i, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
 
 
 @_jit(inline="always")
