@@ -77,46 +77,69 @@ def _in_order_dots(k, b, hk, j0, bk, q_rows, rows, s_full, zero):
             s_full[r, j] = t0
 
 
-def _pv_rows_at_once(v):
-    """How many output rows one pass over a V row updates in _in_order_pv: 4 for float V; 1 for bf16
-    bits, whose widened row and four output rows spill AVX2's 16 registers (1.27x the time)."""
+def _pv_key_pairs(v):
+    """Whether _in_order_pv takes V's rows two keys at a time: for bf16 bits (each pass loads and
+    stores the output rows once for two keys; B4 H32/8 Nk4096 D128 decode 3.86-3.93 -> 3.49-3.71 ms,
+    Nk512 0.46-0.47 -> 0.38), not for float V, read from memory 1.15x slower so (Zen 3 VM, two
+    threads; docs/kernel-log.md v28)."""
 
 
-@overload(_pv_rows_at_once, jit_options={"inline": "always"})
-def _pv_rows_at_once_overload(v):
-    at_once = 1 if v.dtype == types.uint16 else 4
-    return lambda v: at_once
+@overload(_pv_key_pairs, jit_options={"inline": "always"})
+def _pv_key_pairs_overload(v):
+    pairs = v.dtype == types.uint16
+    return lambda v: pairs
 
 
 @_jit(fastmath=_FASTMATH)
 def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
-    """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], a key at a time (V read in memory order):
-    float V serves four output rows per pass over its row (then two), bf16 one."""
+    """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], keys in memory order: a V row (bf16: two
+    keys' rows), loaded and widened once, serves four output rows per pass (then two, then one)."""
+    pairs = _pv_key_pairs(v)
     r = 0
-    if _pv_rows_at_once(v) == 4:
-        while r + 4 <= rows:
-            for j in range(bk):
-                w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
-                for c in range(dv):
-                    x = _operand_of(acc, v[b, hk, j0 + j, c])
-                    acc[r, c] += w0 * x
-                    acc[r + 1, c] += w1 * x
-                    acc[r + 2, c] += w2 * x
-                    acc[r + 3, c] += w3 * x
-            r += 4
-        while r + 2 <= rows:
-            for j in range(bk):
-                w0, w1 = p[r, j], p[r + 1, j]
-                for c in range(dv):
-                    x = _operand_of(acc, v[b, hk, j0 + j, c])
-                    acc[r, c] += w0 * x
-                    acc[r + 1, c] += w1 * x
-            r += 2
-    for j in range(bk):  # the rows left (bf16: all), keys outer: the key's V row stays in L1 for them
-        for i in range(r, rows):
-            weight = p[i, j]
+    while r + 4 <= rows:
+        j = 0
+        while pairs and j + 2 <= bk:
+            w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
+            u0, u1, u2, u3 = p[r, j + 1], p[r + 1, j + 1], p[r + 2, j + 1], p[r + 3, j + 1]
             for c in range(dv):
-                acc[i, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
+                x = _operand_of(acc, v[b, hk, j0 + j, c])
+                y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
+                acc[r, c] += w0 * x + u0 * y
+                acc[r + 1, c] += w1 * x + u1 * y
+                acc[r + 2, c] += w2 * x + u2 * y
+                acc[r + 3, c] += w3 * x + u3 * y
+            j += 2
+        for j in range(j, bk):
+            w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
+            for c in range(dv):
+                x = _operand_of(acc, v[b, hk, j0 + j, c])
+                acc[r, c] += w0 * x
+                acc[r + 1, c] += w1 * x
+                acc[r + 2, c] += w2 * x
+                acc[r + 3, c] += w3 * x
+        r += 4
+    while r + 2 <= rows:
+        j = 0
+        while pairs and j + 2 <= bk:
+            w0, w1, u0, u1 = p[r, j], p[r + 1, j], p[r, j + 1], p[r + 1, j + 1]
+            for c in range(dv):
+                x = _operand_of(acc, v[b, hk, j0 + j, c])
+                y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
+                acc[r, c] += w0 * x + u0 * y
+                acc[r + 1, c] += w1 * x + u1 * y
+            j += 2
+        for j in range(j, bk):
+            w0, w1 = p[r, j], p[r + 1, j]
+            for c in range(dv):
+                x = _operand_of(acc, v[b, hk, j0 + j, c])
+                acc[r, c] += w0 * x
+                acc[r + 1, c] += w1 * x
+        r += 2
+    if r < rows:  # one row left
+        for j in range(bk):
+            weight = p[r, j]
+            for c in range(dv):
+                acc[r, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
 
 
 @_jit(inline="always")
