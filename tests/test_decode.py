@@ -28,6 +28,8 @@ CASES = [
     (2, 8, 8, 1, 777, 64, None, None, "key_padding"),  # MHA: one row per tile, P V a key at a time
     (1, 4, 4, 1, 1500, 128, "bottom_right", (300, 0), None),
     (1, 8, 2, 1, 333, 40, None, None, "key_padding"),  # 4 rows a tile: both products a key at a time, D 40
+    (1, 6, 2, 1, 515, 64, None, None, None),  # 3 rows (bf16: one pass over key pairs), an odd block of 3 keys
+    (1, 14, 2, 1, 601, 48, "bottom_right", (200, 0), None),  # 7 rows: 4 + 3, an odd last block
 ]
 
 

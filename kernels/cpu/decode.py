@@ -93,7 +93,8 @@ def _pv_key_pairs_overload(v):
 @_jit(fastmath=_FASTMATH)
 def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], keys in memory order: a V row (bf16: two
-    keys' rows), loaded and widened once, serves four output rows per pass (then two, then one)."""
+    keys' rows), loaded and widened once, serves four output rows per pass (then bf16's last three,
+    two, one)."""
     pairs = _pv_key_pairs(v)
     r = 0
     while r + 4 <= rows:
@@ -118,6 +119,23 @@ def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
                 acc[r + 2, c] += w2 * x
                 acc[r + 3, c] += w3 * x
         r += 4
+    if pairs and rows - r == 3:  # bf16's last three rows in one pass too (2 + 1 read V twice)
+        j = 0
+        while j + 2 <= bk:
+            w0, w1, w2, u0, u1, u2 = p[r, j], p[r + 1, j], p[r + 2, j], p[r, j + 1], p[r + 1, j + 1], p[r + 2, j + 1]
+            for c in range(dv):
+                x = _operand_of(acc, v[b, hk, j0 + j, c])
+                y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
+                acc[r, c] += w0 * x + u0 * y
+                acc[r + 1, c] += w1 * x + u1 * y
+                acc[r + 2, c] += w2 * x + u2 * y
+            j += 2
+        if j < bk:
+            for i in range(r, rows):
+                weight = p[i, j]
+                for c in range(dv):
+                    acc[i, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
+        r = rows
     while r + 2 <= rows:
         j = 0
         while pairs and j + 2 <= bk:
