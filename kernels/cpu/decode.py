@@ -90,74 +90,62 @@ def _pv_key_pairs_overload(v):
     return lambda v: pairs
 
 
+@_jit(inline="always")
+def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
+    """acc[r + i, :dv] += sum_j p[r + i, j] v[b, hk, j0 + j, :dv] for n rows (1-4; a constant at each
+    call, so the unused rows' code folds away) in one pass over the keys: two keys' V rows a step
+    when pairs, then a key at a time."""
+    j = 0
+    while pairs and j + 2 <= bk:
+        w0, u0 = p[r, j], p[r, j + 1]
+        w1, u1 = (p[r + 1, j], p[r + 1, j + 1]) if n > 1 else (w0, u0)
+        w2, u2 = (p[r + 2, j], p[r + 2, j + 1]) if n > 2 else (w0, u0)
+        w3, u3 = (p[r + 3, j], p[r + 3, j + 1]) if n > 3 else (w0, u0)
+        for c in range(dv):
+            x = _operand_of(acc, v[b, hk, j0 + j, c])
+            y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
+            acc[r, c] += w0 * x + u0 * y
+            if n > 1:
+                acc[r + 1, c] += w1 * x + u1 * y
+            if n > 2:
+                acc[r + 2, c] += w2 * x + u2 * y
+            if n > 3:
+                acc[r + 3, c] += w3 * x + u3 * y
+        j += 2
+    for j in range(j, bk):
+        w0 = p[r, j]
+        w1 = p[r + 1, j] if n > 1 else w0
+        w2 = p[r + 2, j] if n > 2 else w0
+        w3 = p[r + 3, j] if n > 3 else w0
+        for c in range(dv):
+            x = _operand_of(acc, v[b, hk, j0 + j, c])
+            acc[r, c] += w0 * x
+            if n > 1:
+                acc[r + 1, c] += w1 * x
+            if n > 2:
+                acc[r + 2, c] += w2 * x
+            if n > 3:
+                acc[r + 3, c] += w3 * x
+
+
 @_jit(fastmath=_FASTMATH)
 def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], keys in memory order: a V row (bf16: two
-    keys' rows), loaded and widened once, serves four output rows per pass (then bf16's last three,
-    two, one)."""
+    keys' rows), loaded and widened once, serves four output rows per pass (then bf16's last three
+    in one pass; float's two, then one)."""
     pairs = _pv_key_pairs(v)
     r = 0
     while r + 4 <= rows:
-        j = 0
-        while pairs and j + 2 <= bk:
-            w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
-            u0, u1, u2, u3 = p[r, j + 1], p[r + 1, j + 1], p[r + 2, j + 1], p[r + 3, j + 1]
-            for c in range(dv):
-                x = _operand_of(acc, v[b, hk, j0 + j, c])
-                y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
-                acc[r, c] += w0 * x + u0 * y
-                acc[r + 1, c] += w1 * x + u1 * y
-                acc[r + 2, c] += w2 * x + u2 * y
-                acc[r + 3, c] += w3 * x + u3 * y
-            j += 2
-        for j in range(j, bk):
-            w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
-            for c in range(dv):
-                x = _operand_of(acc, v[b, hk, j0 + j, c])
-                acc[r, c] += w0 * x
-                acc[r + 1, c] += w1 * x
-                acc[r + 2, c] += w2 * x
-                acc[r + 3, c] += w3 * x
+        _pv_pass(v, b, hk, j0, bk, p, r, 4, pairs, dv, acc)
         r += 4
-    if pairs and rows - r == 3:  # bf16's last three rows in one pass too (2 + 1 read V twice)
-        j = 0
-        while j + 2 <= bk:
-            w0, w1, w2, u0, u1, u2 = p[r, j], p[r + 1, j], p[r + 2, j], p[r, j + 1], p[r + 1, j + 1], p[r + 2, j + 1]
-            for c in range(dv):
-                x = _operand_of(acc, v[b, hk, j0 + j, c])
-                y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
-                acc[r, c] += w0 * x + u0 * y
-                acc[r + 1, c] += w1 * x + u1 * y
-                acc[r + 2, c] += w2 * x + u2 * y
-            j += 2
-        if j < bk:
-            for i in range(r, rows):
-                weight = p[i, j]
-                for c in range(dv):
-                    acc[i, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
-        r = rows
-    while r + 2 <= rows:
-        j = 0
-        while pairs and j + 2 <= bk:
-            w0, w1, u0, u1 = p[r, j], p[r + 1, j], p[r, j + 1], p[r + 1, j + 1]
-            for c in range(dv):
-                x = _operand_of(acc, v[b, hk, j0 + j, c])
-                y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
-                acc[r, c] += w0 * x + u0 * y
-                acc[r + 1, c] += w1 * x + u1 * y
-            j += 2
-        for j in range(j, bk):
-            w0, w1 = p[r, j], p[r + 1, j]
-            for c in range(dv):
-                x = _operand_of(acc, v[b, hk, j0 + j, c])
-                acc[r, c] += w0 * x
-                acc[r + 1, c] += w1 * x
+    if pairs and rows - r == 3:  # 2 + 1 would read the V block twice
+        _pv_pass(v, b, hk, j0, bk, p, r, 3, pairs, dv, acc)
+        r += 3
+    if rows - r >= 2:
+        _pv_pass(v, b, hk, j0, bk, p, r, 2, pairs, dv, acc)
         r += 2
-    if r < rows:  # one row left
-        for j in range(bk):
-            weight = p[r, j]
-            for c in range(dv):
-                acc[r, c] += weight * _operand_of(acc, v[b, hk, j0 + j, c])
+    if r < rows:  # one row: a key at a time
+        _pv_pass(v, b, hk, j0, bk, p, r, 1, False, dv, acc)
 
 
 @_jit(inline="always")
