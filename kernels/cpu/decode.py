@@ -78,10 +78,9 @@ def _in_order_dots(k, b, hk, j0, bk, q_rows, rows, s_full, zero):
 
 
 def _pv_key_pairs(v):
-    """Whether _in_order_pv takes V's rows two keys at a time: for bf16 bits (each pass loads and
-    stores the output rows once for two keys; B4 H32/8 Nk4096 D128 decode 3.86-3.93 -> 3.49-3.71 ms,
-    Nk512 0.46-0.47 -> 0.38), not for float V, read from memory 1.15x slower so (Zen 3 VM, two
-    threads; docs/kernel-log.md v28)."""
+    """Whether _in_order_pv takes V's rows two keys at a time (the output rows then loaded and stored
+    once per two keys): for bf16 bits, 1.1-1.2x faster (B4 H32/8 D128 decode); not for float V,
+    which ran 1.1-1.2x slower so from memory (Zen 3 VM; docs/kernel-log.md v28)."""
 
 
 @overload(_pv_key_pairs, jit_options={"inline": "always"})
@@ -261,7 +260,7 @@ def _decode_worker(
                         for c in range(bk):
                             slab[r, c] *= multiplier
             _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc)
-            if rows < in_order_rows:  # acc += P V, a key at a time
+            if rows < in_order_rows:  # acc += P V, keys in memory order
                 _in_order_pv(v_rows, b, hk, j0, bk, s_full, rows, dv, acc)
             else:
                 v_blk = _padded_rows_as(v_rows, b, hk, j0, bk, v_wide)  # read in place where Dv allows
