@@ -95,10 +95,15 @@ def run_correctness(triton_ops, dtypes, quick):
     results = []
     for case in correctness_cases(quick):
         for dtype in dtypes:
-            results.append(_check_case(triton_ops, case, dtype))
+            try:
+                results.append(_check_case(triton_ops, case, dtype))
+            except Exception as error:  # one broken case must not hide the rest
+                results.append(dict(case=case["name"], dtype=str(dtype).replace("torch.", ""), ok=False, errors={},
+                                    error=f"{type(error).__name__}: {error}"[:400]))
             r = results[-1]
             log(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['case']:<42} {r['dtype']:<9} "
-                + " ".join(f"{k}={v['err']:.2e}/{v['plain']:.2e}" for k, v in r["errors"].items()))
+                + " ".join(f"{k}={v['err']:.2e}/{v['plain']:.2e}" for k, v in r["errors"].items())
+                + (f" {r['error']}" if "error" in r else ""))
     return results
 
 
@@ -397,7 +402,11 @@ def _peers():
     return peers
 
 
-def run_timing(triton_ops, deadline, quick):
+def run_timing(triton_ops, deadline, quick, dtype_names=("float16",), head_dims=(64, 128), save=None):
+    """TFLOP/s rows of attnkit's Triton kernel and every peer, per dtype, head dim, causal flag and N.
+
+    Peers stop being started once `deadline` (time.time()) has passed; attnkit keeps going. `save(rows,
+    skipped)` is called after each shape, so a run stopped by a timeout still leaves its figures."""
     import torch
 
     peers = _peers()
@@ -409,61 +418,132 @@ def run_timing(triton_ops, deadline, quick):
     lengths = [512, 1024, 2048, 4096, 8192, 16384]
     if quick:
         lengths = [1024, 4096]
-    for d in (64, 128):
-        for causal in (False, True):
-            for n in lengths:
-                b, h = max(1, 16384 // n), 2048 // d
-                flops = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)
-                q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.float16, requires_grad=True)
-                           for _ in range(3))
-                d_out = torch.randn(b, h, n, d, device="cuda", dtype=torch.float16)
-                for name, fn in backends.items():
-                    if name in broken:
-                        continue
-                    if time.time() > deadline and name != "attnkit_triton":
-                        skipped.append(f"{name} D={d} causal={causal} N={n}: time budget spent")
-                        continue
-                    for mode in ("fwd", "fwd+bwd"):
-                        try:
-                            if mode == "fwd":
-                                with torch.no_grad():
-                                    ms = time_ms(lambda: fn(q, k, v, causal))
-                            else:
-                                ms = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), d_out))
-                        except Exception as error:  # a backend that cannot run this shape
-                            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
-                            if name == "flex_attention":
-                                broken[name] = reason
-                            skipped.append(f"{name} D={d} causal={causal} N={n} {mode}: {reason}")
-                            break
-                        total = flops * (3.5 if mode == "fwd+bwd" else 1.0)
-                        rows.append(dict(backend=name, d=d, causal=causal, n=n, b=b, h=h, mode=mode,
-                                         ms=ms, tflops=total / ms / 1e9))
-                del q, k, v, d_out
-                torch.cuda.empty_cache()
-                _print_block(rows, d, causal, n)
+    for dtype_name in dtype_names:
+        dtype = getattr(torch, dtype_name)
+        for d in head_dims:
+            for causal in (False, True):
+                for n in lengths:
+                    b, h = max(1, 16384 // n), 2048 // d
+                    flops = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)
+                    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True)
+                               for _ in range(3))
+                    d_out = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+                    for name, fn in backends.items():
+                        if name in broken:
+                            continue
+                        if time.time() > deadline and name != "attnkit_triton":
+                            skipped.append(f"{name} {dtype_name} D={d} causal={causal} N={n}: time budget spent")
+                            continue
+                        for mode in ("fwd", "fwd+bwd"):
+                            try:
+                                if mode == "fwd":
+                                    with torch.no_grad():
+                                        ms = time_ms(lambda: fn(q, k, v, causal))
+                                else:
+                                    ms = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), d_out))
+                            except Exception as error:  # a backend that cannot run this shape
+                                first_line = str(error).splitlines()[0] if str(error) else ""
+                                reason = f"{type(error).__name__}: {first_line}"[:200]
+                                if name == "flex_attention":
+                                    broken[name] = reason
+                                skipped.append(f"{name} {dtype_name} D={d} causal={causal} N={n} {mode}: {reason}")
+                                break
+                            total = flops * (3.5 if mode == "fwd+bwd" else 1.0)
+                            rows.append(dict(backend=name, dtype=dtype_name, d=d, causal=causal, n=n, b=b, h=h,
+                                             mode=mode, ms=ms, tflops=total / ms / 1e9))
+                    q = k = v = d_out = None  # free the card's memory before the next shape
+                    torch.cuda.empty_cache()
+                    _print_block(rows, dtype_name, d, causal, n)
+                    if save is not None:
+                        save(rows, skipped)
     return rows, skipped
 
 
-def _print_block(rows, d, causal, n):
-    here = [r for r in rows if r["d"] == d and r["causal"] == causal and r["n"] == n]
+def run_flex_timing(deadline, lengths=(2048, 8192), head_dims=(64, 128), dtype_name="float16", device="cuda",
+                    batch_tokens=16384, width=2048):
+    """attnkit.flex_attention on the card against torch.compile(flex_attention), the same BlockMask.
+
+    Two user functions, as bench/flex.py on the CPU: document masking (random boundaries, a mask_mod)
+    and a relative-position bias read from an (H, 2N) table (a score_mod). Forward, and forward +
+    backward. B * N = 16384, H * D = 2048. Rows: ms of each and torch's time / attnkit's."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import attnkit
+
+    dtype = getattr(torch, dtype_name)
+    rows = []
+    generator = torch.Generator(device=device).manual_seed(5)
+    for n in lengths:
+        b = max(1, batch_tokens // n)
+        starts = torch.zeros(n, dtype=torch.int64, device=device)
+        starts[torch.randperm(n - 1, device=device, generator=generator)[:7] + 1] = 1
+        docs = torch.cumsum(starts, 0)
+
+        def document(b_, h_, q_idx, kv_idx):
+            return docs[q_idx] == docs[kv_idx]
+
+        block_mask = create_block_mask(document, None, None, n, n, device=device)
+        for d in head_dims:
+            h = width // d
+            table = torch.randn(h, 2 * n, device=device, generator=generator)
+
+            def relative(score, b_, h_, q_idx, kv_idx):
+                return score + table[h_, q_idx - kv_idx + n]
+
+            q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, generator=generator).requires_grad_()
+                       for _ in range(3))
+            d_out = torch.randn(b, h, n, d, device=device, dtype=dtype, generator=generator)
+            torch._dynamo.reset()  # a fresh compilation per shape: past the recompile limit torch runs eager flex
+            compiled = torch.compile(flex_attention)
+            for case, kwargs in (("document mask", dict(block_mask=block_mask)), ("relative bias", dict(score_mod=relative))):
+                for mode in ("fwd", "fwd+bwd"):
+                    if time.time() > deadline:
+                        rows.append(dict(case=case, n=n, d=d, mode=mode, skipped="time budget spent"))
+                        continue
+                    calls = {"attnkit": lambda: attnkit.flex_attention(q, k, v, backend="triton", **kwargs),
+                             "torch_flex_compiled": lambda: compiled(q, k, v, **kwargs)}
+                    row = dict(case=case, dtype=dtype_name, n=n, d=d, b=b, h=h, mode=mode)
+                    for name, call in calls.items():
+                        try:
+                            if mode == "fwd":
+                                with torch.no_grad():
+                                    row[f"{name}_ms"] = time_ms(call)
+                            else:
+                                row[f"{name}_ms"] = time_ms(lambda: torch.autograd.grad(call(), (q, k, v), d_out))
+                        except Exception as error:  # report and go on
+                            first_line = str(error).splitlines()[0] if str(error) else ""
+                            row[f"{name}_error"] = f"{type(error).__name__}: {first_line}"[:300]
+                    if "attnkit_ms" in row and "torch_flex_compiled_ms" in row:
+                        row["torch_over_attnkit"] = row["torch_flex_compiled_ms"] / row["attnkit_ms"]
+                    rows.append(row)
+                    log("  flex " + " ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+                                             for key, value in row.items()))
+            q = k = v = d_out = None  # free the card's memory before the next shape
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _print_block(rows, dtype_name, d, causal, n):
+    here = [r for r in rows if (r["dtype"], r["d"], r["causal"], r["n"]) == (dtype_name, d, causal, n)]
     line = " ".join(f"{r['backend']}:{r['mode']}={r['tflops']:.0f}" for r in here)
-    log(f"  D={d} causal={causal!s:<5} N={n:<6} TFLOP/s {line}")
+    log(f"  {dtype_name} D={d} causal={causal!s:<5} N={n:<6} TFLOP/s {line}")
 
 
 def print_table(rows):
     names = sorted({r["backend"] for r in rows}, key=lambda s: (s != "attnkit_triton", s))
-    for mode in ("fwd", "fwd+bwd"):
-        log(f"\n{mode} TFLOP/s (fp16; B*N = 16384, H*D = 2048)")
-        log(f"{'D':>4} {'causal':>6} {'N':>6} " + " ".join(f"{n:>15}" for n in names))
-        keys = sorted({(r["d"], r["causal"], r["n"]) for r in rows if r["mode"] == mode})
-        for d, causal, n in keys:
-            cells = []
-            for name in names:
-                hit = [r for r in rows if (r["backend"], r["d"], r["causal"], r["n"], r["mode"]) ==
-                       (name, d, causal, n, mode)]
-                cells.append(f"{hit[0]['tflops']:>15.1f}" if hit else f"{'-':>15}")
-            log(f"{d:>4} {causal!s:>6} {n:>6} " + " ".join(cells))
+    for dtype_name in sorted({r["dtype"] for r in rows}):
+        for mode in ("fwd", "fwd+bwd"):
+            log(f"\n{mode} TFLOP/s ({dtype_name}; B*N = 16384, H*D = 2048)")
+            log(f"{'D':>4} {'causal':>6} {'N':>6} " + " ".join(f"{n:>15}" for n in names))
+            keys = sorted({(r["d"], r["causal"], r["n"]) for r in rows if (r["mode"], r["dtype"]) == (mode, dtype_name)})
+            for d, causal, n in keys:
+                cells = []
+                for name in names:
+                    hit = [r for r in rows if (r["backend"], r["dtype"], r["d"], r["causal"], r["n"], r["mode"]) ==
+                           (name, dtype_name, d, causal, n, mode)]
+                    cells.append(f"{hit[0]['tflops']:>15.1f}" if hit else f"{'-':>15}")
+                log(f"{d:>4} {causal!s:>6} {n:>6} " + " ".join(cells))
 
 
 def draw_chart(rows, path):
@@ -478,11 +558,12 @@ def draw_chart(rows, path):
     for col, (d, causal) in enumerate([(64, False), (64, True), (128, False), (128, True)]):
         for row, mode in enumerate(("fwd", "fwd+bwd")):
             ax = axes[row][col]
-            for name in sorted({r["backend"] for r in rows}):
-                pts = sorted((r["n"], r["tflops"]) for r in rows if (r["backend"], r["d"], r["causal"],
-                                                                    r["mode"]) == (name, d, causal, mode))
+            for name, dtype_name in sorted({(r["backend"], r["dtype"]) for r in rows}):
+                pts = sorted((r["n"], r["tflops"]) for r in rows if (r["backend"], r["dtype"], r["d"], r["causal"],
+                                                                    r["mode"]) == (name, dtype_name, d, causal, mode))
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == "attnkit_triton" else 1.2)
+                    ax.plot(*zip(*pts), marker="o", label=f"{name} {dtype_name}",
+                            linewidth=2.5 if name == "attnkit_triton" else 1.2)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{mode}, D={d}, {'causal' if causal else 'non-causal'}")
             ax.set_xlabel("sequence length N")
@@ -500,9 +581,24 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="stop starting peer timings after this many seconds (default 420)")
     parser.add_argument("--quick", action="store_true", help="a few cases and lengths only")
+    parser.add_argument("--sections", default="correctness,timing,flex",
+                        help="comma-separated, of correctness, timing, flex (default: all three)")
+    parser.add_argument("--dtypes", default="float16", help="timing dtypes, comma-separated (default float16)")
+    parser.add_argument("--head-dims", default="64,128", help="timing head dims, comma-separated (default 64,128)")
     parser.add_argument("--allow-no-gpu", action="store_true",
                         help="exit 0 (not 2) on a machine without a CUDA device, having checked nothing")
     args = parser.parse_args(argv)
+    sections = {name.strip() for name in args.sections.split(",") if name.strip()}
+    unknown = sections - {"correctness", "timing", "flex"}
+    if unknown:
+        parser.error(f"--sections takes correctness, timing and flex; got {', '.join(sorted(unknown))}")
+    dtype_names = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+    if not dtype_names or set(dtype_names) - {"float16", "bfloat16", "float32"}:
+        parser.error(f"--dtypes takes float16, bfloat16 and float32; got {args.dtypes!r}")
+    try:
+        head_dims = [int(x) for x in args.head_dims.split(",")]
+    except ValueError:
+        parser.error(f"--head-dims takes comma-separated integers; got {args.head_dims!r}")
     started = time.time()
 
     import torch
@@ -518,38 +614,61 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
     info = dict(device=props.name, capability=list(torch.cuda.get_device_capability(0)),
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version())
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:] if argv is None else list(argv))
     log(f"gpu_check on {info['device']} (sm_{''.join(map(str, info['capability']))}), torch "
         f"{info['torch']}, triton {info['triton']}")
+    report = dict(info=info, correctness=[], integration={}, timings=[], skipped=[], flex=[])
 
-    log("\n[1/3] correctness vs float32 reference (err/plain-error per output)")
-    correctness = run_correctness(triton_ops, [torch.float16, torch.bfloat16], args.quick)
-    integration = run_integration_checks(triton_ops)
-    for name, checks in (("flash_attn", run_flash_attn_checks), ("dropout and sinks", run_dropout_and_sink_checks)):
+    def save(**parts):
+        """Write the JSON now: a run stopped by a timeout keeps what it measured."""
+        report.update(parts, seconds=time.time() - started)
+        (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
+    if "correctness" in sections:
+        log("\n[correctness] vs float32 reference (err/plain-error per output)")
+        correctness = run_correctness(triton_ops, [torch.float16, torch.bfloat16], args.quick)
+        save(correctness=correctness)
         try:
-            correctness += checks()
-        except Exception as error:  # report, do not abort the timing that follows
-            correctness.append(dict(check=name, ok=False, error=f"{type(error).__name__}: {error}"[:300]))
-            log(f"  FAIL {name} checks: {error}")
-    log(f"  correctness: {sum(r['ok'] for r in correctness)}/{len(correctness)} cases pass "
-        f"({time.time() - started:.0f} s so far)")
+            integration = run_integration_checks(triton_ops)
+        except Exception as error:  # report, do not abort the rest
+            integration = {"error": f"{type(error).__name__}: {error}"[:300]}
+            log(f"  FAIL integration checks: {error}")
+        save(integration=integration)
+        for name, checks in (("flash_attn", run_flash_attn_checks), ("dropout and sinks", run_dropout_and_sink_checks)):
+            try:
+                correctness += checks()
+            except Exception as error:  # report, do not abort the timing that follows
+                correctness.append(dict(check=name, ok=False, error=f"{type(error).__name__}: {error}"[:300]))
+                log(f"  FAIL {name} checks: {error}")
+            save(correctness=correctness)
+        log(f"  correctness: {sum(r['ok'] for r in correctness)}/{len(correctness)} cases pass "
+            f"({time.time() - started:.0f} s so far)")
 
-    log("\n[2/3] timing (fp16)")
-    rows, skipped = run_timing(triton_ops, started + args.budget_s, args.quick)
+    if "timing" in sections:
+        log(f"\n[timing] {', '.join(dtype_names)}, D {', '.join(map(str, head_dims))}")
+        rows, skipped = run_timing(triton_ops, started + args.budget_s, args.quick, dtype_names, head_dims,
+                                   save=lambda rows, skipped: save(timings=rows, skipped=skipped))
+        print_table(rows)
+        for line in skipped:
+            log(f"  skipped: {line}")
+        save(timings=rows, skipped=skipped)
 
-    log("\n[3/3] results")
-    print_table(rows)
-    for line in skipped:
-        log(f"  skipped: {line}")
-    report = dict(info=info, correctness=correctness, integration=integration, timings=rows,
-                  skipped=skipped, seconds=time.time() - started)
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    chart = draw_chart(rows, out_dir / "gpu_check.png")
-    log(f"\nwrote {out_dir / 'gpu_check.json'}" + (f" and {out_dir / 'gpu_check.png'}" if chart
-                                                   else " (no chart: matplotlib is not installed)"))
-    failed = [r for r in correctness if not r["ok"]]
+    if "flex" in sections:
+        log("\n[flex] attnkit.flex_attention (Triton) vs torch.compile(flex_attention), float16")
+        try:
+            flex_rows = run_flex_timing(started + args.budget_s + 60, lengths=(2048,) if args.quick else (2048, 8192))
+        except Exception as error:  # report, do not lose the rest
+            flex_rows = [dict(error=f"{type(error).__name__}: {error}"[:400])]
+            log(f"  FAIL flex timing: {error}")
+        save(flex=flex_rows)
+
+    chart = bool(report["timings"]) and draw_chart(report["timings"], out_dir / "gpu_check.png")
+    log(f"\nwrote {out_dir / 'gpu_check.json'}" + (f" and {out_dir / 'gpu_check.png'}" if chart else ""))
+    failed = [r for r in report["correctness"] if not r["ok"]]
     log(f"done in {time.time() - started:.0f} s; "
-        + ("ALL CORRECTNESS CHECKS PASS" if not failed else f"{len(failed)} CORRECTNESS FAILURES"))
+        + ("ALL CORRECTNESS CHECKS PASS" if not failed else f"{len(failed)} CORRECTNESS FAILURES")
+        + ("" if "correctness" in sections else " (correctness not run)"))
     return 1 if failed else 0
 
 
