@@ -55,15 +55,17 @@ def _signature(fn, dtype):
     return signature
 
 
-def flex_aot(arch=90, dtype=torch.bfloat16, head_dim=128, block=(128, 64), warps=8, stages=2):
-    """One report per kernel (forward, dkdv, dq) of the generated module, compiled for sm_<arch>."""
+def flex_aot(arch=90, dtype=torch.bfloat16, head_dim=128, block=(128, 64), warps=8, stages=2, sub=(1, 1)):
+    """One report per kernel (forward, dkdv, dq) of the generated module, compiled for sm_<arch>.
+    block: the tile (BLOCK_M, BLOCK_N); sub: tiles per block-mask block on each axis (a 128-block
+    run as 64-tiles is sub=(2, 2))."""
     module = flex_module()
     rows = []
     for name in ("flex_forward", "flex_backward_dkdv", "flex_backward_dq"):
         fn = getattr(module, name)
         fn = fn if hasattr(fn, "arg_names") else __import__("triton").runtime.jit.JITFunction(fn.fn)
         block_m, block_n = block if name != "flex_backward_dkdv" else (block[1], block[0])
-        constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim,
+        constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, SUB_M=sub[0], SUB_N=sub[1], BLOCK_D=head_dim, BLOCK_DV=head_dim,
                           DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
         signature = {**_signature(fn, dtype), **{k: "constexpr" for k in constexprs}}
         report = compile_report(fn, signature, constexprs, {}, arch, warps, stages)
@@ -73,14 +75,14 @@ def flex_aot(arch=90, dtype=torch.bfloat16, head_dim=128, block=(128, 64), warps
 
 
 def main():
-    print("| kernel | target | dtype | D | tile | registers | stack | spill ld/st | HGMMA | MMA |")
-    print("| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: |")
+    print("| kernel | target | dtype | D | tile | registers | stack | spill ld/st | HGMMA | MMA | shared B |")
+    print("| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for arch in (90, 80):
         for row in flex_aot(arch=arch):
             print(f"| {row['kernel']} | {row['arch']} | {row['dtype']} | {row['head_dim']} | "
                   f"{row['block_m']}x{row['block_n']}, {row['num_warps']} warps | {row['registers']} | "
                   f"{row['stack_bytes']} | {row['spill_loads']}/{row['spill_stores']} | {row['hgmma']} | "
-                  f"{row['mma']} |")
+                  f"{row['mma']} | {row['shared_bytes']} |")
     return 0
 
 

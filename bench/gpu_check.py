@@ -402,22 +402,22 @@ def _peers():
     return peers
 
 
-def run_timing(triton_ops, deadline, quick, dtype_names=("float16",), head_dims=(64, 128), save=None):
+def run_timing(triton_ops, deadline, quick, dtype_names=("float16",), head_dims=(64, 128), save=None, lengths=None,
+               peer_names=None):
     """TFLOP/s rows of attnkit's Triton kernel and every peer, per dtype, head dim, causal flag and N.
 
     Peers stop being started once `deadline` (time.time()) has passed; attnkit keeps going. `save(rows,
     skipped)` is called after each shape, so a run stopped by a timeout still leaves its figures."""
     import torch
 
-    peers = _peers()
+    peers = {name: fn for name, fn in _peers().items() if peer_names is None or name in peer_names}
     backends = {"attnkit_triton": lambda q, k, v, causal: triton_ops.triton_attention(
         q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), causal="top_left" if causal else None)[0]}
     backends.update(peers)
     broken = {}  # backend -> reason, once it fails to run or compile
     rows, skipped = [], []
-    lengths = [512, 1024, 2048, 4096, 8192, 16384]
-    if quick:
-        lengths = [1024, 4096]
+    if lengths is None:
+        lengths = [1024, 4096] if quick else [512, 1024, 2048, 4096, 8192, 16384]
     for dtype_name in dtype_names:
         dtype = getattr(torch, dtype_name)
         for d in head_dims:
@@ -524,6 +524,69 @@ def run_flex_timing(deadline, lengths=(2048, 8192), head_dims=(64, 128), dtype_n
     return rows
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried one at a time by the tune section, at D 128 on sm_90;
+# the first of each list is the configuration the launcher tries first today.
+TUNE_CANDIDATES = {
+    "fwd": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)],
+    "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+}
+
+
+def run_tuning(triton_ops, deadline, dtype_name="bfloat16", n=8192, d=128, causal=False):
+    """One configuration at a time (the autotuner given a single choice): forward TFLOP/s per forward
+    configuration, then forward + backward per dK/dV and per dQ configuration (the other kernels at
+    their first). B * N = 16384, H * D = 2048."""
+    import torch
+
+    from attnkit.kernels import triton_attention
+
+    major = torch.cuda.get_device_capability(0)[0]
+    dtype = getattr(torch, dtype_name)
+    b, h = max(1, 16384 // n), 2048 // d
+    flops = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=generator).requires_grad_()
+               for _ in range(3))
+    d_out = torch.randn(b, h, n, d, device="cuda", dtype=dtype, generator=generator)
+    arch = min(max(major, 8), 9)
+    saved = {name: list(triton_attention._CONFIGS[name][arch][128]) for name in TUNE_CANDIDATES}
+
+    def call():
+        return triton_ops.triton_attention(q, k, v, scale=d ** -0.5, causal="top_left" if causal else None)[0]
+
+    rows = []
+    try:
+        for kernel, candidates in TUNE_CANDIDATES.items():
+            for config in candidates:
+                if time.time() > deadline:
+                    rows.append(dict(kernel=kernel, config=list(config), skipped="time budget spent"))
+                    continue
+                for name in TUNE_CANDIDATES:
+                    triton_attention._CONFIGS[name][arch][128] = [config] if name == kernel else saved[name][:1]
+                triton_attention._TUNED.clear()
+                row = dict(kernel=kernel, config=list(config), dtype=dtype_name, n=n, d=d, causal=causal)
+                try:
+                    if kernel == "fwd":
+                        with torch.no_grad():
+                            row["ms"] = time_ms(call)
+                        row["tflops"] = flops / row["ms"] / 1e9
+                    else:
+                        row["ms"] = time_ms(lambda: torch.autograd.grad(call(), (q, k, v), d_out))
+                        row["tflops"] = 3.5 * flops / row["ms"] / 1e9
+                except Exception as error:  # a configuration that does not compile or fit
+                    first_line = str(error).splitlines()[0] if str(error) else ""
+                    row["error"] = f"{type(error).__name__}: {first_line}"[:300]
+                rows.append(row)
+                log(f"  tune {kernel} {config}: " + (f"{row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s"
+                                                     if "ms" in row else row["error"]))
+    finally:
+        for name, configs in saved.items():
+            triton_attention._CONFIGS[name][arch][128] = configs
+        triton_attention._TUNED.clear()
+    return rows
+
+
 def _print_block(rows, dtype_name, d, causal, n):
     here = [r for r in rows if (r["dtype"], r["d"], r["causal"], r["n"]) == (dtype_name, d, causal, n)]
     line = " ".join(f"{r['backend']}:{r['mode']}={r['tflops']:.0f}" for r in here)
@@ -585,20 +648,31 @@ def main(argv=None):
                         help="comma-separated, of correctness, timing, flex (default: all three)")
     parser.add_argument("--dtypes", default="float16", help="timing dtypes, comma-separated (default float16)")
     parser.add_argument("--head-dims", default="64,128", help="timing head dims, comma-separated (default 64,128)")
+    parser.add_argument("--lengths", default=None,
+                        help="timing sequence lengths, comma-separated (default 512..16384; --quick 1024,4096)")
+    parser.add_argument("--peers", default=None,
+                        help="peers to time, comma-separated of sdpa_cudnn, sdpa_flash, sdpa_efficient, "
+                             "flex_attention (default: all that run)")
+    parser.add_argument("--flex-lengths", default=None, help="flex section lengths (default 2048,8192; --quick 2048)")
     parser.add_argument("--allow-no-gpu", action="store_true",
                         help="exit 0 (not 2) on a machine without a CUDA device, having checked nothing")
     args = parser.parse_args(argv)
     sections = {name.strip() for name in args.sections.split(",") if name.strip()}
-    unknown = sections - {"correctness", "timing", "flex"}
+    unknown = sections - {"correctness", "timing", "flex", "tune"}
     if unknown:
-        parser.error(f"--sections takes correctness, timing and flex; got {', '.join(sorted(unknown))}")
+        parser.error(f"--sections takes correctness, timing, flex and tune; got {', '.join(sorted(unknown))}")
     dtype_names = [name.strip() for name in args.dtypes.split(",") if name.strip()]
     if not dtype_names or set(dtype_names) - {"float16", "bfloat16", "float32"}:
         parser.error(f"--dtypes takes float16, bfloat16 and float32; got {args.dtypes!r}")
-    try:
-        head_dims = [int(x) for x in args.head_dims.split(",")]
-    except ValueError:
-        parser.error(f"--head-dims takes comma-separated integers; got {args.head_dims!r}")
+    def integers(text, option):
+        try:
+            return [int(x) for x in text.split(",")] if text is not None else None
+        except ValueError:
+            parser.error(f"{option} takes comma-separated integers; got {text!r}")
+
+    head_dims = integers(args.head_dims, "--head-dims")
+    lengths, flex_lengths = integers(args.lengths, "--lengths"), integers(args.flex_lengths, "--flex-lengths")
+    peer_names = None if args.peers is None else [name.strip() for name in args.peers.split(",") if name.strip()]
     started = time.time()
 
     import torch
@@ -618,7 +692,7 @@ def main(argv=None):
                 date=time.strftime("%Y-%m-%d"), argv=sys.argv[1:] if argv is None else list(argv))
     log(f"gpu_check on {info['device']} (sm_{''.join(map(str, info['capability']))}), torch "
         f"{info['torch']}, triton {info['triton']}")
-    report = dict(info=info, correctness=[], integration={}, timings=[], skipped=[], flex=[])
+    report = dict(info=info, correctness=[], integration={}, timings=[], skipped=[], flex=[], tune=[])
 
     def save(**parts):
         """Write the JSON now: a run stopped by a timeout keeps what it measured."""
@@ -648,20 +722,32 @@ def main(argv=None):
     if "timing" in sections:
         log(f"\n[timing] {', '.join(dtype_names)}, D {', '.join(map(str, head_dims))}")
         rows, skipped = run_timing(triton_ops, started + args.budget_s, args.quick, dtype_names, head_dims,
-                                   save=lambda rows, skipped: save(timings=rows, skipped=skipped))
+                                   save=lambda rows, skipped: save(timings=rows, skipped=skipped), lengths=lengths,
+                                   peer_names=peer_names)
         print_table(rows)
         for line in skipped:
             log(f"  skipped: {line}")
         save(timings=rows, skipped=skipped)
 
     if "flex" in sections:
-        log("\n[flex] attnkit.flex_attention (Triton) vs torch.compile(flex_attention), float16")
+        log(f"\n[flex] attnkit.flex_attention (Triton) vs torch.compile(flex_attention), float16, D "
+            f"{', '.join(map(str, head_dims))}")
         try:
-            flex_rows = run_flex_timing(started + args.budget_s + 60, lengths=(2048,) if args.quick else (2048, 8192))
+            flex_rows = run_flex_timing(started + args.budget_s + 60, lengths=flex_lengths or
+                                        ((2048,) if args.quick else (2048, 8192)), head_dims=head_dims)
         except Exception as error:  # report, do not lose the rest
             flex_rows = [dict(error=f"{type(error).__name__}: {error}"[:400])]
             log(f"  FAIL flex timing: {error}")
         save(flex=flex_rows)
+
+    if "tune" in sections:
+        log("\n[tune] one configuration at a time, bfloat16, D 128, N 8192, not causal")
+        try:
+            tune_rows = run_tuning(triton_ops, started + args.budget_s + 120)
+        except Exception as error:  # report, do not lose the rest
+            tune_rows = [dict(error=f"{type(error).__name__}: {error}"[:400])]
+            log(f"  FAIL tuning: {error}")
+        save(tune=tune_rows)
 
     chart = bool(report["timings"]) and draw_chart(report["timings"], out_dir / "gpu_check.png")
     log(f"\nwrote {out_dir / 'gpu_check.json'}" + (f" and {out_dir / 'gpu_check.png'}" if chart else ""))

@@ -87,24 +87,26 @@ def _scores(q, k, rows, cols, b, h, scale, Nq, Nk, C, M, PARTIAL: tl.constexpr, 
 
 @triton.jit
 def _forward_blocks(acc, m_i, l_i, q, rows, b, h, hk, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, count, LIST,
-                    scale, Nq, Nk, D, DV, C, M, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    scale, Nq, Nk, D, DV, C, M, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
     dcol = tl.arange(0, BLOCK_D)
     vcol = tl.arange(0, BLOCK_DV)
     for n in range(0, count):
-        cols = tl.load(LIST + n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * sk_b + hk * sk_h + cols[None, :] * sk_n + dcol[:, None],
-                    mask=(cols[None, :] < Nk) & (dcol[:, None] < D), other=0.0)  # (BD, BN)
-        _, x, _ = _scores(q, k, rows, cols, b, h, scale, Nq, Nk, C, M, PARTIAL, DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_safe = tl.where(m_new == -_INF, 0.0, m_new)  # a row that sees nothing yet: P = 0, no NaN
-        p = tl.exp(x - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_n + vcol[None, :],
-                    mask=(cols[:, None] < Nk) & (vcol[None, :] < DV), other=0.0)  # (BN, BDV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        first = tl.load(LIST + n) * SUB_N  # a listed key block is SUB_N tiles of BLOCK_N keys
+        for s in range(0, SUB_N):
+            cols = (first + s) * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(K + b * sk_b + hk * sk_h + cols[None, :] * sk_n + dcol[:, None],
+                        mask=(cols[None, :] < Nk) & (dcol[:, None] < D), other=0.0)  # (BD, BN)
+            _, x, _ = _scores(q, k, rows, cols, b, h, scale, Nq, Nk, C, M, PARTIAL, DOT_PREC)
+            m_new = tl.maximum(m_i, tl.max(x, 1))
+            m_safe = tl.where(m_new == -_INF, 0.0, m_new)  # a row that sees nothing yet: P = 0, no NaN
+            p = tl.exp(x - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_n + vcol[None, :],
+                        mask=(cols[:, None] < Nk) & (vcol[None, :] < DV), other=0.0)  # (BN, BDV)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
     return acc, m_i, l_i
 
 
@@ -115,10 +117,12 @@ def flex_forward(Q, K, V, O, LSE, FN, FI, PN, PI, fn_b, fn_h, fi_b, fi_h, fi_q, 
                  C0, C0_s0, C0_s1, C0_s2, C0_s3, C1, C1_s0, C1_s1, C1_s2, C1_s3, C2, C2_s0, C2_s1, C2_s2, C2_s3,
                  C3, C3_s0, C3_s1, C3_s2, C3_s3, M0, M0_s0, M0_s1, M0_s2, M0_s3, M1, M1_s0, M1_s1, M1_s2, M1_s3,
                  M2, M2_s0, M2_s1, M2_s2, M2_s3, M3, M3_s0, M3_s1, M3_s2, M3_s3,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """One (query block, batch * head) program: out (B, Hq, Nq, Dv), lse (B, Hq, Nq) natural log."""
-    qb = tl.program_id(0)
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One (query tile, batch * head) program: out (B, Hq, Nq, Dv), lse (B, Hq, Nq) natural log.
+    Tiles are BLOCK_M x BLOCK_N; the block mask's blocks are SUB_M x SUB_N tiles."""
+    tile = tl.program_id(0)
+    qb = tile // SUB_M
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
@@ -127,7 +131,7 @@ def flex_forward(Q, K, V, O, LSE, FN, FI, PN, PI, fn_b, fn_h, fi_b, fi_h, fi_q, 
          C3, C3_s0, C3_s1, C3_s2, C3_s3)
     M = (M0, M0_s0, M0_s1, M0_s2, M0_s3, M1, M1_s0, M1_s1, M1_s2, M1_s3, M2, M2_s0, M2_s1, M2_s2, M2_s3,
          M3, M3_s0, M3_s1, M3_s2, M3_s3)
-    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     vcol = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :],
@@ -139,10 +143,10 @@ def flex_forward(Q, K, V, O, LSE, FN, FI, PN, PI, fn_b, fn_h, fi_b, fi_h, fi_q, 
     partial = tl.load(PN + b * pn_b + h * pn_h + qb)
     acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, rows, b, h, hk, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                     full, FI + b * fi_b + h * fi_h + qb * fi_q, scale, Nq, Nk, D, DV, C, M, False,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PREC)
+                                    BLOCK_N, SUB_N, BLOCK_D, BLOCK_DV, DOT_PREC)
     acc, m_i, l_i = _forward_blocks(acc, m_i, l_i, q, rows, b, h, hk, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                                     partial, PI + b * pi_b + h * pi_h + qb * pi_q, scale, Nq, Nk, D, DV, C, M, True,
-                                    BLOCK_N, BLOCK_D, BLOCK_DV, DOT_PREC)
+                                    BLOCK_N, SUB_N, BLOCK_D, BLOCK_DV, DOT_PREC)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     tl.store(O + b * so_b + h * so_h + rows[:, None] * so_n + vcol[None, :], out.to(O.dtype.element_ty),
@@ -171,21 +175,24 @@ def _backward_tile(q, do, lse, delta, k, v, rows, cols, b, h, scale, Nq, Nk, C, 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, cols, b, h, Q, DO, LSE, DELTA, sq_b, sq_h, sq_n, sd_b, sd_h, sd_n, sl_b, sl_h,
                  count, LIST, scale, Nq, Nk, D, DV, C, M, G0, G1, G2, G3, PARTIAL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+                 BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     dcol = tl.arange(0, BLOCK_D)
     vcol = tl.arange(0, BLOCK_DV)
     for n in range(0, count):
-        rows = tl.load(LIST + n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :],
-                    mask=(rows[:, None] < Nq) & (dcol[None, :] < D), other=0.0)
-        do = tl.load(DO + b * sd_b + h * sd_h + rows[:, None] * sd_n + vcol[None, :],
-                     mask=(rows[:, None] < Nq) & (vcol[None, :] < DV), other=0.0)
-        lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=-_INF)
-        delta = tl.load(DELTA + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=0.0)
-        p, ds = _backward_tile(q, do, lse, delta, k, v, rows, cols, b, h, scale, Nq, Nk, C, M, G0, G1, G2, G3,
-                               PARTIAL, True, DOT_PREC)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
+        first = tl.load(LIST + n) * SUB_M  # a listed query block is SUB_M tiles of BLOCK_M rows
+        for s in range(0, SUB_M):
+            rows = (first + s) * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :],
+                        mask=(rows[:, None] < Nq) & (dcol[None, :] < D), other=0.0)
+            do = tl.load(DO + b * sd_b + h * sd_h + rows[:, None] * sd_n + vcol[None, :],
+                         mask=(rows[:, None] < Nq) & (vcol[None, :] < DV), other=0.0)
+            lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=-_INF)
+            delta = tl.load(DELTA + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=0.0)
+            p, ds = _backward_tile(q, do, lse, delta, k, v, rows, cols, b, h, scale, Nq, Nk, C, M, G0, G1, G2, G3,
+                                   PARTIAL, True, DOT_PREC)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -196,11 +203,12 @@ def flex_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, FN, FI, PN, PI, fn_b
                        C0, C0_s0, C0_s1, C0_s2, C0_s3, C1, C1_s0, C1_s1, C1_s2, C1_s3, C2, C2_s0, C2_s1, C2_s2,
                        C2_s3, C3, C3_s0, C3_s1, C3_s2, C3_s3, M0, M0_s0, M0_s1, M0_s2, M0_s3, M1, M1_s0, M1_s1,
                        M1_s2, M1_s3, M2, M2_s0, M2_s1, M2_s2, M2_s3, M3, M3_s0, M3_s1, M3_s2, M3_s3, G0, G1, G2, G3,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One (key block, batch * kv head) program: dK, dV of the block, summed over the GQA group's
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One (key tile, batch * kv head) program: dK, dV of the tile, summed over the GQA group's
     heads and their query blocks (the block mask's transposed lists); the captures' gradients."""
-    kb = tl.program_id(0)
+    tile = tl.program_id(0)
+    kb = tile // SUB_N
     bh = tl.program_id(1)
     b = bh // Hkv
     hk = bh % Hkv
@@ -208,7 +216,7 @@ def flex_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, FN, FI, PN, PI, fn_b
          C3, C3_s0, C3_s1, C3_s2, C3_s3)
     M = (M0, M0_s0, M0_s1, M0_s2, M0_s3, M1, M1_s0, M1_s1, M1_s2, M1_s3, M2, M2_s0, M2_s1, M2_s2, M2_s3,
          M3, M3_s0, M3_s1, M3_s2, M3_s3)
-    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     dcol = tl.arange(0, BLOCK_D)
     vcol = tl.arange(0, BLOCK_DV)
     k = tl.load(K + b * sk_b + hk * sk_h + cols[None, :] * sk_n + dcol[:, None],
@@ -223,10 +231,10 @@ def flex_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, FN, FI, PN, PI, fn_b
         partial = tl.load(PN + b * pn_b + h * pn_h + kb)
         dk, dv = _dkdv_blocks(dk, dv, k, v, cols, b, h, Q, DO, LSE, DELTA, sq_b, sq_h, sq_n, sd_b, sd_h, sd_n,
                               sl_b, sl_h, full, FI + b * fi_b + h * fi_h + kb * fi_q, scale, Nq, Nk, D, DV, C, M,
-                              G0, G1, G2, G3, False, BLOCK_M, BLOCK_D, BLOCK_DV, DOT_PREC)
+                              G0, G1, G2, G3, False, BLOCK_M, SUB_M, BLOCK_D, BLOCK_DV, DOT_PREC)
         dk, dv = _dkdv_blocks(dk, dv, k, v, cols, b, h, Q, DO, LSE, DELTA, sq_b, sq_h, sq_n, sd_b, sd_h, sd_n,
                               sl_b, sl_h, partial, PI + b * pi_b + h * pi_h + kb * pi_q, scale, Nq, Nk, D, DV, C, M,
-                              G0, G1, G2, G3, True, BLOCK_M, BLOCK_D, BLOCK_DV, DOT_PREC)
+                              G0, G1, G2, G3, True, BLOCK_M, SUB_M, BLOCK_D, BLOCK_DV, DOT_PREC)
     # DK / DV_OUT share K / V's (contiguous) layout
     tl.store(DK + b * sk_b + hk * sk_h + cols[:, None] * sk_n + dcol[None, :], dk.to(DK.dtype.element_ty),
              mask=(cols[:, None] < Nk) & (dcol[None, :] < D))
@@ -236,19 +244,21 @@ def flex_backward_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, FN, FI, PN, PI, fn_b
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, rows, b, h, hk, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, count, LIST,
-               scale, Nq, Nk, D, DV, C, M, G0, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               scale, Nq, Nk, D, DV, C, M, G0, PARTIAL: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
     dcol = tl.arange(0, BLOCK_D)
     vcol = tl.arange(0, BLOCK_DV)
     for n in range(0, count):
-        cols = tl.load(LIST + n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * sk_b + hk * sk_h + cols[None, :] * sk_n + dcol[:, None],
-                    mask=(cols[None, :] < Nk) & (dcol[:, None] < D), other=0.0)  # (BD, BN)
-        v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_n + vcol[None, :],
-                    mask=(cols[:, None] < Nk) & (vcol[None, :] < DV), other=0.0)  # (BN, BDV)
-        _, ds = _backward_tile(q, do, lse, delta, k, v, rows, cols, b, h, scale, Nq, Nk, C, M, G0, G0, G0, G0,
-                               PARTIAL, False, DOT_PREC)
-        dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=DOT_PREC)
+        first = tl.load(LIST + n) * SUB_N
+        for s in range(0, SUB_N):
+            cols = (first + s) * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = tl.load(K + b * sk_b + hk * sk_h + cols[None, :] * sk_n + dcol[:, None],
+                        mask=(cols[None, :] < Nk) & (dcol[:, None] < D), other=0.0)  # (BD, BN)
+            v = tl.load(V + b * sv_b + hk * sv_h + cols[:, None] * sv_n + vcol[None, :],
+                        mask=(cols[:, None] < Nk) & (vcol[None, :] < DV), other=0.0)  # (BN, BDV)
+            _, ds = _backward_tile(q, do, lse, delta, k, v, rows, cols, b, h, scale, Nq, Nk, C, M, G0, G0, G0, G0,
+                                   PARTIAL, False, DOT_PREC)
+            dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=DOT_PREC)
     return dq
 
 
@@ -259,10 +269,11 @@ def flex_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, FN, FI, PN, PI, fn_b, fn_h, fi
                      C0, C0_s0, C0_s1, C0_s2, C0_s3, C1, C1_s0, C1_s1, C1_s2, C1_s3, C2, C2_s0, C2_s1, C2_s2,
                      C2_s3, C3, C3_s0, C3_s1, C3_s2, C3_s3, M0, M0_s0, M0_s1, M0_s2, M0_s3, M1, M1_s0, M1_s1,
                      M1_s2, M1_s3, M2, M2_s0, M2_s1, M2_s2, M2_s3, M3, M3_s0, M3_s1, M3_s2, M3_s3,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One (query block, batch * head) program: dQ of the block (DQ shares Q's contiguous layout)."""
-    qb = tl.program_id(0)
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One (query tile, batch * head) program: dQ of the tile (DQ shares Q's contiguous layout)."""
+    tile = tl.program_id(0)
+    qb = tile // SUB_M
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
@@ -271,7 +282,7 @@ def flex_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, FN, FI, PN, PI, fn_b, fn_h, fi
          C3, C3_s0, C3_s1, C3_s2, C3_s3)
     M = (M0, M0_s0, M0_s1, M0_s2, M0_s3, M1, M1_s0, M1_s1, M1_s2, M1_s3, M2, M2_s0, M2_s1, M2_s2, M2_s3,
          M3, M3_s0, M3_s1, M3_s2, M3_s3)
-    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
     vcol = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :],
@@ -284,11 +295,11 @@ def flex_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, FN, FI, PN, PI, fn_b, fn_h, fi
     full = tl.load(FN + b * fn_b + h * fn_h + qb)
     partial = tl.load(PN + b * pn_b + h * pn_h + qb)
     dq = _dq_blocks(dq, q, do, lse, delta, rows, b, h, hk, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, full,
-                    FI + b * fi_b + h * fi_h + qb * fi_q, scale, Nq, Nk, D, DV, C, M, Q, False, BLOCK_N, BLOCK_D,
-                    BLOCK_DV, DOT_PREC)
+                    FI + b * fi_b + h * fi_h + qb * fi_q, scale, Nq, Nk, D, DV, C, M, Q, False, BLOCK_N, SUB_N,
+                    BLOCK_D, BLOCK_DV, DOT_PREC)
     dq = _dq_blocks(dq, q, do, lse, delta, rows, b, h, hk, K, V, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, partial,
-                    PI + b * pi_b + h * pi_h + qb * pi_q, scale, Nq, Nk, D, DV, C, M, Q, True, BLOCK_N, BLOCK_D,
-                    BLOCK_DV, DOT_PREC)
+                    PI + b * pi_b + h * pi_h + qb * pi_q, scale, Nq, Nk, D, DV, C, M, Q, True, BLOCK_N, SUB_N,
+                    BLOCK_D, BLOCK_DV, DOT_PREC)
     tl.store(DQ + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :], dq.to(DQ.dtype.element_ty),
              mask=(rows[:, None] < Nq) & (dcol[None, :] < D))
 
@@ -301,6 +312,38 @@ _SLOTS = 4
 # 8 warps: compiled ahead of time for sm_90 (bench/results/flex-aot.md), 64 x 64 tiles at D 128 spill
 # nothing in the forward and dQ with 8 warps (dK/dV: 840 stack bytes); with 4 warps all three spill.
 _WARPS = 8
+# Tiles of at most 64 x 64: a block mask's larger blocks (torch's default is 128) run as several
+# tiles. At 128 x 128 every kernel spilled, and the generated code's gathers from captured tensors,
+# software-pipelined three deep, asked for 624 KiB of shared memory on an H200 (it has 227 KiB).
+TILE = 64
+# Pipelining depths tried, deepest first: the first that fits the device's shared memory is kept
+# per kernel and tile shape (a generated mask_mod's gathers can need more than the K / V tiles).
+_STAGES = (3, 2, 1)
+_STAGES_THAT_FIT = {}
+
+
+def _out_of_resources():
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover: older triton
+        from triton.compiler.errors import OutOfResources
+    return OutOfResources
+
+
+def _launch(kernel, grid, args, options):
+    """kernel[grid](*args, **options) at the deepest pipelining in _STAGES that the device's shared
+    memory holds; the depth that worked is remembered."""
+    key = (kernel, args[0].dtype, args[0].device, tuple(sorted(options.items())))
+    depths = (_STAGES_THAT_FIT[key],) if key in _STAGES_THAT_FIT else _STAGES
+    for depth in depths:
+        try:
+            kernel[grid](*args, **options, num_stages=depth)
+        except _out_of_resources():
+            if depth == depths[-1]:
+                raise
+            continue
+        _STAGES_THAT_FIT[key] = depth
+        return
 
 
 def _slot_args(tensors, filler):
@@ -338,8 +381,15 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # exact float32 products; tf32 is ignored for halves
 
 
-def forward(q, k, v, scale, score_caps, mask_caps, kv_lists, block_m, block_n):
-    """(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32); contiguous inputs on one device."""
+def _tiles(block_m, block_n, tile):
+    """Tile sizes and how many tiles make a block-mask block, per axis."""
+    tile_m, tile_n = min(block_m, tile), min(block_n, tile)
+    return dict(BLOCK_M=tile_m, BLOCK_N=tile_n, SUB_M=block_m // tile_m, SUB_N=block_n // tile_n)
+
+
+def forward(q, k, v, scale, score_caps, mask_caps, kv_lists, block_m, block_n, tile=TILE):
+    """(out (B, Hq, Nq, Dv) in q's dtype, lse (B, Hq, Nq) float32); contiguous inputs on one device.
+    block_m x block_n: the block mask's blocks (powers of two); tiles are at most tile x tile."""
     import torch
 
     batch, hq, nq, d = q.shape
@@ -348,19 +398,18 @@ def forward(q, k, v, scale, score_caps, mask_caps, kv_lists, block_m, block_n):
     lse = torch.empty((batch, hq, nq), dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    flex_forward[(triton.cdiv(nq, block_m), batch * hq)](
+    tiles = _tiles(block_m, block_n, tile)
+    _launch(flex_forward, (triton.cdiv(nq, tiles["BLOCK_M"]), batch * hq), (
         q, k, v, out, lse, *_list_args(kv_lists), q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), scale, nq, nk, hq, hq // hkv, d, dv,
         *_slot_args(score_caps, q), *_slot_args(mask_caps, q),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_dim(d), BLOCK_DV=_head_dim(dv), DOT_PREC=_precision(q.dtype),
-        num_warps=_WARPS,
-    )  # fmt: skip
+    ), dict(**tiles, BLOCK_D=_head_dim(d), BLOCK_DV=_head_dim(dv), DOT_PREC=_precision(q.dtype), num_warps=_WARPS))
     return out, lse
 
 
 def backward(q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps, kv_lists, q_lists, block_m, block_n,
-             grad_slots):
+             grad_slots, tile=TILE):
     """(dq, dk, dv, float32 gradients of score_caps[n] for n in grad_slots)."""
     import torch
 
@@ -374,14 +423,15 @@ def backward(q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps, kv_lis
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
               v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), scale, nq, nk)
     slots = (*_slot_args(score_caps, q), *_slot_args(mask_caps, q))
-    sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_dim(d), BLOCK_DV=_head_dim(dv_dim),
-                 DOT_PREC=_precision(q.dtype), num_warps=_WARPS)
+    tiles = _tiles(block_m, block_n, tile)
+    sizes = dict(**tiles, BLOCK_D=_head_dim(d), BLOCK_DV=_head_dim(dv_dim), DOT_PREC=_precision(q.dtype),
+                 num_warps=_WARPS)
     grad_args = (grads + [q] * _SLOTS)[:_SLOTS]  # each gradient shares its capture's contiguous layout
-    flex_backward_dkdv[(triton.cdiv(nk, block_n), batch * hkv)](
+    _launch(flex_backward_dkdv, (triton.cdiv(nk, tiles["BLOCK_N"]), batch * hkv), (
         q, k, v, dout, lse, delta, dk, dv, *_list_args(q_lists), *common, hkv, hq // hkv, d, dv_dim, *slots,
-        *grad_args, **sizes,
-    )  # fmt: skip
-    flex_backward_dq[(triton.cdiv(nq, block_m), batch * hq)](
-        q, k, v, dout, lse, delta, dq, *_list_args(kv_lists), *common, hq, hq // hkv, d, dv_dim, *slots, **sizes,
-    )  # fmt: skip
+        *grad_args,
+    ), sizes)  # fmt: skip
+    _launch(flex_backward_dq, (triton.cdiv(nq, tiles["BLOCK_M"]), batch * hq), (
+        q, k, v, dout, lse, delta, dq, *_list_args(kv_lists), *common, hq, hq // hkv, d, dv_dim, *slots,
+    ), sizes)  # fmt: skip
     return dq, dk, dv, grads

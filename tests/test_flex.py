@@ -462,6 +462,33 @@ def test_triton_takes_torch_block_masks_and_captured_scalars():
         assert_close(b.cpu(), a, atol=2e-5, rtol=2e-5, name=f"triton {label}")
 
 
+def test_triton_runs_blocks_larger_than_its_tiles_with_captures_on_the_call_device():
+    """torch's default 128-blocks run as 64 x 64 tiles (two per block and axis), with document ids and
+    a learnable bias table captured on the call's device (the GPU when there is one): forward and
+    gradients, the table's included, against the CPU kernel on the same call."""
+    if not _triton_ready():
+        pytest.skip("triton cannot run here")
+    device = "cuda" if GPU else "cpu"
+    generator = torch.Generator().manual_seed(14)
+    nq, nk = 200, 300
+    q, k, v = _inputs(torch.float32, generator, nq=nq, nk=nk, hq=4, hkv=2, batch=1)
+    q_docs = torch.sort(torch.randint(0, 3, (nq,), generator=generator)).values.to(device)
+    kv_docs = torch.sort(torch.randint(0, 3, (nk,), generator=generator)).values.to(device)
+    block_mask = torch_create_block_mask(lambda b, h, qi, kv: (q_docs[qi] == kv_docs[kv]) | (kv < 5), None, None, nq,
+                                         nk, device=device)  # BLOCK_SIZE 128, torch's default
+    assert block_mask.BLOCK_SIZE == (128, 128)
+    table = (torch.randn(4, nq + nk, generator=generator) * 0.5).to(device).requires_grad_()
+    results = []
+    for backend, where in (("numba", "cpu"), ("triton", device)):
+        leaves = [x.detach().to(where).requires_grad_() for x in (q, k, v)]
+        bias = table if backend == "triton" else table.detach().cpu().requires_grad_()
+        out = attnkit.flex_attention(*leaves, score_mod=lambda s, b, h, qi, kv, t=bias: s + t[h, qi - kv + nk],
+                                     block_mask=block_mask, enable_gqa=True, backend=backend)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [*leaves, bias])])
+    for label, a, b in zip(("out", "dq", "dk", "dv", "dtable"), *results):
+        assert_close(b.cpu(), a, atol=5e-5, rtol=5e-5, name=f"triton {label}")
+
+
 def test_backend_choice_is_checked():
     q = torch.randn(1, 2, 8, D)
     with pytest.raises(ValueError, match="backend must be"):

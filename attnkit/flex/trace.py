@@ -43,10 +43,12 @@ def _name(fn):
 def _trace(fn, arg_names, what):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    # Distinct one-element tensors: make_fx would merge arguments that are the same object.
-    example = [torch.zeros(1, dtype=torch.int32) for _ in MASK_ARGS]
+    # Distinct one-element tensors: make_fx would merge arguments that are the same object. They sit
+    # on the captured tensors' device: a CUDA table indexed by CPU indices would not trace.
+    device = _capture_device(fn)
+    example = [torch.zeros(1, dtype=torch.int32, device=device) for _ in MASK_ARGS]
     if len(arg_names) == 5:
-        example = [torch.zeros(1, dtype=torch.float32), *example]
+        example = [torch.zeros(1, dtype=torch.float32, device=device), *example]
     if len(arg_names) == 5:  # a fixed arity: make_fx would count parameters with defaults as inputs
         def call(score, b, h, q_idx, kv_idx):
             return fn(score, b, h, q_idx, kv_idx)
@@ -62,6 +64,17 @@ def _trace(fn, arg_names, what):
             "without Python control flow on their values"
         ) from error
     return graph_module
+
+
+def _capture_device(fn):
+    """The device of the tensors fn reads from outside (closures, globals, defaults, through nested
+    functions), the first non-CPU one; the CPU when there is none."""
+    reached = []
+    _fingerprint(fn, reached)
+    for value in reached:
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            return value.device
+    return torch.device("cpu")
 
 
 def _kind(node):
