@@ -271,6 +271,9 @@ class _Numba:
         return _literal(arg)
 
     def load(self, n, indices, kind):
+        # The arguments themselves are never negative: indexed unsigned, they skip Numba's wraparound
+        # test, and a row's loads (docs[kv_idx] along the keys) vectorise.
+        indices = [f"np.uint64({i})" if i in MASK_ARGS else i for i in indices]
         return f"caps[{n}][{', '.join(indices) or '0'}]"  # a 0-d capture reaches the kernel as shape (1,)
 
     def accumulate(self, slot, indices, g):
