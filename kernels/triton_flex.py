@@ -156,6 +156,22 @@ def flex_forward(Q, K, V, O, LSE, FN, FI, PN, PI, fn_b, fn_h, fi_b, fi_h, fi_q, 
 
 
 @triton.jit
+def _query_rows(Q, DO, LSE, DELTA, rows, b, h, sq_b, sq_h, sq_n, sd_b, sd_h, sd_n, sl_b, sl_h, Nq, D, DV,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """What the backward reads per query row: q (BM, BD), dO (BM, BDV), lse and delta (BM,); rows
+    past Nq give zeros and lse -inf (so P = 0 there)."""
+    dcol = tl.arange(0, BLOCK_D)
+    vcol = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :],
+                mask=(rows[:, None] < Nq) & (dcol[None, :] < D), other=0.0)
+    do = tl.load(DO + b * sd_b + h * sd_h + rows[:, None] * sd_n + vcol[None, :],
+                 mask=(rows[:, None] < Nq) & (vcol[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=-_INF)
+    delta = tl.load(DELTA + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _backward_tile(q, do, lse, delta, k, v, rows, cols, b, h, scale, Nq, Nk, C, M, G0, G1, G2, G3,
                    PARTIAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr):
     """(P, dS) of one tile: dS = d(loss)/d(raw scaled score) * scale, zero where hidden."""
@@ -177,18 +193,12 @@ def _dkdv_blocks(dk, dv, k, v, cols, b, h, Q, DO, LSE, DELTA, sq_b, sq_h, sq_n, 
                  count, LIST, scale, Nq, Nk, D, DV, C, M, G0, G1, G2, G3, PARTIAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  DOT_PREC: tl.constexpr):
-    dcol = tl.arange(0, BLOCK_D)
-    vcol = tl.arange(0, BLOCK_DV)
     for n in range(0, count):
         first = tl.load(LIST + n) * SUB_M  # a listed query block is SUB_M tiles of BLOCK_M rows
         for s in range(0, SUB_M):
             rows = (first + s) * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :],
-                        mask=(rows[:, None] < Nq) & (dcol[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sd_b + h * sd_h + rows[:, None] * sd_n + vcol[None, :],
-                         mask=(rows[:, None] < Nq) & (vcol[None, :] < DV), other=0.0)
-            lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=-_INF)
-            delta = tl.load(DELTA + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=0.0)
+            q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, rows, b, h, sq_b, sq_h, sq_n, sd_b, sd_h, sd_n, sl_b,
+                                            sl_h, Nq, D, DV, BLOCK_D, BLOCK_DV)
             p, ds = _backward_tile(q, do, lse, delta, k, v, rows, cols, b, h, scale, Nq, Nk, C, M, G0, G1, G2, G3,
                                    PARTIAL, True, DOT_PREC)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
@@ -284,13 +294,8 @@ def flex_backward_dq(Q, K, V, DO, LSE, DELTA, DQ, FN, FI, PN, PI, fn_b, fn_h, fi
          M3, M3_s0, M3_s1, M3_s2, M3_s3)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dcol = tl.arange(0, BLOCK_D)
-    vcol = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_n + dcol[None, :],
-                mask=(rows[:, None] < Nq) & (dcol[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sd_b + h * sd_h + rows[:, None] * sd_n + vcol[None, :],
-                 mask=(rows[:, None] < Nq) & (vcol[None, :] < DV), other=0.0)
-    lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=-_INF)
-    delta = tl.load(DELTA + b * sl_b + h * sl_h + rows, mask=rows < Nq, other=0.0)
+    q, do, lse, delta = _query_rows(Q, DO, LSE, DELTA, rows, b, h, sq_b, sq_h, sq_n, sd_b, sd_h, sd_n, sl_b, sl_h, Nq,
+                                    D, DV, BLOCK_D, BLOCK_DV)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     full = tl.load(FN + b * fn_b + h * fn_h + qb)
     partial = tl.load(PN + b * pn_b + h * pn_h + qb)

@@ -489,6 +489,32 @@ def test_triton_runs_blocks_larger_than_its_tiles_with_captures_on_the_call_devi
         assert_close(b.cpu(), a, atol=5e-5, rtol=5e-5, name=f"triton {label}")
 
 
+def test_a_block_masks_lists_are_made_once_and_follow_in_place_changes():
+    """A BlockMask's lists are converted once per mask and call shape (a CUDA call then copies
+    nothing between host and device); a change to the mask's tensors in place reaches the next call."""
+    from attnkit.flex import _block_lists
+
+    generator = torch.Generator().manual_seed(15)
+    q, k, v = (x.detach() for x in _inputs(torch.float64, generator, batch=1))
+    mask = attnkit.create_block_mask(lambda b, h, qi, kv: qi + 16 >= kv, None, None, NQ, NK, BLOCK_SIZE=BLOCK)
+    before = attnkit.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    first = _block_lists(mask, 1, HQ, NQ, NK)
+    assert _block_lists(mask, 1, HQ, NQ, NK) is first
+    if _triton_ready():  # the Triton kernels' lists: made on the first call, reused by the next
+        device = "cuda" if GPU else "cpu"
+        for _ in range(2):
+            attnkit.flex_attention(*(x.float().to(device) for x in (q, k, v)), block_mask=mask, enable_gqa=True,
+                                   backend="triton")
+        lists = _block_lists(mask, 1, HQ, NQ, NK)
+        assert lists is first and list(lists.on_device) == [(str(torch.device(device)), False)]
+    mask.kv_num_blocks[..., 0] = 0  # query block 0 now sees no key block
+    mask.full_kv_num_blocks[..., 0] = 0
+    assert _block_lists(mask, 1, HQ, NQ, NK) is not first
+    after = attnkit.flex_attention(q, k, v, block_mask=mask, enable_gqa=True)
+    assert torch.all(after[:, :, :BLOCK] == 0)
+    assert_close(after[:, :, BLOCK:], before[:, :, BLOCK:], atol=0, rtol=0, name="rows of the other blocks")
+
+
 def test_backend_choice_is_checked():
     q = torch.randn(1, 2, 8, D)
     with pytest.raises(ValueError, match="backend must be"):

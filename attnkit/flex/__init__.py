@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -184,6 +185,70 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=_DE
     )  # fmt: skip
 
 
+@dataclass
+class _BlockLists:
+    """A block mask's lists as the kernels read them, made once per mask and call shape: the int32
+    NumPy arrays (kv lists), and per device the Triton kernels' tensors, forward (kv lists) and
+    transposed (q lists, for dK / dV). A CUDA call then copies nothing between host and device."""
+
+    blocks: tuple  # (partial count, partial list, full count, full list) int32 NumPy arrays
+    block_q: int
+    block_k: int
+    mask_mod: object
+    nk: int
+    versions: tuple = ()  # the mask's tensors (identity, in-place version) these were made from
+    on_device: dict = field(default_factory=dict)
+
+    def device_lists(self, device, transposed=False):
+        """(full count, full list, partial count, partial list) tensors on device."""
+        import torch
+
+        key = (str(device), transposed)
+        if key not in self.on_device:
+            lists = self.blocks
+            if transposed:
+                lists = _lists(np.swapaxes(_kinds(lists, -(-self.nk // self.block_k)), 2, 3))
+            partial_num, partial_idx, full_num, full_idx = lists
+            self.on_device[key] = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device)
+                                        for a in (full_num, full_idx, partial_num, partial_idx))
+        return self.on_device[key]
+
+
+_LISTS = weakref.WeakKeyDictionary()  # BlockMask -> {(batch, heads, nq, nk): _BlockLists}
+_DEFAULT_LISTS = {}  # (nq, nk, block) -> _BlockLists of calls without a block mask
+_MAX_DEFAULT_LISTS = 64
+
+
+def _versions(block_mask):
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    tensors = [getattr(block_mask, name) for name in names]
+    return tuple((id(t), t._version) for t in tensors if t is not None)
+
+
+def _block_lists(block_mask, batch, heads, nq, nk, default_block=_DEFAULT_BLOCK):
+    """_mask_arrays' result as a _BlockLists, remembered per BlockMask (while its tensors stay the same
+    objects, unchanged) or per shape without one."""
+    if block_mask is None:
+        key = (nq, nk, default_block)
+        lists = _DEFAULT_LISTS.get(key)
+        if lists is None:
+            if len(_DEFAULT_LISTS) >= _MAX_DEFAULT_LISTS:
+                _DEFAULT_LISTS.clear()
+            lists = _DEFAULT_LISTS[key] = _BlockLists(*_mask_arrays(None, batch, heads, nq, nk, default_block), nk)
+        return lists
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(block_mask, BlockMask):  # _mask_arrays says what it takes
+        return _BlockLists(*_mask_arrays(block_mask, batch, heads, nq, nk, default_block), nk)
+    per_mask = _LISTS.setdefault(block_mask, {})
+    key, versions = (batch, heads, nq, nk), _versions(block_mask)
+    lists = per_mask.get(key)
+    if lists is None or lists.versions != versions:
+        lists = per_mask[key] = _BlockLists(*_mask_arrays(block_mask, batch, heads, nq, nk, default_block), nk,
+                                            versions)
+    return lists
+
+
 def _mask_arrays(block_mask, batch, heads, nq, nk, default_block=_DEFAULT_BLOCK):
     """(partial count, partial list, full count, full list) int32 arrays, block sizes and the
     mask_mod of block_mask (torch's BlockMask, from either create_block_mask); None: all full."""
@@ -236,9 +301,7 @@ class _Plan:
 
     kernel: str  # "numba" or "triton"
     module: object
-    blocks: tuple  # kv lists: (partial count, partial list, full count, full list) int32 NumPy arrays
-    block_q: int
-    block_k: int
+    lists: _BlockLists  # the block mask's lists (NumPy, and on the Triton kernels' device)
     scale: float
     score_caps: tuple  # the score_mod's captured tensors as the kernel reads them
     mask_caps: tuple
@@ -251,7 +314,7 @@ class _Plan:
         from NumPy. The CPU kernel's lse is in its compute dtype (float64 for float64 inputs)."""
         if self.kernel == "triton":
             out, lse = self.module.forward(*_triton_operands(q, k, v), self.scale, self.score_caps, self.mask_caps,
-                                           self._device_lists(self.blocks), self.block_q, self.block_k)
+                                           self.lists.device_lists(self.device), self.block_q, self.block_k)
             return out, lse, lse
         from ..kernels.cpu import flex_build
 
@@ -268,12 +331,11 @@ class _Plan:
         import torch
 
         if self.kernel == "triton":
-            n_kb = -(-k.shape[2] // self.block_k)
-            q_lists = _lists(np.swapaxes(_kinds(self.blocks, n_kb), 2, 3))
             dq, dk, dv, grads = self.module.backward(
                 *_triton_operands(q, k, v), out.contiguous(), d_out.contiguous(), lse.contiguous(),
                 d_lse.float().contiguous(), self.scale, self.score_caps, self.mask_caps,
-                self._device_lists(self.blocks), self._device_lists(q_lists), self.block_q, self.block_k,
+                self.lists.device_lists(self.device), self.lists.device_lists(self.device, transposed=True),
+                self.block_q, self.block_k,
                 self.grad_slots,
             )  # fmt: skip
         else:
@@ -290,12 +352,17 @@ class _Plan:
         results = [g.to(device=x.device, dtype=x.dtype) for g, x in zip((dq, dk, dv), (q, k, v))]
         return results + [g.to(device=t.device, dtype=t.dtype).reshape(t.shape) for g, t in zip(grads, self.grad_captures)]
 
-    def _device_lists(self, lists):
-        import torch
+    @property
+    def blocks(self):
+        return self.lists.blocks
 
-        partial_num, partial_idx, full_num, full_idx = lists
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-                     for a in (full_num, full_idx, partial_num, partial_idx))
+    @property
+    def block_q(self):
+        return self.lists.block_q
+
+    @property
+    def block_k(self):
+        return self.lists.block_k
 
 
 def _triton_operands(*tensors):
@@ -390,9 +457,9 @@ def _plan(query, key, score_mod, block_mask, scale, backend="numba"):
         raise TypeError(f"flex_attention: score_mod must be callable (score, b, h, q_idx, kv_idx) -> score; got "
                         f"{type(score_mod).__name__}")
     triton = backend == "triton"
-    blocks, block_q, block_k, mask_mod = _mask_arrays(block_mask, batch, hq, nq, nk, default_block=64 if triton else
-                                                      _DEFAULT_BLOCK)
-    if mask_mod is not None and not int(blocks[0].max(initial=0)):
+    lists = _block_lists(block_mask, batch, hq, nq, nk, default_block=64 if triton else _DEFAULT_BLOCK)
+    block_q, block_k, mask_mod = lists.block_q, lists.block_k, lists.mask_mod
+    if mask_mod is not None and not int(lists.blocks[0].max(initial=0)):
         mask_mod = None  # no partial block: mask_mod is never evaluated
     score_traced = trace_score_mod(score_mod) if score_mod is not None else None
     mask_traced = trace_mask_mod(mask_mod) if mask_mod is not None else None
@@ -414,7 +481,7 @@ def _plan(query, key, score_mod, block_mask, scale, backend="numba"):
         module = _module(score_traced, mask_traced)
         score_caps, mask_caps = _capture_arrays(score_captures), _capture_arrays(mask_captures)
     return _Plan(
-        kernel="triton" if triton else "numba", module=module, blocks=blocks, block_q=block_q, block_k=block_k,
+        kernel="triton" if triton else "numba", module=module, lists=lists,
         scale=1.0 / math.sqrt(d) if scale is None else float(scale), score_caps=score_caps, mask_caps=mask_caps,
         grad_captures=grad_captures, grad_slots=grad_slots, device=device,
     )  # fmt: skip
