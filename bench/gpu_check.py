@@ -58,7 +58,7 @@ def log(*args):
 def _err(x, ref):
     import torch
 
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().double(), ref.detach().double()
     same_inf = torch.isinf(ref) & (x == ref)
     d = torch.where(same_inf, torch.zeros_like(x), (x - ref).abs())
     return float(d.max()) if d.numel() else 0.0
