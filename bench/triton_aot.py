@@ -31,12 +31,14 @@ def _jit_function(name):
 
 
 def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask_kind=0,
-                causal=False, softcap=False):
+                causal=False, softcap=False, float_type="fp32"):
     """Compile one kernel configuration for sm_<arch> with no GPU; returns a report dict.
 
     config = (BLOCK_M, BLOCK_N, num_warps, num_stages). The report has
     registers, stack bytes (spill space), LDL/STL spill instructions counted in
-    the SASS and HGMMA instructions (Hopper warpgroup MMA).
+    the SASS and HGMMA instructions (Hopper warpgroup MMA). float_type: the type
+    of the float scalar arguments (Triton's launcher passes a Python float as
+    fp32; torch.compile's Inductor passes it as fp64).
     """
     fn = _jit_function(_KERNELS[kernel])
     bm, bn, warps, stages = config
@@ -76,7 +78,7 @@ def aot_compile(kernel, arch, config, *, dtype=torch.float16, head_dim=128, mask
         elif arg.startswith("s_"):
             signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
         elif arg in ("qk_scale", "cap_log2", "scale", "keep_scale"):
-            signature[arg] = "fp32"
+            signature[arg] = float_type
         elif arg in ("seed", "threshold"):  # dropout's (unused: DROPOUT is off)
             signature[arg] = "i64"
         else:

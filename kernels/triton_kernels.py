@@ -312,6 +312,10 @@ def _fwd_kernel(
     VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, SINKS: tl.constexpr,
 ):
     """Forward of one query block: grid (cdiv(Nq, BLOCK_M), B * Hq), Nq the longest sequence when VARLEN."""
+    # float32 arithmetic whatever type the launcher gave the float arguments: torch.compile's
+    # Inductor passes Python floats as fp64, which made the accumulator fp64 (a compile error in tl.dot)
+    qk_scale, cap_log2, keep_scale = tl.cast(qk_scale, tl.float32), tl.cast(cap_log2, tl.float32), tl.cast(
+        keep_scale, tl.float32)
     b, h, hk, m0, q0, k0, Nq, Nk, off, slope2 = _query_block(
         CU_Q, CU_K, ALIBI_SLOPES, alibi_sb, alibi_sh, Hq, GROUP, Nq, Nk, off, align_br, BLOCK_M, VARLEN, ALIBI)
     if m0 >= Nq:  # a shorter sequence of a varlen call: nothing here
@@ -440,6 +444,8 @@ def _bwd_dkdv_kernel(
     VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # grid: (cdiv(Nk, BLOCK_N), B * Hkv); each program owns one key block of one kv head
+    qk_scale, cap_log2, scale = tl.cast(qk_scale, tl.float32), tl.cast(cap_log2, tl.float32), tl.cast(scale, tl.float32)
+    keep_scale = tl.cast(keep_scale, tl.float32)  # float32 under torch.compile too (see _fwd_kernel)
     bh = tl.program_id(1)
     b = (bh // Hkv).to(tl.int64)
     hk = (bh % Hkv).to(tl.int64)
@@ -527,6 +533,8 @@ def _bwd_dq_kernel(
     VARLEN: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dQ of one query block: grid (cdiv(Nq, BLOCK_M), B * Hq), the forward's key walk."""
+    qk_scale, cap_log2, scale = tl.cast(qk_scale, tl.float32), tl.cast(cap_log2, tl.float32), tl.cast(scale, tl.float32)
+    keep_scale = tl.cast(keep_scale, tl.float32)  # float32 under torch.compile too (see _fwd_kernel)
     b, h, hk, m0, q0, k0, Nq, Nk, off, slope2 = _query_block(
         CU_Q, CU_K, ALIBI_SLOPES, alibi_sb, alibi_sh, Hq, GROUP, Nq, Nk, off, align_br, BLOCK_M, VARLEN, ALIBI)
     if m0 >= Nq:  # a shorter sequence of a varlen call: nothing here

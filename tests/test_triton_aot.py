@@ -32,6 +32,14 @@ import json, sys, torch
 from attnkit.bench import triton_aot
 rows = triton_aot.aot_report(archs=(80, 90), head_dims=(64, 128, 256), kernels=("fwd",))
 rows += triton_aot.aot_report(archs=(80, 90), head_dims=(128,), kernels=("dkdv", "dq"), first_only=True)
+# torch.compile's Inductor passes the float arguments as fp64: the kernels must compile so too
+from attnkit.kernels.triton_attention import production_configs
+for kernel in ("fwd", "dkdv", "dq"):
+    try:
+        row = triton_aot.aot_compile(kernel, 90, production_configs(kernel, 9, 128)[0], float_type="fp64")
+    except Exception as error:
+        row = dict(kernel=kernel, error=f"{type(error).__name__}: {error}"[:500])
+    rows.append(dict(row, float_type="fp64"))
 print("AOT-JSON" + json.dumps(rows))
 """
 
@@ -54,8 +62,13 @@ def report():
     rows = json.loads(lines[-1][len("AOT-JSON"):])
     from attnkit.bench.triton_aot import format_aot_report
 
+    _FP64_ROWS[:] = [r for r in rows if r.get("float_type") == "fp64"]
+    rows = [r for r in rows if "float_type" not in r]
     print("\n" + format_aot_report(rows))  # shown with pytest -s
     return rows
+
+
+_FP64_ROWS = []  # the fixture's compilations with fp64 float arguments (torch.compile's types)
 
 
 def test_every_production_forward_config_compiles_without_spilling(report):
@@ -86,6 +99,16 @@ import json, torch
 from attnkit.bench import flex_aot
 print("AOT-JSON" + json.dumps(flex_aot.flex_aot(arch=90, block=(64, 64), warps=8, head_dim=64)))
 """
+
+
+def test_kernels_compile_with_fp64_float_arguments_as_torch_compile_passes_them(report):
+    """Inductor types a Python float argument fp64 (seen on an H200: the forward's accumulator became
+    fp64 and tl.dot refused it). The kernels cast their float arguments to float32 at entry."""
+    rows = _FP64_ROWS
+    assert {r["kernel"] for r in rows} == {"fwd", "dkdv", "dq"}
+    for row in rows:
+        assert "error" not in row, row
+        assert row["hgmma"] > 0, row
 
 
 def test_generated_flex_kernels_compile_for_sm90_on_tensor_cores():
