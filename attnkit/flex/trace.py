@@ -344,7 +344,7 @@ class _Triton(_Numba):
     def accumulate(self, slot, indices, g):
         n = self.grad_captures[slot]  # the gradient has its capture's (contiguous) layout
         return (f"if ACCUMULATE:\n    tl.atomic_add(G{slot} + {self._offset(n, indices)} + zero_index, {g}, "
-                f"mask=valid & ({g} != 0))")
+                f"mask=valid & (grad != 0) & ({g} != 0))")  # grad 0: 0 * an infinite derivative is no NaN here
 
     def unary(self, name, a):
         table = {"exp": f"tl.exp({a})", "log": f"tl.log({a})", "tanh": f"_tanh({a})", "sin": f"tl.sin({a})",
