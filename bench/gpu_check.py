@@ -361,6 +361,21 @@ def time_ms(fn, budget_ms=120.0, max_reps=200):
     return times[len(times) // 2]
 
 
+def time_pass(call, mode, leaves, d_out):
+    """(median ms, None) of call() alone under no_grad (mode "fwd") or with the gradients of leaves
+    for d_out ("fwd+bwd"); (None, "Error: its first line") when it cannot run."""
+    import torch
+
+    try:
+        if mode == "fwd":
+            with torch.no_grad():
+                return time_ms(call), None
+        return time_ms(lambda: torch.autograd.grad(call(), leaves, d_out)), None
+    except Exception as error:  # a backend or configuration that cannot run this: report it, go on
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        return None, f"{type(error).__name__}: {first_line}"[:300]
+
+
 def _peers():
     """{name: callable(q, k, v, causal) -> out} for every peer that exists in this torch."""
     import torch
@@ -435,15 +450,8 @@ def run_timing(triton_ops, deadline, quick, dtype_names=("float16",), head_dims=
                             skipped.append(f"{name} {dtype_name} D={d} causal={causal} N={n}: time budget spent")
                             continue
                         for mode in ("fwd", "fwd+bwd"):
-                            try:
-                                if mode == "fwd":
-                                    with torch.no_grad():
-                                        ms = time_ms(lambda: fn(q, k, v, causal))
-                                else:
-                                    ms = time_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), d_out))
-                            except Exception as error:  # a backend that cannot run this shape
-                                first_line = str(error).splitlines()[0] if str(error) else ""
-                                reason = f"{type(error).__name__}: {first_line}"[:200]
+                            ms, reason = time_pass(lambda: fn(q, k, v, causal), mode, (q, k, v), d_out)
+                            if reason is not None:  # a backend that cannot run this shape
                                 if name == "flex_attention":
                                     broken[name] = reason
                                 skipped.append(f"{name} {dtype_name} D={d} causal={causal} N={n} {mode}: {reason}")
@@ -505,15 +513,8 @@ def run_flex_timing(deadline, lengths=(2048, 8192), head_dims=(64, 128), dtype_n
                              "torch_flex_compiled": lambda: compiled(q, k, v, **kwargs)}
                     row = dict(case=case, dtype=dtype_name, n=n, d=d, b=b, h=h, mode=mode)
                     for name, call in calls.items():
-                        try:
-                            if mode == "fwd":
-                                with torch.no_grad():
-                                    row[f"{name}_ms"] = time_ms(call)
-                            else:
-                                row[f"{name}_ms"] = time_ms(lambda: torch.autograd.grad(call(), (q, k, v), d_out))
-                        except Exception as error:  # report and go on
-                            first_line = str(error).splitlines()[0] if str(error) else ""
-                            row[f"{name}_error"] = f"{type(error).__name__}: {first_line}"[:300]
+                        ms, reason = time_pass(call, mode, (q, k, v), d_out)
+                        row.update({f"{name}_ms": ms} if reason is None else {f"{name}_error": reason})
                     if "attnkit_ms" in row and "torch_flex_compiled_ms" in row:
                         row["torch_over_attnkit"] = row["torch_flex_compiled_ms"] / row["attnkit_ms"]
                     rows.append(row)
@@ -566,17 +567,11 @@ def run_tuning(triton_ops, deadline, dtype_name="bfloat16", n=8192, d=128, causa
                     triton_attention._CONFIGS[name][arch][128] = [config] if name == kernel else saved[name][:1]
                 triton_attention._TUNED.clear()
                 row = dict(kernel=kernel, config=list(config), dtype=dtype_name, n=n, d=d, causal=causal)
-                try:
-                    if kernel == "fwd":
-                        with torch.no_grad():
-                            row["ms"] = time_ms(call)
-                        row["tflops"] = flops / row["ms"] / 1e9
-                    else:
-                        row["ms"] = time_ms(lambda: torch.autograd.grad(call(), (q, k, v), d_out))
-                        row["tflops"] = 3.5 * flops / row["ms"] / 1e9
-                except Exception as error:  # a configuration that does not compile or fit
-                    first_line = str(error).splitlines()[0] if str(error) else ""
-                    row["error"] = f"{type(error).__name__}: {first_line}"[:300]
+                ms, reason = time_pass(call, "fwd" if kernel == "fwd" else "fwd+bwd", (q, k, v), d_out)
+                if reason is None:
+                    row.update(ms=ms, tflops=(1.0 if kernel == "fwd" else 3.5) * flops / ms / 1e9)
+                else:  # a configuration that does not compile or fit
+                    row["error"] = reason
                 rows.append(row)
                 log(f"  tune {kernel} {config}: " + (f"{row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s"
                                                      if "ms" in row else row["error"]))
