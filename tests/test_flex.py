@@ -284,6 +284,8 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
         mask = attnkit.create_block_mask(lambda b, h, qi, k: qi >= k, None, None, 9, 8)
         attnkit.flex_attention(q, kv, kv, block_mask=mask, enable_gqa=True)
+    with pytest.raises(TypeError, match="block_mask must be a BlockMask"):
+        attnkit.flex_attention(q, kv, kv, block_mask="causal", enable_gqa=True)
     with pytest.raises(UntraceableError, match="nonzero|could not be traced|cannot compile"):
         attnkit.flex_attention(q, kv, kv, score_mod=lambda s, b, h, qi, k: s + torch.nonzero(qi).sum(),
                                enable_gqa=True)
