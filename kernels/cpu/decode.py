@@ -16,7 +16,7 @@ from .constants import (
     _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS,
     _HAS_SOFTCAP,
 )
-from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
+from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
     _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as, _widening_buffer,
 )
@@ -187,6 +187,9 @@ def _decode_worker(
     at a time, and every product runs in float32 (consts' dtype, the compute dtype): the
     cache is read once, in place, at 2 bytes an element, and nothing is packed per call.
     """
+    # Shared by every worker, and held by the kernel for the whole call: no reference counts
+    q, k, v_rows, consts, out, lse = borrowed(q), borrowed(k), borrowed(v_rows), borrowed(consts), borrowed(out), borrowed(lse)
+    part_out, part_lse = borrowed(part_out), borrowed(part_lse)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], out.shape[3]
     group = hq // hkv
@@ -206,9 +209,15 @@ def _decode_worker(
     unused_grad = np.empty((1, 1), dtype)
     k_wide = _widening_buffer(k, block_k * d, consts)  # (Bk, D) a key block widened (bf16 only)
     v_wide = _padding_buffer(v_rows, block_k, consts)  # (Bk, Dv16) a value block widened or padded, if need be
-    sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
+    # This worker's own buffers, viewed per task without reference counts (kept alive to the end)
+    owners = (q_t, q_rows, st, score_buf, acc, running_max, running_sum, rescale, k_wide, v_wide)
+    q_t, q_rows, st, score_buf, acc = borrowed(q_t), borrowed(q_rows), borrowed(st), borrowed(score_buf), borrowed(acc)
+    running_max, running_sum, rescale = borrowed(running_max), borrowed(running_sum), borrowed(rescale)
+    k_wide, v_wide = borrowed(k_wide), borrowed(v_wide)
+    sinks = borrowed(masks[6])  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
-    bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
+    bool_mask, additive_mask, key_ranges, tile_states = (borrowed(masks[0]), borrowed(masks[1]), borrowed(masks[2]),
+                                                         borrowed(masks[3]))  # once: shared  # fmt: skip
 
     while True:
         t = _claim(order, next_task)
@@ -276,6 +285,7 @@ def _decode_worker(
                     block, running_max[g * nq :], running_sum[g * nq :], consts,
                     part_out[split, b, h], part_lse[split, b, h],
                 )  # fmt: skip
+    keep_alive(owners)
 
 
 @_jit()

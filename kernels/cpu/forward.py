@@ -9,7 +9,7 @@ from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SINKS
 from .dropout import _dropout_factors
-from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
+from .launch import FAILED, RAN, REFUSED, address_of, borrowed, run_step, steps_array, token_of
 from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
 from .schedule import TASK_QUEUE, _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -36,6 +36,11 @@ def _forward_worker(
     flash-attn do); float32 on the FMA micro-kernel when micro; else, and
     float64 always, through the BLAS. Scores, softmax and acc in lse's dtype.
     """
+    # Shared by every worker, and held by the kernel for the whole call: no reference counts (launch.borrowed)
+    q, k_packed, v_packed, segments, consts, out, lse = (borrowed(q), borrowed(k_packed), borrowed(v_packed),
+                                                         borrowed(segments), borrowed(consts), borrowed(out),
+                                                         borrowed(lse))  # fmt: skip
+    tasks, order = borrowed(tasks), borrowed(order)
     batch, hq, _, d = q.shape
     hkv, dv = k_packed.shape[1], out.shape[3]
     group = hq // hkv
@@ -43,12 +48,13 @@ def _forward_worker(
     zero = consts[_C_ZERO]
     real = lse.dtype
     operand = k_packed.dtype
-    alibi = masks[4]  # (S or 1, Hq or 1) slopes
-    dropout = masks[5]  # Philox key and threshold (kernels/cpu/dropout.py)
+    alibi = borrowed(masks[4])  # (S or 1, Hq or 1) slopes
+    dropout = borrowed(masks[5])  # Philox key and threshold (kernels/cpu/dropout.py)
     has_dropout = (flags & _HAS_DROPOUT) != 0
-    sinks = masks[6]  # (Hq,) learned sink logits, when flags has _HAS_SINKS
+    sinks = borrowed(masks[6])  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
-    bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
+    bool_mask, additive_mask, key_ranges, tile_states = (borrowed(masks[0]), borrowed(masks[1]), borrowed(masks[2]),
+                                                         borrowed(masks[3]))  # once: shared  # fmt: skip
 
     # Scratch for this worker: O(block) memory, independent of N; rows padded to
     # 16 columns for the micro-kernels (+1 key: bf16's even first key).
