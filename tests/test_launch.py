@@ -1,15 +1,17 @@
 """Kernels call their steps by address (kernels/cpu/launch.py): a kernel handed steps compiled for
 other argument types refuses them before calling anything, and the call then finds the steps by
-the arguments' exact types; unaligned inputs are copied, not compiled for."""
+the arguments' exact types; unaligned inputs are copied, not compiled for; a borrowed() view shares
+the data without reference counts."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
 import pytest
+from numba.core.unsafe.refcount import get_refcount
 
 from attnkit.kernels import numba_attention as kernel
-from attnkit.kernels.cpu.launch import address_of, run_step, steps_array, token_of
+from attnkit.kernels.cpu.launch import address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from attnkit.kernels.cpu.plan import _kernel_array
 from attnkit.reference import attention, attention_backward
 from attnkit.testing import assert_within_rule
@@ -125,3 +127,25 @@ def test_run_step_passes_each_task_its_index_and_reports_a_step_that_raised(para
     readonly = np.zeros(5, np.int64)
     readonly.flags.writeable = False  # another type: the token differs, nothing runs
     assert _run_write_index(steps, readonly, parallel) == -1
+
+
+@numba.njit
+def _view_of(n, borrow):
+    """(owner's reference count before, while a view of it lives, the view's sum, owner[2]) with the
+    view taken from borrowed(owner) or from owner itself."""
+    owner = np.zeros(n)
+    before = get_refcount(owner)
+    source = borrowed(owner) if borrow else owner
+    view = source[2:]
+    view[0] = 5.0
+    during = get_refcount(owner)
+    total = view.sum()
+    keep_alive(owner)
+    return before, during, total, owner[2]
+
+
+@pytest.mark.parametrize("borrow", [True, False], ids=["borrowed", "owned"])
+def test_a_borrowed_view_shares_the_data_and_leaves_the_reference_count_alone(borrow):
+    before, during, total, written = _view_of(8, borrow)
+    assert (total, written) == (5.0, 5.0)  # the same memory, read and written through the view
+    assert during == before + (0 if borrow else 1)  # a view of an owned array takes a reference
