@@ -199,7 +199,11 @@ def dense_forward_plan(q_shape, k_shape, v_shape, q_dtype, bf16, scale, causal, 
                        None, extras)  # fmt: skip
 
 
-_SEPARATE_RESULTS_BYTES = 1 << 16
+# Results smaller than this come as two np.empty arrays, not views of one block: laying out the
+# block's views costs ~5-9 µs a call, which decode calls felt (B4 H32 Nq1 D128 fp32, 64 KiB of
+# results: plan.run 1.09-1.15x faster with two arrays, the two ways taking turns in one process);
+# from 1 MiB of results up the two were within 3% either way (bench/results/decode-bandwidth.md).
+_SEPARATE_RESULTS_BYTES = 1 << 20
 
 
 class ForwardPlan:
