@@ -188,8 +188,8 @@ def _decode_worker(
     cache is read once, in place, at 2 bytes an element, and nothing is packed per call.
     """
     # Shared by every worker, and held by the kernel for the whole call: no reference counts
-    q, k, v_rows, consts, out, lse = borrowed(q), borrowed(k), borrowed(v_rows), borrowed(consts), borrowed(out), borrowed(lse)
-    part_out, part_lse = borrowed(part_out), borrowed(part_lse)
+    q, k, v_rows, consts = borrowed(q), borrowed(k), borrowed(v_rows), borrowed(consts)
+    out, lse, part_out, part_lse = borrowed(out), borrowed(lse), borrowed(part_out), borrowed(part_lse)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], out.shape[3]
     group = hq // hkv

@@ -36,7 +36,10 @@ from numba.extending import intrinsic
 
 from ..jit import jit as _jit
 
-__all__ = ["FAILED", "RAN", "REFUSED", "KernelCall", "address_of", "borrowed", "keep_alive", "launch", "run_step", "steps_array", "token_of"]
+__all__ = [
+    "FAILED", "RAN", "REFUSED", "KernelCall", "address_of", "borrowed", "keep_alive", "launch", "run_step",
+    "steps_array", "token_of",
+]  # fmt: skip
 
 
 def _step_types(arguments, index):
