@@ -149,7 +149,10 @@ def test_reference_memory_grows_as_n_squared_and_flash_as_n():
     flash_peaks = [measure.measure_point(flash, settings, n)["peak_memory_bytes"] for n in ns]
     assert 1.8 <= fit_exponent(ns, reference_peaks) <= 2.2
     assert reference_peaks[-1] >= settings.score_matrix_bytes(2048)  # it holds the scores
-    assert 0.5 <= fit_exponent(ns, flash_peaks) <= 1.3
+    # Linear at most. No lower bound on the fit: a constant ~2 MB of the process's own (thread
+    # buffers, allocator slack) flattened it to 0.39 in one CI run, peaks 2.2 / 2.8 / 3.8 MB.
+    assert fit_exponent(ns, flash_peaks) <= 1.3
+    assert flash_peaks[-1] > 0  # measured (the reference's fit above shows the measurement works)
     assert flash_peaks[-1] < settings.score_matrix_bytes(2048) / 4
 
 
