@@ -29,7 +29,7 @@ def float32_matmul_precision():
         torch = sys.modules.get("torch")
         if torch is None:
             return "highest"
-        # The C function torch's getter wraps: a planned call reads it on every call (0.7 -> ~0.2 µs)
+        # The C function torch's getter wraps: a planned call reads it on every call (0.61 -> 0.34 µs)
         _PRECISION_GETTER.append(getattr(torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision))
     return _PRECISION_GETTER[0]()
 
