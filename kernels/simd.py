@@ -55,8 +55,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .jit import jit
+from .target import TARGET
 
-__all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "row_max", "row_max_at"]
+__all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "row_max", "row_max_at", "wide_vectors"]
 
 
 def _exp2_polynomial(degree):
@@ -393,3 +394,22 @@ def exp2_affine_at(matrix, r, multiplier, shift):
     if matrix.shape[1] > 1 and matrix.strides[1] != matrix.itemsize:
         raise ValueError("exp2_affine_at: the rows must be contiguous")
     return _exp2_affine_at_intrinsic(matrix, r, multiplier, shift)
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Called first in a function: LLVM vectorises the function's loops at the target's full width.
+
+    LLVM's tuning for Intel's AVX-512 server and client cores (Ice Lake, Sapphire Rapids, the
+    "rocketlake" this VM reports) prefers 256-bit vectors for loops it vectorises itself, for the
+    clock speed 512-bit instructions once cost. Decode's loops stream K and V from memory a row at
+    a time, and read them faster at 512 bits (bench/results/decode-bandwidth.md, docs/kernel-log.md
+    v30); the prefill kernels' loops did not gain, so the attribute is per function. A no-op on
+    targets whose widest vectors are narrower (LLVM never vectorises wider than the registers)."""
+
+    def codegen(context, builder, signature, args):
+        # llvmlite's attribute set knows no string attributes: add the text as LLVM spells it
+        set.add(builder.function.attributes, f'"prefer-vector-width"="{TARGET.lanes * 32}"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen

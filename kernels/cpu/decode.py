@@ -11,7 +11,7 @@ from numba.extending import overload
 
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from ..simd import exp2_affine_at
+from ..simd import exp2_affine_at, wide_vectors
 from .constants import (
     _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS,
     _HAS_SOFTCAP,
@@ -47,6 +47,7 @@ def _in_order_dots(k, b, hk, j0, bk, q_rows, rows, s_full, zero):
     each element of the key, widened once (bf16), serves four rows' sums (then two, then one).
     A row at a time, bf16 keys were widened once per row: B4 H32/8 Nk4096 bf16 decode 4.7-4.9 ->
     3.8-4.0 ms jammed, fp32 6.2-6.4 -> 5.8-5.9 (Zen 3 VM, two threads; docs/kernel-log.md v27)."""
+    wide_vectors()
     d = q_rows.shape[1]
     r = 0
     while r + 4 <= rows:
@@ -132,6 +133,7 @@ def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], keys in memory order: a V row (bf16: two
     keys' rows), loaded and widened once, serves four output rows per pass (then bf16's last three
     in one pass; float's two, then one)."""
+    wide_vectors()
     pairs = _pv_key_pairs(v)
     r = 0
     while r + 4 <= rows:
