@@ -57,7 +57,7 @@ from numba.extending import intrinsic
 from .jit import jit
 from .target import TARGET
 
-__all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "row_max", "row_max_at", "wide_vectors"]
+__all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "prefetch", "row_max", "row_max_at", "wide_vectors"]
 
 
 def _exp2_polynomial(degree):
@@ -413,3 +413,20 @@ def wide_vectors(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """Ask for the cache line at address (an integer) ahead of its use: prefetcht0, which never
+    faults and returns nothing, so an address past the end of an array is harmless."""
+
+    def codegen(context, builder, signature, args):
+        pointer = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, i32, i32, i32]), "llvm.prefetch.p0")
+        # a read, kept in every cache level (locality 3), of data (not instructions)
+        builder.call(function, [pointer, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(types.intp), codegen

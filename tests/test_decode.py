@@ -163,6 +163,36 @@ def test_float32_groups_of_eight_rows_read_keys_in_order_when_the_cache_cannot_h
     assert_within_rule("lse", lse, lse64, lse32, 2)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("hq, batch", [(2, 3), (4, 1), (6, 2), (8, 1)], ids=["1-row", "2-rows", "3-rows", "4-rows"])
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 40], ids=["kv-larger-than-the-cache", "kv-in-the-cache"])
+def test_decode_reads_ahead_only_when_the_cache_cannot_hold_kv(monkeypatch, cache_bytes, hq, batch, dtype):
+    """K and V larger than the cache: the dot products prefetch K 16 keys ahead and V's row of the
+    same key (past the last key too, which must be harmless); the same results as the reference
+    either way. 1-4 rows a tile; a single (batch, kv head) splits its keys across the workers; an
+    odd last block (1031 keys = 512 + 512 + 7)."""
+    monkeypatch.setattr(kernel, "last_level_cache_bytes", lambda: cache_bytes)
+    nk = (1031 if cache_bytes else 1030) + 4 * hq + (dtype == np.uint16)  # no plan of another setting is reused
+    rng = np.random.default_rng(nk)
+    q = rng.standard_normal((batch, hq, 1, 64))
+    k, v = (rng.standard_normal((batch, 2, nk, 64)) for _ in range(2))
+    mask = np.arange(nk)[None, None, None, :] < rng.integers(nk // 2, nk + 1, batch)[:, None, None, None]
+    if dtype == np.uint16:
+        bits = [bf16_bits(x) for x in (q, k, v)]
+        q, k, v = (bf16_to_float32(x).astype(np.float64) for x in bits)  # the reference runs on the bf16 values
+    else:
+        bits = [x.astype(np.float32) for x in (q, k, v)]
+    with kernel.recording() as launches:
+        out, lse = kernel.flash_forward(*bits, mask, scale=0.125, causal=None, window=None, softcap=None)
+    assert [(x.worker.removesuffix("_serial"), x.read_ahead) for x in launches] == [("decode", not cache_bytes)]
+    out64, lse64 = attention(q, k, v, mask=mask, scale=0.125, return_lse=True)
+    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), mask=mask, scale=0.125, return_lse=True)
+    if dtype == np.uint16:
+        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
+    assert_within_rule("out", out, out64, out32, 2)
+    assert_within_rule("lse", lse, lse64, lse32, 2)
+
+
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 40], ids=["kv-larger-than-the-cache", "kv-in-the-cache"])
 @pytest.mark.parametrize("hq", [16, 10], ids=["8-rows", "5-rows"])
 def test_bf16_groups_of_up_to_eight_rows_read_keys_in_order_wherever_they_are(monkeypatch, cache_bytes, hq):

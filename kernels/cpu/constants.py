@@ -16,6 +16,7 @@ _HAS_BOOL_MASK = 4
 _HAS_ALIBI = 8
 _HAS_DROPOUT = 16
 _HAS_SINKS = 32
+_READ_AHEAD = 64  # decode: K and V come from memory, so the kernel prefetches them ahead of use
 
 # Layout of the per-call constants array (in the input dtype, so that no
 # float64 literal promotes float32 arithmetic).

@@ -11,10 +11,10 @@ from numba.extending import overload
 
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from ..simd import exp2_affine_at, wide_vectors
+from ..simd import exp2_affine_at, prefetch, wide_vectors
 from .constants import (
     _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS,
-    _HAS_SOFTCAP,
+    _HAS_SOFTCAP, _READ_AHEAD,
 )
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
@@ -41,41 +41,69 @@ from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_
 # slower from memory (fp32), and were not kept.
 
 
-@_jit(fastmath=_FASTMATH)
-def _in_order_dots(k, b, hk, j0, bk, q_rows, rows, s_full, zero):
-    """s_full[r, j] = q_rows[r] . k[b, hk, j0 + j] for the tile's rows and bk keys, a key at a time:
-    each element of the key, widened once (bf16), serves four rows' sums (then two, then one).
-    A row at a time, bf16 keys were widened once per row: B4 H32/8 Nk4096 bf16 decode 4.7-4.9 ->
-    3.8-4.0 ms jammed, fp32 6.2-6.4 -> 5.8-5.9 (Zen 3 VM, two threads; docs/kernel-log.md v27)."""
-    wide_vectors()
+# With _READ_AHEAD (K and V larger than the cache), the first pass of the dot products over a key
+# block asks for K's row 16 keys ahead and for V's row of the same key, which P V reads after the
+# block's softmax: two streams from memory at once, and P V served from the cache. Without it a
+# core read one stream at a time, its hardware prefetchers stopping at every 4 KiB page (16 bf16
+# rows of D128). B4 H32/8 D128 from memory on the Xeon VM: bf16 Nk4096 1.30 -> 1.71-1.84x torch,
+# fp32 Nk2048 1.36 -> 1.73x; but from the cache (fp32 Nk1024, 32 MiB) 1.40-1.51 -> 1.24-1.29x, the
+# prefetches costing issue slots for lines already there (docs/kernel-log.md v31).
+_READ_AHEAD_KEYS = 16
+
+
+@_jit(inline="always")
+def _read_ahead(k, v, b, hk, j):
+    """Prefetch K's row j + _READ_AHEAD_KEYS and V's row j (of batch b, kv head hk), every cache line."""
+    k_row = k.ctypes.data + b * k.strides[0] + hk * k.strides[1] + (j + _READ_AHEAD_KEYS) * k.strides[2]
+    for line in range(0, k.shape[3] * k.itemsize, 64):
+        prefetch(k_row + line)
+    v_row = v.ctypes.data + b * v.strides[0] + hk * v.strides[1] + j * v.strides[2]
+    for line in range(0, v.shape[3] * v.itemsize, 64):
+        prefetch(v_row + line)
+
+
+@_jit(inline="always")
+def _dots_pass(k, v, b, hk, j0, bk, q_rows, r, n, s_full, zero, ahead):
+    """s_full[r + i, j] = q_rows[r + i] . k[b, hk, j0 + j] for n rows (1, 2 or 4; a constant at each
+    call, so the unused rows' code folds away) and the block's bk keys, a key at a time: each
+    element of the key, widened once (bf16), serves the n rows' sums. ahead: _read_ahead per key."""
     d = q_rows.shape[1]
-    r = 0
-    while r + 4 <= rows:
-        for j in range(bk):
-            t0 = t1 = t2 = t3 = zero
-            for c in range(d):
-                x = _operand_of(s_full, k[b, hk, j0 + j, c])
-                t0 += x * q_rows[r, c]
+    for j in range(bk):
+        if ahead:
+            _read_ahead(k, v, b, hk, j0 + j)
+        t0 = t1 = t2 = t3 = zero
+        for c in range(d):
+            x = _operand_of(s_full, k[b, hk, j0 + j, c])
+            t0 += x * q_rows[r, c]
+            if n > 1:
                 t1 += x * q_rows[r + 1, c]
+            if n > 2:
                 t2 += x * q_rows[r + 2, c]
                 t3 += x * q_rows[r + 3, c]
-            s_full[r, j], s_full[r + 1, j], s_full[r + 2, j], s_full[r + 3, j] = t0, t1, t2, t3
+        s_full[r, j] = t0
+        if n > 1:
+            s_full[r + 1, j] = t1
+        if n > 2:
+            s_full[r + 2, j], s_full[r + 3, j] = t2, t3
+
+
+@_jit(fastmath=_FASTMATH)
+def _in_order_dots(k, v, b, hk, j0, bk, q_rows, rows, s_full, zero, read_ahead):
+    """s_full[r, j] = q_rows[r] . k[b, hk, j0 + j] for the tile's rows and bk keys, a key at a time:
+    four rows' sums a pass (then two, then one). read_ahead: the first pass prefetches K and V
+    (_read_ahead). A row at a time, bf16 keys were widened once per row: B4 H32/8 Nk4096 bf16
+    decode 4.7-4.9 -> 3.8-4.0 ms jammed, fp32 6.2-6.4 -> 5.8-5.9 (Zen 3 VM, two threads; docs/
+    kernel-log.md v27)."""
+    wide_vectors()
+    r = 0
+    while r + 4 <= rows:
+        _dots_pass(k, v, b, hk, j0, bk, q_rows, r, 4, s_full, zero, read_ahead and r == 0)
         r += 4
-    while r + 2 <= rows:
-        for j in range(bk):
-            t0 = t1 = zero
-            for c in range(d):
-                x = _operand_of(s_full, k[b, hk, j0 + j, c])
-                t0 += x * q_rows[r, c]
-                t1 += x * q_rows[r + 1, c]
-            s_full[r, j], s_full[r + 1, j] = t0, t1
+    if rows - r >= 2:
+        _dots_pass(k, v, b, hk, j0, bk, q_rows, r, 2, s_full, zero, read_ahead and r == 0)
         r += 2
     if r < rows:
-        for j in range(bk):
-            t0 = zero
-            for c in range(d):
-                t0 += _operand_of(s_full, k[b, hk, j0 + j, c]) * q_rows[r, c]
-            s_full[r, j] = t0
+        _dots_pass(k, v, b, hk, j0, bk, q_rows, r, 1, s_full, zero, read_ahead and r == 0)
 
 
 def _pv_key_pairs(v):
@@ -218,6 +246,7 @@ def _decode_worker(
     k_wide, v_wide = borrowed(k_wide), borrowed(v_wide)
     sinks = borrowed(masks[6])  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
+    read_ahead = (flags & _READ_AHEAD) != 0
     bool_mask, additive_mask, key_ranges, tile_states = (borrowed(masks[0]), borrowed(masks[1]), borrowed(masks[2]),
                                                          borrowed(masks[3]))  # once: shared  # fmt: skip
 
@@ -252,7 +281,7 @@ def _decode_worker(
             bk = j1 - j0
             s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
             if rows < in_order_rows:  # few rows: dot products (the micro-kernel fills 16 columns for them)
-                _in_order_dots(k, b, hk, j0, bk, q_rows, rows, s_full, zero)
+                _in_order_dots(k, v_rows, b, hk, j0, bk, q_rows, rows, s_full, zero, read_ahead)
             else:
                 _product(_rows_as(k, b, hk, j0, bk, k_wide), q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
                 for j in range(bk):
