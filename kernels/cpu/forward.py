@@ -9,7 +9,7 @@ from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SINKS
 from .dropout import _dropout_factors
-from .launch import FAILED, RAN, REFUSED, address_of, borrowed, run_step, steps_array, token_of
+from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
 from .schedule import TASK_QUEUE, _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -68,6 +68,12 @@ def _forward_worker(
     p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
     keep_buf = np.empty(block_q * block_k if has_dropout else 1, real)  # (Bq, Bk) dropout factors
     draws = np.empty(block_k + 24 if has_dropout else 1, np.uint64)  # one row's 16-bit draws
+    # This worker's own buffers, viewed per tile without reference counts (kept alive to the end)
+    owners = (score_buf, acc, running_max, running_sum, rescale, unused_grad, q_buf, p_buf, keep_buf, draws)
+    score_buf, acc, running_max, running_sum = borrowed(score_buf), borrowed(acc), borrowed(running_max), borrowed(
+        running_sum)
+    rescale, unused_grad, q_buf, p_buf = borrowed(rescale), borrowed(unused_grad), borrowed(q_buf), borrowed(p_buf)
+    keep_buf, draws = borrowed(keep_buf), borrowed(draws)
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
@@ -118,6 +124,7 @@ def _forward_worker(
             _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
         _finish_rows(acc, running_max, running_sum, consts, out[b, h, qs + i0 : qs + i1], lse[b, h, qs + i0 : qs + i1])
     set_threads_local(blas_threads)
+    keep_alive(owners)
 
 
 # The kernel only fans the steps out, calling them by address (kernels/cpu/launch.py):
