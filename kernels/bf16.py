@@ -36,19 +36,23 @@ class _BFloat(ir.Type):
 
 
 def f32_to_bf16_ir(builder, x, native):
-    """IR: float32 x -> bf16 bits (i16), round to nearest even, NaN kept quiet.
+    """IR: float32 x -> bf16 bits (i16), round to nearest even, NaN kept quiet; a vector of float32
+    gives a vector of i16.
 
     native: the target's conversion instruction (fptrunc to bfloat); else
     integer arithmetic, which every target runs.
     """
+    lanes = x.type.count if isinstance(x.type, ir.VectorType) else None  # a vector of float32, lane-wise
+    kind = (lambda t: ir.VectorType(t, lanes)) if lanes else (lambda t: t)
+    constant = (lambda v: ir.Constant(kind(_I32), [v] * lanes)) if lanes else (lambda v: ir.Constant(_I32, v))
     if native:
-        return builder.bitcast(builder.fptrunc(x, _BFloat()), _I16)
-    bits = builder.bitcast(x, _I32)
-    lower_bit = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
-    rounded = builder.lshr(builder.add(builder.add(bits, ir.Constant(_I32, 0x7FFF)), lower_bit), ir.Constant(_I32, 16))
-    quiet = builder.or_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 0x40))
+        return builder.bitcast(builder.fptrunc(x, kind(_BFloat())), kind(_I16))
+    bits = builder.bitcast(x, kind(_I32))
+    lower_bit = builder.and_(builder.lshr(bits, constant(16)), constant(1))
+    rounded = builder.lshr(builder.add(builder.add(bits, constant(0x7FFF)), lower_bit), constant(16))
+    quiet = builder.or_(builder.lshr(bits, constant(16)), constant(0x40))
     is_nan = builder.fcmp_unordered("uno", x, x)
-    return builder.trunc(builder.select(is_nan, quiet, rounded), _I16)
+    return builder.trunc(builder.select(is_nan, quiet, rounded), kind(_I16))
 
 
 @intrinsic

@@ -54,10 +54,14 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .bf16 import f32_to_bf16_ir
 from .jit import jit
 from .target import TARGET
 
-__all__ = ["EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "prefetch", "row_max", "row_max_at", "wide_vectors"]
+__all__ = [
+    "EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "prefetch", "row_max", "row_max_at",
+    "wide_vectors",
+]
 
 
 def _exp2_polynomial(degree):
@@ -231,9 +235,12 @@ def _build_row_max(real):
     return build
 
 
-def _build_exp2_affine(real):
+def _build_exp2_affine(real, bits=False):
+    """exp2_affine's body; with bits, each new value is also stored rounded to bf16 at bits_base
+    (same index): the P V operand of a bf16 tile, written while the value is in a register."""
+
     def build(builder, args):
-        base, n, multiplier, shift = args
+        base, n, multiplier, shift = args[:4]
         total_vectors = [cgutils.alloca_once_value(builder, real.constant(0.0, True))
                          for _ in range(_ACCUMULATORS)]
         total_scalar = cgutils.alloca_once_value(builder, real.constant(0.0, False))
@@ -245,6 +252,11 @@ def _build_exp2_affine(real):
             m, s = (m_vector, s_vector) if vector else (multiplier, shift)
             y = _exp2_of(builder, real, vector, _fma(builder, real, vector, value, m, builder.fneg(s)))
             builder.store(y, pointer, align=real.dtype.itemsize)
+            if bits:
+                element = builder.gep(args[4], [index])
+                target = builder.bitcast(element, ir.VectorType(ir.IntType(16), real.width).as_pointer()) if vector \
+                    else element
+                builder.store(f32_to_bf16_ir(builder, y, TARGET.bf16_convert), target, align=2)
             slot = total_vectors[group] if vector else total_scalar
             builder.store(builder.fadd(builder.load(slot), y), slot)
 
@@ -278,6 +290,12 @@ def _exp2_affine_function(module, real):
                    _build_exp2_affine(real))  # fmt: skip
 
 
+def _exp2_affine_bits_function(module, real):
+    return _define(module, f"attnkit_exp2_affine_bits_{real.tag}", real.scalar,
+                   [real.scalar.as_pointer(), ir.IntType(64), real.scalar, real.scalar, ir.IntType(16).as_pointer()],
+                   _build_exp2_affine(real, bits=True))  # fmt: skip
+
+
 def define_row_functions(module, dtype=types.float32):
     """row_max and exp2_affine of `dtype` as IR functions in module (also what tests/test_targets.py
     cross-compiles for other CPUs). Returns their names."""
@@ -293,14 +311,14 @@ def _call_on_row(context, builder, signature, args, function, real):
     return builder.call(function, [base, n, *args[1:]])
 
 
-def _call_on_matrix_row(context, builder, signature, args, function, real):
+def _call_on_matrix_row(context, builder, signature, args, function, real, *extra):
     """Call an IR row function on row args[1] of the 2-D array argument (its pointer and width): no
     row array is made, so no reference count moves (a row view costs ~20 ns: bench/results/tiny-calls.md)."""
     array = context.make_array(signature.args[0])(context, builder, args[0])
     row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
     width = cgutils.unpack_tuple(builder, array.shape, 2)[1]
     start = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(args[1], row_stride)])
-    return builder.call(function, [builder.bitcast(start, real.scalar.as_pointer()), width, *args[2:]])
+    return builder.call(function, [builder.bitcast(start, real.scalar.as_pointer()), width, *args[2:], *extra])
 
 
 def _matrix_row(matrix, r):
@@ -334,6 +352,25 @@ def _exp2_affine_at_intrinsic(typingctx, matrix, r, multiplier, shift):
         return _call_on_matrix_row(context, builder, signature, args, function, real)
 
     return multiplier(matrix, r, multiplier, shift), codegen
+
+
+@intrinsic
+def _exp2_affine_bits_at_intrinsic(typingctx, matrix, r, multiplier, shift, bits):
+    real = _matrix_row(matrix, r)
+    if real is None or real.tag != "f32" or multiplier != matrix.dtype or shift != matrix.dtype:
+        return None
+    if not (isinstance(bits, types.Array) and bits.ndim == 2 and bits.dtype == types.uint16):
+        return None
+
+    def codegen(context, builder, signature, args):
+        rows = context.make_array(signature.args[4])(context, builder, args[4])
+        row_stride = cgutils.unpack_tuple(builder, rows.strides, 2)[0]
+        start = builder.gep(builder.bitcast(rows.data, ir.IntType(8).as_pointer()), [builder.mul(args[1], row_stride)])
+        function = _exp2_affine_bits_function(builder.module, real)
+        bits_row = builder.bitcast(start, ir.IntType(16).as_pointer())
+        return _call_on_matrix_row(context, builder, signature, args[:4], function, real, bits_row)
+
+    return multiplier(matrix, r, multiplier, shift, bits), codegen
 
 
 @intrinsic
@@ -394,6 +431,18 @@ def exp2_affine_at(matrix, r, multiplier, shift):
     if matrix.shape[1] > 1 and matrix.strides[1] != matrix.itemsize:
         raise ValueError("exp2_affine_at: the rows must be contiguous")
     return _exp2_affine_at_intrinsic(matrix, r, multiplier, shift)
+
+
+@jit(inline="always")
+def exp2_affine_bits_at(matrix, r, multiplier, shift, bits):
+    """exp2_affine_at(matrix, r, multiplier, shift), each new value also rounded to bf16 into
+    bits[r, :width] (float32 matrix, uint16 bits with rows at least as wide, both rows contiguous):
+    one pass over the row where rounding it afterwards read it again."""
+    if matrix.shape[1] > 1 and matrix.strides[1] != matrix.itemsize or bits.shape[1] > 1 and bits.strides[1] != 2:
+        raise ValueError("exp2_affine_bits_at: the rows must be contiguous")
+    if bits.shape[0] <= r or bits.shape[1] < matrix.shape[1]:
+        raise ValueError("exp2_affine_bits_at: bits must hold the row")
+    return _exp2_affine_bits_at_intrinsic(matrix, r, multiplier, shift, bits)
 
 
 @intrinsic

@@ -95,6 +95,27 @@ def test_exp2_affine_is_deterministic():
     assert first.tobytes() == second.tobytes() and total_first == total_second
 
 
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 33, 512, 1000], ids=lambda n: f"N{n}")
+def test_exp2_affine_bits_also_writes_the_row_rounded_to_bf16(n):
+    """The fused pass (a bf16 tile's P V operand made in the softmax's pass): the same float row and
+    sum as exp2_affine_at, and bits[r, :n] equal to the float row rounded to nearest even bf16;
+    other rows and the columns past n untouched."""
+    from attnkit.kernels.bf16 import bf16_bits
+
+    rng = np.random.default_rng(n)
+    matrix = np.stack([_row(rng, n, np.float32, specials=False) for _ in range(3)])
+    matrix[1, rng.integers(n)] = -np.inf  # a masked score: exactly 0, bits 0
+    fused, bits = matrix.copy(), np.full((3, n + 3), 12345, np.uint16)
+    multiplier, shift = np.float32(0.7), np.float32(2.5)
+    total = simd.exp2_affine_at(matrix, 1, multiplier, shift)
+    fused_total = simd.exp2_affine_bits_at(fused, 1, multiplier, shift, bits)
+    assert fused_total == total and fused.tobytes() == matrix.tobytes()
+    assert np.array_equal(bits[1, :n], bf16_bits(matrix[1]))
+    assert (bits[0] == 12345).all() and (bits[2] == 12345).all() and (bits[1, n:] == 12345).all()
+    with pytest.raises(ValueError, match="hold the row"):
+        simd.exp2_affine_bits_at(fused, 1, multiplier, shift, bits[:, : n - 1] if n > 1 else bits[:1, :0])
+
+
 def test_rows_must_be_contiguous():
     strided = np.zeros(40, np.float32)[::2]
     with pytest.raises(ValueError, match="contiguous"):

@@ -237,6 +237,7 @@ def _decode_worker(
     running_sum = np.empty(rows, dtype)
     rescale = np.empty(rows, dtype)
     unused_grad = np.empty((1, 1), dtype)
+    unused_bits = np.empty((1, 1), np.uint16)  # P stays float32 here (P V widens V instead)
     k_wide = _widening_buffer(k, block_k * d, consts)  # (Bk, D) a key block widened (bf16 only)
     v_wide = _padding_buffer(v_rows, block_k, consts)  # (Bk, Dv16) a value block widened or padded, if need be
     # This worker's own buffers, viewed per task without reference counts (kept alive to the end)
@@ -299,7 +300,8 @@ def _decode_worker(
                     for r in range(nq):
                         for c in range(bk):
                             slab[r, c] *= multiplier
-            _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc)
+            _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc,
+                                 unused_bits, False)  # fmt: skip
             if rows < in_order_rows:  # acc += P V, keys in memory order
                 _in_order_pv(v_rows, b, hk, j0, bk, s_full, rows, dv, acc)
             else:

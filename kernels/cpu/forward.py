@@ -10,7 +10,10 @@ from ..microkernels import PAD, padded
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SINKS
 from .dropout import _dropout_factors
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
-from .operands import _a_rows_of, _first_key, _key_offset, _key_row, _pack_forward_head, _product, _scratch
+from .operands import (
+    _a_rows_of, _bf16_operand, _first_key, _key_offset, _key_row, _p_operand, _p_rows_buffer, _pack_forward_head,
+    _product, _scratch,
+)
 from .schedule import TASK_QUEUE, _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
@@ -68,12 +71,16 @@ def _forward_worker(
     p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
     keep_buf = np.empty(block_q * block_k if has_dropout else 1, real)  # (Bq, Bk) dropout factors
     draws = np.empty(block_k + 24 if has_dropout else 1, np.uint64)  # one row's 16-bit draws
+    unused_bits = np.empty((1, 1), np.uint16)  # float operands: P is its own operand
+    # bf16 operands: P rounded to bf16 in the softmax's pass, unless dropout scales P after it
+    round_in_softmax = _bf16_operand(p_buf) and not has_dropout
     # This worker's own buffers, viewed per tile without reference counts (kept alive to the end)
-    owners = (score_buf, acc, running_max, running_sum, rescale, unused_grad, q_buf, p_buf, keep_buf, draws)
+    owners = (score_buf, acc, running_max, running_sum, rescale, unused_grad, q_buf, p_buf, keep_buf, draws,
+              unused_bits)
     score_buf, acc, running_max, running_sum = borrowed(score_buf), borrowed(acc), borrowed(running_max), borrowed(
         running_sum)
     rescale, unused_grad, q_buf, p_buf = borrowed(rescale), borrowed(unused_grad), borrowed(q_buf), borrowed(p_buf)
-    keep_buf, draws = borrowed(keep_buf), borrowed(draws)
+    keep_buf, draws, unused_bits = borrowed(keep_buf), borrowed(draws), borrowed(unused_bits)
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
@@ -112,14 +119,16 @@ def _forward_worker(
                 s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
                 bool_mask, additive_mask, slope, diagonal, False, unused_grad,
             )  # fmt: skip
-            _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc)
+            p_bits = _p_rows_buffer(p_buf, bq, bk, unused_bits)  # (Bq, Bk2) bf16 P, or unused
+            _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc, p_bits,
+                                 round_in_softmax)  # fmt: skip
             if has_dropout:  # after the running sum: dropout scales the weights, not their total
                 keep = keep_buf[: bq * bk].reshape((bq, bk))
                 _dropout_factors(keep, draws, dropout, consts[_C_KEEP_SCALE], zero, i0, j0, h, seg)
                 for r in range(bq):
                     for c in range(bk):
                         s[r, c] *= keep[r, c]
-            p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
+            p_rows = _p_operand(s, s_full, p_buf, p_bits, round_in_softmax)  # itself, or rounded to bf16
             v_row = _key_row(ks + j0, k_packed)
             _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
         _finish_rows(acc, running_max, running_sum, consts, out[b, h, qs + i0 : qs + i1], lse[b, h, qs + i0 : qs + i1])

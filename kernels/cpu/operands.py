@@ -408,6 +408,39 @@ def _a_rows_of_overload(x, x_full, buffer):
     return lambda x, x_full, buffer: x_full
 
 
+def _bf16_operand(buffer):
+    """Whether a products' buffer holds bf16 bits (uint16): a constant per compiled signature."""
+
+
+@overload(_bf16_operand, jit_options={"inline": "always"})
+def _bf16_operand_overload(buffer):
+    bits = buffer.dtype == types.uint16
+    return lambda buffer: bits
+
+
+def _p_rows_buffer(buffer, bq, bk, unused):
+    """(Bq, Bk rounded up to even) rows of a bf16 buffer for P, or `unused` for a float buffer."""
+
+
+@overload(_p_rows_buffer, jit_options={"inline": "always"})
+def _p_rows_buffer_overload(buffer, bq, bk, unused):
+    if buffer.dtype == types.uint16:
+        return lambda buffer, bq, bk, unused: buffer[: bq * padded(bk, 2)].reshape((bq, padded(bk, 2)))
+    return lambda buffer, bq, bk, unused: unused
+
+
+def _p_operand(p, p_full, buffer, p_bits, rounded):
+    """P (Bq, Bk) as the A operand of P V: p_bits when the softmax rounded P into them already
+    (_online_softmax_step's to_bits), else _a_rows_of(p, p_full, buffer)."""
+
+
+@overload(_p_operand, jit_options={"inline": "always"})
+def _p_operand_overload(p, p_full, buffer, p_bits, rounded):
+    if buffer.dtype == types.uint16:
+        return lambda p, p_full, buffer, p_bits, rounded: p_bits if rounded else _a_rows_of(p, p_full, buffer)
+    return lambda p, p_full, buffer, p_bits, rounded: p_full
+
+
 def _key_offset(j0, operand):
     """Where key j0 starts along a packed operand: 2 j0 columns (bf16 pairs) or j0."""
 

@@ -9,7 +9,7 @@ from numba.extending import overload
 
 from ..jit import jit as _jit
 from ..microkernels import f32_to_bf16
-from ..simd import exp2_affine_at, row_max_at
+from ..simd import exp2_affine_at, exp2_affine_bits_at, row_max_at
 from .constants import (
     _C_INV_SOFTCAP, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO, _FASTMATH,
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_SOFTCAP, _TILE_HIDDEN, _TILE_VISIBLE,
@@ -162,13 +162,27 @@ def _tile_flags(states, flags, b, h, qb, kb):
 # ---------------------------------------------------------------------------
 
 
+def _exp2_rounding_row(s, r, multiplier, shift, p_bits):
+    """exp2_affine_bits_at for float32 scores; for float64 ones (never bf16 operands, so never
+    asked at run time) plain exp2_affine_at, so that _online_softmax_step compiles for both."""
+
+
+@overload(_exp2_rounding_row, jit_options={"inline": "always"})
+def _exp2_rounding_row_overload(s, r, multiplier, shift, p_bits):
+    if s.dtype == types.float32:
+        return lambda s, r, multiplier, shift, p_bits: exp2_affine_bits_at(s, r, multiplier, shift, p_bits)
+    return lambda s, r, multiplier, shift, p_bits: exp2_affine_at(s, r, multiplier, shift)
+
+
 @_jit(fastmath=_FASTMATH)
-def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc):
+def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc, p_bits, to_bits):
     """One key tile of the online softmax, rows in place.
 
     s (Bq, Bk) masked scores in base 2 (times `multiplier`) become P = exp2(score -
     new running max); running_max / running_sum (Bq,) move on; acc (Bq, Dv) rows
-    are rescaled to the new max, ready for acc += P @ V.
+    are rescaled to the new max, ready for acc += P @ V. With to_bits, P is also
+    written rounded to bf16 into p_bits (Bq, Bk rounded up to even; the extra
+    column zeroed): the A operand of a bf16 P V, made in the same pass.
     """
     neg_inf, zero, one = consts[_C_NEG_INF], consts[_C_ZERO], consts[_C_ONE]
     bq = s.shape[0]
@@ -179,7 +193,12 @@ def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescal
         # All seen keys invisible so far: shift by 0 so exp2(-inf) stays 0.
         shift = zero if new_max == neg_inf else new_max
         rescale[r] = math.exp2(old_max - shift)
-        running_sum[r] = running_sum[r] * rescale[r] + exp2_affine_at(s, r, multiplier, shift)
+        if to_bits:
+            running_sum[r] = running_sum[r] * rescale[r] + _exp2_rounding_row(s, r, multiplier, shift, p_bits)
+            for c in range(s.shape[1], p_bits.shape[1]):
+                p_bits[r, c] = 0
+        else:
+            running_sum[r] = running_sum[r] * rescale[r] + exp2_affine_at(s, r, multiplier, shift)
         running_max[r] = new_max
     dv = acc.shape[1]
     for r in range(bq):
