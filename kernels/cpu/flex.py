@@ -32,11 +32,12 @@ from ..simd import exp2_affine_at, row_max_at
 from ..microkernels import PAD, padded
 from .constants import _FASTMATH
 from .operands import (
-    _a_rows_of, _b_rows_of, _dp_product, _first_key, _key_offset, _key_row, _load_rows, _load_transposed,
-    _f64_of, _pack_forward_head, _pack_head_backward, _product, _scratch,
+    _a_rows_of, _b_rows_of, _bf16_operand, _dp_product, _first_key, _key_offset, _key_row, _load_rows,
+    _load_transposed, _f64_of, _p_operand, _p_rows_buffer, _pack_forward_head, _pack_head_backward, _product,
+    _scratch,
 )
 from .schedule import _claim
-from .tile import _store
+from .tile import _exp2_rounding_row, _store
 
 # consts: the per-call numbers, in the compute dtype (BLAS scalars must match it).
 _SCALE, _ONE, _ZERO, _LOG2E = 0, 1, 2, 3
@@ -199,6 +200,8 @@ def forward_worker(
     row_sum = np.empty(block_q, real)  # (Bq,)
     q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
     p_buf = np.empty(_scratch(block_q * padded(span + 2, 2), k_packed), operand)  # bf16: P
+    unused_bits = np.empty((1, 1), np.uint16)  # float operands: P is its own operand
+    round_p = _bf16_operand(p_buf)  # bf16 operands: P rounded in the exp2 pass (kernel log v33)
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
     while True:
         t = _claim(order, next_task)
@@ -231,6 +234,7 @@ def forward_worker(
                     _masked_raw_scores(s_full, j0 - first, bq, j1 - j0, i0, j0, b, h, mask_caps)
             else:
                 _modded_scores(s_full, j0 - first, bq, j1 - j0, i0, j0, b, h, scale, partial, score_caps, mask_caps)
+            p_bits = _p_rows_buffer(p_buf, bq, bk, unused_bits)  # (Bq, Bk2) bf16 P, or unused
             for r in range(bq):
                 if first < j0:
                     s[r, 0] = -np.inf
@@ -238,15 +242,23 @@ def forward_worker(
                 if new_max == -np.inf:  # nothing visible in this row yet: P = 0, nothing to rescale
                     for c in range(bk):
                         s[r, c] = zero
+                    if round_p:
+                        for c in range(p_bits.shape[1]):
+                            p_bits[r, c] = 0
                     continue
-                total = exp2_affine_at(s, r, multiplier, new_max * multiplier)  # P = e^(score - max), vectorised
+                if round_p:  # P = e^(score - max), vectorised; and rounded to bf16 in the same pass
+                    total = _exp2_rounding_row(s, r, multiplier, new_max * multiplier, p_bits)
+                    for c in range(bk, p_bits.shape[1]):
+                        p_bits[r, c] = 0
+                else:
+                    total = exp2_affine_at(s, r, multiplier, new_max * multiplier)
                 rescale = math.exp2((running_max[r] - new_max) * multiplier)
                 row_sum[r] = row_sum[r] * rescale + total
                 running_max[r] = new_max
                 if rescale != one:
                     for c in range(dv):
                         acc[r, c] *= rescale
-            p_rows = _a_rows_of(s, s_full, p_buf)  # itself, or rounded to bf16
+            p_rows = _p_operand(s, s_full, p_buf, p_bits, round_p)  # itself, or rounded to bf16
             _product(p_rows, v_packed[b, hk, _key_row(first, k_packed):], acc, bq, dv, bk, True, micro)  # acc += P V
         for r in range(bq):
             if row_sum[r] == zero:  # the row sees no key: 0, never NaN
