@@ -241,10 +241,10 @@ def _decode_worker(
     k_wide = _widening_buffer(k, block_k * d, consts)  # (Bk, D) a key block widened (bf16 only)
     v_wide = _padding_buffer(v_rows, block_k, consts)  # (Bk, Dv16) a value block widened or padded, if need be
     # This worker's own buffers, viewed per task without reference counts (kept alive to the end)
-    owners = (q_t, q_rows, st, score_buf, acc, running_max, running_sum, rescale, k_wide, v_wide)
+    owners = (q_t, q_rows, st, score_buf, acc, running_max, running_sum, rescale, k_wide, v_wide, unused_bits)
     q_t, q_rows, st, score_buf, acc = borrowed(q_t), borrowed(q_rows), borrowed(st), borrowed(score_buf), borrowed(acc)
     running_max, running_sum, rescale = borrowed(running_max), borrowed(running_sum), borrowed(rescale)
-    k_wide, v_wide = borrowed(k_wide), borrowed(v_wide)
+    k_wide, v_wide, unused_bits = borrowed(k_wide), borrowed(v_wide), borrowed(unused_bits)
     sinks = borrowed(masks[6])  # (Hq,) learned sink logits, when flags has _HAS_SINKS
     has_sinks = (flags & _HAS_SINKS) != 0
     read_ahead = (flags & _READ_AHEAD) != 0

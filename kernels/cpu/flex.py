@@ -248,8 +248,6 @@ def forward_worker(
                     continue
                 if round_p:  # P = e^(score - max), vectorised; and rounded to bf16 in the same pass
                     total = _exp2_rounding_row(s, r, multiplier, new_max * multiplier, p_bits)
-                    for c in range(bk, p_bits.shape[1]):
-                        p_bits[r, c] = 0
                 else:
                     total = exp2_affine_at(s, r, multiplier, new_max * multiplier)
                 rescale = math.exp2((running_max[r] - new_max) * multiplier)

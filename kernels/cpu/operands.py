@@ -430,14 +430,20 @@ def _p_rows_buffer_overload(buffer, bq, bk, unused):
 
 
 def _p_operand(p, p_full, buffer, p_bits, rounded):
-    """P (Bq, Bk) as the A operand of P V: p_bits when the softmax rounded P into them already
-    (_online_softmax_step's to_bits), else _a_rows_of(p, p_full, buffer)."""
+    """P (Bq, Bk) as the A operand of P V: p_full itself when the products' buffer is float; for a
+    bf16 buffer p_bits (_p_rows_buffer), rounded into here unless the softmax did it (rounded)."""
 
 
 @overload(_p_operand, jit_options={"inline": "always"})
 def _p_operand_overload(p, p_full, buffer, p_bits, rounded):
     if buffer.dtype == types.uint16:
-        return lambda p, p_full, buffer, p_bits, rounded: p_bits if rounded else _a_rows_of(p, p_full, buffer)
+
+        def bits(p, p_full, buffer, p_bits, rounded):
+            if not rounded:
+                _load_row_prefixes(p_full, p.shape[1], p_bits)
+            return p_bits
+
+        return bits
     return lambda p, p_full, buffer, p_bits, rounded: p_full
 
 

@@ -163,14 +163,22 @@ def _tile_flags(states, flags, b, h, qb, kb):
 
 
 def _exp2_rounding_row(s, r, multiplier, shift, p_bits):
-    """exp2_affine_bits_at for float32 scores; for float64 ones (never bf16 operands, so never
-    asked at run time) plain exp2_affine_at, so that _online_softmax_step compiles for both."""
+    """exp2_affine_bits_at for float32 scores, p_bits' columns past s's zeroed (the bf16 operand's
+    even width); for float64 ones (never bf16 operands, so never asked at run time) plain
+    exp2_affine_at, so that its callers compile for both."""
 
 
 @overload(_exp2_rounding_row, jit_options={"inline": "always"})
 def _exp2_rounding_row_overload(s, r, multiplier, shift, p_bits):
     if s.dtype == types.float32:
-        return lambda s, r, multiplier, shift, p_bits: exp2_affine_bits_at(s, r, multiplier, shift, p_bits)
+
+        def rounding(s, r, multiplier, shift, p_bits):
+            total = exp2_affine_bits_at(s, r, multiplier, shift, p_bits)
+            for c in range(s.shape[1], p_bits.shape[1]):
+                p_bits[r, c] = 0
+            return total
+
+        return rounding
     return lambda s, r, multiplier, shift, p_bits: exp2_affine_at(s, r, multiplier, shift)
 
 
@@ -181,8 +189,8 @@ def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescal
     s (Bq, Bk) masked scores in base 2 (times `multiplier`) become P = exp2(score -
     new running max); running_max / running_sum (Bq,) move on; acc (Bq, Dv) rows
     are rescaled to the new max, ready for acc += P @ V. With to_bits, P is also
-    written rounded to bf16 into p_bits (Bq, Bk rounded up to even; the extra
-    column zeroed): the A operand of a bf16 P V, made in the same pass.
+    written rounded to bf16 into p_bits (Bq, Bk rounded up to even; _exp2_rounding_row):
+    the A operand of a bf16 P V, made in the same pass.
     """
     neg_inf, zero, one = consts[_C_NEG_INF], consts[_C_ZERO], consts[_C_ONE]
     bq = s.shape[0]
@@ -195,8 +203,6 @@ def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescal
         rescale[r] = math.exp2(old_max - shift)
         if to_bits:
             running_sum[r] = running_sum[r] * rescale[r] + _exp2_rounding_row(s, r, multiplier, shift, p_bits)
-            for c in range(s.shape[1], p_bits.shape[1]):
-                p_bits[r, c] = 0
         else:
             running_sum[r] = running_sum[r] * rescale[r] + exp2_affine_at(s, r, multiplier, shift)
         running_max[r] = new_max
