@@ -132,10 +132,9 @@ def _masked_raw_scores(s_full, col0, n_rows, n_cols, i0, j0, b, h, mask_caps):
     scaled inside exp2). Columns indexed unsigned: Numba's wraparound of a signed index kept the
     loop scalar (a document mask's select: 2.4 -> 0.8 ns a score, one thread)."""
     for r in range(n_rows):  # a select, not a branch: the loop vectorises where mask_mod allows
-        row = s_full[r]
-        for c in range(n_cols):
+        for c in range(n_cols):  # rows indexed, never made arrays (a row view costs two atomic counts)
             col = np.uint64(col0 + c)
-            row[col] = row[col] if mask_mod(b, h, i0 + r, j0 + c, mask_caps) else -np.inf
+            s_full[r, col] = s_full[r, col] if mask_mod(b, h, i0 + r, j0 + c, mask_caps) else -np.inf
 
 
 @_jit(fastmath=_FASTMATH)
@@ -144,16 +143,15 @@ def _modded_scores(s_full, col0, n_rows, n_cols, i0, j0, b, h, scale, partial, s
     score_mod(scale * s), -inf where a partial block's mask_mod says no (columns unsigned, as above)."""
     for r in range(n_rows):
         i = i0 + r
-        row = s_full[r]
         if partial:
             for c in range(n_cols):
                 col = np.uint64(col0 + c)
-                x = score_mod(row[col] * scale, b, h, i, j0 + c, score_caps)
-                row[col] = x if mask_mod(b, h, i, j0 + c, mask_caps) else -np.inf
+                x = score_mod(s_full[r, col] * scale, b, h, i, j0 + c, score_caps)
+                s_full[r, col] = x if mask_mod(b, h, i, j0 + c, mask_caps) else -np.inf
         else:
             for c in range(n_cols):
                 col = np.uint64(col0 + c)
-                row[col] = score_mod(row[col] * scale, b, h, i, j0 + c, score_caps)
+                s_full[r, col] = score_mod(s_full[r, col] * scale, b, h, i, j0 + c, score_caps)
 
 
 @_jit(nogil=True)
@@ -375,11 +373,10 @@ def backward_worker(
                             exp2_affine_at(p, r, multiplier, row_lse * log2e)  # P = e^(score - lse)
                     _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv_dim)  # dP = dO V^T
                     if raw_scores:
-                        for r in range(bq):  # rows of the C-contiguous buffers: the loop vectorises
+                        for r in range(bq):  # rows of the C-contiguous buffers, indexed: the loop vectorises
                             row_delta = delta[r]
-                            p_row, ds_row = p_full[r], ds_full[r]
                             for c in range(bk):
-                                ds_row[c] = p_row[c] * (ds_row[c] - row_delta) * scale
+                                ds_full[r, c] = p_full[r, c] * (ds_full[r, c] - row_delta) * scale
                     else:
                         for r in range(bq):
                             for c in range(bk):
