@@ -59,8 +59,8 @@ from .jit import jit
 from .target import TARGET
 
 __all__ = [
-    "EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "prefetch", "row_max", "row_max_at",
-    "wide_vectors",
+    "EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "gradient_pairs_at", "prefetch",
+    "row_max", "row_max_at", "wide_vectors",
 ]
 
 
@@ -196,7 +196,8 @@ def _define(module, name, return_type, argument_types, build):
     if function.is_declaration:
         function.linkage = "internal"
         builder = ir.IRBuilder(function.append_basic_block("entry"))
-        builder.ret(build(builder, function.args))
+        result = build(builder, function.args)
+        builder.ret_void() if result is None else builder.ret(result)
     return function
 
 
@@ -266,6 +267,62 @@ def _build_exp2_affine(real, bits=False):
         return builder.fadd(lanes, builder.load(total_scalar))
 
     return build
+
+
+def _build_gradient_pairs(real):
+    """gradient_pairs_at's body: per column c < n of rows r0, r1 of P and dP, dS = P (dP - delta) scale
+    (in that order, as the kernels' float loops compute it), then P and dS rounded to bf16 and
+    stored interleaved, p_pairs[2c + t] / ds_pairs[2c + t] of row r_t, and dS also by rows."""
+    i16 = ir.IntType(16)
+    interleave = ir.Constant(ir.VectorType(ir.IntType(32), 2 * real.width),
+                             [lane for c in range(real.width) for lane in (c, c + real.width)])  # fmt: skip
+
+    def build(builder, args):
+        p0, p1, dp0, dp1, n, delta0, delta1, scale, p_pairs, ds_pairs, rows0, rows1 = args
+        splats = [_splat(builder, real, x) for x in (delta0, delta1, scale)]
+
+        def body(index, vector, group):
+            d0, d1, s = splats if vector else (delta0, delta1, scale)
+
+            def load(base):
+                return builder.load(_element_pointer(builder, real, base, index, vector), align=4)
+
+            def bits(x):
+                return f32_to_bf16_ir(builder, x, TARGET.bf16_convert)
+
+            a0, a1 = load(p0), load(p1)
+            g0 = builder.fmul(builder.fmul(a0, builder.fsub(load(dp0), d0)), s)
+            g1 = builder.fmul(builder.fmul(a1, builder.fsub(load(dp1), d1)), s)
+            pb0, pb1, gb0, gb1 = bits(a0), bits(a1), bits(g0), bits(g1)
+            pair_index = builder.mul(index, ir.Constant(ir.IntType(64), 2))
+            if vector:
+                pairs_type = ir.VectorType(i16, 2 * real.width).as_pointer()
+                for first, second, base in ((pb0, pb1, p_pairs), (gb0, gb1, ds_pairs)):
+                    target = builder.bitcast(builder.gep(base, [pair_index]), pairs_type)
+                    builder.store(builder.shuffle_vector(first, second, interleave), target, align=2)
+                row_type = ir.VectorType(i16, real.width).as_pointer()
+                for value, base in ((gb0, rows0), (gb1, rows1)):
+                    builder.store(value, builder.bitcast(builder.gep(base, [index]), row_type), align=2)
+            else:
+                second = builder.add(pair_index, ir.Constant(ir.IntType(64), 1))
+                for first_value, second_value, base in ((pb0, pb1, p_pairs), (gb0, gb1, ds_pairs)):
+                    builder.store(first_value, builder.gep(base, [pair_index]))
+                    builder.store(second_value, builder.gep(base, [second]))
+                builder.store(gb0, builder.gep(rows0, [index]))
+                builder.store(gb1, builder.gep(rows1, [index]))
+
+        _row_loops(builder, real, n, body, 1)
+        return None
+
+    return build
+
+
+def _gradient_pairs_function(module):
+    real, i16p = _Real(types.float32), ir.IntType(16).as_pointer()
+    f32p = real.scalar.as_pointer()
+    return _define(module, "attnkit_gradient_pairs_f32", ir.VoidType(),
+                   [f32p, f32p, f32p, f32p, ir.IntType(64), real.scalar, real.scalar, real.scalar, i16p, i16p, i16p, i16p],
+                   _build_gradient_pairs(real))  # fmt: skip
 
 
 def _check_real(*arguments):
@@ -373,6 +430,40 @@ def _exp2_affine_bits_at_intrinsic(typingctx, matrix, r, multiplier, shift, bits
     return multiplier(matrix, r, multiplier, shift, bits), codegen
 
 
+def _row_start(context, builder, array_type, array_value, row, element_type):
+    """Pointer to row `row` of a 2-D array value, as element_type* (no row array made)."""
+    array = context.make_array(array_type)(context, builder, array_value)
+    row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
+    start = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(row, row_stride)])
+    return builder.bitcast(start, element_type.as_pointer())
+
+
+@intrinsic
+def _gradient_pairs_at_intrinsic(typingctx, p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows):
+    def matrix_of(array, dtype):
+        return isinstance(array, types.Array) and array.ndim == 2 and array.dtype == dtype
+
+    if not (matrix_of(p, types.float32) and matrix_of(dp, types.float32)
+            and all(matrix_of(a, types.uint16) for a in (p_pairs, ds_pairs, ds_rows))
+            and all(isinstance(i, types.Integer) for i in (r0, r1, n, pair))
+            and all(x == types.float32 for x in (delta0, delta1, scale))):  # fmt: skip
+        return None
+
+    def codegen(context, builder, signature, args):
+        types_ = signature.args
+        f32, i16 = ir.FloatType(), ir.IntType(16)
+        p_rows = [_row_start(context, builder, types_[0], args[0], args[r], f32) for r in (2, 3)]
+        dp_rows = [_row_start(context, builder, types_[1], args[1], args[r], f32) for r in (2, 3)]
+        pairs = [_row_start(context, builder, types_[i], args[i], args[10], i16) for i in (8, 9)]
+        rows = [_row_start(context, builder, types_[11], args[11], args[r], i16) for r in (2, 3)]
+        n = context.cast(builder, args[4], types_[4], types.int64)
+        function = _gradient_pairs_function(builder.module)
+        builder.call(function, [*p_rows, *dp_rows, n, args[5], args[6], args[7], *pairs, *rows])
+        return context.get_dummy_value()
+
+    return types.none(p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows), codegen
+
+
 @intrinsic
 def _row_max_intrinsic(typingctx, row, initial):
     real = _row_array(row)
@@ -443,6 +534,24 @@ def exp2_affine_bits_at(matrix, r, multiplier, shift, bits):
     if bits.shape[0] <= r or bits.shape[1] < matrix.shape[1]:
         raise ValueError("exp2_affine_bits_at: bits must hold the row")
     return _exp2_affine_bits_at_intrinsic(matrix, r, multiplier, shift, bits)
+
+
+@jit(inline="always")
+def gradient_pairs_at(p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows):
+    """The backward's three bf16 operands of rows r0, r1 of a tile, in one pass over its first n columns:
+    dS = P (dP - delta_t) scale from float32 P (p) and dP (dp) of row r_t; p_pairs[pair, 2c + t] and
+    ds_pairs[pair, 2c + t] = P and dS of row r_t rounded to bf16 (the B operands, rows in pairs);
+    ds_rows[r_t, c] = dS rounded (the A operand). r1 = r0 writes row r0 twice (an odd last row: the
+    caller zeroes the pair's second slots). Every row contiguous; nothing else is written."""
+    if (p.shape[1] > 1 and p.strides[1] != 4 or dp.shape[1] > 1 and dp.strides[1] != 4
+            or p_pairs.shape[1] > 1 and p_pairs.strides[1] != 2 or ds_pairs.shape[1] > 1 and ds_pairs.strides[1] != 2
+            or ds_rows.shape[1] > 1 and ds_rows.strides[1] != 2):  # fmt: skip
+        raise ValueError("gradient_pairs_at: the rows must be contiguous")
+    if (n > p.shape[1] or n > dp.shape[1] or 2 * n > p_pairs.shape[1] or 2 * n > ds_pairs.shape[1]
+            or n > ds_rows.shape[1] or max(r0, r1) >= min(p.shape[0], dp.shape[0], ds_rows.shape[0])
+            or min(r0, r1, pair, n) < 0 or pair >= min(p_pairs.shape[0], ds_pairs.shape[0])):  # fmt: skip
+        raise ValueError("gradient_pairs_at: a row or column out of range")
+    _gradient_pairs_at_intrinsic(p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows)
 
 
 @intrinsic

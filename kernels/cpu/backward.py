@@ -12,7 +12,7 @@ from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _
 from .dropout import _dropout_factors
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import (
-    _a_rows_of, _b_rows_of, _dp_product, _f64_of, _key_offset, _key_row, _load_rows, _load_transposed,
+    _bf16_operand, _dp_product, _f64_of, _gradient_operands, _key_offset, _key_row, _load_rows, _load_transposed,
     _pack_head_backward, _product,
 )
 from .schedule import TASK_QUEUE, _backward_schedule, _next_task, _segment
@@ -65,7 +65,9 @@ def _backward_worker(
     p_buf = np.empty(tile, real)  # (Bq, Bk16) scores, then P
     ds_buf = np.empty(tile, real)  # (Bq, Bk16) dP, then dS
     cap_buf = np.empty(tile if has_softcap else 1, real)  # (Bq, Bk) softcap factor
-    pairs_buf = np.empty(bq_width * padded(block_k + 1, PAD), operand)  # P or dS as a B operand
+    pairs_buf = np.empty(bq_width * padded(block_k + 1, PAD), operand)  # P as a B operand
+    # dS as a B operand: bf16 makes both pair-packed operands in one pass; floats are their own
+    ds_pairs_buf = np.empty(bq_width * padded(block_k + 1, PAD) if _bf16_operand(pairs_buf) else 1, operand)
     ds_rows = np.empty(block_q * padded(block_k + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
     dq_acc = np.empty((block_q, padded(d, PAD)), real)  # (Bq, D16)
     lse2 = np.empty(block_q, real)
@@ -121,7 +123,7 @@ def _backward_worker(
                 bk16 = padded(bk, PAD)
                 p_full = p_buf[: bq * bk16].reshape((bq, bk16))
                 ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
-                p, ds = p_full[:, :bk], ds_full[:, :bk]  # (Bq, Bk)
+                p = p_full[:, :bk]  # (Bq, Bk)
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
                 key_cols = _key_offset(ks + j0, k_packed)
                 _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
@@ -133,32 +135,14 @@ def _backward_worker(
                     exp2_affine_at(p, r, multiplier, lse2[r])
                 _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv)  # dP = dO V^T
                 keep = keep_buf[:1].reshape((1, 1))
-                if has_dropout:
-                    # Z = keep / (1 - p): out = (P Z) V, so dP (of P) = Z dO V^T and dV = (P Z)^T dO;
-                    # delta = rowsum(dO O) is unchanged.
+                if has_dropout:  # delta = rowsum(dO O) is unchanged by dropout
                     keep = keep_buf[: bq * bk].reshape((bq, bk))
                     _dropout_factors(keep, draws, dropout, consts[_C_KEEP_SCALE], zero, i0, j0, h, seg)
-                    for r in range(bq):
-                        for c in range(bk):
-                            ds[r, c] *= keep[r, c]
-                for r in range(bq):
-                    row_delta = delta[r]
-                    if has_softcap:
-                        for c in range(bk):
-                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * cap_grad[r, c]
-                    else:
-                        for c in range(bk):
-                            ds[r, c] = p[r, c] * (ds[r, c] - row_delta) * scale
-
-                if has_dropout:
-                    for r in range(bq):
-                        for c in range(bk):
-                            p[r, c] *= keep[r, c]
-                p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
+                p_rows, ds_as_b, ds_as_a = _gradient_operands(
+                    p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
+                    pairs_buf, ds_pairs_buf, ds_rows)  # fmt: skip
                 _product(do_t, p_rows, dv_t[b, slot, :, ks + j0 :], dv, bk, bq, True, micro)  # dV^T += dO^T P
-                ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)
                 _product(q_t, ds_as_b, dk_t[b, slot, :, ks + j0 :], d, bk, bq, True, micro)  # dK^T += Q^T dS
-                ds_as_a = _a_rows_of(ds, ds_full, ds_rows)
                 k_row = _key_row(ks + j0, k_packed)
                 _product(ds_as_a, k_rows[b, hk, k_row:], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
             dq_blk = dq[b, h, rows]  # (Bq, D)

@@ -32,9 +32,9 @@ from ..simd import exp2_affine_at, row_max_at
 from ..microkernels import PAD, padded
 from .constants import _FASTMATH
 from .operands import (
-    _a_rows_of, _b_rows_of, _bf16_operand, _dp_product, _first_key, _key_offset, _key_row, _load_rows,
+    _a_rows_of, _bf16_operand, _dp_product, _first_key, _gradient_operands, _key_offset, _key_row, _load_rows,
     _load_transposed, _f64_of, _p_operand, _p_rows_buffer, _pack_forward_head, _pack_head_backward, _product,
-    _scratch,
+    _scratch, _tile_operands,
 )
 from .schedule import _claim
 from .tile import _exp2_rounding_row, _store
@@ -313,7 +313,10 @@ def backward_worker(
     raw_buf = np.empty(1 if raw_scores else tile, real)  # (Bq, Bk) q.k products, for score_mod_vjp
     p_buf = np.empty(tile, real)  # (Bq, Bk16) P
     ds_buf = np.empty(tile, real)  # (Bq, Bk16) dP, then dS
-    pairs_buf = np.empty(bq_width * padded(span + 1, PAD), operand)  # P or dS as a B operand
+    pairs_buf = np.empty(bq_width * padded(span + 1, PAD), operand)  # P as a B operand
+    # dS as a B operand: bf16 makes both pair-packed operands at once; floats are their own
+    ds_pairs_buf = np.empty(bq_width * padded(span + 1, PAD) if _bf16_operand(pairs_buf) else 1, operand)
+    no_factors = np.empty((1, 1), real)  # neither dropout's nor softcap's: flex has its score_mod instead
     ds_rows = np.empty(block_q * padded(span + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
     dq_acc = np.empty((block_q, padded(d, PAD)), real)  # (Bq, D16)
     delta = np.empty(block_q, real)  # (Bq,) rowsum(dO * O) - dlse
@@ -372,11 +375,10 @@ def backward_worker(
                         else:
                             exp2_affine_at(p, r, multiplier, row_lse * log2e)  # P = e^(score - lse)
                     _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv_dim)  # dP = dO V^T
-                    if raw_scores:
-                        for r in range(bq):  # rows of the C-contiguous buffers, indexed: the loop vectorises
-                            row_delta = delta[r]
-                            for c in range(bk):
-                                ds_full[r, c] = p_full[r, c] * (ds_full[r, c] - row_delta) * scale
+                    if raw_scores:  # dS = P (dP - delta) scale and the three operands, in one pass for bf16
+                        p_rows, ds_as_b, ds_as_a = _gradient_operands(
+                            p_full, ds_full, bq, bk, delta, scale, no_factors, False, no_factors, False,
+                            pairs_buf, ds_pairs_buf, ds_rows)  # fmt: skip
                     else:
                         for r in range(bq):
                             for c in range(bk):
@@ -386,11 +388,10 @@ def backward_worker(
                                         raw[r, c] * scale, b, h, i0 + r, first + c, score_caps, grad, grad_bufs, worker
                                     ) * scale
                                 ds[r, c] = grad
-                    p_rows = _b_rows_of(p, p_full, bk, pairs_buf)
+                        p_rows, ds_as_b, ds_as_a = _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf,
+                                                                  ds_rows)  # fmt: skip
                     _product(do_t, p_rows, dv_t[b, hk, :, first:], dv_dim, bk, bq, True, micro)  # dV^T += dO^T P
-                    ds_as_b = _b_rows_of(ds, ds_full, bk, pairs_buf)
                     _product(q_t, ds_as_b, dk_t[b, hk, :, first:], d, bk, bq, True, micro)  # dK^T += Q^T dS
-                    ds_as_a = _a_rows_of(ds, ds_full, ds_rows)
                     _product(ds_as_a, k_rows[b, hk, _key_row(first, k_packed):], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
                 for r in range(bq):
                     for c in range(d):

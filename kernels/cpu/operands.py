@@ -10,6 +10,7 @@ from numba.extending import intrinsic, overload
 from ..cpu_blas import matmul
 from ..jit import jit as _jit
 from ..microkernels import PAD, bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
+from ..simd import gradient_pairs_at
 from .constants import _FASTMATH
 
 
@@ -363,29 +364,114 @@ def _dp_product(a, b, c, m, n, k):
     _product(a, b, c, m, n, k, False, False)
 
 
-def _b_rows_of(x, x_full, bk, buffer):
-    """The (Bq, Bk) tile x as the B operand of a product over its rows (P or dS).
+def _gradient_operands(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
+                       pairs_buf, ds_pairs_buf, ds_rows_buf):
+    """dS = P (dP - delta) scale (the softcap's factor cap_grad instead of scale when has_softcap;
+    dropout's factors keep on dP, then on P, when has_dropout) of a (Bq, Bk) tile, where p_full and
+    ds_full (Bq, Bk16) hold P and dP; returns the three products' operands: P as the B operand of
+    dV^T += dO^T P, dS as the B operand of dK^T += Q^T dS, dS as the A operand of dQ += dS K.
 
-    bf16: packed in row pairs into buffer; float32: x_full itself (Bq, Bk16), its
-    padding columns zeroed (they reach columns of other keys otherwise).
+    float32 / float64: dS in place, then p_full, ds_full, ds_full (padding columns zeroed). bf16:
+    P and dS in row pairs (pairs_buf, ds_pairs_buf) and dS by rows (ds_rows_buf), rounded; without
+    dropout or softcap one pass over the tile makes all three (simd.gradient_pairs_at), where a
+    pass per operand read the tile three times more (docs/kernel-log.md v35).
     """
 
 
-@overload(_b_rows_of, jit_options={"inline": "always"})
-def _b_rows_of_overload(x, x_full, bk, buffer):
-    if buffer.dtype == types.uint16:
+@_jit(inline="always")
+def _gradient_in_place(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout):
+    """dS into ds_full (over dP), and P times dropout's factors, in place (_gradient_operands)."""
+    if has_dropout:  # Z = keep / (1 - p): out = (P Z) V, so dP (of P) = Z dO V^T and dV = (P Z)^T dO
+        for r in range(bq):
+            for c in range(bk):
+                ds_full[r, c] *= keep[r, c]
+    for r in range(bq):  # rows of the C-contiguous buffers, indexed: the loops vectorise
+        row_delta = delta[r]
+        if has_softcap:
+            for c in range(bk):
+                ds_full[r, c] = p_full[r, c] * (ds_full[r, c] - row_delta) * cap_grad[r, c]
+        else:
+            for c in range(bk):
+                ds_full[r, c] = p_full[r, c] * (ds_full[r, c] - row_delta) * scale
+    if has_dropout:
+        for r in range(bq):
+            for c in range(bk):
+                p_full[r, c] *= keep[r, c]
 
-        def pairs(x, x_full, bk, buffer):
-            rows = (x.shape[0] + 1) // 2
-            packed = buffer[: rows * 2 * x_full.shape[1]].reshape((rows, 2 * x_full.shape[1]))
-            pack_pair_columns(x_full, x.shape[1], packed)  # x_full's rows: contiguous
-            return packed
 
-        return pairs
+@overload(_gradient_operands, jit_options={"inline": "always"})
+def _gradient_operands_overload(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
+                                pairs_buf, ds_pairs_buf, ds_rows_buf):  # fmt: skip
+    if pairs_buf.dtype == types.uint16:
 
-    def itself(x, x_full, bk, buffer):
-        x_full[:, bk:] = 0
-        return x_full
+        def rounded(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
+                    pairs_buf, ds_pairs_buf, ds_rows_buf):  # fmt: skip
+            if has_dropout or has_softcap:  # their factors: dS in place first, then each operand
+                _gradient_in_place(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout)
+                return _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
+            p_pairs, ds_pairs, ds_rows = _operand_views(p_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
+            n_pairs, pair_width, row_width = p_pairs.shape[0], p_pairs.shape[1], ds_rows.shape[1]
+            for pair in range(n_pairs):
+                r0 = 2 * pair
+                r1 = min(r0 + 1, bq - 1)  # an odd last row pairs with itself, its copy zeroed below
+                gradient_pairs_at(p_full, ds_full, r0, r1, bk, delta[r0], delta[r1], scale, p_pairs, ds_pairs,
+                                  pair, ds_rows)  # fmt: skip
+                for c in range(2 * bk, pair_width):
+                    p_pairs[pair, c] = 0
+                    ds_pairs[pair, c] = 0
+            if bq % 2 == 1:
+                for c in range(bk):
+                    p_pairs[n_pairs - 1, 2 * c + 1] = 0
+                    ds_pairs[n_pairs - 1, 2 * c + 1] = 0
+            for r in range(bq):
+                for c in range(bk, row_width):
+                    ds_rows[r, c] = 0
+            return p_pairs, ds_pairs, ds_rows
+
+        return rounded
+
+    def in_place(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
+                 pairs_buf, ds_pairs_buf, ds_rows_buf):  # fmt: skip
+        _gradient_in_place(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout)
+        return _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
+
+    return in_place
+
+
+@_jit(inline="always")
+def _operand_views(p_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf):
+    """(P pairs, dS pairs, dS rows): the bf16 operands' views of their buffers for a (Bq, Bk) tile."""
+    pair_width = 2 * p_full.shape[1]
+    n_pairs = (bq + 1) // 2
+    p_pairs = pairs_buf[: n_pairs * pair_width].reshape((n_pairs, pair_width))
+    ds_pairs = ds_pairs_buf[: n_pairs * pair_width].reshape((n_pairs, pair_width))
+    row_width = padded(bk, 2)
+    return p_pairs, ds_pairs, ds_rows_buf[: bq * row_width].reshape((bq, row_width))
+
+
+def _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf):
+    """The three products' operands of a tile whose P and dS are computed (p_full, ds_full, Bq x
+    Bk16): bf16 P and dS packed in row pairs and dS rounded by rows, a pass each; floats are their
+    own operands, their padding columns zeroed (they reach columns of other keys otherwise)."""
+
+
+@overload(_tile_operands, jit_options={"inline": "always"})
+def _tile_operands_overload(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf):
+    if pairs_buf.dtype == types.uint16:
+
+        def rounded(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf):
+            p_pairs, ds_pairs, ds_rows = _operand_views(p_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
+            pack_pair_columns(p_full, bk, p_pairs)
+            pack_pair_columns(ds_full, bk, ds_pairs)
+            _load_row_prefixes(ds_full, bk, ds_rows)
+            return p_pairs, ds_pairs, ds_rows
+
+        return rounded
+
+    def itself(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf):
+        p_full[:, bk:] = 0
+        ds_full[:, bk:] = 0
+        return p_full, ds_full, ds_full
 
     return itself
 
