@@ -59,7 +59,7 @@ from .jit import jit
 from .target import TARGET
 
 __all__ = [
-    "EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "gradient_pairs_at", "prefetch",
+    "EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "gradient_pairs", "prefetch",
     "row_max", "row_max_at", "wide_vectors",
 ]
 
@@ -270,7 +270,7 @@ def _build_exp2_affine(real, bits=False):
 
 
 def _build_gradient_pairs(real):
-    """gradient_pairs_at's body: per column c < n of rows r0, r1 of P and dP, dS = P (dP - delta) scale
+    """The body of gradient_pairs' IR function: per column c < n of rows r0, r1 of P and dP, dS = P (dP - delta) scale
     (in that order, as the kernels' float loops compute it), then P and dS rounded to bf16 and
     stored interleaved, p_pairs[2c + t] / ds_pairs[2c + t] of row r_t, and dS also by rows."""
     i16 = ir.IntType(16)
@@ -537,21 +537,30 @@ def exp2_affine_bits_at(matrix, r, multiplier, shift, bits):
 
 
 @jit(inline="always")
-def gradient_pairs_at(p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows):
-    """The backward's three bf16 operands of rows r0, r1 of a tile, in one pass over its first n columns:
-    dS = P (dP - delta_t) scale from float32 P (p) and dP (dp) of row r_t; p_pairs[pair, 2c + t] and
-    ds_pairs[pair, 2c + t] = P and dS of row r_t rounded to bf16 (the B operands, rows in pairs);
-    ds_rows[r_t, c] = dS rounded (the A operand). r1 = r0 writes row r0 twice (an odd last row: the
-    caller zeroes the pair's second slots). Every row contiguous; nothing else is written."""
+def gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows):
+    """The backward's three bf16 operands of a tile's first `rows` rows and n columns, in one pass:
+    dS = P (dP - delta[r]) scale from float32 P (p) and dP (dp); P and dS rounded to bf16 into row
+    pairs, p_pairs[i, 2c + t] / ds_pairs[i, 2c + t] = row 2i + t (zero past the last row: the B
+    operands), and dS rounded into ds_rows[r, c] (the A operand). Writes those columns only (the
+    caller zeroes any padding); every row contiguous. The arrays are checked once, then the row
+    pairs go to the IR function without a reference count moving."""
     if (p.shape[1] > 1 and p.strides[1] != 4 or dp.shape[1] > 1 and dp.strides[1] != 4
             or p_pairs.shape[1] > 1 and p_pairs.strides[1] != 2 or ds_pairs.shape[1] > 1 and ds_pairs.strides[1] != 2
             or ds_rows.shape[1] > 1 and ds_rows.strides[1] != 2):  # fmt: skip
-        raise ValueError("gradient_pairs_at: the rows must be contiguous")
-    if (n > p.shape[1] or n > dp.shape[1] or 2 * n > p_pairs.shape[1] or 2 * n > ds_pairs.shape[1]
-            or n > ds_rows.shape[1] or max(r0, r1) >= min(p.shape[0], dp.shape[0], ds_rows.shape[0])
-            or min(r0, r1, pair, n) < 0 or pair >= min(p_pairs.shape[0], ds_pairs.shape[0])):  # fmt: skip
-        raise ValueError("gradient_pairs_at: a row or column out of range")
-    _gradient_pairs_at_intrinsic(p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows)
+        raise ValueError("gradient_pairs: the rows must be contiguous")
+    n_pairs = (rows + 1) // 2
+    if (min(rows, n) < 0 or rows > min(p.shape[0], dp.shape[0], ds_rows.shape[0], delta.shape[0])
+            or n > min(p.shape[1], dp.shape[1], ds_rows.shape[1]) or 2 * n > min(p_pairs.shape[1], ds_pairs.shape[1])
+            or n_pairs > min(p_pairs.shape[0], ds_pairs.shape[0])):  # fmt: skip
+        raise ValueError("gradient_pairs: the operands must hold the tile")
+    for pair in range(n_pairs):
+        r0 = 2 * pair
+        r1 = min(r0 + 1, rows - 1)  # an odd last row pairs with itself; its copy is zeroed below
+        _gradient_pairs_at_intrinsic(p, dp, r0, r1, n, delta[r0], delta[r1], scale, p_pairs, ds_pairs, pair, ds_rows)
+    if rows % 2 == 1:
+        for c in range(n):
+            p_pairs[n_pairs - 1, 2 * c + 1] = 0
+            ds_pairs[n_pairs - 1, 2 * c + 1] = 0
 
 
 @intrinsic

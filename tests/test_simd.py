@@ -117,38 +117,42 @@ def test_exp2_affine_bits_also_writes_the_row_rounded_to_bf16(n):
 
 
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 33, 512, 1000], ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("rows", [(0, 1), (2, 2)], ids=["pair", "odd-last-row"])
+@pytest.mark.parametrize("rows", [1, 2, 5], ids=lambda rows: f"rows{rows}")
 def test_gradient_pairs_match_numpy(n, rows):
-    """The backward's fused bf16 pass: dS = P (dP - delta) scale in float32, then P and dS rounded to
-    bf16 into pair-interleaved rows and dS into its own rows; nothing else written."""
+    """The backward's fused bf16 pass over a tile: dS = P (dP - delta) scale in float32, then P and dS
+    rounded to bf16 into pair-interleaved rows (zeros in an odd last row's partner) and dS into its
+    own rows; nothing else written."""
     from attnkit.kernels.bf16 import bf16_bits
 
-    rng = np.random.default_rng(n)
-    r0, r1 = rows
-    p = rng.random((3, n + 5), dtype=np.float32)
-    p[r0, rng.integers(n)] = 0.0  # a masked score
-    dp = rng.standard_normal((3, n + 5), dtype=np.float32)
-    delta = rng.standard_normal(3).astype(np.float32)
+    rng = np.random.default_rng(n * 10 + rows)
+    p = rng.random((rows + 2, n + 5), dtype=np.float32)
+    p[0, rng.integers(n)] = 0.0  # a masked score
+    dp = rng.standard_normal((rows + 2, n + 5), dtype=np.float32)
+    delta = rng.standard_normal(rows + 2).astype(np.float32)
     scale = np.float32(0.125)
-    p_pairs, ds_pairs = (np.full((2, 2 * n + 3), 777, np.uint16) for _ in range(2))
-    ds_rows = np.full((3, n + 1), 777, np.uint16)
+    n_pairs = (rows + 1) // 2
+    p_pairs, ds_pairs = (np.full((n_pairs + 1, 2 * n + 3), 777, np.uint16) for _ in range(2))
+    ds_rows = np.full((rows + 2, n + 1), 777, np.uint16)
     p_before, dp_before = p.copy(), dp.copy()
-    simd.gradient_pairs_at(p, dp, r0, r1, n, delta[r0], delta[r1], scale, p_pairs, ds_pairs, 1, ds_rows)
+    simd.gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows)
     assert p.tobytes() == p_before.tobytes() and dp.tobytes() == dp_before.tobytes()
-    ds = p[:, :n] * (dp[:, :n] - delta[:, None]) * scale  # float32 throughout, in the kernels' order
-    for t, r in enumerate((r0, r1)):
-        assert np.array_equal(p_pairs[1, t : 2 * n : 2], bf16_bits(p[r, :n]))
-        assert np.array_equal(ds_pairs[1, t : 2 * n : 2], bf16_bits(ds[r]))
-        assert np.array_equal(ds_rows[r, :n], bf16_bits(ds[r]))
-    assert (p_pairs[0] == 777).all() and (ds_pairs[0] == 777).all()
-    assert (p_pairs[1, 2 * n :] == 777).all() and (ds_pairs[1, 2 * n :] == 777).all()
-    untouched = [r for r in range(3) if r not in rows]
-    assert (ds_rows[untouched] == 777).all() and (ds_rows[:, n:] == 777).all()
-    with pytest.raises(ValueError, match="out of range"):
-        simd.gradient_pairs_at(p, dp, r0, r1, n, delta[0], delta[1], scale, p_pairs[:, : 2 * n - 1], ds_pairs, 1,
-                               ds_rows)  # fmt: skip
-    with pytest.raises(ValueError, match="out of range"):
-        simd.gradient_pairs_at(p, dp, r0, 3, n, delta[0], delta[1], scale, p_pairs, ds_pairs, 1, ds_rows)
+    ds = p[:rows, :n] * (dp[:rows, :n] - delta[:rows, None]) * scale  # float32 throughout, in the kernels' order
+    p_bits, ds_bits = bf16_bits(p[:rows, :n]), bf16_bits(ds)
+    if rows % 2:  # the last pair's second row is past the tile: zeros
+        p_bits, ds_bits = (np.vstack([x, np.zeros((1, n), np.uint16)]) for x in (p_bits, ds_bits))
+    for t in range(2):
+        assert np.array_equal(p_pairs[:n_pairs, t : 2 * n : 2], p_bits[t::2])
+        assert np.array_equal(ds_pairs[:n_pairs, t : 2 * n : 2], ds_bits[t::2])
+    assert np.array_equal(ds_rows[:rows, :n], bf16_bits(ds))
+    assert (p_pairs[n_pairs:] == 777).all() and (ds_pairs[n_pairs:] == 777).all()
+    assert (p_pairs[:, 2 * n :] == 777).all() and (ds_pairs[:, 2 * n :] == 777).all()
+    assert (ds_rows[rows:] == 777).all() and (ds_rows[:, n:] == 777).all()
+    with pytest.raises(ValueError, match="hold the tile"):
+        simd.gradient_pairs(p, dp, rows, n, delta, scale, p_pairs[:, : 2 * n - 1], ds_pairs, ds_rows)
+    with pytest.raises(ValueError, match="hold the tile"):
+        simd.gradient_pairs(p, dp, rows + 3, n, delta, scale, p_pairs, ds_pairs, ds_rows)
+    with pytest.raises(ValueError, match="contiguous"):
+        simd.gradient_pairs(p[:, ::2], dp[:, ::2], rows, 1, delta, scale, p_pairs, ds_pairs, ds_rows)
 
 
 def test_rows_must_be_contiguous():

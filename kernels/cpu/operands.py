@@ -10,7 +10,7 @@ from numba.extending import intrinsic, overload
 from ..cpu_blas import matmul
 from ..jit import jit as _jit
 from ..microkernels import PAD, bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
-from ..simd import gradient_pairs_at
+from ..simd import gradient_pairs
 from .constants import _FASTMATH
 
 
@@ -373,7 +373,7 @@ def _gradient_operands(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_soft
 
     float32 / float64: dS in place, then p_full, ds_full, ds_full (padding columns zeroed). bf16:
     P and dS in row pairs (pairs_buf, ds_pairs_buf) and dS by rows (ds_rows_buf), rounded; without
-    dropout or softcap one pass over the tile makes all three (simd.gradient_pairs_at), where a
+    dropout or softcap one pass over the tile makes all three (simd.gradient_pairs), where a
     pass per operand read the tile three times more (docs/kernel-log.md v35).
     """
 
@@ -410,21 +410,13 @@ def _gradient_operands_overload(p_full, ds_full, bq, bk, delta, scale, cap_grad,
                 _gradient_in_place(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout)
                 return _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
             p_pairs, ds_pairs, ds_rows = _operand_views(p_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
-            n_pairs, pair_width, row_width = p_pairs.shape[0], p_pairs.shape[1], ds_rows.shape[1]
-            for pair in range(n_pairs):
-                r0 = 2 * pair
-                r1 = min(r0 + 1, bq - 1)  # an odd last row pairs with itself, its copy zeroed below
-                gradient_pairs_at(p_full, ds_full, r0, r1, bk, delta[r0], delta[r1], scale, p_pairs, ds_pairs,
-                                  pair, ds_rows)  # fmt: skip
-                for c in range(2 * bk, pair_width):
+            gradient_pairs(p_full, ds_full, bq, bk, delta, scale, p_pairs, ds_pairs, ds_rows)
+            for pair in range(p_pairs.shape[0]):  # the padding columns
+                for c in range(2 * bk, p_pairs.shape[1]):
                     p_pairs[pair, c] = 0
                     ds_pairs[pair, c] = 0
-            if bq % 2 == 1:
-                for c in range(bk):
-                    p_pairs[n_pairs - 1, 2 * c + 1] = 0
-                    ds_pairs[n_pairs - 1, 2 * c + 1] = 0
             for r in range(bq):
-                for c in range(bk, row_width):
+                for c in range(bk, ds_rows.shape[1]):
                     ds_rows[r, c] = 0
             return p_pairs, ds_pairs, ds_rows
 
