@@ -248,7 +248,8 @@ def forward_worker(
                     total = _exp2_rounding_row(s, r, multiplier, new_max * multiplier, p_bits)
                 else:
                     total = exp2_affine_at(s, r, multiplier, new_max * multiplier)
-                rescale = math.exp2((running_max[r] - new_max) * multiplier)
+                # exp2(0) = 1 exactly: once a row's max settles, no libm call per row
+                rescale = one if running_max[r] == new_max else math.exp2((running_max[r] - new_max) * multiplier)
                 row_sum[r] = row_sum[r] * rescale + total
                 running_max[r] = new_max
                 if rescale != one:

@@ -200,7 +200,8 @@ def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescal
         new_max = tile_max if tile_max > old_max else old_max
         # All seen keys invisible so far: shift by 0 so exp2(-inf) stays 0.
         shift = zero if new_max == neg_inf else new_max
-        rescale[r] = math.exp2(old_max - shift)
+        # exp2(0) = 1 exactly: once a row's max settles (most tiles), no libm call per row
+        rescale[r] = one if old_max == shift else math.exp2(old_max - shift)
         if to_bits:
             running_sum[r] = running_sum[r] * rescale[r] + _exp2_rounding_row(s, r, multiplier, shift, p_bits)
         else:
