@@ -279,10 +279,11 @@ def _build_exp2_affine(real, bits=False, target=TARGET):
     return build
 
 
-def _build_gradient_pairs(real):
-    """The body of gradient_pairs' IR function: per column c < n of rows r0, r1 of P and dP, dS = P (dP - delta) scale
-    (in that order, as the kernels' float loops compute it), then P and dS rounded to bf16 and
-    stored interleaved, p_pairs[2c + t] / ds_pairs[2c + t] of row r_t, and dS also by rows."""
+def _build_gradient_pairs(real, target=TARGET):
+    """The body of gradient_pairs' IR function: per column c < n of rows r0, r1 of P and dP,
+    dS = P (dP - delta) scale (in that order, as the kernels' float loops compute it), then P and
+    dS rounded to bf16 and stored interleaved, p_pairs[2c + t] / ds_pairs[2c + t] of row r_t, and
+    dS also by rows."""
     i16 = ir.IntType(16)
     interleave = ir.Constant(ir.VectorType(ir.IntType(32), 2 * real.width),
                              [lane for c in range(real.width) for lane in (c, c + real.width)])  # fmt: skip
@@ -298,7 +299,7 @@ def _build_gradient_pairs(real):
                 return builder.load(_element_pointer(builder, real, base, index, vector), align=4)
 
             def bits(x):
-                return f32_to_bf16_ir(builder, x, TARGET.bf16_convert)
+                return f32_to_bf16_ir(builder, x, target.bf16_convert)
 
             a0, a1 = load(p0), load(p1)
             g0 = builder.fmul(builder.fmul(a0, builder.fsub(load(dp0), d0)), s)
@@ -308,8 +309,8 @@ def _build_gradient_pairs(real):
             if vector:
                 pairs_type = ir.VectorType(i16, 2 * real.width).as_pointer()
                 for first, second, base in ((pb0, pb1, p_pairs), (gb0, gb1, ds_pairs)):
-                    target = builder.bitcast(builder.gep(base, [pair_index]), pairs_type)
-                    builder.store(builder.shuffle_vector(first, second, interleave), target, align=2)
+                    destination = builder.bitcast(builder.gep(base, [pair_index]), pairs_type)
+                    builder.store(builder.shuffle_vector(first, second, interleave), destination, align=2)
                 row_type = ir.VectorType(i16, real.width).as_pointer()
                 for value, base in ((gb0, rows0), (gb1, rows1)):
                     builder.store(value, builder.bitcast(builder.gep(base, [index]), row_type), align=2)
@@ -327,12 +328,12 @@ def _build_gradient_pairs(real):
     return build
 
 
-def _gradient_pairs_function(module):
+def _gradient_pairs_function(module, target=TARGET):
     real, i16p = _Real(types.float32), ir.IntType(16).as_pointer()
     f32p = real.scalar.as_pointer()
     return _define(module, "attnkit_gradient_pairs_f32", ir.VoidType(),
-                   [f32p, f32p, f32p, f32p, ir.IntType(64), real.scalar, real.scalar, real.scalar, i16p, i16p, i16p, i16p],
-                   _build_gradient_pairs(real))  # fmt: skip
+                   [f32p] * 4 + [ir.IntType(64)] + [real.scalar] * 3 + [i16p] * 4,
+                   _build_gradient_pairs(real, target))  # fmt: skip
 
 
 def _check_real(*arguments):
