@@ -42,7 +42,8 @@ from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import KernelCall, launch
 from .cpu.operands import backward_operand_shapes, forward_operand_shapes
 from .cpu.memory import (
-    _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas, last_level_cache_bytes,
+    _CALL_LOCK, _NOTHING_TO_PIN, BITS_WORKSPACE, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas,
+    last_level_cache_bytes,
 )
 from .cpu.threads import worker_count
 from .warmup import warmup  # the entry point's home since before kernels/warmup.py
@@ -441,7 +442,7 @@ def flash_backward(
     partial_shapes = ((batch, hkv * n_chunks, d, nk + PAD), (batch, hkv * n_chunks, dv, nk + PAD))
     with _CALL_LOCK, _single_threaded_blas():
         if bf16:  # uint16 operands apart from the float32 partials
-            k_packed, v_packed, k_rows = arrays_together(np.uint16, operand_shapes, zero=False)
+            k_packed, v_packed, k_rows = BITS_WORKSPACE.arrays(np.uint16, operand_shapes, zero=False)
             dk_t, dv_t = WORKSPACE.zeroed(compute, partial_shapes)
         else:  # one kept block, so a training loop faults no fresh pages in
             dk_t, dv_t, k_packed, v_packed, k_rows = WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)

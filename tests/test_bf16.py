@@ -524,3 +524,26 @@ def test_float16_widens_exactly_for_every_bit_pattern():
     assert np.array_equal(np.signbit(got[nan]), np.signbit(want[nan]))
     strided = np.random.default_rng(0).standard_normal((3, 40, 7)).astype(np.float16)[:, ::3]
     assert np.array_equal(float16_to_float32(strided), strided.astype(np.float32))
+
+
+def test_the_backward_packs_its_operands_into_kept_memory_and_relies_on_no_zeros():
+    """The bf16 backward's packed K and V live in memory kept between calls (memory.BITS_WORKSPACE:
+    a training loop faults no fresh pages in for them), and every element it reads is written first:
+    the kept buffer filled with NaN bits between two calls gives the same gradients, bit for bit."""
+    from attnkit.kernels.cpu import memory
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 70, 40, generator=generator).bfloat16().requires_grad_() for _ in range(3))
+    d_out = torch.randn(1, 4, 70, 40, generator=generator).bfloat16()
+
+    def gradients():
+        out = attnkit.attention(q, k, v, causal=True, backend="numba")
+        return torch.autograd.grad(out, (q, k, v), d_out)
+
+    first = gradients()
+    assert memory.BITS_WORKSPACE.buffer.nbytes > 0
+    memory.BITS_WORKSPACE.buffer.fill(0xFF)  # bf16 0xFFFF: NaN wherever a stale element were read
+    second = gradients()
+    for a, b in zip(first, second):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        assert torch.isfinite(b.float()).all()
