@@ -379,14 +379,21 @@ def _call_on_row(context, builder, signature, args, function, real):
     return builder.call(function, [base, n, *args[1:]])
 
 
+def _row_start(context, builder, array_type, array_value, row, element_type):
+    """Pointer to row `row` of a 2-D array value, as element_type* (no row array made)."""
+    array = context.make_array(array_type)(context, builder, array_value)
+    row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
+    start = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(row, row_stride)])
+    return builder.bitcast(start, element_type.as_pointer())
+
+
 def _call_on_matrix_row(context, builder, signature, args, function, real, *extra):
     """Call an IR row function on row args[1] of the 2-D array argument (its pointer and width): no
     row array is made, so no reference count moves (a row view costs ~20 ns: bench/results/tiny-calls.md)."""
     array = context.make_array(signature.args[0])(context, builder, args[0])
-    row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
     width = cgutils.unpack_tuple(builder, array.shape, 2)[1]
-    start = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(args[1], row_stride)])
-    return builder.call(function, [builder.bitcast(start, real.scalar.as_pointer()), width, *args[2:], *extra])
+    start = _row_start(context, builder, signature.args[0], args[0], args[1], real.scalar)
+    return builder.call(function, [start, width, *args[2:], *extra])
 
 
 def _matrix_row(matrix, r):
@@ -431,22 +438,11 @@ def _exp2_affine_bits_at_intrinsic(typingctx, matrix, r, multiplier, shift, bits
         return None
 
     def codegen(context, builder, signature, args):
-        rows = context.make_array(signature.args[4])(context, builder, args[4])
-        row_stride = cgutils.unpack_tuple(builder, rows.strides, 2)[0]
-        start = builder.gep(builder.bitcast(rows.data, ir.IntType(8).as_pointer()), [builder.mul(args[1], row_stride)])
         function = _exp2_affine_bits_function(builder.module, real)
-        bits_row = builder.bitcast(start, ir.IntType(16).as_pointer())
+        bits_row = _row_start(context, builder, signature.args[4], args[4], args[1], ir.IntType(16))
         return _call_on_matrix_row(context, builder, signature, args[:4], function, real, bits_row)
 
     return multiplier(matrix, r, multiplier, shift, bits), codegen
-
-
-def _row_start(context, builder, array_type, array_value, row, element_type):
-    """Pointer to row `row` of a 2-D array value, as element_type* (no row array made)."""
-    array = context.make_array(array_type)(context, builder, array_value)
-    row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
-    start = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(row, row_stride)])
-    return builder.bitcast(start, element_type.as_pointer())
 
 
 @intrinsic
