@@ -40,9 +40,9 @@ from .cpu.decode import (
 )
 from .cpu.forward import _forward_kernel, forward_steps
 from .cpu.launch import KernelCall, launch
-from .cpu.operands import backward_operand_shapes, forward_operand_shapes
+from .cpu.operands import forward_operand_shapes
 from .cpu.memory import (
-    _CALL_LOCK, _NOTHING_TO_PIN, BITS_WORKSPACE, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas,
+    _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas,
     last_level_cache_bytes,
 )
 from .cpu.threads import worker_count
@@ -414,12 +414,13 @@ def flash_backward(
     lse = _kernel_array(lse, compute)
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    dq, dk, dv_grad = arrays_together(dtype, (q.shape, k.shape, v.shape), zero=True)
+    shapes = (q.shape, k.shape, v.shape)
     if nq == 0 or nk == 0 or batch * hq == 0:
-        return dq, dk, dv_grad
+        return arrays_together(dtype, shapes, zero=True)
     dense = segments is None and not flags & (_HAS_ALIBI | _HAS_DROPOUT)
     if runs_decode(nq, nk, hq // hkv, dense):
         announce_as("decode backward")
+        dq, dk, dv_grad = arrays_together(dtype, shapes, zero=True)
         block_k = min(_DECODE_BACKWARD_BLOCK_K, nk)
         masks, mask_flags = _mask_plan(mask, compute, nk, _backward_block_sizes(nq, nk)[0], block_k,
                                        _rows_unrestricted(table, False))  # fmt: skip
@@ -438,17 +439,23 @@ def flash_backward(
     n_chunks = _backward_chunks(len(table), hkv, longest_q, block_q)
     n_workers = worker_count()  # 1 when other programs fill the cores, and in a forked child
     micro = dtype == np.float32 and F32_PRODUCTS == "fma"
-    operand_shapes = backward_operand_shapes(batch, hkv, nk, d, dv, bf16)
-    partial_shapes = ((batch, hkv * n_chunks, d, nk + PAD), (batch, hkv * n_chunks, dv, nk + PAD))
+    # The workers write every row and key of every segment; those outside all of them (packed calls) stay zero.
+    dq, dk, dv_grad = arrays_together(dtype, shapes, zero=segments is not None)
+    operand_kind = _OPERAND_KINDS[np.dtype(np.uint16 if bf16 else compute)]
     with _CALL_LOCK, _single_threaded_blas():
-        if bf16:  # uint16 operands apart from the float32 partials
-            k_packed, v_packed, k_rows = BITS_WORKSPACE.arrays(np.uint16, operand_shapes, zero=False)
-            dk_t, dv_t = WORKSPACE.zeroed(compute, partial_shapes)
-        else:  # one kept block, so a training loop faults no fresh pages in
-            dk_t, dv_t, k_packed, v_packed, k_rows = WORKSPACE.zeroed(compute, partial_shapes + operand_shapes)
+        if n_chunks > 1:  # partial dK^T / dV^T per chunk, kept memory so a training loop faults no fresh pages in
+            dk_t, dv_t = WORKSPACE.zeroed(compute, ((batch, hkv * n_chunks, d, nk + PAD), (batch, hkv * n_chunks, dv, nk + PAD)))
+        else:  # each task owns its keys' gradients: no partials
+            dk_t = dv_t = _NO_PARTIALS[np.dtype(compute)]
         if _RECORDINGS:
             _record("backward_serial" if n_workers == 1 else "backward", q, k, v, mask)
         launch(_backward_kernel, (q, k, v, table, masks, out, d_out, lse, consts, flags, block_q, block_k, n_chunks,
-                                  micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad),
+                                  micro, n_workers, operand_kind, dq, dk_t, dv_t, dk, dv_grad),
                backward_steps)  # fmt: skip
     return dq, dk, dv_grad
+
+
+# The backward's operand dtype as a value the kernel's types come from (its own buffers are the worker's).
+_OPERAND_KINDS = {np.dtype(t): np.zeros(1, t) for t in (np.uint16, np.float32, np.float64)}
+# What the backward passes for dK^T / dV^T partials it does not use (one chunk per kv head).
+_NO_PARTIALS = {np.dtype(t): np.zeros((1, 1, 1, 1), t) for t in (np.float32, np.float64)}

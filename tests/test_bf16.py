@@ -526,23 +526,28 @@ def test_float16_widens_exactly_for_every_bit_pattern():
     assert np.array_equal(float16_to_float32(strided), strided.astype(np.float32))
 
 
-def test_the_backward_packs_its_operands_into_kept_memory_and_relies_on_no_zeros():
-    """The bf16 backward's packed K and V live in memory kept between calls (memory.BITS_WORKSPACE:
-    a training loop faults no fresh pages in for them), and every element it reads is written first:
-    the kept buffer filled with NaN bits between two calls gives the same gradients, bit for bit."""
-    from attnkit.kernels.cpu import memory
-
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["chunked-slots", "task-owned-keys"])
+def test_the_backward_relies_on_no_zeros_in_memory_it_reuses(kv_heads):
+    """The backward's workers pack K and V into buffers of their own and accumulate dK and dV there,
+    and the results come from np.empty: memory that an earlier call (longer keys, other values)
+    left behind. Every element read is written first: the same call gives the same gradients, bit
+    for bit, before and after such a call, and they are finite. Two kv heads a batch entry: each
+    splits its queries into chunks with partial slots; four: each task owns its keys' gradients."""
     generator = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 4, 70, 40, generator=generator).bfloat16().requires_grad_() for _ in range(3))
-    d_out = torch.randn(1, 4, 70, 40, generator=generator).bfloat16()
+
+    def leaves(*shape):
+        return torch.randn(*shape, generator=generator).bfloat16().requires_grad_()
+
+    q, k, v = leaves(2, 8, 70, 40), leaves(2, kv_heads, 61, 40), leaves(2, kv_heads, 61, 40)
+    d_out = torch.randn(2, 8, 70, 40, generator=generator).bfloat16()
 
     def gradients():
         out = attnkit.attention(q, k, v, causal=True, backend="numba")
         return torch.autograd.grad(out, (q, k, v), d_out)
 
     first = gradients()
-    assert memory.BITS_WORKSPACE.buffer.nbytes > 0
-    memory.BITS_WORKSPACE.buffer.fill(0xFF)  # bf16 0xFFFF: NaN wherever a stale element were read
+    big = [leaves(2, 8, 300, 40) * 1e4 for _ in range(3)]  # longer keys, larger values, in the same buffers
+    attnkit.attention(*big, backend="numba").sum().backward()
     second = gradients()
     for a, b in zip(first, second):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))

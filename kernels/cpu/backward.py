@@ -12,8 +12,8 @@ from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _
 from .dropout import _dropout_factors
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import (
-    _bf16_operand, _dp_product, _f64_of, _gradient_operands, _key_offset, _key_row, _load_rows, _load_transposed,
-    _pack_head_backward, _product,
+    _backward_operand_buffers, _bf16_operand, _dp_product, _f64_of, _gradient_operands, _key_offset, _key_row,
+    _load_rows, _load_transposed, _pack_operands, _product,
 )
 from .schedule import TASK_QUEUE, _backward_schedule, _next_task, _segment
 from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
@@ -21,34 +21,41 @@ from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
 
 @_jit(fastmath=_FASTMATH)
 def _backward_worker(
-    q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
-    flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t,
+    q, k, v, operand_kind, segments, tasks, masks, out, d_out, lse, consts,
+    flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t, dk, dv_grad,
 ):  # fmt: skip
     """Take (segment, kv head, query chunk) tasks from the queue (as _forward_worker does).
 
     A task covers the chunk's query rows of every query head that reads its kv
-    head (the GQA group): it writes their dq and adds its dK/dV to its own slot,
-    hk * n_chunks + chunk, of dk_t / dv_t (deterministic, no atomics).
-    Products: bf16 on the micro-kernel when the packed operands are uint16;
-    float32 on the FMA micro-kernel when micro, else (and float64) through the
-    BLAS. Accumulation in float32 (float64 for float64).
+    head (the GQA group): it writes their dq, and the gradients of its keys and
+    values. Products: bf16 on the micro-kernel when the operands are uint16
+    (operand_kind's dtype: uint16, or the float dtype of dk_t); float32 on the FMA
+    micro-kernel when micro, else (and float64) through the BLAS. Accumulation in
+    float32 (float64 for float64).
 
-    dK and dV are accumulated transposed, dk_t (B, Hkv * n_chunks, D, Nk + 16) and
-    dv_t (.., Dv, ..) in float32, one slot per task, so that every product reads
-    its A operand by rows and its B operand by rows of the reduction axis:
-    dV^T += dO^T P and dK^T += Q^T dS (P, dS in row pairs for bf16); dQ += dS K.
-    Segments of one batch entry share its slots: each writes its own key columns
-    (and up to 15 past them, zeros: _segment_table keeps 16 free between segments).
+    The task packs its keys and values into this worker's buffers first (K^T and
+    V^T, K by rows; bf16 in pairs), so that they are read from a warm cache and no
+    call-sized copy of K and V is made. dK and dV are accumulated transposed,
+    (D, Nk) and (Dv, Nk), so that every product reads its A operand by rows and its
+    B operand by rows of the reduction axis: dV^T += dO^T P and dK^T += Q^T dS (P,
+    dS in row pairs for bf16); dQ += dS K. With one chunk per kv head (n_chunks 1)
+    the task owns its keys' gradients: it accumulates them in this worker's buffers
+    and stores them into dk / dv_grad at its end. With more, it adds them into its
+    own slot, hk * n_chunks + chunk, of dk_t / dv_t (B, Hkv * n_chunks, D, Nk + 16)
+    (zero on entry), which _finish_kv_grad sums in a fixed order (deterministic, no
+    atomics). Segments of one batch entry share its slots: each writes its own key
+    columns (and up to 15 past them, zeros: _segment_table keeps 16 free between
+    segments).
     """
     batch, hq, _, d = q.shape
-    hkv = k_packed.shape[1]
+    hkv = k.shape[1]
     dv = out.shape[3]
     group = hq // hkv
     alibi = masks[4]  # (S or 1, Hq or 1) slopes
     dropout = masks[5]  # Philox key and threshold (kernels/cpu/dropout.py)
     has_dropout = (flags & _HAS_DROPOUT) != 0
     bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
-    operand = k_packed.dtype  # uint16 (bf16 bits) or float32
+    operand = operand_kind.dtype  # uint16 (bf16 bits), float32 or float64
     q_width, dv_width, bq_width = padded(d, 2), padded(dv, 2), padded(block_q, 2)
     neg_inf = consts[_C_NEG_INF]
     zero = consts[_C_ZERO]
@@ -57,7 +64,15 @@ def _backward_worker(
     has_softcap = (flags & _HAS_SOFTCAP) != 0
     real = dk_t.dtype  # float32, or float64 for float64
     tile = block_q * padded(block_k + 1, PAD)
+    owned = n_chunks == 1  # the task owns its keys' gradients: no slots
 
+    longest_k = 0
+    for seg in range(segments.shape[0]):
+        longest_k = max(longest_k, segments[seg, 4])
+    k_ops, v_ops, k_rows = _backward_operand_buffers(longest_k, d, dv, operand_kind)
+    acc_width = longest_k + PAD if owned else 1
+    dk_acc = np.empty((d if owned else 1, acc_width), real)  # (D, Nk + 16) dK^T of the task's keys
+    dv_acc = np.empty((dv if owned else 1, acc_width), real)  # (Dv, Nk + 16) dV^T
     q_buf = np.empty((block_q, q_width), operand)  # (Bq, D even) Q rows
     do_buf = np.empty((block_q, dv_width), operand)  # (Bq, Dv even) dO rows
     q_t = np.empty((d, bq_width), operand)  # (D, Bq even) Q^T
@@ -76,14 +91,23 @@ def _backward_worker(
     draws = np.empty(block_k + 24 if has_dropout else 1, np.uint64)  # one row's 16-bit draws
     blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
 
+    packed_seg, packed_hk = -1, -1  # whose keys k_ops, v_ops, k_rows hold
     while True:
         t, seg, hk, chunk = _next_task(order, next_task, tasks)
         if t < 0:
             break
         b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
+        if seg != packed_seg or hk != packed_hk:
+            _pack_operands(k[b, hk, ks : ks + nk], v[b, hk, ks : ks + nk], k_ops, v_ops, k_rows)
+            packed_seg, packed_hk = seg, hk
+        if owned:
+            dk_task, dv_task = dk_acc, dv_acc
+            dk_task[:, : nk + PAD] = zero
+            dv_task[:, : nk + PAD] = zero
+        else:
+            dk_task, dv_task = dk_t[b, hk * n_chunks + chunk, :, ks:], dv_t[b, hk * n_chunks + chunk, :, ks:]
         n_qblocks = (nq + block_q - 1) // block_q
         blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
-        slot = hk * n_chunks + chunk
         for task_block in range(group * blocks_per_chunk):
             h = hk * group + task_block // blocks_per_chunk
             qb = chunk * blocks_per_chunk + task_block % blocks_per_chunk
@@ -125,15 +149,15 @@ def _backward_worker(
                 ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
                 p = p_full[:, :bk]  # (Bq, Bk)
                 cap_grad = cap_buf[: bq * bk].reshape((bq, bk)) if has_softcap else cap_buf.reshape((1, 1))
-                key_cols = _key_offset(ks + j0, k_packed)
-                _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
+                key_cols = _key_offset(j0, k_ops)
+                _product(q_buf, k_ops[:, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
                 multiplier = _tile_scores_base2(
                     p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
                     bool_mask, additive_mask, slope, diagonal, True, cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
                     exp2_affine_at(p, r, multiplier, lse2[r])
-                _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv)  # dP = dO V^T
+                _dp_product(do_buf, v_ops[:, key_cols:], ds_full, bq, bk, dv)  # dP = dO V^T
                 keep = keep_buf[:1].reshape((1, 1))
                 if has_dropout:  # delta = rowsum(dO O) is unchanged by dropout
                     keep = keep_buf[: bq * bk].reshape((bq, bk))
@@ -141,14 +165,16 @@ def _backward_worker(
                 p_rows, ds_as_b, ds_as_a = _gradient_operands(
                     p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
                     pairs_buf, ds_pairs_buf, ds_rows)  # fmt: skip
-                _product(do_t, p_rows, dv_t[b, slot, :, ks + j0 :], dv, bk, bq, True, micro)  # dV^T += dO^T P
-                _product(q_t, ds_as_b, dk_t[b, slot, :, ks + j0 :], d, bk, bq, True, micro)  # dK^T += Q^T dS
-                k_row = _key_row(ks + j0, k_packed)
-                _product(ds_as_a, k_rows[b, hk, k_row:], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
+                _product(do_t, p_rows, dv_task[:, j0:], dv, bk, bq, True, micro)  # dV^T += dO^T P
+                _product(q_t, ds_as_b, dk_task[:, j0:], d, bk, bq, True, micro)  # dK^T += Q^T dS
+                _product(ds_as_a, k_rows[_key_row(j0, k_ops) :], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
             dq_blk = dq[b, h, rows]  # (Bq, D)
             for r in range(bq):
                 for c in range(d):
                     dq_blk[r, c] = _store(dq_blk, dq_acc[r, c])
+        if owned:
+            _store_transposed(dk_task, nk, dk, b, hk, ks)
+            _store_transposed(dv_task, nk, dv_grad, b, hk, ks)
     set_threads_local(blas_threads)
 
 
@@ -168,46 +194,54 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
 
 
 @_jit()
+def _store_transposed(acc_t, nk, result, b, hk, ks):
+    """result[b, hk, ks + j, c] = acc_t[c, j] for the task's nk keys, in result's dtype."""
+    for j in range(nk):
+        for c in range(acc_t.shape[0]):
+            result[b, hk, ks + j, c] = _store(result, acc_t[c, j])
+
+
+@_jit()
 def _backward_kernel(
     q, k, v, segments, masks, out, d_out, lse, consts, flags,
-    block_q, block_k, n_chunks, micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad, steps,
+    block_q, block_k, n_chunks, micro, n_workers, operand_kind, dq, dk_t, dv_t, dk, dv_grad, steps,
 ):  # fmt: skip
-    """dq, dk, dv (input dtype) through transposed partials dk_t / dv_t (zero on entry;
-    float32, float64 for float64), on n_workers threads (1: the calling thread alone, no
-    thread pool). steps: backward_steps(). Returns RAN, REFUSED (nothing run: the steps were
-    compiled for other types) or FAILED (a step raised); see kernels/cpu/launch.py."""
+    """dq, dk, dv (input dtype), on n_workers threads (1: the calling thread alone, no thread
+    pool). With n_chunks > 1 through transposed partials dk_t / dv_t (zero on entry; float32,
+    float64 for float64), else those are placeholders of their type. operand_kind: an array of
+    the products' operand dtype (uint16 for bf16). steps: backward_steps(). Returns RAN, REFUSED
+    (nothing run: the steps were compiled for other types) or FAILED (a step raised); see
+    kernels/cpu/launch.py."""
     n_heads = k.shape[0] * k.shape[1]
     tasks, order = _backward_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
-    packing = (k, v, k_packed, v_packed, k_rows)
-    working = (q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
-               flags, block_q, block_k, n_chunks, micro, order, np.zeros(1, np.int64), dq, dk_t, dv_t)  # fmt: skip
+    working = (q, k, v, operand_kind, segments, tasks, masks, out, d_out, lse, consts,
+               flags, block_q, block_k, n_chunks, micro, order, np.zeros(1, np.int64), dq, dk_t, dv_t, dk, dv_grad)  # fmt: skip
     finishing_k, finishing_v = (dk_t, n_chunks, dk), (dv_t, n_chunks, dv_grad)
-    if (steps[1] != token_of(packing, 0) or steps[3] != token_of(working, None)
-            or steps[5] != token_of(finishing_k, 0) or steps[7] != token_of(finishing_v, 0)):
+    if (steps[1] != token_of(working, None) or steps[3] != token_of(finishing_k, 0)
+            or steps[5] != token_of(finishing_v, 0)):
         return REFUSED
     parallel = n_workers > 1
-    if not run_step(steps[0], packing, 0, n_heads, parallel):
+    if not run_step(steps[0], working, None, n_workers, parallel):
         return FAILED
-    if not run_step(steps[2], working, None, n_workers, parallel):
-        return FAILED
-    if not run_step(steps[4], finishing_k, 0, n_heads, parallel):
-        return FAILED
-    if not run_step(steps[6], finishing_v, 0, n_heads, parallel):
-        return FAILED
+    if n_chunks > 1:  # the chunks' slots, summed in a fixed order
+        if not run_step(steps[2], finishing_k, 0, n_heads, parallel):
+            return FAILED
+        if not run_step(steps[4], finishing_v, 0, n_heads, parallel):
+            return FAILED
     return RAN
 
 
 def backward_steps(
     q, k, v, segments, masks, out, d_out, lse, consts, flags,
-    block_q, block_k, n_chunks, micro, n_workers, k_packed, v_packed, k_rows, dq, dk_t, dv_t, dk, dv_grad,
+    block_q, block_k, n_chunks, micro, n_workers, operand_kind, dq, dk_t, dv_t, dk, dv_grad,
     exact=False,
 ):  # fmt: skip
-    """_backward_kernel's `steps` for its arguments: packing, the worker and the two reductions."""
+    """_backward_kernel's `steps` for its arguments: the worker and the two reductions."""
     tasks, order, next_task = TASK_QUEUE
     return steps_array(
-        address_of(_pack_head_backward, (k, v, k_packed, v_packed, k_rows), indexed=True, exact=exact),
-        address_of(_backward_worker, (q, k_packed, v_packed, k_rows, segments, tasks, masks, out, d_out, lse, consts,
-                                      flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t), exact=exact),
+        address_of(_backward_worker, (q, k, v, operand_kind, segments, tasks, masks, out, d_out, lse, consts, flags,
+                                      block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t, dk, dv_grad),
+                   exact=exact),
         address_of(_finish_kv_grad, (dk_t, n_chunks, dk), indexed=True, exact=exact),
         address_of(_finish_kv_grad, (dv_t, n_chunks, dv_grad), indexed=True, exact=exact),
     )  # fmt: skip

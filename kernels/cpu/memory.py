@@ -2,8 +2,7 @@
 
 Kernel-level entry points (documented, used by the tests): arrays_together(dtype, shapes, zero)
 allocates several arrays in one 64-byte-aligned block; Workspace(keep_bytes) hands out views of one
-kept buffer; WORKSPACE is the one the kernels use (BITS_WORKSPACE beside it for the bf16 backward's
-operands, a second dtype in the same call).
+kept buffer; WORKSPACE is the one the kernels use.
 """
 
 from __future__ import annotations
@@ -161,7 +160,3 @@ class Workspace:
 
 
 WORKSPACE = Workspace(keep_bytes=32 << 20)
-# The bf16 backward's packed K and V (uint16), requested in the same call as its float32 partials
-# from WORKSPACE: fresh ones faulted ~6 MiB of pages in on every call of a training loop (B1 H8
-# N2048 D64; the kernel's page clearing was ~5% of a training step's samples).
-BITS_WORKSPACE = Workspace(keep_bytes=32 << 20)

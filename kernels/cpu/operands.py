@@ -96,6 +96,17 @@ def backward_operand_shapes(batch, hkv, nk, d, dv, bf16):
     return (batch, hkv, d, nk + PAD), (batch, hkv, dv, nk + PAD), (batch, hkv, nk, padded(d, PAD))
 
 
+@_jit()
+def _backward_operand_buffers(nk, d, dv, operand_kind):
+    """One worker's K, V and K-rows operands for up to nk keys of one kv head: a head's
+    backward_operand_shapes, in operand_kind's dtype (uint16 for bf16 pairs)."""
+    dtype = operand_kind.dtype
+    if _bf16_operand(operand_kind):
+        return (np.empty(((d + 1) // 2, 2 * (nk + PAD)), dtype), np.empty(((dv + 1) // 2, 2 * (nk + PAD)), dtype),
+                np.empty(((nk + 1) // 2, 2 * padded(d, PAD)), dtype))  # fmt: skip
+    return np.empty((d, nk + PAD), dtype), np.empty((dv, nk + PAD), dtype), np.empty((nk, padded(d, PAD)), dtype)
+
+
 def _pack_forward(k, v, k_packed, v_packed):
     """One (batch, kv head)'s keys and values as the B operands of the forward's products."""
 
