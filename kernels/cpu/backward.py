@@ -1,4 +1,4 @@
-"""The backward workers: five products per tile, dK / dV in per-task slots reduced in a fixed order."""
+"""The backward workers: five products per tile; dK / dV owned by a task, or in per-chunk slots reduced in a fixed order."""
 
 from __future__ import annotations
 
