@@ -67,6 +67,25 @@ def test_keys_rows_heads_and_batch_entries_draw_independently():
     assert not np.array_equal(mask[0], mask[1]) and not np.array_equal(mask[:, 0], mask[:, 1])
 
 
+@pytest.mark.parametrize("rows, cols, i0, j0", [(5, 97, 3, 0), (3, 13, 40, 37), (2, 1, 0, 511), (4, 130, 7, 9)],
+                         ids=["short-row", "mid-group-start", "one-key", "long-odd-start"])
+def test_a_tiles_keep_factors_are_the_reference_mask_wherever_the_tile_starts(rows, cols, i0, j0):
+    """_dropout_factors draws a tile's rows with vectorised Philox calls rounded up to whole vector
+    steps, and reads the words back as 16-bit draws: the tile is the reference mask's window, for
+    tiles starting inside a group of eight keys and rows shorter than a vector step."""
+    from attnkit.kernels.cpu.dropout import _dropout_factors, draw_words, dropout_parameters
+
+    seed, p, h, seg = 0xDEAD_BEEF_0123, 0.3, 2, 1
+    factors = np.full((rows, cols), np.nan, np.float32)
+    words = np.zeros(draw_words(cols), np.uint32)
+    _dropout_factors(factors, words, dropout_parameters(seed, p), np.float32(2.5), np.float32(0), i0, j0, h, seg)
+    want = keep_mask(seed, p, seg + 1, h + 1, i0 + rows, j0 + cols)[seg, h, i0:, j0:]
+    np.testing.assert_array_equal(factors, np.where(want, np.float32(2.5), np.float32(0)))
+    with pytest.raises(ValueError, match="words must hold a row's Philox words"):
+        _dropout_factors(factors, words[:4], dropout_parameters(seed, p), np.float32(2.5), np.float32(0), i0, j0, h,
+                         seg)  # fmt: skip
+
+
 def inputs(seed, *, b=2, hq=4, hkv=2, nq=37, nk=45, d=16, dtype=torch.float32, grad=True):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hq, nq, d, generator=g, dtype=dtype)

@@ -9,7 +9,7 @@ from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from ..simd import exp2_affine_at
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SOFTCAP
-from .dropout import _dropout_factors
+from .dropout import _dropout_factors, draw_words
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import (
     _backward_operand_buffers, _bf16_operand, _dp_product, _f64_of, _gradient_operands, _key_offset, _key_row,
@@ -88,7 +88,7 @@ def _backward_worker(
     lse2 = np.empty(block_q, real)
     delta = np.empty(block_q, real)
     keep_buf = np.empty(block_q * block_k + 1 if has_dropout else 1, real)  # (Bq, Bk) dropout factors
-    draws = np.empty(block_k + 24 if has_dropout else 1, np.uint64)  # one row's 16-bit draws
+    draws = np.empty(draw_words(block_k) if has_dropout else 1, np.uint32)  # one row's Philox words
     blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
 
     packed_seg, packed_hk = -1, -1  # whose keys k_ops, v_ops, k_rows hold

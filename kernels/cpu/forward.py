@@ -8,7 +8,7 @@ from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SINKS
-from .dropout import _dropout_factors
+from .dropout import _dropout_factors, draw_words
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
     _a_rows_of, _bf16_operand, _first_key, _key_offset, _key_row, _p_operand, _p_rows_buffer, _pack_forward_head,
@@ -70,7 +70,7 @@ def _forward_worker(
     q_buf = np.empty(_scratch(block_q * padded(d, 2), k_packed), operand)  # bf16: the block's queries
     p_buf = np.empty(_scratch(block_q * padded(block_k + 2, 2), k_packed), operand)  # bf16: P
     keep_buf = np.empty(block_q * block_k if has_dropout else 1, real)  # (Bq, Bk) dropout factors
-    draws = np.empty(block_k + 24 if has_dropout else 1, np.uint64)  # one row's 16-bit draws
+    draws = np.empty(draw_words(block_k) if has_dropout else 1, np.uint32)  # one row's Philox words
     unused_bits = np.empty((1, 1), np.uint16)  # float operands: P is its own operand
     # bf16 operands: P rounded to bf16 in the softmax's pass, unless dropout scales P after it
     round_in_softmax = _bf16_operand(p_buf) and not has_dropout
