@@ -279,17 +279,18 @@ def _build_exp2_affine(real, bits=False, target=TARGET):
     return build
 
 
-def _build_gradient_pairs(real, target=TARGET):
+def _build_gradient_pairs(real, target=TARGET, dropout=False):
     """The body of gradient_pairs' IR function: per column c < n of rows r0, r1 of P and dP,
     dS = P (dP - delta) scale (in that order, as the kernels' float loops compute it), then P and
     dS rounded to bf16 and stored interleaved, p_pairs[2c + t] / ds_pairs[2c + t] of row r_t, and
-    dS also by rows."""
+    dS also by rows. With dropout, rows r0, r1 of its factors Z (two more arguments) scale dP
+    first, dS = P (dP Z - delta) scale, and the P stored is P Z (the weights the forward used)."""
     i16 = ir.IntType(16)
     interleave = ir.Constant(ir.VectorType(ir.IntType(32), 2 * real.width),
                              [lane for c in range(real.width) for lane in (c, c + real.width)])  # fmt: skip
 
     def build(builder, args):
-        p0, p1, dp0, dp1, n, delta0, delta1, scale, p_pairs, ds_pairs, rows0, rows1 = args
+        p0, p1, dp0, dp1, n, delta0, delta1, scale, p_pairs, ds_pairs, rows0, rows1, *keep = args
         splats = [_splat(builder, real, x) for x in (delta0, delta1, scale)]
 
         def body(index, vector, group):
@@ -302,8 +303,14 @@ def _build_gradient_pairs(real, target=TARGET):
                 return f32_to_bf16_ir(builder, x, target.bf16_convert)
 
             a0, a1 = load(p0), load(p1)
-            g0 = builder.fmul(builder.fmul(a0, builder.fsub(load(dp0), d0)), s)
-            g1 = builder.fmul(builder.fmul(a1, builder.fsub(load(dp1), d1)), s)
+            e0, e1 = load(dp0), load(dp1)
+            if dropout:
+                z0, z1 = load(keep[0]), load(keep[1])
+                e0, e1 = builder.fmul(e0, z0), builder.fmul(e1, z1)
+            g0 = builder.fmul(builder.fmul(a0, builder.fsub(e0, d0)), s)
+            g1 = builder.fmul(builder.fmul(a1, builder.fsub(e1, d1)), s)
+            if dropout:
+                a0, a1 = builder.fmul(a0, z0), builder.fmul(a1, z1)
             pb0, pb1, gb0, gb1 = bits(a0), bits(a1), bits(g0), bits(g1)
             pair_index = builder.mul(index, ir.Constant(ir.IntType(64), 2))
             if vector:
@@ -328,12 +335,12 @@ def _build_gradient_pairs(real, target=TARGET):
     return build
 
 
-def _gradient_pairs_function(module, target=TARGET):
+def _gradient_pairs_function(module, target=TARGET, dropout=False):
     real, i16p = _Real(types.float32), ir.IntType(16).as_pointer()
     f32p = real.scalar.as_pointer()
-    return _define(module, "attnkit_gradient_pairs_f32", ir.VoidType(),
-                   [f32p] * 4 + [ir.IntType(64)] + [real.scalar] * 3 + [i16p] * 4,
-                   _build_gradient_pairs(real, target))  # fmt: skip
+    return _define(module, "attnkit_gradient_pairs_dropout_f32" if dropout else "attnkit_gradient_pairs_f32",
+                   ir.VoidType(), [f32p] * 4 + [ir.IntType(64)] + [real.scalar] * 3 + [i16p] * 4 + [f32p] * (2 * dropout),
+                   _build_gradient_pairs(real, target, dropout))  # fmt: skip
 
 
 def _check_real(*arguments):
@@ -446,14 +453,17 @@ def _exp2_affine_bits_at_intrinsic(typingctx, matrix, r, multiplier, shift, bits
 
 
 @intrinsic
-def _gradient_pairs_at_intrinsic(typingctx, p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows):
+def _gradient_pairs_at_intrinsic(typingctx, p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows,
+                                 keep):  # fmt: skip
     def matrix_of(array, dtype):
         return isinstance(array, types.Array) and array.ndim == 2 and array.dtype == dtype
 
+    dropout = not isinstance(keep, (types.NoneType, types.Omitted))
     if not (matrix_of(p, types.float32) and matrix_of(dp, types.float32)
             and all(matrix_of(a, types.uint16) for a in (p_pairs, ds_pairs, ds_rows))
             and all(isinstance(i, types.Integer) for i in (r0, r1, n, pair))
-            and all(x == types.float32 for x in (delta0, delta1, scale))):  # fmt: skip
+            and all(x == types.float32 for x in (delta0, delta1, scale))
+            and (not dropout or matrix_of(keep, types.float32))):  # fmt: skip
         return None
 
     def codegen(context, builder, signature, args):
@@ -463,12 +473,13 @@ def _gradient_pairs_at_intrinsic(typingctx, p, dp, r0, r1, n, delta0, delta1, sc
         dp_rows = [_row_start(context, builder, types_[1], args[1], args[r], f32) for r in (2, 3)]
         pairs = [_row_start(context, builder, types_[i], args[i], args[10], i16) for i in (8, 9)]
         rows = [_row_start(context, builder, types_[11], args[11], args[r], i16) for r in (2, 3)]
+        keep_rows = [_row_start(context, builder, types_[12], args[12], args[r], f32) for r in (2, 3)] if dropout else []
         n = context.cast(builder, args[4], types_[4], types.int64)
-        function = _gradient_pairs_function(builder.module)
-        builder.call(function, [*p_rows, *dp_rows, n, args[5], args[6], args[7], *pairs, *rows])
+        function = _gradient_pairs_function(builder.module, dropout=dropout)
+        builder.call(function, [*p_rows, *dp_rows, n, args[5], args[6], args[7], *pairs, *rows, *keep_rows])
         return context.get_dummy_value()
 
-    return types.none(p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows), codegen
+    return types.none(p, dp, r0, r1, n, delta0, delta1, scale, p_pairs, ds_pairs, pair, ds_rows, keep), codegen
 
 
 @intrinsic
@@ -544,13 +555,14 @@ def exp2_affine_bits_at(matrix, r, multiplier, shift, bits):
 
 
 @jit(inline="always")
-def gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows):
+def gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows, keep=None):
     """The backward's three bf16 operands of a tile's first `rows` rows and n columns, in one pass:
     dS = P (dP - delta[r]) scale from float32 P (p) and dP (dp); P and dS rounded to bf16 into row
     pairs, p_pairs[i, 2c + t] / ds_pairs[i, 2c + t] = row 2i + t (zero past the last row: the B
-    operands), and dS rounded into ds_rows[r, c] (the A operand). Writes those columns only (the
-    caller zeroes any padding); every row contiguous. The arrays are checked once, then the row
-    pairs go to the IR function without a reference count moving."""
+    operands), and dS rounded into ds_rows[r, c] (the A operand). keep: dropout's factors Z (a float32
+    tile like p), or None: with them dS = P (dP Z - delta[r]) scale and the P stored is P Z. Writes
+    those columns only (the caller zeroes any padding); every row contiguous. The arrays are checked
+    once, then the row pairs go to the IR function without a reference count moving."""
     if (p.shape[1] > 1 and p.strides[1] != 4 or dp.shape[1] > 1 and dp.strides[1] != 4
             or p_pairs.shape[1] > 1 and p_pairs.strides[1] != 2 or ds_pairs.shape[1] > 1 and ds_pairs.strides[1] != 2
             or ds_rows.shape[1] > 1 and ds_rows.strides[1] != 2):  # fmt: skip
@@ -560,10 +572,13 @@ def gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows):
             or n > min(p.shape[1], dp.shape[1], ds_rows.shape[1]) or 2 * n > min(p_pairs.shape[1], ds_pairs.shape[1])
             or n_pairs > min(p_pairs.shape[0], ds_pairs.shape[0])):  # fmt: skip
         raise ValueError("gradient_pairs: the operands must hold the tile")
+    if keep is not None and (rows > keep.shape[0] or n > keep.shape[1] or keep.shape[1] > 1 and keep.strides[1] != 4):
+        raise ValueError("gradient_pairs: keep must hold the tile, its rows contiguous")
     for pair in range(n_pairs):
         r0 = 2 * pair
         r1 = min(r0 + 1, rows - 1)  # an odd last row pairs with itself; its copy is zeroed below
-        _gradient_pairs_at_intrinsic(p, dp, r0, r1, n, delta[r0], delta[r1], scale, p_pairs, ds_pairs, pair, ds_rows)
+        _gradient_pairs_at_intrinsic(p, dp, r0, r1, n, delta[r0], delta[r1], scale, p_pairs, ds_pairs, pair, ds_rows,
+                                     keep)  # fmt: skip
     if rows % 2 == 1:
         for c in range(n):
             p_pairs[n_pairs - 1, 2 * c + 1] = 0

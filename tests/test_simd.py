@@ -116,12 +116,14 @@ def test_exp2_affine_bits_also_writes_the_row_rounded_to_bf16(n):
         simd.exp2_affine_bits_at(fused, 1, multiplier, shift, bits[:, : n - 1] if n > 1 else bits[:1, :0])
 
 
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 33, 512, 1000], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("rows", [1, 2, 5], ids=lambda rows: f"rows{rows}")
-def test_gradient_pairs_match_numpy(n, rows):
+def test_gradient_pairs_match_numpy(n, rows, dropout):
     """The backward's fused bf16 pass over a tile: dS = P (dP - delta) scale in float32, then P and dS
     rounded to bf16 into pair-interleaved rows (zeros in an odd last row's partner) and dS into its
-    own rows; nothing else written."""
+    own rows; nothing else written. With dropout's factors Z: dS = P (dP Z - delta) scale, and the P
+    stored is P Z."""
     from attnkit.kernels.bf16 import bf16_bits
 
     rng = np.random.default_rng(n * 10 + rows)
@@ -134,10 +136,12 @@ def test_gradient_pairs_match_numpy(n, rows):
     p_pairs, ds_pairs = (np.full((n_pairs + 1, 2 * n + 3), 777, np.uint16) for _ in range(2))
     ds_rows = np.full((rows + 2, n + 1), 777, np.uint16)
     p_before, dp_before = p.copy(), dp.copy()
-    simd.gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows)
+    keep = np.where(rng.random((rows + 1, n + 2)) < 0.7, np.float32(1 / 0.7), np.float32(0)) if dropout else None
+    simd.gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows, keep)
     assert p.tobytes() == p_before.tobytes() and dp.tobytes() == dp_before.tobytes()
-    ds = p[:rows, :n] * (dp[:rows, :n] - delta[:rows, None]) * scale  # float32 throughout, in the kernels' order
-    p_bits, ds_bits = bf16_bits(p[:rows, :n]), bf16_bits(ds)
+    z = keep[:rows, :n] if dropout else np.float32(1)
+    ds = p[:rows, :n] * (dp[:rows, :n] * z - delta[:rows, None]) * scale  # float32 throughout, in the kernels' order
+    p_bits, ds_bits = bf16_bits(p[:rows, :n] * z), bf16_bits(ds)
     if rows % 2:  # the last pair's second row is past the tile: zeros
         p_bits, ds_bits = (np.vstack([x, np.zeros((1, n), np.uint16)]) for x in (p_bits, ds_bits))
     for t in range(2):
@@ -153,6 +157,9 @@ def test_gradient_pairs_match_numpy(n, rows):
         simd.gradient_pairs(p, dp, rows + 3, n, delta, scale, p_pairs, ds_pairs, ds_rows)
     with pytest.raises(ValueError, match="contiguous"):
         simd.gradient_pairs(p[:, ::2], dp[:, ::2], rows, 1, delta, scale, p_pairs, ds_pairs, ds_rows)
+    if dropout:
+        with pytest.raises(ValueError, match="keep must hold the tile"):
+            simd.gradient_pairs(p, dp, rows, n, delta, scale, p_pairs, ds_pairs, ds_rows, keep[:, : n - 1])
 
 
 def test_rows_must_be_contiguous():

@@ -11,8 +11,8 @@ from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FA
 from .dropout import _dropout_factors, draw_words
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
-    _a_rows_of, _bf16_operand, _first_key, _key_offset, _key_row, _p_operand, _p_rows_buffer, _pack_forward_head,
-    _product, _scratch,
+    _a_rows_of, _bf16_operand, _dropped_operand, _first_key, _key_offset, _key_row, _p_operand, _p_rows_buffer,
+    _pack_forward_head, _product, _scratch,
 )
 from .schedule import TASK_QUEUE, _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -125,10 +125,9 @@ def _forward_worker(
             if has_dropout:  # after the running sum: dropout scales the weights, not their total
                 keep = keep_buf[: bq * bk].reshape((bq, bk))
                 _dropout_factors(keep, draws, dropout, consts[_C_KEEP_SCALE], zero, i0, j0, h, seg)
-                for r in range(bq):
-                    for c in range(bk):
-                        s[r, c] *= keep[r, c]
-            p_rows = _p_operand(s, s_full, p_buf, p_bits, round_in_softmax)  # itself, or rounded to bf16
+                p_rows = _dropped_operand(s, s_full, keep, p_buf, p_bits)  # P Z: in place, or rounded to bf16
+            else:
+                p_rows = _p_operand(s, s_full, p_buf, p_bits, round_in_softmax)  # itself, or rounded to bf16
             v_row = _key_row(ks + j0, k_packed)
             _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
         _finish_rows(acc, running_max, running_sum, consts, out[b, h, qs + i0 : qs + i1], lse[b, h, qs + i0 : qs + i1])

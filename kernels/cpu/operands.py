@@ -384,8 +384,8 @@ def _gradient_operands(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_soft
 
     float32 / float64: dS in place, then p_full, ds_full, ds_full (padding columns zeroed). bf16:
     P and dS in row pairs (pairs_buf, ds_pairs_buf) and dS by rows (ds_rows_buf), rounded; without
-    dropout or softcap one pass over the tile makes all three (simd.gradient_pairs), where a
-    pass per operand read the tile three times more (docs/kernel-log.md v35).
+    softcap one pass over the tile makes all three, dropout's factors included (simd.gradient_pairs),
+    where a pass per operand read the tile three times more (docs/kernel-log.md v35, v41).
     """
 
 
@@ -417,11 +417,14 @@ def _gradient_operands_overload(p_full, ds_full, bq, bk, delta, scale, cap_grad,
 
         def rounded(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
                     pairs_buf, ds_pairs_buf, ds_rows_buf):  # fmt: skip
-            if has_dropout or has_softcap:  # their factors: dS in place first, then each operand
+            if has_softcap:  # its factors: dS in place first, then each operand
                 _gradient_in_place(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout)
                 return _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
             p_pairs, ds_pairs, ds_rows = _operand_views(p_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf)
-            gradient_pairs(p_full, ds_full, bq, bk, delta, scale, p_pairs, ds_pairs, ds_rows)
+            if has_dropout:  # dropout's factors in the same pass (docs/kernel-log.md v41)
+                gradient_pairs(p_full, ds_full, bq, bk, delta, scale, p_pairs, ds_pairs, ds_rows, keep)
+            else:
+                gradient_pairs(p_full, ds_full, bq, bk, delta, scale, p_pairs, ds_pairs, ds_rows)
             for pair in range(p_pairs.shape[0]):  # the padding columns
                 for c in range(2 * bk, p_pairs.shape[1]):
                     p_pairs[pair, c] = 0
@@ -534,6 +537,36 @@ def _p_operand_overload(p, p_full, buffer, p_bits, rounded):
 
         return bits
     return lambda p, p_full, buffer, p_bits, rounded: p_full
+
+
+def _dropped_operand(p, p_full, keep, buffer, p_bits):
+    """P (Bq, Bk) times dropout's factors keep, as the A operand of P V: in place in p_full when the
+    products' buffer is float; for a bf16 buffer rounded into p_bits (_p_rows_buffer) in the same
+    pass, p_full left as it was (the product reads p_bits only)."""
+
+
+@overload(_dropped_operand, jit_options={"inline": "always"})
+def _dropped_operand_overload(p, p_full, keep, buffer, p_bits):
+    if buffer.dtype == types.uint16:
+
+        def bits(p, p_full, keep, buffer, p_bits):
+            rows, cols, width = p.shape[0], p.shape[1], p_bits.shape[1]
+            for r in range(rows):  # rows of C-contiguous buffers, indexed: the loop vectorises
+                for c in range(cols):
+                    p_bits[r, c] = bf16_of(p_full[r, c] * keep[r, c])
+                for c in range(cols, width):
+                    p_bits[r, c] = 0
+            return p_bits
+
+        return bits
+
+    def scaled(p, p_full, keep, buffer, p_bits):
+        for r in range(p.shape[0]):
+            for c in range(p.shape[1]):
+                p_full[r, c] *= keep[r, c]
+        return p_full
+
+    return scaled
 
 
 def _key_offset(j0, operand):
