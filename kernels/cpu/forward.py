@@ -1,4 +1,4 @@
-"""The forward workers: (segment, head, query block) tasks, all keys of a task per worker."""
+"""The forward workers: (segment, head, run of query blocks) tasks, all keys of a task per worker."""
 
 from __future__ import annotations
 
@@ -14,15 +14,17 @@ from .operands import (
     _a_rows_of, _bf16_operand, _dropped_operand, _first_key, _key_offset, _key_row, _p_operand, _p_rows_buffer,
     _pack_forward_head, _product, _scratch,
 )
-from .schedule import TASK_QUEUE, _forward_schedule, _next_task, _segment
+from .schedule import TASK_QUEUE, _forward_runs, _forward_schedule, _next_task, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
 
 @_jit(fastmath=_FASTMATH)
 def _forward_worker(
-    q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro, order, next_task, out, lse,
+    q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, n_runs, micro, order, next_task,
+    out, lse,
 ):  # fmt: skip
-    """Take (segment, head, query block) tasks from the queue until it is empty.
+    """Take (segment, head, run of query blocks) tasks from the queue until it is empty: a run is
+    one of n_runs stretches of the head's consecutive query blocks (schedule._forward_runs).
 
     A segment (see _segment_table) is one sequence: query rows [qs, qs + Nq) of
     batch entry b against keys [ks, ks + Nk), with its own causal / window
@@ -84,53 +86,57 @@ def _forward_worker(
     blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
 
     while True:
-        t, seg, h, qb = _next_task(order, next_task, tasks)
+        t, seg, h, run = _next_task(order, next_task, tasks)
         if t < 0:
             break
         b, qs, nq, ks, nk, lo_offset, hi_offset, diagonal = _segment(segments, seg)
         slope = alibi[min(seg, alibi.shape[0] - 1), min(h, alibi.shape[1] - 1)]
         hk = h // group
-        i0 = qb * block_q
-        i1 = min(i0 + block_q, nq)
-        bq = i1 - i0
-        q_blk = q[b, h, qs + i0 : qs + i1]  # (Bq, D)
-        q_rows = _a_rows_of(q_blk, q_blk, q_buf)  # itself, or rounded to bf16
-        # A sink is one more score that carries no value: it starts the running max and sum.
-        start_max, start_sum = (sinks[h] * consts[_C_LOG2E], consts[_C_ONE]) if has_sinks else (neg_inf, zero)
-        for r in range(bq):
-            running_max[r] = start_max
-            running_sum[r] = start_sum
-        acc[:bq] = zero
+        n_qblocks = (nq + block_q - 1) // block_q
+        blocks_per_run = (n_qblocks + n_runs - 1) // n_runs
+        for qb in range(run * blocks_per_run, min(n_qblocks, (run + 1) * blocks_per_run)):
+            i0 = qb * block_q
+            i1 = min(i0 + block_q, nq)
+            bq = i1 - i0
+            q_blk = q[b, h, qs + i0 : qs + i1]  # (Bq, D)
+            q_rows = _a_rows_of(q_blk, q_blk, q_buf)  # itself, or rounded to bf16
+            # A sink is one more score that carries no value: it starts the running max and sum.
+            start_max, start_sum = (sinks[h] * consts[_C_LOG2E], consts[_C_ONE]) if has_sinks else (neg_inf, zero)
+            for r in range(bq):
+                running_max[r] = start_max
+                running_sum[r] = start_sum
+            acc[:bq] = zero
 
-        first, stop, key_start, key_stop = _task_keys(key_ranges, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
-        for kb in range(first, stop):
-            tile_flags = _tile_flags(tile_states, flags, b, h, qb, kb)
-            if tile_flags < 0:
-                continue  # the mask hides every score of this tile
-            # Columns no row of the block can see (causal / window edges, key range) are not computed.
-            j0 = _first_key(max(kb * block_k, i0 + lo_offset, key_start), k_packed)
-            j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
-            bk = j1 - j0
-            s_full = score_buf[: bq * padded(bk, PAD)].reshape((bq, padded(bk, PAD)))  # (Bq, Bk16)
-            key_cols = _key_offset(ks + j0, k_packed)
-            _product(q_rows, k_packed[b, hk, :, key_cols:], s_full, bq, bk, d, False, micro)  # S = Q K^T
-            s = s_full[:, :bk]  # (Bq, Bk)
-            multiplier = _tile_scores_base2(
-                s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                bool_mask, additive_mask, slope, diagonal, False, unused_grad,
-            )  # fmt: skip
-            p_bits = _p_rows_buffer(p_buf, bq, bk, unused_bits)  # (Bq, Bk2) bf16 P, or unused
-            _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc, p_bits,
-                                 round_in_softmax)  # fmt: skip
-            if has_dropout:  # after the running sum: dropout scales the weights, not their total
-                keep = keep_buf[: bq * bk].reshape((bq, bk))
-                _dropout_factors(keep, draws, dropout, consts[_C_KEEP_SCALE], zero, i0, j0, h, seg)
-                p_rows = _dropped_operand(s, s_full, keep, p_buf, p_bits)  # P Z: in place, or rounded to bf16
-            else:
-                p_rows = _p_operand(s, s_full, p_buf, p_bits, round_in_softmax)  # itself, or rounded to bf16
-            v_row = _key_row(ks + j0, k_packed)
-            _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
-        _finish_rows(acc, running_max, running_sum, consts, out[b, h, qs + i0 : qs + i1], lse[b, h, qs + i0 : qs + i1])
+            first, stop, key_start, key_stop = _task_keys(key_ranges, b, h, i0, i1, nk, lo_offset, hi_offset, block_k)
+            for kb in range(first, stop):
+                tile_flags = _tile_flags(tile_states, flags, b, h, qb, kb)
+                if tile_flags < 0:
+                    continue  # the mask hides every score of this tile
+                # Columns no row of the block can see (causal / window edges, key range) are not computed.
+                j0 = _first_key(max(kb * block_k, i0 + lo_offset, key_start), k_packed)
+                j1 = min(kb * block_k + block_k, key_stop, i1 + hi_offset)
+                bk = j1 - j0
+                s_full = score_buf[: bq * padded(bk, PAD)].reshape((bq, padded(bk, PAD)))  # (Bq, Bk16)
+                key_cols = _key_offset(ks + j0, k_packed)
+                _product(q_rows, k_packed[b, hk, :, key_cols:], s_full, bq, bk, d, False, micro)  # S = Q K^T
+                s = s_full[:, :bk]  # (Bq, Bk)
+                multiplier = _tile_scores_base2(
+                    s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
+                    bool_mask, additive_mask, slope, diagonal, False, unused_grad,
+                )  # fmt: skip
+                p_bits = _p_rows_buffer(p_buf, bq, bk, unused_bits)  # (Bq, Bk2) bf16 P, or unused
+                _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc, p_bits,
+                                     round_in_softmax)  # fmt: skip
+                if has_dropout:  # after the running sum: dropout scales the weights, not their total
+                    keep = keep_buf[: bq * bk].reshape((bq, bk))
+                    _dropout_factors(keep, draws, dropout, consts[_C_KEEP_SCALE], zero, i0, j0, h, seg)
+                    p_rows = _dropped_operand(s, s_full, keep, p_buf, p_bits)  # P Z: in place, or rounded to bf16
+                else:
+                    p_rows = _p_operand(s, s_full, p_buf, p_bits, round_in_softmax)  # itself, or rounded to bf16
+                v_row = _key_row(ks + j0, k_packed)
+                _product(p_rows, v_packed[b, hk, v_row:], acc, bq, dv, bk, True, micro)  # acc += P V
+            rows = slice(qs + i0, qs + i1)
+            _finish_rows(acc, running_max, running_sum, consts, out[b, h, rows], lse[b, h, rows])
     set_threads_local(blas_threads)
     keep_alive(owners)
 
@@ -144,9 +150,10 @@ def _forward_kernel(
     """Pack K and V, then run n_workers workers (1: on the calling thread, no thread pool).
     steps: forward_steps(). Returns RAN, REFUSED (nothing run: the steps were compiled for
     other types) or FAILED (a step raised)."""
-    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k)
+    n_runs = _forward_runs(segments, q.shape[1], block_q, n_workers)
+    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k, n_runs)
     packing = (k, v, k_packed, v_packed)
-    working = (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, micro, order,
+    working = (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, n_runs, micro, order,
                np.zeros(1, np.int64), out, lse)  # fmt: skip
     if steps[1] != token_of(packing, 0) or steps[3] != token_of(working, None):
         return REFUSED
@@ -167,5 +174,5 @@ def forward_steps(
     return steps_array(
         address_of(_pack_forward_head, (k, v, k_packed, v_packed), indexed=True, exact=exact),
         address_of(_forward_worker, (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k,
-                                     micro, order, next_task, out, lse), exact=exact),
+                                     1, micro, order, next_task, out, lse), exact=exact),  # 1: n_runs, an int
     )  # fmt: skip

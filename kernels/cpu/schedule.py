@@ -72,22 +72,37 @@ def _segment(segments, seg):
 
 
 @_jit()
-def _forward_schedule(segments, hq, block_q, block_k):
-    """(tasks (T, 3) of (segment, head, query block), their order heaviest first)."""
-    n_tasks = 0
+def _forward_runs(segments, hq, block_q, n_workers):
+    """Query blocks per forward task come in runs: a task takes a run of one (segment, head)'s
+    consecutive blocks, so one core reads that head's keys and values for all of them (two cores
+    taking a head's blocks in turn each read them: B16 H12 N128 D64 fp32 ran 13% slower with 64-row
+    tasks than with whole heads, and even on one thread; docs/kernel-log.md v42). Runs per (segment,
+    head): whole heads when there are 16 tasks per worker that way, else enough runs to make them."""
+    longest = 0
     for seg in range(segments.shape[0]):
-        n_tasks += hq * ((segments[seg, 2] + block_q - 1) // block_q)
+        longest = max(longest, (segments[seg, 2] + block_q - 1) // block_q)
+    heads = segments.shape[0] * hq
+    return max(1, min(longest, -(-(16 * n_workers) // max(1, heads))))
+
+
+@_jit()
+def _forward_schedule(segments, hq, block_q, block_k, n_runs):
+    """(tasks (T, 3) of (segment, head, run of query blocks), their order heaviest first)."""
+    n_tasks = segments.shape[0] * hq * n_runs
     tasks = np.empty((n_tasks, 3), np.int64)
-    costs = np.empty(n_tasks, np.int64)  # visible key blocks per task
+    costs = np.zeros(n_tasks, np.int64)  # visible key blocks per task
     t = 0
     for seg in range(segments.shape[0]):
         _, _, nq, _, nk, lo_offset, hi_offset, _ = _segment(segments, seg)
+        n_qblocks = (nq + block_q - 1) // block_q
+        blocks_per_run = (n_qblocks + n_runs - 1) // n_runs
         for h in range(hq):
-            for qb in range((nq + block_q - 1) // block_q):
-                i0 = qb * block_q
-                first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
-                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, h, qb
-                costs[t] = stop - first
+            for run in range(n_runs):
+                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, h, run
+                for qb in range(run * blocks_per_run, min(n_qblocks, (run + 1) * blocks_per_run)):
+                    i0 = qb * block_q
+                    first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
+                    costs[t] += stop - first
                 t += 1
     return tasks, _heaviest_first(costs)
 
