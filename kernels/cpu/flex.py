@@ -32,9 +32,9 @@ from ..simd import exp2_affine_at, row_max_at
 from ..microkernels import PAD, padded
 from .constants import _FASTMATH
 from .operands import (
-    _a_rows_of, _bf16_operand, _dp_product, _first_key, _gradient_operands, _key_offset, _key_row, _load_rows,
-    _load_transposed, _f64_of, _p_operand, _p_rows_buffer, _pack_forward_head, _pack_head_backward, _product,
-    _scratch, _tile_operands,
+    _a_rows_of, _backward_operand_buffers, _bf16_operand, _dp_product, _first_key, _gradient_operands, _key_offset,
+    _key_row, _load_rows, _load_transposed, _f64_of, _p_operand, _p_rows_buffer, _pack_forward_head, _pack_operands,
+    _product, _scratch, _tile_operands,
 )
 from .schedule import _claim
 from .tile import _exp2_rounding_row, _store
@@ -270,28 +270,19 @@ def forward_worker(
     set_threads_local(blas_threads)
 
 
-@_jit(nogil=True)
-def pack_backward_worker(k, v, k_packed, v_packed, k_rows, order, next_task):
-    """Take (batch, kv head) tasks: that head's K and V as the backward's operands (operands.py:
-    K^T and V^T for S and dP, K by rows for dQ; bf16 in pairs)."""
-    while True:
-        t = _claim(order, next_task)
-        if t < 0:
-            break
-        _pack_head_backward(k, v, k_packed, v_packed, k_rows, t)
-
-
 @_jit(fastmath=_FASTMATH, nogil=True)
 def backward_worker(
-    q, k_packed, v_packed, k_rows, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k,
-    micro, order, next_task, worker, dq, dk_t, dv_t, dk, dv, grad_bufs,
+    q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k,
+    micro, order, next_task, worker, dq, dk, dv, grad_bufs,
 ):  # fmt: skip
     """Take (batch, kv head) tasks from the queue: each owns dk[b, hk], dv[b, hk] and the dq rows of
     its query heads, so no two workers write the same place. Captured tensors' gradients go to this
     worker's slice grad_bufs[n][worker]. Five products per tile, as FlashAttention-2's backward, on
     the built-in backward's operands and products (bf16 pairs for bf16 inputs, P and dS rounded to
-    bf16; float32 on the FMA micro-kernel when micro; else the BLAS); dK and dV accumulate
-    transposed in dk_t / dv_t (B, Hkv, D or Dv, Nk + 16), zero on entry, in the compute dtype.
+    bf16; float32 on the FMA micro-kernel when micro; else the BLAS). A task packs its head's K and
+    V into this worker's buffers (operands.py: K^T and V^T for S and dP, K by rows for dQ; bf16 in
+    pairs) and accumulates dK and dV transposed in this worker's (D or Dv, Nk + 16) buffers, in the
+    compute dtype, then stores them: no call-sized copies (docs/kernel-log.md v39, v43).
     q, k, v, out, dout and the gradients: the compute dtype, or all bf16 bits (uint16).
     dlse (B, Hq, Nq) is the gradient reaching the lse (zeros when the lse was not used)."""
     _, hq, nq, d = q.shape
@@ -302,8 +293,11 @@ def backward_worker(
     # P = exp2(scale log2(e) q.k - lse log2(e)), dS = P (dP - delta) scale; a hidden score's -inf
     # times a negative scale would be +inf, so only for a positive one
     raw_scores = SCORE_MOD_IS_IDENTITY and scale > zero
-    real = dk_t.dtype
-    operand = k_packed.dtype
+    real = consts.dtype
+    operand = k.dtype  # bf16 bits, or the compute dtype
+    k_packed, v_packed, k_rows = _backward_operand_buffers(nk, d, dv_dim, k)  # this task's head, packed
+    dk_t = np.empty((d, nk + PAD), real)  # (D, Nk + 16) this task's dK^T
+    dv_t = np.empty((dv_dim, nk + PAD), real)  # (Dv, Nk + 16) its dV^T
     bq_width = padded(block_q, 2)
     span = max(block_k, _BACKWARD_SPAN // block_k * block_k)
     tile = block_q * padded(span + 1, PAD)
@@ -327,6 +321,9 @@ def backward_worker(
         if t < 0:
             break
         b, hk = t // hkv, t % hkv
+        _pack_operands(k[b, hk], v[b, hk], k_packed, v_packed, k_rows)
+        dk_t[:, :] = zero
+        dv_t[:, :] = zero
         for h in range(hk * group, hk * group + group):
             for qb in range(n_qb):
                 i0 = qb * block_q
@@ -356,7 +353,7 @@ def backward_worker(
                     ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
                     p, ds = p_full[:, :bk], ds_full[:, :bk]
                     key_cols = _key_offset(first, k_packed)
-                    _product(q_buf, k_packed[b, hk, :, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
+                    _product(q_buf, k_packed[:, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
                     if raw_scores:
                         multiplier = scale * log2e
                         if partial:
@@ -375,7 +372,7 @@ def backward_worker(
                                 p[r, c] = zero
                         else:
                             exp2_affine_at(p, r, multiplier, row_lse * log2e)  # P = e^(score - lse)
-                    _dp_product(do_buf, v_packed[b, hk, :, key_cols:], ds_full, bq, bk, dv_dim)  # dP = dO V^T
+                    _dp_product(do_buf, v_packed[:, key_cols:], ds_full, bq, bk, dv_dim)  # dP = dO V^T
                     if raw_scores:  # dS = P (dP - delta) scale and the three operands, in one pass for bf16
                         p_rows, ds_as_b, ds_as_a = _gradient_operands(
                             p_full, ds_full, bq, bk, delta, scale, no_factors, False, no_factors, False,
@@ -391,17 +388,17 @@ def backward_worker(
                                 ds[r, c] = grad
                         p_rows, ds_as_b, ds_as_a = _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf,
                                                                   ds_rows)  # fmt: skip
-                    _product(do_t, p_rows, dv_t[b, hk, :, first:], dv_dim, bk, bq, True, micro)  # dV^T += dO^T P
-                    _product(q_t, ds_as_b, dk_t[b, hk, :, first:], d, bk, bq, True, micro)  # dK^T += Q^T dS
-                    _product(ds_as_a, k_rows[b, hk, _key_row(first, k_packed):], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
+                    _product(do_t, p_rows, dv_t[:, first:], dv_dim, bk, bq, True, micro)  # dV^T += dO^T P
+                    _product(q_t, ds_as_b, dk_t[:, first:], d, bk, bq, True, micro)  # dK^T += Q^T dS
+                    _product(ds_as_a, k_rows[_key_row(first, k_packed):], dq_acc, bq, d, bk, True, micro)  # dQ += dS K
                 for r in range(bq):
                     for c in range(d):
                         dq[b, h, i0 + r, c] = _store(dq, dq_acc[r, c])
         for j in range(nk):  # this task's dK and dV, untransposed
             for c in range(d):
-                dk[b, hk, j, c] = _store(dk, dk_t[b, hk, c, j])
+                dk[b, hk, j, c] = _store(dk, dk_t[c, j])
             for c in range(dv_dim):
-                dv[b, hk, j, c] = _store(dv, dv_t[b, hk, c, j])
+                dv[b, hk, j, c] = _store(dv, dv_t[c, j])
     set_threads_local(blas_threads)
 
 

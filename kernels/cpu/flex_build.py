@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..microkernels import PAD
 from . import flex as _template
-from .operands import backward_operand_shapes, forward_operand_shapes
+from .operands import forward_operand_shapes
 from .threads import worker_count
 
 _BEGIN, _END = "# --- GENERATED BEGIN", "# --- GENERATED END"
@@ -179,21 +178,17 @@ def backward(module, q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps
     dtype (bf16 bits for bf16 bits: q, k, v, out, dout all bits then, lse and dlse float32)."""
     from ..microkernels import F32_PRODUCTS
 
-    batch, hkv, nk, d = k.shape
-    dv_dim = v.shape[3]
+    batch, hkv = k.shape[:2]
     compute = _compute(q)
     dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
-    dk_t, dv_t = np.zeros((batch, hkv, d, nk + PAD), compute), np.zeros((batch, hkv, dv_dim, nk + PAD), compute)
-    k_packed, v_packed, k_rows = (np.empty(shape, q.dtype)  # bf16 bits, or the compute dtype
-                                  for shape in backward_operand_shapes(batch, hkv, nk, d, dv_dim, q.dtype == np.uint16))
     order = np.arange(batch * hkv, dtype=np.int64)
     workers = _workers(order.shape[0])
-    _run_workers(module.pack_backward_worker, workers, k, v, k_packed, v_packed, k_rows, order, lambda w: ())
     grad_bufs = tuple(np.zeros((workers, *shape), np.float64) for shape in grad_shapes)
     micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
-    _run_workers(module.backward_worker, workers, q, k_packed, v_packed, k_rows, out, dout, lse, dlse,
+    # each task packs its own head's K and V and accumulates its keys' gradients in its worker's buffers
+    _run_workers(module.backward_worker, workers, q, k, v, out, dout, lse, dlse,
                  _consts(scale, compute), score_caps, mask_caps, blocks, block_q, block_k, micro, order,
-                 lambda w: (w, dq, dk_t, dv_t, dk, dv, grad_bufs))
+                 lambda w: (w, dq, dk, dv, grad_bufs))
     return dq, dk, dv, tuple(np.asarray(buf.sum(axis=0)) for buf in grad_bufs)
 
 

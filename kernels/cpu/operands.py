@@ -87,19 +87,12 @@ def forward_operand_shapes(batch, hkv, nk, d, dv, bf16):
     return (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else None
 
 
-def backward_operand_shapes(batch, hkv, nk, d, dv, bf16):
-    """Shapes of _pack_operands' K, V and K-rows operands: bf16 pairs along the features (S, dP) and
-    along the keys (dQ); or K^T, V^T and K with rows of a whole number of vectors."""
-    if bf16:
-        return ((batch, hkv, (d + 1) // 2, 2 * (nk + PAD)), (batch, hkv, (dv + 1) // 2, 2 * (nk + PAD)),
-                (batch, hkv, (nk + 1) // 2, 2 * padded(d, PAD)))  # fmt: skip
-    return (batch, hkv, d, nk + PAD), (batch, hkv, dv, nk + PAD), (batch, hkv, nk, padded(d, PAD))
-
-
 @_jit()
 def _backward_operand_buffers(nk, d, dv, operand_kind):
-    """One worker's K, V and K-rows operands for up to nk keys of one kv head: a head's
-    backward_operand_shapes, in operand_kind's dtype (uint16 for bf16 pairs)."""
+    """One worker's K, V and K-rows operands for up to nk keys of one kv head (_pack_operands), in
+    operand_kind's dtype: bf16 pairs along the features for S and dP, ((D + 1) / 2, 2 (Nk + 16)) and
+    ((Dv + 1) / 2, ..), and along the keys for dQ, ((Nk + 1) / 2, 2 D16); or K^T (D, Nk + 16), V^T
+    (Dv, Nk + 16) and K with rows of a whole number of vectors (Nk, D16)."""
     dtype = operand_kind.dtype
     if _bf16_operand(operand_kind):
         return (np.empty(((d + 1) // 2, 2 * (nk + PAD)), dtype), np.empty(((dv + 1) // 2, 2 * (nk + PAD)), dtype),
@@ -356,14 +349,6 @@ def _pack_operands_overload(k, v, k_packed, v_packed, k_rows):
         _load_rows(k, k_rows)
 
     return pack_float
-
-
-@_jit()
-def _pack_head_backward(k, v, k_packed, v_packed, k_rows, t):
-    """Task t = (batch, kv head): _pack_operands for the backward's products."""
-    hkv = k.shape[1]
-    b, hk = t // hkv, t % hkv
-    _pack_operands(k[b, hk], v[b, hk], k_packed[b, hk], v_packed[b, hk], k_rows[b, hk])
 
 
 @_jit(inline="always")
