@@ -37,9 +37,17 @@ and called from Numba through an @intrinsic taking the row's data pointer:
   in place, returning the sum of the new row (summed in a fixed order, so the
   same input gives the same bits). 2**x = 2**n * 2**f with n = rint(x), f in
   [-0.5, 0.5]; 2**n from exponent bits, 2**f from a polynomial (degree 6 for
-  float32, 12 for float64). Arguments below the smallest normal exponent,
-  -inf included, give exactly 0; NaN stays NaN. Valid for x <= 127, which
-  holds in the kernel: the shift is the row's running max (or its lse).
+  float32, 12 for float64). Arguments below FLUSH_BELOW (-64 for float32,
+  -512 for float64), -inf included, give exactly 0; NaN stays NaN. Valid for
+  x <= 127, which holds in the kernel: the shift is the row's running max (or
+  its lse), so a flushed weight is below 2**-64 of the row's largest, which
+  is 1, and changes no float32 sum. Why not at the smallest normal exponent
+  (-126), as before: weights down there made the P V products and the
+  backward's dS products subnormal, and every FMA with a subnormal result
+  takes a microcode assist on Intel cores. ALiBi's long-range biases do that
+  to most of a row: fp32 forward + backward B2 H8 N1024 D64 with slopes
+  0.1-1 took 144-147 ms against 83 ms with slopes of 0.01
+  (docs/kernel-log.md v44).
 
 float32 rows use <16 x float> vectors, float64 rows <8 x double>; on a CPU
 without AVX-512 LLVM splits them into narrower registers. A scalar loop takes
@@ -59,7 +67,7 @@ from .jit import jit
 from .target import TARGET
 
 __all__ = [
-    "EXP2_POLYNOMIAL", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "gradient_pairs", "prefetch",
+    "EXP2_POLYNOMIAL", "FLUSH_BELOW", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "gradient_pairs", "prefetch",
     "row_max", "row_max_at", "wide_vectors",
 ]
 
@@ -70,6 +78,9 @@ def _exp2_polynomial(degree):
     fit = np.polynomial.chebyshev.Chebyshev.fit(nodes, np.exp2(nodes), degree)
     return [float(c) for c in fit.convert(kind=np.polynomial.Polynomial).coef]
 
+
+# exp2's arguments below these give 0 (module docstring): the weights stay far from subnormal.
+FLUSH_BELOW = {np.dtype(np.float32): -64.0, np.dtype(np.float64): -512.0}
 
 # Degree 6 is below float32 rounding (max relative error ~2e-7 on the
 # polynomial, ~1.6e-6 end to end); degree 12 is at float64 rounding.
@@ -88,7 +99,7 @@ class _Real:
         self.int_scalar = ir.IntType(32 if single else 64)
         self.int_vector = ir.VectorType(self.int_scalar, self.width)
         self.bias, self.mantissa_bits = (127, 23) if single else (1023, 52)
-        self.floor = -126.0 if single else -1022.0  # smallest normal exponent
+        self.floor = FLUSH_BELOW[self.dtype]  # exp2 below this is 0 (module docstring)
         self.tag = "f32" if single else "f64"
 
     def constant(self, value, vector):

@@ -95,6 +95,30 @@ def test_dense_alibi_gradients_match_an_explicit_mask():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+def test_long_range_alibi_flushes_negligible_weights_within_the_rule():
+    """ALiBi with steep slopes over 700 keys: most of a row's weights are below 2^-64 of its largest
+    (exp2 gives them 0, simd.FLUSH_BELOW, so no product goes subnormal). Forward and gradients stay
+    within flash-attn's rule against the float64 reference with the bias written out as a mask."""
+    from attnkit.reference import attention_backward as reference_backward
+
+    rng = np.random.default_rng(11)
+    b, h, n, d = 1, 4, 700, 32
+    q, k, v, d_out = (rng.standard_normal((b, h, n, d)) for _ in range(4))
+    slopes = np.array([[0.1, 0.3, 0.6, 1.0]])
+    bias = alibi_mask(slopes, n, n, "top_left")
+    tensors = [torch.tensor(x, dtype=torch.float32, requires_grad=True) for x in (q, k, v)]
+    out = attnkit.attention(*tensors, alibi_slopes=torch.tensor(slopes, dtype=torch.float32), backend="numba")
+    grads = torch.autograd.grad(out, tensors, torch.tensor(d_out, dtype=torch.float32))
+    results = {}
+    for dtype in (np.float64, np.float32):
+        xs = [x.astype(dtype) for x in (q, k, v, d_out)]
+        o, lse = reference_attention(*xs[:3], mask=bias.astype(dtype), return_lse=True)
+        results[dtype] = (o, reference_backward(*xs[:3], o, xs[3], lse, mask=bias.astype(dtype)))
+    assert_within_rule("out", out.detach().numpy(), results[np.float64][0], results[np.float32][0], 2)
+    for name, got, want, plain in zip("qkv", grads, results[np.float64][1], results[np.float32][1]):
+        assert_within_rule(f"d{name}", got.numpy(), want, plain, 3)
+
+
 def test_flash_attn_func_runs_the_dense_path():
     from attnkit.flash_attn import flash_attn_func
     from attnkit.kernels import numba_attention

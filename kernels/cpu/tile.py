@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from numba import types
 from numba.extending import overload
 
 from ..jit import jit as _jit
 from ..microkernels import f32_to_bf16
-from ..simd import exp2_affine_at, exp2_affine_bits_at, row_max_at
+from ..simd import FLUSH_BELOW, exp2_affine_at, exp2_affine_bits_at, row_max_at
 from .constants import (
     _C_INV_SOFTCAP, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO, _FASTMATH,
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_SOFTCAP, _TILE_HIDDEN, _TILE_VISIBLE,
@@ -25,6 +27,44 @@ from .constants import (
 def _broadcast_index(mask, b, h, i):
     """(b, h, i) as indices of a (Bm, Hm, Mq, Nk) mask whose axes of size 1 broadcast."""
     return min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)
+
+
+def _real_of(value, array):
+    """An integer as a float of array's dtype (float32 arithmetic stays float32: Numba would widen
+    an integer and a float32 to float64)."""
+
+
+@overload(_real_of, jit_options={"inline": "always"})
+def _real_of_overload(value, array):
+    if array.dtype == types.float32:
+        return lambda value, array: np.float32(value)
+    return lambda value, array: np.float64(value)
+
+
+def _exp2_flushed(x):
+    """2**x, or 0 below simd.FLUSH_BELOW of x's dtype."""
+
+
+@overload(_exp2_flushed, jit_options={"inline": "always"})
+def _exp2_flushed_overload(x):
+    real = np.float32 if x == types.float32 else np.float64
+    flush, zero = real(FLUSH_BELOW[np.dtype(real)]), real(0.0)
+
+    def flushed(x):
+        if x >= flush:
+            return math.exp2(x)
+        return x if x != x else zero  # NaN stays NaN; -inf and the rest give 0
+
+    return flushed
+
+
+@_jit(inline="always")
+def _mask_row_bool(s, r, has_bool, bool_mask, b, h, i, j0, neg_inf):
+    """Row r of s (query i) to -inf where the boolean mask hides the key, when has_bool."""
+    if has_bool:
+        mb, mh, mi = _broadcast_index(bool_mask, b, h, i)
+        for c in range(s.shape[1]):
+            s[r, c] = s[r, c] if bool_mask[mb, mh, mi, j0 + c] else neg_inf
 
 
 @_jit(fastmath=_FASTMATH)
@@ -79,6 +119,12 @@ def _tile_scores_base2(
             elif has_softcap:
                 for c in range(n_cols):
                     s[r, c] = softcap * math.tanh(s[r, c] * scale * inv_softcap)
+            elif has_alibi and not has_additive:  # the common ALiBi row: one pass (v44)
+                distance = _real_of(i + diagonal - j0, s)  # to column c: |distance - c|, exact below 2^24
+                for c in range(n_cols):
+                    s[r, c] = (s[r, c] * scale - slope * abs(distance - _real_of(c, s))) * log2e
+                _mask_row_bool(s, r, has_bool, bool_mask, b, h, i, j0, neg_inf)
+                continue
             else:
                 for c in range(n_cols):
                     s[r, c] *= scale
@@ -92,10 +138,7 @@ def _tile_scores_base2(
                     s[r, c] -= slope * abs(distance - c)
             for c in range(n_cols):
                 s[r, c] *= log2e
-            if has_bool:
-                mb, mh, mi = _broadcast_index(bool_mask, b, h, i)
-                for c in range(n_cols):
-                    s[r, c] = s[r, c] if bool_mask[mb, mh, mi, j0 + c] else neg_inf
+            _mask_row_bool(s, r, has_bool, bool_mask, b, h, i, j0, neg_inf)
 
     # Causal / window / key range: the visible columns of each row form one interval.
     fully_visible = (
@@ -200,8 +243,9 @@ def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescal
         new_max = tile_max if tile_max > old_max else old_max
         # All seen keys invisible so far: shift by 0 so exp2(-inf) stays 0.
         shift = zero if new_max == neg_inf else new_max
-        # exp2(0) = 1 exactly: once a row's max settles (most tiles), no libm call per row
-        rescale[r] = one if old_max == shift else math.exp2(old_max - shift)
+        # exp2(0) = 1 exactly: once a row's max settles (most tiles), no libm call per row; a jump of
+        # more than FLUSH_BELOW gives 0, as the weights' exp2 does (no subnormal acc: simd.py)
+        rescale[r] = one if old_max == shift else _exp2_flushed(old_max - shift)
         if to_bits:
             running_sum[r] = running_sum[r] * rescale[r] + _exp2_rounding_row(s, r, multiplier, shift, p_bits)
         else:
