@@ -15,7 +15,7 @@ from .operands import (
     _backward_operand_buffers, _bf16_operand, _dp_product, _f64_of, _gradient_operands, _key_offset, _key_row,
     _load_rows, _load_transposed, _pack_operands, _product,
 )
-from .schedule import TASK_QUEUE, _backward_schedule, _next_task, _segment
+from .schedule import TASK_QUEUE, _next_task, _run_schedule, _segment
 from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -213,7 +213,7 @@ def _backward_kernel(
     (nothing run: the steps were compiled for other types) or FAILED (a step raised); see
     kernels/cpu/launch.py."""
     n_heads = k.shape[0] * k.shape[1]
-    tasks, order = _backward_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
+    tasks, order = _run_schedule(segments, k.shape[1], block_q, block_k, n_chunks)
     working = (q, k, v, operand_kind, segments, tasks, masks, out, d_out, lse, consts,
                flags, block_q, block_k, n_chunks, micro, order, np.zeros(1, np.int64), dq, dk_t, dv_t, dk, dv_grad)  # fmt: skip
     finishing_k, finishing_v = (dk_t, n_chunks, dk), (dv_t, n_chunks, dv_grad)

@@ -14,7 +14,7 @@ from .operands import (
     _a_rows_of, _bf16_operand, _dropped_operand, _first_key, _key_offset, _key_row, _p_operand, _p_rows_buffer,
     _pack_forward_head, _product, _scratch,
 )
-from .schedule import TASK_QUEUE, _forward_runs, _forward_schedule, _next_task, _segment
+from .schedule import TASK_QUEUE, _forward_runs, _next_task, _run_schedule, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -151,7 +151,7 @@ def _forward_kernel(
     steps: forward_steps(). Returns RAN, REFUSED (nothing run: the steps were compiled for
     other types) or FAILED (a step raised)."""
     n_runs = _forward_runs(segments, q.shape[1], block_q, n_workers)
-    tasks, order = _forward_schedule(segments, q.shape[1], block_q, block_k, n_runs)
+    tasks, order = _run_schedule(segments, q.shape[1], block_q, block_k, n_runs)
     packing = (k, v, k_packed, v_packed)
     working = (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, n_runs, micro, order,
                np.zeros(1, np.int64), out, lse)  # fmt: skip

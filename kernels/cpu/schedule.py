@@ -75,8 +75,8 @@ def _segment(segments, seg):
 def _forward_runs(segments, hq, block_q, n_workers):
     """Query blocks per forward task come in runs: a task takes a run of one (segment, head)'s
     consecutive blocks, so one core reads that head's keys and values for all of them (two cores
-    taking a head's blocks in turn each read them: B16 H12 N128 D64 fp32 ran 13% slower with 64-row
-    tasks than with whole heads, and even on one thread; docs/kernel-log.md v42). Runs per (segment,
+    taking a head's blocks in turn each read them: B16 H12 N128 D64 fp32 ran 13% slower on two threads
+    with 64-row tasks than with whole heads, equal on one; docs/kernel-log.md v42). Runs per (segment,
     head): whole heads when there are 16 tasks per worker that way, else enough runs to make them."""
     longest = 0
     for seg in range(segments.shape[0]):
@@ -86,48 +86,23 @@ def _forward_runs(segments, hq, block_q, n_workers):
 
 
 @_jit()
-def _forward_schedule(segments, hq, block_q, block_k, n_runs):
-    """(tasks (T, 3) of (segment, head, run of query blocks), their order heaviest first)."""
-    n_tasks = segments.shape[0] * hq * n_runs
+def _run_schedule(segments, heads, block_q, block_k, n_runs):
+    """(tasks (T, 3) of (segment, head, run), their order heaviest first): a run is one of n_runs
+    stretches of a segment's consecutive query blocks, its cost their visible key blocks. The
+    forward's heads are the query heads; the backward's are the kv heads (a task covers the GQA
+    group, every head of which costs the same), its runs the query chunks."""
+    n_tasks = segments.shape[0] * heads * n_runs
     tasks = np.empty((n_tasks, 3), np.int64)
-    costs = np.zeros(n_tasks, np.int64)  # visible key blocks per task
+    costs = np.zeros(n_tasks, np.int64)
     t = 0
     for seg in range(segments.shape[0]):
         _, _, nq, _, nk, lo_offset, hi_offset, _ = _segment(segments, seg)
         n_qblocks = (nq + block_q - 1) // block_q
         blocks_per_run = (n_qblocks + n_runs - 1) // n_runs
-        for h in range(hq):
+        for head in range(heads):
             for run in range(n_runs):
-                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, h, run
+                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, head, run
                 for qb in range(run * blocks_per_run, min(n_qblocks, (run + 1) * blocks_per_run)):
-                    i0 = qb * block_q
-                    first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
-                    costs[t] += stop - first
-                t += 1
-    return tasks, _heaviest_first(costs)
-
-
-# ---------------------------------------------------------------------------
-# Backward
-# ---------------------------------------------------------------------------
-
-
-@_jit()
-def _backward_schedule(segments, hkv, block_q, block_k, n_chunks):
-    """(tasks (T, 3) of (segment, kv head, query chunk), their order heaviest first;
-    every head of a group costs the same)."""
-    n_tasks = segments.shape[0] * hkv * n_chunks
-    tasks = np.empty((n_tasks, 3), np.int64)
-    costs = np.zeros(n_tasks, np.int64)  # visible tiles per task
-    t = 0
-    for seg in range(segments.shape[0]):
-        _, _, nq, _, nk, lo_offset, hi_offset, _ = _segment(segments, seg)
-        n_qblocks = (nq + block_q - 1) // block_q
-        blocks_per_chunk = (n_qblocks + n_chunks - 1) // n_chunks
-        for hk in range(hkv):
-            for chunk in range(n_chunks):
-                tasks[t, 0], tasks[t, 1], tasks[t, 2] = seg, hk, chunk
-                for qb in range(chunk * blocks_per_chunk, min(n_qblocks, (chunk + 1) * blocks_per_chunk)):
                     i0 = qb * block_q
                     first, stop = _key_block_range(i0, min(i0 + block_q, nq), nk, lo_offset, hi_offset, block_k)
                     costs[t] += stop - first
