@@ -76,6 +76,23 @@ def float32_and_float64(rng):
                 report(f"{name}_{part}", got.numpy(), expected, rough, factor)
 
 
+def report_bf16(name, out, q, k, v, d_out, causal):
+    """bf16 out and q, k, v's gradients (after backward): error against float32 at most 2x (3x for
+    gradients) a plain bf16 implementation's, on the same rounded inputs."""
+    scale = q.shape[-1] ** -0.5
+
+    def plain(dtype):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        result, _ = torch_attention(*leaves, scale=scale, causal=causal)
+        result.backward(d_out.to(dtype))
+        return [result.detach().float()] + [x.grad.float() for x in leaves]
+
+    exact, low = plain(torch.float32), plain(torch.bfloat16)
+    for part, got, want, rough, factor in zip(("forward", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), exact,
+                                              low, (2, 3, 3, 3)):  # fmt: skip
+        report(f"{name}_{part}", got.detach(), want, rough, factor, floor=1e-5)
+
+
 def bf16_two_times_rule(rng):
     """bf16 forward and gradients: error against float32 at most 2x (3x for gradients) a plain bf16 one's."""
     shapes = ((1, 4, 130, 64), (1, 2, 150, 64), (1, 2, 150, 64))
@@ -83,18 +100,7 @@ def bf16_two_times_rule(rng):
     d_out = torch.tensor(rng.standard_normal((1, 4, 130, 64)), dtype=torch.bfloat16)
     out = attnkit.attention(q, k, v, causal=True, backend="numba")
     out.backward(d_out)
-    scale = 64**-0.5
-
-    def plain(dtype):
-        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        result, _ = torch_attention(*leaves, scale=scale, causal="top_left")
-        result.backward(d_out.to(dtype))
-        return [result.detach().float()] + [x.grad.float() for x in leaves]
-
-    exact, low = plain(torch.float32), plain(torch.bfloat16)
-    for name, got, want, rough, factor in zip(("bf16_forward", "bf16_dq", "bf16_dk", "bf16_dv"),
-                                              (out, q.grad, k.grad, v.grad), exact, low, (2, 3, 3, 3)):  # fmt: skip
-        report(name, got.detach(), want, rough, factor, floor=1e-5)
+    report_bf16("bf16", out, q, k, v, d_out, "top_left")
 
 
 def masks_and_decode(rng):
@@ -155,6 +161,30 @@ def dropout_and_sinks(rng):
                       lambda *x: reference.attention(*x[:3], sinks=x[3]), (q1, cache_k, cache_v, sinks))  # fmt: skip
 
 
+def owned_keys_and_long_alibi(rng):
+    """Enough kv heads that each backward task owns its keys' gradients (no chunk slots), in float32
+    and bf16; and ALiBi with steep slopes over 600 keys, where most weights fall below exp2's flush."""
+    for dtype, tag in ((torch.float32, "owned_keys"), (torch.bfloat16, "owned_keys_bf16")):
+        q = torch.tensor(rng.standard_normal((2, 8, 90, 32)), dtype=dtype, requires_grad=True)
+        k, v = (torch.tensor(rng.standard_normal((2, 4, 70, 32)), dtype=dtype, requires_grad=True) for _ in range(2))
+        d_out = rng.standard_normal((2, 8, 90, 32))
+        out = attnkit.attention(q, k, v, causal="bottom_right", backend="numba")
+        out.backward(torch.tensor(d_out, dtype=dtype))  # bf16: rounded as the plain implementation sees it
+        if dtype == torch.float32:
+            report_forward_and_gradients(tag, out, q, k, v, d_out, causal="bottom_right")
+        else:
+            report_bf16(tag, out, q, k, v, torch.tensor(d_out, dtype=dtype), "bottom_right")
+    q = torch.tensor(rng.standard_normal((1, 4, 600, 32)), dtype=torch.float32, requires_grad=True)
+    k, v = (torch.tensor(rng.standard_normal((1, 4, 600, 32)), dtype=torch.float32, requires_grad=True)
+            for _ in range(2))  # fmt: skip
+    d_out = rng.standard_normal((1, 4, 600, 32))
+    slopes = np.array([0.1, 0.3, 0.6, 1.0])
+    bias = -slopes[None, :, None, None] * np.abs(np.arange(600)[:, None] - np.arange(600)[None, :])
+    out = attnkit.attention(q, k, v, alibi_slopes=torch.tensor(slopes, dtype=torch.float32), backend="numba")
+    out.backward(torch.tensor(d_out, dtype=torch.float32))
+    report_forward_and_gradients("long_alibi", out, q, k, v, d_out, mask=bias)
+
+
 def flex(rng):
     """attnkit.flex_attention on the CPU kernel: a softcap score_mod on a causal block mask (partial, full
     and empty blocks), forward and gradients, against the reference's built-in softcap and causal."""
@@ -178,6 +208,7 @@ def main():
     masks_and_decode(rng)
     packed_and_flash_attn(rng)
     dropout_and_sinks(rng)
+    owned_keys_and_long_alibi(rng)
     flex(rng)
     print("done", flush=True)
 

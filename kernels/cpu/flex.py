@@ -30,6 +30,7 @@ from ..cpu_blas import set_threads_local
 from ..jit import jit as _jit
 from ..simd import exp2_affine_at, row_max_at
 from ..microkernels import PAD, padded
+from .backward import _store_transposed
 from .constants import _FASTMATH
 from .operands import (
     _a_rows_of, _backward_operand_buffers, _bf16_operand, _dp_product, _first_key, _gradient_operands, _key_offset,
@@ -394,11 +395,8 @@ def backward_worker(
                 for r in range(bq):
                     for c in range(d):
                         dq[b, h, i0 + r, c] = _store(dq, dq_acc[r, c])
-        for j in range(nk):  # this task's dK and dV, untransposed
-            for c in range(d):
-                dk[b, hk, j, c] = _store(dk, dk_t[c, j])
-            for c in range(dv_dim):
-                dv[b, hk, j, c] = _store(dv, dv_t[c, j])
+        _store_transposed(dk_t, nk, dk, b, hk, 0)  # this task's dK and dV, untransposed
+        _store_transposed(dv_t, nk, dv, b, hk, 0)
     set_threads_local(blas_threads)
 
 

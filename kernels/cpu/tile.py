@@ -16,6 +16,7 @@ from .constants import (
     _C_INV_SOFTCAP, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_SCALE_LOG2E, _C_SOFTCAP, _C_ZERO, _FASTMATH,
     _HAS_ADDITIVE_MASK, _HAS_ALIBI, _HAS_BOOL_MASK, _HAS_SOFTCAP, _TILE_HIDDEN, _TILE_VISIBLE,
 )
+from .operands import _operand_of
 
 
 # ---------------------------------------------------------------------------
@@ -27,18 +28,6 @@ from .constants import (
 def _broadcast_index(mask, b, h, i):
     """(b, h, i) as indices of a (Bm, Hm, Mq, Nk) mask whose axes of size 1 broadcast."""
     return min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)
-
-
-def _real_of(value, array):
-    """An integer as a float of array's dtype (float32 arithmetic stays float32: Numba would widen
-    an integer and a float32 to float64)."""
-
-
-@overload(_real_of, jit_options={"inline": "always"})
-def _real_of_overload(value, array):
-    if array.dtype == types.float32:
-        return lambda value, array: np.float32(value)
-    return lambda value, array: np.float64(value)
 
 
 def _exp2_flushed(x):
@@ -56,15 +45,6 @@ def _exp2_flushed_overload(x):
         return x if x != x else zero  # NaN stays NaN; -inf and the rest give 0
 
     return flushed
-
-
-@_jit(inline="always")
-def _mask_row_bool(s, r, has_bool, bool_mask, b, h, i, j0, neg_inf):
-    """Row r of s (query i) to -inf where the boolean mask hides the key, when has_bool."""
-    if has_bool:
-        mb, mh, mi = _broadcast_index(bool_mask, b, h, i)
-        for c in range(s.shape[1]):
-            s[r, c] = s[r, c] if bool_mask[mb, mh, mi, j0 + c] else neg_inf
 
 
 @_jit(fastmath=_FASTMATH)
@@ -111,34 +91,36 @@ def _tile_scores_base2(
         # Rows are indexed, never made arrays: a row view costs a reference count (~20 ns a row).
         for r in range(n_rows):
             i = i0 + r
-            if has_softcap and store_softcap_grad:
+            if has_alibi and not (has_softcap or has_additive):  # the common ALiBi row: one pass (v44)
+                distance = _operand_of(s, i + diagonal - j0)  # to column c: |distance - c|, exact below 2^24
                 for c in range(n_cols):
-                    t = math.tanh(s[r, c] * scale * inv_softcap)
-                    s[r, c] = softcap * t
-                    softcap_grad[r, c] = scale * (one - t * t)
-            elif has_softcap:
-                for c in range(n_cols):
-                    s[r, c] = softcap * math.tanh(s[r, c] * scale * inv_softcap)
-            elif has_alibi and not has_additive:  # the common ALiBi row: one pass (v44)
-                distance = _real_of(i + diagonal - j0, s)  # to column c: |distance - c|, exact below 2^24
-                for c in range(n_cols):
-                    s[r, c] = (s[r, c] * scale - slope * abs(distance - _real_of(c, s))) * log2e
-                _mask_row_bool(s, r, has_bool, bool_mask, b, h, i, j0, neg_inf)
-                continue
+                    s[r, c] = (s[r, c] * scale - slope * abs(distance - _operand_of(s, c))) * log2e
             else:
+                if has_softcap and store_softcap_grad:
+                    for c in range(n_cols):
+                        t = math.tanh(s[r, c] * scale * inv_softcap)
+                        s[r, c] = softcap * t
+                        softcap_grad[r, c] = scale * (one - t * t)
+                elif has_softcap:
+                    for c in range(n_cols):
+                        s[r, c] = softcap * math.tanh(s[r, c] * scale * inv_softcap)
+                else:
+                    for c in range(n_cols):
+                        s[r, c] *= scale
+                if has_additive:
+                    mb, mh, mi = _broadcast_index(additive_mask, b, h, i)
+                    for c in range(n_cols):
+                        s[r, c] += additive_mask[mb, mh, mi, j0 + c]
+                if has_alibi:
+                    distance = i + diagonal - j0  # to column c: |distance - c|
+                    for c in range(n_cols):
+                        s[r, c] -= slope * abs(distance - c)
                 for c in range(n_cols):
-                    s[r, c] *= scale
-            if has_additive:
-                mb, mh, mi = _broadcast_index(additive_mask, b, h, i)
+                    s[r, c] *= log2e
+            if has_bool:
+                mb, mh, mi = _broadcast_index(bool_mask, b, h, i)
                 for c in range(n_cols):
-                    s[r, c] += additive_mask[mb, mh, mi, j0 + c]
-            if has_alibi:
-                distance = i + diagonal - j0  # to column c: |distance - c|
-                for c in range(n_cols):
-                    s[r, c] -= slope * abs(distance - c)
-            for c in range(n_cols):
-                s[r, c] *= log2e
-            _mask_row_bool(s, r, has_bool, bool_mask, b, h, i, j0, neg_inf)
+                    s[r, c] = s[r, c] if bool_mask[mb, mh, mi, j0 + c] else neg_inf
 
     # Causal / window / key range: the visible columns of each row form one interval.
     fully_visible = (
