@@ -575,3 +575,46 @@ def test_an_integer_division_by_zero_raises_as_in_torch():
         attnkit.create_block_mask(lambda b, h, qi, kv: qi % (kv - 5) != 1, None, None, NQ, NK, BLOCK_SIZE=BLOCK)
     with pytest.raises(ZeroDivisionError, match="score_mod or mask_mod"):
         attnkit.flex_attention(q, k, v, score_mod=lambda s, b, h, qi, kv: s + qi // (kv - 5), enable_gqa=True)
+
+
+FLEX_IN_THREADS_AND_A_FORKED_CHILD = """
+    import os, signal, sys, threading, numpy as np, torch, numba, attnkit
+    torch.manual_seed(0)
+    n, docs = 200, torch.cumsum((torch.rand(200) < 0.02).long(), 0)
+    block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: docs[qi] == docs[kv], None, None, n, n, BLOCK_SIZE=32)
+    inputs = [[torch.randn(1, 4, n, 16, dtype=torch.float64) for _ in range(3)] for _ in range(6)]
+    def dense(q, k, v):
+        visible = docs[:, None] == docs[None, :]
+        return torch.softmax((q @ k.transpose(-1, -2) / 4).masked_fill(~visible, -torch.inf), -1) @ v
+    expected = [dense(*x) for x in inputs]  # before the fork: torch's own OpenMP cannot run in the child either
+    def error(i):
+        return (attnkit.flex_attention(*inputs[i], block_mask=block_mask) - expected[i]).abs().max().item()
+    errors = [None] * 6
+    threads = [threading.Thread(target=lambda i=i: errors.__setitem__(i, error(i))) for i in range(6)]
+    [t.start() for t in threads]; [t.join() for t in threads]
+    print("threads", max(errors) < 1e-12, "layer", numba.threading_layer())
+    pid = os.fork()
+    if pid == 0:  # the parent's OpenMP threads cannot serve a child: one thread here
+        signal.alarm(120)
+        os._exit(0 if error(0) < 1e-12 else 3)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+def test_flex_calls_from_threads_and_from_a_forked_child(layer):
+    """flex's workers run over Numba's threads: calls from several Python threads at once (the workqueue
+    layer aborts the process on two parallel regions at once, so they take turns), then a call in a child
+    forked after the parent's threads started (GNU OpenMP cannot run there), against dense attention."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(FLEX_IN_THREADS_AND_A_FORKED_CHILD)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "NUMBA_THREADING_LAYER": layer, "ATTNKIT_WHILE_COMPILING": "wait"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"threads True layer {layer}" in result.stdout and "child 0" in result.stdout, result.stdout + result.stderr[-3000:]

@@ -16,9 +16,12 @@ built-in kernel does), float32 on the FMA micro-kernel, float64 through the BLAS
 compute dtype (bf16 and fp16 widened to float32 by the caller). Memory beyond inputs, outputs, the
 packed K and V and the backward's transposed dK / dV: O(block) a worker.
 
-The workers release the GIL and share a task queue; flex_build runs one per thread from a Python
-thread pool. No parallel (parfor) function: each new score_mod compiles three plain functions, and
-a process forked from one that ran a call can run calls too (no OpenMP runtime involved).
+The workers share a task queue; flex_build runs one per thread over Numba's threads, by address
+through kernels/cpu/launch.py's one parallel loop (the OpenMP team the built-in kernels use, and on
+the calling thread torch's operators too: a team of Python threads beside it lost 2 ms of a 6 ms
+call to torch's threads still spinning after its last operator). No parallel (parfor) function
+here: each new score_mod compiles plain functions (kernel log v45). A forked child runs its calls
+on one thread (threads.py).
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ def _modded_scores(s_full, col0, n_rows, n_cols, i0, j0, b, h, scale, partial, s
 
 
 @_jit(nogil=True)
-def pack_worker(k, v, k_packed, v_packed, order, next_task):
+def pack_worker(k, v, k_packed, v_packed, order, next_task, worker):
     """Take (batch, kv head) tasks from the queue: that head's K and V as the forward's B operands
     (kernels/cpu/operands.py: bf16 pairs, or K^T and V rows padded to 16 columns)."""
     while True:
@@ -168,8 +171,8 @@ def pack_worker(k, v, k_packed, v_packed, order, next_task):
 
 @_jit(fastmath=_FASTMATH, nogil=True)
 def forward_worker(
-    q, k_packed, v_packed, nk, consts, score_caps, mask_caps, blocks, block_q, block_k, micro, order, next_task, out,
-    lse,
+    q, k_packed, v_packed, nk, consts, score_caps, mask_caps, blocks, block_q, block_k, micro, order, next_task,
+    out, lse, worker,
 ):  # fmt: skip
     """Take (batch, head, query block) tasks from the queue (order, next_task) until it is empty.
 
@@ -274,7 +277,7 @@ def forward_worker(
 @_jit(fastmath=_FASTMATH, nogil=True)
 def backward_worker(
     q, k, v, out, dout, lse, dlse, consts, score_caps, mask_caps, blocks, block_q, block_k,
-    micro, order, next_task, worker, dq, dk, dv, grad_bufs,
+    micro, order, next_task, dq, dk, dv, grad_bufs, worker,
 ):  # fmt: skip
     """Take (batch, kv head) tasks from the queue: each owns dk[b, hk], dv[b, hk] and the dq rows of
     its query heads, so no two workers write the same place. Captured tensors' gradients go to this
@@ -401,7 +404,7 @@ def backward_worker(
 
 
 @_jit(nogil=True)
-def classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, next_task, kinds):
+def classify_worker(batch, heads, nq, nk, block_q, block_k, mask_caps, order, next_task, kinds, worker):
     """kinds[b, h, qb, kb] = 2 where mask_mod allows every score of the block, 1 where it allows some,
     0 where none: create_block_mask's work, compiled, one (b, h, query block) task at a time."""
     n_qb, n_kb = kinds.shape[2], kinds.shape[3]

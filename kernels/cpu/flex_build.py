@@ -13,13 +13,15 @@ import importlib.util
 import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from ..jit import jit as _jit
 from . import flex as _template
+from .launch import FAILED, RAN, REFUSED, address_of, run_step, token_of
+from .memory import _CALL_LOCK, _single_threaded_blas
 from .operands import forward_operand_shapes
 from .threads import worker_count
 
@@ -114,27 +116,40 @@ def _workers(n_tasks):
     return max(1, min(worker_count(), n_tasks))
 
 
-_pool = None
-_pool_pid = None
+def _run_workers(worker, workers, fixed, results):
+    """worker(*fixed, next_task, *results, index) for index 0 .. workers - 1, the workers sharing the
+    queue counter next_task: over Numba's threads (the OpenMP team the built-in kernels and, on the
+    calling thread, torch's operators run on: no second team of threads to wait for), or here for one.
 
-
-def _run_workers(worker, workers, *args):
-    """worker(*args, next_task, ...) on `workers` threads sharing the queue counter next_task.
-
-    The workers release the GIL (nogil kernels), so the threads run at once. A worker's last
-    arguments may need its index (backward); `args` holds a callable there: index -> extra args."""
-    global _pool, _pool_pid
+    A step that raised on a thread (the exception cannot cross threads) runs again here, from a new
+    queue, to raise its exception with its message."""
     next_task = np.zeros(1, np.int64)
-    *fixed, tail = args
-    if workers == 1:
-        worker(*fixed, next_task, *tail(0))
-        return
-    if _pool is None or _pool_pid != os.getpid():  # a forked child starts its own threads
-        _pool, _pool_pid = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="attnkit-flex"), os.getpid()
-    futures = [_pool.submit(worker, *fixed, next_task, *tail(w)) for w in range(1, workers)]
-    worker(*fixed, next_task, *tail(0))  # the calling thread is one of the workers
-    for future in futures:
-        future.result()
+    arguments = (*fixed, next_task, *results)
+    if workers > 1:
+        # one parallel region at a time (Numba's workqueue layer aborts on two), the BLAS on one thread
+        with _CALL_LOCK, _single_threaded_blas():
+            for exact in (False, True):  # launch.address_of's fingerprint leaves out alignment: then exact types
+                address, token = address_of(worker, arguments, indexed=True, exact=exact)
+                status = _fan_workers(address, token, arguments, workers)
+                if status == RAN:
+                    return
+                if status == FAILED:
+                    next_task[0] = 0
+                    break
+            else:
+                raise RuntimeError(f"attnkit: flex's {worker.py_func.__name__} refused its own arguments' types")
+    worker(*arguments, 0)
+    if workers > 1:
+        raise RuntimeError(f"attnkit: flex's {worker.py_func.__name__} failed on a worker thread (out of memory?)")
+
+
+@_jit(nogil=True)
+def _fan_workers(address, token, arguments, count):
+    """The step at address (address_of) for indices 0 .. count - 1 over Numba's threads: RAN, FAILED
+    when a task raised, REFUSED when the step was compiled for other types than the arguments'."""
+    if token != token_of(arguments, 0):
+        return REFUSED
+    return RAN if run_step(address, arguments, 0, count, True) else FAILED
 
 
 def takes_bf16_bits():
@@ -163,13 +178,13 @@ def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, bloc
     k_packed = np.empty(k_shape, q.dtype)  # bf16 bits, or the compute dtype
     v_packed = v if v_shape is None else np.empty(v_shape, q.dtype)  # V in place: the packing leaves it
     heads = np.arange(k.shape[0] * k.shape[1], dtype=np.int64)
-    _run_workers(module.pack_worker, _workers(heads.shape[0]), k, v, k_packed, v_packed, heads, lambda w: ())
+    _run_workers(module.pack_worker, _workers(heads.shape[0]), (k, v, k_packed, v_packed, heads), ())
     micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
     n_qb = -(-nq // block_q)
     order = _heaviest_first(blocks, batch, hq, n_qb)
-    _run_workers(module.forward_worker, _workers(order.shape[0]), q, k_packed, v_packed, k.shape[2],
-                 _consts(scale, compute), score_caps, mask_caps, blocks, block_q, block_k, micro, order,
-                 lambda w: (out, lse))
+    _run_workers(module.forward_worker, _workers(order.shape[0]),
+                 (q, k_packed, v_packed, k.shape[2], _consts(scale, compute), score_caps, mask_caps, blocks, block_q,
+                  block_k, micro, order), (out, lse))
     return out, lse
 
 
@@ -186,9 +201,9 @@ def backward(module, q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps
     grad_bufs = tuple(np.zeros((workers, *shape), np.float64) for shape in grad_shapes)
     micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
     # each task packs its own head's K and V and accumulates its keys' gradients in its worker's buffers
-    _run_workers(module.backward_worker, workers, q, k, v, out, dout, lse, dlse,
-                 _consts(scale, compute), score_caps, mask_caps, blocks, block_q, block_k, micro, order,
-                 lambda w: (w, dq, dk, dv, grad_bufs))
+    _run_workers(module.backward_worker, workers,
+                 (q, k, v, out, dout, lse, dlse, _consts(scale, compute), score_caps, mask_caps, blocks, block_q,
+                  block_k, micro, order), (dq, dk, dv, grad_bufs))
     return dq, dk, dv, tuple(np.asarray(buf.sum(axis=0)) for buf in grad_bufs)
 
 
@@ -197,6 +212,6 @@ def classify_blocks(module, batch, heads, nq, nk, block_q, block_k, mask_caps):
     kinds = np.empty((batch, heads, -(-nq // block_q), -(-nk // block_k)), np.int8)
     order = np.arange(batch * heads * kinds.shape[2], dtype=np.int64)
     workers = _workers(order.shape[0])
-    _run_workers(module.classify_worker, workers, batch, heads, nq, nk, block_q, block_k, mask_caps, order,
-                 lambda w: (kinds,))
+    _run_workers(module.classify_worker, workers, (batch, heads, nq, nk, block_q, block_k, mask_caps, order),
+                 (kinds,))
     return kinds
