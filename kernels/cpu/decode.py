@@ -262,7 +262,11 @@ def _decode_worker(
         for g in range(group):
             for i in range(nq):
                 for c in range(d):
-                    q_t[c, g * nq + i] = q_rows[g * nq + i, c] = _operand_of(q_t, q[b, h0 + g, i, c])
+                    q_rows[g * nq + i, c] = _operand_of(q_t, q[b, h0 + g, i, c])
+        if rows >= in_order_rows:  # Q^T for the micro-kernel (the dot products read q_rows)
+            for c in range(d):
+                for r in range(rows):
+                    q_t[c, r] = q_rows[r, c]
         # Key blocks: those any head of the group can see, cut into n_splits runs.
         first, stop = _group_key_blocks(key_ranges, b, h0, group, nq, nk, lo_offset, hi_offset, block_k)
         per_split = max(1, -(-(stop - first) // n_splits))
