@@ -618,3 +618,27 @@ def test_flex_calls_from_threads_and_from_a_forked_child(layer):
                             env={**os.environ, "NUMBA_THREADING_LAYER": layer, "ATTNKIT_WHILE_COMPILING": "wait"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"threads True layer {layer}" in result.stdout and "child 0" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_forward_reads_nothing_stale_from_the_workspace_it_packs_into(dtype):
+    """flex's forward packs K and V into the kept workspace (kernels/cpu/memory.py): memory that held
+    another call's operands. Filled with NaN bit patterns first, odd sizes (bf16's key pairs and the
+    rows' padding), the output still matches dense attention and the same call on clean memory."""
+    from attnkit.kernels.cpu.memory import WORKSPACE
+
+    generator = torch.Generator().manual_seed(21)
+    n_q, n_k, d = 75, 131, 40
+    docs = torch.sort(torch.randint(0, 3, (n_k,), generator=generator)).values
+    block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: docs[qi] >= docs[kv], None, None, n_q, n_k,
+                                           BLOCK_SIZE=BLOCK)
+    q, k, v = (torch.randn(2, 4, n, d, generator=generator).to(dtype) for n in (n_q, n_k, n_k))
+    clean = attnkit.flex_attention(q, k, v, block_mask=block_mask)
+    WORKSPACE.buffer[:] = 0xFF  # NaN in float32 and in bf16, wherever the last call's operands were
+    poisoned = attnkit.flex_attention(q, k, v, block_mask=block_mask)
+    visible = docs[:n_q, None] >= docs[None, :]
+    scores = (q.double() @ k.double().transpose(-1, -2)) / d**0.5
+    want = torch.softmax(scores.masked_fill(~visible, -torch.inf), -1) @ v.double()
+    assert torch.equal(poisoned, clean)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert_close(poisoned.double(), want, atol=tolerance, rtol=tolerance, name="out")

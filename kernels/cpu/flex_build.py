@@ -21,7 +21,7 @@ import numpy as np
 from ..jit import jit as _jit
 from . import flex as _template
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, token_of
-from .memory import _CALL_LOCK, _single_threaded_blas
+from .memory import _CALL_LOCK, WORKSPACE, _single_threaded_blas
 from .operands import forward_operand_shapes
 from .threads import worker_count
 
@@ -120,24 +120,24 @@ def _run_workers(worker, workers, fixed, results):
     """worker(*fixed, next_task, *results, index) for index 0 .. workers - 1, the workers sharing the
     queue counter next_task: over Numba's threads (the OpenMP team the built-in kernels and, on the
     calling thread, torch's operators run on: no second team of threads to wait for), or here for one.
+    The caller holds _CALL_LOCK (one parallel region at a time: Numba's workqueue layer aborts on two;
+    the workspace) and the BLAS pinned to one thread (_single_threaded_blas).
 
     A step that raised on a thread (the exception cannot cross threads) runs again here, from a new
     queue, to raise its exception with its message."""
     next_task = np.zeros(1, np.int64)
     arguments = (*fixed, next_task, *results)
     if workers > 1:
-        # one parallel region at a time (Numba's workqueue layer aborts on two), the BLAS on one thread
-        with _CALL_LOCK, _single_threaded_blas():
-            for exact in (False, True):  # launch.address_of's fingerprint leaves out alignment: then exact types
-                address, token = address_of(worker, arguments, indexed=True, exact=exact)
-                status = _fan_workers(address, token, arguments, workers)
-                if status == RAN:
-                    return
-                if status == FAILED:
-                    next_task[0] = 0
-                    break
-            else:
-                raise RuntimeError(f"attnkit: flex's {worker.py_func.__name__} refused its own arguments' types")
+        for exact in (False, True):  # launch.address_of's fingerprint leaves out alignment: then exact types
+            address, token = address_of(worker, arguments, indexed=True, exact=exact)
+            status = _fan_workers(address, token, arguments, workers)
+            if status == RAN:
+                return
+            if status == FAILED:
+                next_task[0] = 0
+                break
+        else:
+            raise RuntimeError(f"attnkit: flex's {worker.py_func.__name__} refused its own arguments' types")
     worker(*arguments, 0)
     if workers > 1:
         raise RuntimeError(f"attnkit: flex's {worker.py_func.__name__} failed on a worker thread (out of memory?)")
@@ -175,16 +175,19 @@ def forward(module, q, k, v, scale, score_caps, mask_caps, blocks, block_q, bloc
     out = np.empty((batch, hq, nq, v.shape[3]), q.dtype)
     lse = np.empty((batch, hq, nq), compute)
     k_shape, v_shape = forward_operand_shapes(*k.shape[:3], k.shape[3], v.shape[3], q.dtype == np.uint16)
-    k_packed = np.empty(k_shape, q.dtype)  # bf16 bits, or the compute dtype
-    v_packed = v if v_shape is None else np.empty(v_shape, q.dtype)  # V in place: the packing leaves it
     heads = np.arange(k.shape[0] * k.shape[1], dtype=np.int64)
-    _run_workers(module.pack_worker, _workers(heads.shape[0]), (k, v, k_packed, v_packed, heads), ())
     micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
     n_qb = -(-nq // block_q)
     order = _heaviest_first(blocks, batch, hq, n_qb)
-    _run_workers(module.forward_worker, _workers(order.shape[0]),
-                 (q, k_packed, v_packed, k.shape[2], _consts(scale, compute), score_caps, mask_caps, blocks, block_q,
-                  block_k, micro, order), (out, lse))
+    with _CALL_LOCK, _single_threaded_blas():
+        # K and V packed (bf16 bits, or the compute dtype) into the kept workspace: fresh call-sized
+        # buffers were faulted in on every call (kernel log v47); V in place when the packing leaves it
+        packed = WORKSPACE.arrays(q.dtype, (k_shape,) if v_shape is None else (k_shape, v_shape), zero=False)
+        k_packed, v_packed = packed[0], v if v_shape is None else packed[1]
+        _run_workers(module.pack_worker, _workers(heads.shape[0]), (k, v, k_packed, v_packed, heads), ())
+        _run_workers(module.forward_worker, _workers(order.shape[0]),
+                     (q, k_packed, v_packed, k.shape[2], _consts(scale, compute), score_caps, mask_caps, blocks,
+                      block_q, block_k, micro, order), (out, lse))
     return out, lse
 
 
@@ -201,9 +204,10 @@ def backward(module, q, k, v, out, dout, lse, dlse, scale, score_caps, mask_caps
     grad_bufs = tuple(np.zeros((workers, *shape), np.float64) for shape in grad_shapes)
     micro = q.dtype == np.float32 and F32_PRODUCTS == "fma"
     # each task packs its own head's K and V and accumulates its keys' gradients in its worker's buffers
-    _run_workers(module.backward_worker, workers,
-                 (q, k, v, out, dout, lse, dlse, _consts(scale, compute), score_caps, mask_caps, blocks, block_q,
-                  block_k, micro, order), (dq, dk, dv, grad_bufs))
+    with _CALL_LOCK, _single_threaded_blas():
+        _run_workers(module.backward_worker, workers,
+                     (q, k, v, out, dout, lse, dlse, _consts(scale, compute), score_caps, mask_caps, blocks, block_q,
+                      block_k, micro, order), (dq, dk, dv, grad_bufs))
     return dq, dk, dv, tuple(np.asarray(buf.sum(axis=0)) for buf in grad_bufs)
 
 
@@ -212,6 +216,7 @@ def classify_blocks(module, batch, heads, nq, nk, block_q, block_k, mask_caps):
     kinds = np.empty((batch, heads, -(-nq // block_q), -(-nk // block_k)), np.int8)
     order = np.arange(batch * heads * kinds.shape[2], dtype=np.int64)
     workers = _workers(order.shape[0])
-    _run_workers(module.classify_worker, workers, (batch, heads, nq, nk, block_q, block_k, mask_caps, order),
-                 (kinds,))
+    with _CALL_LOCK, _single_threaded_blas():
+        _run_workers(module.classify_worker, workers, (batch, heads, nq, nk, block_q, block_k, mask_caps, order),
+                     (kinds,))
     return kinds
