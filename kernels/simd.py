@@ -67,8 +67,8 @@ from .jit import jit
 from .target import TARGET
 
 __all__ = [
-    "EXP2_POLYNOMIAL", "FLUSH_BELOW", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at", "gradient_pairs", "prefetch",
-    "row_max", "row_max_at", "wide_vectors",
+    "EXP2_POLYNOMIAL", "FLUSH_BELOW", "contiguous_row", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at",
+    "gradient_pairs", "prefetch", "row_max", "row_max_at", "wide_vectors",
 ]
 
 
@@ -534,6 +534,40 @@ def exp2_affine(row, multiplier, shift):
     if row.shape[0] > 1 and row.strides[0] != row.itemsize:
         raise ValueError("exp2_affine: the row must be contiguous")
     return _exp2_affine_intrinsic(row, multiplier, shift)
+
+
+@intrinsic
+def _contiguous_row_intrinsic(typingctx, matrix, r):
+    if not (isinstance(matrix, types.Array) and matrix.ndim == 2 and isinstance(r, types.Integer)):
+        return None
+    row_type = types.Array(matrix.dtype, 1, "C", readonly=not matrix.mutable, aligned=matrix.aligned)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        row = context.make_array(row_type)(context, builder)
+        element = context.get_data_type(matrix.dtype)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        width = cgutils.unpack_tuple(builder, array.shape, 2)[1]
+        context.populate_array(
+            row, data=_row_start(context, builder, signature.args[0], args[0], index, element),
+            shape=cgutils.pack_array(builder, [width]), strides=cgutils.pack_array(builder, [itemsize]),
+            itemsize=itemsize, meminfo=None,
+        )  # fmt: skip
+        return row._getvalue()
+
+    return row_type(matrix, r), codegen
+
+
+@jit(inline="always")
+def contiguous_row(matrix, r):
+    """Row r of a 2-D array whose rows are contiguous (a slab of a padded tile, typed 'A'), as a 1-D
+    'C' array: loops over it vectorise, where matrix[r, c] with a stride known only at run time kept
+    them scalar (ALiBi's row pass ran at ~1.2 ns a score: docs/kernel-log.md v48). No reference
+    count: the view borrows matrix's memory, which the caller keeps alive while it is used."""
+    if matrix.shape[1] > 1 and matrix.strides[1] != matrix.itemsize:
+        raise ValueError("contiguous_row: the rows must be contiguous")
+    return _contiguous_row_intrinsic(matrix, r)
 
 
 @jit(inline="always")
