@@ -365,7 +365,9 @@ def backward_worker(
                     else:
                         multiplier = log2e
                         raw = raw_buf[: bq * bk].reshape((bq, bk))
-                        raw[:, :] = p
+                        for r in range(bq):  # the C buffers' rows, indexed: the slabs' run-time stride kept loops scalar
+                            for c in range(bk):
+                                raw[r, c] = p_full[r, c]
                         _modded_scores(p_full, skip, bq, j1 - j0, i0, j0, b, h, scale, partial, score_caps, mask_caps)
                     for r in range(bq):
                         row_lse = lse[b, h, i0 + r]
@@ -384,12 +386,12 @@ def backward_worker(
                     else:
                         for r in range(bq):
                             for c in range(bk):
-                                grad = p[r, c] * (ds[r, c] - delta[r])  # d loss / d modded score
+                                grad = p_full[r, c] * (ds_full[r, c] - delta[r])  # d loss / d modded score
                                 if grad != zero:  # hidden or underflowed: nothing flows, to the score or the captures
                                     grad = score_mod_vjp(
                                         raw[r, c] * scale, b, h, i0 + r, first + c, score_caps, grad, grad_bufs, worker
                                     ) * scale
-                                ds[r, c] = grad
+                                ds_full[r, c] = grad
                         p_rows, ds_as_b, ds_as_a = _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf,
                                                                   ds_rows)  # fmt: skip
                     _product(do_t, p_rows, dv_t[:, first:], dv_dim, bk, bq, True, micro)  # dV^T += dO^T P
