@@ -11,7 +11,7 @@ from numba.extending import overload
 
 from ..jit import jit as _jit
 from ..microkernels import PAD, padded
-from ..simd import exp2_affine_at, prefetch, wide_vectors
+from ..simd import contiguous_row, exp2_affine_at, prefetch, wide_vectors
 from .constants import (
     _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS,
     _HAS_SOFTCAP, _READ_AHEAD,
@@ -302,8 +302,9 @@ def _decode_worker(
                 )  # fmt: skip
                 if multiplier != consts[_C_ONE]:  # raw products left scaled by the caller: scale them here
                     for r in range(nq):
+                        row = contiguous_row(slab, r)  # slab[r, c] kept the loop scalar (kernel log v48)
                         for c in range(bk):
-                            slab[r, c] *= multiplier
+                            row[c] *= multiplier
             _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc,
                                  unused_bits, False)  # fmt: skip
             if rows < in_order_rows:  # acc += P V, keys in memory order
