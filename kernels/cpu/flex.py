@@ -355,7 +355,7 @@ def backward_worker(
                     bk16 = padded(bk, PAD)
                     p_full = p_buf[: bq * bk16].reshape((bq, bk16))
                     ds_full = ds_buf[: bq * bk16].reshape((bq, bk16))
-                    p, ds = p_full[:, :bk], ds_full[:, :bk]
+                    p = p_full[:, :bk]
                     key_cols = _key_offset(first, k_packed)
                     _product(q_buf, k_packed[:, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
                     if raw_scores:

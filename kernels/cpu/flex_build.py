@@ -20,7 +20,7 @@ import numpy as np
 
 from ..jit import jit as _jit
 from . import flex as _template
-from .launch import FAILED, RAN, REFUSED, address_of, run_step, token_of
+from .launch import FAILED, RAN, REFUSED, StepFailed, address_of, launch, run_step, steps_array, token_of
 from .memory import _CALL_LOCK, WORKSPACE, _single_threaded_blas
 from .operands import forward_operand_shapes
 from .threads import worker_count
@@ -123,33 +123,37 @@ def _run_workers(worker, workers, fixed, results):
     The caller holds _CALL_LOCK (one parallel region at a time: Numba's workqueue layer aborts on two;
     the workspace) and the BLAS pinned to one thread (_single_threaded_blas).
 
-    A step that raised on a thread (the exception cannot cross threads) runs again here, from a new
-    queue, to raise its exception with its message."""
+    A step that raised on a thread runs again here, from a new queue, to raise its exception with
+    its message."""
     next_task = np.zeros(1, np.int64)
     arguments = (*fixed, next_task, *results)
     if workers > 1:
-        for exact in (False, True):  # launch.address_of's fingerprint leaves out alignment: then exact types
-            address, token = address_of(worker, arguments, indexed=True, exact=exact)
-            status = _fan_workers(address, token, arguments, workers)
-            if status == RAN:
-                return
-            if status == FAILED:
-                next_task[0] = 0
-                break
-        else:
-            raise RuntimeError(f"attnkit: flex's {worker.py_func.__name__} refused its own arguments' types")
+        try:
+            launch(_fan_workers, (arguments, workers), _worker_steps(worker))
+            return
+        except StepFailed:
+            next_task[0] = 0
+            worker(*arguments, 0)
+            raise
     worker(*arguments, 0)
-    if workers > 1:
-        raise RuntimeError(f"attnkit: flex's {worker.py_func.__name__} failed on a worker thread (out of memory?)")
+
+
+def _worker_steps(worker):
+    """launch's find_steps for _fan_workers: the worker compiled for the arguments, with its index."""
+
+    def find(arguments, count, exact=False):
+        return steps_array(address_of(worker, arguments, indexed=True, exact=exact))
+
+    return find
 
 
 @_jit(nogil=True)
-def _fan_workers(address, token, arguments, count):
-    """The step at address (address_of) for indices 0 .. count - 1 over Numba's threads: RAN, FAILED
+def _fan_workers(arguments, count, steps):
+    """The step of steps (_worker_steps) for indices 0 .. count - 1 over Numba's threads: RAN, FAILED
     when a task raised, REFUSED when the step was compiled for other types than the arguments'."""
-    if token != token_of(arguments, 0):
+    if steps[1] != token_of(arguments, 0):
         return REFUSED
-    return RAN if run_step(address, arguments, 0, count, True) else FAILED
+    return RAN if run_step(steps[0], arguments, 0, count, True) else FAILED
 
 
 def takes_bf16_bits():

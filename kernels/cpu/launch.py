@@ -37,8 +37,8 @@ from numba.extending import intrinsic
 from ..jit import jit as _jit
 
 __all__ = [
-    "FAILED", "RAN", "REFUSED", "KernelCall", "address_of", "borrowed", "keep_alive", "launch", "run_step",
-    "steps_array", "token_of",
+    "FAILED", "RAN", "REFUSED", "KernelCall", "StepFailed", "address_of", "borrowed", "keep_alive", "launch",
+    "run_step", "steps_array", "token_of",
 ]  # fmt: skip
 
 
@@ -265,8 +265,12 @@ class KernelCall:
         self.steps = steps
 
 
+class StepFailed(RuntimeError):
+    """A step raised on a worker thread (its exception cannot cross the threads)."""
+
+
 def _failed(kernel):
-    return RuntimeError(f"attnkit: a step of {_name(kernel)} raised on a worker thread (out of memory?); "
+    return StepFailed(f"attnkit: a step of {_name(kernel)} raised on a worker thread (out of memory?); "
                         "the call's results are not valid")  # fmt: skip
 
 
