@@ -25,10 +25,12 @@ import sys
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+from numba import config as numba_config
 from numba import njit
 from numba.core import caching, event
+from numba.core.registry import CPUDispatcher
 
-__all__ = ["announce_as", "cache_location", "code_variant", "discard_stale_cache", "jit", "set_code_variant"]
+__all__ = ["announce_as", "cache_location", "code_variant", "discard_stale_cache", "jit", "jit_inner", "set_code_variant"]
 
 _STAMP = "attnkit-kernel-sources.sha256"
 
@@ -219,6 +221,8 @@ class LockedFunctionCache(caching.FunctionCache):
 
 def jit(**options):
     """njit(**options) with the on-disk cache (LockedFunctionCache), or none where none can be written.
+    For functions called from Python: the kernels' entries, and helpers Python calls as well
+    (inline="always" ones are compiled into their njit callers, never on their own).
 
     Numba raises RuntimeError when neither the package directory nor the user
     cache directory is writable (read-only installs); the function then compiles
@@ -234,11 +238,40 @@ def jit(**options):
     options.setdefault("error_model", "numpy")
 
     def decorate(func):
-        dispatcher = njit(**options)(func)
-        try:
-            dispatcher._cache = LockedFunctionCache(func)  # what njit(cache=True) does, with its own cache
-        except RuntimeError:
-            pass  # Numba's NullCache: compiled in every process
-        return dispatcher
+        return _cached(njit(**options)(func), func)
 
     return decorate
+
+
+class InnerDispatcher(CPUDispatcher):
+    """A dispatcher for code that only compiled code calls (see jit_inner): a call from Python
+    raises TypeError instead of jumping to the CPython wrapper it was compiled without."""
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"attnkit: {self.py_func.__module__}.{self.py_func.__qualname__} is compiled for calls from "
+                        "other compiled functions (or by address, kernels/cpu/launch.py), not from Python")
+
+
+def jit_inner(**options):
+    """jit(**options) for a function that only compiled code calls: other njit functions, or
+    launch's steps by address. It is compiled without Numba's CPython and C-callback wrappers
+    (boxing and unboxing every argument: a tenth of a cold compile of the kernels, v52 in
+    docs/kernel-log.md), so it cannot be called from Python: InnerDispatcher says so."""
+    options.setdefault("error_model", "numpy")
+    options.update(nopython=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+    options.setdefault("boundscheck", None)
+
+    def decorate(func):
+        if numba_config.DISABLE_JIT:
+            return func
+        return _cached(InnerDispatcher(py_func=func, locals={}, targetoptions=dict(options)), func)
+
+    return decorate
+
+
+def _cached(dispatcher, func):
+    try:
+        dispatcher._cache = LockedFunctionCache(func)  # what njit(cache=True) does, with its own cache
+    except RuntimeError:
+        pass  # Numba's NullCache: compiled in every process
+    return dispatcher

@@ -114,8 +114,11 @@ def warmup(dtypes, *, backward=True, decode=True, float32_bf16=False,
     1: this process alone). Helpers start only once something has to be compiled.
     """
     kinds = ["forward"] + (["decode"] if decode else [])
+    # Kind by kind: this process takes the forward jobs from the front, a helper the decode ones
+    # from the back, and the second dtype's job of a kind reuses much of the first one's code
+    # (helpers with float32 scores, the schedule) compiled in the same process.
     jobs = [(np.dtype(dtype).name, bool(bf16), kind, bool(backward))
-            for dtype, bf16 in warmup_variants(dtypes, float32_bf16) for kind in kinds]  # fmt: skip
+            for kind in kinds for dtype, bf16 in warmup_variants(dtypes, float32_bf16)]  # fmt: skip
     check_processes(processes)
     wait_for_background()  # kernels helpers are compiling already load from the cache after them
     helpers = min(len(jobs), processes or os.cpu_count() or 1) - 1

@@ -1,7 +1,8 @@
 """Kernels call their steps by address (kernels/cpu/launch.py): a kernel handed steps compiled for
 other argument types refuses them before calling anything, and the call then finds the steps by
 the arguments' exact types; unaligned inputs are copied, not compiled for; a borrowed() view shares
-the data without reference counts."""
+the data without reference counts; a function only compiled code calls (jit_inner) has no Python
+wrapper, and a Python call of it raises TypeError."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from numba.core.unsafe.refcount import get_refcount
 
 from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.jit import jit_inner
 from attnkit.kernels.cpu.launch import address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from attnkit.kernels.cpu.plan import _kernel_array
 from attnkit.reference import attention, attention_backward
@@ -149,3 +151,47 @@ def test_a_borrowed_view_shares_the_data_and_leaves_the_reference_count_alone(bo
     before, during, total, written = _view_of(8, borrow)
     assert (total, written) == (5.0, 5.0)  # the same memory, read and written through the view
     assert during == before + (0 if borrow else 1)  # a view of an owned array takes a reference
+
+
+@jit_inner()
+def _inner_square_step(out, task):
+    """A step compiled without Numba's Python wrappers: out[task] = task * task."""
+    out[task] = task * task
+
+
+@jit_inner()
+def _inner_sum(x):
+    total = 0.0
+    for value in x:
+        total += value
+    return total
+
+
+@numba.njit
+def _calls_inner_sum(x):
+    return _inner_sum(x) + 1.0
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["here", "threads"])
+def test_an_inner_function_runs_from_compiled_code_and_by_address_but_refuses_a_python_call(parallel):
+    x = np.random.default_rng(3).standard_normal(37)
+    assert _calls_inner_sum(x) == pytest.approx(float(x.sum()) + 1.0, rel=1e-12)
+    out = np.zeros(6, np.int64)
+    steps = steps_array(address_of(_inner_square_step, (out,), indexed=True))
+    assert _run_write_index(steps, out, parallel) == 1
+    np.testing.assert_array_equal(out, np.arange(6) ** 2)
+    # compiled without the CPython wrapper (what jit_inner saves): no symbol to call from Python
+    (result,) = _inner_sum.overloads.values()
+    assert result.library.get_pointer_to_function(result.fndesc.llvm_cpython_wrapper_name) == 0
+    with pytest.raises(TypeError, match="_inner_sum is compiled for calls from other compiled functions"):
+        _inner_sum(x)  # a clear error, not a jump to address 0
+
+
+def test_the_kernels_workers_refuse_a_python_call():
+    from attnkit.kernels.cpu.backward import _backward_worker
+    from attnkit.kernels.cpu.decode import _decode_worker
+    from attnkit.kernels.cpu.forward import _forward_worker
+
+    for worker in (_forward_worker, _backward_worker, _decode_worker):
+        with pytest.raises(TypeError, match="not from Python"):
+            worker(np.zeros((1, 1, 1, 1), np.float32))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cpu_blas import set_threads_local
-from ..jit import jit as _jit
+from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, padded
 from ..simd import exp2_affine_at
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SOFTCAP
@@ -19,7 +19,7 @@ from .schedule import TASK_QUEUE, _next_task, _run_schedule, _segment
 from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _backward_worker(
     q, k, v, operand_kind, segments, tasks, masks, out, d_out, lse, consts,
     flags, block_q, block_k, n_chunks, micro, order, next_task, dq, dk_t, dv_t, dk, dv_grad,
@@ -66,7 +66,7 @@ def _backward_worker(
     tile = block_q * padded(block_k + 1, PAD)
     owned = n_chunks == 1  # the task owns its keys' gradients: no slots
 
-    longest_k = 0
+    longest_k = np.int64(0)  # not Literal[int](0): _backward_operand_buffers compiled once
     for seg in range(segments.shape[0]):
         longest_k = max(longest_k, segments[seg, 4])
     k_ops, v_ops, k_rows = _backward_operand_buffers(longest_k, d, dv, operand_kind)
@@ -89,7 +89,7 @@ def _backward_worker(
     delta = np.empty(block_q, real)
     keep_buf = np.empty(block_q * block_k + 1 if has_dropout else 1, real)  # (Bq, Bk) dropout factors
     draws = np.empty(draw_words(block_k) if has_dropout else 1, np.uint32)  # one row's Philox words
-    blas_threads = set_threads_local(1)  # float32's dP goes through the BLAS, on this thread only
+    blas_threads = set_threads_local(np.int32(1))  # float32's dP goes through the BLAS, on this thread only
 
     packed_seg, packed_hk = -1, -1  # whose keys k_ops, v_ops, k_rows hold
     while True:
@@ -178,7 +178,7 @@ def _backward_worker(
     set_threads_local(blas_threads)
 
 
-@_jit()
+@_jit_inner()
 def _finish_kv_grad(partial_t, n_chunks, result, t):
     """result[b, hk] (Nk, X) = the sum over its chunks of partial_t[b, slot] (X, Nk + 16), transposed."""
     hkv = result.shape[1]
@@ -193,7 +193,7 @@ def _finish_kv_grad(partial_t, n_chunks, result, t):
             dst[j, c] = _store(dst, total)
 
 
-@_jit()
+@_jit_inner()
 def _store_transposed(acc_t, nk, result, b, hk, ks):
     """result[b, hk, ks + j, c] = acc_t[c, j] for the task's nk keys, in result's dtype."""
     for j in range(nk):

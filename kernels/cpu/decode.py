@@ -9,7 +9,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ..jit import jit as _jit
+from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, padded
 from ..simd import contiguous_row, exp2_affine_at, prefetch, wide_vectors
 from .constants import (
@@ -18,7 +18,7 @@ from .constants import (
 )
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
-    _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as, _widening_buffer,
+    _any_layout, _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as, _widening_buffer,
 )
 from .schedule import TASK_QUEUE, _claim
 from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_flags, _tile_scores_base2
@@ -87,7 +87,7 @@ def _dots_pass(k, v, b, hk, j0, bk, q_rows, r, n, s_full, zero, ahead):
             s_full[r + 2, j], s_full[r + 3, j] = t2, t3
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _in_order_dots(k, v, b, hk, j0, bk, q_rows, rows, s_full, zero, read_ahead):
     """s_full[r, j] = q_rows[r] . k[b, hk, j0 + j] for the tile's rows and bk keys, a key at a time:
     four rows' sums a pass (then two, then one). read_ahead: the first pass prefetches K and V
@@ -156,7 +156,7 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
                 acc[r + 3, c] += w3 * x
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], keys in memory order: a V row (bf16: two
     keys' rows), loaded and widened once, serves four output rows per pass (then bf16's last three
@@ -182,7 +182,7 @@ def _group_key_blocks(key_ranges, b, h0, group, nq, nk, lo_offset, hi_offset, bl
     """(first, stop): the key blocks any head h0 .. h0 + group - 1 of the GQA group can see."""
     first, stop = nk, 0
     for g in range(group):
-        f, e, _, _ = _task_keys(key_ranges, b, h0 + g, 0, nq, nk, lo_offset, hi_offset, block_k)
+        f, e, _, _ = _task_keys(key_ranges, b, h0 + g, _not_literal(0), nq, nk, lo_offset, hi_offset, block_k)
         if e > f:
             first, stop = min(first, f), max(stop, e)
     return first, stop
@@ -192,14 +192,14 @@ def _group_key_blocks(key_ranges, b, h0, group, nq, nk, lo_offset, hi_offset, bl
 def _head_keys(key_ranges, tile_states, flags, b, h, nq, nk, lo_offset, hi_offset, block_k, kb, j0):
     """(key_start, key_stop, tile flags) of head h's rows on key block kb (starting at key j0): a
     block the mask hides whole has no visible column, and is then read without the mask."""
-    _, _, key_start, key_stop = _task_keys(key_ranges, b, h, 0, nq, nk, lo_offset, hi_offset, block_k)
-    tile_flags = _tile_flags(tile_states, flags, b, h, 0, kb)
+    _, _, key_start, key_stop = _task_keys(key_ranges, b, h, _not_literal(0), nq, nk, lo_offset, hi_offset, block_k)
+    tile_flags = _tile_flags(tile_states, flags, b, h, _not_literal(0), kb)
     if tile_flags < 0:
         return j0, j0, flags & ~(_HAS_BOOL_MASK | _HAS_ADDITIVE_MASK)
     return key_start, key_stop, tile_flags
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _decode_worker(
     q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows,
     order, next_task, out, lse, part_out, part_lse,
@@ -306,7 +306,7 @@ def _decode_worker(
                         for c in range(bk):
                             row[c] *= multiplier
             _online_softmax_step(s_full[:, :bk], consts[_C_ONE], consts, running_max, running_sum, rescale, acc,
-                                 unused_bits, False)  # fmt: skip
+                                 unused_bits, _not_literal(False))  # the forward's types  # fmt: skip
             if rows < in_order_rows:  # acc += P V, keys in memory order
                 _in_order_pv(v_rows, b, hk, j0, bk, s_full, rows, dv, acc)
             else:
@@ -326,7 +326,7 @@ def _decode_worker(
     keep_alive(owners)
 
 
-@_jit()
+@_jit_inner()
 def _merge_splits(part_out, part_lse, out, lse, t):
     """out / lse of (batch, head) t from the splits' normalised partials, weighted by exp(lse_s - lse)
     (out: the partials' float dtype, or bf16 bits, rounded once)."""
@@ -398,7 +398,7 @@ def decode_steps(
 _DECODE_BACKWARD_BLOCK_K = 128
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _decode_backward_worker(
     q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, order, next_task, out, d_out, lse, dq, dk, dv_grad,
 ):  # fmt: skip
@@ -479,7 +479,7 @@ def _decode_backward_worker(
                         total += do_rows[r, c] * v_row[c]
                     dp[r, j] = total
             for g in range(group):  # masks and scale per head, then P and dS
-                slab = s[g * nq : (g + 1) * nq]
+                slab = _any_layout(s[g * nq : (g + 1) * nq])  # the backward's types
                 key_start, key_stop, tile_flags = _head_keys(
                     key_ranges, tile_states, flags, b, h0 + g, nq, nk, lo_offset, hi_offset, block_k, kb, j0)
                 cap_grad = cap_buf[: nq * bk].reshape((nq, bk)) if has_softcap else cap_buf.reshape((1, 1))

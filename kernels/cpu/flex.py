@@ -204,7 +204,7 @@ def forward_worker(
     p_buf = np.empty(_scratch(block_q * padded(span + 2, 2), k_packed), operand)  # bf16: P
     unused_bits = np.empty((1, 1), np.uint16)  # float operands: P is its own operand
     round_p = _bf16_operand(p_buf)  # bf16 operands: P rounded in the exp2 pass (kernel log v33)
-    blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
+    blas_threads = set_threads_local(np.int32(1))  # this worker is one of the parallel threads already
     while True:
         t = _claim(order, next_task)
         if t < 0:
@@ -319,7 +319,7 @@ def backward_worker(
     ds_rows = np.empty(block_q * padded(span + 2, 2), operand)  # (Bq, Bk even) dS as an A operand
     dq_acc = np.empty((block_q, padded(d, PAD)), real)  # (Bq, D16)
     delta = np.empty(block_q, real)  # (Bq,) rowsum(dO * O) - dlse
-    blas_threads = set_threads_local(1)
+    blas_threads = set_threads_local(np.int32(1))
     while True:
         t = _claim(order, next_task)
         if t < 0:

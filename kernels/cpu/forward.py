@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..cpu_blas import set_threads_local
-from ..jit import jit as _jit
+from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, padded
 from .constants import _C_KEEP_SCALE, _C_LOG2E, _C_NEG_INF, _C_ONE, _C_ZERO, _FASTMATH, _HAS_DROPOUT, _HAS_SINKS
 from .dropout import _dropout_factors, draw_words
@@ -18,7 +18,7 @@ from .schedule import TASK_QUEUE, _forward_runs, _next_task, _run_schedule, _seg
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _forward_worker(
     q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, n_runs, micro, order, next_task,
     out, lse,
@@ -83,7 +83,7 @@ def _forward_worker(
         running_sum)
     rescale, unused_grad, q_buf, p_buf = borrowed(rescale), borrowed(unused_grad), borrowed(q_buf), borrowed(p_buf)
     keep_buf, draws, unused_bits = borrowed(keep_buf), borrowed(draws), borrowed(unused_bits)
-    blas_threads = set_threads_local(1)  # this worker is one of the parallel threads already
+    blas_threads = set_threads_local(np.int32(1))  # this worker is one of the parallel threads already
 
     while True:
         t, seg, h, run = _next_task(order, next_task, tasks)

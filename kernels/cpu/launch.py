@@ -34,7 +34,7 @@ from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..jit import jit as _jit
+from ..jit import jit as _jit, jit_inner as _jit_inner
 
 __all__ = [
     "FAILED", "RAN", "REFUSED", "KernelCall", "StepFailed", "address_of", "borrowed", "keep_alive", "launch",
@@ -150,7 +150,7 @@ def _call_trampoline(typingctx, trampoline, record, index):
     return types.int32(trampoline, record, index), codegen
 
 
-@_jit(parallel=True)
+@_jit_inner(parallel=True)
 def _fan_out(trampoline, record, count):
     """Tasks 0 .. count - 1 over Numba's threads; how many raised."""
     failures = 0
@@ -159,7 +159,7 @@ def _fan_out(trampoline, record, count):
     return failures
 
 
-@_jit()
+@_jit_inner()
 def _fan(bundled, count, parallel):
     """Run the bundled step for tasks 0 .. count - 1, over Numba's threads when parallel (else
     here: no thread pool starts); True when none raised. One compilation serves every step."""

@@ -8,7 +8,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 
 from ..cpu_blas import matmul
-from ..jit import jit as _jit
+from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
 from ..simd import gradient_pairs
 from .constants import _FASTMATH
@@ -55,7 +55,7 @@ def _typed_product(a, b, c, m, n, k, accumulate, micro):
     """_product's operands, typed alike."""
 
 
-@_jit()
+@_jit_inner()
 def _blas_product(a, b, c, m, n, k, accumulate):
     one = c.dtype.type(1)
     matmul(a[:m, :k], b[:k, :n], c[:m, :n], one, one if accumulate else c.dtype.type(0))
@@ -87,7 +87,7 @@ def forward_operand_shapes(batch, hkv, nk, d, dv, bf16):
     return (batch, hkv, d, nk + PAD), (batch, hkv, nk, v_width) if v_width != dv else None
 
 
-@_jit()
+@_jit_inner()
 def _backward_operand_buffers(nk, d, dv, operand_kind):
     """One worker's K, V and K-rows operands for up to nk keys of one kv head (_pack_operands), in
     operand_kind's dtype: bf16 pairs along the features for S and dP, ((D + 1) / 2, 2 (Nk + 16)) and
@@ -125,7 +125,7 @@ def _pack_forward_overload(k, v, k_packed, v_packed):
     return rows
 
 
-@_jit()
+@_jit_inner()
 def _pack_forward_head(k, v, k_packed, v_packed, t):
     """Task t = (batch, kv head) of the forward's packing."""
     hkv = k.shape[1]
@@ -161,7 +161,7 @@ def _first_key_overload(j0, operand):
 # ---------------------------------------------------------------------------
 
 
-@_jit()
+@_jit_inner()
 def _pack_keys(k, dst):
     """dst[p, 2 j + t] = k[j, 2 p + t]: k (Nk, D) as the B operand of Q @ K^T, pairs along D.
 
@@ -190,13 +190,13 @@ def _operand_of_overload(dst, value):
     return lambda dst, value: np.float32(_f32_of(value))
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _load_rows(src, dst):
     """dst[:rows, :cols] = src as elements of dst's dtype (bf16 bits, float32 or float64); dst's padding = 0."""
     _load_row_prefixes(src, src.shape[1], dst)
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _load_row_prefixes(src, cols, dst):
     """_load_rows of src[:, :cols]; pass a C-contiguous src (a slice's rows would not vectorise)."""
     rows, width = src.shape[0], dst.shape[1]
@@ -314,7 +314,7 @@ def _rows_as_overload(x, b, h, j0, rows, buffer):
     return widened
 
 
-@_jit()
+@_jit_inner()
 def _load_transposed(src, dst):
     """dst[c, r] = src[r, c] as elements of dst's dtype; dst (C, >= R) rows zero past R."""
     rows, cols = src.shape

@@ -7,11 +7,11 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from ..jit import jit as _jit
+from ..jit import jit_inner as _jit_inner
 from .tile import _key_block_range
 
 
-@_jit()
+@_jit_inner()
 def _heaviest_first(costs):
     """Task indices ordered by descending cost (ties by index), for the work queue.
 
@@ -48,14 +48,14 @@ def _fetch_add(typingctx, counter):
     return types.int64(counter), codegen
 
 
-@_jit()
+@_jit_inner()
 def _claim(order, next_task):
     """The next task of the queue (order, shared counter next_task[0]), or -1 once it is empty."""
     claimed = _fetch_add(next_task)
     return order[claimed] if claimed < order.shape[0] else -1
 
 
-@_jit()
+@_jit_inner()
 def _next_task(order, next_task, tasks):
     """(t, the task's three fields) of the next task of the queue; t is -1 once it is empty."""
     t = _claim(order, next_task)
@@ -64,14 +64,14 @@ def _next_task(order, next_task, tasks):
     return t, tasks[t, 0], tasks[t, 1], tasks[t, 2]
 
 
-@_jit()
+@_jit_inner()
 def _segment(segments, seg):
     """(b, qs, Nq, ks, Nk, lo, hi, diagonal) of segment seg (see _segment_table)."""
     row = segments[seg]
     return row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]
 
 
-@_jit()
+@_jit_inner()
 def _forward_runs(segments, hq, block_q, n_workers):
     """Query blocks per forward task come in runs: a task takes a run of one (segment, head)'s
     consecutive blocks, so one core reads that head's keys and values for all of them (two cores
@@ -85,7 +85,7 @@ def _forward_runs(segments, hq, block_q, n_workers):
     return max(1, min(longest, -(-(16 * n_workers) // max(1, heads))))
 
 
-@_jit()
+@_jit_inner()
 def _run_schedule(segments, heads, block_q, block_k, n_runs):
     """(tasks (T, 3) of (segment, head, run), their order heaviest first): a run is one of n_runs
     stretches of a segment's consecutive query blocks, its cost their visible key blocks. The

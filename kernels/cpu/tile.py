@@ -9,7 +9,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ..jit import jit as _jit
+from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import f32_to_bf16
 from ..simd import FLUSH_BELOW, contiguous_row, exp2_affine_at, exp2_affine_bits_at, row_max_at
 from .constants import (
@@ -47,7 +47,7 @@ def _exp2_flushed_overload(x):
     return flushed
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _tile_scores_base2(
     s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, flags, bool_mask, additive_mask,
     slope, diagonal, store_softcap_grad, softcap_grad,
@@ -144,7 +144,7 @@ def _tile_scores_base2(
     return multiplier
 
 
-@_jit()
+@_jit_inner()
 def _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k):
     """Key blocks [first, stop) that queries i0..i1-1 can see at all (causal/window)."""
     first_key = max(0, i0 + lo_offset)
@@ -154,7 +154,7 @@ def _key_block_range(i0, i1, nk, lo_offset, hi_offset, block_k):
     return first_key // block_k, last_key // block_k + 1
 
 
-@_jit()
+@_jit_inner()
 def _task_keys(key_ranges, b, h, i0, i1, nk, lo_offset, hi_offset, block_k):
     """(first, stop, key_start, key_stop): the key blocks rows i0..i1-1 of (b, h) can see
     (causal, window and key range), and that key range [key_start, key_stop).
@@ -172,7 +172,7 @@ def _task_keys(key_ranges, b, h, i0, i1, nk, lo_offset, hi_offset, block_k):
     return first_key // block_k, last_key // block_k + 1, key_start, key_stop
 
 
-@_jit()
+@_jit_inner()
 def _tile_flags(states, flags, b, h, qb, kb):
     """The flags to run tile (qb, kb) of (b, h) with, or -1 when the mask hides all of it.
     states: masks[3], (Bt, Ht, Tq, Tk)."""
@@ -212,7 +212,7 @@ def _exp2_rounding_row_overload(s, r, multiplier, shift, p_bits):
     return lambda s, r, multiplier, shift, p_bits: exp2_affine_at(s, r, multiplier, shift)
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc, p_bits, to_bits):
     """One key tile of the online softmax, rows in place.
 
@@ -251,7 +251,7 @@ def _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescal
                 acc[r, c] *= alpha
 
 
-@_jit(fastmath=_FASTMATH)
+@_jit_inner(fastmath=_FASTMATH)
 def _finish_rows(acc, running_max, running_sum, consts, out, lse):
     """out (Bq, Dv) = acc / running_sum (stored through _store: float, or bf16 bits), lse (Bq,) in natural log."""
     neg_inf, zero = consts[_C_NEG_INF], consts[_C_ZERO]
