@@ -10,7 +10,7 @@ from numba.extending import intrinsic, overload
 from ..cpu_blas import matmul
 from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
-from ..simd import gradient_pairs
+from ..simd import contiguous_row, gradient_pairs
 from .constants import _FASTMATH
 
 
@@ -316,14 +316,33 @@ def _rows_as_overload(x, b, h, j0, rows, buffer):
 
 @_jit_inner()
 def _load_transposed(src, dst):
-    """dst[c, r] = src[r, c] as elements of dst's dtype; dst (C, >= R) rows zero past R."""
+    """dst[c, r] = src[r, c] as elements of dst's dtype; dst (C, >= R) rows zero past R, dst C-contiguous.
+
+    The padding is short (16 columns past the keys, for the micro-kernel's last vector), and a
+    loop over it of unknown length stayed scalar (LLVM's vector loop takes 64 elements at once):
+    1,024 scalar stores for one key's 64 features. Few rows: the C rows zeroed in one flat pass,
+    then the values; else 16 columns a row as a constant-length loop, one vector store (kernel log v53)."""
     rows, cols = src.shape
     width = dst.shape[1]
+    if rows <= 64:
+        flat = dst.reshape(dst.shape[0] * width)
+        for i in range(cols * width):
+            flat[i] = 0
+        for c in range(cols):
+            row = contiguous_row(dst, c)
+            for r in range(rows):
+                row[r] = _operand_of(dst, src[r, c])
+        return
     for c in range(cols):
+        row = contiguous_row(dst, c)
         for r in range(rows):
-            dst[c, r] = _operand_of(dst, src[r, c])
-        for r in range(rows, width):
-            dst[c, r] = 0
+            row[r] = _operand_of(dst, src[r, c])
+        if width - rows == 16:
+            for i in range(16):
+                row[rows + i] = 0
+        else:
+            for r in range(rows, width):
+                row[r] = 0
 
 
 def _pack_operands(k, v, k_packed, v_packed, k_rows):
