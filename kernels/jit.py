@@ -1,4 +1,5 @@
-"""`jit`: numba.njit with the on-disk cache where one can be written.
+"""`jit`: numba.njit with the on-disk cache where one can be written; `jit_inner`: the same for
+functions only compiled code calls, compiled without the Python wrappers no one calls.
 
 Numba's cache checks only the source file of the function it loads: a kernel
 in numba_attention.py compiled against an older simd.py or cpu_blas.py would
