@@ -147,7 +147,11 @@ def test_reference_memory_grows_as_n_squared_and_flash_as_n():
     ns = [512, 1024, 2048]
     reference_peaks = [measure.measure_point(reference, settings, n)["peak_memory_bytes"] for n in ns]
     flash_peaks = [measure.measure_point(flash, settings, n)["peak_memory_bytes"] for n in ns]
-    assert 1.8 <= fit_exponent(ns, reference_peaks) <= 2.2
+    # N doubles: the peak's growth (a N^2 term) quadruples, whatever constant the process adds to
+    # every point (a fit to the peaks themselves gave 1.73 in a fresh-clone CI run: 19.5 / 55.7 /
+    # 214 MB, the first point inflated; 1.90 here). Linear growth would double, cubic go 8x.
+    growth = (reference_peaks[2] - reference_peaks[1]) / (reference_peaks[1] - reference_peaks[0])
+    assert 3.2 <= growth <= 4.8, (growth, reference_peaks)
     assert reference_peaks[-1] >= settings.score_matrix_bytes(2048)  # it holds the scores
     # Linear at most. No lower bound on the fit: a constant ~2 MB of the process's own (thread
     # buffers, allocator slack) flattened it to 0.39 in one CI run, peaks 2.2 / 2.8 / 3.8 MB.
