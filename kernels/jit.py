@@ -31,7 +31,9 @@ from numba import njit
 from numba.core import caching, event
 from numba.core.registry import CPUDispatcher
 
-__all__ = ["announce_as", "cache_location", "code_variant", "discard_stale_cache", "jit", "jit_inner", "set_code_variant"]
+__all__ = [
+    "announce_as", "cache_location", "code_variant", "discard_stale_cache", "jit", "jit_inner", "set_code_variant",
+]
 
 _STAMP = "attnkit-kernel-sources.sha256"
 
