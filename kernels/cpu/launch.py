@@ -99,8 +99,10 @@ def _trampoline(context, module, arguments, index):
 @intrinsic
 def bundle(typingctx, address, arguments, index):
     """(trampoline, record) addresses for _fan: step(*arguments) at `address`, with the task's
-    index appended when `index` is an integer (None: the step takes no index). The arguments
-    are kept alive (a reference each) until _release(bundled, arguments)."""
+    index appended when `index` is an integer (None: the step takes no index). The record holds
+    the arguments without references of its own: the caller keeps `arguments` alive to its
+    _release(bundled, arguments), after the step has run (run_step: an atomic add and an atomic
+    subtract per array less, ~30 arrays a forward call, kernel log v54)."""
     if not isinstance(address, types.Integer) or not isinstance(arguments, types.BaseTuple):
         return None
     if not isinstance(index, (types.Integer, types.NoneType)):
@@ -112,7 +114,6 @@ def bundle(typingctx, address, arguments, index):
         zero = ir.Constant(ir.IntType(32), 0)
         builder.store(context.cast(builder, address_value, address, types.int64), builder.gep(record, [zero, zero]))
         builder.store(packed, builder.gep(record, [zero, ir.Constant(ir.IntType(32), 1)]))
-        context.nrt.incref(builder, arguments, packed)
         trampoline = _trampoline(context, builder.module, arguments, index)
         result = types.UniTuple(types.intp, 2)
         return context.make_tuple(builder, result, [builder.ptrtoint(trampoline, ir.IntType(64)),
@@ -123,14 +124,10 @@ def bundle(typingctx, address, arguments, index):
 
 @intrinsic
 def _release(typingctx, bundled, arguments):
-    """Drop the references bundle() took on the arguments it stored."""
+    """The end of bundle()'s record: a use of `arguments` that keeps them alive (Numba drops a
+    variable's reference after its last use) until every task has run. It emits no code."""
 
     def codegen(context, builder, signature, values):
-        record = builder.extract_value(values[0], 1)
-        pointer = builder.inttoptr(record, _record_type(context, arguments).as_pointer())
-        zero = ir.Constant(ir.IntType(32), 0)
-        packed = builder.load(builder.gep(pointer, [zero, ir.Constant(ir.IntType(32), 1)]))
-        context.nrt.decref(builder, arguments, packed)
         return context.get_dummy_value()
 
     return types.none(bundled, arguments), codegen
