@@ -268,7 +268,7 @@ class StepFailed(RuntimeError):
 
 def _failed(kernel):
     return StepFailed(f"attnkit: a step of {_name(kernel)} raised on a worker thread (out of memory?); "
-                        "the call's results are not valid")  # fmt: skip
+                      "the call's results are not valid")  # fmt: skip
 
 
 def _name(kernel):

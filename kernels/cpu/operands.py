@@ -324,19 +324,17 @@ def _load_transposed(src, dst):
     then the values; else 16 columns a row as a constant-length loop, one vector store (kernel log v53)."""
     rows, cols = src.shape
     width = dst.shape[1]
-    if rows <= 64:
+    zeroed_first = rows <= 64
+    if zeroed_first:
         flat = dst.reshape(dst.shape[0] * width)
         for i in range(cols * width):
             flat[i] = 0
-        for c in range(cols):
-            row = contiguous_row(dst, c)
-            for r in range(rows):
-                row[r] = _operand_of(dst, src[r, c])
-        return
     for c in range(cols):
         row = contiguous_row(dst, c)
         for r in range(rows):
             row[r] = _operand_of(dst, src[r, c])
+        if zeroed_first:
+            continue
         if width - rows == 16:
             for i in range(16):
                 row[rows + i] = 0
