@@ -152,17 +152,23 @@ def _forward_kernel(
     other types) or FAILED (a step raised)."""
     n_runs = _forward_runs(segments, q.shape[1], block_q, n_workers)
     tasks, order = _run_schedule(segments, q.shape[1], block_q, block_k, n_runs)
-    packing = (k, v, k_packed, v_packed)
-    working = (q, k_packed, v_packed, segments, tasks, masks, consts, flags, block_q, block_k, n_runs, micro, order,
-               np.zeros(1, np.int64), out, lse)  # fmt: skip
+    next_task = np.zeros(1, np.int64)
+    # The steps' arguments without reference counts (launch.borrowed): the caller holds the
+    # kernel's arguments, and the three arrays made here are kept alive to the end.
+    packing = borrowed((k, v, k_packed, v_packed))
+    working = (borrowed(q), borrowed(k_packed), borrowed(v_packed), borrowed(segments), borrowed(tasks),
+               borrowed(masks), borrowed(consts), flags, block_q, block_k, n_runs, micro, borrowed(order),
+               borrowed(next_task), borrowed(out), borrowed(lse))  # fmt: skip
     if steps[1] != token_of(packing, 0) or steps[3] != token_of(working, None):
         return REFUSED
     parallel = n_workers > 1
+    status = RAN
     if not run_step(steps[0], packing, 0, k.shape[0] * k.shape[1], parallel):
-        return FAILED
-    if not run_step(steps[2], working, None, n_workers, parallel):
-        return FAILED
-    return RAN
+        status = FAILED
+    elif not run_step(steps[2], working, None, n_workers, parallel):
+        status = FAILED
+    keep_alive((tasks, order, next_task))
+    return status
 
 
 def forward_steps(

@@ -286,15 +286,26 @@ def borrowed(typingctx, array):
     update when a view of it is made or it is passed on (an atomic add each, on a counter the
     workers share: 7-11% of an MHA decode's samples in perf). Only for an array some owner keeps
     alive for as long as the result and its views are used: a worker's arguments (the kernel's
-    tuple holds them), or a buffer whose variable is used again after the last use of the result."""
-    if not isinstance(array, types.Array):
+    tuple holds them), or a buffer whose variable is used again after the last use of the result.
+    A tuple of arrays gives the tuple of their borrowed views."""
+    if isinstance(array, types.BaseTuple):
+        if not all(isinstance(member, types.Array) for member in array.types):
+            return None
+    elif not isinstance(array, types.Array):
         return None
 
-    def codegen(context, builder, signature, values):
-        view = context.make_array(signature.args[0])(context, builder, value=values[0])
+    def strip(context, builder, array_type, value):
+        view = context.make_array(array_type)(context, builder, value=value)
         view.meminfo = cgutils.get_null_value(view.meminfo.type)
         view.parent = cgutils.get_null_value(view.parent.type)
         return view._getvalue()
+
+    def codegen(context, builder, signature, values):
+        if isinstance(array, types.Array):
+            return strip(context, builder, array, values[0])
+        members = [strip(context, builder, member, builder.extract_value(values[0], i))
+                   for i, member in enumerate(array.types)]  # fmt: skip
+        return context.make_tuple(builder, array, members)
 
     return array(array), codegen
 
