@@ -122,15 +122,6 @@ def clear_plans():
     planned.clear()
 
 
-def _planned_call(options, q, k, v, sinks):
-    """(key, PlannedCall or None) of an unmasked inference call (attnkit/planned.py)."""
-    try:
-        call_key = planned.key(options, q, k, v, sinks)
-        return call_key, planned.lookup(call_key)
-    except TypeError:  # an unhashable option (a window given as a list, say): the full path
-        return None, None
-
-
 def _planned(key, make):
     """(spec, choice) for the plan key, made by make() on first sight.
 
@@ -246,11 +237,10 @@ def attention(
     """
     call_key = None
     if mask is None and alibi_slopes is None and not return_weights and type(dropout_p) is float and dropout_p == 0.0:
-        call_key, call = _planned_call(
+        call_key, result = planned.attend(
             ("attention", causal, type(causal), scale, type(scale), window, softcap, type(softcap), align, backend),
-            q, k, v, sinks,
+            q, k, v, return_lse, sinks,
         )  # fmt: skip
-        result = None if call is None else call.run(q, k, v, with_lse=return_lse, sinks=sinks)
         if result is not None:
             return result
     dropout_p = dropout_probability(dropout_p)
@@ -307,9 +297,8 @@ def scaled_dot_product_attention(
         raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
     call_key = None
     if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
-        call_key, call = _planned_call(("sdpa", bool(is_causal), scale, type(scale), enable_gqa, backend),
-                                       query, key, value, sinks)  # fmt: skip
-        out = None if call is None else call.run(query, key, value, with_lse=False, sinks=sinks)
+        call_key, out = planned.attend(("sdpa", bool(is_causal), scale, type(scale), enable_gqa, backend),
+                                       query, key, value, False, sinks)  # fmt: skip
         if out is not None:
             return out
     dropout_p = dropout_probability(dropout_p)

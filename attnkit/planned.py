@@ -5,14 +5,15 @@ the layers of backends/cpu.py and flash_forward's planning). When it ran the
 Numba kernel on a plain dense call (no mask, ALiBi or dropout; sinks allowed;
 no gradient, CPU data in float32 / float64 / bf16, no broadcast batch axes), the
 call's kernel-level plan (kernels.numba_attention.ForwardPlan) is remembered
-under a cheap key: the entry point and its options, the three shapes and
-dtypes, the sinks' shape and dtype (and torch's float32 matmul precision,
-which picks the products).
+under a cheap key: the entry point and its options, whether q, k, v were
+tensors, the shapes and dtypes of their NumPy views, the sinks' shape and dtype
+(and torch's float32 matmul precision, which picks the products).
 Each later call with that key does only what #24 asks of a hot path:
 
-    the key and one dict lookup; NumPy views of q, k, v; the results'
-    allocation and one kernel entry (ForwardPlan.run); the results wrapped as
-    tensors when the inputs were tensors.
+    NumPy views of q, k, v; the key and one dict lookup; the results'
+    allocation and one kernel entry (ForwardPlan.serial for a tiny call,
+    else ForwardPlan.run); the results wrapped as tensors when the inputs
+    were tensors.
 
 Anything the key does not cover is checked on the way and sends the call down
 the full path: a tensor subclass, a tensor that requires grad, a device other
@@ -32,48 +33,93 @@ from .backends.cpu import float32_matmul_precision
 
 _CALLS = {}
 _MAX_CALLS = 1024
-_TORCH = []  # (torch, torch.bfloat16, torch.int16) once a tensor call was planned
+_TORCH = []  # (Tensor, is_compiling, from_numpy, bfloat16, int16) once torch is imported
 
 
 def _torch_names():
+    """torch's names a planned call uses, or None while torch is not imported."""
     if not _TORCH:
-        import torch
-
-        _TORCH.append((torch, torch.bfloat16, torch.int16))
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        _TORCH.append((torch.Tensor, torch.compiler.is_compiling, torch.from_numpy, torch.bfloat16, torch.int16))
     return _TORCH[0]
+
+
+def _arrays(q, k, v):
+    """(q, k, v) as NumPy arrays over the same memory (bf16 tensors' bits as uint16), and whether they
+    were tensors; None when the call cannot be planned (it then takes the full path, which validates it).
+
+    A tensor call is keyed by these arrays' shapes and dtypes: reading a tensor's shape or dtype cost
+    ~0.3 µs each right after a kernel (torch's code and data no longer in the caches), numpy() is
+    needed anyway, and it refuses what the key does not cover: a tensor off the CPU or that requires
+    grad. Tensor subclasses (parameters, fake and distributed tensors) and torch.compile tracing are
+    never planned."""
+    kind = type(q)
+    if kind is np.ndarray:
+        return (q, k, v, False) if type(k) is kind and type(v) is kind else None
+    names = _torch_names()
+    if names is None:
+        return None
+    tensor, is_compiling, _, bfloat16, int16 = names
+    if kind is not tensor or type(k) is not kind or type(v) is not kind or is_compiling():
+        return None
+    try:
+        return q.numpy(), k.numpy(), v.numpy(), True
+    except RuntimeError:  # "Can't call numpy() on Tensor that requires grad"
+        return None
+    except TypeError:  # bf16 (NumPy has no such type), or a tensor off the CPU
+        pass
+    if q.dtype != bfloat16 or k.dtype != bfloat16 or v.dtype != bfloat16:
+        return None
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        return None  # an int16 view drops requires_grad, so its numpy() would not refuse it
+    try:
+        return tuple(x.view(int16).numpy().view(np.uint16) for x in (q, k, v)) + (True,)
+    except (TypeError, RuntimeError):  # off the CPU
+        return None
+
+
+def _key(options, arrays, sinks):
+    q, k, v, tensors = arrays
+    sinks_key = None
+    if sinks is not None:
+        if tensors:  # a module's parameter, usually: any tensor, but no gradient to record
+            torch = sys.modules["torch"]
+            if not isinstance(sinks, torch.Tensor) or sinks.requires_grad and torch.is_grad_enabled():
+                return None
+        elif type(sinks) is not np.ndarray:
+            return None
+        sinks_key = (sinks.shape, sinks.dtype)
+    precision = float32_matmul_precision() if q.dtype == np.float32 else None
+    return (options, tensors, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, precision, sinks_key)
 
 
 def key(options, q, k, v, sinks=None):
     """The planned-call key of q, k, v (and sinks, or None) under an entry point's options, or None
     when the call cannot be planned (it then takes the full path, which validates it)."""
-    kind = type(q)
-    if kind is np.ndarray:
-        if type(k) is not np.ndarray or type(v) is not np.ndarray:
-            return None
-        if sinks is not None and type(sinks) is not np.ndarray:
-            return None
-        precision = float32_matmul_precision() if q.dtype == np.float32 else None
-        sinks_key = None if sinks is None else (sinks.shape, sinks.dtype)
-        return (options, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, precision, sinks_key)
-    torch = sys.modules.get("torch")
-    if torch is None or kind is not torch.Tensor or type(k) is not kind or type(v) is not kind:
-        return None  # not tensors, or subclasses (parameters, fake and distributed tensors)
-    if torch.compiler.is_compiling():
-        return None
-    sinks_key = None
-    if sinks is not None:  # a module's parameter, usually: any tensor, but no gradient to record
-        if not isinstance(sinks, torch.Tensor) or sinks.requires_grad and torch.is_grad_enabled():
-            return None
-        sinks_key = (sinks.shape, sinks.dtype)
-    # Not in the key: the device and requires_grad. Tensor.numpy() refuses a tensor off the CPU
-    # or one that requires grad, and run() then returns None: the full path takes the call.
-    precision = float32_matmul_precision() if q.dtype == torch.float32 else None
-    return (options, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, precision, sinks_key)
+    arrays = _arrays(q, k, v)
+    return None if arrays is None else _key(options, arrays, sinks)
 
 
 def lookup(call_key):
     """The PlannedCall of a key (None: unknown, or no key)."""
     return None if call_key is None else _CALLS.get(call_key)
+
+
+def attend(options, q, k, v, with_lse, sinks=None):
+    """(key, result) of a call under an entry point's options: result is what PlannedCall.run gives
+    when the key has a plan that takes the call, else None (the caller then takes the full path, and
+    remembers the key's plan after it)."""
+    arrays = _arrays(q, k, v)
+    if arrays is None:
+        return None, None
+    try:
+        call_key = _key(options, arrays, sinks)
+    except TypeError:  # an unhashable option (a window given as a list, say): the full path
+        return None, None
+    call = None if call_key is None else _CALLS.get(call_key)
+    return call_key, None if call is None else call.run(arrays, with_lse, sinks)
 
 
 def remember(call_key, spec, choice, q, k, v, grad):
@@ -101,17 +147,16 @@ def remember(call_key, spec, choice, q, k, v, grad):
     )  # fmt: skip
     if len(_CALLS) >= _MAX_CALLS:
         _CALLS.clear()
-    _CALLS[call_key] = PlannedCall(plan, spec.kind == "torch", shapes, tuple(spec.batch) + (spec.hq, spec.nq),
-                                   spec.dtype == "bfloat16")  # fmt: skip
+    _CALLS[call_key] = PlannedCall(plan, shapes, tuple(spec.batch) + (spec.hq, spec.nq), spec.dtype == "bfloat16")
 
 
 class PlannedCall:
-    """run(q, k, v) -> (out, lse) of a planned signature, in the inputs' array type."""
+    """run(arrays) -> (out, lse) of a planned signature, in the inputs' array type."""
 
-    __slots__ = ("plan", "tensors", "shapes", "rows", "bits", "folded", "last_sinks")
+    __slots__ = ("plan", "shapes", "rows", "bits", "folded", "last_sinks")
 
-    def __init__(self, plan, tensors, shapes, rows, bits):
-        self.plan, self.tensors, self.shapes, self.rows, self.bits = plan, tensors, shapes, rows, bits
+    def __init__(self, plan, shapes, rows, bits):
+        self.plan, self.shapes, self.rows, self.bits = plan, shapes, rows, bits
         self.folded = len(rows) != 3  # leading axes other than one batch axis: reshaped views
         self.last_sinks = (None, 0, None)  # (tensor, its data pointer, its NumPy form)
 
@@ -126,38 +171,36 @@ class PlannedCall:
         if tensor is sinks and address == sinks.data_ptr():
             return array
         array = sinks.detach()
-        if array.dtype == _torch_names()[1]:
+        if array.dtype == _TORCH[0][3]:  # bfloat16
             array = array.float()  # a copy: not kept, its values would not follow the tensor
             return array.numpy()
         array = array.numpy()
         self.last_sinks = (sinks, sinks.data_ptr(), array)
         return array
 
-    def run(self, q, k, v, with_lse=True, sinks=None):
-        """(out, lse), or out alone when not with_lse; None when a tensor is off the CPU or requires
-        grad (the caller then takes the full path). sinks: the (Hq,) logits the plan was made with."""
-        if self.tensors:
+    def run(self, arrays, with_lse=True, sinks=None):
+        """(out, lse), or out alone when not with_lse, in the inputs' type; None when the caller must
+        take the full path. arrays: _arrays() of the call's q, k, v; sinks: the (Hq,) logits the plan
+        was made with."""
+        q, k, v, tensors = arrays
+        if sinks is not None and tensors:
             try:
-                if self.bits:  # bf16 bits as uint16: the same memory
-                    int16 = _torch_names()[2]
-                    q, k, v = (x.view(int16).numpy().view(np.uint16) for x in (q, k, v))
-                else:
-                    q, k, v = q.numpy(), k.numpy(), v.numpy()
-                if sinks is not None:
-                    sinks = self._sinks_array(sinks)
-            except (TypeError, RuntimeError):  # "can't convert cuda:0 ...", "... requires grad"
+                sinks = self._sinks_array(sinks)
+            except (TypeError, RuntimeError):  # "can't convert cuda:0 ..."
                 return None
         if self.folded:
             q, k, v = (x.reshape(shape) for x, shape in zip((q, k, v), self.shapes))
-        out, lse = self.plan.run(q, k, v, sinks=sinks)
+        serial = self.plan.serial  # a tiny call's one function, when the plan has it (skips a layer)
+        result = serial(q, k, v) if serial is not None and sinks is None else None
+        out, lse = self.plan.run(q, k, v, sinks=sinks) if result is None else result
         if self.folded:
             out, lse = out.reshape(self.rows + out.shape[-1:]), lse.reshape(self.rows)
-        if self.tensors:
-            torch, bfloat16, _ = _torch_names()
-            out = torch.from_numpy(out.view(np.int16)).view(bfloat16) if self.bits else torch.from_numpy(out)
+        if tensors:
+            _, _, from_numpy, bfloat16, _ = _TORCH[0]
+            out = from_numpy(out.view(np.int16)).view(bfloat16) if self.bits else from_numpy(out)
             if not with_lse:
                 return out
-            lse = torch.from_numpy(lse)
+            lse = from_numpy(lse)
         return (out, lse) if with_lse else out
 
 
@@ -170,4 +213,4 @@ def count():
     return len(_CALLS)
 
 
-__all__ = ["PlannedCall", "clear", "count", "key", "lookup", "remember"]
+__all__ = ["PlannedCall", "attend", "clear", "count", "key", "lookup", "remember"]

@@ -45,15 +45,18 @@ def _best_mean_us(calls, n_calls, rounds):
 
 
 def _kernel_arguments(plan, q, k, v):
-    """(the compiled kernel as a planned call enters it, its arguments) of one ForwardPlan.run."""
-    kernel_call, caught = plan.kernel_call, []
-    plan.kernel_call = lambda *arguments: caught.append(arguments) or kernel_call(*arguments)
+    """(the compiled kernel's entry as a planned call enters it, its arguments) of one ForwardPlan.run."""
+    kernel_call, serial, caught = plan.kernel_call, plan.serial, []
+    plan.run(q, k, v)
+    plan.run(q, k, v)  # the second call looks the kernel's entry up (launch.KernelCall)
+    entry = kernel_call.entry
+    assert entry, "the plan does not enter its kernel directly"
+    kernel_call.entry, plan.serial = lambda *arguments: caught.append(arguments) or entry(*arguments), None
     try:
         plan.run(q, k, v)
-        plan.run(q, k, v)  # the second call looks the kernel's entry up (launch.KernelCall)
     finally:
-        plan.kernel_call = kernel_call
-    return kernel_call.entry or kernel_call.kernel, caught[-1] + (kernel_call.steps,)
+        kernel_call.entry, plan.serial = entry, serial
+    return entry, caught[-1]
 
 
 def measure(n_calls, rounds):

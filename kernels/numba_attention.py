@@ -39,7 +39,7 @@ from .cpu.decode import (
     _DECODE_BACKWARD_BLOCK_K, _decode_backward_kernel, _decode_kernel, decode_backward_steps, decode_steps,
 )
 from .cpu.forward import _forward_kernel, forward_steps
-from .cpu.launch import KernelCall, launch
+from .cpu.launch import RAN, KernelCall, launch
 from .cpu.operands import forward_operand_shapes
 from .cpu.memory import (
     _CALL_LOCK, _NOTHING_TO_PIN, WORKSPACE, BlockLayout, arrays_together, _single_threaded_blas,
@@ -221,7 +221,7 @@ class ForwardPlan:
     __slots__ = (
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
         "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "result_block",
-        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call",
+        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call", "serial",
     )  # fmt: skip
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
@@ -256,11 +256,17 @@ class ForwardPlan:
         # the kernel, its steps and its compiled entry, found at the first runs (KernelCall)
         self.kernel_call = KernelCall(_decode_kernel, decode_steps) if self.decode else KernelCall(
             _forward_kernel, forward_steps)
+        self.serial = None  # run() of a small forward as one function, once its kernel entry is known
 
     def run(self, q, k, v, sinks=None):
         """(out, lse) for q, k, v of the planned shapes: used as they are when C-contiguous, writeable
         arrays of self.dtype, else copied into such (one compiled signature per dtype). sinks: the
         (Hq,) logits of a plan made with has_sinks (None otherwise), any float dtype."""
+        serial = self.serial
+        if serial is not None and sinks is None:
+            result = serial(q, k, v)
+            if result is not None:
+                return result
         q, k, v = _kernel_array(q, self.dtype), _kernel_array(k, self.dtype), _kernel_array(v, self.dtype)
         masks = self.masks
         if sinks is not None:
@@ -291,6 +297,8 @@ class ForwardPlan:
             k_packed = np.empty(self.operand_shapes[0], self.operand)
             v_packed = v if self.v_in_place else np.empty(self.operand_shapes[1], self.operand)
             self._forward(q, k, v, masks, n_workers, k_packed, v_packed, out, lse)
+            if self.serial is None and self.kernel_call.entry and not self.flags & _HAS_SINKS:
+                self.serial = _serial_forward(self, self.kernel_call.entry, self.kernel_call.steps)
             return out, lse
         with _CALL_LOCK, _single_threaded_blas():
             k_packed, v_packed = WORKSPACE.arrays(self.operand, self.operand_shapes, zero=False)
@@ -302,6 +310,32 @@ class ForwardPlan:
             _record("forward_serial" if n_workers == 1 else "forward", q, k, v, self.mask)
         self.kernel_call(q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
                          n_workers, k_packed, v_packed, out, lse)  # fmt: skip
+
+
+def _serial_forward(plan, entry, steps):
+    """plan.run(q, k, v) of a small dense forward without sinks (it runs on the calling thread, on
+    packed operands of its own) as one function, for tiny calls, which feel every layer of Python:
+    checks that make the arguments' types the ones `entry` was compiled for (launch.KernelCall),
+    the allocations and the kernel's compiled entry. Returns None where run() itself must take the
+    call: inputs to copy, a recording to make, or a kernel that did not run (it then reports why)."""
+    dtype, compute, operand, v_in_place = plan.dtype, plan.compute, plan.operand, plan.v_in_place
+    (out_shape, lse_shape), (k_shape, v_shape) = plan.result_shapes, plan.operand_shapes
+    fixed = (plan.table, plan.masks, plan.consts, plan.flags, plan.block_q, plan.block_k, plan.micro, 1)
+    table, masks, consts, flags, block_q, block_k, micro, n_workers = fixed
+    ndarray, empty = np.ndarray, np.empty
+
+    def run(q, k, v):
+        if (type(q) is not ndarray or type(k) is not ndarray or type(v) is not ndarray or q.dtype != dtype
+                or k.dtype != dtype or v.dtype != dtype or not q.flags.carray or not k.flags.carray
+                or not v.flags.carray or _RECORDINGS):  # fmt: skip
+            return None
+        out, lse, k_packed = empty(out_shape, dtype), empty(lse_shape, compute), empty(k_shape, operand)
+        v_packed = v if v_in_place else empty(v_shape, operand)
+        status = entry(q, k, v, table, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed,
+                       out, lse, steps)  # fmt: skip
+        return (out, lse) if status == RAN else None
+
+    return run
 
 
 # Decode (flash-decoding): at most this many query rows per head, against at

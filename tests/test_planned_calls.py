@@ -13,6 +13,7 @@ import attnkit
 from attnkit import api, planned
 from attnkit.kernels.numba_attention import recording
 from attnkit.reference import attention as reference
+from attnkit.reference import attention_backward as reference_backward
 
 
 def _numpy(x):
@@ -100,6 +101,31 @@ def test_each_planned_call_returns_new_memory():
     third = attnkit.scaled_dot_product_attention(q * 2, k, v)
     assert third.data_ptr() not in (first.data_ptr(), second.data_ptr())
     assert torch.equal(second, kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("entry", ["sdpa", "attention"])
+def test_inputs_that_require_grad_get_their_gradients_after_a_planned_call(entry, dtype):
+    """requires_grad is not in the key: a planned signature called with q, k or v requiring grad must
+    take the full path and record the backward (bf16's bits were read through an int16 view, which
+    drops requires_grad: the output came back without a grad_fn)."""
+    rng = np.random.default_rng(13)
+    q, k, v = (_fresh(s, dtype, rng) for s in ((2, 4, 3, 16), (2, 2, 9, 16), (2, 2, 9, 8)))
+    call = (lambda *x: attnkit.scaled_dot_product_attention(*x, enable_gqa=True)) if entry == "sdpa" else attnkit.attention
+    api.clear_plans()
+    call(q, k, v)
+    call(q, k, v)  # planned, and entered directly
+    d_out = torch.from_numpy(rng.standard_normal((2, 4, 3, 8))).to(dtype)
+    exact = [x.double().numpy() for x in (q, k, v)]
+    out, lse = reference(*exact, return_lse=True)
+    want = reference_backward(*exact, out, d_out.double().numpy(), lse)
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    for which in range(3):
+        inputs = [x.clone().requires_grad_(i == which) for i, x in enumerate((q, k, v))]
+        out = call(*inputs)
+        assert out.grad_fn is not None, f"input {which} requires grad, the output has no grad_fn"
+        (grad,) = torch.autograd.grad(out, inputs[which], d_out)
+        np.testing.assert_allclose(grad.double().numpy(), want[which], atol=tol, rtol=tol)
 
 
 def test_calls_the_key_does_not_cover_take_the_full_path():
@@ -237,15 +263,16 @@ ENTRY_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", ENTRY_CASES.values(), ids=ENTRY_CASES.keys())
-def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case):
+@pytest.mark.parametrize("case_id", ENTRY_CASES)
+def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case_id):
     """From its second call a plan calls the kernel's compiled entry directly, skipping Numba's
     dispatcher (launch.KernelCall): that entry must be the one compiled for the exact types of the
     arguments of every later call, whatever the inputs' layout (copied when not C-contiguous,
     aligned and writeable), as the dispatcher would have chosen it."""
     import numba
+    from attnkit.kernels.numba_attention import _serial_forward
 
-    q_shape, kv_shape, dtype, with_sinks = case
+    q_shape, kv_shape, dtype, with_sinks = ENTRY_CASES[case_id]
     rng = np.random.default_rng(8)
     q, k, v = (_fresh(s, dtype, rng) for s in (q_shape, kv_shape, kv_shape))
     sinks = _fresh(q_shape[1:2], torch.float32, rng) if with_sinks else None
@@ -255,20 +282,30 @@ def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case):
     call = planned.lookup(planned.key(("attention", False, bool, None, type(None), None, None, type(None), None, "auto"),
                                       q, k, v, sinks))  # fmt: skip
     assert call is not None
-    kernel_call, seen = call.plan.kernel_call, []
+    plan, seen = call.plan, []
+    kernel_call, serial = plan.kernel_call, plan.serial
     assert kernel_call.entry, "the plan does not enter its kernel directly"
-    call.plan.kernel_call = lambda *arguments: seen.append(arguments) or kernel_call(*arguments)
+    assert (serial is not None) == (case_id == "forward-small"), "only a small forward runs as one function"
+    entry = kernel_call.entry
+
+    def spy(*arguments):  # the entry as the plan calls it, the steps last
+        seen.append(arguments)
+        return entry(*arguments)
+
+    plan.kernel_call.entry = spy
+    if serial is not None:
+        plan.serial = _serial_forward(plan, spy, kernel_call.steps)
     try:
         later = [(q, k, v),
                  (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v),  # not C-contiguous: copied
                  tuple(_fresh(s, dtype, rng) for s in (q_shape, kv_shape, kv_shape))]  # fmt: skip
         results = [attnkit.attention(*inputs, sinks=sinks) for inputs in later]
     finally:
-        call.plan.kernel_call = kernel_call
+        kernel_call.entry, plan.serial = entry, serial
     assert len(seen) == len(later)
     for arguments in seen:
-        types = tuple(numba.typeof(value) for value in arguments + (kernel_call.steps,))
-        assert kernel_call.kernel.overloads[types].entry_point is kernel_call.entry
+        types = tuple(numba.typeof(value) for value in arguments)
+        assert kernel_call.kernel.overloads[types].entry_point is entry
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-5
     for inputs, out in zip(later, results):
         want = reference(*(_numpy(x).astype(np.float64) for x in inputs),
