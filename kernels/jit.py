@@ -32,7 +32,8 @@ from numba.core import caching, event
 from numba.core.registry import CPUDispatcher
 
 __all__ = [
-    "announce_as", "cache_location", "code_variant", "discard_stale_cache", "jit", "jit_inner", "set_code_variant",
+    "announce_as", "cache_location", "code_variant", "defer_scipy_import", "discard_stale_cache", "jit", "jit_inner",
+    "set_code_variant",
 ]
 
 _STAMP = "attnkit-kernel-sources.sha256"
@@ -103,6 +104,46 @@ def _discard_unless_stamped(cache, stamp_text):
 
 
 discard_stale_cache()
+
+
+def _scipy_blas_installed():
+    """Whether scipy.linalg.cython_blas is installed, found without importing SciPy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scipy")  # a top-level package: found, not imported
+    folders = [] if spec is None else list(spec.submodule_search_locations or ())
+    return any(any((Path(folder) / "linalg").glob("cython_blas.*")) for folder in folders)
+
+
+def defer_scipy_import():
+    """Import Numba's numba.np.arraymath with its check for a BLAS answered without importing SciPy.
+
+    Numba imports that module with the registries it loads before its first compilation or cache
+    load, and its module-level _check_blas imports scipy.linalg (~0.15-0.26 s, a third of a first
+    call that finds its kernels in the cache) to learn that np.dot can be compiled. attnkit's
+    kernels call a BLAS of their own (cpu_blas.py: torch's MKL, or SciPy's where they import it).
+    Here the check finds scipy.linalg.cython_blas on disk instead, so its answer is the same, and
+    Numba's linear algebra still imports SciPy when a function that uses it compiles (its
+    ensure_blas is called again then). Nothing is done where the module is already imported or
+    Numba's layout is other than this (the import then costs what it did)."""
+    if "numba.np.arraymath" in sys.modules:
+        return False
+    from numba.np import linalg
+
+    real = getattr(linalg, "ensure_blas", None)
+    if real is None or not _scipy_blas_installed():
+        return False
+    linalg.ensure_blas = lambda: None
+    try:
+        from numba.np import arraymath
+    finally:
+        linalg.ensure_blas = real
+    if getattr(arraymath, "ensure_blas", real) is not real:
+        arraymath.ensure_blas = real  # the module-level name its other functions call
+    return True
+
+
+defer_scipy_import()
 
 
 class _CompileNotice(event.Listener):

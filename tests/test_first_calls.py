@@ -161,3 +161,41 @@ def test_explain_on_a_warm_process_names_the_kernel():
     q = np.random.default_rng(0).standard_normal((1, 2, 16, 8)).astype(np.float32)
     attnkit.attention(q, q, q)
     assert attnkit.explain(q, q, q).startswith("backend 'numba'")
+
+
+_REGISTRIES = r"""
+import sys
+import numba
+import numpy as np
+import attnkit.kernels.numba_attention  # imports kernels/jit.py, which imports numba.np.arraymath
+from numba.np import arraymath, linalg
+
+@numba.njit
+def add(a):
+    return a + 1.0
+
+add(1.0)  # Numba's registries are loaded now: what a first call that reads the cache does
+before = "scipy.linalg" in sys.modules
+
+@numba.njit
+def dot(a, b):
+    return np.dot(a, b)
+
+a = np.arange(6.0).reshape(2, 3)
+ok = np.array_equal(dot(a, a.T), a @ a.T)
+from attnkit.kernels.cpu_blas import BLAS_NAME
+print(BLAS_NAME, before, arraymath._HAVE_BLAS, arraymath.ensure_blas is linalg.ensure_blas, ok,
+      "scipy.linalg" in sys.modules)
+"""
+
+
+def test_numbas_registries_load_without_importing_scipy_linalg_and_np_dot_still_compiles(tmp_path):
+    """kernels/jit.py's defer_scipy_import: Numba's BLAS check at the import of numba.np.arraymath
+    finds SciPy's cython_blas on disk instead of importing scipy.linalg (a third of a warm first
+    call); Numba's np.dot still compiles, and imports SciPy when it does. (Where attnkit's own BLAS
+    is SciPy's, cpu_blas.py imports it first.)"""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", _REGISTRIES], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    blas, *found = result.stdout.split()
+    assert found == [str(blas != "mkl"), "True", "True", "True", "True"], result.stdout
