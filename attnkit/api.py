@@ -264,6 +264,18 @@ def attention(
     return result
 
 
+def _check_sdpa_flags(is_causal, enable_gqa):
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, (bool, np.bool_)):
+        raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
+
+
+# sdpa's planned-call options for its defaults (scale None, backend "auto"), by (is_causal, enable_gqa)
+_SDPA_OPTIONS = {(causal, gqa): ("sdpa", causal, None, type(None), gqa, "auto")
+                 for causal in (False, True) for gqa in (False, True)}  # fmt: skip
+
+
 def scaled_dot_product_attention(
     query,
     key,
@@ -291,16 +303,17 @@ def scaled_dot_product_attention(
     as attention()'s), `dropout_seed` (as attention()'s) and `backend` are
     attnkit's own extras.
     """
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, (bool, np.bool_)):
-        raise TypeError(f"enable_gqa must be a bool; got {type(enable_gqa).__name__}")
     call_key = None
     if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
-        call_key, out = planned.attend(("sdpa", bool(is_causal), scale, type(scale), enable_gqa, backend),
-                                       query, key, value, False, sinks)  # fmt: skip
+        if type(is_causal) is bool and type(enable_gqa) is bool and scale is None and backend == "auto":
+            options = _SDPA_OPTIONS[is_causal, enable_gqa]  # prebuilt: a tiny call feels every tuple
+        else:
+            _check_sdpa_flags(is_causal, enable_gqa)
+            options = ("sdpa", bool(is_causal), scale, type(scale), bool(enable_gqa), backend)
+        call_key, out = planned.attend(options, query, key, value, False, sinks)
         if out is not None:
             return out
+    _check_sdpa_flags(is_causal, enable_gqa)
     dropout_p = dropout_probability(dropout_p)
     if is_causal and attn_mask is not None:
         raise ValueError(
