@@ -143,7 +143,7 @@ def test_the_load_gauge_counts_other_programs_runnable_threads(monkeypatch):
     assert gauge.other_runnable(own=2) == pytest.approx(2.0, abs=1e-3)  # two of another program's
     monkeypatch.setattr(threads, "_GAUGE", gauge)
     monkeypatch.setattr(threads, "_usable_cores", lambda: 2)
-    monkeypatch.setattr(threads.numba, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(threads, "_numba_threads", lambda: 2)
     assert threads.worker_count() == 1  # two cores, both wanted by others: the calling thread alone
     gauge.average = 3.0  # one other thread: the parallel kernels still gain from both cores
     assert threads.worker_count() == 2
@@ -151,6 +151,30 @@ def test_the_load_gauge_counts_other_programs_runnable_threads(monkeypatch):
     gauge.average = 9.0
     assert threads.worker_count() == 2
     assert threads._LoadGauge(lambda: None).other_runnable(own=1) == 0.0  # no /proc/loadavg: quiet
+
+
+def test_worker_count_follows_numbas_thread_count_of_the_calling_thread(monkeypatch):
+    """numba.set_num_threads is per thread: worker_count reads the calling thread's (its raw getter
+    after the first call, kernels/cpu/threads._numba_threads), on a quiet machine."""
+    import threading
+
+    import numba
+
+    from attnkit.kernels.cpu import threads
+
+    monkeypatch.setattr(threads, "_GAUGE", threads._LoadGauge(lambda: None))  # no load to see
+    full = numba.get_num_threads()
+    seen = []
+    try:
+        for wanted in (1, full, 1):
+            numba.set_num_threads(wanted)
+            seen.append(threads.worker_count())
+        other = threading.Thread(target=lambda: seen.append(threads.worker_count()))  # its own setting: all
+        other.start()
+        other.join()
+    finally:
+        numba.set_num_threads(full)
+    assert seen == [1, full, 1, full]
 
 
 def test_with_one_core_left_every_kernel_runs_on_the_calling_thread(monkeypatch):
