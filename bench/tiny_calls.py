@@ -9,9 +9,9 @@ each contender in turn (attnkit on tensors, torch on the same tensors, attnkit o
 the figure is the round with the lowest mean per call (the machine's noise only ever adds).
 
 The breakdown times each layer of a planned tensor call on its own, the same way: the key
-(attnkit.planned.key), the NumPy views (Tensor.numpy x 3), the kernel-level plan (ForwardPlan.run:
-allocation and one kernel entry), of which the compiled kernel alone, and the result's tensor
-(torch.from_numpy).
+(attnkit.planned.key: made from the NumPy views, so their cost is in it), the NumPy views alone
+(Tensor.numpy x 3), the kernel-level plan (ForwardPlan.run: allocation and one kernel entry), of
+which the compiled kernel alone, and the result's tensor (torch.from_numpy).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def report(rows):
         lines.append(f"| {row['case']} | {row['attnkit_us']:.1f} µs | {row['torch_us']:.1f} µs | "
                      f"{row['cost_vs_torch']:.2f}× | {row['attnkit_numpy_us']:.1f} µs |")  # fmt: skip
     lines += ["", "Layers of a planned tensor call, each timed alone (µs):", "",
-              "| case | key | NumPy views | ForwardPlan.run | of which the compiled kernel | result tensor |",
+              "| case | key (views included) | NumPy views | ForwardPlan.run | of which the compiled kernel | result tensor |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for row in rows:
         p = row["parts_us"]
