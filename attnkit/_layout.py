@@ -15,8 +15,10 @@ import numpy as np
 from .reference.attention import sum_to_shape  # noqa: F401  (re-exported for the backends)
 
 
-def fold_batch(x, batch):
-    """(*batch_x, H, N, D) broadcast to batch, then (B, H, N, D), C-contiguous.
+def fold_batch(x, batch, contiguous=True):
+    """(*batch_x, H, N, D) broadcast to batch, then (B, H, N, D), C-contiguous (contiguous=False:
+    in any layout, copied only where the batch axes cannot be merged; the kernels copy what they
+    cannot read in place).
 
     No copy when x already has the full batch and a C-contiguous layout (and
     then the result stays writeable: np.broadcast_to would return a read-only
@@ -24,7 +26,8 @@ def fold_batch(x, batch):
     """
     if tuple(x.shape[:-3]) != tuple(batch):
         x = np.broadcast_to(x, tuple(batch) + x.shape[-3:])
-    return np.ascontiguousarray(x.reshape((math.prod(batch),) + x.shape[-3:]))
+    x = x.reshape((math.prod(batch),) + x.shape[-3:])
+    return np.ascontiguousarray(x) if contiguous else x
 
 
 def unfold_batch(x, batch):

@@ -397,6 +397,28 @@ def flash_attn_varlen_kvpacked_func(
     )  # fmt: skip
 
 
+def _decode_in_place(q, k_cache, v_cache, starts, stops, options, sinks):
+    """A decode step, one query per sequence, against a contiguous cache on the CPU: attention() on
+    (B, Hkv, N, D) views of the cache's first rows, which the decode kernel reads in place (no
+    gather: the packed path copied the cache on every call), each sequence's visible keys [starts[b],
+    stops[b]) a boolean mask (B, 1, 1, N) of one run per row, whose ends the kernel reads (never
+    the mask). Causal changes nothing for a sequence's last position; a window's left side moves
+    the run's start. Returns out (B, 1, Hq, Dv) and lse (B, Hq, 1)."""
+    batch, longest = q.shape[0], int(stops.max())
+    left = None if options["window"] is None else options["window"][0]
+    if left is not None:
+        starts = np.maximum(starts, stops - 1 - left)
+    keys, values = (x[:batch, :longest].transpose(1, 2) for x in (k_cache, v_cache))  # (B, Hkv, N, D) views
+    mask = None
+    if np.any(starts > 0) or np.any(stops < longest):
+        positions = np.arange(longest)
+        visible = (positions >= starts[:, None]) & (positions < stops[:, None])  # (B, N)
+        mask = _torch().from_numpy(visible[:, None, None, :])
+    out, lse = attention(q.transpose(1, 2), keys, values, mask=mask, scale=options["scale"],
+                         softcap=options["softcap"], sinks=sinks, return_lse=True, backend=BACKEND)  # fmt: skip
+    return out.transpose(1, 2), lse
+
+
 @_flash_attn_errors
 def flash_attn_with_kvcache(
     q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
@@ -488,6 +510,11 @@ def flash_attn_with_kvcache(
         q = kv_cache.rotate(q, rotary_cos, rotary_sin, torch.from_numpy(filled[:, None] + steps).to(q.device),
                     rotary_interleaved)
 
+    if nq == 1 and block_table is None and cache_batch_idx is None and alibi_slopes is None and q.device.type == "cpu" \
+            and int(stops.max(initial=0)) > 0:  # fmt: skip
+        with torch.no_grad():
+            out, lse = _decode_in_place(q, k_cache, v_cache, starts, stops, options, learnable_sink)
+        return (out, lse) if return_softmax_lse else out
     keys, values = kv_cache.gather(k_cache, v_cache, cache.pages, starts, stops)
     cu_q = _uniform_offsets(batch, nq)
     cu_k = torch.from_numpy(np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int32))

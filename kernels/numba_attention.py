@@ -49,7 +49,7 @@ from .cpu.threads import worker_count
 from .warmup import warmup  # the entry point's home since before kernels/warmup.py
 from .cpu.plan import (
     _NO_DROPOUT, _backward_block_sizes, _backward_chunks, _block_sizes, _dense_table, _hashable, _kernel_array,
-    _mask_plan, _no_alibi, _prepare, _rows_unrestricted, _segment_sizes, _static_prepare,
+    _key_value_arrays, _mask_plan, _no_alibi, _prepare, _rows_unrestricted, _segment_sizes, _static_prepare,
 )
 
 __all__ = [
@@ -184,7 +184,8 @@ def flash_forward(
         )  # fmt: skip
         return plan.run(q, k, v, sinks=sinks)
     dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
-        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed, sinks)
+        q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed, sinks,
+        kv_in_place=segments is None)  # a decode call reads K and V in place where it can (ForwardPlan.run)
     plan = ForwardPlan(q.shape, k.shape, v.shape, dtype, compute, bf16, table, segments is not None, flags, consts,
                        f32_products, mask, extras)  # fmt: skip
     return plan.run(q, k, v)
@@ -221,7 +222,7 @@ class ForwardPlan:
     __slots__ = (
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
         "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "result_block",
-        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call", "serial",
+        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call", "serial", "strided_call",
     )  # fmt: skip
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
@@ -257,6 +258,7 @@ class ForwardPlan:
         self.kernel_call = KernelCall(_decode_kernel, decode_steps) if self.decode else KernelCall(
             _forward_kernel, forward_steps)
         self.serial = None  # run() of a small forward as one function, once its kernel entry is known
+        self.strided_call = None  # the decode kernel's calls on K and V read in place, not C-contiguous
 
     def run(self, q, k, v, sinks=None):
         """(out, lse) for q, k, v of the planned shapes: used as they are when C-contiguous, writeable
@@ -267,7 +269,8 @@ class ForwardPlan:
             result = serial(q, k, v)
             if result is not None:
                 return result
-        q, k, v = _kernel_array(q, self.dtype), _kernel_array(k, self.dtype), _kernel_array(v, self.dtype)
+        q = _kernel_array(q, self.dtype)
+        k, v, strided = _key_value_arrays(k, v, self.dtype, self.decode)  # a decode reads a cache in place
         masks = self.masks
         if sinks is not None:
             masks = masks[:6] + (_kernel_array(sinks, self.compute),)
@@ -287,8 +290,10 @@ class ForwardPlan:
         # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
         n_workers = 1 if self.small else worker_count()
         if self.decode:
+            if strided and self.strided_call is None:  # its own entry: K and V typed as layout 'A' arrays
+                self.strided_call = KernelCall(_decode_kernel, decode_steps)
             _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro, n_workers, out,
-                    lse, self.kernel_call, self.in_order_rows)  # fmt: skip
+                    lse, self.strided_call if strided else self.kernel_call, self.in_order_rows)  # fmt: skip
             return out, lse
         announce_as("forward")
         if self.small:

@@ -224,6 +224,11 @@ KV_CASES = [
     (16, 1, 1, True, None, True, False, False, False),  # vLLM's page size
     (3, 5, 5, True, (7, 2), False, False, False, False),  # a page size that divides nothing
     (1, 1, 1, False, None, False, False, False, False),
+    # One query against a contiguous cache: the decode kernel reads the cache in place (a mask of
+    # each sequence's keys), with a left pad and a window, rotary, no append, an empty sequence.
+    (None, 1, 0, True, (5, 0), False, False, True, False),
+    (None, 1, 1, False, (3, 2), True, False, False, False),
+    (None, 1, 0, False, None, False, False, False, False),
 ]
 
 
@@ -301,6 +306,37 @@ def test_kvcache_against_reference(case):
             where = (pages[b, p // page], p % page) if page else (kw.get("cache_batch_idx", torch.arange(batch))[b], p)
             assert torch.allclose(k_cache_t[where], torch.from_numpy(logical[0][b, p]), atol=1e-6), (b, p)
             assert torch.equal(v_cache_t[where], torch.from_numpy(logical[1][b, p])), (b, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entry", ["flash_attn_func", "flash_attn_with_kvcache"])
+def test_a_decode_step_reads_the_cache_where_it_is(entry, dtype):
+    """flash-attn's cache layout, (B, N, Hkv, D), is not C-contiguous as the kernel's (B, Hkv, N, D):
+    the decode kernel reads its rows in place (kernels/cpu/plan._rows_in_place) instead of a copy
+    of the whole cache per call; the results are the reference's."""
+    from attnkit.kernels.numba_attention import recording
+
+    rng = np.random.default_rng(21)
+    batch, hq, hkv, d, capacity = 3, 8, 2, 64, 200
+    q = torch.from_numpy(rng.standard_normal((batch, 1, hq, d))).to(dtype)
+    k_cache, v_cache = (torch.from_numpy(rng.standard_normal((batch, capacity, hkv, d))).to(dtype) for _ in range(2))
+    lengths = np.array([capacity, 77, 1]) if entry == "flash_attn_with_kvcache" else np.full(batch, capacity)
+    bits = (lambda x: x.view(torch.int16).numpy()) if dtype == torch.bfloat16 else (lambda x: x.numpy())
+    with recording() as launches:
+        for _ in range(3):  # the full path, then the planned call (flash_attn_func), its entry
+            if entry == "flash_attn_func":
+                out = flash_attn_func(q, k_cache, v_cache)
+            else:
+                out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.from_numpy(lengths.astype(np.int32)))
+    assert [launch.worker.removesuffix("_serial") for launch in launches] == ["decode"] * 3  # serial when busy
+    for launch in launches:
+        assert np.shares_memory(launch.k, bits(k_cache)) and np.shares_memory(launch.v, bits(v_cache))
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    for b in range(batch):
+        n = int(lengths[b])
+        expected = reference(q[b].transpose(0, 1).double().numpy(), k_cache[b, :n].transpose(0, 1).double().numpy(),
+                             v_cache[b, :n].transpose(0, 1).double().numpy(), [0, 1], [0, n])  # fmt: skip
+        assert max_error(out[b].transpose(0, 1).double().numpy(), expected) < tol, f"sequence {b}"
 
 
 def test_bf16_decode_through_the_cache():

@@ -239,7 +239,9 @@ class NumbaBackend(Backend):
     def _dense_forward(q, k, v, mask, spec, alibi, bf16, dropout, sinks):
         from ..kernels.numba_attention import flash_forward
 
-        qn, kn, vn = (_layout.fold_batch(_host(x, spec, bf16), spec.batch) for x in (q, k, v))
+        qn = _layout.fold_batch(_host(q, spec, bf16), spec.batch)
+        # K and V in their own layout: a decode reads a cache's rows in place (flash-attn's (B, N, H, D))
+        kn, vn = (_layout.fold_batch(_host(x, spec, bf16), spec.batch, contiguous=False) for x in (k, v))
         out, lse = flash_forward(
             qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, np.float32 if bf16 else qn.dtype),
             **kernel_options(spec), bf16_products=bf16, alibi=_slopes(alibi, spec), **dropout_options(dropout),

@@ -18,7 +18,8 @@ from .constants import (
 )
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
-    _any_layout, _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as, _widening_buffer,
+    _any_layout, _cache_row, _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as,
+    _widening_buffer,
 )
 from .schedule import TASK_QUEUE, _claim
 from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_flags, _tile_scores_base2
@@ -72,8 +73,9 @@ def _dots_pass(k, v, b, hk, j0, bk, q_rows, r, n, s_full, zero, ahead):
         if ahead:
             _read_ahead(k, v, b, hk, j0 + j)
         t0 = t1 = t2 = t3 = zero
+        key = _cache_row(k, b, hk, j0 + j)
         for c in range(d):
-            x = _operand_of(s_full, k[b, hk, j0 + j, c])
+            x = _operand_of(s_full, key[c])
             t0 += x * q_rows[r, c]
             if n > 1:
                 t1 += x * q_rows[r + 1, c]
@@ -129,9 +131,10 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
         w1, u1 = (p[r + 1, j], p[r + 1, j + 1]) if n > 1 else (w0, u0)
         w2, u2 = (p[r + 2, j], p[r + 2, j + 1]) if n > 2 else (w0, u0)
         w3, u3 = (p[r + 3, j], p[r + 3, j + 1]) if n > 3 else (w0, u0)
+        first, second = _cache_row(v, b, hk, j0 + j), _cache_row(v, b, hk, j0 + j + 1)
         for c in range(dv):
-            x = _operand_of(acc, v[b, hk, j0 + j, c])
-            y = _operand_of(acc, v[b, hk, j0 + j + 1, c])
+            x = _operand_of(acc, first[c])
+            y = _operand_of(acc, second[c])
             acc[r, c] += w0 * x + u0 * y
             if n > 1:
                 acc[r + 1, c] += w1 * x + u1 * y
@@ -145,8 +148,9 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
         w1 = p[r + 1, j] if n > 1 else w0
         w2 = p[r + 2, j] if n > 2 else w0
         w3 = p[r + 3, j] if n > 3 else w0
+        value = _cache_row(v, b, hk, j0 + j)
         for c in range(dv):
-            x = _operand_of(acc, v[b, hk, j0 + j, c])
+            x = _operand_of(acc, value[c])
             acc[r, c] += w0 * x
             if n > 1:
                 acc[r + 1, c] += w1 * x

@@ -81,6 +81,23 @@ def _kernel_array(x, dtype):
     return np.array(x, dtype=dtype, order="C", copy=True)
 
 
+def _rows_in_place(x, dtype):
+    """Whether the decode kernel reads x, a (B, H, N, C) array of dtype, in place though it is not
+    C-contiguous: rows contiguous, heads interleaved (a (B, N, H, C) cache seen as (B, H, N, C),
+    flash-attn's layout). Then neither C- nor F-contiguous, aligned and writeable: Numba types it as
+    a layout 'A' array, one more compiled signature of the decode kernel per dtype."""
+    return (type(x) is np.ndarray and x.dtype == dtype and x.ndim == 4 and x.strides[3] == x.itemsize
+            and x.flags.aligned and x.flags.writeable and not x.flags.c_contiguous and not x.flags.f_contiguous)
+
+
+def _key_value_arrays(k, v, dtype, in_place):
+    """(k, v, read in place): K and V as _kernel_array makes them, or both as they are when in_place
+    (a decode call) and the decode kernel can read both so (_rows_in_place): no copy of the cache."""
+    if in_place and _rows_in_place(k, dtype) and _rows_in_place(v, dtype):
+        return k, v, True
+    return _kernel_array(k, dtype), _kernel_array(v, dtype), False
+
+
 def _tile_summary(visible, hidden, block_q, block_k):
     """Tile states (Bm, Hm, Tq, Tk) int8 of a mask given as `visible` / `hidden` booleans (Bm, Hm, Mq, Nk).
 
@@ -240,18 +257,20 @@ _NO_DROPOUT = dropout_parameters(None, 0.0)  # the kernels only read it
 
 
 def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, align, alibi, dropout_p, dropout_seed,
-             sinks=None):  # fmt: skip
+             sinks=None, kv_in_place=False):  # fmt: skip
     """(dtype of the results, compute dtype, q, k, v, flags, constants, segment table, masks
     tuple's ALiBi, dropout and sinks entries) for a kernel call.
 
     bf16 products take bf16 bits (uint16) as they are and float32 otherwise; the
     float kernels take float32 or float64. What depends only on dtypes, shapes and
     options is planned once per signature (_static_prepare, _dense_table): small
-    calls feel every microsecond.
+    calls feel every microsecond. kv_in_place: K and V may stay as they are where the decode
+    kernel can read them in place (_key_value_arrays; ForwardPlan.run copies them otherwise).
     """
     dtype, compute, flags, consts = _static_prepare(
         np.dtype(q.dtype), bool(bf16_products), scale, softcap, alibi is not None, dropout_p, sinks is not None)
-    q, k, v = (_kernel_array(x, dtype) for x in (q, k, v))
+    q = _kernel_array(q, dtype)
+    k, v, _ = _key_value_arrays(k, v, dtype, kv_in_place)
     if segments is None:
         table = _dense_table(q.shape[0], q.shape[2], k.shape[2], causal, _hashable(window), align)
     else:
