@@ -95,6 +95,9 @@ def run_job(dtype_name, bf16_products, kind, backward):
             out, lse = np.zeros_like(q), np.zeros(q.shape[:3], np.float64 if dtype == np.float64 else np.float32)
         else:
             out, lse = flash_forward(q, k, v, None, **options)
+        if kind == "decode":  # and a cache in flash-attn's (B, N, Hkv, D) layout, which it reads in place
+            flash_forward(q, *(np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (k, v)),
+                          None, **options)  # fmt: skip
         if backward or kind in _FORWARD_OF:
             flash_backward(q, k, v, None, out, np.ones_like(out), lse, **options)
     mark_ready(_units_of_job(dtype_name, bf16_products, kind, backward))

@@ -3,6 +3,7 @@ its backward: the group's rows against the keys a key at a time, K and V read in
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -11,14 +12,14 @@ from numba.extending import overload
 
 from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, padded
-from ..simd import contiguous_row, exp2_affine_at, prefetch, wide_vectors
+from ..simd import cache_row, contiguous_row, exp2_affine_at, prefetch, wide_vectors
 from .constants import (
     _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS,
     _HAS_SOFTCAP, _READ_AHEAD,
 )
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
-    _any_layout, _cache_row, _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as,
+    _any_layout, _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as,
     _widening_buffer,
 )
 from .schedule import TASK_QUEUE, _claim
@@ -73,7 +74,7 @@ def _dots_pass(k, v, b, hk, j0, bk, q_rows, r, n, s_full, zero, ahead):
         if ahead:
             _read_ahead(k, v, b, hk, j0 + j)
         t0 = t1 = t2 = t3 = zero
-        key = _cache_row(k, b, hk, j0 + j)
+        key = cache_row(k, b, hk, j0 + j)
         for c in range(d):
             x = _operand_of(s_full, key[c])
             t0 += x * q_rows[r, c]
@@ -131,7 +132,7 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
         w1, u1 = (p[r + 1, j], p[r + 1, j + 1]) if n > 1 else (w0, u0)
         w2, u2 = (p[r + 2, j], p[r + 2, j + 1]) if n > 2 else (w0, u0)
         w3, u3 = (p[r + 3, j], p[r + 3, j + 1]) if n > 3 else (w0, u0)
-        first, second = _cache_row(v, b, hk, j0 + j), _cache_row(v, b, hk, j0 + j + 1)
+        first, second = cache_row(v, b, hk, j0 + j), cache_row(v, b, hk, j0 + j + 1)
         for c in range(dv):
             x = _operand_of(acc, first[c])
             y = _operand_of(acc, second[c])
@@ -148,7 +149,7 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
         w1 = p[r + 1, j] if n > 1 else w0
         w2 = p[r + 2, j] if n > 2 else w0
         w3 = p[r + 3, j] if n > 3 else w0
-        value = _cache_row(v, b, hk, j0 + j)
+        value = cache_row(v, b, hk, j0 + j)
         for c in range(dv):
             x = _operand_of(acc, value[c])
             acc[r, c] += w0 * x
@@ -368,8 +369,11 @@ def _decode_kernel(
     keys. steps: decode_steps(). Returns RAN, REFUSED (nothing run: the steps were compiled
     for other types) or FAILED (a step raised); see kernels/cpu/launch.py."""
     n_tasks = k.shape[0] * k.shape[1] * n_splits
-    working = (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows,
-               np.arange(n_tasks), np.zeros(1, np.int64), out, lse, part_out, part_lse)  # fmt: skip
+    # K and V typed as layout 'A' whatever their layout: one worker serves a C-contiguous cache and
+    # one read in place (flash-attn's (B, N, Hkv, D) seen as (B, Hkv, N, D)); its row loops read
+    # through simd.cache_row, as fast on either (kernel log v56)
+    working = (q, _any_layout(k), _any_layout(v_rows), masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
+               micro, in_order_rows, np.arange(n_tasks), np.zeros(1, np.int64), out, lse, part_out, part_lse)  # fmt: skip
     merging = (part_out, part_lse, out, lse)
     if steps[1] != token_of(working, None) or steps[3] != token_of(merging, 0):
         return REFUSED
@@ -381,12 +385,28 @@ def _decode_kernel(
     return RAN
 
 
+@functools.lru_cache(maxsize=16)
+def _any_layout_of(dtype, ndim, writeable):
+    """A small array of dtype and ndim that numba.typeof types as layout 'A' (neither C- nor
+    F-contiguous: its last axis cut in half), aligned, writeable or not."""
+    array = np.zeros((1,) * (ndim - 2) + (2, 2), dtype)[..., :1]
+    array.flags.writeable = writeable
+    return array
+
+
+def _any_layout_like(x):
+    """A stand-in for x in address_of: the same type but for the layout, 'A' (what _any_layout makes)."""
+    return _any_layout_of(x.dtype, x.ndim, x.flags.writeable) if x.flags.aligned else x
+
+
 def decode_steps(
     q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows, n_workers,
     out, lse, part_out, part_lse, exact=False,
 ):  # fmt: skip
-    """_decode_kernel's `steps` for its arguments: the worker and the merge of split keys."""
+    """_decode_kernel's `steps` for its arguments: the worker (K and V typed as layout 'A' arrays,
+    as the kernel passes them) and the merge of split keys."""
     _, order, next_task = TASK_QUEUE
+    k, v_rows = _any_layout_like(k), _any_layout_like(v_rows)
     return steps_array(
         address_of(_decode_worker, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
                                     micro, in_order_rows, order, next_task, out, lse, part_out, part_lse),

@@ -10,7 +10,7 @@ from numba.extending import intrinsic, overload
 from ..cpu_blas import matmul
 from ..jit import jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
-from ..simd import contiguous_row, gradient_pairs
+from ..simd import cache_row, contiguous_row, gradient_pairs
 from .constants import _FASTMATH
 
 
@@ -259,20 +259,6 @@ def _padding_buffer_overload(x, rows, like):
     return lambda x, rows, like: np.empty(rows * padded(x.shape[3], PAD), like.dtype)
 
 
-def _cache_row(x, b, h, j):
-    """Row j of x[b, h] (x: (B, H, N, C), rows contiguous) as a 1-D 'C' array: x[b, h, j] for a
-    C-contiguous x; for a cache read in place (typed 'A': flash-attn's (B, N, H, C) seen as
-    (B, H, N, C)), its row through contiguous_row, whose loops vectorise (x[b, h, j, c] with the
-    strides known only at run time kept them scalar: 3.6x slower, /tmp script)."""
-
-
-@overload(_cache_row, jit_options={"inline": "always"})
-def _cache_row_overload(x, b, h, j):
-    if x.layout == "C":
-        return lambda x, b, h, j: x[b, h, j]
-    return lambda x, b, h, j: contiguous_row(x[b, h], j)
-
-
 @_jit(inline="always")
 def _copy_padded_rows(x, b, h, j0, rows, buffer):
     """Rows j0 .. j0 + rows of x[b, h] as elements of buffer's dtype, zero-padded to a multiple of PAD."""
@@ -280,7 +266,7 @@ def _copy_padded_rows(x, b, h, j0, rows, buffer):
     width = padded(cols, PAD)
     wide = buffer[: rows * width].reshape((rows, width))
     for r in range(rows):
-        row = _cache_row(x, b, h, j0 + r)  # no reference count: x is a worker's borrowed argument
+        row = cache_row(x, b, h, j0 + r)  # a row view without index checks or reference counts
         for c in range(cols):
             wide[r, c] = _operand_of(wide, row[c])
         for c in range(cols, width):
@@ -322,7 +308,7 @@ def _rows_as_overload(x, b, h, j0, rows, buffer):
         cols = x.shape[3]
         wide = buffer[: rows * cols].reshape((rows, cols))
         for r in range(rows):
-            row = _cache_row(x, b, h, j0 + r)  # no reference count: x is a worker's borrowed argument
+            row = cache_row(x, b, h, j0 + r)  # a row view without index checks or reference counts
             for c in range(cols):
                 wide[r, c] = _f32_of(row[c])
         return wide
