@@ -303,17 +303,18 @@ def scaled_dot_product_attention(
     as attention()'s), `dropout_seed` (as attention()'s) and `backend` are
     attnkit's own extras.
     """
+    plain_flags = type(is_causal) is bool and type(enable_gqa) is bool  # what the check passes at once
+    if not plain_flags:
+        _check_sdpa_flags(is_causal, enable_gqa)
     call_key = None
     if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
-        if type(is_causal) is bool and type(enable_gqa) is bool and scale is None and backend == "auto":
+        if plain_flags and scale is None and backend == "auto":
             options = _SDPA_OPTIONS[is_causal, enable_gqa]  # prebuilt: a tiny call feels every tuple
         else:
-            _check_sdpa_flags(is_causal, enable_gqa)
             options = ("sdpa", bool(is_causal), scale, type(scale), bool(enable_gqa), backend)
         call_key, out = planned.attend(options, query, key, value, False, sinks)
         if out is not None:
             return out
-    _check_sdpa_flags(is_causal, enable_gqa)
     dropout_p = dropout_probability(dropout_p)
     if is_causal and attn_mask is not None:
         raise ValueError(

@@ -185,7 +185,7 @@ def flash_forward(
         return plan.run(q, k, v, sinks=sinks)
     dtype, compute, q, k, v, flags, consts, table, extras = _prepare(
         q, k, v, scale, causal, window, softcap, bf16, segments, align, alibi, dropout_p, dropout_seed, sinks,
-        kv_in_place=segments is None)  # a decode call reads K and V in place where it can (ForwardPlan.run)
+        kv_in_place=segments is None)  # ForwardPlan.run: a decode reads K and V in place where it can
     plan = ForwardPlan(q.shape, k.shape, v.shape, dtype, compute, bf16, table, segments is not None, flags, consts,
                        f32_products, mask, extras)  # fmt: skip
     return plan.run(q, k, v)

@@ -67,8 +67,8 @@ from .jit import jit
 from .target import TARGET
 
 __all__ = [
-    "EXP2_POLYNOMIAL", "FLUSH_BELOW", "cache_row", "contiguous_row", "exp2_affine", "exp2_affine_at", "exp2_affine_bits_at",
-    "gradient_pairs", "prefetch", "row_max", "row_max_at", "wide_vectors",
+    "EXP2_POLYNOMIAL", "FLUSH_BELOW", "cache_row", "contiguous_row", "exp2_affine", "exp2_affine_at",
+    "exp2_affine_bits_at", "gradient_pairs", "prefetch", "row_max", "row_max_at", "wide_vectors",
 ]
 
 
@@ -544,19 +544,22 @@ def _contiguous_row_intrinsic(typingctx, matrix, r):
 
     def codegen(context, builder, signature, args):
         array = context.make_array(signature.args[0])(context, builder, args[0])
-        row = context.make_array(row_type)(context, builder)
         element = context.get_data_type(matrix.dtype)
-        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
         index = context.cast(builder, args[1], signature.args[1], types.intp)
         width = cgutils.unpack_tuple(builder, array.shape, 2)[1]
-        context.populate_array(
-            row, data=_row_start(context, builder, signature.args[0], args[0], index, element),
-            shape=cgutils.pack_array(builder, [width]), strides=cgutils.pack_array(builder, [itemsize]),
-            itemsize=itemsize, meminfo=None,
-        )  # fmt: skip
-        return row._getvalue()
+        start = _row_start(context, builder, signature.args[0], args[0], index, element)
+        return _row_view(context, builder, row_type, element, start, width)
 
     return row_type(matrix, r), codegen
+
+
+def _row_view(context, builder, row_type, element, start, width):
+    """A 1-D 'C' array value of row_type: width elements from the element* start, no MemInfo."""
+    itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
+    row = context.make_array(row_type)(context, builder)
+    context.populate_array(row, data=start, shape=cgutils.pack_array(builder, [width]),
+                           strides=cgutils.pack_array(builder, [itemsize]), itemsize=itemsize, meminfo=None)
+    return row._getvalue()
 
 
 @intrinsic
@@ -583,11 +586,7 @@ def cache_row(typingctx, array, b, h, j):
         element = context.get_data_type(array.dtype)
         start = builder.bitcast(builder.gep(builder.bitcast(value.data, ir.IntType(8).as_pointer()), [offset]),
                                 element.as_pointer())  # fmt: skip
-        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
-        row = context.make_array(row_type)(context, builder)
-        context.populate_array(row, data=start, shape=cgutils.pack_array(builder, [width]),
-                               strides=cgutils.pack_array(builder, [itemsize]), itemsize=itemsize, meminfo=None)
-        return row._getvalue()
+        return _row_view(context, builder, row_type, element, start, width)
 
     return row_type(array, b, h, j), codegen
 

@@ -20,7 +20,7 @@ import torch
 
 import attnkit
 from attnkit import reference
-from attnkit.flash_attn import flash_attn_func
+from attnkit.flash_attn import flash_attn_func, flash_attn_with_kvcache
 from attnkit.kernels import microkernels
 from attnkit.kernels.target import TARGET, describe
 from attnkit.testing import assert_within_rule, max_error, torch_attention
@@ -104,7 +104,8 @@ def bf16_two_times_rule(rng):
 
 
 def masks_and_decode(rng):
-    """A boolean key-padding mask, an additive mask, and decode (Nq = 1 against a long cache, GQA 8/2)."""
+    """A boolean key-padding mask, an additive mask, and decode (Nq = 1 against a long cache, GQA 8/2;
+    also on a cache in flash-attn's layout, which the decode kernel reads in place)."""
     q, k, v = (rng.standard_normal((2, 2, n, 48)).astype(np.float32) for n in (70, 300, 300))
     padding = np.ones((2, 1, 1, 300), bool)
     padding[0, ..., 211:] = False
@@ -120,6 +121,14 @@ def masks_and_decode(rng):
     mha_k, mha_v = (rng.standard_normal((3, 8, 300, 128)).astype(np.float32) for _ in range(2))  # one row a tile
     against_reference("decode_mha", attnkit.attention(q1, mha_k, mha_v, backend="numba"), reference.attention,
                       (q1, mha_k, mha_v))  # fmt: skip
+    # The same cache in flash-attn's (B, N, Hkv, D) layout, read in place, sequences of their own lengths
+    lengths = np.array([1000, 611, 1], np.int32)
+    q_flash, k_flash, v_flash = (torch.tensor(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+                                 for x in (q1, cache_k, cache_v))  # fmt: skip
+    got = flash_attn_with_kvcache(q_flash, k_flash, v_flash, cache_seqlens=torch.from_numpy(lengths)).numpy()
+    filled = np.arange(1000)[None, None, None, :] < lengths[:, None, None, None]  # (B, 1, 1, N)
+    against_reference("decode_flash_layout", got.transpose(0, 2, 1, 3),
+                      lambda *x: reference.attention(*x, mask=filled), (q1, cache_k, cache_v))  # fmt: skip
     q1b, kb, vb = (torch.tensor(x).bfloat16() for x in (q1, cache_k, cache_v))
     got = attnkit.attention(q1b, kb, vb, backend="numba").float()
     want = reference.attention(*(x.double().numpy() for x in (q1b, kb, vb)))

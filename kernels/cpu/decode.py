@@ -395,8 +395,9 @@ def _any_layout_of(dtype, ndim, writeable):
 
 
 def _any_layout_like(x):
-    """A stand-in for x in address_of: the same type but for the layout, 'A' (what _any_layout makes)."""
-    return _any_layout_of(x.dtype, x.ndim, x.flags.writeable) if x.flags.aligned else x
+    """A stand-in for x (aligned, as the plans make K and V) in address_of: the same type but for
+    the layout, 'A' (what _any_layout makes of x in the kernel)."""
+    return _any_layout_of(x.dtype, x.ndim, x.flags.writeable)
 
 
 def decode_steps(

@@ -85,7 +85,8 @@ def _rows_in_place(x, dtype):
     """Whether the decode kernel reads x, a (B, H, N, C) array of dtype, in place though it is not
     C-contiguous: rows contiguous, heads interleaved (a (B, N, H, C) cache seen as (B, H, N, C),
     flash-attn's layout). Then neither C- nor F-contiguous, aligned and writeable: Numba types it as
-    a layout 'A' array, one more compiled signature of the decode kernel per dtype."""
+    a layout 'A' array, which the decode kernel's entry has a signature for (its worker takes K and V
+    as 'A' arrays whatever their layout)."""
     return (type(x) is np.ndarray and x.dtype == dtype and x.ndim == 4 and x.strides[3] == x.itemsize
             and x.flags.aligned and x.flags.writeable and not x.flags.c_contiguous and not x.flags.f_contiguous)
 
@@ -264,13 +265,14 @@ def _prepare(q, k, v, scale, causal, window, softcap, bf16_products, segments, a
     bf16 products take bf16 bits (uint16) as they are and float32 otherwise; the
     float kernels take float32 or float64. What depends only on dtypes, shapes and
     options is planned once per signature (_static_prepare, _dense_table): small
-    calls feel every microsecond. kv_in_place: K and V may stay as they are where the decode
-    kernel can read them in place (_key_value_arrays; ForwardPlan.run copies them otherwise).
+    calls feel every microsecond. kv_in_place: K and V are left as they are, for ForwardPlan.run,
+    which reads a decode's cache in place and copies what its kernel cannot read (_key_value_arrays).
     """
     dtype, compute, flags, consts = _static_prepare(
         np.dtype(q.dtype), bool(bf16_products), scale, softcap, alibi is not None, dropout_p, sinks is not None)
     q = _kernel_array(q, dtype)
-    k, v, _ = _key_value_arrays(k, v, dtype, kv_in_place)
+    if not kv_in_place:
+        k, v = _kernel_array(k, dtype), _kernel_array(v, dtype)
     if segments is None:
         table = _dense_table(q.shape[0], q.shape[2], k.shape[2], causal, _hashable(window), align)
     else:
