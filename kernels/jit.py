@@ -30,6 +30,7 @@ from numba import config as numba_config
 from numba import njit
 from numba.core import caching, event
 from numba.core.registry import CPUDispatcher
+from numba.core.runtime import rtsys
 
 __all__ = [
     "announce_as", "cache_location", "code_variant", "defer_scipy_import", "discard_stale_cache", "jit", "jit_inner",
@@ -229,8 +230,17 @@ def set_code_variant(text):
 
 
 class LockedFunctionCache(caching.FunctionCache):
-    """Numba's FunctionCache with saves that processes can make at once (_LockedIndexDataFile), and
-    loads that keep what a function needs run before its code is called (its reload_init).
+    """Numba's FunctionCache with saves that processes can make at once (_LockedIndexDataFile),
+    loads that keep what a function needs run before its code is called (its reload_init), and
+    loads that do not first load all of Numba's registries.
+
+    Numba refreshes the whole target context before every cache load: it imports and installs
+    every registry it has (random, typed containers, polynomials, ...), ~0.15 s of a first call
+    whose kernels are all in the cache. Loaded machine code needs none of it, only Numba's
+    runtime (NRT), whose functions it calls, and the C helpers Numba registers when its core is
+    imported. A compilation still refreshes the context first (Numba's compiler does so itself).
+    tests/test_first_calls.py checks that every attnkit function in the cache links against no
+    symbol that only a registry provides.
 
     Numba runs a loaded function's reload_init (for a parallel function: start the threading
     layer) but does not keep it on the loaded library, so a function compiled later that calls
@@ -251,6 +261,12 @@ class LockedFunctionCache(caching.FunctionCache):
 
     def _index_key(self, sig, codegen):
         return (*super()._index_key(sig, codegen), _code_variant[0])
+
+    def load_overload(self, sig, target_context):
+        rtsys.initialize(target_context)  # what a load needs of Numba's context.refresh()
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+        return None  # the guard swallowed a spurious I/O error: compiled instead, as in Numba
 
     def _load_overload(self, sig, target_context):
         if not self._enabled:

@@ -56,6 +56,8 @@ the row's tail.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -67,8 +69,8 @@ from .jit import jit
 from .target import TARGET
 
 __all__ = [
-    "EXP2_POLYNOMIAL", "FLUSH_BELOW", "cache_row", "contiguous_row", "exp2_affine", "exp2_affine_at",
-    "exp2_affine_bits_at", "gradient_pairs", "prefetch", "row_max", "row_max_at", "wide_vectors",
+    "FLUSH_BELOW", "cache_row", "contiguous_row", "exp2_affine", "exp2_affine_at",
+    "exp2_affine_bits_at", "exp2_polynomial", "gradient_pairs", "prefetch", "row_max", "row_max_at", "wide_vectors",
 ]
 
 
@@ -82,9 +84,16 @@ def _exp2_polynomial(degree):
 # exp2's arguments below these give 0 (module docstring): the weights stay far from subnormal.
 FLUSH_BELOW = {np.dtype(np.float32): -64.0, np.dtype(np.float64): -512.0}
 
-# Degree 6 is below float32 rounding (max relative error ~2e-7 on the
-# polynomial, ~1.6e-6 end to end); degree 12 is at float64 rounding.
-EXP2_POLYNOMIAL = {np.dtype(np.float32): _exp2_polynomial(6), np.dtype(np.float64): _exp2_polynomial(12)}
+@functools.cache
+def exp2_polynomial(dtype):
+    """The coefficients exp2 evaluates for a float dtype (lowest degree first). Degree 6 is below
+    float32 rounding (max relative error ~2e-7 on the polynomial, ~1.6e-6 end to end); degree 12 is
+    at float64 rounding.
+
+    Fitted when a kernel compiles, not at import: the fit's least squares run in NumPy's OpenBLAS,
+    whose thread then spins for ~0.1 s, on a 2-core machine one core taken from the parallel
+    kernels of a process that only loads them from the cache (its next calls 8 ms instead of 0.2)."""
+    return _exp2_polynomial({np.dtype(np.float32): 6, np.dtype(np.float64): 12}[np.dtype(dtype)])
 
 
 class _Real:
@@ -146,7 +155,7 @@ def _exp2_of(builder, real, vector, x, target=TARGET):
     clamped = builder.select(below, floor, x)  # keeps the integer conversion in range
     n = _unary_intrinsic(builder, real, vector, "rint", clamped)  # round to nearest
     f = builder.fsub(clamped, n)  # [-0.5, 0.5]
-    coefficients = EXP2_POLYNOMIAL[real.dtype]
+    coefficients = exp2_polynomial(real.dtype)
     p = real.constant(coefficients[-1], vector)
     for c in reversed(coefficients[:-1]):
         p = _fma(builder, real, vector, p, f, real.constant(c, vector))

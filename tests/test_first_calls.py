@@ -1,12 +1,15 @@
 """First calls on a machine where the kernels are not compiled yet: the NumPy reference stands in
 while helper processes compile them (attnkit.backends, kernels/warmup.py)."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import attnkit
 from attnkit import backends
@@ -174,7 +177,7 @@ from numba.np import arraymath, linalg
 def add(a):
     return a + 1.0
 
-add(1.0)  # Numba's registries are loaded now: what a first call that reads the cache does
+add(1.0)  # Numba's registries are loaded now: what a first compilation does
 before = "scipy.linalg" in sys.modules
 
 @numba.njit
@@ -199,3 +202,77 @@ def test_numbas_registries_load_without_importing_scipy_linalg_and_np_dot_still_
     assert result.returncode == 0, result.stderr
     blas, *found = result.stdout.split()
     assert found == [str(blas != "mkl"), "True", "True", "True", "True"], result.stdout
+
+
+# A fresh process whose kernels are in the cache: a training step and a decode step, checked
+# against torch; whether Numba loaded its registries; then the external symbols that every
+# library in the cache declares, read from the files without importing anything they name.
+_LOADS = r"""
+import io, json, pickle, sys
+from pathlib import Path
+import llvmlite.binding as ll
+import torch
+import attnkit
+
+def step(q, k, v, attend):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = attend(q, k, v)
+    out.sum().backward()
+    return [out.detach()] + [x.grad for x in (q, k, v)]
+
+g = torch.Generator().manual_seed(3)
+q, k, v = (torch.randn(1, 4, 40, 16, generator=g) for _ in range(3))
+got = step(q, k, v, lambda q, k, v: attnkit.attention(q, k, v, causal=True))
+want = step(q, k, v, lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+got.append(attnkit.attention(q[:, :, -1:], k, v))
+want.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, -1:], k, v))
+error = max(float((a - b).abs().max()) for a, b in zip(got, want))
+
+class Anything:
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+    def __init__(self, *args, **kwargs):
+        pass
+    def __setstate__(self, state):
+        pass
+
+class NoImports(pickle.Unpickler):
+    def find_class(self, module, name):
+        return Anything
+
+libraries, declared, unresolved = 0, set(), set()
+for folder in sys.argv[1:]:
+    for path in sorted(Path(folder).glob("*.nbc")):
+        name, kind, (object_code, bitcode) = NoImports(io.BytesIO(path.read_bytes())).load()[0]
+        libraries += 1
+        for function in ll.parse_bitcode(bitcode).functions:
+            if function.is_declaration and not function.name.startswith("llvm."):
+                declared.add(function.name)
+                if not ll.address_of_symbol(function.name):
+                    unresolved.add(function.name)
+print(json.dumps(dict(error=error, registries="numba.np.random.legacy" in sys.modules, libraries=libraries,
+                      nrt=any(name.startswith("NRT_") for name in declared),
+                      own=any(name.startswith("attnkit_") for name in declared), unresolved=sorted(unresolved))))
+"""
+
+
+def test_a_process_loads_its_kernels_without_numbas_registries_and_links_them():
+    """A load from the cache skips Numba's registries (LockedFunctionCache.load_overload: a tenth
+    of a second of a first call). A fresh process that finds its kernels in the cache runs a
+    training step and a decode step (equal to torch's) without importing them. That is safe while
+    nothing in the cache calls a symbol that only a registry provides (the process would abort
+    while linking it): every external that the cached libraries declare (Numba's runtime, its C
+    helpers, attnkit's BLAS and threads) resolves in that process."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 40, 16, generator=g, requires_grad=True) for _ in range(3))
+    attnkit.attention(q, k, v, causal=True).sum().backward()  # compiled here where the cache lacks them
+    attnkit.attention(q.detach()[:, :, -1:], k.detach(), v.detach())
+    kernels = Path(jit.__file__).parent
+    folders = [str(folder) for folder in (jit.cache_folder(kernels), jit.cache_folder(kernels / "cpu")) if folder]
+    result = subprocess.run([sys.executable, "-c", _LOADS, *folders], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["error"] < 1e-5, found
+    assert not found["registries"], found
+    assert found["libraries"] >= 10 and found["nrt"] and found["own"], found  # the scan saw the kernels' externals
+    assert found["unresolved"] == [], f"cached code calls symbols that a load does not set up: {found}"
