@@ -223,6 +223,7 @@ class ForwardPlan:
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
         "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "result_block",
         "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call", "serial", "strided_call",
+        "k_shape",
     )  # fmt: skip
 
     def __init__(self, q_shape, k_shape, v_shape, dtype, compute, bf16, table, packed, flags, consts, f32_products,
@@ -231,6 +232,7 @@ class ForwardPlan:
         hkv, nk, dv = k_shape[1], k_shape[2], v_shape[3]
         self.dtype, self.compute, self.bf16, self.table, self.consts, self.mask = dtype, compute, bf16, table, consts, mask
         self.result_shapes = ((batch, hq, nq, dv), (batch, hq, nq))
+        self.k_shape = k_shape
         # One block for both results saves page faults on large calls (arrays_together); small
         # ones are served from the heap's free lists either way.
         self.separate = bf16 or batch * hq * nq * (dv + 1) * np.dtype(dtype).itemsize < _SEPARATE_RESULTS_BYTES
@@ -294,6 +296,9 @@ class ForwardPlan:
                 self.strided_call = KernelCall(_decode_kernel, decode_steps)
             _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro, n_workers, out,
                     lse, self.strided_call if strided else self.kernel_call, self.in_order_rows)  # fmt: skip
+            if (self.serial is None and not strided and self.kernel_call.entry and not self.flags & _HAS_SINKS
+                    and not uses_process_threads()):  # fmt: skip
+                self.serial = _serial_decode(self, self.kernel_call.entry, self.kernel_call.steps)
             return out, lse
         announce_as("forward")
         if self.small:
@@ -315,6 +320,45 @@ class ForwardPlan:
             _record("forward_serial" if n_workers == 1 else "forward", q, k, v, self.mask)
         self.kernel_call(q, k, v, self.table, masks, self.consts, self.flags, self.block_q, self.block_k, self.micro,
                          n_workers, k_packed, v_packed, out, lse)  # fmt: skip
+
+
+def _serial_decode(plan, entry, steps):
+    """plan.run(q, k, v) of a dense decode without sinks on C-contiguous K and V, as one function: the
+    checks of _serial_forward, the thread count, the allocations and the kernel's compiled entry,
+    under the lock of the thread pool. Each layer between two decode kernels costs several times its
+    own instructions: the kernel has streamed K and V through the caches, and the next call's Python
+    finds its code and data gone (fp32 MHA B4 H32 Nk64 D128: a minimal loop of the same steps took
+    170 us a call where the layered path took 206). Returns None where run() must take the call:
+    inputs to copy, keys split across workers (partials to merge), a recording to make, or a kernel
+    that did not run."""
+    dtype, compute = plan.dtype, plan.compute
+    out_shape, lse_shape = plan.result_shapes
+    batch, hkv, nk, _ = plan.k_shape
+    fixed = (plan.masks, plan.consts, plan.lo, plan.hi, plan.flags, min(_DECODE_BLOCK_K, nk), plan.micro,
+             plan.in_order_rows, _UNUSED_PARTIALS[np.dtype(compute).type])  # fmt: skip
+    masks, consts, lo, hi, flags, block_k, micro, in_order_rows, (part_out, part_lse) = fixed
+    one_split_up_to = batch * hkv // 2  # workers for which _decode splits no keys (see n_splits there)
+    ndarray, empty, lock = np.ndarray, np.empty, _CALL_LOCK
+
+    def run(q, k, v):
+        if (type(q) is not ndarray or type(k) is not ndarray or type(v) is not ndarray or q.dtype != dtype
+                or k.dtype != dtype or v.dtype != dtype or not q.flags.carray or not k.flags.carray
+                or not v.flags.carray or _RECORDINGS):  # fmt: skip
+            return None
+        n_workers = worker_count()
+        if n_workers > 1 and n_workers > one_split_up_to and nk > _DECODE_BLOCK_K:
+            return None  # _decode splits the keys: partials to merge
+        out, lse = empty(out_shape, dtype), empty(lse_shape, compute)
+        if n_workers == 1:  # the calling thread alone: no pool, no workspace (_decode's `alone`)
+            status = entry(q, k, v, masks, consts, lo, hi, flags, block_k, 1, micro, in_order_rows, 1, out, lse,
+                           part_out, part_lse, steps)  # fmt: skip
+        else:
+            with lock:
+                status = entry(q, k, v, masks, consts, lo, hi, flags, block_k, 1, micro, in_order_rows, n_workers,
+                               out, lse, part_out, part_lse, steps)  # fmt: skip
+        return (out, lse) if status == RAN else None
+
+    return run
 
 
 def _serial_forward(plan, entry, steps):

@@ -25,7 +25,7 @@ CASES = [
     (1, 4, 1, 1, 10000, 64, None, None, None),
     (1, 2, 2, 5, 300, 32, "top_left", None, None),  # Nq > 1, top-left: later keys hidden
     (1, 6, 3, 7, 4097, 59, None, (None, 0), None),  # odd head dim: V padded a block at a time
-    (2, 8, 8, 1, 777, 64, None, None, "key_padding"),  # MHA: one row per tile, P V a key at a time
+    (2, 8, 8, 1, 777, 64, None, None, "key_padding"),  # MHA: one row per tile, P V four keys a step (777 = 4k + 1)
     (1, 4, 4, 1, 1500, 128, "bottom_right", (300, 0), None),
     (1, 8, 2, 1, 333, 40, None, None, "key_padding"),  # 4 rows a tile: both products a key at a time, D 40
     (1, 6, 2, 1, 515, 64, None, None, None),  # 3 rows (bf16: one pass over key pairs), an odd block of 3 keys

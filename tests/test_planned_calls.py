@@ -260,7 +260,12 @@ ENTRY_CASES = {
     "forward-parallel-fp64": ((1, 4, 160, 32), (1, 4, 160, 32), torch.float64, False),
     "decode-split-bf16": ((1, 4, 1, 64), (1, 1, 1500, 64), torch.bfloat16, False),
     "decode-sinks": ((2, 8, 1, 32), (2, 2, 90, 32), torch.float32, True),
+    "decode-mha-bf16": ((2, 4, 1, 32), (2, 4, 300, 32), torch.bfloat16, False),
+    "decode-gqa-fp32": ((4, 8, 1, 64), (4, 2, 70, 64), torch.float32, False),
 }
+# Plans that run as one function (ForwardPlan.serial): a small forward, and a decode without sinks.
+# decode-split-bf16 has one too, which gives the call back to run() whenever its keys are split.
+_SERIAL = {"forward-small", "decode-split-bf16", "decode-mha-bf16", "decode-gqa-fp32"}
 
 
 @pytest.mark.parametrize("case_id", ENTRY_CASES)
@@ -270,7 +275,7 @@ def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case_id):
     arguments of every later call, whatever the inputs' layout (copied when not C-contiguous,
     aligned and writeable), as the dispatcher would have chosen it."""
     import numba
-    from attnkit.kernels.numba_attention import _serial_forward
+    from attnkit.kernels.numba_attention import _serial_decode, _serial_forward
 
     q_shape, kv_shape, dtype, with_sinks = ENTRY_CASES[case_id]
     rng = np.random.default_rng(8)
@@ -285,7 +290,7 @@ def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case_id):
     plan, seen = call.plan, []
     kernel_call, serial = plan.kernel_call, plan.serial
     assert kernel_call.entry, "the plan does not enter its kernel directly"
-    assert (serial is not None) == (case_id == "forward-small"), "only a small forward runs as one function"
+    assert (serial is not None) == (case_id in _SERIAL), serial
     entry = kernel_call.entry
 
     def spy(*arguments):  # the entry as the plan calls it, the steps last
@@ -294,7 +299,7 @@ def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case_id):
 
     plan.kernel_call.entry = spy
     if serial is not None:
-        plan.serial = _serial_forward(plan, spy, kernel_call.steps)
+        plan.serial = (_serial_decode if plan.decode else _serial_forward)(plan, spy, kernel_call.steps)
     try:
         later = [(q, k, v),
                  (q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v),  # not C-contiguous: copied

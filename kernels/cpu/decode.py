@@ -165,7 +165,7 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
 def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv], keys in memory order: a V row (bf16: two
     keys' rows), loaded and widened once, serves four output rows per pass (then bf16's last three
-    in one pass; float's two, then one)."""
+    in one pass; float's two, then one: four keys a step, _pv_row_quads)."""
     wide_vectors()
     pairs = _pv_key_pairs(v)
     r = 0
@@ -178,8 +178,29 @@ def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     if rows - r >= 2:
         _pv_pass(v, b, hk, j0, bk, p, r, 2, pairs, dv, acc)
         r += 2
-    if r < rows:  # one row: a key at a time
-        _pv_pass(v, b, hk, j0, bk, p, r, 1, False, dv, acc)
+    if r < rows:  # one row: four keys a step, then a key at a time
+        _pv_row_quads(v, b, hk, j0, bk, p, r, dv, acc)
+
+
+@_jit(inline="always")
+def _pv_row_quads(v, b, hk, j0, bk, p, r, dv, acc):
+    """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv] for one row, four keys' V rows a step: the
+    row is loaded and stored once per four keys, not per key, whose store-to-load chain bounded the
+    single-row P V (MHA decode)."""
+    j = 0
+    while j + 4 <= bk:
+        w0, w1, w2, w3 = p[r, j], p[r, j + 1], p[r, j + 2], p[r, j + 3]
+        v0, v1 = cache_row(v, b, hk, j0 + j), cache_row(v, b, hk, j0 + j + 1)
+        v2, v3 = cache_row(v, b, hk, j0 + j + 2), cache_row(v, b, hk, j0 + j + 3)
+        for c in range(dv):
+            acc[r, c] += (w0 * _operand_of(acc, v0[c]) + w1 * _operand_of(acc, v1[c])) + (
+                w2 * _operand_of(acc, v2[c]) + w3 * _operand_of(acc, v3[c]))
+        j += 4
+    for j in range(j, bk):
+        w0 = p[r, j]
+        value = cache_row(v, b, hk, j0 + j)
+        for c in range(dv):
+            acc[r, c] += w0 * _operand_of(acc, value[c])
 
 
 @_jit(inline="always")
