@@ -257,9 +257,9 @@ import numpy as np
 
 @numba.njit
 def needs_registries(n):
-    counts = {}
+    counts = {"a": 0, "b": 0}
     for word in ("a", "b", "a"):
-        counts[word] = counts.get(word, 0) + 1
+        counts[word] += 1
     np.random.seed(n)
     return counts["a"], np.random.random() < 1.0
 
