@@ -291,3 +291,34 @@ def test_a_process_loads_its_kernels_without_numbas_registries_and_links_them():
     assert not found["registries"] and found["compiled_later"], found
     assert found["libraries"] >= 10 and found["nrt"] and found["own"], found  # the scan saw the kernels' externals
     assert found["unresolved"] == [], f"cached code calls symbols that a load does not set up: {found}"
+
+
+def test_the_reference_runs_its_blas_on_one_thread_while_helpers_compile(monkeypatch):
+    """Beside helper processes compiling on every core, the BLAS threads of a call standing in for
+    the kernel waited for cores the helpers held (a first call 1.1-3.1 s instead of ~0.5): while
+    helpers compile, the reference limits NumPy's BLAS to one thread for the call, and only then."""
+    from threadpoolctl import threadpool_info
+
+    from attnkit.backends import reference as reference_backend
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before or max(before) == 1:
+        pytest.skip("NumPy's BLAS runs on one thread here anyway")
+    seen = []
+    real = reference_backend.reference_attention
+
+    def spy(*args, **kwargs):
+        seen.append(blas_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference_backend, "reference_attention", spy)
+    q = np.random.default_rng(5).standard_normal((1, 2, 8, 4))
+    for helpers in ([("float32", False, "forward")], []):
+        monkeypatch.setattr(warmup, "compiling", lambda units=None, helpers=helpers: list(helpers))
+        out = attnkit.attention(q, q, q, backend="reference")
+        np.testing.assert_allclose(out, real(q, q, q), rtol=1e-12)
+    assert seen == [[1] * len(before), before], seen
+    assert blas_threads() == before  # the limit ends with the call

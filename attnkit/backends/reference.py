@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
 from .. import _arrays
 from ..reference import attention as reference_attention
@@ -45,6 +47,30 @@ def score_count(spec):
     return math.prod(spec.batch) * spec.hq * spec.nq * spec.nk
 
 
+_WARMUP_MODULE = __package__.rsplit(".", 1)[0] + ".kernels.warmup"  # imported only with the kernels (Numba)
+_NO_LIMIT = contextlib.nullcontext()
+_BLAS_CONTROLLER = []  # threadpoolctl's controller, made at the first limit (it lists the loaded libraries)
+
+
+def _blas_threads_while_helpers_compile():
+    """A context manager: NumPy's BLAS on one thread while helper processes compile kernels
+    (kernels/warmup.py), else nothing. Beside two compiling helpers on two cores, OpenBLAS's threads
+    wait for cores the helpers hold: a first call standing in for the kernel (fp32 B1 H32/8 N1024
+    causal) took 1.1-3.1 s beside two busy processes with its threads, 0.42-0.52 s on one (0.30
+    against 0.32 s on a quiet machine; #24)."""
+    warmup = sys.modules.get(_WARMUP_MODULE)
+    if warmup is None or not warmup.compiling():
+        return _NO_LIMIT
+    try:
+        if not _BLAS_CONTROLLER:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+    except Exception:  # threadpoolctl cannot read this process's libraries: the call runs as it is
+        return _NO_LIMIT
+
+
 class ReferenceBackend(Backend):
     """The NumPy specification. Runs anything, anywhere, through host memory."""
 
@@ -60,6 +86,10 @@ class ReferenceBackend(Backend):
         return None
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
+        with _blas_threads_while_helpers_compile():
+            return self._forward(q, k, v, mask, spec, alibi, return_weights, dropout, sinks)
+
+    def _forward(self, q, k, v, mask, spec, alibi, return_weights, dropout, sinks):
         qn, kn, vn, sinks_n = map(_arrays.to_numpy, (q, k, v, sinks))
         if spec.packed:
             out, lse = varlen_attention(
@@ -76,6 +106,10 @@ class ReferenceBackend(Backend):
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), weights
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
+        with _blas_threads_while_helpers_compile():
+            return self._backward(q, k, v, mask, out, d_out, lse, spec, alibi, dropout)
+
+    def _backward(self, q, k, v, mask, out, d_out, lse, spec, alibi, dropout):
         arrays = map(_arrays.to_numpy, (q, k, v, out, d_out, lse))
         if spec.packed:
             grads = varlen_attention_backward(
