@@ -322,3 +322,49 @@ def test_the_reference_runs_its_blas_on_one_thread_while_helpers_compile(monkeyp
         np.testing.assert_allclose(out, real(q, q, q), rtol=1e-12)
     assert seen == [[1] * len(before), before], seen
     assert blas_threads() == before  # the limit ends with the call
+
+
+STEP_CASES = {
+    # id: (q shape, kv shape, options): what a stand-in call may carry
+    "gqa-causal": ((1, 8, 64, 16), (1, 4, 80, 16), dict(causal=True)),
+    "mask-shared-by-heads": ((2, 6, 33, 8), (2, 3, 33, 8), dict(mask="shared")),
+    "mask-per-head-window": ((2, 6, 33, 8), (2, 3, 33, 8), dict(mask="per-head", window=(5, 3))),
+    "alibi": ((1, 4, 40, 8), (1, 2, 40, 8), dict(alibi="slopes", causal=True)),
+    "sinks-softcap": ((1, 4, 40, 8), (1, 2, 40, 8), dict(sinks="logits", softcap=2.0)),
+    "batch-axes": ((3, 2, 4, 40, 8), (3, 2, 2, 40, 8), dict(causal=True)),
+}
+
+
+@pytest.mark.parametrize("case", STEP_CASES.values(), ids=STEP_CASES.keys())
+def test_the_reference_runs_a_large_call_a_few_kv_heads_at_a_time_with_the_same_bits(case, monkeypatch):
+    """Above _SCORES_PER_STEP_BYTES of scores the reference backend runs a dense call a few kv heads
+    at a time (their temporaries, not the whole call's): forward and gradients bit for bit those of
+    the call run whole, masks, ALiBi slopes and sinks cut to each step's query heads."""
+    from attnkit.backends import reference as reference_backend
+
+    q_shape, kv_shape, options = case
+    rng = np.random.default_rng(sum(q_shape))
+    q, k, v = (torch.tensor(rng.standard_normal(s), dtype=torch.float32) for s in (q_shape, kv_shape, kv_shape))
+    hq, nq, nk = q_shape[-3], q_shape[-2], kv_shape[-2]
+    extra = {"shared": rng.random((q_shape[0], 1, nq, nk)) > 0.3, "per-head": rng.random((q_shape[0], hq, nq, nk)) > 0.3}
+    options = dict(options)
+    if "mask" in options:
+        options["mask"] = torch.from_numpy(extra[options["mask"]])
+    if "alibi" in options:
+        options.pop("alibi")
+        options["alibi_slopes"] = torch.tensor(rng.random(hq), dtype=torch.float32)
+    if "sinks" in options:
+        options["sinks"] = torch.tensor(rng.standard_normal(hq), dtype=torch.float32)
+    steps = []
+    real_steps = reference_backend._head_steps
+    monkeypatch.setattr(reference_backend, "_head_steps", lambda *a: steps.append(real_steps(*a)) or steps[-1])
+    results = []
+    for step_bytes in (1 << 40, 1):  # whole; then one kv head a step
+        monkeypatch.setattr(reference_backend, "_SCORES_PER_STEP_BYTES", step_bytes)
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = attnkit.attention(*inputs, backend="reference", **options)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [x.grad for x in inputs])
+    assert steps[:2] == [None, None] and [len(s) for s in steps[2:]] == [kv_shape[-3]] * 2, steps
+    for whole, stepped in zip(*results):
+        torch.testing.assert_close(stepped, whole, rtol=0, atol=0)

@@ -6,6 +6,8 @@ import contextlib
 import math
 import sys
 
+import numpy as np
+
 from .. import _arrays
 from ..reference import attention as reference_attention
 from ..reference import attention_backward as reference_attention_backward
@@ -45,6 +47,37 @@ def score_count(spec):
     if spec.packed:
         return spec.hq * int((spec.lengths_q * spec.lengths_k).sum())
     return math.prod(spec.batch) * spec.hq * spec.nq * spec.nk
+
+
+# Above this many bytes of scores, a dense call runs a few kv heads (and their query heads) at a
+# time: each step's temporaries (scores, weights, their gradients: ~8 arrays of the scores' size in
+# the backward) then fit a step's share, and are new memory for each call no more. The backward of
+# fp32 B1 H32/8 N1024 causal (128 MiB of scores) took 2.3-4.6 s at its first call on the Xeon VM
+# and 0.4-2.5 s later, backing ~1 GiB of new memory each time; eight steps of 16 MiB: 0.31-0.33 s,
+# the same bits (per head the arithmetic is the same).
+_SCORES_PER_STEP_BYTES = 16 << 20
+
+
+def _head_steps(spec, mask, dropout, return_weights):
+    """[(query heads, kv heads)] slices to run a dense call in, or None to run it whole: small calls,
+    packed ones, and those with dropout (its keep mask is drawn whole) or returned weights."""
+    if spec.packed or dropout is not None or return_weights or spec.hkv < 2:
+        return None
+    if mask is not None and np.ndim(mask) >= 3 and mask.shape[-3] not in (1, spec.hq):
+        return None
+    per_kv_head = score_count(spec) // spec.hkv * (8 if spec.dtype == "float64" else 4)
+    if per_kv_head * spec.hkv <= _SCORES_PER_STEP_BYTES:
+        return None
+    step, group = max(1, _SCORES_PER_STEP_BYTES // per_kv_head), spec.hq // spec.hkv
+    return [(slice(h * group, min(h + step, spec.hkv) * group), slice(h, min(h + step, spec.hkv)))
+            for h in range(0, spec.hkv, step)]  # fmt: skip
+
+
+def _mask_heads(mask, heads):
+    """A mask ((..., Hq or 1, Nq, Nk), or (Nq, Nk)) for these query heads."""
+    if mask is None or mask.ndim < 3 or mask.shape[-3] == 1:
+        return mask
+    return mask[..., heads, :, :]
 
 
 _WARMUP_MODULE = __package__.rsplit(".", 1)[0] + ".kernels.warmup"  # imported only with the kernels (Numba)
@@ -90,19 +123,33 @@ class ReferenceBackend(Backend):
             return self._forward(q, k, v, mask, spec, alibi, return_weights, dropout, sinks)
 
     def _forward(self, q, k, v, mask, spec, alibi, return_weights, dropout, sinks):
-        qn, kn, vn, sinks_n = map(_arrays.to_numpy, (q, k, v, sinks))
+        qn, kn, vn, sinks_n, mask_n = map(_arrays.to_numpy, (q, k, v, sinks, mask))
+        steps = _head_steps(spec, mask_n, dropout, return_weights)
+        weights = None
         if spec.packed:
             out, lse = varlen_attention(
                 qn, kn, vn, spec.cu_q, spec.cu_k, **_options(spec, alibi), **_packed_dropout(dropout), sinks=sinks_n,
                 return_lse=True,
             )  # fmt: skip
-            weights = None
+        elif steps:  # a few kv heads at a time (_SCORES_PER_STEP_BYTES)
+            options = _options(spec, alibi)
+            slopes, parts = options.pop("alibi_slopes"), []
+            for heads, kv_heads in steps:
+                parts.append(reference_attention(
+                    qn[..., heads, :, :], kn[..., kv_heads, :, :], vn[..., kv_heads, :, :],
+                    mask=_mask_heads(mask_n, heads), return_lse=True, **options,
+                    sinks=None if sinks_n is None else sinks_n[heads],
+                    alibi_slopes=None if slopes is None else slopes[..., heads],
+                ))  # fmt: skip
+            out = np.concatenate([part[0] for part in parts], axis=-3)  # (..., Hq, Nq, Dv)
+            lse = np.concatenate([part[1] for part in parts], axis=-2)  # (..., Hq, Nq)
         else:
-            out, lse, weights = reference_attention(
-                qn, kn, vn, mask=_arrays.to_numpy(mask), return_lse=True, return_weights=True, sinks=sinks_n,
+            result = reference_attention(
+                qn, kn, vn, mask=mask_n, return_lse=True, return_weights=return_weights, sinks=sinks_n,
                 **_dense_dropout(dropout, spec), **_options(spec, alibi),
             )  # fmt: skip
-        weights = _arrays.like(weights, q) if return_weights else None
+            out, lse = result[:2]
+            weights = _arrays.like(result[2], q) if return_weights else None
         return _arrays.like(out, q), _arrays.like(lse, q, keep_dtype=True), weights
 
     def backward(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
@@ -110,13 +157,26 @@ class ReferenceBackend(Backend):
             return self._backward(q, k, v, mask, out, d_out, lse, spec, alibi, dropout)
 
     def _backward(self, q, k, v, mask, out, d_out, lse, spec, alibi, dropout):
-        arrays = map(_arrays.to_numpy, (q, k, v, out, d_out, lse))
+        arrays = tuple(map(_arrays.to_numpy, (q, k, v, out, d_out, lse)))
+        mask_n = _arrays.to_numpy(mask)
+        steps = _head_steps(spec, mask_n, dropout, False)
         if spec.packed:
             grads = varlen_attention_backward(
                 *arrays, spec.cu_q, spec.cu_k, **_options(spec, alibi), **_packed_dropout(dropout)
             )
+        elif steps:  # a few kv heads at a time (_SCORES_PER_STEP_BYTES): dK and dV of a kv head need only its group
+            qn, kn, vn, on, don, lse_n = arrays
+            options = _options(spec, alibi)
+            slopes, parts = options.pop("alibi_slopes"), []
+            for heads, kv_heads in steps:
+                parts.append(reference_attention_backward(
+                    qn[..., heads, :, :], kn[..., kv_heads, :, :], vn[..., kv_heads, :, :], on[..., heads, :, :],
+                    don[..., heads, :, :], lse_n[..., heads, :], mask=_mask_heads(mask_n, heads), **options,
+                    alibi_slopes=None if slopes is None else slopes[..., heads],
+                ))  # fmt: skip
+            grads = [np.concatenate([part[i] for part in parts], axis=-3) for i in range(3)]
         else:
             grads = reference_attention_backward(
-                *arrays, mask=_arrays.to_numpy(mask), **_dense_dropout(dropout, spec), **_options(spec, alibi),
+                *arrays, mask=mask_n, **_dense_dropout(dropout, spec), **_options(spec, alibi),
             )  # fmt: skip
         return tuple(_arrays.like(g, x) for g, x in zip(grads, (q, k, v)))
