@@ -263,6 +263,8 @@ class LockedFunctionCache(caching.FunctionCache):
         return (*super()._index_key(sig, codegen), _code_variant[0])
 
     def load_overload(self, sig, target_context):
+        if not hasattr(self, "_guard_against_spurious_io_errors"):  # a Numba laid out otherwise: its own load
+            return super().load_overload(sig, target_context)
         rtsys.initialize(target_context)  # what a load needs of Numba's context.refresh()
         with self._guard_against_spurious_io_errors():
             return self._load_overload(sig, target_context)

@@ -337,9 +337,10 @@ STEP_CASES = {
 
 @pytest.mark.parametrize("case", STEP_CASES.values(), ids=STEP_CASES.keys())
 def test_the_reference_runs_a_large_call_a_few_kv_heads_at_a_time_with_the_same_bits(case, monkeypatch):
-    """Above _SCORES_PER_STEP_BYTES of scores the reference backend runs a dense call a few kv heads
-    at a time (their temporaries, not the whole call's): forward and gradients bit for bit those of
-    the call run whole, masks, ALiBi slopes and sinks cut to each step's query heads."""
+    """Standing in for a kernel (helpers compiling), above _SCORES_PER_STEP_BYTES of scores the
+    reference backend runs a dense call a few kv heads at a time (their temporaries, not the whole
+    call's): forward and gradients bit for bit those of the call run whole, masks, ALiBi slopes and
+    sinks cut to each step's query heads. Called for itself it runs whole (the specification)."""
     from attnkit.backends import reference as reference_backend
 
     q_shape, kv_shape, options = case
@@ -359,12 +360,15 @@ def test_the_reference_runs_a_large_call_a_few_kv_heads_at_a_time_with_the_same_
     real_steps = reference_backend._head_steps
     monkeypatch.setattr(reference_backend, "_head_steps", lambda *a: steps.append(real_steps(*a)) or steps[-1])
     results = []
-    for step_bytes in (1 << 40, 1):  # whole; then one kv head a step
+    helpers = [("float32", False, "forward")]
+    for step_bytes, compiling in ((1 << 40, helpers), (1, []), (1, helpers)):  # whole, whole, one kv head a step
+        monkeypatch.setattr(warmup, "compiling", lambda units=None, compiling=compiling: list(compiling))
         monkeypatch.setattr(reference_backend, "_SCORES_PER_STEP_BYTES", step_bytes)
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = attnkit.attention(*inputs, backend="reference", **options)
         out.backward(torch.ones_like(out))
         results.append([out.detach()] + [x.grad for x in inputs])
-    assert steps[:2] == [None, None] and [len(s) for s in steps[2:]] == [kv_shape[-3]] * 2, steps
-    for whole, stepped in zip(*results):
+    assert steps[:4] == [None] * 4 and [len(s) for s in steps[4:]] == [kv_shape[-3]] * 2, steps
+    for whole, whole_again, stepped in zip(*results):
         torch.testing.assert_close(stepped, whole, rtol=0, atol=0)
+        torch.testing.assert_close(whole_again, whole, rtol=0, atol=0)

@@ -49,19 +49,30 @@ def score_count(spec):
     return math.prod(spec.batch) * spec.hq * spec.nq * spec.nk
 
 
-# Above this many bytes of scores, a dense call runs a few kv heads (and their query heads) at a
-# time: each step's temporaries (scores, weights, their gradients: ~8 arrays of the scores' size in
-# the backward) then fit a step's share, and are new memory for each call no more. The backward of
-# fp32 B1 H32/8 N1024 causal (128 MiB of scores) took 2.3-4.6 s at its first call on the Xeon VM
-# and 0.4-2.5 s later, backing ~1 GiB of new memory each time; eight steps of 16 MiB: 0.31-0.33 s,
-# the same bits (per head the arithmetic is the same).
+# Standing in for a kernel (helpers compiling), a dense call of more than this many bytes of scores
+# runs a few kv heads (and their query heads) at a time: each step's temporaries (scores, weights,
+# their gradients: ~8 arrays of the scores' size in the backward) then fit a step's share, and are
+# new memory for each call no more. The backward of fp32 B1 H32/8 N1024 causal (128 MiB of scores)
+# took 2.3-4.6 s at its first call on the Xeon VM and 0.4-2.5 s later, backing ~1 GiB of new memory
+# each time; eight steps of 16 MiB: 0.31-0.33 s, the same bits (per head the arithmetic is the
+# same). Called for itself, the reference runs the specification as written: the whole (B, H, Nq,
+# Nk) scores at once (what `attnkit bench` charts as its memory).
 _SCORES_PER_STEP_BYTES = 16 << 20
+_WARMUP_MODULE = __package__.rsplit(".", 1)[0] + ".kernels.warmup"
+
+
+def _helpers_compiling():
+    """Whether helper processes are compiling kernels now (kernels/warmup.py, imported only with the
+    kernels, which import Numba): the reference is standing in for them."""
+    warmup = sys.modules.get(_WARMUP_MODULE)
+    return warmup is not None and bool(warmup.compiling())
 
 
 def _head_steps(spec, mask, dropout, return_weights):
-    """[(query heads, kv heads)] slices to run a dense call in, or None to run it whole: small calls,
-    packed ones, and those with dropout (its keep mask is drawn whole) or returned weights."""
-    if spec.packed or dropout is not None or return_weights or spec.hkv < 2:
+    """[(query heads, kv heads)] slices to run a dense call in, or None to run it whole: calls not
+    standing in for a kernel, small ones, packed ones, and those with dropout (its keep mask is
+    drawn whole) or returned weights."""
+    if spec.packed or dropout is not None or return_weights or spec.hkv < 2 or not _helpers_compiling():
         return None
     if mask is not None and np.ndim(mask) >= 3 and mask.shape[-3] not in (1, spec.hq):
         return None
@@ -80,7 +91,6 @@ def _mask_heads(mask, heads):
     return mask[..., heads, :, :]
 
 
-_WARMUP_MODULE = __package__.rsplit(".", 1)[0] + ".kernels.warmup"  # imported only with the kernels (Numba)
 _NO_LIMIT = contextlib.nullcontext()
 _BLAS_CONTROLLER = []  # threadpoolctl's controller, made at the first limit (it lists the loaded libraries)
 
@@ -91,8 +101,7 @@ def _blas_threads_while_helpers_compile():
     wait for cores the helpers hold: a first call standing in for the kernel (fp32 B1 H32/8 N1024
     causal) took 1.1-3.1 s beside two busy processes with its threads, 0.42-0.52 s on one (0.30
     against 0.32 s on a quiet machine; #24)."""
-    warmup = sys.modules.get(_WARMUP_MODULE)
-    if warmup is None or not warmup.compiling():
+    if not _helpers_compiling():
         return _NO_LIMIT
     try:
         if not _BLAS_CONTROLLER:
