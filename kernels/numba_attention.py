@@ -325,7 +325,7 @@ class ForwardPlan:
 def _serial_decode(plan, entry, steps):
     """plan.run(q, k, v) of a dense decode without sinks on C-contiguous K and V, as one function: the
     checks of _serial_forward, the thread count, the allocations and the kernel's compiled entry,
-    under the lock of the thread pool. Each layer between two decode kernels costs several times its
+    under the thread pool's lock when it uses the pool. Each layer between two decode kernels costs several times its
     own instructions: the kernel has streamed K and V through the caches, and the next call's Python
     finds its code and data gone (fp32 MHA B4 H32 Nk64 D128: a minimal loop of the same steps took
     170 us a call where the layered path took 206). Returns None where run() must take the call:
@@ -337,7 +337,6 @@ def _serial_decode(plan, entry, steps):
     fixed = (plan.masks, plan.consts, plan.lo, plan.hi, plan.flags, min(_DECODE_BLOCK_K, nk), plan.micro,
              plan.in_order_rows, _UNUSED_PARTIALS[np.dtype(compute).type])  # fmt: skip
     masks, consts, lo, hi, flags, block_k, micro, in_order_rows, (part_out, part_lse) = fixed
-    one_split_up_to = batch * hkv // 2  # workers for which _decode splits no keys (see n_splits there)
     ndarray, empty, lock = np.ndarray, np.empty, _CALL_LOCK
 
     def run(q, k, v):
@@ -346,16 +345,13 @@ def _serial_decode(plan, entry, steps):
                 or not v.flags.carray or _RECORDINGS):  # fmt: skip
             return None
         n_workers = worker_count()
-        if n_workers > 1 and n_workers > one_split_up_to and nk > _DECODE_BLOCK_K:
-            return None  # _decode splits the keys: partials to merge
+        if _key_splits(batch, hkv, nk, n_workers) > 1:
+            return None  # partials to merge: run() takes the call
         out, lse = empty(out_shape, dtype), empty(lse_shape, compute)
-        if n_workers == 1:  # the calling thread alone: no pool, no workspace (_decode's `alone`)
-            status = entry(q, k, v, masks, consts, lo, hi, flags, block_k, 1, micro, in_order_rows, 1, out, lse,
-                           part_out, part_lse, steps)  # fmt: skip
-        else:
-            with lock:
-                status = entry(q, k, v, masks, consts, lo, hi, flags, block_k, 1, micro, in_order_rows, n_workers,
-                               out, lse, part_out, part_lse, steps)  # fmt: skip
+        # the calling thread alone needs no lock (_decode's `alone`: no pool, no workspace)
+        with _NOTHING_TO_PIN if n_workers == 1 else lock:
+            status = entry(q, k, v, masks, consts, lo, hi, flags, block_k, 1, micro, in_order_rows, n_workers, out,
+                           lse, part_out, part_lse, steps)  # fmt: skip
         return (out, lse) if status == RAN else None
 
     return run
@@ -443,6 +439,14 @@ _UNUSED_PARTIALS = {
 }
 
 
+def _key_splits(batch, hkv, nk, n_workers):
+    """How many runs the decode kernel cuts each (batch, kv head)'s keys into: enough for twice the
+    workers' tasks, at most one per key block; 1 on one thread (no OpenMP region, no split to merge)."""
+    if n_workers == 1:
+        return 1
+    return max(1, min(-(-nk // _DECODE_BLOCK_K), -(-2 * n_workers // (batch * hkv))))
+
+
 def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, kernel_call=None,
             in_order_rows=_IN_ORDER_ROWS):  # fmt: skip
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
@@ -450,11 +454,8 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
     _decode_kernel (None: a new one); returns the one it ran. in_order_rows: see _in_order_rows."""
     batch, hq, nq, _ = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    key_blocks = -(-nk // _DECODE_BLOCK_K)
-    n_splits = max(1, min(key_blocks, -(-2 * n_workers // (batch * hkv))))
+    n_splits = _key_splits(batch, hkv, nk, n_workers)
     announce_as("decode")
-    if n_workers == 1:
-        n_splits = 1  # one thread: no OpenMP region, and no split to merge
     if _RECORDINGS:
         _record("decode_serial" if n_workers == 1 else "decode", q, k, v, mask, n_splits, in_order_rows,
                 bool(flags & _READ_AHEAD))

@@ -74,7 +74,7 @@ def _head_steps(spec, mask, dropout, return_weights):
     drawn whole) or returned weights."""
     if spec.packed or dropout is not None or return_weights or spec.hkv < 2 or not _helpers_compiling():
         return None
-    if mask is not None and np.ndim(mask) >= 3 and mask.shape[-3] not in (1, spec.hq):
+    if mask is not None and mask.ndim >= 3 and mask.shape[-3] not in (1, spec.hq):
         return None
     per_kv_head = score_count(spec) // spec.hkv * (8 if spec.dtype == "float64" else 4)
     if per_kv_head * spec.hkv <= _SCORES_PER_STEP_BYTES:
@@ -84,11 +84,15 @@ def _head_steps(spec, mask, dropout, return_weights):
             for h in range(0, spec.hkv, step)]  # fmt: skip
 
 
-def _mask_heads(mask, heads):
-    """A mask ((..., Hq or 1, Nq, Nk), or (Nq, Nk)) for these query heads."""
-    if mask is None or mask.ndim < 3 or mask.shape[-3] == 1:
-        return mask
-    return mask[..., heads, :, :]
+def _steps_options(steps, spec, alibi, mask):
+    """(query heads, kv heads, keyword arguments) of each step: the call's options, its mask
+    ((..., Hq or 1, Nq, Nk), or (Nq, Nk)) and ALiBi slopes (..., Hq) cut to the step's query heads."""
+    options = _options(spec, alibi)
+    slopes = options.pop("alibi_slopes")
+    for heads, kv_heads in steps:
+        step_mask = mask if mask is None or mask.ndim < 3 or mask.shape[-3] == 1 else mask[..., heads, :, :]
+        step_slopes = None if slopes is None else slopes[..., heads]
+        yield heads, kv_heads, dict(options, mask=step_mask, alibi_slopes=step_slopes)
 
 
 _NO_LIMIT = contextlib.nullcontext()
@@ -141,15 +145,10 @@ class ReferenceBackend(Backend):
                 return_lse=True,
             )  # fmt: skip
         elif steps:  # a few kv heads at a time (_SCORES_PER_STEP_BYTES)
-            options = _options(spec, alibi)
-            slopes, parts = options.pop("alibi_slopes"), []
-            for heads, kv_heads in steps:
-                parts.append(reference_attention(
-                    qn[..., heads, :, :], kn[..., kv_heads, :, :], vn[..., kv_heads, :, :],
-                    mask=_mask_heads(mask_n, heads), return_lse=True, **options,
-                    sinks=None if sinks_n is None else sinks_n[heads],
-                    alibi_slopes=None if slopes is None else slopes[..., heads],
-                ))  # fmt: skip
+            parts = [reference_attention(
+                qn[..., heads, :, :], kn[..., kv_heads, :, :], vn[..., kv_heads, :, :], return_lse=True,
+                sinks=None if sinks_n is None else sinks_n[heads], **options,
+            ) for heads, kv_heads, options in _steps_options(steps, spec, alibi, mask_n)]  # fmt: skip
             out = np.concatenate([part[0] for part in parts], axis=-3)  # (..., Hq, Nq, Dv)
             lse = np.concatenate([part[1] for part in parts], axis=-2)  # (..., Hq, Nq)
         else:
@@ -175,14 +174,10 @@ class ReferenceBackend(Backend):
             )
         elif steps:  # a few kv heads at a time (_SCORES_PER_STEP_BYTES): dK and dV of a kv head need only its group
             qn, kn, vn, on, don, lse_n = arrays
-            options = _options(spec, alibi)
-            slopes, parts = options.pop("alibi_slopes"), []
-            for heads, kv_heads in steps:
-                parts.append(reference_attention_backward(
-                    qn[..., heads, :, :], kn[..., kv_heads, :, :], vn[..., kv_heads, :, :], on[..., heads, :, :],
-                    don[..., heads, :, :], lse_n[..., heads, :], mask=_mask_heads(mask_n, heads), **options,
-                    alibi_slopes=None if slopes is None else slopes[..., heads],
-                ))  # fmt: skip
+            parts = [reference_attention_backward(
+                qn[..., heads, :, :], kn[..., kv_heads, :, :], vn[..., kv_heads, :, :], on[..., heads, :, :],
+                don[..., heads, :, :], lse_n[..., heads, :], **options,
+            ) for heads, kv_heads, options in _steps_options(steps, spec, alibi, mask_n)]  # fmt: skip
             grads = [np.concatenate([part[i] for part in parts], axis=-3) for i in range(3)]
         else:
             grads = reference_attention_backward(
