@@ -33,7 +33,7 @@ from .backends.cpu import _PRECISION_GETTER, float32_matmul_precision
 
 _CALLS = {}
 _MAX_CALLS = 1024
-_TORCH = []  # (Tensor, is_compiling, from_numpy, bfloat16, int16) once torch is imported
+_TORCH = []  # (Tensor, is_compiling, from_numpy, bfloat16, bits, bits are uint16) once torch is imported
 
 
 def _torch_names():
@@ -42,8 +42,26 @@ def _torch_names():
         torch = sys.modules.get("torch")
         if torch is None:
             return None
-        _TORCH.append((torch.Tensor, torch.compiler.is_compiling, torch.from_numpy, torch.bfloat16, torch.int16))
+        bits = _bits_dtype(torch)
+        _TORCH.append((torch.Tensor, torch.compiler.is_compiling, torch.from_numpy, torch.bfloat16, bits,
+                       bits is getattr(torch, "uint16", None)))  # fmt: skip
     return _TORCH[0]
+
+
+def _bits_dtype(torch):
+    """The torch dtype whose NumPy form is a bf16 tensor's bits as the kernels take them (uint16).
+
+    torch.uint16 (torch 2.3 on) converts to and from NumPy's uint16 directly. Through int16 each
+    conversion needs a NumPy view as well: a decode call's views are made right after a kernel has
+    streamed K and V through the caches, where every call more runs from memory (bench/short_decode.py
+    --layers). torch.int16 where uint16 does not convert (the calls then view the NumPy side)."""
+    uint16 = getattr(torch, "uint16", None)
+    try:
+        bits = torch.zeros(1, dtype=torch.bfloat16).view(uint16).numpy()
+        back = torch.from_numpy(bits).view(torch.bfloat16)
+    except (TypeError, RuntimeError, AttributeError):
+        return torch.int16
+    return uint16 if bits.dtype == np.uint16 and back.dtype == torch.bfloat16 else torch.int16
 
 
 def _arrays(q, k, v):
@@ -62,7 +80,7 @@ def _arrays(q, k, v):
     names = _TORCH[0] if _TORCH else _torch_names()
     if names is None:
         return None
-    tensor, is_compiling, _, bfloat16, int16 = names
+    tensor, is_compiling, _, bfloat16, bits, unsigned = names
     if kind is not tensor or type(k) is not kind or type(v) is not kind or is_compiling():
         return None
     if q.dtype is not bfloat16:  # asked first: numpy() refusing bf16 throws a C++ exception (~30 µs)
@@ -73,9 +91,11 @@ def _arrays(q, k, v):
     if k.dtype is not bfloat16 or v.dtype is not bfloat16:
         return None
     if q.requires_grad or k.requires_grad or v.requires_grad:
-        return None  # an int16 view drops requires_grad, so its numpy() would not refuse it
+        return None  # a view of the bits drops requires_grad, so its numpy() would not refuse it
     try:
-        return tuple(x.view(int16).numpy().view(np.uint16) for x in (q, k, v)) + (True,)
+        if unsigned:
+            return q.view(bits).numpy(), k.view(bits).numpy(), v.view(bits).numpy(), True
+        return tuple(x.view(bits).numpy().view(np.uint16) for x in (q, k, v)) + (True,)
     except (TypeError, RuntimeError):  # off the CPU
         return None
 
@@ -198,8 +218,11 @@ class PlannedCall:
         if self.folded:
             out, lse = out.reshape(self.rows + out.shape[-1:]), lse.reshape(self.rows)
         if tensors:
-            _, _, from_numpy, bfloat16, _ = _TORCH[0]
-            out = from_numpy(out.view(np.int16)).view(bfloat16) if self.bits else from_numpy(out)
+            _, _, from_numpy, bfloat16, _, unsigned = _TORCH[0]
+            if self.bits:  # uint16 bits back as bf16 (through int16 where torch has no uint16 from NumPy)
+                out = from_numpy(out if unsigned else out.view(np.int16)).view(bfloat16)
+            else:
+                out = from_numpy(out)
             if not with_lse:
                 return out
             lse = from_numpy(lse)

@@ -75,6 +75,29 @@ def test_a_planned_call_gives_the_full_paths_result(case, full_path_refused):
     np.testing.assert_allclose(_numpy(out).astype(np.float64), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("route", ["uint16", "int16"])
+def test_bf16_bits_reach_the_kernel_through_either_torch_dtype_with_the_same_results(route, monkeypatch):
+    """torch.uint16 converts to and from NumPy (torch 2.3 on); older releases go through int16 and a
+    NumPy view. Both routes hand the kernel the same bits and give back the same bf16 results."""
+    rng = np.random.default_rng(7)
+    q, k, v = (_fresh(s, torch.bfloat16, rng) for s in ((2, 4, 1, 64), (2, 4, 40, 64), (2, 4, 40, 64)))
+    api.clear_plans()
+    first = attnkit.scaled_dot_product_attention(q, k, v)  # the full path, which plans it
+    names = planned._torch_names()
+    assert names[4] is torch.uint16 and names[5]  # this torch converts uint16: the planned calls' route
+    if route == "int16":
+        monkeypatch.setattr(planned, "_TORCH", [names[:4] + (torch.int16, False)])
+    monkeypatch.setattr(api, "_attend", lambda *a, **kw: pytest.fail("the full path ran"))
+    again = attnkit.scaled_dot_product_attention(q, k, v)
+    assert again.dtype == torch.bfloat16 and again.shape == first.shape
+    assert torch.equal(again.view(torch.int16), first.view(torch.int16))
+    q2 = _fresh(q.shape, torch.bfloat16, rng)  # new values through the plan, against the reference
+    out = attnkit.scaled_dot_product_attention(q2, k, v)
+    want = reference(*(_numpy(x).astype(np.float64) for x in (q2, k, v)))
+    np.testing.assert_allclose(_numpy(out).astype(np.float64), want, atol=3e-2, rtol=3e-2)
+    assert planned._bits_dtype(torch) is torch.uint16
+
+
 def test_attention_plans_its_options_and_the_lse(full_path_refused):
     rng = np.random.default_rng(1)
     q, k, v = (_fresh((2, 4, 21, 32), torch.float32, rng) for _ in range(3))
