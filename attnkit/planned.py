@@ -6,7 +6,7 @@ Numba kernel on a plain dense call (no mask, ALiBi or dropout; sinks allowed;
 no gradient, CPU data in float32 / float64 / bf16, no broadcast batch axes), the
 call's kernel-level plan (kernels.numba_attention.ForwardPlan) is remembered
 under a cheap key: the entry point and its options, whether q, k, v were
-tensors, the shapes and dtypes of their NumPy views, the sinks' shape and dtype
+tensors, the shapes, dtypes and strides of their NumPy views, the sinks' shape and dtype
 (and torch's float32 matmul precision, which picks the products).
 Each later call with that key does only what #24 asks of a hot path:
 
@@ -17,8 +17,10 @@ Each later call with that key does only what #24 asks of a hot path:
 
 Anything the key does not cover is checked on the way and sends the call down
 the full path: a tensor subclass, a tensor that requires grad, a device other
-than the CPU, torch.compile tracing. Strides are not in the key: a
-non-contiguous or read-only input is copied, as the full path does.
+than the CPU, torch.compile tracing. A non-contiguous or read-only input is
+copied, as the full path does. With the strides in the key, a key of
+C-contiguous tensors vouches for its arrays, so its calls enter the plan's
+serial function without checking them again.
 On the full path a tiny call spent 80-90% of its time in Python around the
 kernel; bench/results/tiny-calls.md measures what is left.
 """
@@ -114,7 +116,28 @@ def _key(options, arrays, sinks):
     precision = None
     if q.dtype == np.float32:  # torch's C getter once it is known (a call less: ~0.3 µs right after a kernel)
         precision = _PRECISION_GETTER[0]() if _PRECISION_GETTER else float32_matmul_precision()
-    return (options, tensors, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, precision, sinks_key)
+    return (options, tensors, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.strides, k.strides, v.strides,
+            precision, sinks_key)  # fmt: skip
+
+
+def _contiguous_tensors(call_key, dtype):
+    """Whether a key's arrays are tensors' NumPy views, C-contiguous, of the kernel's dtype: then
+    every call of the key can enter the plan's serial function unchecked (the key holds the shapes,
+    dtypes and strides, and a tensor's view is aligned and writeable)."""
+    tensors, shapes, dtypes, strides = call_key[1], call_key[2:5], call_key[5:8], call_key[8:11]
+    return tensors and all(
+        x == dtype and _c_contiguous(shape, step, dtype.itemsize) for shape, x, step in zip(shapes, dtypes, strides)
+    )  # fmt: skip
+
+
+def _c_contiguous(shape, strides, itemsize):
+    """NumPy's rule (an axis of length 1 may have any stride)."""
+    expected = itemsize
+    for n, stride in zip(reversed(shape), reversed(strides)):
+        if n != 1 and stride != expected:
+            return False
+        expected *= n
+    return True
 
 
 def key(options, q, k, v, sinks=None):
@@ -169,17 +192,20 @@ def remember(call_key, spec, choice, q, k, v, grad):
     )  # fmt: skip
     if len(_CALLS) >= _MAX_CALLS:
         _CALLS.clear()
-    _CALLS[call_key] = PlannedCall(plan, shapes, tuple(spec.batch) + (spec.hq, spec.nq), spec.dtype == "bfloat16")
+    _CALLS[call_key] = PlannedCall(plan, shapes, tuple(spec.batch) + (spec.hq, spec.nq), spec.dtype == "bfloat16",
+                                   _contiguous_tensors(call_key, kernel_dtype))  # fmt: skip
 
 
 class PlannedCall:
     """run(arrays) -> (out, lse) of a planned signature, in the inputs' array type."""
 
-    __slots__ = ("plan", "shapes", "rows", "bits", "folded", "last_sinks")
+    __slots__ = ("plan", "shapes", "rows", "bits", "folded", "last_sinks", "contiguous_tensors")
 
-    def __init__(self, plan, shapes, rows, bits):
+    def __init__(self, plan, shapes, rows, bits, contiguous_tensors=False):
         self.plan, self.shapes, self.rows, self.bits = plan, shapes, rows, bits
         self.folded = len(rows) != 3  # leading axes other than one batch axis: reshaped views
+        # the key vouches for the arrays (_contiguous_tensors): the serial function takes them unchecked
+        self.contiguous_tensors = contiguous_tensors
         self.last_sinks = (None, 0, None)  # (tensor, its data pointer, its NumPy form)
 
     def _sinks_array(self, sinks):
@@ -212,8 +238,11 @@ class PlannedCall:
                 return None
         if self.folded:
             q, k, v = (x.reshape(shape) for x, shape in zip((q, k, v), self.shapes))
-        serial = self.plan.serial  # a tiny call's one function, when the plan has it (skips a layer)
-        result = serial(q, k, v) if serial is not None and sinks is None else None
+        serial = self.plan.serial  # a tiny call's or a decode's one function, when the plan has it
+        if serial is not None and sinks is None and self.contiguous_tensors:
+            result = serial(q, k, v)  # skips plan.run's layer and its checks of the arrays
+        else:
+            result = None  # plan.run checks the arrays (NumPy inputs: read-only or unaligned ones too)
         out, lse = self.plan.run(q, k, v, sinks=sinks) if result is None else result
         if self.folded:
             out, lse = out.reshape(self.rows + out.shape[-1:]), lse.reshape(self.rows)

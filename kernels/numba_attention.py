@@ -267,7 +267,7 @@ class ForwardPlan:
         arrays of self.dtype, else copied into such (one compiled signature per dtype). sinks: the
         (Hq,) logits of a plan made with has_sinks (None otherwise), any float dtype."""
         serial = self.serial
-        if serial is not None and sinks is None:
+        if serial is not None and sinks is None and enterable(q, k, v, self.dtype):
             result = serial(q, k, v)
             if result is not None:
                 return result
@@ -322,27 +322,33 @@ class ForwardPlan:
                          n_workers, k_packed, v_packed, out, lse)  # fmt: skip
 
 
+def enterable(q, k, v, dtype):
+    """Whether q, k, v are what a plan's serial function takes (ForwardPlan.serial): C-contiguous,
+    aligned, writeable ndarrays of the plan's dtype, the types its kernel's entry was compiled for.
+    Anything else goes through ForwardPlan.run, which copies it into such arrays."""
+    ndarray = np.ndarray
+    return (type(q) is ndarray and type(k) is ndarray and type(v) is ndarray and q.dtype == dtype
+            and k.dtype == dtype and v.dtype == dtype and q.flags.carray and k.flags.carray and v.flags.carray)  # fmt: skip
+
+
 def _serial_decode(plan, entry, steps):
-    """plan.run(q, k, v) of a dense decode without sinks on C-contiguous K and V, as one function: the
-    checks of _serial_forward, the thread count, the allocations and the kernel's compiled entry,
-    under the thread pool's lock when it uses the pool. Each layer between two decode kernels costs several times its
+    """plan.run(q, k, v) of a dense decode without sinks on C-contiguous K and V, as one function, for
+    q, k, v that enterable() accepts: the thread count, the allocations and the kernel's compiled
+    entry, under the thread pool's lock when it uses the pool. Each layer between two decode kernels costs several times its
     own instructions: the kernel has streamed K and V through the caches, and the next call's Python
     finds its code and data gone (fp32 MHA B4 H32 Nk64 D128: a minimal loop of the same steps took
     170 us a call where the layered path took 206). Returns None where run() must take the call:
-    inputs to copy, keys split across workers (partials to merge), a recording to make, or a kernel
-    that did not run."""
+    keys split across workers (partials to merge), a recording to make, or a kernel that did not run."""
     dtype, compute = plan.dtype, plan.compute
     out_shape, lse_shape = plan.result_shapes
     batch, hkv, nk, _ = plan.k_shape
     fixed = (plan.masks, plan.consts, plan.lo, plan.hi, plan.flags, min(_DECODE_BLOCK_K, nk), plan.micro,
              plan.in_order_rows, _UNUSED_PARTIALS[np.dtype(compute).type])  # fmt: skip
     masks, consts, lo, hi, flags, block_k, micro, in_order_rows, (part_out, part_lse) = fixed
-    ndarray, empty, lock = np.ndarray, np.empty, _CALL_LOCK
+    empty, lock = np.empty, _CALL_LOCK
 
     def run(q, k, v):
-        if (type(q) is not ndarray or type(k) is not ndarray or type(v) is not ndarray or q.dtype != dtype
-                or k.dtype != dtype or v.dtype != dtype or not q.flags.carray or not k.flags.carray
-                or not v.flags.carray or _RECORDINGS):  # fmt: skip
+        if _RECORDINGS:
             return None
         n_workers = worker_count()
         if _key_splits(batch, hkv, nk, n_workers) > 1:
@@ -360,19 +366,17 @@ def _serial_decode(plan, entry, steps):
 def _serial_forward(plan, entry, steps):
     """plan.run(q, k, v) of a small dense forward without sinks (it runs on the calling thread, on
     packed operands of its own) as one function, for tiny calls, which feel every layer of Python:
-    checks that make the arguments' types the ones `entry` was compiled for (launch.KernelCall),
-    the allocations and the kernel's compiled entry. Returns None where run() itself must take the
-    call: inputs to copy, a recording to make, or a kernel that did not run (it then reports why)."""
+    the allocations and the kernel's compiled entry, for q, k, v that enterable() accepts (the
+    types `entry` was compiled for, launch.KernelCall). Returns None where run() itself must take
+    the call: a recording to make, or a kernel that did not run (it then reports why)."""
     dtype, compute, operand, v_in_place = plan.dtype, plan.compute, plan.operand, plan.v_in_place
     (out_shape, lse_shape), (k_shape, v_shape) = plan.result_shapes, plan.operand_shapes
     fixed = (plan.table, plan.masks, plan.consts, plan.flags, plan.block_q, plan.block_k, plan.micro, 1)
     table, masks, consts, flags, block_q, block_k, micro, n_workers = fixed
-    ndarray, empty = np.ndarray, np.empty
+    empty = np.empty
 
     def run(q, k, v):
-        if (type(q) is not ndarray or type(k) is not ndarray or type(v) is not ndarray or q.dtype != dtype
-                or k.dtype != dtype or v.dtype != dtype or not q.flags.carray or not k.flags.carray
-                or not v.flags.carray or _RECORDINGS):  # fmt: skip
+        if _RECORDINGS:
             return None
         out, lse, k_packed = empty(out_shape, dtype), empty(lse_shape, compute), empty(k_shape, operand)
         v_packed = v if v_in_place else empty(v_shape, operand)

@@ -166,8 +166,11 @@ def test_calls_the_key_does_not_cover_take_the_full_path():
     # The same values in another layout (a transposed view), read-only NumPy arrays; another byte order.
     q_strided = q.transpose(2, 3).contiguous().transpose(2, 3)
     assert not q_strided.is_contiguous()
-    np.testing.assert_allclose(attnkit.scaled_dot_product_attention(q_strided, k, v).double().numpy(), want,
-                               atol=2e-5, rtol=2e-5)  # fmt: skip
+    for _ in range(2):  # its strides make a key and a plan of their own, which copies q on every call
+        np.testing.assert_allclose(attnkit.scaled_dot_product_attention(q_strided, k, v).double().numpy(), want,
+                                   atol=2e-5, rtol=2e-5)  # fmt: skip
+    (strided_call,) = [call for key, call in planned._CALLS.items() if key[8] == q_strided.numpy().strides]
+    assert not strided_call.contiguous_tensors
     arrays = [x.numpy().copy() for x in (q, k, v)]
     attnkit.scaled_dot_product_attention(*arrays)  # planned for NumPy
     for x in arrays:
@@ -182,7 +185,34 @@ def test_calls_the_key_does_not_cover_take_the_full_path():
     attnkit.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     attnkit.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
     attnkit.attention(q, k, v, alibi_slopes=torch.ones(2))
-    assert planned.count() == 2  # the two first calls' plans only
+    assert planned.count() == 3  # the contiguous, the strided and the NumPy calls' plans only
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "head-major-view"])
+def test_a_key_of_contiguous_tensors_enters_the_serial_function_unchecked(layout, monkeypatch):
+    """Its key's strides vouch for the arrays: no check of them per call (numba_attention.enterable),
+    including a decode query made by a transpose, whose axis of length 1 has another stride."""
+    from attnkit.kernels import numba_attention
+
+    rng = np.random.default_rng(11)
+    if layout == "contiguous":
+        q = _fresh((2, 4, 1, 32), torch.float32, rng)
+    else:  # (B, 1, H, D) projected, viewed (B, H, 1, D): C-contiguous by NumPy's rule
+        q = _fresh((2, 1, 4, 32), torch.float32, rng).transpose(1, 2)
+        assert q.numpy().flags.c_contiguous and q.numpy().strides[2] != 32 * 4
+    k, v = (_fresh((2, 4, 50, 32), torch.float32, rng) for _ in range(2))
+    api.clear_plans()
+    for _ in range(3):  # planned; then the kernel's entry is known and the serial function made
+        attnkit.scaled_dot_product_attention(q, k, v)
+    (call,) = planned._CALLS.values()
+    assert call.contiguous_tensors and call.plan.serial is not None
+    monkeypatch.setattr(numba_attention, "enterable", lambda *a: pytest.fail("the arrays were checked"))
+    monkeypatch.setattr(api, "_attend", lambda *a, **kw: pytest.fail("the full path ran"))
+    q2 = _fresh((2, 4, 1, 32), torch.float32, rng) if layout == "contiguous" else _fresh(
+        (2, 1, 4, 32), torch.float32, rng).transpose(1, 2)
+    out = attnkit.scaled_dot_product_attention(q2, k, v)
+    want = reference(*(x.double().numpy() for x in (q2, k, v)))
+    np.testing.assert_allclose(out.double().numpy(), want, atol=2e-5, rtol=2e-5)
 
 
 def test_a_plan_follows_torchs_float32_matmul_precision():
