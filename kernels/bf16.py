@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from .jit import jit
+from .jit import OVERLOAD_OPTIONS, jit
 from .target import TARGET
 
 _F32 = ir.FloatType()
@@ -94,7 +94,7 @@ def bf16_of(value):
     """bf16 bits of a stored element: unchanged when it is uint16 (bf16 bits) already, else rounded."""
 
 
-@overload(bf16_of, jit_options={"inline": "always"})
+@overload(bf16_of, jit_options=OVERLOAD_OPTIONS)
 def _bf16_of_overload(value):
     if value == types.uint16:
         return lambda value: value

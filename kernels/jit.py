@@ -23,18 +23,21 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import weakref
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 from numba import config as numba_config
 from numba import njit
 from numba.core import caching, event
+from numba.core import codegen as numba_codegen
+from numba.core.compiler_lock import global_compiler_lock
 from numba.core.registry import CPUDispatcher
 from numba.core.runtime import rtsys
 
 __all__ = [
-    "announce_as", "cache_location", "code_variant", "defer_scipy_import", "discard_stale_cache", "jit", "jit_inner",
-    "set_code_variant",
+    "LAZY_MACHINE_CODE", "OVERLOAD_OPTIONS", "announce_as", "cache_location", "code_variant", "defer_scipy_import", "discard_stale_cache",
+    "jit", "jit_inner", "keep_machine_code", "materialize", "set_code_variant",
 ]
 
 _STAMP = "attnkit-kernel-sources.sha256"
@@ -279,6 +282,150 @@ class LockedFunctionCache(caching.FunctionCache):
         result = self._impl.rebuild(target_context, data)
         result.library._reload_init.update(data[self._RELOAD_INIT])  # inherited by whatever links it
         return result
+
+
+# ---------------------------------------------------------------------------
+# Machine code only where an address is taken
+# ---------------------------------------------------------------------------
+# Numba emits machine code for every library it finalizes. A helper that only other compiled
+# functions call (jit_inner, not a step) is linked into each caller as LLVM IR and compiled again
+# there, so its own machine code never runs: 9-10% of a cold warmup (the kernel log, v58). Here an
+# attnkit library without a Python entry (no CPython or C wrapper) is finalized up to its optimized
+# module, and gets machine code when an address in it is first asked for: a step's
+# (launch.address_of), or anything else's. Until then the on-disk cache keeps its bitcode, which is
+# what a later compilation links. The machine code of what does run is Numba's, unchanged.
+# ATTNKIT_LAZY_MACHINE_CODE=0 turns this off (every library compiled at once, as Numba does).
+
+_ATTNKIT_PREFIX = "_ZN7attnkit"  # Numba's mangling of functions in the attnkit package
+_DEFERRED_ENVS = weakref.WeakValueDictionary()  # a deferred library's environment globals -> the library
+
+
+def _deferrable(module):
+    """Whether a finalized module is an attnkit library no Python entry calls: it defines functions,
+    one of them attnkit's, and neither a CPython nor a C-callback wrapper. (A library loaded from
+    machine code in the cache defines none in its module: never deferred.)"""
+    own = False
+    for function in module.functions:
+        if function.is_declaration:
+            continue
+        name = function.name
+        if name.startswith(("cpython.", "cfunc.")):
+            return False
+        own = own or name.startswith(_ATTNKIT_PREFIX)
+    return own
+
+
+def _finalize_final_module(self):
+    if not _deferrable(self._final_module):
+        return _NUMBA_FINALIZE_FINAL_MODULE(self)
+    self._finalize_dynamic_globals()
+    self._verify_declare_only_symbols()
+    self._final_module._CPUCodeLibrary__library = weakref.proxy(self)  # for the object-code hooks, later
+    self._attnkit_deferred = True
+    self._attnkit_envs = {}
+    for variable in self._final_module.global_variables:
+        if variable.name.startswith("_ZN08NumbaEnv") and not variable.is_declaration:
+            _DEFERRED_ENVS[variable.name] = self
+    self._finalized = True
+
+
+def materialize(library):
+    """Emit a deferred library's machine code now (nothing when it has some, or is not deferred)."""
+    if not getattr(library, "_attnkit_deferred", False):
+        return
+    with global_compiler_lock:
+        if not library._attnkit_deferred:
+            return
+        library._attnkit_deferred = False
+        cleanup = library._codegen._add_module(library._final_module)
+        if cleanup:
+            weakref.finalize(library, cleanup)
+        library._finalize_specific()
+        for name, env in library._attnkit_envs.items():
+            _NUMBA_SET_ENV(library._codegen, name, env)
+        library._attnkit_envs = {}
+
+
+def _get_pointer_to_function(self, name):
+    self._ensure_finalized()
+    if getattr(self, "_attnkit_deferred", False):
+        try:
+            defined = not self._final_module.get_function(name).is_declaration
+        except NameError:
+            defined = False
+        if defined:
+            materialize(self)
+    return _NUMBA_GET_POINTER(self, name)
+
+
+def _set_env(self, env_name, env):
+    library = _DEFERRED_ENVS.get(env_name)
+    if library is not None and library._attnkit_deferred:
+        library._attnkit_envs[env_name] = env  # set when the library gets its machine code
+        return
+    _NUMBA_SET_ENV(self, env_name, env)
+
+
+def _serialize_using_object_code(self):
+    self._ensure_finalized()
+    if getattr(self, "_attnkit_deferred", False):  # no machine code: the bitcode, which links
+        self._attnkit_saved_bitcode = True
+        return self.serialize_using_bitcode()
+    return _NUMBA_SERIALIZE(self)
+
+
+def _get_compiled_object(self):
+    materialize(self)
+    return _NUMBA_GET_COMPILED_OBJECT(self)
+
+
+def keep_machine_code(dispatcher, signature, result):
+    """After an address in result's library was taken: if the on-disk cache holds that library as
+    bitcode (saved before anyone asked for an address), save it again with its machine code, so
+    that later processes load the step ready to run rather than compiling it."""
+    if getattr(result.library, "_attnkit_saved_bitcode", False):
+        result.library._attnkit_saved_bitcode = False
+        cache = getattr(dispatcher, "_cache", None)
+        if isinstance(cache, LockedFunctionCache):
+            cache.save_overload(signature, result)
+
+
+def _install_lazy_machine_code():
+    """Patch Numba's JIT code libraries (see above) where Numba is laid out as this was written for."""
+    global _NUMBA_FINALIZE_FINAL_MODULE, _NUMBA_GET_POINTER, _NUMBA_SET_ENV, _NUMBA_SERIALIZE
+    global _NUMBA_GET_COMPILED_OBJECT
+    if os.environ.get("ATTNKIT_LAZY_MACHINE_CODE", "1") == "0":
+        return False
+    library, codegen = numba_codegen.JITCodeLibrary, numba_codegen.JITCPUCodegen
+    needed = (
+        (library, ("_finalize_final_module", "_finalize_dynamic_globals", "_verify_declare_only_symbols",
+                   "_finalize_specific", "get_pointer_to_function", "serialize_using_object_code",
+                   "serialize_using_bitcode", "_get_compiled_object", "_object_compiled_hook")),
+        (codegen, ("_add_module", "set_env")),
+    )  # fmt: skip
+    if not all(hasattr(owner, name) for owner, names in needed for name in names):
+        return False
+    _NUMBA_FINALIZE_FINAL_MODULE = library._finalize_final_module
+    _NUMBA_GET_POINTER = library.get_pointer_to_function
+    _NUMBA_SET_ENV = codegen.set_env
+    _NUMBA_SERIALIZE = library.serialize_using_object_code
+    _NUMBA_GET_COMPILED_OBJECT = library._get_compiled_object
+    library._finalize_final_module = _finalize_final_module
+    library.get_pointer_to_function = _get_pointer_to_function
+    library.serialize_using_object_code = _serialize_using_object_code
+    library._get_compiled_object = _get_compiled_object
+    codegen.set_env = _set_env
+    return True
+
+
+LAZY_MACHINE_CODE = _install_lazy_machine_code()
+
+
+# numba.extending.overload's jit_options for attnkit's overloads: their implementations are only ever
+# called from compiled code, so they need no CPython or C-callback wrapper; without one their
+# libraries are also deferred (machine code only where an address is taken, above). With wrappers,
+# 48 overload libraries of a float32 warmup got machine code of their own: 1.4 s.
+OVERLOAD_OPTIONS = {"no_cpython_wrapper": True, "no_cfunc_wrapper": True}
 
 
 def jit(**options):

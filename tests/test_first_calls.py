@@ -243,7 +243,8 @@ class NoImports(pickle.Unpickler):
 libraries, declared, unresolved = 0, set(), set()
 for folder in sys.argv[1:]:
     for path in sorted(Path(folder).glob("*.nbc")):
-        name, kind, (object_code, bitcode) = NoImports(io.BytesIO(path.read_bytes())).load()[0]
+        name, kind, data = NoImports(io.BytesIO(path.read_bytes())).load()[0]
+        bitcode = data if kind == "bitcode" else data[1]  # a helper kept as IR to link (kernels/jit.py), or machine code
         libraries += 1
         for function in ll.parse_bitcode(bitcode).functions:
             if function.is_declaration and not function.name.startswith("llvm."):

@@ -10,7 +10,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ..jit import jit as _jit, jit_inner as _jit_inner
+from ..jit import OVERLOAD_OPTIONS, jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, padded
 from ..simd import cache_row, contiguous_row, exp2_affine_at, prefetch, wide_vectors
 from .constants import (
@@ -115,7 +115,7 @@ def _pv_key_pairs(v):
     which ran 1.1-1.2x slower so from memory (Zen 3 VM; docs/kernel-log.md v28)."""
 
 
-@overload(_pv_key_pairs, jit_options={"inline": "always"})
+@overload(_pv_key_pairs, jit_options=OVERLOAD_OPTIONS)
 def _pv_key_pairs_overload(v):
     pairs = v.dtype == types.uint16
     return lambda v: pairs

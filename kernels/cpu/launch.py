@@ -34,7 +34,7 @@ from numba._dispatcher import compute_fingerprint
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..jit import jit as _jit, jit_inner as _jit_inner
+from ..jit import jit as _jit, jit_inner as _jit_inner, keep_machine_code
 
 __all__ = [
     "FAILED", "RAN", "REFUSED", "KernelCall", "StepFailed", "address_of", "borrowed", "keep_alive", "launch",
@@ -205,6 +205,7 @@ def address_of(step, arguments, indexed=False, exact=False):
         if result.signature.return_type != types.none:
             raise TypeError(f"{step.py_func.__qualname__} returns {result.signature.return_type}; a step returns nothing")
         found = (result.library.get_pointer_to_function(result.fndesc.llvm_func_name), _token(argument_types))
+        keep_machine_code(step, argument_types, result)  # the cache's copy: machine code, ready to run
         if key is not None:
             _ADDRESSES[key] = found
     return found

@@ -8,7 +8,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 
 from ..cpu_blas import matmul
-from ..jit import jit as _jit, jit_inner as _jit_inner
+from ..jit import OVERLOAD_OPTIONS, jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, bf16_of, bf16_to_f32, gemm, gemm_f32, pack_pair_columns, pack_pairs, padded
 from ..simd import cache_row, contiguous_row, gradient_pairs
 from .constants import _FASTMATH
@@ -61,7 +61,7 @@ def _blas_product(a, b, c, m, n, k, accumulate):
     matmul(a[:m, :k], b[:k, :n], c[:m, :n], one, one if accumulate else c.dtype.type(0))
 
 
-@overload(_typed_product, jit_options={"inline": "always"})
+@overload(_typed_product, jit_options=OVERLOAD_OPTIONS)
 def _typed_product_overload(a, b, c, m, n, k, accumulate, micro):
     if a.dtype == types.uint16:  # bf16 bits: the bf16 micro-kernel, k elements as pairs
         return lambda a, b, c, m, n, k, accumulate, micro: gemm(a, b, c, m, n, (k + 1) // 2, accumulate)
@@ -104,7 +104,7 @@ def _pack_forward(k, v, k_packed, v_packed):
     """One (batch, kv head)'s keys and values as the B operands of the forward's products."""
 
 
-@overload(_pack_forward)
+@overload(_pack_forward, jit_options=OVERLOAD_OPTIONS)
 def _pack_forward_overload(k, v, k_packed, v_packed):
     if k_packed.dtype == types.uint16:
         # k_packed (ceil(D/2), 2 (Nk + 16)): pairs along the features for Q K^T;
@@ -137,7 +137,7 @@ def _scratch(n, operand):
     """Elements of a conversion buffer: n for bf16 operands, 1 for float ones (never used)."""
 
 
-@overload(_scratch, jit_options={"inline": "always"})
+@overload(_scratch, jit_options=OVERLOAD_OPTIONS)
 def _scratch_overload(n, operand):
     if operand.dtype == types.uint16:
         return lambda n, operand: n
@@ -149,7 +149,7 @@ def _first_key(j0, operand):
     extra key is hidden from every row)."""
 
 
-@overload(_first_key, jit_options={"inline": "always"})
+@overload(_first_key, jit_options=OVERLOAD_OPTIONS)
 def _first_key_overload(j0, operand):
     if operand.dtype == types.uint16:
         return lambda j0, operand: j0 - j0 % 2
@@ -181,7 +181,7 @@ def _operand_of(dst, value):
     """value as an element of the operand array dst: bf16 bits for uint16, float32 for float32."""
 
 
-@overload(_operand_of, jit_options={"inline": "always"})
+@overload(_operand_of, jit_options=OVERLOAD_OPTIONS)
 def _operand_of_overload(dst, value):
     if dst.dtype == types.uint16:
         return lambda dst, value: bf16_of(value)
@@ -216,7 +216,7 @@ def _f32_of(value):
     """A stored element as float32: bf16 bits (uint16) widened, floats converted."""
 
 
-@overload(_f32_of, jit_options={"inline": "always"})
+@overload(_f32_of, jit_options=OVERLOAD_OPTIONS)
 def _f32_of_overload(value):
     if value == types.uint16:
         return lambda value: bf16_to_f32(value)
@@ -227,7 +227,7 @@ def _f64_of(value):
     """A stored element as float64, exactly: bf16 bits widened, float32 and float64 converted."""
 
 
-@overload(_f64_of, jit_options={"inline": "always"})
+@overload(_f64_of, jit_options=OVERLOAD_OPTIONS)
 def _f64_of_overload(value):
     if value == types.uint16:
         return lambda value: np.float64(bf16_to_f32(value))
@@ -239,7 +239,7 @@ def _widening_buffer(x, size, like):
     (bf16 bits), none when x is read in place."""
 
 
-@overload(_widening_buffer, jit_options={"inline": "always"})
+@overload(_widening_buffer, jit_options=OVERLOAD_OPTIONS)
 def _widening_buffer_overload(x, size, like):
     if x.dtype == like.dtype:
         return lambda x, size, like: np.empty(0, like.dtype)
@@ -251,7 +251,7 @@ def _padding_buffer(x, rows, like):
     multiple of PAD when they must be copied (bf16 bits to widen, or C not a multiple of PAD), else none."""
 
 
-@overload(_padding_buffer, jit_options={"inline": "always"})
+@overload(_padding_buffer, jit_options=OVERLOAD_OPTIONS)
 def _padding_buffer_overload(x, rows, like):
     if x.dtype == like.dtype:
         return lambda x, rows, like: np.empty(0 if x.shape[3] % PAD == 0 else rows * padded(x.shape[3], PAD),
@@ -280,7 +280,7 @@ def _padded_rows_as(x, b, h, j0, rows, buffer):
     copied into buffer (_padding_buffer), widened from bf16 bits and zero-padded."""
 
 
-@overload(_padded_rows_as, jit_options={"inline": "always"})
+@overload(_padded_rows_as, jit_options=OVERLOAD_OPTIONS)
 def _padded_rows_as_overload(x, b, h, j0, rows, buffer):
     if x.dtype != buffer.dtype:
         return lambda x, b, h, j0, rows, buffer: _copy_padded_rows(x, b, h, j0, rows, buffer)
@@ -299,7 +299,7 @@ def _rows_as(x, b, h, j0, rows, buffer):
     buffer (room for rows * C), read from x's contiguous rows."""
 
 
-@overload(_rows_as, jit_options={"inline": "always"})
+@overload(_rows_as, jit_options=OVERLOAD_OPTIONS)
 def _rows_as_overload(x, b, h, j0, rows, buffer):
     if x.dtype == buffer.dtype:
         return lambda x, b, h, j0, rows, buffer: x[b, h, j0:]
@@ -349,7 +349,7 @@ def _pack_operands(k, v, k_packed, v_packed, k_rows):
     """One (batch, kv head)'s keys and values as the B operands of the backward's products."""
 
 
-@overload(_pack_operands)
+@overload(_pack_operands, jit_options=OVERLOAD_OPTIONS)
 def _pack_operands_overload(k, v, k_packed, v_packed, k_rows):
     if k_packed.dtype == types.uint16:
         # k_packed (ceil(D/2), 2 (Nk + 16)), v_packed (ceil(Dv/2), ..): pairs along the
@@ -414,7 +414,7 @@ def _gradient_in_place(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_soft
                 p_full[r, c] *= keep[r, c]
 
 
-@overload(_gradient_operands, jit_options={"inline": "always"})
+@overload(_gradient_operands, jit_options=OVERLOAD_OPTIONS)
 def _gradient_operands_overload(p_full, ds_full, bq, bk, delta, scale, cap_grad, has_softcap, keep, has_dropout,
                                 pairs_buf, ds_pairs_buf, ds_rows_buf):  # fmt: skip
     if pairs_buf.dtype == types.uint16:
@@ -465,7 +465,7 @@ def _tile_operands(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf
     own operands, their padding columns zeroed (they reach columns of other keys otherwise)."""
 
 
-@overload(_tile_operands, jit_options={"inline": "always"})
+@overload(_tile_operands, jit_options=OVERLOAD_OPTIONS)
 def _tile_operands_overload(p_full, ds_full, bq, bk, pairs_buf, ds_pairs_buf, ds_rows_buf):
     if pairs_buf.dtype == types.uint16:
 
@@ -490,7 +490,7 @@ def _a_rows_of(x, x_full, buffer):
     """The (Bq, Bk) tile x as an A operand: bf16 rows (even width) in buffer, or x_full itself."""
 
 
-@overload(_a_rows_of, jit_options={"inline": "always"})
+@overload(_a_rows_of, jit_options=OVERLOAD_OPTIONS)
 def _a_rows_of_overload(x, x_full, buffer):
     if buffer.dtype == types.uint16:
 
@@ -508,7 +508,7 @@ def _bf16_operand(buffer):
     """Whether a products' buffer holds bf16 bits (uint16): a constant per compiled signature."""
 
 
-@overload(_bf16_operand, jit_options={"inline": "always"})
+@overload(_bf16_operand, jit_options=OVERLOAD_OPTIONS)
 def _bf16_operand_overload(buffer):
     bits = buffer.dtype == types.uint16
     return lambda buffer: bits
@@ -518,7 +518,7 @@ def _p_rows_buffer(buffer, bq, bk, unused):
     """(Bq, Bk rounded up to even) rows of a bf16 buffer for P, or `unused` for a float buffer."""
 
 
-@overload(_p_rows_buffer, jit_options={"inline": "always"})
+@overload(_p_rows_buffer, jit_options=OVERLOAD_OPTIONS)
 def _p_rows_buffer_overload(buffer, bq, bk, unused):
     if buffer.dtype == types.uint16:
         return lambda buffer, bq, bk, unused: buffer[: bq * padded(bk, 2)].reshape((bq, padded(bk, 2)))
@@ -530,7 +530,7 @@ def _p_operand(p, p_full, buffer, p_bits, rounded):
     bf16 buffer p_bits (_p_rows_buffer), rounded into here unless the softmax did it (rounded)."""
 
 
-@overload(_p_operand, jit_options={"inline": "always"})
+@overload(_p_operand, jit_options=OVERLOAD_OPTIONS)
 def _p_operand_overload(p, p_full, buffer, p_bits, rounded):
     if buffer.dtype == types.uint16:
 
@@ -549,7 +549,7 @@ def _dropped_operand(p, p_full, keep, buffer, p_bits):
     pass, p_full left as it was (the product reads p_bits only)."""
 
 
-@overload(_dropped_operand, jit_options={"inline": "always"})
+@overload(_dropped_operand, jit_options=OVERLOAD_OPTIONS)
 def _dropped_operand_overload(p, p_full, keep, buffer, p_bits):
     if buffer.dtype == types.uint16:
 
@@ -577,7 +577,7 @@ def _key_offset(j0, operand):
     """Where key j0 starts along a packed operand: 2 j0 columns (bf16 pairs) or j0."""
 
 
-@overload(_key_offset, jit_options={"inline": "always"})
+@overload(_key_offset, jit_options=OVERLOAD_OPTIONS)
 def _key_offset_overload(j0, operand):
     if operand.dtype == types.uint16:
         return lambda j0, operand: 2 * j0
@@ -588,7 +588,7 @@ def _key_row(j0, operand):
     """The row of key j0 in k_rows: j0 // 2 (bf16 pairs of keys) or j0."""
 
 
-@overload(_key_row, jit_options={"inline": "always"})
+@overload(_key_row, jit_options=OVERLOAD_OPTIONS)
 def _key_row_overload(j0, operand):
     if operand.dtype == types.uint16:
         return lambda j0, operand: j0 // 2

@@ -9,7 +9,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from ..jit import jit as _jit, jit_inner as _jit_inner
+from ..jit import OVERLOAD_OPTIONS, jit as _jit, jit_inner as _jit_inner
 from ..microkernels import f32_to_bf16
 from ..simd import FLUSH_BELOW, contiguous_row, exp2_affine_at, exp2_affine_bits_at, row_max_at
 from .constants import (
@@ -34,7 +34,7 @@ def _exp2_flushed(x):
     """2**x, or 0 below simd.FLUSH_BELOW of x's dtype."""
 
 
-@overload(_exp2_flushed, jit_options={"inline": "always"})
+@overload(_exp2_flushed, jit_options=OVERLOAD_OPTIONS)
 def _exp2_flushed_overload(x):
     real = np.float32 if x == types.float32 else np.float64
     flush, zero = real(FLUSH_BELOW[np.dtype(real)]), real(0.0)
@@ -198,7 +198,7 @@ def _exp2_rounding_row(s, r, multiplier, shift, p_bits):
     exp2_affine_at, so that its callers compile for both."""
 
 
-@overload(_exp2_rounding_row, jit_options={"inline": "always"})
+@overload(_exp2_rounding_row, jit_options=OVERLOAD_OPTIONS)
 def _exp2_rounding_row_overload(s, r, multiplier, shift, p_bits):
     if s.dtype == types.float32:
 
@@ -274,7 +274,7 @@ def _store(array, value):
     """value converted for storing into `array`: bf16 bits when array is uint16, else unchanged."""
 
 
-@overload(_store, jit_options={"inline": "always"})
+@overload(_store, jit_options=OVERLOAD_OPTIONS)
 def _store_overload(array, value):
     if array.dtype == types.uint16:
         return lambda array, value: f32_to_bf16(value)
