@@ -13,6 +13,10 @@ A first call that compiles sits silent for seconds, so the first compilation
 of each kernel (forward, backward, decode) in a process says so on stderr, one line
 (ATTNKIT_COMPILE_NOTICE=0 silences it); loading from the cache says nothing.
 
+Helpers that only compiled code calls get no machine code of their own: they are linked into
+their callers as LLVM IR, and the cache keeps their bitcode ("Machine code only where an address
+is taken" below).
+
 Processes share the cache: warmup's compiling processes, DataLoader workers, distributed
 ranks. Numba's own index is not safe for two of them saving signatures of one function
 at once (LockedFunctionCache says why and what this module does instead).
