@@ -302,6 +302,9 @@ class LockedFunctionCache(caching.FunctionCache):
 
 _ATTNKIT_PREFIX = "_ZN7attnkit"  # Numba's mangling of functions in the attnkit package
 _DEFERRED_ENVS = weakref.WeakValueDictionary()  # a deferred library's environment globals -> the library
+# Numba's own methods, replaced by _install_lazy_machine_code (None where it did not install)
+_NUMBA_FINALIZE_FINAL_MODULE = _NUMBA_GET_POINTER = _NUMBA_SET_ENV = _NUMBA_SERIALIZE = None
+_NUMBA_GET_COMPILED_OBJECT = None
 
 
 def _deferrable(module):

@@ -153,9 +153,13 @@ def test_reference_memory_grows_as_n_squared_and_flash_as_n():
     growth = (reference_peaks[2] - reference_peaks[1]) / (reference_peaks[1] - reference_peaks[0])
     assert 3.2 <= growth <= 4.8, (growth, reference_peaks)
     assert reference_peaks[-1] >= settings.score_matrix_bytes(2048)  # it holds the scores
-    # Linear at most. No lower bound on the fit: a constant ~2 MB of the process's own (thread
-    # buffers, allocator slack) flattened it to 0.39 in one CI run, peaks 2.2 / 2.8 / 3.8 MB.
-    assert fit_exponent(ns, flash_peaks) <= 1.3
+    # Linear: the peak's growth doubles as N does (a N^2 term would quadruple it), measured the same
+    # way, whatever constant the process adds. A fit to the peaks themselves swung with that
+    # constant: 0.39 in one CI run (2.2 / 2.8 / 3.8 MB: growth 1.7 here), 1.31 in another (0.82 /
+    # 2.24 / 5.05 MB: growth 1.98).
+    assert flash_peaks[0] < flash_peaks[1] < flash_peaks[2], flash_peaks
+    flash_growth = (flash_peaks[2] - flash_peaks[1]) / (flash_peaks[1] - flash_peaks[0])
+    assert flash_growth <= 3.0, (flash_growth, flash_peaks)
     assert flash_peaks[-1] > 0  # measured (the reference's fit above shows the measurement works)
     assert flash_peaks[-1] < settings.score_matrix_bytes(2048) / 4
 
