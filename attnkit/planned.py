@@ -120,26 +120,6 @@ def _key(options, arrays, sinks):
             precision, sinks_key)  # fmt: skip
 
 
-def _contiguous_tensors(call_key, dtype):
-    """Whether a key's arrays are tensors' NumPy views, C-contiguous, of the kernel's dtype: then
-    every call of the key can enter the plan's serial function unchecked (the key holds the shapes,
-    dtypes and strides, and a tensor's view is aligned and writeable)."""
-    tensors, shapes, dtypes, strides = call_key[1], call_key[2:5], call_key[5:8], call_key[8:11]
-    return tensors and all(
-        x == dtype and _c_contiguous(shape, step, dtype.itemsize) for shape, x, step in zip(shapes, dtypes, strides)
-    )  # fmt: skip
-
-
-def _c_contiguous(shape, strides, itemsize):
-    """NumPy's rule (an axis of length 1 may have any stride)."""
-    expected = itemsize
-    for n, stride in zip(reversed(shape), reversed(strides)):
-        if n != 1 and stride != expected:
-            return False
-        expected *= n
-    return True
-
-
 def key(options, q, k, v, sinks=None):
     """The planned-call key of q, k, v (and sinks, or None) under an entry point's options, or None
     when the call cannot be planned (it then takes the full path, which validates it)."""
@@ -177,7 +157,7 @@ def remember(call_key, spec, choice, q, k, v, grad):
     if not all(tuple(x.shape[:-3]) == tuple(spec.batch) for x in (q, k, v)):
         return  # leading axes that broadcast: the full path expands them
     from .backends.cpu import cpu_product_path
-    from .kernels.numba_attention import dense_forward_plan
+    from .kernels.numba_attention import dense_forward_plan, enterable
 
     bf16 = cpu_product_path(spec.dtype)[0] == "bf16"
     if spec.dtype == "bfloat16" and not bf16:
@@ -192,8 +172,11 @@ def remember(call_key, spec, choice, q, k, v, grad):
     )  # fmt: skip
     if len(_CALLS) >= _MAX_CALLS:
         _CALLS.clear()
+    # The key holds the views' shapes, dtypes and strides: what these arrays are, every call of the key's are.
+    arrays = _arrays(q, k, v)
+    contiguous_tensors = arrays is not None and arrays[3] and enterable(*arrays[:3], kernel_dtype)
     _CALLS[call_key] = PlannedCall(plan, shapes, tuple(spec.batch) + (spec.hq, spec.nq), spec.dtype == "bfloat16",
-                                   _contiguous_tensors(call_key, kernel_dtype))  # fmt: skip
+                                   contiguous_tensors)  # fmt: skip
 
 
 class PlannedCall:
@@ -204,7 +187,7 @@ class PlannedCall:
     def __init__(self, plan, shapes, rows, bits, contiguous_tensors=False):
         self.plan, self.shapes, self.rows, self.bits = plan, shapes, rows, bits
         self.folded = len(rows) != 3  # leading axes other than one batch axis: reshaped views
-        # the key vouches for the arrays (_contiguous_tensors): the serial function takes them unchecked
+        # tensors' views that the key vouches for (remember): the serial function takes them unchecked
         self.contiguous_tensors = contiguous_tensors
         self.last_sinks = (None, 0, None)  # (tensor, its data pointer, its NumPy form)
 

@@ -60,16 +60,7 @@ def main(argv=None):
         k, v = torch.randn(batch, hkv, nk, d).to(dtype), torch.randn(batch, hkv, nk, d).to(dtype)
         contenders = (lambda: attnkit.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                       lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-        for _ in range(20):
-            for call in contenders:
-                call()
-        times = ([], [])
-        for _ in range(args.calls):
-            for call, samples in zip(contenders, times):
-                start = time.perf_counter()
-                call()
-                samples.append(time.perf_counter() - start)
-        ours, theirs = (1e6 * statistics.median(samples) for samples in times)
+        ours, theirs = _medians_us(contenders, args.calls)
         rate = (k.nbytes + v.nbytes) / ours / 1e3  # bytes per microsecond / 1e3: GB/s
         print(f"| B{batch} H{hq}/{hkv} Nk{nk} D{d} {args.dtype} | {ours:.0f} us | {theirs:.0f} us | {theirs / ours:.2f} "
               f"| {rate:.1f} GB/s |")
@@ -109,6 +100,12 @@ def _layers(q, k, v, n_calls):
         whole,
         lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
     )  # fmt: skip
+    return _medians_us(contenders, n_calls)
+
+
+def _medians_us(contenders, n_calls):
+    """Each contender's median µs over n_calls calls, the contenders taking turns call by call
+    (after 20 calls each to warm up)."""
     for _ in range(20):
         for contender in contenders:
             contender()

@@ -40,8 +40,8 @@ from numba.core.registry import CPUDispatcher
 from numba.core.runtime import rtsys
 
 __all__ = [
-    "LAZY_MACHINE_CODE", "OVERLOAD_OPTIONS", "announce_as", "cache_location", "code_variant", "defer_scipy_import", "discard_stale_cache",
-    "jit", "jit_inner", "keep_machine_code", "materialize", "set_code_variant",
+    "LAZY_MACHINE_CODE", "OVERLOAD_OPTIONS", "announce_as", "cache_location", "code_variant", "defer_scipy_import",
+    "discard_stale_cache", "jit", "jit_inner", "keep_machine_code", "set_code_variant",
 ]
 
 _STAMP = "attnkit-kernel-sources.sha256"
@@ -336,7 +336,7 @@ def _finalize_final_module(self):
     self._finalized = True
 
 
-def materialize(library):
+def _materialize(library):
     """Emit a deferred library's machine code now (nothing when it has some, or is not deferred)."""
     if not getattr(library, "_attnkit_deferred", False):
         return
@@ -361,7 +361,7 @@ def _get_pointer_to_function(self, name):
         except NameError:
             defined = False
         if defined:
-            materialize(self)
+            _materialize(self)
     return _NUMBA_GET_POINTER(self, name)
 
 
@@ -382,7 +382,7 @@ def _serialize_using_object_code(self):
 
 
 def _get_compiled_object(self):
-    materialize(self)
+    _materialize(self)
     return _NUMBA_GET_COMPILED_OBJECT(self)
 
 
