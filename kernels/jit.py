@@ -298,13 +298,19 @@ class LockedFunctionCache(caching.FunctionCache):
 # module, and gets machine code when an address in it is first asked for: a step's
 # (launch.address_of), or anything else's. Until then the on-disk cache keeps its bitcode, which is
 # what a later compilation links. The machine code of what does run is Numba's, unchanged.
-# ATTNKIT_LAZY_MACHINE_CODE=0 turns this off (every library compiled at once, as Numba does).
+# Such a library skips Numba's module passes too: a caller links it and runs them over the whole
+# module, its own code and the helper's together, so the helper's own run served nothing (cold
+# warmup 5-9% faster; kernel log v59). The exception: a helper that asks for its own vector width
+# (simd.wide_vectors) is optimized alone, as its loops must be vectorised before a caller inlines them.
+# ATTNKIT_LAZY_MACHINE_CODE=0 turns this off (every library compiled at once, as Numba does);
+# ATTNKIT_LAZY_OPTIMIZATION=0 only the skipped module passes.
 
 _ATTNKIT_PREFIX = "_ZN7attnkit"  # Numba's mangling of functions in the attnkit package
 _DEFERRED_ENVS = weakref.WeakValueDictionary()  # a deferred library's environment globals -> the library
 # Numba's own methods, replaced by _install_lazy_machine_code (None where it did not install)
 _NUMBA_FINALIZE_FINAL_MODULE = _NUMBA_GET_POINTER = _NUMBA_SET_ENV = _NUMBA_SERIALIZE = None
-_NUMBA_GET_COMPILED_OBJECT = None
+_NUMBA_GET_COMPILED_OBJECT = _NUMBA_OPTIMIZE_FINAL_MODULE = None
+_DEFER_OPTIMIZATION = os.environ.get("ATTNKIT_LAZY_OPTIMIZATION", "1") != "0"
 
 
 def _deferrable(module):
@@ -322,9 +328,27 @@ def _deferrable(module):
     return own
 
 
+def _optimize_final_module(self):
+    module = self._final_module
+    if _DEFER_OPTIMIZATION and _deferrable(module) and not _tuned_alone(module):
+        return  # its callers optimize it with themselves; _materialize does, if it runs on its own
+    _NUMBA_OPTIMIZE_FINAL_MODULE(self)
+
+
+def _tuned_alone(module):
+    """Whether one of the module's own functions asks LLVM for a vector width of its own
+    (simd.wide_vectors): inlined before its loops were vectorised, they would get their caller's."""
+    return any(b'"prefer-vector-width"' in attributes for function in module.functions
+               if function.name.startswith(_ATTNKIT_PREFIX) and not function.is_declaration
+               for attributes in function.attributes)  # fmt: skip
+
+
 def _finalize_final_module(self):
     if not _deferrable(self._final_module):
         return _NUMBA_FINALIZE_FINAL_MODULE(self)
+    # Unoptimized: finalize skipped the module passes, and the cache keeps a deferred library's
+    # bitcode as finalize left it.
+    self._attnkit_unoptimized = _DEFER_OPTIMIZATION and not _tuned_alone(self._final_module)
     self._finalize_dynamic_globals()
     self._verify_declare_only_symbols()
     self._final_module._CPUCodeLibrary__library = weakref.proxy(self)  # for the object-code hooks, later
@@ -344,6 +368,11 @@ def _materialize(library):
         if not library._attnkit_deferred:
             return
         library._attnkit_deferred = False
+        if library._attnkit_unoptimized:
+            library._attnkit_unoptimized = False
+            _NUMBA_OPTIMIZE_FINAL_MODULE(library)
+            library._final_module.verify()
+            library._final_module._CPUCodeLibrary__library = weakref.proxy(library)
         cleanup = library._codegen._add_module(library._final_module)
         if cleanup:
             weakref.finalize(library, cleanup)
@@ -400,13 +429,13 @@ def keep_machine_code(dispatcher, signature, result):
 def _install_lazy_machine_code():
     """Patch Numba's JIT code libraries (see above) where Numba is laid out as this was written for."""
     global _NUMBA_FINALIZE_FINAL_MODULE, _NUMBA_GET_POINTER, _NUMBA_SET_ENV, _NUMBA_SERIALIZE
-    global _NUMBA_GET_COMPILED_OBJECT
+    global _NUMBA_GET_COMPILED_OBJECT, _NUMBA_OPTIMIZE_FINAL_MODULE
     if os.environ.get("ATTNKIT_LAZY_MACHINE_CODE", "1") == "0":
         return False
     library, codegen = numba_codegen.JITCodeLibrary, numba_codegen.JITCPUCodegen
     needed = (
-        (library, ("_finalize_final_module", "_finalize_dynamic_globals", "_verify_declare_only_symbols",
-                   "_finalize_specific", "get_pointer_to_function", "serialize_using_object_code",
+        (library, ("_optimize_final_module", "_finalize_final_module", "_finalize_dynamic_globals",
+                   "_verify_declare_only_symbols", "_finalize_specific", "get_pointer_to_function", "serialize_using_object_code",
                    "serialize_using_bitcode", "_get_compiled_object", "_object_compiled_hook")),
         (codegen, ("_add_module", "set_env")),
     )  # fmt: skip
@@ -417,6 +446,8 @@ def _install_lazy_machine_code():
     _NUMBA_SET_ENV = codegen.set_env
     _NUMBA_SERIALIZE = library.serialize_using_object_code
     _NUMBA_GET_COMPILED_OBJECT = library._get_compiled_object
+    _NUMBA_OPTIMIZE_FINAL_MODULE = library._optimize_final_module
+    library._optimize_final_module = _optimize_final_module
     library._finalize_final_module = _finalize_final_module
     library.get_pointer_to_function = _get_pointer_to_function
     library.serialize_using_object_code = _serialize_using_object_code

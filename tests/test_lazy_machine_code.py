@@ -1,6 +1,7 @@
 """Machine code only where an address is taken (kernels/jit.py): helpers that only compiled code
 calls are linked as LLVM IR and get no machine code of their own, in the process that compiles
-them or in the on-disk cache; the kernels and their steps still load ready to run."""
+them or in the on-disk cache, nor their own run of the module passes; the kernels and their steps
+still load ready to run."""
 
 from __future__ import annotations
 
@@ -68,7 +69,11 @@ for path in glob.glob(sys.argv[1] + "/**/*.nbc", recursive=True):
     name, kind, _ = NoImports(io.BytesIO(open(path, "rb").read())).load()[0]
     kinds.setdefault(kind, []).append(name)
 deferred = [lib.name for lib in libraries if getattr(lib, "_attnkit_deferred", False)]
-print(json.dumps(dict(errors=errors, kinds=kinds, compiled=compiled, deferred=deferred, lazy=jit.LAZY_MACHINE_CODE)))
+# of those, the ones whose module passes are still to run (a caller ran them over the linked IR)
+unoptimized = [lib.name for lib in libraries if getattr(lib, "_attnkit_deferred", False) and lib._attnkit_unoptimized]
+tuned_alone = [lib.name for lib in libraries if jit._tuned_alone(lib._final_module)]
+print(json.dumps(dict(errors=errors, kinds=kinds, compiled=compiled, deferred=deferred, unoptimized=unoptimized,
+                      tuned_alone=tuned_alone, lazy=jit.LAZY_MACHINE_CODE)))
 """
 
 _STEP_NAMES = {"_forward_worker", "_backward_worker", "_decode_worker", "_pack_forward_head", "_finish_kv_grad"}
@@ -90,6 +95,9 @@ def test_link_only_helpers_get_no_machine_code_and_the_cache_still_loads_the_ker
     assert first["lazy"] and max(first["errors"]) < 1e-4, first["errors"]
     assert len(first["deferred"]) >= 10, first["deferred"]  # helpers left as LLVM IR in this process
     assert not _STEP_NAMES & set(first["deferred"]), first["deferred"]  # steps ran: they have machine code
+    # and their module passes skipped, but for helpers that ask for a vector width of their own
+    assert set(first["deferred"]) - set(first["unoptimized"]) <= set(first["tuned_alone"]), first
+    assert len(first["unoptimized"]) >= 10, first["unoptimized"]
     kinds = first["kinds"]
     assert len(kinds.get("bitcode", [])) >= 10, kinds  # the helpers, cached as bitcode to link
     assert _STEP_NAMES <= set(kinds["object"]) and not _STEP_NAMES & set(kinds.get("bitcode", [])), kinds
