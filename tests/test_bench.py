@@ -589,6 +589,14 @@ def test_cpu_parts_prints_every_part(capsys):
         cpu_parts.main(["--repeats", "0"])
 
 
+def test_speed_check_refuses_rounds_below_one(capsys):
+    from attnkit.bench import speed_check
+
+    with pytest.raises(SystemExit):
+        speed_check.main(["--rounds", "0"])
+    assert "--rounds must be at least 1; got 0" in capsys.readouterr().err
+
+
 def test_cpu_steps_times_both_kernels_and_counts_faults(capsys):
     from attnkit.bench import cpu_steps
 
