@@ -691,6 +691,26 @@ def wide_vectors(typingctx):
 
 
 @intrinsic
+def frame_array(typingctx, like, length):
+    """A 1-D 'C' array of `length` (a constant) elements of like's dtype in the calling function's
+    stack frame, uninitialised. Indexed by constants once a loop of constant trip count over it is
+    vectorised and unrolled, LLVM keeps it in registers (SROA): accumulators that a loop over keys
+    updates without a load and a store per key."""
+    if not isinstance(like, types.Array) or not isinstance(length, types.IntegerLiteral):
+        return None
+    size = length.literal_value
+    block_type = types.Array(like.dtype, 1, "C")
+
+    def codegen(context, builder, signature, args):
+        element = context.get_data_type(like.dtype)
+        storage = cgutils.alloca_once(builder, ir.ArrayType(element, size))
+        start = builder.bitcast(storage, element.as_pointer())
+        return _row_view(context, builder, block_type, element, start, context.get_constant(types.intp, size))
+
+    return block_type(like, length), codegen
+
+
+@intrinsic
 def prefetch(typingctx, address):
     """Ask for the cache line at address (an integer) ahead of its use: prefetcht0, which never
     faults and returns nothing, so an address past the end of an array is harmless."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from attnkit.kernels import numba_attention as kernel
+from attnkit.kernels.cpu import decode
 from attnkit.kernels.bf16 import bf16_bits, bf16_to_float32
 from attnkit.reference import attention
 
@@ -187,6 +188,39 @@ def test_decode_reads_ahead_only_when_the_cache_cannot_hold_kv(monkeypatch, cach
     assert [(x.worker.removesuffix("_serial"), x.read_ahead) for x in launches] == [("decode", not cache_bytes)]
     out64, lse64 = attention(q, k, v, mask=mask, scale=0.125, return_lse=True)
     out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), mask=mask, scale=0.125, return_lse=True)
+    if dtype == np.uint16:
+        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
+    assert_within_rule("out", out, out64, out32, 2)
+    assert_within_rule("lse", lse, lse64, lse32, 2)
+
+
+_BLOCK = decode._PV_COLUMNS  # output columns a row that the in-order P V holds in registers
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("hq", [4, 6, 8], ids=["2-rows", "3-rows", "4-rows"])
+@pytest.mark.parametrize("dv", [_BLOCK - 7, 2 * _BLOCK, 2 * _BLOCK + 9], ids=["under-a-block", "blocks", "blocks-and-tail"])
+def test_in_order_p_v_keeps_whole_column_blocks_in_registers_and_finishes_the_rest(monkeypatch, dv, hq, dtype):
+    """P V of a tile read in order (2-4 rows) takes the output a block of columns at a time, held
+    across the key block (decode._pv_blocked), and the columns past the last whole block as before:
+    V widths under a block, of whole blocks, and with a tail, against the reference."""
+    monkeypatch.setattr(kernel, "last_level_cache_bytes", lambda: 0)  # float32 in order too
+    nk = 300 + 7 * hq + dv % 5 + (dtype == np.uint16)  # no plan of another setting is reused
+    rng = np.random.default_rng(nk + dv)
+    q, k = rng.standard_normal((2, hq, 1, 32)), rng.standard_normal((2, 2, nk, 32))
+    v = rng.standard_normal((2, 2, nk, dv))
+    mask = np.arange(nk)[None, None, None, :] < np.array([nk, 130])[:, None, None, None]
+    if dtype == np.uint16:
+        bits = [bf16_bits(x) for x in (q, k, v)]
+        q, k, v = (bf16_to_float32(x).astype(np.float64) for x in bits)
+    else:
+        bits = [x.astype(np.float32) for x in (q, k, v)]
+    with kernel.recording() as launches:
+        out, lse = kernel.flash_forward(*bits, mask, scale=0.2, causal=None, window=None, softcap=None)
+    assert [x.worker.removesuffix("_serial") for x in launches] == ["decode"]
+    assert launches[0].in_order_rows > hq // 2  # the tile's rows read the keys in order
+    out64, lse64 = attention(q, k, v, mask=mask, scale=0.2, return_lse=True)
+    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), mask=mask, scale=0.2, return_lse=True)
     if dtype == np.uint16:
         out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
     assert_within_rule("out", out, out64, out32, 2)

@@ -12,7 +12,8 @@ from numba.extending import overload
 
 from ..jit import OVERLOAD_OPTIONS, jit as _jit, jit_inner as _jit_inner
 from ..microkernels import PAD, padded
-from ..simd import cache_row, contiguous_row, exp2_affine_at, prefetch, wide_vectors
+from ..simd import cache_row, contiguous_row, exp2_affine_at, frame_array, prefetch, wide_vectors
+from ..target import TARGET
 from .constants import (
     _C_LOG2E, _C_NEG_INF, _C_ONE, _C_SCALE, _C_ZERO, _FASTMATH, _HAS_ADDITIVE_MASK, _HAS_BOOL_MASK, _HAS_SINKS,
     _HAS_SOFTCAP, _READ_AHEAD,
@@ -121,11 +122,65 @@ def _pv_key_pairs_overload(v):
     return lambda v: pairs
 
 
+# The output columns a P V pass keeps in registers per row, across a key block: four vectors a row
+# where there are 32 vector registers (4 rows x 4 accumulators, V's vector and 4 weights: 21), two
+# where there are 16 (13). AVX-512: 64 columns of float32.
+_PV_COLUMNS = TARGET.lanes * (4 if TARGET.registers >= 32 else 2)
+_PV_BLOCK = 4 * _PV_COLUMNS  # its frame_array: four rows' columns
+
+
+@_jit(inline="always")
+def _pv_blocked(v, b, hk, j0, bk, p, r, n, dv, acc):
+    """acc[r + i, :dv] += sum_j p[r + i, j] v[b, hk, j0 + j, :dv] for n rows (1-4, a constant),
+    _PV_COLUMNS columns at a time held in registers across all bk keys (frame_array): a key
+    costs its V row's loads and the FMAs, not a load and a store of every output row. Columns past
+    the last whole block: returned (the caller's loops take them)."""
+    local = frame_array(acc, _PV_BLOCK)
+    c0 = 0
+    while c0 + _PV_COLUMNS <= dv:
+        for c in range(_PV_COLUMNS):
+            local[c] = acc[r, c0 + c]
+            if n > 1:
+                local[_PV_COLUMNS + c] = acc[r + 1, c0 + c]
+            if n > 2:
+                local[2 * _PV_COLUMNS + c] = acc[r + 2, c0 + c]
+            if n > 3:
+                local[3 * _PV_COLUMNS + c] = acc[r + 3, c0 + c]
+        for j in range(bk):
+            w0 = p[r, j]
+            w1 = p[r + 1, j] if n > 1 else w0
+            w2 = p[r + 2, j] if n > 2 else w0
+            w3 = p[r + 3, j] if n > 3 else w0
+            value = cache_row(v, b, hk, j0 + j)
+            for c in range(_PV_COLUMNS):
+                x = _operand_of(acc, value[c0 + c])
+                local[c] += w0 * x
+                if n > 1:
+                    local[_PV_COLUMNS + c] += w1 * x
+                if n > 2:
+                    local[2 * _PV_COLUMNS + c] += w2 * x
+                if n > 3:
+                    local[3 * _PV_COLUMNS + c] += w3 * x
+        for c in range(_PV_COLUMNS):
+            acc[r, c0 + c] = local[c]
+            if n > 1:
+                acc[r + 1, c0 + c] = local[_PV_COLUMNS + c]
+            if n > 2:
+                acc[r + 2, c0 + c] = local[2 * _PV_COLUMNS + c]
+            if n > 3:
+                acc[r + 3, c0 + c] = local[3 * _PV_COLUMNS + c]
+        c0 += _PV_COLUMNS
+    return c0
+
+
 @_jit(inline="always")
 def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
     """acc[r + i, :dv] += sum_j p[r + i, j] v[b, hk, j0 + j, :dv] for n rows (1-4; a constant at each
     call, so the unused rows' code folds away) in one pass over the keys: two keys' V rows a step
     when pairs, then a key at a time."""
+    start = _pv_blocked(v, b, hk, j0, bk, p, r, n, dv, acc)
+    if start == dv:
+        return
     j = 0
     while pairs and j + 2 <= bk:
         w0, u0 = p[r, j], p[r, j + 1]
@@ -133,7 +188,7 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
         w2, u2 = (p[r + 2, j], p[r + 2, j + 1]) if n > 2 else (w0, u0)
         w3, u3 = (p[r + 3, j], p[r + 3, j + 1]) if n > 3 else (w0, u0)
         first, second = cache_row(v, b, hk, j0 + j), cache_row(v, b, hk, j0 + j + 1)
-        for c in range(dv):
+        for c in range(start, dv):
             x = _operand_of(acc, first[c])
             y = _operand_of(acc, second[c])
             acc[r, c] += w0 * x + u0 * y
@@ -150,7 +205,7 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
         w2 = p[r + 2, j] if n > 2 else w0
         w3 = p[r + 3, j] if n > 3 else w0
         value = cache_row(v, b, hk, j0 + j)
-        for c in range(dv):
+        for c in range(start, dv):
             x = _operand_of(acc, value[c])
             acc[r, c] += w0 * x
             if n > 1:
