@@ -200,10 +200,11 @@ _BLOCK = decode._PV_COLUMNS  # output columns a row that the in-order P V holds 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("hq", [4, 6, 8], ids=["2-rows", "3-rows", "4-rows"])
 @pytest.mark.parametrize("dv", [_BLOCK - 7, 2 * _BLOCK, 2 * _BLOCK + 9], ids=["under-a-block", "blocks", "blocks-and-tail"])
-def test_in_order_p_v_keeps_whole_column_blocks_in_registers_and_finishes_the_rest(monkeypatch, dv, hq, dtype):
-    """P V of a tile read in order (2-4 rows) takes the output a block of columns at a time, held
-    across the key block (decode._pv_blocked), and the columns past the last whole block as before:
-    V widths under a block, of whole blocks, and with a tail, against the reference."""
+def test_in_order_p_v_of_any_value_width_matches_the_reference(monkeypatch, dv, hq, dtype):
+    """P V of a tile read in order: four rows take the output a block of columns at a time, held in
+    registers across the key block (decode._pv_four_rows_blocked), then the columns past the last
+    whole block; two and three rows the columns' loops alone. V widths under a block, of whole
+    blocks, and with a tail, against the reference."""
     monkeypatch.setattr(kernel, "last_level_cache_bytes", lambda: 0)  # float32 in order too
     nk = 300 + 7 * hq + dv % 5 + (dtype == np.uint16)  # no plan of another setting is reused
     rng = np.random.default_rng(nk + dv)

@@ -122,53 +122,44 @@ def _pv_key_pairs_overload(v):
     return lambda v: pairs
 
 
-# The output columns a P V pass keeps in registers per row, across a key block: four vectors a row
-# where there are 32 vector registers (4 rows x 4 accumulators, V's vector and 4 weights: 21), two
-# where there are 16 (13). AVX-512: 64 columns of float32.
+# The output columns a four-row P V pass keeps in registers per row across a key block: four
+# vectors a row where there are 32 vector registers (16 accumulators, V's vector and 4 weights: 21),
+# two where there are 16 (13). AVX-512: 64 columns of float32.
 _PV_COLUMNS = TARGET.lanes * (4 if TARGET.registers >= 32 else 2)
 _PV_BLOCK = 4 * _PV_COLUMNS  # its frame_array: four rows' columns
 
 
-@_jit(inline="always")
-def _pv_blocked(v, b, hk, j0, bk, p, r, n, dv, acc):
-    """acc[r + i, :dv] += sum_j p[r + i, j] v[b, hk, j0 + j, :dv] for n rows (1-4, a constant),
-    _PV_COLUMNS columns at a time held in registers across all bk keys (frame_array): a key
-    costs its V row's loads and the FMAs, not a load and a store of every output row. Columns past
-    the last whole block: returned (the caller's loops take them)."""
+@_jit_inner(fastmath=_FASTMATH)
+def _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc):
+    """acc[r + i, c] += sum_j p[r + i, j] v[b, hk, j0 + j, c] for four rows and the columns c of whole
+    _PV_COLUMNS blocks, each block held in registers across all bk keys (frame_array): a key costs
+    its V row's loads and the FMAs, not a load and a store of every output row. Returns the first
+    column left to the caller's loops. Four rows only (a GQA group of 4 or 8 per query), and a
+    function of its own: inlined by Numba (inline="always") into each of _in_order_pv's passes, and
+    for 2 and 3 rows too, it cost ~2 s more of the float32 decode job's compilation (kernel log v60)."""
+    wide_vectors()
     local = frame_array(acc, _PV_BLOCK)
     c0 = 0
     while c0 + _PV_COLUMNS <= dv:
         for c in range(_PV_COLUMNS):
             local[c] = acc[r, c0 + c]
-            if n > 1:
-                local[_PV_COLUMNS + c] = acc[r + 1, c0 + c]
-            if n > 2:
-                local[2 * _PV_COLUMNS + c] = acc[r + 2, c0 + c]
-            if n > 3:
-                local[3 * _PV_COLUMNS + c] = acc[r + 3, c0 + c]
+            local[_PV_COLUMNS + c] = acc[r + 1, c0 + c]
+            local[2 * _PV_COLUMNS + c] = acc[r + 2, c0 + c]
+            local[3 * _PV_COLUMNS + c] = acc[r + 3, c0 + c]
         for j in range(bk):
-            w0 = p[r, j]
-            w1 = p[r + 1, j] if n > 1 else w0
-            w2 = p[r + 2, j] if n > 2 else w0
-            w3 = p[r + 3, j] if n > 3 else w0
+            w0, w1, w2, w3 = p[r, j], p[r + 1, j], p[r + 2, j], p[r + 3, j]
             value = cache_row(v, b, hk, j0 + j)
             for c in range(_PV_COLUMNS):
                 x = _operand_of(acc, value[c0 + c])
                 local[c] += w0 * x
-                if n > 1:
-                    local[_PV_COLUMNS + c] += w1 * x
-                if n > 2:
-                    local[2 * _PV_COLUMNS + c] += w2 * x
-                if n > 3:
-                    local[3 * _PV_COLUMNS + c] += w3 * x
+                local[_PV_COLUMNS + c] += w1 * x
+                local[2 * _PV_COLUMNS + c] += w2 * x
+                local[3 * _PV_COLUMNS + c] += w3 * x
         for c in range(_PV_COLUMNS):
             acc[r, c0 + c] = local[c]
-            if n > 1:
-                acc[r + 1, c0 + c] = local[_PV_COLUMNS + c]
-            if n > 2:
-                acc[r + 2, c0 + c] = local[2 * _PV_COLUMNS + c]
-            if n > 3:
-                acc[r + 3, c0 + c] = local[3 * _PV_COLUMNS + c]
+            acc[r + 1, c0 + c] = local[_PV_COLUMNS + c]
+            acc[r + 2, c0 + c] = local[2 * _PV_COLUMNS + c]
+            acc[r + 3, c0 + c] = local[3 * _PV_COLUMNS + c]
         c0 += _PV_COLUMNS
     return c0
 
@@ -176,9 +167,10 @@ def _pv_blocked(v, b, hk, j0, bk, p, r, n, dv, acc):
 @_jit(inline="always")
 def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
     """acc[r + i, :dv] += sum_j p[r + i, j] v[b, hk, j0 + j, :dv] for n rows (1-4; a constant at each
-    call, so the unused rows' code folds away) in one pass over the keys: two keys' V rows a step
-    when pairs, then a key at a time."""
-    start = _pv_blocked(v, b, hk, j0, bk, p, r, n, dv, acc)
+    call, so the unused rows' code folds away): four rows' whole column blocks held in registers
+    (_pv_four_rows_blocked), then the other columns in one pass over the keys, two keys' V rows a
+    step when pairs, then a key at a time."""
+    start = _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc) if n == 4 else 0
     if start == dv:
         return
     j = 0
