@@ -14,6 +14,18 @@ from attnkit.reference import attention
 
 from attnkit.testing import assert_within_rule
 
+
+def _assert_matches_the_reference(out, lse, q, k, v, dtype, **options):
+    """out and lse within the error rule of the float64 reference on q, k, v (bf16 inputs: the
+    float64 values of their bits), against the float32 reference's own error (bf16: rounded to bf16)."""
+    out64, lse64 = attention(q, k, v, return_lse=True, **options)
+    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), return_lse=True, **options)
+    if dtype == np.uint16:
+        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
+    assert_within_rule("out", out, out64, out32, 2)
+    assert_within_rule("lse", lse, lse64, lse32, 2)
+
+
 CASES = [
     # (B, Hq, Hkv, Nq, Nk, D, causal, window, mask)
     (1, 4, 1, 1, 1, 64, None, None, None),
@@ -186,12 +198,7 @@ def test_decode_reads_ahead_only_when_the_cache_cannot_hold_kv(monkeypatch, cach
     with kernel.recording() as launches:
         out, lse = kernel.flash_forward(*bits, mask, scale=0.125, causal=None, window=None, softcap=None)
     assert [(x.worker.removesuffix("_serial"), x.read_ahead) for x in launches] == [("decode", not cache_bytes)]
-    out64, lse64 = attention(q, k, v, mask=mask, scale=0.125, return_lse=True)
-    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), mask=mask, scale=0.125, return_lse=True)
-    if dtype == np.uint16:
-        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
-    assert_within_rule("out", out, out64, out32, 2)
-    assert_within_rule("lse", lse, lse64, lse32, 2)
+    _assert_matches_the_reference(out, lse, q, k, v, dtype, mask=mask, scale=0.125)
 
 
 _BLOCK = decode._PV_COLUMNS  # output columns a row that the in-order P V holds in registers
@@ -220,12 +227,7 @@ def test_in_order_p_v_of_any_value_width_matches_the_reference(monkeypatch, dv, 
         out, lse = kernel.flash_forward(*bits, mask, scale=0.2, causal=None, window=None, softcap=None)
     assert [x.worker.removesuffix("_serial") for x in launches] == ["decode"]
     assert launches[0].in_order_rows > hq // 2  # the tile's rows read the keys in order
-    out64, lse64 = attention(q, k, v, mask=mask, scale=0.2, return_lse=True)
-    out32, lse32 = attention(*(x.astype(np.float32) for x in (q, k, v)), mask=mask, scale=0.2, return_lse=True)
-    if dtype == np.uint16:
-        out, out32 = bf16_to_float32(out), bf16_to_float32(bf16_bits(out32))
-    assert_within_rule("out", out, out64, out32, 2)
-    assert_within_rule("lse", lse, lse64, lse32, 2)
+    _assert_matches_the_reference(out, lse, q, k, v, dtype, mask=mask, scale=0.2)
 
 
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 40], ids=["kv-larger-than-the-cache", "kv-in-the-cache"])
