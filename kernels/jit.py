@@ -435,8 +435,9 @@ def _install_lazy_machine_code():
     library, codegen = numba_codegen.JITCodeLibrary, numba_codegen.JITCPUCodegen
     needed = (
         (library, ("_optimize_final_module", "_finalize_final_module", "_finalize_dynamic_globals",
-                   "_verify_declare_only_symbols", "_finalize_specific", "get_pointer_to_function", "serialize_using_object_code",
-                   "serialize_using_bitcode", "_get_compiled_object", "_object_compiled_hook")),
+                   "_verify_declare_only_symbols", "_finalize_specific", "get_pointer_to_function",
+                   "serialize_using_object_code", "serialize_using_bitcode", "_get_compiled_object",
+                   "_object_compiled_hook")),
         (codegen, ("_add_module", "set_env")),
     )  # fmt: skip
     if not all(hasattr(owner, name) for owner, names in needed for name in names):

@@ -695,7 +695,7 @@ def frame_array(typingctx, like, length):
     """A 1-D 'C' array of `length` (a constant) elements of like's dtype in the calling function's
     stack frame, uninitialised. Indexed by constants once a loop of constant trip count over it is
     vectorised and unrolled, LLVM keeps it in registers (SROA): accumulators that a loop over keys
-    updates without a load and a store per key."""
+    updates without a load and a store per key. It lives as long as the call: never return it."""
     if not isinstance(like, types.Array) or not isinstance(length, types.IntegerLiteral):
         return None
     size = length.literal_value

@@ -206,7 +206,8 @@ _BLOCK = decode._PV_COLUMNS  # output columns a row that the in-order P V holds 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.uint16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("hq", [4, 6, 8], ids=["2-rows", "3-rows", "4-rows"])
-@pytest.mark.parametrize("dv", [_BLOCK - 7, 2 * _BLOCK, 2 * _BLOCK + 9], ids=["under-a-block", "blocks", "blocks-and-tail"])
+@pytest.mark.parametrize("dv", [_BLOCK - 7, 2 * _BLOCK, 2 * _BLOCK + 9],
+                         ids=["under-a-block", "blocks", "blocks-and-tail"])  # fmt: skip
 def test_in_order_p_v_of_any_value_width_matches_the_reference(monkeypatch, dv, hq, dtype):
     """P V of a tile read in order: four rows take the output a block of columns at a time, held in
     registers across the key block (decode._pv_four_rows_blocked), then the columns past the last
