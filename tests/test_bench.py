@@ -146,24 +146,23 @@ def test_reference_memory_grows_as_n_squared_and_flash_as_n():
     reference, flash = contenders.by_name("reference"), contenders.by_name("torch-sdpa-flash")
     ns = [512, 1024, 2048]
     reference_peaks = [measure.measure_point(reference, settings, n)["peak_memory_bytes"] for n in ns]
-    # torch's peaks are a few MB: a page touched for the first time (a thread's buffer) inflated one
-    # point above the next in a suite run (0.83 / 3.80 / 3.32 MB); the least of three calls is the call's own
-    flash_peaks = [min(measure.measure_point(flash, settings, n)["peak_memory_bytes"] for _ in range(3)) for n in ns]
+    flash_peaks = [measure.measure_point(flash, settings, n)["peak_memory_bytes"] for n in ns]
     # N doubles: the peak's growth (a N^2 term) quadruples, whatever constant the process adds to
     # every point (a fit to the peaks themselves gave 1.73 in a fresh-clone CI run: 19.5 / 55.7 /
     # 214 MB, the first point inflated; 1.90 here). Linear growth would double, cubic go 8x.
     growth = (reference_peaks[2] - reference_peaks[1]) / (reference_peaks[1] - reference_peaks[0])
     assert 3.2 <= growth <= 4.8, (growth, reference_peaks)
     assert reference_peaks[-1] >= settings.score_matrix_bytes(2048)  # it holds the scores
-    # Linear: the peak's growth doubles as N does (a N^2 term would quadruple it), measured the same
-    # way, whatever constant the process adds. A fit to the peaks themselves swung with that
-    # constant: 0.39 in one CI run (2.2 / 2.8 / 3.8 MB: growth 1.7 here), 1.31 in another (0.82 /
-    # 2.24 / 5.05 MB: growth 1.98).
-    assert flash_peaks[0] < flash_peaks[1] < flash_peaks[2], flash_peaks
-    flash_growth = (flash_peaks[2] - flash_peaks[1]) / (flash_peaks[1] - flash_peaks[0])
-    assert flash_growth <= 3.0, (flash_growth, flash_peaks)
-    assert flash_peaks[-1] > 0  # measured (the reference's fit above shows the measurement works)
-    assert flash_peaks[-1] < settings.score_matrix_bytes(2048) / 4
+    # torch's flash holds no N^2 term: from N 512 to 2048 its peak grows by less than a tenth of the
+    # reference's growth (a N^2 term would match it). Its peaks are a few MB, and not even monotone:
+    # torch's per-thread buffers follow its own block choices, so the N 1024 point exceeded the N 2048
+    # one in suite runs (0.83 / 3.80 / 3.32 and 0.82 / 4.18 / 3.31 MB; 0.83 / 2.24 / 3.31 alone), and a
+    # fit to three such points swung from 0.39 to 1.31 in CI runs. Compared with the reference's
+    # growth, measured the same way, the check holds whatever torch's buffers do.
+    assert max(flash_peaks) > 0  # measured (the reference's growth above shows the measurement works)
+    assert flash_peaks[-1] - flash_peaks[0] < (reference_peaks[-1] - reference_peaks[0]) / 10, (flash_peaks,
+                                                                                              reference_peaks)  # fmt: skip
+    assert max(flash_peaks) < settings.score_matrix_bytes(2048) / 4
 
 
 def test_roofline_is_the_best_of_the_matmuls_and_attnkits_micro_kernel():
