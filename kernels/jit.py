@@ -328,11 +328,16 @@ def _deferrable(module):
     return own
 
 
+def _left_to_callers(module):
+    """Whether a library's module passes are left to its callers (who link and optimize its IR with
+    their own; _materialize runs them if its machine code is ever asked for): a deferrable library
+    none of whose functions asks for a vector width of its own."""
+    return _DEFER_OPTIMIZATION and _deferrable(module) and not _tuned_alone(module)
+
+
 def _optimize_final_module(self):
-    module = self._final_module
-    if _DEFER_OPTIMIZATION and _deferrable(module) and not _tuned_alone(module):
-        return  # its callers optimize it with themselves; _materialize does, if it runs on its own
-    _NUMBA_OPTIMIZE_FINAL_MODULE(self)
+    if not _left_to_callers(self._final_module):
+        _NUMBA_OPTIMIZE_FINAL_MODULE(self)
 
 
 def _tuned_alone(module):
@@ -346,9 +351,8 @@ def _tuned_alone(module):
 def _finalize_final_module(self):
     if not _deferrable(self._final_module):
         return _NUMBA_FINALIZE_FINAL_MODULE(self)
-    # Unoptimized: finalize skipped the module passes, and the cache keeps a deferred library's
-    # bitcode as finalize left it.
-    self._attnkit_unoptimized = _DEFER_OPTIMIZATION and not _tuned_alone(self._final_module)
+    # finalize skipped its module passes, or the cache kept its bitcode as finalize left it
+    self._attnkit_unoptimized = _left_to_callers(self._final_module)
     self._finalize_dynamic_globals()
     self._verify_declare_only_symbols()
     self._final_module._CPUCodeLibrary__library = weakref.proxy(self)  # for the object-code hooks, later
