@@ -43,6 +43,8 @@ CASES = [
     (1, 8, 2, 1, 333, 40, None, None, "key_padding"),  # 4 rows a tile: both products a key at a time, D 40
     (1, 6, 2, 1, 515, 64, None, None, None),  # 3 rows (bf16: one pass over key pairs), an odd block of 3 keys
     (1, 14, 2, 1, 601, 48, "bottom_right", (200, 0), None),  # 7 rows: 4 + 3, an odd last block
+    (5, 10, 10, 1, 50, 16, None, None, None),  # 50 tasks: claimed in runs, the last one short (schedule.run_queue)
+    (6, 12, 6, 2, 80, 32, "bottom_right", None, None),  # 36 tasks of 4 rows, in runs
 ]
 
 

@@ -132,6 +132,7 @@ DECODE_BACKWARD_CASES = [
     Case(hq=16, hkv=2, nq=16, nk=150, d=32, scale=-0.3),
     Case(hq=2, nq=5, nk=300, d=32, causal="top_left", mask="bool_full"),
     Case(nq=7, nk=16, d=16, window=(None, 3)),
+    Case(b=9, hq=8, hkv=4, nq=1, nk=40, d=16, causal="bottom_right"),  # 36 tasks: claimed in runs (schedule.run_queue)
 ]
 CASES += DECODE_BACKWARD_CASES
 

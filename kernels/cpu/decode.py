@@ -23,7 +23,7 @@ from .operands import (
     _any_layout, _not_literal, _operand_of, _padded_rows_as, _padding_buffer, _product, _rows_as,
     _widening_buffer,
 )
-from .schedule import TASK_QUEUE, _claim
+from .schedule import TASK_QUEUE, _claim_in_runs, run_queue
 from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_flags, _tile_scores_base2
 
 
@@ -293,6 +293,7 @@ def _decode_worker(
     # Shared by every worker, and held by the kernel for the whole call: no reference counts
     q, k, v_rows, consts = borrowed(q), borrowed(k), borrowed(v_rows), borrowed(consts)
     out, lse, part_out, part_lse = borrowed(out), borrowed(lse), borrowed(part_out), borrowed(part_lse)
+    order, next_task = borrowed(order), borrowed(next_task)  # the queue: a reference count per task, shared
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], out.shape[3]
     group = hq // hkv
@@ -314,8 +315,11 @@ def _decode_worker(
     k_wide = _widening_buffer(k, block_k * d, consts)  # (Bk, D) a key block widened (bf16 only)
     v_wide = _padding_buffer(v_rows, block_k, consts)  # (Bk, Dv16) a value block widened or padded, if need be
     # This worker's own buffers, viewed per task without reference counts (kept alive to the end)
-    owners = (q_t, q_rows, st, score_buf, acc, running_max, running_sum, rescale, k_wide, v_wide, unused_bits)
+    run = np.zeros(2, np.int64)  # the run of tasks this worker holds
+    owners = (q_t, q_rows, st, score_buf, acc, running_max, running_sum, rescale, k_wide, v_wide, unused_bits, run,
+              unused_grad)  # fmt: skip
     q_t, q_rows, st, score_buf, acc = borrowed(q_t), borrowed(q_rows), borrowed(st), borrowed(score_buf), borrowed(acc)
+    run, unused_grad = borrowed(run), borrowed(unused_grad)
     running_max, running_sum, rescale = borrowed(running_max), borrowed(running_sum), borrowed(rescale)
     k_wide, v_wide, unused_bits = borrowed(k_wide), borrowed(v_wide), borrowed(unused_bits)
     sinks = borrowed(masks[6])  # (Hq,) learned sink logits, when flags has _HAS_SINKS
@@ -325,7 +329,7 @@ def _decode_worker(
                                                          borrowed(masks[3]))  # once: shared  # fmt: skip
 
     while True:
-        t = _claim(order, next_task)
+        t = _claim_in_runs(order, next_task, run)
         if t < 0:
             break
         split = t % n_splits
@@ -440,17 +444,24 @@ def _decode_kernel(
     # K and V typed as layout 'A' whatever their layout: one worker serves a C-contiguous cache and
     # one read in place (flash-attn's (B, N, Hkv, D) seen as (B, Hkv, N, D)); its row loops read
     # through simd.cache_row, as fast on either (kernel log v56)
-    working = (q, _any_layout(k), _any_layout(v_rows), masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
-               micro, in_order_rows, np.arange(n_tasks), np.zeros(1, np.int64), out, lse, part_out, part_lse)  # fmt: skip
-    merging = (part_out, part_lse, out, lse)
+    order, next_task = run_queue(n_tasks, n_workers)
+    # The steps' arguments without reference counts (launch.borrowed): the caller holds the kernel's
+    # arguments, and the queue is kept alive to the end. Counted, each was an atomic add and subtract
+    # per argument per call, on counters the workers share.
+    working = (borrowed(q), borrowed(_any_layout(k)), borrowed(_any_layout(v_rows)), borrowed(masks), borrowed(consts),
+               lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows, borrowed(order),
+               borrowed(next_task), borrowed(out), borrowed(lse), borrowed(part_out), borrowed(part_lse))  # fmt: skip
+    merging = borrowed((part_out, part_lse, out, lse))
     if steps[1] != token_of(working, None) or steps[3] != token_of(merging, 0):
         return REFUSED
     parallel = n_workers > 1
+    status = RAN
     if not run_step(steps[0], working, None, n_workers, parallel):
-        return FAILED
-    if n_splits > 1 and not run_step(steps[2], merging, 0, q.shape[0] * q.shape[1], parallel):
-        return FAILED
-    return RAN
+        status = FAILED
+    elif n_splits > 1 and not run_step(steps[2], merging, 0, q.shape[0] * q.shape[1], parallel):
+        status = FAILED
+    keep_alive((order, next_task))
+    return status
 
 
 @functools.lru_cache(maxsize=16)
@@ -530,8 +541,9 @@ def _decode_backward_worker(
     dv_row = np.empty(dv, dtype)
     bool_mask, additive_mask, key_ranges, tile_states = masks[0], masks[1], masks[2], masks[3]  # once: shared
 
+    run = np.zeros(2, np.int64)  # the run of tasks this worker holds
     while True:
-        t = _claim(order, next_task)
+        t = _claim_in_runs(order, next_task, run)
         if t < 0:
             break
         hk = t % hkv
@@ -618,13 +630,16 @@ def _decode_backward_kernel(
     """n_workers workers (1: on the calling thread) over the (batch, kv head) tasks. steps:
     decode_backward_steps(). Returns RAN, REFUSED or FAILED (kernels/cpu/launch.py)."""
     n_tasks = k.shape[0] * k.shape[1]
-    working = (q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, np.arange(n_tasks),
-               np.zeros(1, np.int64), out, d_out, lse, dq, dk, dv_grad)  # fmt: skip
+    order, next_task = run_queue(n_tasks, n_workers)
+    # without reference counts, as _decode_kernel's
+    working = (borrowed(q), borrowed(k), borrowed(v), borrowed(masks), borrowed(consts), lo_offset, hi_offset, flags,
+               block_k, borrowed(order), borrowed(next_task), borrowed(out), borrowed(d_out), borrowed(lse),
+               borrowed(dq), borrowed(dk), borrowed(dv_grad))  # fmt: skip
     if steps[1] != token_of(working, None):
         return REFUSED
-    if not run_step(steps[0], working, None, min(n_workers, n_tasks), n_workers > 1):
-        return FAILED
-    return RAN
+    status = RAN if run_step(steps[0], working, None, min(n_workers, n_tasks), n_workers > 1) else FAILED
+    keep_alive((order, next_task))
+    return status
 
 
 def decode_backward_steps(
