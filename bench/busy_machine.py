@@ -1,10 +1,12 @@
 """attnkit and torch on a machine that is doing something else: each one's slowdown against the quiet machine.
 
-    python -m attnkit.bench.busy_machine [--seconds 6] [--loads spin torch attnkit] [--json FILE]
+    python -m attnkit.bench.busy_machine [--seconds 6] [--block-seconds 0.25] [--loads spin torch attnkit]
+        [--json FILE]
 
 The cases are #24's (fp32 B1 H8 N256 D64; fp32 and bf16 B1 H8 N2048 D64 causal; fp32 decode B4
 GQA 32/8 Nk4096 D128), each called through scaled_dot_product_attention, attnkit and torch taking
-turns in this process for --seconds per case. They are measured on the quiet machine, then beside
+turns in this process for --seconds per case, a block of calls each (measure: the first call of a
+block is not counted). They are measured on the quiet machine, then beside
 each load, a second process started for the purpose:
   spin     one Python process spinning (one core taken);
   torch    torch's SDPA, fp32 B1 H8 N1024 D64, in a loop on 2 threads;
@@ -38,6 +40,7 @@ LOADS = {  # name -> the code the load process runs
     "attnkit": _LOAD_SETUP + "import attnkit\nwhile True:\n    attnkit.scaled_dot_product_attention(q, q, q)\n",
 }
 TARGET_FACTOR, TARGET_FLOOR = 1.25, 2.5
+BLOCK_SECONDS = 0.25  # a contender's turn (measure)
 
 
 def _inputs(torch, case):
@@ -48,8 +51,14 @@ def _inputs(torch, case):
     return q, k, v
 
 
-def measure(seconds):
-    """{case: (attnkit median s, torch median s)}, the two taking turns for `seconds` per case."""
+def measure(seconds, block_seconds=BLOCK_SECONDS):
+    """{case: (attnkit median s, torch median s)}, the two taking turns for `seconds` per case.
+
+    A turn is a block of calls of one contender lasting block_seconds (at least 3 calls), and the
+    first call of each block is not counted: the other contender's threads may still be spinning
+    then. Taking turns call by call, each one's calls ran beside the other's spinning threads: fp32
+    decode B4 GQA 32/8 Nk4096 beside a spinning process took 8.4 ms alone and 13.5 ms taking turns
+    with torch's SDPA (torch's own 31.3 ms) (bench/results/busy-machine.md)."""
     import torch
     import torch.nn.functional as F
 
@@ -69,9 +78,14 @@ def measure(seconds):
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(times[0]) < 3:
             for call, samples in zip(contenders, times):
-                start = time.perf_counter()
-                call()
-                samples.append(time.perf_counter() - start)
+                call()  # the block's first call: not counted
+                block_end = time.perf_counter() + block_seconds
+                n_calls = 0
+                while n_calls < 3 or time.perf_counter() < block_end:
+                    start = time.perf_counter()
+                    call()
+                    samples.append(time.perf_counter() - start)
+                    n_calls += 1
         medians[name] = tuple(statistics.median(samples) for samples in times)
     return medians
 
@@ -90,10 +104,14 @@ def main(argv=None):
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("--seconds", type=float, default=6.0, help="per case and situation (default 6)")
     parser.add_argument("--loads", nargs="+", choices=list(LOADS), default=list(LOADS))
+    parser.add_argument("--block-seconds", type=float, default=BLOCK_SECONDS,
+                        help=f"a contender's turn, its first call not counted (default {BLOCK_SECONDS})")
     parser.add_argument("--json", help="also write the medians and slowdowns here")
     args = parser.parse_args(argv)
     if args.seconds <= 0:
         parser.error(f"--seconds must be positive; got {args.seconds}")
+    if args.block_seconds < 0:
+        parser.error(f"--block-seconds must be 0 or more; got {args.block_seconds}")
 
     import torch  # noqa: F401  - first, as user code imports it (see bench/results/busy-machine.md)
 
@@ -101,18 +119,18 @@ def main(argv=None):
 
     attnkit.warmup(("float32", "bfloat16"), backward=False)
     print(f"quiet (1/2)... ({os.cpu_count()} CPUs)", file=sys.stderr, flush=True)
-    quiet_before = measure(args.seconds)
+    quiet_before = measure(args.seconds, args.block_seconds)
     beside = {}
     for load in args.loads:
         print(f"beside {load}...", file=sys.stderr, flush=True)
         process = _start_load(load)
         try:
-            beside[load] = measure(args.seconds)
+            beside[load] = measure(args.seconds, args.block_seconds)
         finally:
             process.kill()
             process.wait()
     print("quiet (2/2)...", file=sys.stderr, flush=True)
-    quiet_after = measure(args.seconds)
+    quiet_after = measure(args.seconds, args.block_seconds)
     quiet = {name: tuple((a + b) / 2 for a, b in zip(quiet_before[name], quiet_after[name])) for name in CASES}
 
     header = "| call | quiet: attnkit / torch | " + " | ".join(f"beside {load}: attnkit, torch" for load in args.loads)
@@ -137,7 +155,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(command=" ".join(["python -m attnkit.bench.busy_machine"] + (argv or sys.argv[1:])),
-                           cpus=os.cpu_count(), seconds=args.seconds, rows=rows), f, indent=1)  # fmt: skip
+                           cpus=os.cpu_count(), seconds=args.seconds, block_seconds=args.block_seconds,
+                           rows=rows), f, indent=1)  # fmt: skip
     return 0
 
 
