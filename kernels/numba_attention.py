@@ -338,7 +338,8 @@ def _serial_decode(plan, entry, steps):
     own instructions: the kernel has streamed K and V through the caches, and the next call's Python
     finds its code and data gone (fp32 MHA B4 H32 Nk64 D128: a minimal loop of the same steps took
     170 us a call where the layered path took 206). Returns None where run() must take the call:
-    keys split across workers (partials to merge), a recording to make, or a kernel that did not run."""
+    keys split across workers (partials to merge), a recording to make, or a kernel that did not run.
+    run(q, k, v, want_lse=False) returns a spare lse, which the next such call overwrites."""
     dtype, compute = plan.dtype, plan.compute
     out_shape, lse_shape = plan.result_shapes
     batch, hkv, nk, _ = plan.k_shape
@@ -346,14 +347,15 @@ def _serial_decode(plan, entry, steps):
              plan.in_order_rows, _UNUSED_PARTIALS[np.dtype(compute).type])  # fmt: skip
     masks, consts, lo, hi, flags, block_k, micro, in_order_rows, (part_out, part_lse) = fixed
     empty, lock = np.empty, _CALL_LOCK
+    spare_lse = empty(lse_shape, compute)  # written by calls whose caller drops lse (see _serial_forward)
 
-    def run(q, k, v):
+    def run(q, k, v, want_lse=True):
         if _RECORDINGS:
             return None
         n_workers = worker_count()
         if _key_splits(batch, hkv, nk, n_workers) > 1:
             return None  # partials to merge: run() takes the call
-        out, lse = empty(out_shape, dtype), empty(lse_shape, compute)
+        out, lse = empty(out_shape, dtype), empty(lse_shape, compute) if want_lse else spare_lse
         # the calling thread alone needs no lock (_decode's `alone`: no pool, no workspace)
         with _NOTHING_TO_PIN if n_workers == 1 else lock:
             status = entry(q, k, v, masks, consts, lo, hi, flags, block_k, 1, micro, in_order_rows, n_workers, out,
@@ -368,20 +370,25 @@ def _serial_forward(plan, entry, steps):
     packed operands of its own) as one function, for tiny calls, which feel every layer of Python:
     the allocations and the kernel's compiled entry, for q, k, v that enterable() accepts (the
     types `entry` was compiled for, launch.KernelCall). Returns None where run() itself must take
-    the call: a recording to make, or a kernel that did not run (it then reports why)."""
+    the call: a recording to make, or a kernel that did not run (it then reports why).
+    run(q, k, v, want_lse=False) returns a spare lse, which the next such call overwrites."""
     dtype, compute, operand, v_in_place = plan.dtype, plan.compute, plan.operand, plan.v_in_place
     (out_shape, lse_shape), (k_shape, v_shape) = plan.result_shapes, plan.operand_shapes
     fixed = (plan.table, plan.masks, plan.consts, plan.flags, plan.block_q, plan.block_k, plan.micro, 1)
     table, masks, consts, flags, block_q, block_k, micro, n_workers = fixed
     empty = np.empty
+    # Scratch kept from call to call: the packed operands, and lse where the caller drops it
+    # (want_lse=False: sdpa's calls). The kernels hold the GIL, so no other thread enters this
+    # plan's kernel while one call uses them; a tiny call felt each allocation (~0.3 µs with its release).
+    k_packed, spare_lse = empty(k_shape, operand), empty(lse_shape, compute)
+    v_packed = None if v_in_place else empty(v_shape, operand)
 
-    def run(q, k, v):
+    def run(q, k, v, want_lse=True):
         if _RECORDINGS:
             return None
-        out, lse, k_packed = empty(out_shape, dtype), empty(lse_shape, compute), empty(k_shape, operand)
-        v_packed = v if v_in_place else empty(v_shape, operand)
-        status = entry(q, k, v, table, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed, v_packed,
-                       out, lse, steps)  # fmt: skip
+        out, lse = empty(out_shape, dtype), empty(lse_shape, compute) if want_lse else spare_lse
+        status = entry(q, k, v, table, masks, consts, flags, block_q, block_k, micro, n_workers, k_packed,
+                       v if v_packed is None else v_packed, out, lse, steps)  # fmt: skip
         return (out, lse) if status == RAN else None
 
     return run

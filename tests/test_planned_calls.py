@@ -371,17 +371,20 @@ def test_a_plan_enters_the_kernel_compiled_for_its_arguments_own_types(case_id):
         np.testing.assert_allclose(_numpy(out).astype(np.float64), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("array", ["numpy", "torch"])
 @pytest.mark.parametrize("kind", ["forward", "decode"])
-def test_planned_calls_on_the_calling_thread_from_eight_threads_at_once(kind, monkeypatch):
-    """Calls that run on the calling thread alone take no lock (their own packed operands, no split
-    partials; the kernel holds the GIL while it runs): eight threads calling one plan at once, its
-    kernel entry and steps shared, each get their own answer."""
+def test_planned_calls_on_the_calling_thread_from_eight_threads_at_once(kind, array, monkeypatch):
+    """Calls that run on the calling thread alone take no lock (no split partials; the plan's packed
+    operands, and its spare lse for sdpa's tensor calls, which drop it: the kernel holds the GIL while
+    it runs): eight threads calling one plan at once, its kernel entry, steps and scratch shared,
+    each get their own answer."""
     from attnkit.kernels import numba_attention
 
     monkeypatch.setattr(numba_attention, "worker_count", lambda: 1)
     rng = np.random.default_rng(9)
     q_shape, kv_shape = ((1, 4, 24, 32), (1, 4, 24, 32)) if kind == "forward" else ((1, 4, 1, 32), (1, 2, 600, 32))
-    inputs = [tuple(_fresh(s, np.float32, rng, "numpy") for s in (q_shape, kv_shape, kv_shape)) for _ in range(8)]
+    dtype = torch.float32 if array == "torch" else np.float32
+    inputs = [tuple(_fresh(s, dtype, rng, array) for s in (q_shape, kv_shape, kv_shape)) for _ in range(8)]
     api.clear_plans()
     attnkit.scaled_dot_product_attention(*inputs[0], enable_gqa=True)  # planned
     results = [[] for _ in inputs]
@@ -397,7 +400,7 @@ def test_planned_calls_on_the_calling_thread_from_eight_threads_at_once(kind, mo
         thread.join()
     assert planned.count() == 1
     for index, outs in enumerate(results):
-        want = reference(*(x.astype(np.float64) for x in inputs[index]))
+        want = reference(*(_numpy(x).astype(np.float64) for x in inputs[index]))
         assert len(outs) == 40
         for out in outs:
-            np.testing.assert_allclose(out, want, atol=2e-5, rtol=2e-5)
+            np.testing.assert_allclose(_numpy(out), want, atol=2e-5, rtol=2e-5)
