@@ -293,7 +293,7 @@ def _decode_worker(
     # Shared by every worker, and held by the kernel for the whole call: no reference counts
     q, k, v_rows, consts = borrowed(q), borrowed(k), borrowed(v_rows), borrowed(consts)
     out, lse, part_out, part_lse = borrowed(out), borrowed(lse), borrowed(part_out), borrowed(part_lse)
-    order, next_task = borrowed(order), borrowed(next_task)  # the queue: a reference count per task, shared
+    order, next_task = borrowed(order), borrowed(next_task)  # the queue, shared: no reference count per claim
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], out.shape[3]
     group = hq // hkv
