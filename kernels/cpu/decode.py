@@ -275,9 +275,10 @@ def _head_keys(key_ranges, tile_states, flags, b, h, nq, nk, lo_offset, hi_offse
 @_jit_inner(fastmath=_FASTMATH)
 def _decode_worker(
     q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows,
-    order, next_task, out, lse, part_out, part_lse,
+    stretches, counters, out, lse, part_out, part_lse, worker,
 ):  # fmt: skip
-    """Take (batch, kv head, key split) tasks: every query row of the GQA group at once.
+    """Take (batch, kv head, key split) tasks: every query row of the GQA group at once (worker: this
+    worker's index, whose home stretch of the queue it takes first: schedule.run_queue).
 
     The group's Hq / Hkv heads times Nq rows form one tile of rows, so K and V are
     read once per group, and S^T = K_blk Q^T comes from the micro-kernel with the
@@ -293,7 +294,7 @@ def _decode_worker(
     # Shared by every worker, and held by the kernel for the whole call: no reference counts
     q, k, v_rows, consts = borrowed(q), borrowed(k), borrowed(v_rows), borrowed(consts)
     out, lse, part_out, part_lse = borrowed(out), borrowed(lse), borrowed(part_out), borrowed(part_lse)
-    order, next_task = borrowed(order), borrowed(next_task)  # the queue, shared: no reference count per claim
+    stretches, counters = borrowed(stretches), borrowed(counters)  # the queue, shared: no reference count per claim
     batch, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], out.shape[3]
     group = hq // hkv
@@ -329,7 +330,7 @@ def _decode_worker(
                                                          borrowed(masks[3]))  # once: shared  # fmt: skip
 
     while True:
-        t = _claim_in_runs(order, next_task, run)
+        t = _claim_in_runs(stretches, counters, run, worker)
         if t < 0:
             break
         split = t % n_splits
@@ -444,23 +445,23 @@ def _decode_kernel(
     # K and V typed as layout 'A' whatever their layout: one worker serves a C-contiguous cache and
     # one read in place (flash-attn's (B, N, Hkv, D) seen as (B, Hkv, N, D)); its row loops read
     # through simd.cache_row, as fast on either (kernel log v56)
-    order, next_task = run_queue(n_tasks, n_workers)
+    stretches, counters = run_queue(n_tasks, n_workers)
     # The steps' arguments without reference counts (launch.borrowed): the caller holds the kernel's
     # arguments, and the queue is kept alive to the end. Counted, each was an atomic add and subtract
     # per argument per call, on counters the workers share.
     working = (borrowed(q), borrowed(_any_layout(k)), borrowed(_any_layout(v_rows)), borrowed(masks), borrowed(consts),
-               lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows, borrowed(order),
-               borrowed(next_task), borrowed(out), borrowed(lse), borrowed(part_out), borrowed(part_lse))  # fmt: skip
+               lo_offset, hi_offset, flags, block_k, n_splits, micro, in_order_rows, borrowed(stretches),
+               borrowed(counters), borrowed(out), borrowed(lse), borrowed(part_out), borrowed(part_lse))  # fmt: skip
     merging = borrowed((part_out, part_lse, out, lse))
-    if steps[1] != token_of(working, None) or steps[3] != token_of(merging, 0):
+    if steps[1] != token_of(working, 0) or steps[3] != token_of(merging, 0):
         return REFUSED
     parallel = n_workers > 1
     status = RAN
-    if not run_step(steps[0], working, None, n_workers, parallel):
+    if not run_step(steps[0], working, 0, n_workers, parallel):  # the worker's index appended
         status = FAILED
     elif n_splits > 1 and not run_step(steps[2], merging, 0, q.shape[0] * q.shape[1], parallel):
         status = FAILED
-    keep_alive((order, next_task))
+    keep_alive((stretches, counters))
     return status
 
 
@@ -485,12 +486,12 @@ def decode_steps(
 ):  # fmt: skip
     """_decode_kernel's `steps` for its arguments: the worker (K and V typed as layout 'A' arrays,
     as the kernel passes them) and the merge of split keys."""
-    _, order, next_task = TASK_QUEUE
+    _, stretches, counters = TASK_QUEUE  # int64 arrays: run_queue's types
     k, v_rows = _any_layout_like(k), _any_layout_like(v_rows)
     return steps_array(
         address_of(_decode_worker, (q, k, v_rows, masks, consts, lo_offset, hi_offset, flags, block_k, n_splits,
-                                    micro, in_order_rows, order, next_task, out, lse, part_out, part_lse),
-                   exact=exact),
+                                    micro, in_order_rows, stretches, counters, out, lse, part_out, part_lse),
+                   indexed=True, exact=exact),
         address_of(_merge_splits, (part_out, part_lse, out, lse), indexed=True, exact=exact),
     )  # fmt: skip
 
@@ -504,10 +505,11 @@ _DECODE_BACKWARD_BLOCK_K = 128
 
 @_jit_inner(fastmath=_FASTMATH)
 def _decode_backward_worker(
-    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, order, next_task, out, d_out, lse, dq, dk, dv_grad,
+    q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, stretches, counters, out, d_out, lse, dq, dk, dv_grad,
+    worker,
 ):  # fmt: skip
     """Take (batch, kv head) tasks: the GQA group's Hq / Hkv heads times Nq rows against every key
-    they see, a block of keys at a time.
+    they see, a block of keys at a time (worker: this worker's index in the queue, as _decode_worker's).
 
     Per block: S and dP = dO V^T as dot products with each key's row of K and V (read in place,
     bf16 widened as read), the masks and the scale per head, P = exp(S - lse) and dS =
@@ -543,7 +545,7 @@ def _decode_backward_worker(
 
     run = np.zeros(2, np.int64)  # the run of tasks this worker holds
     while True:
-        t = _claim_in_runs(order, next_task, run)
+        t = _claim_in_runs(stretches, counters, run, worker)
         if t < 0:
             break
         hk = t % hkv
@@ -630,15 +632,16 @@ def _decode_backward_kernel(
     """n_workers workers (1: on the calling thread) over the (batch, kv head) tasks. steps:
     decode_backward_steps(). Returns RAN, REFUSED or FAILED (kernels/cpu/launch.py)."""
     n_tasks = k.shape[0] * k.shape[1]
-    order, next_task = run_queue(n_tasks, n_workers)
+    workers = min(n_workers, n_tasks)
+    stretches, counters = run_queue(n_tasks, workers)
     # without reference counts, as _decode_kernel's
     working = (borrowed(q), borrowed(k), borrowed(v), borrowed(masks), borrowed(consts), lo_offset, hi_offset, flags,
-               block_k, borrowed(order), borrowed(next_task), borrowed(out), borrowed(d_out), borrowed(lse),
+               block_k, borrowed(stretches), borrowed(counters), borrowed(out), borrowed(d_out), borrowed(lse),
                borrowed(dq), borrowed(dk), borrowed(dv_grad))  # fmt: skip
-    if steps[1] != token_of(working, None):
+    if steps[1] != token_of(working, 0):
         return REFUSED
-    status = RAN if run_step(steps[0], working, None, min(n_workers, n_tasks), n_workers > 1) else FAILED
-    keep_alive((order, next_task))
+    status = RAN if run_step(steps[0], working, 0, workers, n_workers > 1) else FAILED  # the worker's index appended
+    keep_alive((stretches, counters))
     return status
 
 
@@ -647,8 +650,8 @@ def decode_backward_steps(
     exact=False,
 ):  # fmt: skip
     """_decode_backward_kernel's `steps` for its arguments: the worker."""
-    _, order, next_task = TASK_QUEUE
+    _, stretches, counters = TASK_QUEUE  # int64 arrays: run_queue's types
     return steps_array(
-        address_of(_decode_backward_worker, (q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, order,
-                                             next_task, out, d_out, lse, dq, dk, dv_grad), exact=exact),
+        address_of(_decode_backward_worker, (q, k, v, masks, consts, lo_offset, hi_offset, flags, block_k, stretches,
+                                             counters, out, d_out, lse, dq, dk, dv_grad), indexed=True, exact=exact),
     )  # fmt: skip

@@ -36,23 +36,25 @@ def _heaviest_first(costs):
 
 
 @intrinsic
-def _fetch_add(typingctx, counter, amount):
-    """Atomically counter[0] += amount; returns the old value (counter: 1-D int64 array)."""
-    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and isinstance(amount, types.Integer)):
+def _fetch_add(typingctx, counter, index, amount):
+    """Atomically counter[index] += amount; returns the old value (counter: 1-D int64 array)."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64 and isinstance(index, types.Integer)
+            and isinstance(amount, types.Integer)):  # fmt: skip
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = context.make_array(signature.args[0])(context, builder, args[0]).data
-        increment = context.cast(builder, args[1], signature.args[1], types.int64)
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        pointer = builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.int64)])
+        increment = context.cast(builder, args[2], signature.args[2], types.int64)
         return builder.atomic_rmw("add", pointer, increment, "monotonic")
 
-    return types.int64(counter, amount), codegen
+    return types.int64(counter, index, amount), codegen
 
 
 @_jit_inner()
 def _claim(order, next_task):
     """The next task of the queue (order, shared counter next_task[0]), or -1 once it is empty."""
-    claimed = _fetch_add(next_task, 1)
+    claimed = _fetch_add(next_task, 0, 1)
     return order[claimed] if claimed < order.shape[0] else -1
 
 
@@ -61,31 +63,54 @@ def _claim(order, next_task):
 # task's, which is then its own. Claimed one at a time, the two cores took turns and each ran on
 # into the other's task: a naive parallel decode of B4 H32 Nk64 D128 fp32 (128 tasks of 64 KiB,
 # from the L3) took 202-214 us claiming one task at a time, 175-184 claiming 8, 169-177 split in
-# two halves (/tmp experiment, the Xeon VM). Eight runs a worker keep the balance a loaded core
-# needs (#24): a worker stalled on a taken core holds one run, 1/16 of the work on two.
+# two halves (/tmp experiment, the Xeon VM). Each worker first takes runs from a home stretch of
+# its own, the same one call after call (a worker is one thread of Numba's pool), so a cache that
+# fits in the cores' L2 caches stays where it was read; then it takes runs from the others'
+# stretches. Eight runs a worker keep the balance a loaded core needs (#24): a worker stalled on
+# a taken core holds one run, and the rest of its stretch goes to the others.
 _RUNS_PER_WORKER = 8
+_COUNTER_STRIDE = 8  # int64s: each worker's counter on a cache line of its own
 
 
 @_jit_inner()
 def run_queue(n_tasks, n_workers):
-    """(order, next_task) of a queue of tasks 0 .. n_tasks - 1 in order, claimed in runs
-    (_claim_in_runs): next_task[0] the shared counter, next_task[1] the run length."""
-    next_task = np.zeros(2, np.int64)
-    next_task[1] = max(1, n_tasks // (_RUNS_PER_WORKER * max(1, n_workers)))
-    return np.arange(n_tasks), next_task
+    """(stretches, counters) of a queue of tasks 0 .. n_tasks - 1 for n_workers workers, claimed in
+    runs (_claim_in_runs): stretches[0] the run length, worker w's home stretch the tasks from
+    stretches[1 + w] up to stretches[2 + w]; counters[w * _COUNTER_STRIDE] the next unclaimed task
+    of stretch w."""
+    workers = max(1, n_workers)
+    stretches = np.empty(workers + 2, np.int64)
+    stretches[0] = max(1, n_tasks // (_RUNS_PER_WORKER * workers))
+    counters = np.zeros(workers * _COUNTER_STRIDE, np.int64)
+    for w in range(workers + 1):
+        stretches[1 + w] = n_tasks * w // workers
+        if w < workers:
+            counters[w * _COUNTER_STRIDE] = stretches[1 + w]
+    return stretches, counters
 
 
 @_jit_inner()
-def _claim_in_runs(order, next_task, run):
-    """The next task of a run_queue queue, or -1 once it is empty. run: the worker's own (2,) int64
-    array, zeros at first: (next place, end) of the run it holds."""
+def _claim_in_runs(stretches, counters, run, worker):
+    """The next task of a run_queue queue for `worker`, or -1 once it is empty: from the worker's
+    home stretch while it lasts, then from the next workers'. run: the worker's own (2,) int64
+    array, zeros at first: (next task, end) of the run it holds."""
     if run[0] >= run[1]:
-        length = next_task[1]
-        start = _fetch_add(next_task, length)
-        if start >= order.shape[0]:
+        workers = stretches.shape[0] - 2
+        length = stretches[0]
+        found = False
+        for i in range(workers):
+            w = (worker + i) % workers
+            stop = stretches[2 + w]
+            if counters[w * _COUNTER_STRIDE] >= stop:  # read first: no atomic write to an empty stretch
+                continue
+            start = _fetch_add(counters, w * _COUNTER_STRIDE, length)
+            if start < stop:
+                run[0], run[1] = start, min(start + length, stop)
+                found = True
+                break
+        if not found:
             return -1
-        run[0], run[1] = start, min(start + length, order.shape[0])
-    t = order[run[0]]
+    t = run[0]
     run[0] += 1
     return t
 
