@@ -66,6 +66,10 @@ def _bits_dtype(torch):
     return uint16 if bits.dtype == np.uint16 and back.dtype == torch.bfloat16 else torch.int16
 
 
+_NDARRAY = np.ndarray
+_FLOAT32 = np.dtype(np.float32)
+
+
 def _arrays(q, k, v):
     """(q, k, v) as NumPy arrays over the same memory (bf16 tensors' bits as uint16), and whether they
     were tensors; None when the call cannot be planned (it then takes the full path, which validates it).
@@ -100,10 +104,6 @@ def _arrays(q, k, v):
         return tuple(x.view(bits).numpy().view(np.uint16) for x in (q, k, v)) + (True,)
     except (TypeError, RuntimeError):  # off the CPU
         return None
-
-
-_NDARRAY = np.ndarray
-_FLOAT32 = np.dtype(np.float32)
 
 
 def _arrays_and_key(options, q, k, v, sinks):

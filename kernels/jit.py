@@ -328,6 +328,14 @@ def _deferrable(module):
     return own
 
 
+def _tuned_alone(module):
+    """Whether one of the module's own functions asks LLVM for a vector width of its own
+    (simd.wide_vectors): inlined before its loops were vectorised, they would get their caller's."""
+    return any(b'"prefer-vector-width"' in attributes for function in module.functions
+               if function.name.startswith(_ATTNKIT_PREFIX) and not function.is_declaration
+               for attributes in function.attributes)  # fmt: skip
+
+
 def _left_to_callers(module):
     """Whether a library's module passes are left to its callers (who link and optimize its IR with
     their own; _materialize runs them if its machine code is ever asked for): a deferrable library
@@ -338,14 +346,6 @@ def _left_to_callers(module):
 def _optimize_final_module(self):
     if not _left_to_callers(self._final_module):
         _NUMBA_OPTIMIZE_FINAL_MODULE(self)
-
-
-def _tuned_alone(module):
-    """Whether one of the module's own functions asks LLVM for a vector width of its own
-    (simd.wide_vectors): inlined before its loops were vectorised, they would get their caller's."""
-    return any(b'"prefer-vector-width"' in attributes for function in module.functions
-               if function.name.startswith(_ATTNKIT_PREFIX) and not function.is_declaration
-               for attributes in function.attributes)  # fmt: skip
 
 
 def _finalize_final_module(self):

@@ -171,5 +171,6 @@ def _run_schedule(segments, heads, block_q, block_k, n_runs):
 
 
 # A schedule's tasks and order, and the shared next_task counter, as values numba.typeof reads the
-# kernels' types from (kernels/cpu/launch.py compiles the workers for them before any call)
+# kernels' types from (kernels/cpu/launch.py compiles the workers for them before any call); the
+# last two also stand for run_queue's stretches and counters (int64 vectors too)
 TASK_QUEUE = (np.empty((0, 3), np.int64), np.empty(0, np.int64), np.zeros(1, np.int64))
