@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from llvmlite import ir
 
-from attnkit.kernels import microkernels, simd
+from attnkit.kernels import key_dots, microkernels, simd
 from attnkit.kernels.target import TARGET, assembly, function_assembly, probe
 
 X86, ARM = "x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu"
@@ -104,6 +104,21 @@ def test_micro_kernels_cross_compile_without_spills(case):
     convert = function_text(text, names["f32_to_bf16"])
     assert ("cvtneps2bf16" in convert or "bfcvt" in convert) == target.bf16_convert
     assert "__truncsfbf2" not in text  # not resolvable under Numba's JIT
+
+
+@pytest.mark.parametrize("case", CROSS_TARGETS, ids=target_id)
+def test_decode_dots_cross_compile_without_spills(case):
+    """Decode's block dot products (kernels/key_dots.py) at each target's width: the FMAs in the loop
+    over D, nothing spilled there (4 rows x lanes / 4 keys accumulators: 16 of 32 registers with
+    AVX-512, 8 of 16 with AVX2), for float32 K and bf16 bits widened."""
+    triple, cpu, features, lanes, _, fma, _ = case
+    target = probe(triple, cpu, features)
+    text, names = compile_for(triple, cpu, features, lambda m: [key_dots.dots_function(m, element, target.lanes).name
+                                                                 for element in ("f32", "bf16")])  # fmt: skip
+    for name in names:
+        loop = inner_loop(function_text(text, name), fma)
+        assert loop and re.search(fma, "\n".join(loop)), f"{cpu} {name}: no {fma!r} in a loop"
+        assert not stack_traffic(loop), f"{cpu} {name}: spills:\n" + "\n".join(stack_traffic(loop))
 
 
 def test_amx_is_read_off_the_feature_string():
