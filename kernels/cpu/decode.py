@@ -141,7 +141,7 @@ def _in_order_dots(k, v, b, hk, j0, bk, q_rows, rows, s_full, zero, read_ahead):
     kernel-log.md v27)."""
     wide_vectors()
     blocked = q_rows.shape[1] % LANES == 0 and _blocked_dots(k, read_ahead)
-    r = 0
+    r = _not_literal(0)  # an int64 from the start: a literal 0 would compile the steps it meets twice
     while r + 4 <= rows:
         done = _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, r, s_full, read_ahead and r == 0) if blocked else 0
         _dots_pass(k, v, b, hk, j0, bk, done, q_rows, r, 4, s_full, zero, read_ahead and r == 0)
@@ -258,7 +258,7 @@ def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     in one pass; float's two, then one: four keys a step, _pv_row_quads)."""
     wide_vectors()
     pairs = _pv_key_pairs(v)
-    r = 0
+    r = _not_literal(0)  # as in _in_order_dots
     while r + 4 <= rows:
         _pv_pass(v, b, hk, j0, bk, p, r, 4, pairs, dv, acc)
         r += 4
