@@ -1,6 +1,7 @@
 """Decode's block dot products (kernels/key_dots.py) against NumPy: four rows against a block of keys,
-the lanes summed by one transposed tree; float32 K and bf16 bits, C-contiguous caches and flash-attn's
-(B, N, Hkv, D) layout read in place."""
+the lanes summed by one transposed tree; float32 K and bf16 bits (widened, or multiplied as pairs
+with q's bits where the target has a pair product), C-contiguous caches and flash-attn's (B, N, Hkv, D)
+layout read in place."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from llvmlite import ir
 from numba import njit
 
 from attnkit.kernels.bf16 import bf16_bits, bf16_to_float32
-from attnkit.kernels.key_dots import DOTS_ROWS, KEYS_PER_BLOCK, LANES, dots_block, transposed_sum
+from attnkit.kernels.key_dots import DOTS_ROWS, KEYS_PER_BLOCK, LANES, PAIRS, dots_block, transposed_sum
 from attnkit.testing import assert_close
 
 
 @njit(cache=False)
-def _blocks(k, b, h, j, q_rows, r, s, col):
-    dots_block(k, b, h, j, q_rows, r, s, col)
+def _blocks(k, b, h, j, q_rows, q_bits, r, s, col):
+    dots_block(k, b, h, j, q_rows, q_bits, r, s, col)
 
 
 def _cache(rng, batch, heads, keys, d, bf16, flash_layout):
@@ -31,18 +32,25 @@ def _cache(rng, batch, heads, keys, d, bf16, flash_layout):
 
 
 @pytest.mark.parametrize("flash_layout", [False, True], ids=["bhnd", "flash-layout"])
-@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+@pytest.mark.parametrize("kind", ["float32", "bf16-widened", "bf16-pairs"])
 @pytest.mark.parametrize("d_vectors", [1, 2, 8, 16], ids=lambda n: f"D{n}x{LANES}")
-def test_dots_block_matches_numpy(d_vectors, bf16, flash_layout):
-    """Every (row, key) product of the block lands at s[r + i, col + t]; nothing else in s changes."""
-    rng = np.random.default_rng(d_vectors + 10 * bf16 + 100 * flash_layout)
+def test_dots_block_matches_numpy(d_vectors, kind, flash_layout):
+    """Every (row, key) product of the block lands at s[r + i, col + t]; nothing else in s changes.
+    bf16-pairs: q's rows also given as bf16 bits, which the pair product reads where the target has
+    one and D is a multiple of 2 LANES (here: an even d_vectors), else the widened path runs."""
+    if kind == "bf16-pairs" and PAIRS is None:
+        pytest.skip("this CPU target has no bf16 pair product (VDPBF16PS, BFDOT): tests/test_targets.py builds it")
+    bf16 = kind != "float32"
+    rng = np.random.default_rng(d_vectors + 10 * len(kind) + 100 * flash_layout)
     d = d_vectors * LANES
     k, k_exact = _cache(rng, 2, 3, 40, d, bf16, flash_layout)
-    q_rows = rng.standard_normal((9, d)).astype(np.float32)
+    q_values = rng.standard_normal((9, d))
+    q_bits = bf16_bits(q_values) if kind == "bf16-pairs" else np.zeros((1, d), np.float32)
+    q_rows = bf16_to_float32(q_bits) if kind == "bf16-pairs" else q_values.astype(np.float32)
     for b, h, j, r, col in [(0, 0, 0, 0, 0), (1, 2, 40 - KEYS_PER_BLOCK, 5, 3), (1, 1, 17, 2, 11)]:
         s = rng.standard_normal((DOTS_ROWS + r + 1, 20)).astype(np.float32)
         before = s.copy()
-        _blocks(k, b, h, j, q_rows, r, s, col)
+        _blocks(k, b, h, j, q_rows, q_bits, r, s, col)
         expected = before.astype(np.float64)
         expected[r : r + DOTS_ROWS, col : col + KEYS_PER_BLOCK] = (
             q_rows[r : r + DOTS_ROWS].astype(np.float64) @ k_exact[b, h, j : j + KEYS_PER_BLOCK].T)

@@ -11,7 +11,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from ..jit import OVERLOAD_OPTIONS, jit as _jit, jit_inner as _jit_inner
-from ..key_dots import KEYS_PER_BLOCK, LANES, dots_block
+from ..key_dots import KEYS_PER_BLOCK, LANES, PAIRS, dots_block
 from ..microkernels import PAD, padded
 from ..simd import cache_row, contiguous_row, exp2_affine_at, frame_array, prefetch, wide_vectors
 from ..target import TARGET
@@ -117,7 +117,7 @@ def _dots_pass(k, v, b, hk, j0, bk, start, q_rows, r, n, s_full, zero, ahead):
 
 
 @_jit_inner(fastmath=_FASTMATH)
-def _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, r, s_full, ahead):
+def _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
     """_dots_pass for rows r .. r + 3 and the block's keys KEYS_PER_BLOCK at a time (key_dots.dots_block);
     returns how many keys it took (the rest, fewer than KEYS_PER_BLOCK, are the caller's). A function
     of its own: as a branch inside _in_order_dots it changed how LLVM compiled the key-at-a-time
@@ -128,9 +128,23 @@ def _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, r, s_full, ahead):
         if ahead:
             for t in range(KEYS_PER_BLOCK):
                 _read_ahead(k, v, b, hk, j0 + j + t)
-        dots_block(k, b, hk, j0 + j, q_rows, r, s_full, j)
+        dots_block(k, b, hk, j0 + j, q_rows, q_bits, r, s_full, j)
         j += KEYS_PER_BLOCK
     return j
+
+
+@intrinsic
+def _bits_rows(typingctx, q):
+    """Whether the decode worker keeps its group's rows of q as bf16 bits too (q_bits), for
+    key_dots.dots_block's pair products: bf16 bits on a target with one. A constant in the caller."""
+    if not isinstance(q, types.Array):
+        return None
+    value = q.dtype == types.uint16 and PAIRS is not None
+
+    def codegen(context, builder, signature, args):
+        return context.get_constant(types.boolean, value)
+
+    return types.boolean(q), codegen
 
 
 @intrinsic
@@ -156,7 +170,7 @@ def _blocked_dots(typingctx, k, from_memory):
 
 
 @_jit_inner(fastmath=_FASTMATH)
-def _in_order_dots(k, v, b, hk, j0, bk, q_rows, rows, s_full, zero, read_ahead):
+def _in_order_dots(k, v, b, hk, j0, bk, q_rows, q_bits, rows, s_full, zero, read_ahead):
     """s_full[r, j] = q_rows[r] . k[b, hk, j0 + j] for the tile's rows and bk keys, a key at a time:
     four rows' sums a pass (then two, then one). read_ahead: the first pass prefetches K and V
     (_read_ahead). A row at a time, bf16 keys were widened once per row: B4 H32/8 Nk4096 bf16
@@ -166,8 +180,9 @@ def _in_order_dots(k, v, b, hk, j0, bk, q_rows, rows, s_full, zero, read_ahead):
     blocked = q_rows.shape[1] % LANES == 0 and _blocked_dots(k, read_ahead)
     r = _not_literal(0)  # an int64 from the start: a literal 0 would compile the steps it meets twice
     while r + 4 <= rows:
-        done = _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, r, s_full, read_ahead and r == 0) if blocked else 0
-        _dots_pass(k, v, b, hk, j0, bk, done, q_rows, r, 4, s_full, zero, read_ahead and r == 0)
+        ahead = read_ahead and r == 0
+        done = _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead) if blocked else 0
+        _dots_pass(k, v, b, hk, j0, bk, done, q_rows, r, 4, s_full, zero, ahead)
         r += 4
     if rows - r >= 2:
         _dots_pass(k, v, b, hk, j0, bk, 0, q_rows, r, 2, s_full, zero, read_ahead and r == 0)
@@ -371,6 +386,7 @@ def _decode_worker(
 
     q_t = np.zeros((d, padded(rows, PAD)), dtype)  # (D, rows16) Q^T of the group
     q_rows = np.empty((rows, d), dtype)  # (rows, D) the group's rows, for dot products
+    q_bits = np.empty((rows if _bits_rows(q) else 1, d), q.dtype)  # (rows, D) the same as bf16 bits (dots_block)
     st = np.empty((block_k, padded(rows, PAD)), dtype)  # (Bk, rows16) S^T
     score_buf = np.empty(rows * padded(block_k, PAD), dtype)  # (rows, Bk16) scores, then P
     acc = np.empty((rows, padded(dv, PAD)), dtype)  # (rows, Dv16)
@@ -384,8 +400,9 @@ def _decode_worker(
     # This worker's own buffers, viewed per task without reference counts (kept alive to the end)
     run = np.zeros(2, np.int64)  # the run of tasks this worker holds
     owners = (q_t, q_rows, st, score_buf, acc, running_max, running_sum, rescale, k_wide, v_wide, unused_bits, run,
-              unused_grad)  # fmt: skip
+              unused_grad, q_bits)  # fmt: skip
     q_t, q_rows, st, score_buf, acc = borrowed(q_t), borrowed(q_rows), borrowed(st), borrowed(score_buf), borrowed(acc)
+    q_bits = borrowed(q_bits)
     run, unused_grad = borrowed(run), borrowed(unused_grad)
     running_max, running_sum, rescale = borrowed(running_max), borrowed(running_sum), borrowed(rescale)
     k_wide, v_wide, unused_bits = borrowed(k_wide), borrowed(v_wide), borrowed(unused_bits)
@@ -407,6 +424,9 @@ def _decode_worker(
             for i in range(nq):
                 for c in range(d):
                     q_rows[g * nq + i, c] = _operand_of(q_t, q[b, h0 + g, i, c])
+                if _bits_rows(q):
+                    for c in range(d):
+                        q_bits[g * nq + i, c] = q[b, h0 + g, i, c]
         if rows >= in_order_rows:  # Q^T for the micro-kernel (the dot products read q_rows)
             for c in range(d):
                 for r in range(rows):
@@ -430,7 +450,7 @@ def _decode_worker(
             bk = j1 - j0
             s_full = score_buf[: rows * padded(bk, PAD)].reshape((rows, padded(bk, PAD)))
             if rows < in_order_rows:  # few rows: dot products (the micro-kernel fills 16 columns for them)
-                _in_order_dots(k, v_rows, b, hk, j0, bk, q_rows, rows, s_full, zero, read_ahead)
+                _in_order_dots(k, v_rows, b, hk, j0, bk, q_rows, q_bits, rows, s_full, zero, read_ahead)
             else:
                 _product(_rows_as(k, b, hk, j0, bk, k_wide), q_t, st, bk, rows, d, False, micro)  # S^T = K_blk Q^T
                 for j in range(bk):
