@@ -3,18 +3,19 @@
 A decode tile has few query rows (a GQA group), so its scores are dot products of each row with
 each key's row of K, read in memory order. Summed a key at a time, each (row, key) product ended in
 its own horizontal sum: a 16-lane vector folded to one number in ~11 instructions, about as many
-as the key's FMAs for 4 rows (bench/results/decode-bandwidth.md). Here 4 rows x LANES / 4 keys
-keep LANES vector accumulators, and one tree folds all of them at once: at each level two vectors
-become one, each source keeping half as many partial sums (4 levels, 15 adds and 30 shuffles for
-16 sources, where one at a time took ~16 x 11 instructions).
+as the key's FMAs for 4 rows (bench/results/decode-bandwidth.md). Here 4 rows x LANES / 4 keys (or
+MHA's one row x LANES keys) keep LANES vector accumulators, and one tree folds all of them at once:
+at each level two vectors become one, each source keeping half as many partial sums (4 levels, 15
+adds and 30 shuffles for 16 sources, where one at a time took ~16 x 11 instructions).
 
-dots_block(k, b, h, j, q_rows, q_bits, r, s, col): s[r + i, col + t] = q_rows[r + i] . k[b, h, j + t]
-for i < 4, t < KEYS_PER_BLOCK, K float32 or bf16 bits. bf16 K is widened as loaded, or, on a target
-with a bf16 pair product (VDPBF16PS, BFDOT: PAIRS), multiplied as it is with q's rows as bf16 bits
-(q_bits): half the multiply-adds and no widening, the products exact in float32 either way (q and K
-are bf16 values); from the cache 10-20% faster on the Zen 4 VM (kernel log v65). The caller
-guarantees that K's rows are contiguous, D is a multiple of LANES, and the rows and keys exist
-(decode.py's _four_rows_blocked; a D of another size takes the key-at-a-time loop).
+dots_block(k, b, h, j, q_rows, q_bits, r, s, col, rows): s[r + i, col + t] = q_rows[r + i] . k[b, h,
+j + t] for i < rows and t < LANES / rows, rows a constant (4, a GQA group's: KEYS_PER_BLOCK keys; or
+1, MHA's: LANES keys), K float32 or bf16 bits. bf16 K is widened as loaded, or, on a target with a
+bf16 pair product (VDPBF16PS, BFDOT: PAIRS), multiplied as it is with q's rows as bf16 bits (q_bits):
+half the multiply-adds and no widening, the products exact in float32 either way (q and K are bf16
+values); from the cache 10-20% faster on the Zen 4 VM (kernel log v65). The caller guarantees that
+K's rows are contiguous, D is a multiple of LANES, and the rows and keys exist (decode.py's
+_rows_blocked; a D of another size takes the key-at-a-time loop).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = ["DOTS_ROWS", "KEYS_PER_BLOCK", "LANES", "PAIRS", "dots_block", "dots_
 LANES = TARGET.lanes
 DOTS_ROWS = 4  # query rows a block serves (a GQA group of 4, or each 4 of a larger one)
 KEYS_PER_BLOCK = LANES // DOTS_ROWS  # so that rows x keys accumulators fill one vector's lanes when summed
+# (one row, MHA's: LANES keys a block)
 # The target's bf16 pair product ("dpbf16", "bfdot"), or None: bf16 K and q multiplied as they are
 PAIRS = None if bf16_kind(TARGET) == "widen" else bf16_kind(TARGET)
 
@@ -87,13 +89,13 @@ def _fmuladd(builder, a, b, c):
     return builder.call(function, [a, b, c])
 
 
-def dots_function(module, element, lanes=LANES):
+def dots_function(module, element, lanes=LANES, rows=DOTS_ROWS):
     """The IR function void(k i8*, key stride, q i8*, q row stride, s float*, s row stride, d) of
     dots_block for K of `element` at `lanes` float32 lanes: "f32" (q float32), "bf16" (K's bits widened,
     q float32), or a bf16 pair product, "dpbf16" (x86 VDPBF16PS) or "bfdot" (AArch64 BFDOT), q bf16
     bits too. Strides in bytes for K and q, in elements for s; d a multiple of lanes (2 lanes for
-    the pair products)."""
-    keys = lanes // DOTS_ROWS
+    the pair products). rows: 4 (a GQA group's) or 1 (MHA), times lanes / rows keys."""
+    keys = lanes // rows
     vector = ir.VectorType(_F32, lanes)
     pairs = element in ("dpbf16", "bfdot")
     kind = _Kind(element, lanes) if pairs else None
@@ -104,7 +106,7 @@ def dots_function(module, element, lanes=LANES):
         k, k_stride, q, q_stride, s, s_stride, d = args
         # accumulators in stack slots, which LLVM keeps in registers (SROA): row i, key t
         slots = [[cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(keys)]
-                 for _ in range(DOTS_ROWS)]  # fmt: skip
+                 for _ in range(rows)]  # fmt: skip
         with cgutils.for_range(builder, builder.udiv(d, ir.Constant(_I64, step))) as loop:
             column = builder.mul(loop.index, ir.Constant(_I64, step))
             k_offset, q_offset = (builder.mul(column, ir.Constant(_I64, size)) for size in (k_bytes, q_bytes))
@@ -113,7 +115,7 @@ def dots_function(module, element, lanes=LANES):
                 key_vectors = [_load_pairs(builder, kind, k, offset) for offset in key_offsets]
             else:
                 key_vectors = [_load_row_vector(builder, element, k, offset, lanes) for offset in key_offsets]
-            for i in range(DOTS_ROWS):
+            for i in range(rows):
                 row_offset = builder.add(builder.mul(ir.Constant(_I64, i), q_stride), q_offset)
                 if pairs:
                     row = _load_pairs(builder, kind, q, row_offset)
@@ -125,21 +127,21 @@ def dots_function(module, element, lanes=LANES):
                         builder.store(kind.update(builder, builder.load(slot), row, key_vectors[t]), slot)
                     else:
                         builder.store(_fmuladd(builder, row, key_vectors[t], builder.load(slot)), slot)
-        sums = transposed_sum(builder, [builder.load(slots[i][t]) for i in range(DOTS_ROWS) for t in range(keys)],
+        sums = transposed_sum(builder, [builder.load(slots[i][t]) for i in range(rows) for t in range(keys)],
                               lanes)  # lane i * keys + t: row i, key t
-        for i in range(DOTS_ROWS):
+        for i in range(rows):
             values = builder.shuffle_vector(sums, ir.Constant(vector, ir.Undefined),
                                             ir.Constant(ir.VectorType(_I32, keys), [i * keys + t for t in range(keys)]))
             row_start = builder.gep(s, [builder.mul(ir.Constant(_I64, i), s_stride)])
             builder.store(values, builder.bitcast(row_start, values.type.as_pointer()), align=4)
 
-    return _define(module, f"attnkit_dots_block_{element}_{lanes}", ir.VoidType(),
+    return _define(module, f"attnkit_dots_block_{element}_{lanes}x{rows}", ir.VoidType(),
                    [ir.IntType(8).as_pointer(), _I64, ir.IntType(8).as_pointer(), _I64, _F32.as_pointer(), _I64, _I64],
                    build)  # fmt: skip
 
 
 @intrinsic
-def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col):
+def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col, rows):
     """See the module docstring: the caller checks the shapes (no bounds are checked here). q_bits:
     the same rows as q_rows in q's own dtype; read instead of q_rows where K and q_bits are bf16 bits,
     the target has a bf16 pair product (PAIRS) and D is a multiple of 2 LANES. For other dtypes (K
@@ -149,6 +151,9 @@ def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col):
     integers = (b, h, j, r, col)
     if not (isinstance(k, types.Array) and k.ndim == 4 and all(isinstance(x, types.Integer) for x in integers)):
         return None
+    if not (isinstance(rows, types.IntegerLiteral) and rows.literal_value in (1, DOTS_ROWS)):
+        return None
+    n_rows = rows.literal_value
     if not all(isinstance(matrix, types.Array) and matrix.ndim == 2 for matrix in (q_rows, q_bits, s)):
         return None
     element = {types.float32: "f32", types.uint16: "bf16"}.get(k.dtype)
@@ -173,7 +178,7 @@ def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col):
         def call(element, index):  # q: q_rows (index 4) or q_bits (5)
             q_start = builder.bitcast(_row_start(context, builder, signature.args[index], args[index], r, _F32), i8p)
             q_stride = _row_stride(context, builder, signature.args[index], args[index])
-            builder.call(dots_function(builder.module, element),
+            builder.call(dots_function(builder.module, element, LANES, n_rows),
                          [k_start, strides[2], q_start, q_stride, s_start, s_stride, width])  # fmt: skip
 
         if not pairs:
@@ -188,7 +193,7 @@ def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col):
                 call(element, 4)
         return context.get_dummy_value()
 
-    return types.void(k, b, h, j, q_rows, q_bits, r, s, col), codegen
+    return types.void(k, b, h, j, q_rows, q_bits, r, s, col, rows), codegen
 
 
 def _row_stride(context, builder, array_type, array_value):

@@ -16,8 +16,17 @@ from attnkit.testing import assert_close
 
 
 @njit(cache=False)
-def _blocks(k, b, h, j, q_rows, q_bits, r, s, col):
-    dots_block(k, b, h, j, q_rows, q_bits, r, s, col)
+def _four_rows(k, b, h, j, q_rows, q_bits, r, s, col):
+    dots_block(k, b, h, j, q_rows, q_bits, r, s, col, 4)
+
+
+@njit(cache=False)
+def _one_row(k, b, h, j, q_rows, q_bits, r, s, col):
+    dots_block(k, b, h, j, q_rows, q_bits, r, s, col, 1)
+
+
+# (function, rows, keys a block)
+_SHAPES = {"4-rows": (_four_rows, DOTS_ROWS, KEYS_PER_BLOCK), "1-row": (_one_row, 1, LANES)}
 
 
 def _cache(rng, batch, heads, keys, d, bf16, flash_layout):
@@ -31,29 +40,32 @@ def _cache(rng, batch, heads, keys, d, bf16, flash_layout):
     return array, exact
 
 
+@pytest.mark.parametrize("shape", list(_SHAPES))
 @pytest.mark.parametrize("flash_layout", [False, True], ids=["bhnd", "flash-layout"])
 @pytest.mark.parametrize("kind", ["float32", "bf16-widened", "bf16-pairs"])
 @pytest.mark.parametrize("d_vectors", [1, 2, 8, 16], ids=lambda n: f"D{n}x{LANES}")
-def test_dots_block_matches_numpy(d_vectors, kind, flash_layout):
-    """Every (row, key) product of the block lands at s[r + i, col + t]; nothing else in s changes.
+def test_dots_block_matches_numpy(d_vectors, kind, flash_layout, shape):
+    """Every (row, key) product of the block (four rows, or MHA's one row) lands at s[r + i, col + t];
+    nothing else in s changes.
     bf16-pairs: q's rows also given as bf16 bits, which the pair product reads where the target has
     one and D is a multiple of 2 LANES (here: an even d_vectors), else the widened path runs."""
     if kind == "bf16-pairs" and PAIRS is None:
         pytest.skip("this CPU target has no bf16 pair product (VDPBF16PS, BFDOT): tests/test_targets.py builds it")
     bf16 = kind != "float32"
-    rng = np.random.default_rng(d_vectors + 10 * len(kind) + 100 * flash_layout)
+    blocks, rows, keys = _SHAPES[shape]
+    rng = np.random.default_rng(d_vectors + 10 * len(kind) + 100 * flash_layout + 1000 * rows)
     d = d_vectors * LANES
     k, k_exact = _cache(rng, 2, 3, 40, d, bf16, flash_layout)
     q_values = rng.standard_normal((9, d))
     q_bits = bf16_bits(q_values) if kind == "bf16-pairs" else np.zeros((1, d), np.float32)
     q_rows = bf16_to_float32(q_bits) if kind == "bf16-pairs" else q_values.astype(np.float32)
-    for b, h, j, r, col in [(0, 0, 0, 0, 0), (1, 2, 40 - KEYS_PER_BLOCK, 5, 3), (1, 1, 17, 2, 11)]:
-        s = rng.standard_normal((DOTS_ROWS + r + 1, 20)).astype(np.float32)
+    for b, h, j, r, col in [(0, 0, 0, 0, 0), (1, 2, 40 - keys, 5, 3), (1, 1, 17, 2, 11)]:
+        s = rng.standard_normal((rows + r + 1, 40)).astype(np.float32)
         before = s.copy()
-        _blocks(k, b, h, j, q_rows, q_bits, r, s, col)
+        blocks(k, b, h, j, q_rows, q_bits, r, s, col)
         expected = before.astype(np.float64)
-        expected[r : r + DOTS_ROWS, col : col + KEYS_PER_BLOCK] = (
-            q_rows[r : r + DOTS_ROWS].astype(np.float64) @ k_exact[b, h, j : j + KEYS_PER_BLOCK].T)
+        expected[r : r + rows, col : col + keys] = (
+            q_rows[r : r + rows].astype(np.float64) @ k_exact[b, h, j : j + keys].T)
         # float32 sums of d products of |x| ~ 1: a few ulps of sqrt(d)-sized sums
         assert_close(s, expected, atol=1e-5 * d, rtol=1e-5, name=f"s (b={b}, h={h}, j={j}, r={r}, col={col})")
 

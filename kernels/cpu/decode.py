@@ -116,21 +116,48 @@ def _dots_pass(k, v, b, hk, j0, bk, start, q_rows, r, n, s_full, zero, ahead):
             s_full[r + 2, j], s_full[r + 3, j] = t2, t3
 
 
+@_jit(inline="always")
+def _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, n, keys):
+    """_dots_pass for n rows from r (4, or 1: constants) and the block's keys `keys` at a time
+    (key_dots.dots_block); returns how many keys it took (the rest, fewer than `keys`, are the caller's)."""
+    j = 0
+    while j + keys <= bk:
+        if ahead:
+            for t in range(keys):
+                _read_ahead(k, v, b, hk, j0 + j + t)
+        dots_block(k, b, hk, j0 + j, q_rows, q_bits, r, s_full, j, n)
+        j += keys
+    return j
+
+
 @_jit_inner(fastmath=_FASTMATH)
 def _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
-    """_dots_pass for rows r .. r + 3 and the block's keys KEYS_PER_BLOCK at a time (key_dots.dots_block);
-    returns how many keys it took (the rest, fewer than KEYS_PER_BLOCK, are the caller's). A function
-    of its own: as a branch inside _in_order_dots it changed how LLVM compiled the key-at-a-time
-    passes beside it (kernel log v63). No wide_vectors(): its one loop is dots_block's own vector code,
-    so its callers optimize it with theirs (jit._left_to_callers)."""
-    j = 0
-    while j + KEYS_PER_BLOCK <= bk:
-        if ahead:
-            for t in range(KEYS_PER_BLOCK):
-                _read_ahead(k, v, b, hk, j0 + j + t)
-        dots_block(k, b, hk, j0 + j, q_rows, q_bits, r, s_full, j)
-        j += KEYS_PER_BLOCK
-    return j
+    """_rows_blocked for four rows, KEYS_PER_BLOCK keys a block. A function of its own: as a branch
+    inside _in_order_dots it changed how LLVM compiled the key-at-a-time passes beside it (kernel
+    log v63). No wide_vectors(): its one loop is dots_block's own vector code, so its callers
+    optimize it with theirs (jit._left_to_callers)."""
+    return _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, 4, KEYS_PER_BLOCK)
+
+
+@_jit_inner(fastmath=_FASTMATH)
+def _one_row_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
+    """_rows_blocked for one row (MHA's tile, a GQA group's last), LANES keys a block (kernel log v66)."""
+    return _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, 1, LANES)
+
+
+def _one_row_block(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
+    """_one_row_blocked where K is bf16 bits on a target with pair products, else 0 keys taken: float32's
+    one row read LANES keys' rows side by side ran 2-15% slower from the L3 (MHA B4 H32 Nk64 D128 on
+    the Zen 4 VM, kernel log v66), and bf16 widened was not measured. Inlined by Numba, so that no
+    _one_row_blocked is compiled for the dtypes that do not run it."""
+
+
+@overload(_one_row_block, inline="always", jit_options=OVERLOAD_OPTIONS)
+def _one_row_block_overload(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
+    if k.dtype == types.uint16 and PAIRS is not None:
+        return lambda k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead: _one_row_blocked(
+            k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead)
+    return lambda k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead: 0
 
 
 @intrinsic
@@ -188,7 +215,9 @@ def _in_order_dots(k, v, b, hk, j0, bk, q_rows, q_bits, rows, s_full, zero, read
         _dots_pass(k, v, b, hk, j0, bk, 0, q_rows, r, 2, s_full, zero, read_ahead and r == 0)
         r += 2
     if r < rows:
-        _dots_pass(k, v, b, hk, j0, bk, 0, q_rows, r, 1, s_full, zero, read_ahead and r == 0)
+        ahead = read_ahead and r == 0
+        done = _one_row_block(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead) if blocked else 0
+        _dots_pass(k, v, b, hk, j0, bk, done, q_rows, r, 1, s_full, zero, ahead)
 
 
 def _pv_key_pairs(v):
