@@ -116,47 +116,40 @@ def _dots_pass(k, v, b, hk, j0, bk, start, q_rows, r, n, s_full, zero, ahead):
             s_full[r + 2, j], s_full[r + 3, j] = t2, t3
 
 
-@_jit(inline="always")
-def _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, n, keys):
-    """_dots_pass for n rows from r (4, or 1: constants) and the block's keys `keys` at a time
-    (key_dots.dots_block); returns how many keys it took (the rest, fewer than `keys`, are the caller's)."""
+@_jit_inner(fastmath=_FASTMATH)
+def _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, n):
+    """_dots_pass for n rows from r (4, or 1: MHA's) and the block's keys LANES / n at a time
+    (key_dots.dots_block); returns how many keys it took (the rest are the caller's). A function of
+    its own: as a branch inside _in_order_dots it changed how LLVM compiled the key-at-a-time passes
+    beside it (kernel log v63). No wide_vectors(): its one loop is dots_block's own vector code, so
+    its callers optimize it with theirs (jit._left_to_callers). n an int64 at both call sites
+    (_not_literal): one signature per dtype."""
+    keys = LANES // n
     j = 0
     while j + keys <= bk:
         if ahead:
             for t in range(keys):
                 _read_ahead(k, v, b, hk, j0 + j + t)
-        dots_block(k, b, hk, j0 + j, q_rows, q_bits, r, s_full, j, n)
+        if n == 4:
+            dots_block(k, b, hk, j0 + j, q_rows, q_bits, r, s_full, j, 4)
+        else:
+            dots_block(k, b, hk, j0 + j, q_rows, q_bits, r, s_full, j, 1)
         j += keys
     return j
 
 
-@_jit_inner(fastmath=_FASTMATH)
-def _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
-    """_rows_blocked for four rows, KEYS_PER_BLOCK keys a block. A function of its own: as a branch
-    inside _in_order_dots it changed how LLVM compiled the key-at-a-time passes beside it (kernel
-    log v63). No wide_vectors(): its one loop is dots_block's own vector code, so its callers
-    optimize it with theirs (jit._left_to_callers)."""
-    return _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, 4, KEYS_PER_BLOCK)
-
-
-@_jit_inner(fastmath=_FASTMATH)
-def _one_row_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
-    """_rows_blocked for one row (MHA's tile, a GQA group's last), LANES keys a block (kernel log v66)."""
-    return _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, 1, LANES)
-
-
 def _one_row_block(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
-    """_one_row_blocked where K is bf16 bits on a target with pair products, else 0 keys taken: float32's
-    one row read LANES keys' rows side by side ran 2-15% slower from the L3 (MHA B4 H32 Nk64 D128 on
-    the Zen 4 VM, kernel log v66), and bf16 widened was not measured. Inlined by Numba, so that no
-    _one_row_blocked is compiled for the dtypes that do not run it."""
+    """_rows_blocked for one row where K is bf16 bits on a target with pair products, else 0 keys
+    taken: float32's one row read LANES keys' rows side by side ran 2-15% slower from the L3 (MHA
+    B4 H32 Nk64 D128 on the Zen 4 VM, kernel log v66), and bf16 widened was not measured. Inlined
+    by Numba: a constant 0 where it does not run."""
 
 
 @overload(_one_row_block, inline="always", jit_options=OVERLOAD_OPTIONS)
 def _one_row_block_overload(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead):
     if k.dtype == types.uint16 and PAIRS is not None:
-        return lambda k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead: _one_row_blocked(
-            k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead)
+        return lambda k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead: _rows_blocked(
+            k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, _not_literal(1))
     return lambda k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead: 0
 
 
@@ -177,7 +170,7 @@ def _bits_rows(typingctx, q):
 @intrinsic
 def _blocked_dots(typingctx, k, from_memory):
     """Whether _in_order_dots takes four rows' dot products a block of keys at a time
-    (_four_rows_blocked) rather than a key at a time (a horizontal sum per row and key): bf16 bits
+    (_rows_blocked) rather than a key at a time (a horizontal sum per row and key): bf16 bits
     always, float32 only from the cache. Zen 4 VM, two threads, B4 H32/8 D128 (kernel log v63): bf16
     Nk512 236-239 -> 213-216 us, Nk4096 2.0-2.4 -> 1.8-2.0 ms; fp32 Nk64 52-53 -> 48-50 us, Nk512
     235-240 -> 210-225 us; fp32 from memory, blocked, read 15-30% slower (a block reads four keys'
@@ -208,7 +201,7 @@ def _in_order_dots(k, v, b, hk, j0, bk, q_rows, q_bits, rows, s_full, zero, read
     r = _not_literal(0)  # an int64 from the start: a literal 0 would compile the steps it meets twice
     while r + 4 <= rows:
         ahead = read_ahead and r == 0
-        done = _four_rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead) if blocked else 0
+        done = _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, _not_literal(4)) if blocked else 0
         _dots_pass(k, v, b, hk, j0, bk, done, q_rows, r, 4, s_full, zero, ahead)
         r += 4
     if rows - r >= 2:
