@@ -54,17 +54,21 @@ from .tile import _finish_rows, _online_softmax_step, _store, _task_keys, _tile_
 # prefetches costing issue slots for lines already there (docs/kernel-log.md v31).
 _READ_AHEAD_KEYS = 16
 
-# Except float32 on AMD Zen 4 and 5, whose hardware prefetchers keep up with float32's rows of K and V
-# in order: there the prefetches only cost issue slots and miss buffers. B4 H32/8 Nk8192 D128 fp32 on
-# the Zen 4 VM, four process pairs, two threads: 9.2 ms with them, 7.6 without (6.6-9.0); one thread
-# 15.8-17.4 against 12.8-13.2. bf16 still gains there (5.1-5.4 against 6.1-6.2 ms), its rows half as
-# long for the same work. Zen 3 and earlier were not measured: they read ahead (kernel log v64).
+# Except float32 tiles of 4 rows or more on AMD Zen 4 and 5, whose hardware prefetchers keep up with
+# float32's rows of K and V in order when each key has four rows' work: there the prefetches only cost
+# issue slots and miss buffers. B4 H32/8 Nk8192 D128 fp32 on the Zen 4 VM, four process pairs, two
+# threads: 9.2 ms with them, 7.6 without (6.6-9.0); one thread 15.8-17.4 against 12.8-13.2. With one
+# row a key (MHA) the stream runs faster than they keep up with: B4 H32 Nk2048 D128 10.3-10.6 ms with
+# the prefetches, 11.6-11.9 without (kernel log v64, v67). bf16 gains from them at 4 rows too (5.1-5.4
+# against 6.1-6.2 ms), its rows half as long for the same work. Zen 3 and earlier were not measured:
+# they read ahead.
 _FLOAT32_READ_AHEAD = TARGET.cpu not in ("znver4", "znver5")
 
 
 @intrinsic
 def _prefetches(typingctx, k):
-    """Whether _read_ahead prefetches for K's dtype on this target: a constant in the caller."""
+    """Whether tiles of 4 rows or more read K and V ahead for K's dtype on this target: a constant in
+    the caller."""
     if not isinstance(k, types.Array):
         return None
     value = k.dtype != types.float32 or _FLOAT32_READ_AHEAD
@@ -77,10 +81,7 @@ def _prefetches(typingctx, k):
 
 @_jit(inline="always")
 def _read_ahead(k, v, b, hk, j):
-    """Prefetch K's row j + _READ_AHEAD_KEYS and V's row j (of batch b, kv head hk), every cache line
-    (nothing where _prefetches(k) says not)."""
-    if not _prefetches(k):
-        return
+    """Prefetch K's row j + _READ_AHEAD_KEYS and V's row j (of batch b, kv head hk), every cache line."""
     k_row = k.ctypes.data + b * k.strides[0] + hk * k.strides[1] + (j + _READ_AHEAD_KEYS) * k.strides[2]
     for line in range(0, k.shape[3] * k.itemsize, 64):
         prefetch(k_row + line)
@@ -197,7 +198,8 @@ def _in_order_dots(k, v, b, hk, j0, bk, q_rows, q_bits, rows, s_full, zero, read
     decode 4.7-4.9 -> 3.8-4.0 ms jammed, fp32 6.2-6.4 -> 5.8-5.9 (Zen 3 VM, two threads; docs/
     kernel-log.md v27)."""
     wide_vectors()
-    blocked = q_rows.shape[1] % LANES == 0 and _blocked_dots(k, read_ahead)
+    blocked = q_rows.shape[1] % LANES == 0 and _blocked_dots(k, read_ahead)  # read_ahead: from memory
+    read_ahead = read_ahead and (rows < 4 or _prefetches(k))
     r = _not_literal(0)  # an int64 from the start: a literal 0 would compile the steps it meets twice
     while r + 4 <= rows:
         ahead = read_ahead and r == 0
