@@ -192,18 +192,21 @@ def _blocked_dots(typingctx, k, from_memory):
 
 @_jit_inner(fastmath=_FASTMATH)
 def _in_order_dots(k, v, b, hk, j0, bk, q_rows, q_bits, rows, s_full, zero, read_ahead):
-    """s_full[r, j] = q_rows[r] . k[b, hk, j0 + j] for the tile's rows and bk keys, a key at a time:
-    four rows' sums a pass (then two, then one). read_ahead: the first pass prefetches K and V
-    (_read_ahead). A row at a time, bf16 keys were widened once per row: B4 H32/8 Nk4096 bf16
-    decode 4.7-4.9 -> 3.8-4.0 ms jammed, fp32 6.2-6.4 -> 5.8-5.9 (Zen 3 VM, two threads; docs/
-    kernel-log.md v27)."""
+    """s_full[r, j] = q_rows[r] . k[b, hk, j0 + j] for the tile's rows and bk keys: four rows' sums a
+    pass (then two, then one), blocks of keys first where _blocked_dots says so (_rows_blocked), then
+    a key at a time. read_ahead: K and V come from memory; the first pass prefetches them
+    (_read_ahead) unless _prefetches says not for tiles of 4 rows or more. A row at a time, bf16
+    keys were widened once per row: B4 H32/8 Nk4096 bf16 decode 4.7-4.9 -> 3.8-4.0 ms jammed, fp32
+    6.2-6.4 -> 5.8-5.9 (Zen 3 VM, two threads; docs/kernel-log.md v27)."""
     wide_vectors()
     blocked = q_rows.shape[1] % LANES == 0 and _blocked_dots(k, read_ahead)  # read_ahead: from memory
     read_ahead = read_ahead and (rows < 4 or _prefetches(k))
     r = _not_literal(0)  # an int64 from the start: a literal 0 would compile the steps it meets twice
     while r + 4 <= rows:
         ahead = read_ahead and r == 0
-        done = _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, _not_literal(4)) if blocked else 0
+        done = 0
+        if blocked:
+            done = _rows_blocked(k, v, b, hk, j0, bk, q_rows, q_bits, r, s_full, ahead, _not_literal(4))
         _dots_pass(k, v, b, hk, j0, bk, done, q_rows, r, 4, s_full, zero, ahead)
         r += 4
     if rows - r >= 2:
