@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .microkernels import _Kind, bf16_kind
-from .simd import _define, _row_start
+from .simd import _define, _row_start, row_address
 from .target import TARGET
 
 __all__ = ["DOTS_ROWS", "KEYS_PER_BLOCK", "LANES", "PAIRS", "dots_block", "dots_function", "transposed_sum"]
@@ -143,11 +143,11 @@ def dots_function(module, element, lanes=LANES, rows=DOTS_ROWS):
 @intrinsic
 def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col, rows):
     """See the module docstring: the caller checks the shapes (no bounds are checked here). q_bits:
-    the same rows as q_rows in q's own dtype; read instead of q_rows where K and q_bits are bf16 bits,
-    the target has a bf16 pair product (PAIRS) and D is a multiple of 2 LANES. For other dtypes (K
-    neither float32 nor bf16 bits, or float64 rows: no caller blocks those) it does nothing, so that
-    a caller compiled for float64 still types; an intrinsic, not an overload, as it compiles no
-    function of its own."""
+    the same rows as q_rows in q's own dtype; read instead of q_rows where K and q_bits are bf16
+    bits, the target has a bf16 pair product (PAIRS) and D is a multiple of 2 LANES. For other
+    dtypes (K neither float32 nor bf16 bits, or float64 rows: no caller blocks those) it does nothing,
+    so that a caller compiled for float64 still types; an intrinsic, not an overload, as it compiles
+    no function of its own."""
     integers = (b, h, j, r, col)
     if not (isinstance(k, types.Array) and k.ndim == 4 and all(isinstance(x, types.Integer) for x in integers)):
         return None
@@ -168,10 +168,8 @@ def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col, rows):
         k_value = context.make_array(signature.args[0])(context, builder, args[0])
         strides = cgutils.unpack_tuple(builder, k_value.strides, 4)
         width = cgutils.unpack_tuple(builder, k_value.shape, 4)[3]
-        b, h, j, r, col = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3, 6, 8))
-        offset = builder.add(builder.add(builder.mul(b, strides[0]), builder.mul(h, strides[1])),
-                             builder.mul(j, strides[2]))  # fmt: skip
-        k_start = builder.gep(builder.bitcast(k_value.data, i8p), [offset])
+        r, col = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (6, 8))
+        k_start = row_address(context, builder, signature.args[0], args[0], args[1:4], signature.args[1:4])
         s_start = builder.gep(_row_start(context, builder, signature.args[7], args[7], r, _F32), [col])
         s_stride = builder.udiv(_row_stride(context, builder, signature.args[7], args[7]), ir.Constant(_I64, 4))
 

@@ -587,17 +587,23 @@ def cache_row(typingctx, array, b, h, j):
 
     def codegen(context, builder, signature, args):
         value = context.make_array(signature.args[0])(context, builder, args[0])
-        strides = cgutils.unpack_tuple(builder, value.strides, 4)
         width = cgutils.unpack_tuple(builder, value.shape, 4)[3]
-        offset = context.get_constant(types.intp, 0)
-        for index, index_type, stride in zip(args[1:], signature.args[1:], strides[:3]):
-            offset = builder.add(offset, builder.mul(context.cast(builder, index, index_type, types.intp), stride))
         element = context.get_data_type(array.dtype)
-        start = builder.bitcast(builder.gep(builder.bitcast(value.data, ir.IntType(8).as_pointer()), [offset]),
+        start = builder.bitcast(row_address(context, builder, signature.args[0], args[0], args[1:], signature.args[1:]),
                                 element.as_pointer())  # fmt: skip
         return _row_view(context, builder, row_type, element, start, width)
 
     return row_type(array, b, h, j), codegen
+
+
+def row_address(context, builder, array_type, array_value, indices, index_types):
+    """i8* to array[indices] (the leading axes' indices of an array value), from its strides."""
+    value = context.make_array(array_type)(context, builder, array_value)
+    strides = cgutils.unpack_tuple(builder, value.strides, array_type.ndim)
+    offset = context.get_constant(types.intp, 0)
+    for index, index_type, stride in zip(indices, index_types, strides):
+        offset = builder.add(offset, builder.mul(context.cast(builder, index, index_type, types.intp), stride))
+    return builder.gep(builder.bitcast(value.data, ir.IntType(8).as_pointer()), [offset])
 
 
 @jit(inline="always")
