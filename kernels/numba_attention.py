@@ -222,7 +222,7 @@ class ForwardPlan:
     __slots__ = (
         "dtype", "compute", "bf16", "table", "masks", "flags", "consts", "mask", "micro", "block_q", "block_k",
         "decode", "operand", "operand_shapes", "small", "v_in_place", "result_shapes", "separate", "result_block",
-        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call", "serial", "strided_call",
+        "empty", "no_keys", "unreached", "lo", "hi", "in_order_rows", "kernel_call", "serial",
         "k_shape",
     )  # fmt: skip
 
@@ -257,10 +257,8 @@ class ForwardPlan:
         if self.decode and kv_bytes > min(last_level_cache_bytes(), _CACHE_SHARE_BYTES):
             self.flags |= _READ_AHEAD
         # the kernel, its steps and its compiled entry, found at the first runs (KernelCall)
-        self.kernel_call = KernelCall(_decode_kernel, decode_steps) if self.decode else KernelCall(
-            _forward_kernel, forward_steps)
+        self.kernel_call = _decode_call() if self.decode else KernelCall(_forward_kernel, forward_steps)
         self.serial = None  # run() of a small forward as one function, once its kernel entry is known
-        self.strided_call = None  # the decode kernel's calls on K and V read in place, not C-contiguous
 
     def run(self, q, k, v, sinks=None):
         """(out, lse) for q, k, v of the planned shapes: used as they are when C-contiguous, writeable
@@ -272,7 +270,7 @@ class ForwardPlan:
             if result is not None:
                 return result
         q = _kernel_array(q, self.dtype)
-        k, v, strided = _key_value_arrays(k, v, self.dtype, self.decode)  # a decode reads a cache in place
+        k, v = _key_value_arrays(k, v, self.dtype, self.decode)  # a decode reads a cache in place
         masks = self.masks
         if sinks is not None:
             masks = masks[:6] + (_kernel_array(sinks, self.compute),)
@@ -292,11 +290,9 @@ class ForwardPlan:
         # fewer threads when other programs hold the cores; 1 in a forked child (kernels/cpu/threads.py)
         n_workers = 1 if self.small else worker_count()
         if self.decode:
-            if strided and self.strided_call is None:  # its own entry: K and V typed as layout 'A' arrays
-                self.strided_call = KernelCall(_decode_kernel, decode_steps)
             _decode(q, k, v, self.mask, masks, self.consts, self.lo, self.hi, self.flags, self.micro, n_workers, out,
-                    lse, self.strided_call if strided else self.kernel_call, self.in_order_rows)  # fmt: skip
-            if (self.serial is None and not strided and self.kernel_call.entry and not self.flags & _HAS_SINKS
+                    lse, self.kernel_call, self.in_order_rows)  # fmt: skip
+            if (self.serial is None and self.kernel_call.entry and not self.flags & _HAS_SINKS
                     and not uses_process_threads()):  # fmt: skip
                 self.serial = _serial_decode(self, self.kernel_call.entry, self.kernel_call.steps)
             return out, lse
@@ -458,6 +454,12 @@ def _key_splits(batch, hkv, nk, n_workers):
     return max(1, min(-(-nk // _DECODE_BLOCK_K), -(-2 * n_workers // (batch * hkv))))
 
 
+def _decode_call():
+    """A KernelCall of the decode kernel, K and V typed as layout 'A' (its arguments 1 and 2): one
+    compiled kernel for a C-contiguous cache and one read in place, as its worker already was."""
+    return KernelCall(_decode_kernel, decode_steps, any_layout=(1, 2))
+
+
 def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, lse, kernel_call=None,
             in_order_rows=_IN_ORDER_ROWS):  # fmt: skip
     """The decode kernel: keys split across cores when there are fewer (batch, kv head)
@@ -479,7 +481,7 @@ def _decode(q, k, v, mask, masks, consts, lo, hi, flags, micro, n_workers, out, 
             part_out, part_lse = WORKSPACE.zeroed(consts.dtype, shapes)
         else:
             part_out, part_lse = _UNUSED_PARTIALS[consts.dtype.type]
-        kernel_call = kernel_call or KernelCall(_decode_kernel, decode_steps)
+        kernel_call = kernel_call or _decode_call()
         kernel_call(
             q, k, v, masks, consts, lo, hi, flags, min(_DECODE_BLOCK_K, nk), n_splits, micro, in_order_rows, n_workers,
             out, lse, part_out, part_lse,

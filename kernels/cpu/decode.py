@@ -559,7 +559,8 @@ def _decode_kernel(
     n_tasks = k.shape[0] * k.shape[1] * n_splits
     # K and V typed as layout 'A' whatever their layout: one worker serves a C-contiguous cache and
     # one read in place (flash-attn's (B, N, Hkv, D) seen as (B, Hkv, N, D)); its row loops read
-    # through simd.cache_row, as fast on either (kernel log v56)
+    # through simd.cache_row, as fast on either (kernel log v56). The kernel itself is compiled so
+    # too (numba_attention._decode_call), and _any_layout is then a no-op
     stretches, counters = run_queue(n_tasks, n_workers)
     # The steps' arguments without reference counts (launch.borrowed): the caller holds the kernel's
     # arguments, and the queue is kept alive to the end. Counted, each was an atomic add and subtract

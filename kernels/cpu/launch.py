@@ -211,14 +211,15 @@ def address_of(step, arguments, indexed=False, exact=False):
     return found
 
 
-def launch(kernel, arguments, find_steps, steps=None):
-    """kernel(*arguments, steps), which returns REFUSED when its steps were compiled for other types
-    than its arguments': steps (when given, e.g. kept by a plan) or find_steps(*arguments) first,
-    then find_steps(*arguments, exact=True). Returns the steps it ran with."""
+def launch(kernel, arguments, find_steps, steps=None, call=None):
+    """kernel(*arguments, steps), or call(*arguments, steps) when given (a compiled entry of kernel),
+    which returns REFUSED when its steps were compiled for other types than its arguments': steps
+    (when given, e.g. kept by a plan) or find_steps(*arguments) first, then
+    find_steps(*arguments, exact=True). Returns the steps it ran with."""
     for exact in (False, True):
         if steps is None:
             steps = find_steps(*arguments, exact=exact)
-        status = kernel(*arguments, steps)
+        status = (call or kernel)(*arguments, steps)
         if status == RAN:
             return steps
         if status == FAILED:
@@ -237,14 +238,21 @@ class KernelCall:
     aligned and writeable, of the plan's dtype and number of axes. So after the first call the
     plan calls the compiled function that call ran directly. Only for such callers: given other
     types, the entry would read the arguments as the first call's types.
+
+    any_layout: the positions of array arguments the kernel is compiled for as layout 'A' whatever
+    their layout, so that one compiled kernel serves contiguous arrays and strided views alike (an
+    array's struct is the same for both; only the code's use of the strides differs). The decode
+    kernel reads K and V this way, its workers already did: a second signature of the kernel cost
+    ~0.5 s of each decode job's cold compile.
     """
 
-    __slots__ = ("kernel", "find_steps", "steps", "entry")
+    __slots__ = ("kernel", "find_steps", "steps", "entry", "any_layout")
 
-    def __init__(self, kernel, find_steps):
+    def __init__(self, kernel, find_steps, any_layout=()):
         self.kernel, self.find_steps = kernel, find_steps
         self.steps = None  # the last call's steps (find_steps)
         self.entry = None  # the compiled entry of the last call's types; None: not looked up; False: none
+        self.any_layout = frozenset(any_layout)
 
     def __call__(self, *arguments):
         entry = self.entry
@@ -254,13 +262,22 @@ class KernelCall:
                 return
             if status == FAILED:
                 raise _failed(self.kernel)
-        steps = launch(self.kernel, arguments, self.find_steps, self.steps)
+        steps = launch(self.kernel, arguments, self.find_steps, self.steps, self._typed_call if self.any_layout else None)
         if steps is not self.steps:  # a first call, or steps of other types: look again at the next call
             self.entry = None
         elif entry is None:  # a plan's second call (typing the arguments costs ~0.1 ms: not per-call plans)
-            overload = self.kernel.overloads.get(tuple(typeof(value) for value in arguments + (steps,)))
+            overload = self.kernel.overloads.get(self._types(arguments + (steps,)))
             self.entry = False if overload is None else overload.entry_point
         self.steps = steps
+
+    def _types(self, arguments):
+        """The arguments' Numba types, those at any_layout as layout 'A'."""
+        found = tuple(typeof(value) for value in arguments)
+        return tuple(kind.copy(layout="A") if i in self.any_layout else kind for i, kind in enumerate(found))
+
+    def _typed_call(self, *arguments):
+        """The kernel compiled (or loaded from the cache) for _types(arguments), called."""
+        return self.kernel.compile(self._types(arguments))(*arguments)
 
 
 class StepFailed(RuntimeError):

@@ -92,11 +92,11 @@ def _rows_in_place(x, dtype):
 
 
 def _key_value_arrays(k, v, dtype, in_place):
-    """(k, v, read in place): K and V as _kernel_array makes them, or both as they are when in_place
-    (a decode call) and the decode kernel can read both so (_rows_in_place): no copy of the cache."""
+    """(k, v): K and V as _kernel_array makes them, or both as they are when in_place (a decode call)
+    and the decode kernel can read both so (_rows_in_place): no copy of the cache."""
     if in_place and _rows_in_place(k, dtype) and _rows_in_place(v, dtype):
-        return k, v, True
-    return _kernel_array(k, dtype), _kernel_array(v, dtype), False
+        return k, v
+    return _kernel_array(k, dtype), _kernel_array(v, dtype)
 
 
 def _tile_summary(visible, hidden, block_q, block_k):
