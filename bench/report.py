@@ -25,7 +25,7 @@ import os
 from .accounting import fit_exponent, format_bytes
 from .measure import is_busy
 from .settings import Settings
-from .sweep import ROW_FIELDS
+from .sweep import LATER_ROW_FIELDS, ROW_FIELDS
 
 SCHEMA = "attnkit-bench/1"
 REQUIRED_KEYS = ("schema", "complete", "settings", "machine", "roofline", "contenders", "results")
@@ -116,12 +116,16 @@ def format_summary(document):
     bandwidth = document.get("bandwidth")
     decode_rows = [row for row in rows if row["status"] == "ok" and row.get("kv_bytes_per_s")]
     if bandwidth and decode_rows:
-        lines.append(f"read bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['what']})")
+        lines.append(f"read bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['what']}), before the sweep")
         for backend in dict.fromkeys(row["backend"] for row in decode_rows):
             longest = max((row for row in decode_rows if row["backend"] == backend), key=lambda row: row["N"])
-            rate = longest["kv_bytes_per_s"]
+            rate, beside = longest["kv_bytes_per_s"], longest.get("read_bytes_per_s")
+            # the bandwidth measured in turns with the point's rounds where there is one: a VM's read
+            # rate moved by up to 1.7x between runs, so one figure from before the sweep misjudged it
+            yardstick = beside or bandwidth["bytes_per_s"]
             lines.append(f"decode: {backend} reads the K/V cache at {rate / 1e9:.1f} GB/s at N={longest['N']}, "
-                         f"{100 * rate / bandwidth['bytes_per_s']:.0f}% of the read bandwidth")
+                         f"{100 * rate / yardstick:.0f}% of the read bandwidth" +
+                         (f" measured after each of its rounds ({beside / 1e9:.1f} GB/s)" if beside else ""))
     for field, label in (("median_s", "time"), ("peak_memory_bytes", "memory")):
         fitted = exponents(rows, field)
         if fitted:
@@ -190,6 +194,8 @@ def load_json(path):
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}")
     for i, row in enumerate(document["results"]):
+        for key in LATER_ROW_FIELDS:
+            row.setdefault(key, None)
         absent = [key for key in ROW_FIELDS if key not in row]
         if absent:
             raise ValueError(f"{path}: result {i} lacks {', '.join(absent)}")

@@ -12,13 +12,18 @@ with None for what a skipped or failed point lacks.
 
 from __future__ import annotations
 
+import statistics
+
 from .accounting import ITEMSIZE, attention_flops, extrapolate, format_bytes, format_seconds
 
 ROW_FIELDS = ("backend", "N", "status", "note", "median_s", "p20_s", "p80_s", "first_call_s",
               "compile_s", "repeats", "flops", "flops_per_s", "peak_memory_bytes", "cpu_pressure",
               "load_average",  # the most load seen before or after the point's rounds
               "round_medians_s", "rounds_disagree",  # with --rounds: each round's median, and rounds_disagree
-              "kv_bytes", "kv_bytes_per_s")  # decode sweeps: the K/V cache's bytes, read per second
+              "kv_bytes", "kv_bytes_per_s",  # decode sweeps: the K/V cache's bytes, read per second
+              "read_bytes_per_s")  # decode sweeps: the machine's read bandwidth, measured after each round
+# Fields records written before them lack (read as None)
+LATER_ROW_FIELDS = ("read_bytes_per_s",)
 
 
 def select_contenders(settings, contenders, requested=None):
@@ -130,6 +135,8 @@ def pool_rounds(results):
     pooled["compile_s"] = max(first["first_call_s"] - pooled["median_s"], 0.0)
     pooled["round_medians_s"] = [r["median_s"] for r in results]
     pooled["rounds_disagree"] = any(not pooled["p20_s"] <= m <= pooled["p80_s"] for m in pooled["round_medians_s"])
+    read_rates = [r["read_bytes_per_s"] for r in results if r.get("read_bytes_per_s")]
+    pooled["read_bytes_per_s"] = statistics.median(read_rates) if read_rates else None
     for field in ("cpu_pressure", "load_average"):  # the busiest round speaks for the point
         seen = [r[field] for r in results if r.get(field) is not None]
         pooled[field] = max(seen) if seen else None

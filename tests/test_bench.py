@@ -438,6 +438,15 @@ def test_json_round_trip_and_schema_checks(tmp_path):
     report.write_json(broken, path)
     with pytest.raises(ValueError, match="lacks roofline"):
         report.load_json(path)
+    older = json.loads(json.dumps(document))  # written before read_bytes_per_s: read as None
+    for row in older["results"]:
+        del row["read_bytes_per_s"]
+    report.write_json(older, path)
+    assert [row["read_bytes_per_s"] for row in report.load_json(path)["results"]] == [None] * len(older["results"])
+    del older["results"][0]["kv_bytes"]
+    report.write_json(older, path)
+    with pytest.raises(ValueError, match="lacks kv_bytes"):
+        report.load_json(path)
     path.write_text(json.dumps({"schema": "something else"}))
     with pytest.raises(ValueError, match="not an attnkit bench result"):
         report.load_json(path)
@@ -493,7 +502,8 @@ def test_a_busy_machine_is_recorded_and_warned_about(tmp_path):
 
 def test_decode_sweeps_report_the_cache_read_rate_against_the_read_bandwidth():
     """--query-len: each row carries the K/V bytes a step reads and their rate; the summary compares the
-    rate at the longest cache with the bandwidth measured in the run."""
+    rate at the longest cache with the bandwidth measured in the run: after each of the point's rounds
+    where there is that, else before the sweep."""
     settings = Settings(ns=(1024, 4096), heads=8, kv_heads=2, query_len=1, head_dim=64, dtype="bfloat16")
     rows = [sweep.make_row("numba", n, settings, "ok", measurement={"median_s": 1e-6 * n}) for n in settings.ns]
     assert rows[1]["kv_bytes"] == 2 * 2 * 4096 * 64 * 2  # K and V, 2 kv heads, bf16
@@ -501,8 +511,17 @@ def test_decode_sweeps_report_the_cache_read_rate_against_the_read_bandwidth():
     document = dict(synthetic_document(), results=rows,
                     bandwidth={"bytes_per_s": 1.0e9, "what": "torch sum over 256 MiB float32, 2 threads"})
     summary = report.format_summary(document)
-    assert "read bandwidth: 1.0 GB/s (torch sum over 256 MiB float32, 2 threads)" in summary
-    assert "decode: numba reads the K/V cache at 0.5 GB/s at N=4096, 51% of the read bandwidth" in summary
+    assert "read bandwidth: 1.0 GB/s (torch sum over 256 MiB float32, 2 threads), before the sweep" in summary
+    assert "decode: numba reads the K/V cache at 0.5 GB/s at N=4096, 51% of the read bandwidth\n" in summary + "\n"
+    # with the bandwidth measured after each of the point's rounds, the share is of their median
+    rounds = [dict(status="ok", samples_s=[4.096e-3], first_call_s=4.096e-3, peak_memory_bytes=1, read_bytes_per_s=rate,
+                   **measure.summarize([4.096e-3])) for rate in (0.8e9, 2.0e9, 0.9e9)]  # fmt: skip
+    pooled = sweep.pool_rounds(rounds)
+    assert pooled["read_bytes_per_s"] == 0.9e9
+    rows[1] = sweep.make_row("numba", 4096, settings, "ok", measurement=pooled)
+    summary = report.format_summary(dict(document, results=rows))
+    assert ("decode: numba reads the K/V cache at 0.5 GB/s at N=4096, 57% of the read bandwidth measured after each "
+            "of its rounds (0.9 GB/s)") in summary
     assert sweep.make_row("numba", 1024, Settings(ns=(1024,)), "ok", measurement={"median_s": 1.0})["kv_bytes"] is None
     rate = measure.read_bandwidth("cpu", size_bytes=8 << 20, repeats=2)
     assert rate["bytes_per_s"] > 0 and "8 MiB" in rate["what"]
