@@ -13,7 +13,7 @@ from .dropout import _dropout_factors, draw_words
 from .launch import FAILED, RAN, REFUSED, address_of, run_step, steps_array, token_of
 from .operands import (
     _backward_operand_buffers, _bf16_operand, _dp_product, _f64_of, _gradient_operands, _key_offset, _key_row,
-    _load_rows, _load_transposed, _pack_operands, _product,
+    _load_rows, _load_transposed, _not_literal, _pack_operands, _product,
 )
 from .schedule import TASK_QUEUE, _next_task, _run_schedule, _segment
 from .tile import _store, _task_keys, _tile_flags, _tile_scores_base2
@@ -153,7 +153,7 @@ def _backward_worker(
                 _product(q_buf, k_ops[:, key_cols:], p_full, bq, bk, d, False, micro)  # S = Q K^T
                 multiplier = _tile_scores_base2(
                     p, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                    bool_mask, additive_mask, slope, diagonal, True, cap_grad,
+                    bool_mask, additive_mask, slope, diagonal, _not_literal(True), cap_grad,
                 )  # fmt: skip
                 for r in range(bq):
                     exp2_affine_at(p, r, multiplier, lse2[r])

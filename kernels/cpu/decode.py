@@ -491,7 +491,7 @@ def _decode_worker(
                     key_ranges, tile_states, flags, b, h0 + g, nq, nk, lo_offset, hi_offset, block_k, kb, j0)
                 multiplier = _tile_scores_base2(
                     slab, _not_literal(0), j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop,
-                    tile_flags, bool_mask, additive_mask, zero, _not_literal(0), False, unused_grad,  # the forward's types
+                    tile_flags, bool_mask, additive_mask, zero, _not_literal(0), _not_literal(False), unused_grad,
                 )  # fmt: skip
                 if multiplier != consts[_C_ONE]:  # raw products left scaled by the caller: scale them here
                     for r in range(nq):
@@ -708,7 +708,7 @@ def _decode_backward_worker(
                 cap_grad = cap_buf[: nq * bk].reshape((nq, bk)) if has_softcap else cap_buf.reshape((1, 1))
                 multiplier = _tile_scores_base2(
                     slab, _not_literal(0), j0, b, h0 + g, consts, lo_offset, hi_offset, key_start, key_stop,
-                    tile_flags, bool_mask, additive_mask, zero, _not_literal(0), True, cap_grad,
+                    tile_flags, bool_mask, additive_mask, zero, _not_literal(0), _not_literal(True), cap_grad,
                 )  # fmt: skip
                 for i in range(nq):
                     r = g * nq + i

@@ -12,7 +12,7 @@ from .dropout import _dropout_factors, draw_words
 from .launch import FAILED, RAN, REFUSED, address_of, borrowed, keep_alive, run_step, steps_array, token_of
 from .operands import (
     _a_rows_of, _bf16_operand, _dropped_operand, _first_key, _key_offset, _key_row, _p_operand, _p_rows_buffer,
-    _pack_forward_head, _product, _scratch,
+    _not_literal, _pack_forward_head, _product, _scratch,
 )
 from .schedule import TASK_QUEUE, _forward_runs, _next_task, _run_schedule, _segment
 from .tile import _finish_rows, _online_softmax_step, _task_keys, _tile_flags, _tile_scores_base2
@@ -122,7 +122,7 @@ def _forward_worker(
                 s = s_full[:, :bk]  # (Bq, Bk)
                 multiplier = _tile_scores_base2(
                     s, i0, j0, b, h, consts, lo_offset, hi_offset, key_start, key_stop, tile_flags,
-                    bool_mask, additive_mask, slope, diagonal, False, unused_grad,
+                    bool_mask, additive_mask, slope, diagonal, _not_literal(False), unused_grad,
                 )  # fmt: skip
                 p_bits = _p_rows_buffer(p_buf, bq, bk, unused_bits)  # (Bq, Bk2) bf16 P, or unused
                 _online_softmax_step(s, multiplier, consts, running_max, running_sum, rescale, acc, p_bits,

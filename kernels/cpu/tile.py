@@ -59,7 +59,9 @@ def _tile_scores_base2(
     (flag _HAS_ALIBI) adds -slope * |i + diagonal - j| after the softcap, as flash-attn
     does (diagonal = Nk - Nq: bottom-right aligned). With a softcap and store_softcap_grad,
     softcap_grad (Bq, Bk) receives scale * (1 - tanh^2), the factor the backward
-    pass needs (the forward passes False and a placeholder).
+    pass needs (the forward passes False and a placeholder). Callers pass store_softcap_grad as a
+    plain bool (_not_literal), not a literal: one compiled function for the forward and the backward
+    (a literal True and False compiled it twice in every warmup job, ~0.5 s).
 
     Returns the multiplier still to apply: with no softcap or mask and a positive
     scale the raw products are left as they are (hidden keys -inf) and the caller
