@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from llvmlite import ir
 
-from attnkit.kernels import key_dots, microkernels, simd
+from attnkit.kernels import key_dots, microkernels, pv_pairs, simd
 from attnkit.kernels.target import TARGET, assembly, function_assembly, probe
 
 X86, ARM = "x86_64-unknown-linux-gnu", "aarch64-unknown-linux-gnu"
@@ -70,6 +70,21 @@ def inner_loop(text, work):
             if sum(bool(re.search(work, x)) for x in body) > sum(bool(re.search(work, x)) for x in best):
                 best = body
     return best
+
+
+def innermost_loop(text, work):
+    """The shortest loop (a block up to a branch back to it) holding a `work` instruction: the loop
+    over keys of a function whose outer loop (over column blocks) holds it too."""
+    lines = text.splitlines()
+    labels = {line.rstrip(":").strip(): i for i, line in enumerate(lines) if re.match(r"^\.LBB\w+:", line)}
+    loops = []
+    for i, line in enumerate(lines):
+        match = _BRANCH.match(line)
+        if match and labels.get(match.group(1), i + 1) <= i:
+            body = lines[labels[match.group(1)] : i + 1]
+            if any(re.search(work, x) for x in body):
+                loops.append(body)
+    return min(loops, key=len, default=[])
 
 
 def stack_traffic(loop):
@@ -126,6 +141,24 @@ def test_decode_dots_cross_compile_without_spills(case):
         loop = inner_loop(function_text(text, name), instruction)
         assert loop and re.search(instruction, "\n".join(loop)), f"{cpu} {name}: no {instruction!r} in a loop"
         assert not stack_traffic(loop), f"{cpu} {name}: spills:\n" + "\n".join(stack_traffic(loop))
+
+
+@pytest.mark.parametrize("case", CROSS_TARGETS, ids=target_id)
+def test_decode_pv_pairs_cross_compile_without_spills(case):
+    """Decode's bf16 P V on the pair product (kernels/pv_pairs.py), where the target has one: the pair
+    instruction in the loop over keys, nothing spilled there (4 rows x 4 accumulators, 4 V pairs and
+    the rows' weight pairs in 32 registers; 2 accumulators a row with 16)."""
+    triple, cpu, features, lanes, bf16_kind, fma, bf16_instruction = case
+    if bf16_kind not in ("dpbf16", "bfdot"):
+        pytest.skip(f"{cpu}: no bf16 pair product, so decode's P V widens bf16 (decode.py _pv_four_rows_blocked)")
+    target = probe(triple, cpu, features)
+    groups = 4 if target.registers >= 32 else 2
+    text, names = compile_for(triple, cpu, features, lambda m: [
+        pv_pairs.pv_pairs_function(m, bf16_kind, target.lanes, groups).name])
+    loop = innermost_loop(function_text(text, names[0]), bf16_instruction)
+    assert loop and re.search(bf16_instruction, "\n".join(loop)), f"{cpu}: no {bf16_instruction!r} in a loop"
+    assert len(re.findall(bf16_instruction, "\n".join(loop))) >= 4 * groups  # 4 rows x groups a key pair
+    assert not stack_traffic(loop), f"{cpu}: spills:\n" + "\n".join(stack_traffic(loop))
 
 
 def test_amx_is_read_off_the_feature_string():

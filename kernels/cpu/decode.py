@@ -13,6 +13,7 @@ from numba.extending import intrinsic, overload
 from ..jit import OVERLOAD_OPTIONS, jit as _jit, jit_inner as _jit_inner
 from ..key_dots import KEYS_PER_BLOCK, LANES, PAIRS, dots_block
 from ..microkernels import PAD, padded
+from ..pv_pairs import pv_pairs_block
 from ..simd import cache_row, contiguous_row, exp2_affine_at, frame_array, prefetch, wide_vectors
 from ..target import TARGET
 from .constants import (
@@ -276,9 +277,14 @@ def _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc):
 def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
     """acc[r + i, :dv] += sum_j p[r + i, j] v[b, hk, j0 + j, :dv] for n rows (1-4; a constant at each
     call, so the unused rows' code folds away): four rows' whole column blocks held in registers
-    (_pv_four_rows_blocked), then the other columns in one pass over the keys, two keys' V rows a
+    (bf16 V on a target with a pair product: pv_pairs.pv_pairs_block, P rounded to bf16; else
+    _pv_four_rows_blocked), then the other columns in one pass over the keys, two keys' V rows a
     step when pairs, then a key at a time."""
-    start = _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc) if n == 4 else 0
+    start = 0
+    if n == 4:  # whole column blocks: bf16 two keys a step on the pair product (where there is one), else
+        start = pv_pairs_block(v, b, hk, j0, bk, p, r, acc, dv)  # widened, held in registers
+        if start == 0:
+            start = _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc)
     if start == dv:
         return
     j = 0
