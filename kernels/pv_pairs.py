@@ -56,8 +56,8 @@ def pv_pairs_function(module, kind_name, lanes=TARGET.lanes, groups=_GROUPS, row
     vector = ir.VectorType(_F32, lanes)
     row_bits = ir.VectorType(_I16, columns)  # one key's V row, a block's columns
     # group g of two rows x | y: (x[g lanes + i], y[g lanes + i]) for i < lanes, as bf16 pairs
-    interleave = [ir.Constant(ir.VectorType(_I32, 2 * lanes), [index for i in range(lanes)
-                                                                  for index in (g * lanes + i, columns + g * lanes + i)])
+    interleave = [ir.Constant(ir.VectorType(_I32, 2 * lanes),
+                              [index for i in range(lanes) for index in (g * lanes + i, columns + g * lanes + i)])
                   for g in range(groups)]  # fmt: skip
 
     def build(builder, args):
