@@ -58,33 +58,26 @@ def function_text(text, name):
 _BRANCH = re.compile(r"^\s*(?:j\w+|b(?:\.\w+)?|cbn?z|tbn?z)\s+(?:\w+,\s*)*(?:#\d+,\s*)?(\.LBB\w+)", re.M)
 
 
-def inner_loop(text, work):
-    """The lines of the loop (a block up to a branch back to it) holding the most `work` instructions."""
+def loops(text):
+    """Each loop of emitted assembly: the lines from a label up to a branch back to it."""
     lines = text.splitlines()
     labels = {line.rstrip(":").strip(): i for i, line in enumerate(lines) if re.match(r"^\.LBB\w+:", line)}
-    best = []
     for i, line in enumerate(lines):
         match = _BRANCH.match(line)
         if match and labels.get(match.group(1), i + 1) <= i:
-            body = lines[labels[match.group(1)] : i + 1]
-            if sum(bool(re.search(work, x)) for x in body) > sum(bool(re.search(work, x)) for x in best):
-                best = body
-    return best
+            yield lines[labels[match.group(1)] : i + 1]
+
+
+def inner_loop(text, work):
+    """The lines of the loop holding the most `work` instructions (none: [])."""
+    counted = [(sum(bool(re.search(work, x)) for x in body), body) for body in loops(text)]
+    return max(((n, body) for n, body in counted if n), key=lambda pair: pair[0], default=(0, []))[1]
 
 
 def innermost_loop(text, work):
-    """The shortest loop (a block up to a branch back to it) holding a `work` instruction: the loop
-    over keys of a function whose outer loop (over column blocks) holds it too."""
-    lines = text.splitlines()
-    labels = {line.rstrip(":").strip(): i for i, line in enumerate(lines) if re.match(r"^\.LBB\w+:", line)}
-    loops = []
-    for i, line in enumerate(lines):
-        match = _BRANCH.match(line)
-        if match and labels.get(match.group(1), i + 1) <= i:
-            body = lines[labels[match.group(1)] : i + 1]
-            if any(re.search(work, x) for x in body):
-                loops.append(body)
-    return min(loops, key=len, default=[])
+    """The shortest loop holding a `work` instruction: the loop over keys of a function whose outer
+    loop (over column blocks) holds it too."""
+    return min((body for body in loops(text) if any(re.search(work, x) for x in body)), key=len, default=[])
 
 
 def stack_traffic(loop):
