@@ -8,11 +8,12 @@ products to 16 columns of a row: half the multiply-adds, no widening, nothing pa
 The weights are rounded to bf16 (to nearest even), as the prefill's bf16 micro-kernel and
 flash-attn's GPU kernels round P before P V; the sums stay float32.
 
-pv_pairs_block(v, b, h, j, bk, p, r, acc, dv): acc[r + i, c] += sum_t p[r + i, t] v[b, h, j + t, c]
-for 4 rows, t < bk and the columns c of whole blocks of PV_PAIR_COLUMNS, each block's 4 rows held in
-registers across the bk keys; returns the first column left (0 where it does nothing: V not bf16
-bits, no pair product on this target, or acc and p not float32). The caller guarantees that V's
-rows are contiguous and that the rows and keys exist (decode.py's _pv_pass).
+pv_pairs_block(v, b, h, j, bk, p, r, acc, dv, rows): acc[r + i, c] += sum_t p[r + i, t] v[b, h, j + t, c]
+for i < rows (a constant: 4, a GQA group's, or MHA's 1), t < bk and the columns c of whole blocks of
+PV_PAIR_COLUMNS, each block's rows held in registers across the bk keys; returns the first column
+left (0 where it does nothing: V not bf16 bits, no pair product on this target, or acc and p not
+float32). The caller guarantees that V's rows are contiguous and that the rows and keys exist
+(decode.py's _pv_pass and _in_order_pv).
 """
 
 from __future__ import annotations
@@ -27,13 +28,22 @@ from .key_dots import PAIRS, _row_stride
 from .simd import _define, _row_start, row_address
 from .target import TARGET
 
-__all__ = ["PV_PAIR_COLUMNS", "PV_ROWS", "pv_pairs_block", "pv_pairs_function"]
+__all__ = ["PV_PAIR_COLUMNS", "PV_ROWS", "pair_columns", "pv_pairs_block", "pv_pairs_function"]
 
-PV_ROWS = 4  # output rows a block serves (a GQA group of 4, or each 4 of a larger one)
+PV_ROWS = 4  # output rows a block serves (a GQA group of 4, or each 4 of a larger one; or MHA's 1)
 # Vectors of columns a block keeps per row: 4 rows x 4 accumulators, 4 pairs of V and the 4 rows'
 # weight pairs fit 32 vector registers; 2 where there are 16
 _GROUPS = 4 if TARGET.registers >= 32 else 2
 PV_PAIR_COLUMNS = TARGET.lanes * _GROUPS
+
+
+
+def pair_columns(rows):
+    """The columns of a block for `rows` rows: PV_PAIR_COLUMNS for 4, twice as many for MHA's one
+    row (a D128 row in one pass over the keys: two passes read the V block twice, and ran 1.2-1.5x
+    slower from memory)."""
+    return PV_PAIR_COLUMNS * (2 if rows == 1 else 1)
+
 
 _F32 = ir.FloatType()
 _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -123,7 +133,7 @@ def pv_pairs_function(module, kind_name, lanes=TARGET.lanes, groups=_GROUPS, row
 
 
 @intrinsic
-def pv_pairs_block(typingctx, v, b, h, j, bk, p, r, acc, dv):
+def pv_pairs_block(typingctx, v, b, h, j, bk, p, r, acc, dv, rows):
     """See the module docstring: no bounds are checked here. An intrinsic, so that a caller compiled
     for float32 V (where it returns 0) compiles nothing for it."""
     integers = (b, h, j, bk, r, dv)
@@ -131,6 +141,9 @@ def pv_pairs_block(typingctx, v, b, h, j, bk, p, r, acc, dv):
         return None
     if not all(isinstance(matrix, types.Array) and matrix.ndim == 2 for matrix in (p, acc)):
         return None
+    if not (isinstance(rows, types.IntegerLiteral) and rows.literal_value in (1, PV_ROWS)):
+        return None
+    n_rows = rows.literal_value
     active = (v.dtype == types.uint16 and p.dtype == types.float32 and acc.dtype == types.float32
               and PAIRS is not None)  # fmt: skip
 
@@ -145,9 +158,10 @@ def pv_pairs_block(typingctx, v, b, h, j, bk, p, r, acc, dv):
         acc_start = _row_start(context, builder, signature.args[7], args[7], r, _F32)
         p_stride, acc_stride = (builder.udiv(_row_stride(context, builder, signature.args[i], args[i]),
                                              ir.Constant(_I64, 4)) for i in (5, 7))  # fmt: skip
-        blocks = builder.udiv(dv, ir.Constant(_I64, PV_PAIR_COLUMNS))
-        builder.call(pv_pairs_function(builder.module, PAIRS),
+        columns = pair_columns(n_rows)
+        blocks = builder.udiv(dv, ir.Constant(_I64, columns))
+        builder.call(pv_pairs_function(builder.module, PAIRS, groups=columns // TARGET.lanes, rows=n_rows),
                      [v_start, key_stride, p_start, p_stride, acc_start, acc_stride, bk, blocks])
-        return builder.mul(blocks, ir.Constant(_I64, PV_PAIR_COLUMNS))
+        return builder.mul(blocks, ir.Constant(_I64, columns))
 
-    return types.intp(v, b, h, j, bk, p, r, acc, dv), codegen
+    return types.intp(v, b, h, j, bk, p, r, acc, dv, rows), codegen

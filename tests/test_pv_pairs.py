@@ -10,13 +10,21 @@ from numba import njit
 
 from attnkit.kernels.bf16 import bf16_bits, bf16_to_float32
 from attnkit.kernels.key_dots import PAIRS
-from attnkit.kernels.pv_pairs import PV_PAIR_COLUMNS, PV_ROWS, pv_pairs_block
+from attnkit.kernels.pv_pairs import PV_PAIR_COLUMNS, PV_ROWS, pair_columns, pv_pairs_block
 from attnkit.testing import assert_close
 
 
 @njit(cache=False)
 def _block(v, b, h, j, bk, p, r, acc, dv):
-    return pv_pairs_block(v, b, h, j, bk, p, r, acc, dv)
+    return pv_pairs_block(v, b, h, j, bk, p, r, acc, dv, 4)
+
+
+@njit(cache=False)
+def _one_row(v, b, h, j, bk, p, r, acc, dv):
+    return pv_pairs_block(v, b, h, j, bk, p, r, acc, dv, 1)
+
+
+_SHAPES = {"4-rows": (_block, PV_ROWS), "1-row": (_one_row, 1)}  # (function, rows)
 
 
 def _cache(rng, batch, heads, keys, d, flash_layout, dtype=np.uint16):
@@ -37,26 +45,28 @@ def _rounded(p):
 
 
 @pytest.mark.skipif(PAIRS is None, reason="no bf16 pair product on this CPU target (tests/test_targets.py builds it)")
+@pytest.mark.parametrize("shape", list(_SHAPES))
 @pytest.mark.parametrize("flash_layout", [False, True], ids=["bhnd", "flash-layout"])
 @pytest.mark.parametrize("bk", [1, 2, 7, 64, 511], ids=lambda n: f"{n}keys")
 @pytest.mark.parametrize("blocks,extra", [(1, 0), (2, 0), (2, 24), (0, 40)], ids=["1block", "2blocks", "2blocks+24",
                                                                                  "under-a-block"])
-def test_pv_pairs_block_matches_numpy(blocks, extra, bk, flash_layout):
-    """acc[r + i, :blocks x PV_PAIR_COLUMNS] gains round_bf16(p[r + i, :bk]) @ v[b, h, j : j + bk]; its
-    other rows and columns, and the columns past the whole blocks, keep their values; the return
-    value is the first column left."""
-    dv = blocks * PV_PAIR_COLUMNS + extra
-    rng = np.random.default_rng(bk + 1000 * blocks + 7 * extra + flash_layout)
+def test_pv_pairs_block_matches_numpy(blocks, extra, bk, flash_layout, shape):
+    """acc[r + i, :blocks x pair_columns(rows)] gains round_bf16(p[r + i, :bk]) @ v[b, h, j : j + bk] for
+    the block's rows (four, or MHA's one); its other rows and columns, and the columns past the whole
+    blocks, keep their values; the return value is the first column left."""
+    block, rows = _SHAPES[shape]
+    dv = blocks * pair_columns(rows) + extra
+    rng = np.random.default_rng(bk + 1000 * blocks + 7 * extra + flash_layout + 10000 * rows)
     v, v_exact = _cache(rng, 2, 3, 600, dv, flash_layout)
     for b, h, j, r in [(0, 0, 0, 0), (1, 2, 600 - bk, 3), (1, 1, 13, 1)]:
         # softmax weights: positive, most below 1, padded rows as the decode worker's score buffer has
-        p = rng.random((PV_ROWS + r + 2, bk + 5)).astype(np.float32) ** 3
-        acc = rng.standard_normal((PV_ROWS + r + 2, dv)).astype(np.float32)
+        p = rng.random((rows + r + 2, bk + 5)).astype(np.float32) ** 3
+        acc = rng.standard_normal((rows + r + 2, dv)).astype(np.float32)
         before = acc.copy()
-        done = _block(v, b, h, j, bk, p, r, acc, dv)
-        assert done == blocks * PV_PAIR_COLUMNS
+        done = block(v, b, h, j, bk, p, r, acc, dv)
+        assert done == blocks * pair_columns(rows)
         expected = before.astype(np.float64)
-        expected[r : r + PV_ROWS, :done] += _rounded(p[r : r + PV_ROWS, :bk]) @ v_exact[b, h, j : j + bk, :done]
+        expected[r : r + rows, :done] += _rounded(p[r : r + rows, :bk]) @ v_exact[b, h, j : j + bk, :done]
         # float32 sums of bk exact products: a few ulps of the sums' size
         assert_close(acc, expected, atol=2e-6 * (bk + 1), rtol=1e-5,
                      name=f"acc (b={b}, h={h}, j={j}, r={r}, bk={bk}, dv={dv})")  # fmt: skip
@@ -86,4 +96,5 @@ def test_pv_pairs_block_does_nothing_off_bf16_caches(dtype):
     acc = rng.standard_normal((PV_ROWS, PV_PAIR_COLUMNS)).astype(np.float32)
     before = acc.copy()
     assert _block(v, 0, 1, 0, 16, p, 0, acc, PV_PAIR_COLUMNS) == 0
+    assert _one_row(v, 0, 1, 0, 16, p, 0, acc, PV_PAIR_COLUMNS) == 0
     np.testing.assert_array_equal(acc, before)

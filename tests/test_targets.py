@@ -138,20 +138,22 @@ def test_decode_dots_cross_compile_without_spills(case):
 
 @pytest.mark.parametrize("case", CROSS_TARGETS, ids=target_id)
 def test_decode_pv_pairs_cross_compile_without_spills(case):
-    """Decode's bf16 P V on the pair product (kernels/pv_pairs.py), where the target has one: the pair
-    instruction in the loop over keys, nothing spilled there (4 rows x 4 accumulators, 4 V pairs and
-    the rows' weight pairs in 32 registers; 2 accumulators a row with 16)."""
+    """Decode's bf16 P V on the pair product (kernels/pv_pairs.py), where the target has one, for 4 rows
+    and for MHA's 1: the pair instruction in the loop over keys, nothing spilled there (4 rows x 4
+    accumulators, 4 V pairs and the rows' weight pairs in 32 registers; 2 accumulators a row with 16)."""
     triple, cpu, features, lanes, bf16_kind, fma, bf16_instruction = case
     if bf16_kind not in ("dpbf16", "bfdot"):
         pytest.skip(f"{cpu}: no bf16 pair product, so decode's P V widens bf16 (decode.py _pv_four_rows_blocked)")
     target = probe(triple, cpu, features)
-    groups = 4 if target.registers >= 32 else 2
+    groups = 4 if target.registers >= 32 else 2  # pv_pairs' own choice for this target (1 row: twice)
+    shapes = [(4, groups), (1, 2 * groups)]  # a GQA group's 4 rows, MHA's 1
     text, names = compile_for(triple, cpu, features, lambda m: [
-        pv_pairs.pv_pairs_function(m, bf16_kind, target.lanes, groups).name])
-    loop = innermost_loop(function_text(text, names[0]), bf16_instruction)
-    assert loop and re.search(bf16_instruction, "\n".join(loop)), f"{cpu}: no {bf16_instruction!r} in a loop"
-    assert len(re.findall(bf16_instruction, "\n".join(loop))) >= 4 * groups  # 4 rows x groups a key pair
-    assert not stack_traffic(loop), f"{cpu}: spills:\n" + "\n".join(stack_traffic(loop))
+        pv_pairs.pv_pairs_function(m, bf16_kind, target.lanes, n, rows).name for rows, n in shapes])
+    for name, (rows, groups) in zip(names, shapes):
+        loop = innermost_loop(function_text(text, name), bf16_instruction)
+        assert loop and re.search(bf16_instruction, "\n".join(loop)), f"{cpu} {name}: no {bf16_instruction!r} in a loop"
+        assert len(re.findall(bf16_instruction, "\n".join(loop))) >= rows * groups  # rows x groups a key pair
+        assert not stack_traffic(loop), f"{cpu} {name}: spills:\n" + "\n".join(stack_traffic(loop))
 
 
 def test_amx_is_read_off_the_feature_string():

@@ -282,7 +282,7 @@ def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
     step when pairs, then a key at a time."""
     start = 0
     if n == 4:  # whole column blocks: bf16 two keys a step on the pair product (where there is one), else
-        start = pv_pairs_block(v, b, hk, j0, bk, p, r, acc, dv)  # widened, held in registers
+        start = pv_pairs_block(v, b, hk, j0, bk, p, r, acc, dv, 4)  # widened, held in registers
         if start == 0:
             start = _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc)
     if start == dv:
@@ -339,28 +339,30 @@ def _in_order_pv(v, b, hk, j0, bk, p, rows, dv, acc):
     if rows - r >= 2:
         _pv_pass(v, b, hk, j0, bk, p, r, 2, pairs, dv, acc)
         r += 2
-    if r < rows:  # one row: four keys a step, then a key at a time
-        _pv_row_quads(v, b, hk, j0, bk, p, r, dv, acc)
+    if r < rows:  # one row: bf16 two keys a step on the pair product, then four keys a step, then one
+        _pv_row_quads(v, b, hk, j0, bk, p, r, pv_pairs_block(v, b, hk, j0, bk, p, r, acc, dv, 1), dv, acc)
 
 
 @_jit(inline="always")
-def _pv_row_quads(v, b, hk, j0, bk, p, r, dv, acc):
-    """acc[r, :dv] += sum_j p[r, j] v[b, hk, j0 + j, :dv] for one row, four keys' V rows a step: the
-    row is loaded and stored once per four keys, not per key, whose store-to-load chain bounded the
-    single-row P V (MHA decode)."""
+def _pv_row_quads(v, b, hk, j0, bk, p, r, start, dv, acc):
+    """acc[r, start:dv] += sum_j p[r, j] v[b, hk, j0 + j, start:dv] for one row, four keys' V rows a
+    step: the row is loaded and stored once per four keys, not per key, whose store-to-load chain
+    bounded the single-row P V (MHA decode)."""
+    if start == dv:
+        return
     j = 0
     while j + 4 <= bk:
         w0, w1, w2, w3 = p[r, j], p[r, j + 1], p[r, j + 2], p[r, j + 3]
         v0, v1 = cache_row(v, b, hk, j0 + j), cache_row(v, b, hk, j0 + j + 1)
         v2, v3 = cache_row(v, b, hk, j0 + j + 2), cache_row(v, b, hk, j0 + j + 3)
-        for c in range(dv):
+        for c in range(start, dv):
             acc[r, c] += (w0 * _operand_of(acc, v0[c]) + w1 * _operand_of(acc, v1[c])) + (
                 w2 * _operand_of(acc, v2[c]) + w3 * _operand_of(acc, v3[c]))
         j += 4
     for j in range(j, bk):
         w0 = p[r, j]
         value = cache_row(v, b, hk, j0 + j)
-        for c in range(dv):
+        for c in range(start, dv):
             acc[r, c] += w0 * _operand_of(acc, value[c])
 
 
