@@ -10,7 +10,7 @@ flash-attn's GPU kernels round P before P V; the sums stay float32.
 
 pv_pairs_block(v, b, h, j, bk, p, r, acc, dv, rows): acc[r + i, c] += sum_t p[r + i, t] v[b, h, j + t, c]
 for i < rows (a constant: 4, a GQA group's, or MHA's 1), t < bk and the columns c of whole blocks of
-PV_PAIR_COLUMNS, each block's rows held in registers across the bk keys; returns the first column
+pair_columns(rows), each block's rows held in registers across the bk keys; returns the first column
 left (0 where it does nothing: V not bf16 bits, no pair product on this target, or acc and p not
 float32). The caller guarantees that V's rows are contiguous and that the rows and keys exist
 (decode.py's _pv_pass and _in_order_pv).
@@ -23,8 +23,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .microkernels import _Kind
+from .bf16 import f32_to_bf16_ir
 from .key_dots import PAIRS, _row_stride
+from .microkernels import _Kind
 from .simd import _define, _row_start, row_address
 from .target import TARGET
 
@@ -37,10 +38,9 @@ _GROUPS = 4 if TARGET.registers >= 32 else 2
 PV_PAIR_COLUMNS = TARGET.lanes * _GROUPS
 
 
-
 def pair_columns(rows):
     """The columns of a block for `rows` rows: PV_PAIR_COLUMNS for 4, twice as many for MHA's one
-    row (a D128 row in one pass over the keys: two passes read the V block twice, and ran 1.2-1.5x
+    row (a D128 row in one pass over the keys: two passes read the V block twice, and ran 1.1-1.6x
     slower from memory)."""
     return PV_PAIR_COLUMNS * (2 if rows == 1 else 1)
 
@@ -50,10 +50,9 @@ _I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
 
 def _bf16_bits(builder, x):
-    """The bf16 nearest x (ties to even) as the low 16 bits of an i32; x a float32, finite."""
-    bits = builder.bitcast(x, _I32)
-    odd = builder.and_(builder.lshr(bits, ir.Constant(_I32, 16)), ir.Constant(_I32, 1))
-    return builder.lshr(builder.add(bits, builder.add(ir.Constant(_I32, 0x7FFF), odd)), ir.Constant(_I32, 16))
+    """The bf16 nearest x (ties to even) as the low 16 bits of an i32: the conversion instruction,
+    which every target with a pair product has (VCVTNEPS2BF16, BFCVT)."""
+    return builder.zext(f32_to_bf16_ir(builder, x, native=True), _I32)
 
 
 def pv_pairs_function(module, kind_name, lanes=TARGET.lanes, groups=_GROUPS, rows=PV_ROWS):
