@@ -431,7 +431,7 @@ def _decode_worker(
     running_sum = np.empty(rows, dtype)
     rescale = np.empty(rows, dtype)
     unused_grad = np.empty((1, 1), dtype)
-    unused_bits = np.empty((1, 1), np.uint16)  # P stays float32 here (P V widens V instead)
+    unused_bits = np.empty((1, 1), np.uint16)  # P stays float32 here (P V widens V, or rounds P into pairs itself)
     k_wide = _widening_buffer(k, block_k * d, consts)  # (Bk, D) a key block widened (bf16 only)
     v_wide = _padding_buffer(v_rows, block_k, consts)  # (Bk, Dv16) a value block widened or padded, if need be
     # This worker's own buffers, viewed per task without reference counts (kept alive to the end)
