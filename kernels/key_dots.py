@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .microkernels import _Kind, bf16_kind
-from .simd import _define, _row_start, row_address
+from .simd import _define, _row_start, _row_stride, row_address
 from .target import TARGET
 
 __all__ = ["DOTS_ROWS", "KEYS_PER_BLOCK", "LANES", "PAIRS", "dots_block", "dots_function", "transposed_sum"]
@@ -192,9 +192,3 @@ def dots_block(typingctx, k, b, h, j, q_rows, q_bits, r, s, col, rows):
         return context.get_dummy_value()
 
     return types.void(k, b, h, j, q_rows, q_bits, r, s, col, rows), codegen
-
-
-def _row_stride(context, builder, array_type, array_value):
-    """The row stride (bytes) of a 2-D array value."""
-    array = context.make_array(array_type)(context, builder, array_value)
-    return cgutils.unpack_tuple(builder, array.strides, 2)[0]

@@ -24,9 +24,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .bf16 import f32_to_bf16_ir
-from .key_dots import PAIRS, _row_stride
+from .key_dots import PAIRS
 from .microkernels import _Kind
-from .simd import _define, _row_start, row_address
+from .simd import _define, _row_start, _row_stride, row_address
 from .target import TARGET
 
 __all__ = ["PV_PAIR_COLUMNS", "PV_ROWS", "pair_columns", "pv_pairs_block", "pv_pairs_function"]

@@ -406,10 +406,16 @@ def _call_on_row(context, builder, signature, args, function, real):
     return builder.call(function, [base, n, *args[1:]])
 
 
+def _row_stride(context, builder, array_type, array_value):
+    """The row stride (bytes) of a 2-D array value."""
+    array = context.make_array(array_type)(context, builder, array_value)
+    return cgutils.unpack_tuple(builder, array.strides, 2)[0]
+
+
 def _row_start(context, builder, array_type, array_value, row, element_type):
     """Pointer to row `row` of a 2-D array value, as element_type* (no row array made)."""
     array = context.make_array(array_type)(context, builder, array_value)
-    row_stride = cgutils.unpack_tuple(builder, array.strides, 2)[0]
+    row_stride = _row_stride(context, builder, array_type, array_value)
     start = builder.gep(builder.bitcast(array.data, ir.IntType(8).as_pointer()), [builder.mul(row, row_stride)])
     return builder.bitcast(start, element_type.as_pointer())
 

@@ -273,18 +273,27 @@ def _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc):
     return c0
 
 
+def _four_rows_pv(v, b, hk, j0, bk, p, r, dv, acc):
+    """_pv_pass's whole column blocks of four rows, held in registers across the keys; returns the
+    first column left: bf16 V on a target with a pair product two keys a step (pv_pairs_block), else
+    _pv_four_rows_blocked (widened). Inlined by Numba, so only the one it picks compiles (both take
+    blocks of the same width on the targets with pair products, which all have 32 registers)."""
+
+
+@overload(_four_rows_pv, inline="always", jit_options=OVERLOAD_OPTIONS)
+def _four_rows_pv_overload(v, b, hk, j0, bk, p, r, dv, acc):
+    if v.dtype == types.uint16 and PAIRS is not None:
+        return lambda v, b, hk, j0, bk, p, r, dv, acc: pv_pairs_block(v, b, hk, j0, bk, p, r, acc, dv, 4)
+    return lambda v, b, hk, j0, bk, p, r, dv, acc: _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc)
+
+
 @_jit(inline="always")
 def _pv_pass(v, b, hk, j0, bk, p, r, n, pairs, dv, acc):
     """acc[r + i, :dv] += sum_j p[r + i, j] v[b, hk, j0 + j, :dv] for n rows (1-4; a constant at each
     call, so the unused rows' code folds away): four rows' whole column blocks held in registers
-    (bf16 V on a target with a pair product: pv_pairs.pv_pairs_block, P rounded to bf16; else
-    _pv_four_rows_blocked), then the other columns in one pass over the keys, two keys' V rows a
-    step when pairs, then a key at a time."""
-    start = 0
-    if n == 4:  # whole column blocks: bf16 two keys a step on the pair product (where there is one), else
-        start = pv_pairs_block(v, b, hk, j0, bk, p, r, acc, dv, 4)  # widened, held in registers
-        if start == 0:
-            start = _pv_four_rows_blocked(v, b, hk, j0, bk, p, r, dv, acc)
+    (_four_rows_pv), then the other columns in one pass over the keys, two keys' V rows a step when
+    pairs, then a key at a time."""
+    start = _four_rows_pv(v, b, hk, j0, bk, p, r, dv, acc) if n == 4 else 0
     if start == dv:
         return
     j = 0

@@ -184,19 +184,24 @@ def run_step(address, arguments, index, count, parallel):
 _ADDRESSES = {}  # (step, Numba's fingerprint of the arguments' types, indexed) -> (address, token)
 
 
+def _fingerprint(arguments):
+    """The fingerprint Numba's dispatchers key their own type cache with, of the arguments' types (~1 µs
+    for a kernel's arguments; numba.typeof takes ~15 µs per array), or None for a value Numba has
+    none for. It leaves out an array's alignment."""
+    try:
+        return compute_fingerprint(arguments)
+    except (TypeError, ValueError, NotImplementedError):
+        return None
+
+
 def address_of(step, arguments, indexed=False, exact=False):
     """(address, token) of the njit function `step` compiled (or loaded from the cache) for the
     types of `arguments`, plus an int64 index when indexed: what run_step calls and token_of checks.
 
-    Found again by the fingerprint Numba's dispatchers key their own type cache with (~1 µs for a
-    kernel's arguments; numba.typeof takes ~15 µs per array). The fingerprint leaves out an array's
-    alignment: exact=True types every argument (what `launch` does when a kernel refused)."""
-    key = None
-    if not exact:
-        try:
-            key = (step, compute_fingerprint(arguments), indexed)
-        except (TypeError, ValueError, NotImplementedError):  # a value Numba has no fingerprint for
-            pass
+    Found again by the arguments' _fingerprint, which leaves out an array's alignment: exact=True
+    types every argument (what `launch` does when a kernel refused)."""
+    fingerprint = None if exact else _fingerprint(arguments)
+    key = None if fingerprint is None else (step, fingerprint, indexed)
     found = _ADDRESSES.get(key) if key is not None else None
     if found is None:
         argument_types = tuple(typeof(value) for value in arguments) + ((types.int64,) if indexed else ())
@@ -278,14 +283,11 @@ class KernelCall:
 
     def _typed_call(self, *arguments):
         """The kernel compiled (or loaded from the cache) for _types(arguments), called. Found again by
-        Numba's fingerprint of the arguments' types, as address_of finds steps: numba.typeof of a
-        decode's 17 arguments took ~0.2 ms, which every call of a plan made afresh (a masked
-        decode's) paid. The fingerprint leaves out alignment: the plans pass aligned arrays only."""
-        key = None
-        try:
-            key = (self.kernel, self.any_layout, compute_fingerprint(arguments))
-        except (TypeError, ValueError, NotImplementedError):  # a value Numba has no fingerprint for
-            pass
+        the arguments' _fingerprint, as address_of finds steps: numba.typeof of a decode's 17
+        arguments took ~0.2 ms, which every call of a plan made afresh (a masked decode's) paid. The
+        fingerprint leaves out alignment: the plans pass aligned arrays only."""
+        fingerprint = _fingerprint(arguments)
+        key = None if fingerprint is None else (self.kernel, self.any_layout, fingerprint)
         entry = _TYPED_ENTRIES.get(key) if key is not None else None
         if entry is None:
             entry = self.kernel.compile(self._types(arguments))
