@@ -24,6 +24,7 @@ at once (LockedFunctionCache says why and what this module does instead).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -41,7 +42,7 @@ from numba.core.runtime import rtsys
 
 __all__ = [
     "LAZY_MACHINE_CODE", "OVERLOAD_OPTIONS", "announce_as", "cache_location", "code_variant", "defer_scipy_import",
-    "discard_stale_cache", "jit", "jit_inner", "keep_machine_code", "set_code_variant",
+    "discard_stale_cache", "jit", "jit_inner", "keep_machine_code", "quiet_compile_notices", "set_code_variant",
 ]
 
 _STAMP = "attnkit-kernel-sources.sha256"
@@ -171,10 +172,13 @@ class _CompileNotice(event.Listener):
     def __init__(self):
         self.kernel = "CPU"
         self.told = set()
+        self.quiet = False  # warmup() reports its own progress instead (quiet_compile_notices)
 
     def on_start(self, event):
         function = getattr(event.data["dispatcher"], "py_func", None)
         if function is None or not function.__module__.startswith(__package__) or self.kernel in self.told:
+            return
+        if self.quiet:
             return
         self.told.add(self.kernel)
         sys.stderr.write(f"attnkit: compiling the {self.kernel} kernel for this CPU (first use: seconds; "
@@ -188,6 +192,16 @@ class _CompileNotice(event.Listener):
 _NOTICE = _CompileNotice()
 if os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
     event.register("numba:compile", _NOTICE)
+
+
+@contextlib.contextmanager
+def quiet_compile_notices():
+    """No per-kernel compile notice inside: warmup() says what it compiles, job by job."""
+    previous, _NOTICE.quiet = _NOTICE.quiet, True
+    try:
+        yield
+    finally:
+        _NOTICE.quiet = previous
 
 
 def announce_as(kernel):

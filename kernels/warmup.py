@@ -6,7 +6,9 @@ the front of the list and, once something has to be compiled (not merely loaded 
 on-disk cache), helper processes take jobs from the back. They compile into the shared cache
 (kernels/jit.py makes concurrent saves safe) and exit; this process then loads what they
 compiled, so afterwards no call of those dtypes compiles here. Where no cache can be written,
-or with processes=1, everything compiles in this process.
+or with processes=1, everything compiles in this process. Once something compiles, stderr gets a
+line then, one per job as it is ready and one at the end (instead of jit.py's per-kernel notices);
+a warmup that only loads from the cache says nothing.
 
 The same helpers serve first calls. attnkit's dispatcher (backend="auto") asks whether a call's
 kernels are ready (units_ready: run in this process, or marked in the on-disk cache by the process
@@ -28,6 +30,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections import deque
 from pathlib import Path
@@ -36,7 +39,7 @@ import numba
 import numpy as np
 from numba.core import event
 
-from .jit import cache_location
+from .jit import cache_location, quiet_compile_notices
 
 __all__ = [
     "cached_units", "check_processes", "compile_in_background", "compiling", "compiling_ahead", "describe_units",
@@ -152,6 +155,9 @@ class _Jobs:
         self.cancelled = False
         self.children = set()
         self.failures = []
+        self.cold = False  # something had to be compiled: progress is reported
+        self.finished = set()
+        self.started = time.perf_counter()
 
     def run(self):
         listener = _FirstCompile(self._cold)
@@ -160,38 +166,56 @@ class _Jobs:
         for thread in threads:
             thread.start()
         ran_here = set()
-        try:
-            with event.install_listener("numba:compile", listener):
-                while True:
-                    with self.lock:
-                        if not self.pending:
-                            break
-                        job = self.pending.popleft()
+        with quiet_compile_notices():  # the jobs' progress lines say it instead
+            try:
+                with event.install_listener("numba:compile", listener):
+                    while True:
+                        with self.lock:
+                            if not self.pending:
+                                break
+                            job = self.pending.popleft()
+                        run_job(*job)
+                        ran_here.add(job)
+                        self._finished(job)
+                self.compiling.set()  # helpers still waiting find nothing left, and return
+                for thread in threads:
+                    while thread.is_alive():
+                        thread.join(0.1)  # short joins: Ctrl-C still reaches this thread
+            except BaseException:
+                self.cancelled = True
+                self.compiling.set()
+                self._kill_children()
+                raise
+            for job in self.jobs:  # load what the helpers compiled (or compile what one failed to)
+                if job not in ran_here:
                     run_job(*job)
-                    ran_here.add(job)
-            self.compiling.set()  # helpers still waiting find nothing left, and return
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.1)  # short joins: Ctrl-C still reaches this thread
-        except BaseException:
-            self.cancelled = True
-            self.compiling.set()
-            self._kill_children()
-            raise
-        for job in self.jobs:  # load what the helpers compiled (or compile what one failed to)
-            if job not in ran_here:
-                run_job(*job)
+                    self._finished(job)
+        if self.cold:
+            where = ("later processes load them from the on-disk cache" if _cache_to_share() else
+                     "no cache can be written here: other processes compile them again")  # fmt: skip
+            _tell(f"attnkit: warmup: done in {time.perf_counter() - self.started:.1f} s; {where}")
         if self.failures:
             warnings.warn("attnkit.warmup: a helper process failed; its kernels compiled in this process "
                           f"instead:\n{self.failures[0]}", RuntimeWarning, stacklevel=3)  # fmt: skip
 
     def _cold(self):
-        """The first compilation here: the cache is cold, so the helpers start (and say so)."""
-        if self.helpers and os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
-            helpers = f"{self.helpers} helper process{'es' if self.helpers > 1 else ''}"
-            sys.stderr.write(f"attnkit: warmup: {len(self.jobs)} kernel jobs, {helpers} alongside this one\n")
-            sys.stderr.flush()
+        """The first compilation here: the cache is cold, so the helpers start (and it says so)."""
+        self.cold = True
+        helpers = f"{self.helpers} helper process{'es' if self.helpers > 1 else ''} alongside this one"
+        _tell(f"attnkit: warmup: compiling {len(self.jobs)} kernel jobs for this CPU, "
+              f"{helpers if self.helpers else 'in this process'} (first use: seconds to minutes)")
         self.compiling.set()
+
+    def _finished(self, job):
+        """A job's kernels are ready (compiled, or loaded): one line once compiling has begun."""
+        with self.lock:
+            if job in self.finished:
+                return
+            self.finished.add(job)
+            done = len(self.finished)
+        if self.cold:
+            _tell(f"attnkit: warmup: {describe_units(_units_of_job(*job))} ready "
+                  f"({done} of {len(self.jobs)}, {time.perf_counter() - self.started:.0f} s)")
 
     def _mind_helpers(self):
         self.compiling.wait()
@@ -215,12 +239,21 @@ class _Jobs:
             self.children.discard(child)
         if child.returncode != 0 and not self.cancelled:
             self.failures.append(f"job {job}: exit status {child.returncode}\n{errors[-2000:]}")
+        elif child.returncode == 0:
+            self._finished(job)  # in the cache now; this process loads it at the end
 
     def _kill_children(self):
         with self.lock:
             children = list(self.children)
         for child in children:
             child.kill()
+
+
+def _tell(line):
+    """A progress line on stderr, unless ATTNKIT_COMPILE_NOTICE=0."""
+    if os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _start_helper(job, errors=subprocess.PIPE):
@@ -362,14 +395,12 @@ def compile_in_background(units, *, start=True):
             _FAILED.add(unit)
             return False
         started.append(unit)
-    if started and not _TOLD[0] and os.environ.get("ATTNKIT_COMPILE_NOTICE", "1") != "0":
+    if started and not _TOLD[0]:
         _TOLD[0] = True
-        sys.stderr.write(
-            f"attnkit: compiling the CPU kernels ({describe_units(started)}) in helper processes (first use on "
-            "this machine: seconds; cached on disk for later processes); until they are ready, calls run on the NumPy "
-            "reference (exact, slower). attnkit.warmup() compiles ahead; ATTNKIT_WHILE_COMPILING=wait "
-            "compiles in the call instead\n")
-        sys.stderr.flush()
+        _tell(f"attnkit: compiling the CPU kernels ({describe_units(started)}) in helper processes (first use on "
+              "this machine: seconds; cached on disk for later processes); until they are ready, calls run on the "
+              "NumPy reference (exact, slower). attnkit.warmup() compiles ahead; ATTNKIT_WHILE_COMPILING=wait "
+              "compiles in the call instead")
     return True
 
 

@@ -148,10 +148,22 @@ print("ok")
 def test_warmup_compiles_in_helper_processes_and_this_one_loads_their_work(tmp_path):
     """With a cold cache, warmup's helper process compiles the decode kernel while this process
     compiles the forward; this process then loads the decode kernel from the cache (a hit, no
-    compilation), and its calls compile nothing more and give the right result."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), ATTNKIT_COMPILE_NOTICE="0")
+    compilation), and its calls compile nothing more and give the right result. On stderr: a
+    line when compiling starts, one per job as it is ready, one at the end, and no per-kernel
+    notice; a second process, which loads everything, says nothing."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("ATTNKIT_COMPILE_NOTICE", None)
     result = subprocess.run([sys.executable, "-c", _WARMUP], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("attnkit:")]
+    assert lines[0].startswith("attnkit: warmup: compiling 2 kernel jobs for this CPU, 1 helper process"), lines
+    ready = sorted(line.split("warmup: ")[1].split(" ready (")[0] for line in lines if " ready (" in line)
+    assert ready == ["float64: decode", "float64: forward"], lines
+    assert lines[-1].startswith("attnkit: warmup: done in") and "on-disk cache" in lines[-1], lines
+    assert len(lines) == 4, lines  # nothing else: no "compiling the forward kernel" notice
+    again = subprocess.run([sys.executable, "-c", "import attnkit; attnkit.warmup(['float64'], backward=False)"],
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and "attnkit:" not in again.stderr, again.stderr[-3000:]
 
 
 def test_warmup_processes_must_be_a_positive_int():
