@@ -202,7 +202,8 @@ class _Jobs:
         """The first compilation here: the cache is cold, so the helpers start (and it says so)."""
         self.cold = True
         helpers = f"{self.helpers} helper process{'es' if self.helpers > 1 else ''} alongside this one"
-        _tell(f"attnkit: warmup: compiling {len(self.jobs)} kernel jobs for this CPU, "
+        jobs = f"{len(self.jobs)} kernel job{'s' if len(self.jobs) > 1 else ''}"
+        _tell(f"attnkit: warmup: compiling {jobs} for this CPU, "
               f"{helpers if self.helpers else 'in this process'} (first use: seconds to minutes)")
         self.compiling.set()
 
@@ -215,7 +216,7 @@ class _Jobs:
             done = len(self.finished)
         if self.cold:
             _tell(f"attnkit: warmup: {describe_units(_units_of_job(*job))} ready "
-                  f"({done} of {len(self.jobs)}, {time.perf_counter() - self.started:.0f} s)")
+                  f"({done} of {len(self.jobs)}, {time.perf_counter() - self.started:.1f} s)")
 
     def _mind_helpers(self):
         self.compiling.wait()
