@@ -178,7 +178,7 @@ class _CompileNotice(event.Listener):
         function = getattr(event.data["dispatcher"], "py_func", None)
         if function is None or not function.__module__.startswith(__package__) or self.kernel in self.told:
             return
-        if self.quiet:
+        if self.quiet:  # warmup() reports its jobs instead
             return
         self.told.add(self.kernel)
         sys.stderr.write(f"attnkit: compiling the {self.kernel} kernel for this CPU (first use: seconds; "
