@@ -31,12 +31,12 @@ import sys
 import weakref
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from numba import config as numba_config
 from numba import njit
 from numba.core import caching, event
 from numba.core import codegen as numba_codegen
 from numba.core.compiler_lock import global_compiler_lock
+from numba.core.cpu import CPUContext
 from numba.core.registry import CPUDispatcher
 from numba.core.runtime import rtsys
 
@@ -127,14 +127,16 @@ def _scipy_blas_installed():
 def defer_scipy_import():
     """Import Numba's numba.np.arraymath with its check for a BLAS answered without importing SciPy.
 
-    Numba imports that module with the registries it loads before its first compilation or cache
-    load, and its module-level _check_blas imports scipy.linalg (~0.15-0.26 s, a third of a first
-    call that finds its kernels in the cache) to learn that np.dot can be compiled. attnkit's
-    kernels call a BLAS of their own (cpu_blas.py: torch's MKL, or SciPy's where they import it).
-    Here the check finds scipy.linalg.cython_blas on disk instead, so its answer is the same, and
-    Numba's linear algebra still imports SciPy when a function that uses it compiles (its
-    ensure_blas is called again then). Nothing is done where the module is already imported or
-    Numba's layout is other than this (the import then costs what it did)."""
+    Numba imports that module with the registries it loads before its first compilation, and its
+    module-level _check_blas imports scipy.linalg (~0.15-0.26 s) to learn that np.dot can be
+    compiled. attnkit's kernels call a BLAS of their own (cpu_blas.py: torch's MKL, or SciPy's
+    where they import it). Here the check finds scipy.linalg.cython_blas on disk instead, so its
+    answer is the same, and Numba's linear algebra still imports SciPy when a function that uses
+    it compiles (its ensure_blas is called again then). Nothing is done where the module is
+    already imported or Numba's layout is other than this (the import then costs what it did).
+    Called when Numba loads its registries (_load_registries), not at import: a process that only
+    loads its kernels from the cache never imports numba.np.arraymath or numba.np.linalg (~0.01 s
+    of its first call; numba.np.arrayobj, which they import too, a cache load still imports)."""
     if "numba.np.arraymath" in sys.modules:
         return False
     from numba.np import linalg
@@ -152,7 +154,15 @@ def defer_scipy_import():
     return True
 
 
-defer_scipy_import()
+_NUMBA_LOAD_REGISTRIES = CPUContext.load_additional_registries
+
+
+def _load_registries(self):
+    defer_scipy_import()  # before Numba's own imports bring numba.np.arraymath in
+    return _NUMBA_LOAD_REGISTRIES(self)
+
+
+CPUContext.load_additional_registries = _load_registries
 
 
 class _CompileNotice(event.Listener):
@@ -216,6 +226,8 @@ class _LockedIndexDataFile(caching.IndexDataCacheFile):
     LOCK_TIMEOUT_S = 120.0  # a save takes milliseconds; a lock held this long is not coming back
 
     def save(self, key, data):
+        from filelock import FileLock, Timeout  # imported when something is saved: a load needs none
+
         lock = FileLock(os.path.join(self._cache_path, self.LOCK_NAME), timeout=self.LOCK_TIMEOUT_S)
         try:
             with lock:

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from filelock import FileLock
 from numba.core import event
 
 from .jit import cache_location, quiet_compile_notices
@@ -472,6 +471,8 @@ def compiling_ahead(unit):
 def _main(argv):
     """A helper process: run one job, given as JSON (see _Jobs._run_helper). Helpers compiling the
     same job (two processes of one program, say) take turns: the second loads the first's work."""
+    from filelock import FileLock  # here, not at import: a process that loads its kernels takes no lock
+
     job = json.loads(argv[0])
     marker = _marker(_units_of_job(*job)[0])
     lock = contextlib.nullcontext() if marker is None else FileLock(f"{marker}.lock")
