@@ -578,7 +578,7 @@ def test_an_integer_division_by_zero_raises_as_in_torch():
 
 
 FLEX_IN_THREADS_AND_A_FORKED_CHILD = """
-    import os, signal, sys, threading, numpy as np, torch, numba, attnkit
+    import os, signal, sys, threading, time, numpy as np, torch, numba, attnkit
     torch.manual_seed(0)
     n, docs = 200, torch.cumsum((torch.rand(200) < 0.02).long(), 0)
     block_mask = attnkit.create_block_mask(lambda b, h, qi, kv: docs[qi] == docs[kv], None, None, n, n, BLOCK_SIZE=32)
@@ -593,6 +593,13 @@ FLEX_IN_THREADS_AND_A_FORKED_CHILD = """
     threads = [threading.Thread(target=lambda i=i: errors.__setitem__(i, error(i))) for i in range(6)]
     [t.start() for t in threads]; [t.join() for t in threads]
     print("threads", max(errors) < 1e-12, "layer", numba.threading_layer())
+    # A thread that ran MKL (float64 products here, torch's matmul alike) frees its MKL buffers as it
+    # exits, after join() has returned: a child forked in that window finds MKL's allocator locked and
+    # hangs (torch alone, six threads of float64 matmuls then a fork: 7 of 60 children). Fork once the
+    # threads are gone.
+    for t in threads:
+        while os.path.exists(f"/proc/self/task/{t.native_id}"):
+            time.sleep(0.001)
     pid = os.fork()
     if pid == 0:  # the parent's OpenMP threads cannot serve a child: one thread here
         signal.alarm(120)
