@@ -31,7 +31,7 @@ from .target import TARGET
 
 __all__ = ["PV_PAIR_COLUMNS", "PV_ROWS", "pair_columns", "pv_pairs_block", "pv_pairs_function"]
 
-PV_ROWS = 4  # output rows a block serves (a GQA group of 4, or each 4 of a larger one; or MHA's 1)
+PV_ROWS = 4  # output rows a block serves (a GQA group of 4, or each 4 of a larger one); MHA's rows=1 as well
 # Vectors of columns a block keeps per row: 4 rows x 4 accumulators, 4 pairs of V and the 4 rows'
 # weight pairs fit 32 vector registers; 2 where there are 16
 _GROUPS = 4 if TARGET.registers >= 32 else 2
