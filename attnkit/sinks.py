@@ -21,4 +21,5 @@ def sink_gradient(out, d_out, lse, sinks, d_lse=None):
     if d_lse is not None:
         delta = delta - d_lse.to(compute)
     per_row = -torch.exp(sinks.detach().to(compute)[:, None] - lse) * delta  # -p_sink * delta
-    return per_row.reshape(-1, sinks.shape[0], per_row.shape[-1]).sum(dim=(0, 2)).to(sinks.dtype)
+    # rows first, then the batch: a reshape would have to infer a size from no rows (Nq = 0)
+    return per_row.sum(dim=-1).reshape(-1, sinks.shape[0]).sum(dim=0).to(sinks.dtype)

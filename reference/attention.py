@@ -319,7 +319,7 @@ def attention_backward(
     d_sinks = None
     if sinks is not None:  # p_sink = exp(sink - lse); d(loss)/d(sink) = -p_sink * delta, summed over rows
         p_sink = np.exp(np.asarray(sinks, ct)[:, None] - lse)  # (..., Hq, Nq)
-        d_sinks = -(p_sink * delta[..., 0]).reshape(-1, hq, lse.shape[-1]).sum(axis=(0, 2))
+        d_sinks = -(p_sink * delta[..., 0]).sum(axis=-1).reshape(-1, hq).sum(axis=0)
         d_sinks = d_sinks.astype(np.asarray(sinks).dtype)
     if nk == 0:
         grads = (np.zeros(shapes[0], ct), np.zeros(shapes[1], ct), np.zeros(shapes[2], ct))

@@ -166,3 +166,29 @@ def test_a_packed_call_with_no_sequence_gives_empty_results(backend):
     assert out.shape == (3, 0, 8) and lse.shape == (3, 0)
     out.sum().backward()
     assert q.grad.shape == q.shape and kv.grad.shape == kv.shape
+
+
+@pytest.mark.parametrize("backend", ["numba", "auto", "reference"])
+@pytest.mark.parametrize("empty", ["no_queries", "no_keys"])
+@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+def test_dense_calls_without_queries_or_keys_give_empty_or_zero_results(mask, empty, backend):
+    """Nq = 0 or Nk = 0 on a dense call with two batch axes, a mask and sinks: out 0 and lse the
+    sink (a row with no key puts all its weight on it), gradients 0 of the inputs' shapes. Both
+    once raised in the Numba path (a reshape inferring a size from no rows; a mask summary's argmax
+    over no keys)."""
+    nq, nk = (0, 5) if empty == "no_queries" else (3, 0)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 3, 4, nq, 8, generator=gen, requires_grad=True)  # (B1, B2, Hq, Nq, D)
+    k, v = (torch.randn(2, 3, 2, nk, 8, generator=gen, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, requires_grad=True)
+    m = {None: None, "bool": torch.rand(4, nq, nk, generator=gen) < 0.5, "additive": torch.randn(4, nq, nk, generator=gen)}[mask]
+    out, lse = attnkit.attention(q, k, v, mask=m, sinks=sinks, causal=True, return_lse=True, backend=backend)
+    assert out.shape == (2, 3, 4, nq, 8) and lse.shape == (2, 3, 4, nq)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(lse, sinks.detach()[:, None].expand(lse.shape))
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    for x in (q, k, v, sinks):
+        assert x.grad.shape == x.shape and torch.equal(x.grad, torch.zeros_like(x))
+    # and without sinks: lse -inf for the rows there are
+    _, lse = attnkit.attention(q, k, v, mask=m, return_lse=True, backend=backend)
+    assert torch.equal(lse, torch.full_like(lse, -torch.inf))

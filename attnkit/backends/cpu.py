@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import sys
 
 import numpy as np
@@ -255,7 +256,8 @@ class NumbaBackend(Backend):
         from ..kernels.numba_attention import flash_backward
 
         qn, kn, vn, on, don = (_layout.fold_batch(_host(x, spec, bf16), spec.batch) for x in (q, k, v, out, d_out))
-        lse_n = np.ascontiguousarray(_arrays.to_numpy(lse).reshape((-1,) + lse.shape[-2:]))
+        # (B, Hq, Nq): the batch counted, not inferred (-1 cannot be inferred when Nq is 0)
+        lse_n = np.ascontiguousarray(_arrays.to_numpy(lse).reshape((math.prod(spec.batch),) + lse.shape[-2:]))
         grads = flash_backward(
             qn, kn, vn, _layout.mask_4d(_arrays.to_numpy(mask), spec, np.float32 if bf16 else qn.dtype),
             on, don, lse_n, **kernel_options(spec), bf16_products=bf16, alibi=_slopes(alibi, spec),

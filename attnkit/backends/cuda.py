@@ -7,6 +7,8 @@ packed calls hand the launcher their host offsets.
 
 from __future__ import annotations
 
+import math
+
 from .. import _layout
 from ..op_codes import operator_options
 from .base import Backend, dropout_options, flash_refusal, kernel_options
@@ -15,7 +17,7 @@ from .base import Backend, dropout_options, flash_refusal, kernel_options
 def _fold(x, spec):
     """(*batch, H, N, D) as (B, H, N, D): a view when the batch is one axis already."""
     x = x.expand(spec.batch + tuple(x.shape[-3:]))
-    return x if len(spec.batch) == 1 else x.reshape((-1,) + tuple(x.shape[-3:]))
+    return x if len(spec.batch) == 1 else x.reshape((math.prod(spec.batch),) + tuple(x.shape[-3:]))
 
 
 def _mask(mask, spec):

@@ -222,7 +222,7 @@ def _mask_plan(mask, dtype, nk, block_q, block_k, rows_unrestricted=False):
     Unused parts are (1, ...)-shaped placeholders.
     """
     no_bool, no_additive, full_range, all_visible = _no_mask(np.dtype(dtype), nk)
-    if mask is None:
+    if mask is None or mask.size == 0:  # no keys or no rows: nothing for a mask to hide
         return (no_bool, no_additive, full_range, all_visible), 0
     if mask.dtype == np.bool_:
         if mask.shape[2] > 1 and np.array_equal(mask, np.broadcast_to(mask[:, :, :1], mask.shape)):
