@@ -16,6 +16,20 @@ def is_tensor(x):
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def holds_no_data(x):
+    """True for a meta tensor or a FakeTensorMode fake one: shapes and dtypes, no values."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor):
+        return False
+    if x.is_meta:
+        return True
+    if type(x) is torch.Tensor:  # fake tensors are a subclass: a plain tensor is decided here (~0.2 µs, not 2)
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(x)
+
+
 def family(x):
     """'numpy', 'torch', or None for anything else."""
     if isinstance(x, np.ndarray):

@@ -32,6 +32,21 @@ def _compiling():
     return torch is not None and torch.compiler.is_compiling()
 
 
+def _traced(q):
+    """True when a call on q goes through attnkit's torch operators (_attend_traced) rather than a
+    backend: while torch.compile traces it, and for tensors that hold no data (meta tensors, and
+    FakeTensorMode's fake ones: shape propagation, FLOP and memory estimates), which the operators'
+    fake implementations answer with results of the right shapes and dtypes."""
+    return _arrays.is_tensor(q) and (_compiling() or _arrays.holds_no_data(q))
+
+
+def _dispatch_mode_active():
+    """True while a torch dispatch mode is active (FlopCounterMode, a memory tracker, a debug log):
+    such modes see torch operators only, so CPU kernel calls then go through attnkit's."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch._C._len_torch_dispatch_stack() > 0
+
+
 def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropout_p, dropout_seed, sinks,
                    offsets=None):  # fmt: skip
     """(out, lse) through attnkit's torch operators, for torch.compile: one graph node each.
@@ -40,22 +55,33 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
     drawn inside the graph (a 0-d tensor from torch's generator: a fresh mask every call, repeated
     by torch.manual_seed); the operators' autograd gives the sinks their gradient. offsets: a
     packed call's (cu_seqlens_q, cu_seqlens_k) tensors, which the operator reads when it runs.
+    Tensors without data (meta, fake) outside torch.compile take the CPU operators on any device:
+    only their fake implementations run, which give every feature's shapes.
     """
+    compiling = _compiling()
+    where = "under torch.compile" if compiling else "on tensors without data (meta or fake)"
     if return_weights:
-        raise ValueError(
-            "return_weights needs the NumPy reference, which torch.compile cannot trace; "
-            "call attnkit outside the compiled region for it"
-        )
-    device_type = spec.device.split(":")[0]
+        instead = "outside the compiled region" if compiling else "on tensors that hold data"
+        raise ValueError(f"return_weights needs the NumPy reference, which cannot run {where}; call attnkit {instead} for it")
+    device_type = spec.device.split(":")[0] if compiling else "cpu"
     wanted = {"cpu": "numba", "cuda": "triton"}.get(device_type)
-    if backend not in ("auto", wanted):
-        raise ValueError(
-            f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}"
-        )
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string; got {type(backend).__name__}")
+    from .backends import BACKENDS
+
+    if not compiling and backend not in ("auto", *BACKENDS):  # any backend's results have these shapes
+        names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
+        raise ValueError(f"backend must be one of {names}; got {backend!r}")
+    if compiling and backend not in ("auto", wanted):
+        raise ValueError(f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}")
     if offsets is not None:
         for name, x in zip(("cu_seqlens_q", "cu_seqlens_k"), offsets):
             if not _arrays.is_tensor(x):
-                raise TypeError(f"under torch.compile {name} must be a torch.Tensor; got {_arrays.type_name(x)}")
+                raise TypeError(f"{where} {name} must be a torch.Tensor; got {_arrays.type_name(x)}")
+    if not compiling and _dispatch_mode_active():  # (dynamo cannot trace the check)
+        from .torch_ops import count_flops_in_active_modes
+
+        count_flops_in_active_modes()
     if device_type == "cpu":
         from .torch_ops import numba_attention_fwd
 
@@ -72,8 +98,6 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
             "dropout and sinks are traced by torch.compile on CPU tensors only so far; on CUDA tensors "
             "call attnkit outside the compiled region for them"
         )
-    from .backends import BACKENDS
-
     out, lse, _ = BACKENDS["triton"].forward(q, k, v, mask, spec, alibi=alibi)
     return out, lse
 
@@ -99,7 +123,7 @@ def _signature(x):
 def _plan_key(q, k, v, mask, options, alibi=None, sinks=None):
     """The plan cache key of a call, or None when the call must not use a plan."""
     signatures = tuple(_signature(x) for x in (q, k, v, mask, alibi, sinks))
-    if False in signatures or _compiling():
+    if False in signatures or _traced(q):
         return None
     torch = sys.modules.get("torch")
     grad_mode = torch.is_grad_enabled() if torch is not None else False
@@ -138,11 +162,27 @@ def _planned(key, make):
     return plan
 
 
+def torch_offsets(offsets):
+    """A validated spec's host offsets as the int64 tensor attnkit's CPU operator reads."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(offsets, np.int64))
+
+
 def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, grad, dropout=None,
                   return_weights=False):  # fmt: skip
     """(out, lse, weights or None) of one validated call, dense or packed: under the autograd
     Function when grad (torch is imported only then), else the backend's forward (which joins the sinks).
-    dropout: None or an attnkit.dropout.Dropout."""
+    dropout: None or an attnkit.dropout.Dropout. While a torch dispatch mode is active, a Numba call
+    on tensors runs as attnkit's torch operator (its own autograd), which the mode sees and
+    FlopCounterMode counts."""
+    if backend.name == "numba" and spec.kind == "torch" and not return_weights and _dispatch_mode_active():
+        from .torch_ops import count_flops_in_active_modes, numba_attention_fwd
+
+        count_flops_in_active_modes()
+        offsets = (torch_offsets(spec.cu_q), torch_offsets(spec.cu_k)) if spec.packed else (None, None)
+        out, lse = numba_attention_fwd(q, k, v, mask, alibi, *operator_options(spec, dropout), sinks, None, *offsets)
+        return out, lse, None
     if grad:
         from .autograd import AttentionFunction
 
@@ -154,7 +194,7 @@ def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, 
 def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout_p=0.0, dropout_seed=None,
             choice=None, alibi=None, sinks=None):  # fmt: skip
     q, k, v = as_heads(q), as_heads(k), as_heads(v)  # (..., H, N, D)
-    if spec.kind == "torch" and _compiling():
+    if _traced(q):
         out, lse = _attend_traced(q, k, v, mask, alibi, spec, backend, return_weights=return_weights,
                                   dropout_p=dropout_p, dropout_seed=dropout_seed, sinks=sinks)  # fmt: skip
         results = [out] + [lse] * return_lse
@@ -175,7 +215,7 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
 
 
 def _choose(spec, backend, q, k, v, return_weights, dropout_p):
-    if spec.kind == "torch" and _compiling():
+    if _traced(q):
         return None  # traced calls go through attnkit's torch operators (_attend_traced)
     request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=_needs_grad(spec, q, k, v))
     return choose_backend(spec, backend, request, stacklevel=5)

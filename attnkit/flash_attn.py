@@ -41,7 +41,7 @@ import operator
 import numpy as np
 
 from . import _arrays, kv_cache
-from .api import _compiling, attention
+from .api import _traced, attention
 from .dropout import draw_dropout
 from .reference.dropout import keep_mask
 from .validation import dropout_probability, host_offsets
@@ -339,7 +339,7 @@ def flash_attn_varlen_func(
     _tensor("v", v, 4 if paged else 3)
     _same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes, block_table=block_table)
     _heads(q, k, v)
-    traced = _compiling()  # the offsets are data there: checked by type and shape here, by value when run
+    traced = _traced(q)  # the offsets are data there: checked by type and shape here, by value when run
     cu_q = host_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], int32_only=True, read=not traced)
     if paged and traced:
         raise ValueError("flash_attn_varlen_func with a block_table is not traced by torch.compile (the pages are "

@@ -35,7 +35,7 @@ from .backends.cpu import _PRECISION_GETTER, float32_matmul_precision
 
 _CALLS = {}
 _MAX_CALLS = 1024
-_TORCH = []  # (Tensor, is_compiling, from_numpy, bfloat16, bits, bits are uint16) once torch is imported
+_TORCH = []  # (Tensor, is_compiling, from_numpy, bfloat16, bits, bits are uint16, dispatch modes) once torch is imported
 
 
 def _torch_names():
@@ -46,7 +46,7 @@ def _torch_names():
             return None
         bits = _bits_dtype(torch)
         _TORCH.append((torch.Tensor, torch.compiler.is_compiling, torch.from_numpy, torch.bfloat16, bits,
-                       bits is getattr(torch, "uint16", None)))  # fmt: skip
+                       bits is getattr(torch, "uint16", None), torch._C._len_torch_dispatch_stack))  # fmt: skip
     return _TORCH[0]
 
 
@@ -86,8 +86,8 @@ def _arrays(q, k, v):
     names = _TORCH[0] if _TORCH else _torch_names()
     if names is None:
         return None
-    tensor, is_compiling, _, bfloat16, bits, unsigned = names
-    if kind is not tensor or type(k) is not kind or type(v) is not kind or is_compiling():
+    tensor, is_compiling, _, bfloat16, bits, unsigned, dispatch_modes = names
+    if kind is not tensor or type(k) is not kind or type(v) is not kind or is_compiling() or dispatch_modes():
         return None
     if q.dtype is not bfloat16:  # asked first: numpy() refusing bf16 throws a C++ exception (~30 µs)
         try:
@@ -239,7 +239,7 @@ class PlannedCall:
         if self.folded:
             out, lse = out.reshape(self.rows + out.shape[-1:]), lse.reshape(self.rows)
         if tensors:
-            _, _, from_numpy, bfloat16, _, unsigned = _TORCH[0]
+            _, _, from_numpy, bfloat16, _, unsigned, _ = _TORCH[0]
             if self.bits:  # uint16 bits back as bf16 (through int16 where torch has no uint16 from NumPy)
                 out = from_numpy(out if unsigned else out.view(np.int16)).view(bfloat16)
             else:

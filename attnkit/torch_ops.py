@@ -194,9 +194,13 @@ def _triton():
 
 def _uses_triton_op():
     """triton_op + wrap_triton where they exist and a real GPU compiler runs the kernels;
-    the interpreter's kernels cannot be traced through wrap_triton."""
+    the interpreter's kernels cannot be traced through wrap_triton. Without a GPU the CUDA
+    operators never launch: custom_ops then, which import neither Triton nor Inductor (a
+    triton_op imports torch._inductor: ~1 s of every first traced or tensor-without-data call)."""
+    if not hasattr(torch.library, "triton_op") or not torch.cuda.is_available():
+        return False
     try:
-        return hasattr(torch.library, "triton_op") and not _triton().interpreting()
+        return not _triton().interpreting()
     except ImportError:  # no triton: the CUDA operators are never launched
         return False
 
@@ -244,6 +248,88 @@ else:
     flash_attention_fwd.register_fake(_flash_fake_fwd)
     flash_attention_bwd.register_fake(_flash_fake_bwd)
 _register_autograd(flash_attention_fwd, flash_attention_bwd, passes_d_lse=True)
+
+
+# ---------------------------------------------------------------------------
+# FLOPs for torch.utils.flop_counter.FlopCounterMode
+# ---------------------------------------------------------------------------
+
+
+def _score_count(q, k, cu_seqlens_q, cu_seqlens_k):
+    """How many scores the call forms, times Hq: per batch entry Nq * Nk; a packed call's
+    sequences each on their own. Offsets without data (fake, meta) give the most there could be,
+    total_q * total_k (torch's count for its own varlen kernels takes the worst case too)."""
+    import math
+
+    if cu_seqlens_q is None:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3])
+        return math.prod(batch) * q.shape[-3] * q.shape[-2] * k.shape[-2]
+    from ._arrays import holds_no_data
+
+    if holds_no_data(cu_seqlens_q) or holds_no_data(cu_seqlens_k):
+        return q.shape[0] * q.shape[1] * k.shape[1]
+    lengths_q, lengths_k = (x.detach().cpu().to(torch.int64).diff() for x in (cu_seqlens_q, cu_seqlens_k))
+    return q.shape[0] * int((lengths_q * lengths_k).sum())
+
+
+def _forward_flops(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
+    """torch's count for its SDPA kernels (torch.utils.flop_counter.sdpa_flop_count): the two
+    products, 2 * D and 2 * Dv per score; masks, causality and windows do not reduce it."""
+    return 2 * _score_count(q, k, cu_seqlens_q, cu_seqlens_k) * (q.shape[-1] + v.shape[-1])
+
+
+def _backward_flops(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None):
+    """torch's count for its SDPA backward: the scores again and dP (2 * D, 2 * Dv per score), then
+    dV, dQ and dK (2 * Dv, 2 * D, 2 * D)."""
+    return 2 * _score_count(q, k, cu_seqlens_q, cu_seqlens_k) * (3 * q.shape[-1] + 2 * v.shape[-1])
+
+
+# Raw arguments, as the operators were called: the offsets are the forward's 16th and 17th
+# arguments and the backward's 19th and 20th (the Triton pair takes none).
+def _numba_forward_flops(q, k, v, *args, out_val=None, **kwargs):
+    offsets = list(args[12:14]) + [None, None]
+    return _forward_flops(q, k, v, kwargs.get("cu_seqlens_q", offsets[0]), kwargs.get("cu_seqlens_k", offsets[1]))
+
+
+def _numba_backward_flops(q, k, v, *args, out_val=None, **kwargs):
+    offsets = list(args[15:17]) + [None, None]
+    return _backward_flops(q, k, v, kwargs.get("cu_seqlens_q", offsets[0]), kwargs.get("cu_seqlens_k", offsets[1]))
+
+
+def _flash_forward_flops(q, k, v, *args, out_val=None, **kwargs):
+    return _forward_flops(q, k, v)
+
+
+def _flash_backward_flops(q, k, v, *args, out_val=None, **kwargs):
+    return _backward_flops(q, k, v)
+
+
+def _raw(formula):
+    formula._get_raw = True  # what register_flop_formula(get_raw=True) marks: FlopCounterMode passes the tensors
+    return formula
+
+
+FLOP_FORMULAS = {
+    torch.ops.attnkit.numba_attention_fwd: _raw(_numba_forward_flops),
+    torch.ops.attnkit.numba_attention_bwd: _raw(_numba_backward_flops),
+    torch.ops.attnkit.flash_attention_fwd: _raw(_flash_forward_flops),
+    torch.ops.attnkit.flash_attention_bwd: _raw(_flash_backward_flops),
+}
+
+
+def count_flops_in_active_modes():
+    """Give FlopCounterModes that are counting now attnkit's formulas. torch's registry
+    (torch.utils.flop_counter.register_flop_formula) is copied by each FlopCounterMode when it is
+    made, which is usually before attnkit's first call imports these operators; importing
+    torch.utils.flop_counter here at import would cost ~0.16 s (it imports Triton). Called by the
+    calls that go through the operators while a torch dispatch mode is active."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in _get_current_dispatch_mode_stack():
+        registry = getattr(getattr(mode, "counter", None), "flop_registry", None)
+        if isinstance(registry, dict):
+            for packet, formula in FLOP_FORMULAS.items():
+                registry.setdefault(packet, formula)
 
 
 def triton_attention(q, k, v, mask=None, *, scale, causal=None, window=None, softcap=None, align=None, alibi=None):

@@ -13,7 +13,7 @@ sequences out for its kernel (backends/cpu.py, backends/cuda.py).
 from __future__ import annotations
 
 from . import _arrays
-from .api import _attend_traced, _compiling, _needs_grad, run_attention
+from .api import _attend_traced, _needs_grad, _traced, run_attention
 from .backends import Request, choose_backend
 from .dropout import draw_dropout
 from .validation import dropout_probability, validate_packed
@@ -64,7 +64,7 @@ def varlen_attention(
     Raises:
         TypeError, ValueError: naming the argument, for any invalid input.
     """
-    traced = _arrays.is_tensor(q) and _compiling()  # torch.compile: the offsets are data, read by the operator
+    traced = _traced(q)  # torch.compile, or no data: the offsets are data, read by the operator when it runs
     spec = validate_packed(
         q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, align=align, scale=scale, window=window,
         softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks, read_offsets=not traced,

@@ -86,7 +86,7 @@ def test_bf16_bits_reach_the_kernel_through_either_torch_dtype_with_the_same_res
     names = planned._torch_names()
     assert names[4] is torch.uint16 and names[5]  # this torch converts uint16: the planned calls' route
     if route == "int16":
-        monkeypatch.setattr(planned, "_TORCH", [names[:4] + (torch.int16, False)])
+        monkeypatch.setattr(planned, "_TORCH", [names[:4] + (torch.int16, False) + names[6:]])
     monkeypatch.setattr(api, "_attend", lambda *a, **kw: pytest.fail("the full path ran"))
     again = attnkit.scaled_dot_product_attention(q, k, v)
     assert again.dtype == torch.bfloat16 and again.shape == first.shape

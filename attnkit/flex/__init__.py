@@ -419,6 +419,10 @@ def _validate(query, key, value, scale, enable_gqa):
     from ..validation import _check_heads, _check_inputs, _number
 
     _, device, dtype = _check_inputs(query, key, value)
+    if _arrays.holds_no_data(query):
+        raise ValueError(f"flex_attention: query is a {'meta' if query.is_meta else 'fake'} tensor, which holds no "
+                         "data; flex_attention needs data to run score_mod and mask_mod (attention, "
+                         "scaled_dot_product_attention and varlen_attention accept tensors without data)")
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.ndim != 4:
             raise ValueError(f"flex_attention: {name} must be 4-D (B, H, N, D); got shape {tuple(x.shape)}")
