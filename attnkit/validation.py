@@ -229,7 +229,9 @@ def _check_heads(qs, ks, vs):
         raise ValueError(
             f"k and v must have the same number of heads Hkv (axis -3); got k {ks}, v {vs}"
         )
-    if ks[-3] == 0 or qs[-3] % ks[-3]:
+    if ks[-3] == 0:
+        raise ValueError(f"k has shape {ks}: no heads; expected at least one kv head (axis -3)")
+    if qs[-3] % ks[-3]:
         raise ValueError(
             f"q has {qs[-3]} heads and k has {ks[-3]}; expected the query heads to be a whole "
             f"multiple of the kv heads (GQA), got q {qs}, k {ks}"

@@ -39,6 +39,8 @@ BAD_INPUTS = {
     "kv_head_mismatch": (lambda: attend(v=V[:, :1]), ValueError, r"same number of heads Hkv.*v \(2, 1, 6, 3\)"),
     "heads_do_not_divide": (lambda: attend(k=np.zeros((2, 3, 6, 8), np.float32), v=np.zeros((2, 3, 6, 3), np.float32)),
                             ValueError, r"q has 4 heads and k has 3; expected the query heads to be a whole multiple"),
+    "no_kv_heads": (lambda: attend(q=Q[:, :0], k=K[:, :0], v=V[:, :0]), ValueError,
+                    r"k has shape \(2, 0, 6, 8\): no heads; expected at least one kv head"),
     "batch_does_not_broadcast": (lambda: attend(k=np.zeros((3, 2, 6, 8), np.float32), v=np.zeros((3, 2, 6, 3), np.float32)),
                                  ValueError, r"leading \(batch\) axes .* do not broadcast"),
     # options
