@@ -18,12 +18,17 @@ from .op_codes import operator_options
 from .validation import as_heads, dropout_probability, validate_attention, validate_packed
 
 
-def _needs_grad(spec, q, k, v, sinks=None):
+def _needs_grad(spec, q, k, v, sinks=None, mask=None):
     if spec.kind != "torch":
         return False
     import torch
 
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sinks))
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sinks, mask))
+
+
+def _mask_needs_grad(mask):
+    """An additive torch mask that requires grad, with grad enabled (a boolean one cannot)."""
+    return _arrays.is_tensor(mask) and mask.requires_grad and sys.modules["torch"].is_grad_enabled()
 
 
 def _compiling():
@@ -60,9 +65,12 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
     """
     compiling = _compiling()
     where = "under torch.compile" if compiling else "on tensors without data (meta or fake)"
+    instead = "outside the compiled region" if compiling else "on tensors that hold data"
     if return_weights:
-        instead = "outside the compiled region" if compiling else "on tensors that hold data"
         raise ValueError(f"return_weights needs the NumPy reference, which cannot run {where}; call attnkit {instead} for it")
+    if _mask_needs_grad(mask):
+        raise ValueError(f"the mask requires grad: its gradient is not available {where}; call attnkit {instead} "
+                         "for it, or detach the mask")
     device_type = spec.device.split(":")[0] if compiling else "cpu"
     wanted = {"cpu": "numba", "cuda": "triton"}.get(device_type)
     if not isinstance(backend, str):
@@ -176,7 +184,8 @@ def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, 
     dropout: None or an attnkit.dropout.Dropout. While a torch dispatch mode is active, a Numba call
     on tensors runs as attnkit's torch operator (its own autograd), which the mode sees and
     FlopCounterMode counts."""
-    if backend.name == "numba" and spec.kind == "torch" and not return_weights and _dispatch_mode_active():
+    if backend.name == "numba" and spec.kind == "torch" and not return_weights and _dispatch_mode_active() \
+            and not _mask_needs_grad(mask):  # (the operator's autograd gives a mask no gradient)
         from .torch_ops import count_flops_in_active_modes, numba_attention_fwd
 
         count_flops_in_active_modes()
@@ -201,9 +210,9 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
         if spec.squeeze:
             results = [r[0] for r in results]
         return results[0] if len(results) == 1 else tuple(results)
-    grad = _needs_grad(spec, q, k, v, sinks)
+    grad = _needs_grad(spec, q, k, v, sinks, mask)
     if choice is None:
-        choice = _choose(spec, backend, q, k, v, return_weights, dropout_p)
+        choice = _choose(spec, backend, q, k, v, return_weights, dropout_p, mask)
     out, lse, weights = run_attention(
         choice.backend, spec, q, k, v, mask, alibi, sinks, grad=grad,
         dropout=draw_dropout(dropout_p, dropout_seed, spec.kind), return_weights=return_weights,
@@ -214,10 +223,10 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def _choose(spec, backend, q, k, v, return_weights, dropout_p):
+def _choose(spec, backend, q, k, v, return_weights, dropout_p, mask=None):
     if _traced(q):
         return None  # traced calls go through attnkit's torch operators (_attend_traced)
-    request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=_needs_grad(spec, q, k, v))
+    request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=_needs_grad(spec, q, k, v, None, mask))
     return choose_backend(spec, backend, request, stacklevel=5)
 
 
@@ -237,7 +246,8 @@ def attention(
             is_causal); "bottom_right" (query i sees j <= i + Nk - Nq, the
             last query sees the last key, as with a KV cache).
         mask: boolean (True = may attend) or additive float, broadcastable to
-            (..., Hq, Nq, Nk); same array type and device as q.
+            (..., Hq, Nq, Nk); same array type and device as q. An additive
+            torch mask that requires grad gets its gradient.
         scale: factor on q.k, default 1/sqrt(D); any finite float.
         window: (left, right): query at key position p sees keys
             p - left <= j <= p + right (p includes the causal alignment);
@@ -292,7 +302,7 @@ def attention(
             q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
             alibi_slopes=alibi_slopes, align=align, sinks=sinks,
         )
-        return spec, _choose(spec, backend, q, k, v, return_weights, dropout_p)
+        return spec, _choose(spec, backend, q, k, v, return_weights, dropout_p, mask)
 
     spec, choice = _planned(_plan_key(q, k, v, mask, options, alibi_slopes, sinks), make)
     result = _attend(
@@ -373,7 +383,7 @@ def scaled_dot_product_attention(
             query, key, value, causal=bool(is_causal), mask=attn_mask, scale=scale,
             window=None, softcap=None, sinks=sinks,
         )
-        return spec, _choose(spec, backend, query, key, value, False, dropout_p)
+        return spec, _choose(spec, backend, query, key, value, False, dropout_p, attn_mask)
 
     spec, choice = _planned(_plan_key(query, key, value, attn_mask, options, sinks=sinks), make)
     out = _attend(
@@ -482,7 +492,7 @@ def explain(
         spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
                                   alibi_slopes=alibi_slopes, align=align, sinks=sinks)  # fmt: skip
     request = Request(return_weights=return_weights, dropout=dropout_probability(dropout_p) > 0,
-                      grad=_needs_grad(spec, q, k, v, sinks))  # fmt: skip
+                      grad=_needs_grad(spec, q, k, v, sinks, mask))  # fmt: skip
     return choose_backend(spec, backend, request, warn=False, start_compiling=False).explain(spec)
 
 

@@ -8,8 +8,8 @@ from .sinks import sink_gradient
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Differentiable attention over q, k, v and the sinks (the mask, ALiBi slopes and lse are not
-    differentiated).
+    """Differentiable attention over q, k, v, the sinks and an additive mask (ALiBi slopes and lse
+    are not differentiated).
 
     forward(q, k, v, mask, alibi, sinks, dropout, backend, spec, return_weights)
     returns (out, lse) or (out, lse, weights) from backend.forward, the sinks joined (attnkit.sinks),
@@ -40,8 +40,13 @@ class AttentionFunction(torch.autograd.Function):
             q, k, v, mask, out, d_out, lse, ctx.spec,
             alibi=alibi, dropout=ctx.dropout,
         )
-        d_sinks = None
+        d_sinks = d_mask = None
         if sinks is not None and ctx.needs_input_grad[5]:
             d_sinks = sink_gradient(out, d_out, lse, sinks)
-        return dq, dk, dv, None, None, d_sinks, None, None, None, None
+        if ctx.needs_input_grad[3]:  # an additive mask that requires grad (a learned position bias)
+            from .backends import BACKENDS
+
+            d_mask = BACKENDS["reference"].mask_gradient(q, k, v, mask, out, d_out, lse, ctx.spec, alibi=alibi,
+                                                         dropout=ctx.dropout)  # fmt: skip
+        return dq, dk, dv, d_mask, None, d_sinks, None, None, None, None
 

@@ -184,8 +184,6 @@ def _mask_kind(mask, q, scores_shape):
             f"mask has shape {tuple(mask.shape)}; expected a shape that broadcasts to "
             f"{scores_shape} = (..., Hq, Nq, Nk)"
         )
-    if _arrays.family(mask) == "torch" and dtype != "bool" and mask.requires_grad:
-        raise ValueError("mask requires grad; gradients with respect to the mask are not supported")
     return "bool" if dtype == "bool" else "additive"
 
 

@@ -281,9 +281,9 @@ def sum_to_shape(x, shape):
 
 def attention_backward(
     q, k, v, out, d_out, lse, *, causal=False, mask=None, scale=None, window=None, softcap=None, dropout_p=0.0,
-    dropout_keep=None, align=None, alibi_slopes=None, sinks=None,
+    dropout_keep=None, align=None, alibi_slopes=None, sinks=None, return_mask_grad=False,
 ):  # fmt: skip
-    """Gradients of attention() with respect to q, k and v (and the sinks, when given).
+    """Gradients of attention() with respect to q, k and v (and the sinks, and an additive mask).
 
     FlashAttention-2's formulation, written densely: the probabilities are
     rebuilt from the saved lse, and delta_i = sum_c dO_ic O_ic replaces the
@@ -295,15 +295,22 @@ def attention_backward(
         d_out: (..., Hq, Nq, Dv) gradient of the loss with respect to out.
         lse: (..., Hq, Nq) the forward's log-sum-exp.
 
+        return_mask_grad: also return the gradient of an additive (float) mask,
+            which is added to the scores after the softcap: the scores'
+            gradient p * (dp - delta), summed to the mask's shape.
+
     Returns:
         (dq, dk, dv) with the shapes and dtypes of q, k and v, then dsinks
         (Hq,) when sinks are given: -sum over rows of p_sink * delta, since the
         sink's score moves every row's normaliser and carries no value.
         Gradients from query heads that share a kv head, and from broadcast
         leading axes, are summed. Rows with no visible key contribute nothing
-        to dq, dk, dv.
+        to dq, dk, dv. Last, d_mask with the mask's shape and dtype when
+        return_mask_grad.
     """
     shapes = (q.shape, k.shape, v.shape)
+    if return_mask_grad and (mask is None or np.asarray(mask).dtype == np.bool_):
+        raise ValueError("return_mask_grad needs an additive (float) mask; a boolean one has no gradient")
     q, k, v = (x.reshape((1,) * (3 - x.ndim) + x.shape) if x.ndim < 3 else x for x in (q, k, v))
     ct = compute_dtype(q.dtype)
     scale = resolve_scale(scale, q.shape[-1])
@@ -321,10 +328,11 @@ def attention_backward(
         p_sink = np.exp(np.asarray(sinks, ct)[:, None] - lse)  # (..., Hq, Nq)
         d_sinks = -(p_sink * delta[..., 0]).sum(axis=-1).reshape(-1, hq).sum(axis=0)
         d_sinks = d_sinks.astype(np.asarray(sinks).dtype)
+    extra = () if sinks is None else (d_sinks,)
     if nk == 0:
         grads = (np.zeros(shapes[0], ct), np.zeros(shapes[1], ct), np.zeros(shapes[2], ct))
         grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
-        return grads if sinks is None else grads + (d_sinks,)
+        return grads + extra + ((np.zeros(np.shape(mask), np.asarray(mask).dtype),) if return_mask_grad else ())
 
     s, _, tanh_capped = _scores(
         qc, kc, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap, align=align,
@@ -341,6 +349,8 @@ def attention_backward(
     if drop is not None:
         dp = dp * drop
     ds = p * (dp - delta)  # gradient of the (capped, masked) scores
+    if return_mask_grad:  # the mask is added after the softcap: its gradient is this one
+        extra += (sum_to_shape(ds, np.shape(mask)).astype(np.asarray(mask).dtype),)
     if tanh_capped is not None:
         ds = ds * (1 - tanh_capped * tanh_capped)
     ds = ds * ct(scale)  # now the gradient of q.k
@@ -357,4 +367,4 @@ def attention_backward(
     for g, x, shape in zip((dq, dk, dv), (q, k, v), shapes):
         g = sum_to_shape(g, x.shape).reshape(shape)
         grads.append(np.ascontiguousarray(g.astype(x.dtype, copy=False)))
-    return tuple(grads) if sinks is None else tuple(grads) + (d_sinks,)
+    return tuple(grads) + extra

@@ -164,6 +164,19 @@ class ReferenceBackend(Backend):
         with _blas_threads_while_helpers_compile():
             return self._backward(q, k, v, mask, out, d_out, lse, spec, alibi, dropout)
 
+    def mask_gradient(self, q, k, v, mask, out, d_out, lse, spec, *, alibi=None, dropout=None):
+        """The gradient of an additive mask (dense calls), like mask: the scores' gradient summed to
+        its shape, from the specification whatever backend ran the call (out and lse from any
+        backend are the same function). The kernels never store the scores' gradient; it is as
+        large as the mask broadcast to (..., Hq, Nq, Nk), which T5's learned position bias is."""
+        arrays = tuple(map(_arrays.to_numpy, (q, k, v, out, d_out, lse)))
+        mask_n = _arrays.to_numpy(mask)
+        with _blas_threads_while_helpers_compile():
+            *_, d_mask = reference_attention_backward(
+                *arrays, mask=mask_n, return_mask_grad=True, **_dense_dropout(dropout, spec), **_options(spec, alibi),
+            )  # fmt: skip
+        return _arrays.like(d_mask, mask)
+
     def _backward(self, q, k, v, mask, out, d_out, lse, spec, alibi, dropout):
         arrays = tuple(map(_arrays.to_numpy, (q, k, v, out, d_out, lse)))
         mask_n = _arrays.to_numpy(mask)
