@@ -109,3 +109,11 @@ def test_mask_gradient_is_refused_where_it_cannot_come():
         attnkit.attention(meta, meta, meta, mask=torch.empty(8, 8, device="meta", requires_grad=True))
     with torch.no_grad():  # no gradient wanted: no refusal
         attnkit.attention(meta, meta, meta, mask=torch.empty(8, 8, device="meta", requires_grad=True))
+
+
+def test_the_benchmark_runs(capsys):
+    from attnkit.bench import mask_gradient
+
+    mask_gradient.main(["--shape", "1,2,16,8", "--rounds", "1"])
+    table = capsys.readouterr().out
+    assert "| attnkit |" in table and "| torch |" in table
