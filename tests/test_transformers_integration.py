@@ -297,3 +297,30 @@ def test_masks_as_transformers_hands_them():
     want = torch.softmax((scores + bias).masked_fill(~keep, float("-inf")), dim=-1)
     torch.testing.assert_close(weights, want, **close)
     assert ours(keep)[1] is None  # weights only when asked for
+
+
+def test_t5_trains_with_its_learned_position_bias():
+    """T5 hands its relative position bias (a learned embedding, so it requires grad) to attention as
+    an additive mask: a training step with attnkit gives eager's loss and gradients, the bias
+    table's included (attnkit refused a mask that requires grad before)."""
+    integration.register()
+    config = transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 100, (2, 12), generator=generator), torch.randint(0, 100, (2, 7), generator=generator)
+    losses, grads = {}, {}
+    for name in ("eager", "attnkit"):
+        torch.manual_seed(0)
+        model = transformers.T5ForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation=name)
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        losses[name] = loss.detach()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(losses["attnkit"], losses["eager"], atol=1e-6, rtol=1e-6)
+    assert grads["attnkit"].keys() == grads["eager"].keys()
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    assert grads["eager"][bias].abs().sum() > 0
+    for n, want in grads["eager"].items():
+        torch.testing.assert_close(grads["attnkit"][n], want, atol=1e-5, rtol=1e-4, msg=n)
