@@ -76,3 +76,31 @@ def test_numpy_calls_and_calls_outside_a_mode_are_not_affected():
     with FlopCounterMode(display=False) as counter:
         attnkit.attention(q.numpy(), q.numpy(), q.numpy())  # NumPy: no torch operator to see
     assert counter.get_total_flops() == 0
+
+
+def test_calls_under_the_mode_give_the_same_results_and_gradients():
+    """Dropout, sinks, windows and softcap, dense and packed: the operator route is the same kernels
+    and the same keep mask, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 30, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 40, 16, generator=g, requires_grad=True)
+    sinks = torch.randn(4, generator=g, requires_grad=True)
+    packed = torch.randn(4, 30, 16, generator=g, requires_grad=True)
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32)
+    calls = [
+        lambda: attnkit.attention(q, k, k, causal=True, dropout_p=0.2, dropout_seed=7, sinks=sinks, window=(5, 3),
+                                  softcap=3.0),
+        lambda: attnkit.varlen_attention(packed, packed[:2], packed[:2], cu, cu, causal=True, dropout_p=0.2,
+                                         dropout_seed=3),
+    ]  # fmt: skip
+    for call in calls:
+        results = []
+        for counting in (False, True):
+            for x in (q, k, sinks, packed):
+                x.grad = None
+            with FlopCounterMode(display=False) if counting else torch.enable_grad():
+                out = call()
+                out.sum().backward()
+            results.append([out.detach()] + [x.grad for x in (q, k, sinks, packed)])
+        for plain, counted in zip(*results):
+            assert (plain is None and counted is None) or torch.equal(plain, counted)
