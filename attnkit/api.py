@@ -67,7 +67,8 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
     where = "under torch.compile" if compiling else "on tensors without data (meta or fake)"
     instead = "outside the compiled region" if compiling else "on tensors that hold data"
     if return_weights:
-        raise ValueError(f"return_weights needs the NumPy reference, which cannot run {where}; call attnkit {instead} for it")
+        raise ValueError(f"return_weights needs the NumPy reference, which cannot run {where}; "
+                         f"call attnkit {instead} for it")
     if _mask_needs_grad(mask):
         raise ValueError(f"the mask requires grad: its gradient is not available {where}; call attnkit {instead} "
                          "for it, or detach the mask")
@@ -81,7 +82,9 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
         names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
         raise ValueError(f"backend must be one of {names}; got {backend!r}")
     if compiling and backend not in ("auto", wanted):
-        raise ValueError(f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}")
+        raise ValueError(
+            f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}"
+        )
     if offsets is not None:
         for name, x in zip(("cu_seqlens_q", "cu_seqlens_k"), offsets):
             if not _arrays.is_tensor(x):
@@ -170,7 +173,7 @@ def _planned(key, make):
     return plan
 
 
-def torch_offsets(offsets):
+def _torch_offsets(offsets):
     """A validated spec's host offsets as the int64 tensor attnkit's CPU operator reads."""
     import torch
 
@@ -189,7 +192,7 @@ def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, 
         from .torch_ops import count_flops_in_active_modes, numba_attention_fwd
 
         count_flops_in_active_modes()
-        offsets = (torch_offsets(spec.cu_q), torch_offsets(spec.cu_k)) if spec.packed else (None, None)
+        offsets = (_torch_offsets(spec.cu_q), _torch_offsets(spec.cu_k)) if spec.packed else (None, None)
         out, lse = numba_attention_fwd(q, k, v, mask, alibi, *operator_options(spec, dropout), sinks, None, *offsets)
         return out, lse, None
     if grad:
@@ -226,7 +229,8 @@ def _attend(q, k, v, mask, spec, backend, *, return_lse, return_weights, dropout
 def _choose(spec, backend, q, k, v, return_weights, dropout_p, mask=None):
     if _traced(q):
         return None  # traced calls go through attnkit's torch operators (_attend_traced)
-    request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=_needs_grad(spec, q, k, v, None, mask))
+    grad = _needs_grad(spec, q, k, v, None, mask)
+    request = Request(return_weights=return_weights, dropout=dropout_p > 0, grad=grad)
     return choose_backend(spec, backend, request, stacklevel=5)
 
 

@@ -35,7 +35,8 @@ from .backends.cpu import _PRECISION_GETTER, float32_matmul_precision
 
 _CALLS = {}
 _MAX_CALLS = 1024
-_TORCH = []  # (Tensor, is_compiling, from_numpy, bfloat16, bits, bits are uint16, dispatch modes) once torch is imported
+# (Tensor, is_compiling, from_numpy, bfloat16, bits, bits are uint16, dispatch modes) once torch is imported
+_TORCH = []
 
 
 def _torch_names():

@@ -39,8 +39,8 @@ CALLS = {
     "flash_attn_func": lambda m, dt: flash_attn_func(m((2, 9, 4, 16), dt), m((2, 12, 2, 16), dt),
                                                      m((2, 12, 2, 8), dt), causal=True),
     "flash_attn_varlen_func": lambda m, dt: flash_attn_varlen_func(
-        m((17, 4, 16), dt), m((17, 2, 16), dt), m((17, 2, 8), dt), *(torch.tensor(CU, dtype=torch.int32, device=m.device),) * 2,
-        12, 12, causal=True, return_attn_probs=True)[:2],
+        m((17, 4, 16), dt), m((17, 2, 16), dt), m((17, 2, 8), dt),
+        *(torch.tensor(CU, dtype=torch.int32, device=m.device),) * 2, 12, 12, causal=True, return_attn_probs=True)[:2],
 }  # fmt: skip
 
 

@@ -309,7 +309,8 @@ def test_t5_trains_with_its_learned_position_bias():
         dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(1)
-    ids, labels = torch.randint(0, 100, (2, 12), generator=generator), torch.randint(0, 100, (2, 7), generator=generator)
+    ids = torch.randint(0, 100, (2, 12), generator=generator)
+    labels = torch.randint(0, 100, (2, 7), generator=generator)
     losses, grads = {}, {}
     for name in ("eager", "attnkit"):
         torch.manual_seed(0)
