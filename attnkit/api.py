@@ -187,14 +187,16 @@ def run_attention(backend, spec, q, k, v, mask=None, alibi=None, sinks=None, *, 
     dropout: None or an attnkit.dropout.Dropout. While a torch dispatch mode is active, a Numba call
     on tensors runs as attnkit's torch operator (its own autograd), which the mode sees and
     FlopCounterMode counts."""
-    if backend.name == "numba" and spec.kind == "torch" and not return_weights and _dispatch_mode_active() \
-            and not _mask_needs_grad(mask):  # (the operator's autograd gives a mask no gradient)
+    if spec.kind == "torch" and _dispatch_mode_active():
         from .torch_ops import count_flops_in_active_modes, numba_attention_fwd
 
-        count_flops_in_active_modes()
-        offsets = (_torch_offsets(spec.cu_q), _torch_offsets(spec.cu_k)) if spec.packed else (None, None)
-        out, lse = numba_attention_fwd(q, k, v, mask, alibi, *operator_options(spec, dropout), sinks, None, *offsets)
-        return out, lse, None
+        count_flops_in_active_modes()  # (the Triton backend calls its operators on every call)
+        if backend.name == "numba" and not return_weights and not _mask_needs_grad(mask):
+            # (the operator's autograd gives a mask no gradient)
+            offsets = (_torch_offsets(spec.cu_q), _torch_offsets(spec.cu_k)) if spec.packed else (None, None)
+            options = operator_options(spec, dropout)
+            out, lse = numba_attention_fwd(q, k, v, mask, alibi, *options, sinks, None, *offsets)
+            return out, lse, None
     if grad:
         from .autograd import AttentionFunction
 

@@ -104,3 +104,16 @@ def test_calls_under_the_mode_give_the_same_results_and_gradients():
             results.append([out.detach()] + [x.grad for x in (q, k, sinks, packed)])
         for plain, counted in zip(*results):
             assert (plain is None and counted is None) or torch.equal(plain, counted)
+
+
+def test_triton_calls_count_through_their_operators():
+    """The CUDA backend calls attnkit::flash_attention_fwd / _bwd on every call (here under the Triton
+    interpreter, on CPU tensors): counted the same way."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 16, 16, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 24, 16, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 24, 16, generator=g, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        attnkit.attention(q, k, v, backend="triton").sum().backward()
+    shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    assert counter.get_total_flops() == sdpa_flop_count(*shapes) + sdpa_backward_flop_count(shapes[0], *shapes)
