@@ -8,6 +8,8 @@ in float64 (the exact answer) and in the kernel's dtype (whose error sets the 2x
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from torch.nn.attention.flex_attention import create_block_mask as torch_create_
 
 import attnkit
 from attnkit import reference
-from attnkit.flex import UntraceableError, and_masks, generated_source, or_masks
+from attnkit.flex import FlexRecompileWarning, UntraceableError, and_masks, generated_source, or_masks
 from attnkit.testing import assert_close, assert_within_rule
 
 BLOCK = 16  # small blocks: odd lengths give full, partial and empty blocks at test sizes
@@ -396,7 +398,8 @@ def test_a_function_is_traced_again_when_what_it_reads_changes():
     second = trace_score_mod(shifted)
     assert second is not first and second.captures[0] is table
     offset = 5  # noqa: F841
-    third = trace_score_mod(shifted)
+    with pytest.warns(FlexRecompileWarning, match=r"offset = 5 \(was 3\)"):  # a new kernel to compile
+        third = trace_score_mod(shifted)
     assert "+ 5)" in third.source and third is not second
 
 
@@ -649,3 +652,33 @@ def test_the_forward_reads_nothing_stale_from_the_workspace_it_packs_into(dtype)
     assert torch.equal(poisoned, clean)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     assert_close(poisoned.double(), want, atol=tolerance, rtol=tolerance, name="out")
+
+
+def test_python_numbers_that_change_are_named_once():
+    """A Python number a score_mod reads is a constant of its generated code: a new value is a new
+    kernel to compile (seconds each; an annealed temperature would compile on every step). The
+    first change warns, naming the number and pointing at the caller; a 0-d tensor keeps one
+    source for every value. (generated_source traces without compiling.)"""
+
+    def scaled_by(temp):
+        return lambda score, b, h, q_idx, kv_idx: score / temp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = generated_source(scaled_by(1.5))
+        assert generated_source(scaled_by(1.5)) == first  # the same value: the same code, no warning
+    with pytest.warns(FlexRecompileWarning, match=r"temp = 2\.5 \(was 1\.5\).*as a 0-d tensor") as record:
+        second = generated_source(scaled_by(2.5))
+    assert second != first and len(record) == 1 and record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generated_source(scaled_by(3.5))  # once per function
+
+        temperature = torch.tensor(1.5)
+
+        def by_tensor(score, b, h, q_idx, kv_idx):
+            return score / temperature
+
+        before = generated_source(by_tensor)
+        temperature = torch.tensor(2.5)  # a new tensor object: traced again, the same source
+        assert generated_source(by_tensor) == before

@@ -33,6 +33,10 @@ class UntraceableError(ValueError):
     """A score_mod / mask_mod uses something the kernels cannot compile (the message names it)."""
 
 
+class FlexRecompileWarning(UserWarning):
+    """A score_mod / mask_mod compiles again because Python numbers it reads changed value."""
+
+
 IDENTITY_SCORE_MOD = (
     "SCORE_MOD_IS_IDENTITY = True\n\n\n"
     "@_jit(inline=\"always\")\n"
@@ -55,6 +59,7 @@ def trace_mask_mod(mask_mod):
     return trace(mask_mod)
 
 __all__ = [
+    "FlexRecompileWarning",
     "UntraceableError",
     "and_masks",
     "create_block_mask",

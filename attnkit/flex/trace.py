@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ SCORE_ARGS = ("score", "b", "h", "q_idx", "kv_idx")
 MASK_ARGS = ("b", "h", "q_idx", "kv_idx")
 
 
-from . import UntraceableError  # defined beside the API, which must not import torch for NumPy users
+from . import FlexRecompileWarning, UntraceableError  # defined beside the API, which must not import torch
 
 
 @dataclass
@@ -648,6 +649,68 @@ def _fingerprint(fn, keep, depth=0):
 
 
 _traces = weakref.WeakKeyDictionary()  # function -> (fingerprint, kind, Traced, kept objects)
+_sources_of_code = {}  # (file, line, name, kind) -> {source: the Python numbers it read}
+_told_recompiles = set()
+
+
+def _numbers_read(fn):
+    """{name: value} of the Python numbers (not bools) fn reads from its closure and its globals."""
+    numbers = {}
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    for name, cell in cells.items():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[name] = value
+    for name in fn.__code__.co_names:
+        value = fn.__globals__.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[name] = value
+    return numbers
+
+
+def _caller_stacklevel():
+    """warnings.warn's stacklevel of the first frame outside attnkit and torch (the user's call:
+    flex_attention runs behind torch's dynamo-disable wrapper)."""
+    import os
+    import sys
+
+    packages = tuple(os.path.dirname(os.path.abspath(p)) for p in (os.path.dirname(__file__), torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(packages):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _note_new_source(fn, kind, traced):
+    """Warn, once per function, when its code traces to a new source because Python numbers it
+    reads changed: the new source is a new kernel to compile (seconds), for every new value."""
+    if not isinstance(fn, types.FunctionType):
+        return
+    code = fn.__code__
+    key = (code.co_filename, code.co_firstlineno, code.co_name, kind)
+    known = _sources_of_code.setdefault(key, {})
+    numbers = _numbers_read(fn)
+    if traced.source in known or not known:
+        known.setdefault(traced.source, numbers)
+        return
+    previous = next(reversed(known.values()))
+    known[traced.source] = numbers
+    changed = {name: (previous[name], value) for name, value in numbers.items()
+               if name in previous and previous[name] != value}  # fmt: skip
+    if not changed or key in _told_recompiles:
+        return
+    _told_recompiles.add(key)
+    names = ", ".join(f"{name} = {new!r} (was {old!r})" for name, (old, new) in changed.items())
+    warnings.warn(
+        f"attnkit: {kind} {_name(fn)!r} reads the Python numbers {names}, which are constants of the "
+        f"code it compiles to: each new value compiles a new kernel (seconds, and memory kept for the "
+        f"process). Capture a value that changes as a 0-d tensor (torch.tensor(...)), whose value the "
+        f"kernel reads when it runs. (This warning is given once per function.)",
+        FlexRecompileWarning, stacklevel=_caller_stacklevel(),
+    )
 
 
 def _cached(fn, kind, trace):
@@ -661,6 +724,7 @@ def _cached(fn, kind, trace):
     if known is not None and known[0] == fingerprint and known[1] == kind:
         return known[2]
     traced = trace(fn)
+    _note_new_source(fn, kind, traced)
     _traces[fn] = (fingerprint, kind, traced, keep)
     return traced
 
