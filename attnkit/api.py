@@ -443,9 +443,13 @@ def attention_forward(
     """
     spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
                               alibi_slopes=alibi_slopes, align=align)  # fmt: skip
-    choice = choose_backend(spec, backend, Request(), stacklevel=3)
     qh, kh, vh = as_heads(q), as_heads(k), as_heads(v)
-    out, lse, _ = choice.backend.forward(qh, kh, vh, mask, spec, alibi=alibi_slopes)
+    if _arrays.holds_no_data(q):  # meta or fake tensors: the operator's fake implementation gives the shapes
+        out, lse = _attend_traced(qh, kh, vh, mask, alibi_slopes, spec, backend, return_weights=False, dropout_p=0.0,
+                                  dropout_seed=None, sinks=None)  # fmt: skip
+    else:
+        choice = choose_backend(spec, backend, Request(), stacklevel=3)
+        out, lse, _ = choice.backend.forward(qh, kh, vh, mask, spec, alibi=alibi_slopes)
     return (out[0], lse[0]) if spec.squeeze else (out, lse)
 
 
@@ -463,11 +467,16 @@ def attention_backward(
     """
     spec = validate_attention(q, k, v, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
                               alibi_slopes=alibi_slopes, align=align)  # fmt: skip
-    choice = choose_backend(spec, backend, Request(grad=True), stacklevel=3)
     if spec.squeeze:
         out, d_out, lse = out[None], d_out[None], lse[None]
-    grads = choice.backend.backward(as_heads(q), as_heads(k), as_heads(v), mask, out, d_out, lse, spec,
-                                    alibi=alibi_slopes)  # fmt: skip
+    heads = as_heads(q), as_heads(k), as_heads(v)
+    if _arrays.holds_no_data(q):  # meta or fake tensors: the operator's fake implementation gives the shapes
+        from .torch_ops import numba_attention_bwd
+
+        grads = numba_attention_bwd(*heads, mask, alibi_slopes, out, d_out, lse, *operator_options(spec))
+    else:
+        choice = choose_backend(spec, backend, Request(grad=True), stacklevel=3)
+        grads = choice.backend.backward(*heads, mask, out, d_out, lse, spec, alibi=alibi_slopes)
     return tuple(g.reshape(x.shape) for g, x in zip(grads, (q, k, v)))
 
 

@@ -95,3 +95,24 @@ def test_what_needs_data_is_refused_without_it():
         attnkit.attention(q, q, q, backend="numpy")
     with pytest.raises(ValueError, match="flex_attention: query is a meta tensor, which holds no data"):
         attnkit.flex_attention(q, q, q)
+
+
+@pytest.mark.parametrize("device", ["meta", "fake"])
+def test_the_kernel_level_forward_and_backward(device):
+    """attention_forward / attention_backward (ring attention's blocks): shapes without data."""
+
+    def run():
+        q = torch.empty(2, 4, 9, 16, device="meta" if device == "meta" else "cpu")
+        k = q.new_empty(2, 2, 12, 16)
+        v = q.new_empty(2, 2, 12, 8)
+        out, lse = attnkit.attention_forward(q, k, v, causal=True)
+        grads = attnkit.attention_backward(q, k, v, out, torch.empty_like(out), lse, causal=True)
+        return out, lse, grads, (q, k, v)
+
+    if device == "fake":
+        with FakeTensorMode():
+            out, lse, grads, inputs = run()
+    else:
+        out, lse, grads, inputs = run()
+    assert out.shape == (2, 4, 9, 8) and lse.shape == (2, 4, 9) and lse.dtype == torch.float32
+    assert [tuple(g.shape) for g in grads] == [tuple(x.shape) for x in inputs]
