@@ -194,10 +194,12 @@ def _triton():
 
 def _uses_triton_op():
     """triton_op + wrap_triton where they exist and a real GPU compiler runs the kernels;
-    the interpreter's kernels cannot be traced through wrap_triton. Without a GPU the CUDA
-    operators never launch: custom_ops then, which import neither Triton nor Inductor (a
-    triton_op imports torch._inductor: ~1 s of every first traced or tensor-without-data call)."""
-    if not hasattr(torch.library, "triton_op") or not torch.cuda.is_available():
+    the interpreter's kernels cannot be traced through wrap_triton. A CPU-only build of torch
+    never launches the CUDA operators: custom_ops there, which import neither Triton nor
+    Inductor (a triton_op imports torch._inductor: ~1 s of every first traced or
+    tensor-without-data call). (Asking torch.cuda.is_available() instead would initialise CUDA
+    in a process that may fork DataLoader workers.)"""
+    if not hasattr(torch.library, "triton_op") or not torch.backends.cuda.is_built():
         return False
     try:
         return not _triton().interpreting()
