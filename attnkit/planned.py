@@ -40,10 +40,12 @@ _TORCH = []
 
 
 def _torch_names():
-    """torch's names a planned call uses, or None while torch is not imported."""
+    """torch's names a planned call uses, or None while torch is not imported, or while
+    torch.compile traces a process's first call (dynamo cannot trace _bits_dtype's conversions:
+    such a call is not planned anyway)."""
     if not _TORCH:
         torch = sys.modules.get("torch")
-        if torch is None:
+        if torch is None or torch.compiler.is_compiling():
             return None
         bits = _bits_dtype(torch)
         _TORCH.append((torch.Tensor, torch.compiler.is_compiling, torch.from_numpy, torch.bfloat16, bits,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -338,3 +341,23 @@ def test_compiled_varlen_dropout_draws_per_call_and_repeats_with_its_seed():
     torch.manual_seed(3)
     torch.testing.assert_close(compiled(q, k, v, cu_q, cu_k), first, atol=0, rtol=0)
     assert not torch.equal(first, second)
+
+
+_FIRST_CALL_COMPILED = """
+import torch, attnkit
+q = torch.randn(1, 2, 16, 8, requires_grad=True)
+compiled = torch.compile(lambda q: attnkit.scaled_dot_product_attention(q, q, q, is_causal=True), fullgraph=True)
+out = compiled(q)
+out.sum().backward()
+want = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+print(float((out - want).abs().max()))
+"""
+
+
+def test_a_process_whose_first_call_is_compiled():
+    """attnkit's first call in a process inside torch.compile: the planned-call setup (which converts
+    a tensor to learn torch's bf16 route) must not run under dynamo, which cannot trace it. In this
+    process other tests have made it already, so a fresh one checks."""
+    result = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.split()[-1]) < 1e-5
