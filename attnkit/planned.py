@@ -41,11 +41,12 @@ _TORCH = []
 
 def _torch_names():
     """torch's names a planned call uses, or None while torch is not imported, or while
-    torch.compile traces a process's first call (dynamo cannot trace _bits_dtype's conversions:
-    such a call is not planned anyway)."""
+    torch.compile traces a process's first call (dynamo cannot trace _bits_dtype's conversions)
+    or a dispatch mode runs (FakeTensorMode's tensors would not convert, and the int16 route would
+    be kept for good): such calls are not planned anyway."""
     if not _TORCH:
         torch = sys.modules.get("torch")
-        if torch is None or torch.compiler.is_compiling():
+        if torch is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
             return None
         bits = _bits_dtype(torch)
         _TORCH.append((torch.Tensor, torch.compiler.is_compiling, torch.from_numpy, torch.bfloat16, bits,

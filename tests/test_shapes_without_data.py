@@ -116,3 +116,18 @@ def test_the_kernel_level_forward_and_backward(device):
         out, lse, grads, inputs = run()
     assert out.shape == (2, 4, 9, 8) and lse.shape == (2, 4, 9) and lse.dtype == torch.float32
     assert [tuple(g.shape) for g in grads] == [tuple(x.shape) for x in inputs]
+
+
+def test_a_first_call_under_fake_tensor_mode_does_not_fix_the_planned_route(monkeypatch):
+    """The planned calls learn torch's bf16 route from a conversion the first time; under
+    FakeTensorMode that conversion fails, and the slower int16 route was kept for the process."""
+    from attnkit import planned
+
+    monkeypatch.setattr(planned, "_TORCH", [])
+    with FakeTensorMode():
+        q = torch.randn(1, 2, 16, 8)
+        attnkit.scaled_dot_product_attention(q, q, q)
+    assert planned._TORCH == []
+    q = torch.randn(1, 2, 16, 8)
+    attnkit.scaled_dot_product_attention(q, q, q)
+    assert planned._TORCH[0][4] is getattr(torch, "uint16", torch.int16)
