@@ -31,8 +31,10 @@ cu_seqlens_k (int32 / int64 tensors), a packed call's q (Hq, total_q, D), k, v
 the operator runs (causal then means the alignment `align`). custom_ops with fake
 implementations. Under torch.compile each call is one opaque node: nothing
 inside it (NumPy, Numba, logging) is traced. Eager CPU calls do not go through
-them (the dispatcher adds ~10 µs per call); attnkit.api routes a call here only
-while torch.compile traces it.
+them (the dispatcher adds ~10 µs per call); attnkit.api routes a call here while
+torch.compile traces it, for tensors without data (meta, fake: only the fake
+implementations run), and while a torch dispatch mode is active (FlopCounterMode,
+which counts them with FLOP_FORMULAS).
 
 CUDA (flash_*): q (B, Hq, Nq, D), ...; on CUDA with torch >= 2.6 they are
 `torch.library.triton_op`s launching through `wrap_triton`, so torch.compile
