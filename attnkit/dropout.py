@@ -31,6 +31,26 @@ class Dropout(NamedTuple):
         sequences = int(np.prod(spec.batch, dtype=np.int64))
         return keep_mask(self.seed, self.p, sequences, spec.hq, spec.nq, spec.nk).reshape(spec.scores_shape)
 
+    def keep_drawn_by_kernels(self, spec):
+        """keep(spec) drawn by the CPU kernels' compiled Philox, a (sequence, head) at a time: the
+        same bits (tests/test_dropout.py checks the kernels' draws against reference.dropout), some
+        100x faster than NumPy's 64-bit arithmetic (a mask's gradient needs the whole mask: B2 H8
+        N512, 4M weights). keep(spec) where the kernels cannot load."""
+        try:
+            from .kernels.cpu.dropout import _dropout_factors, dropout_parameters
+        except Exception:  # noqa: BLE001: Numba missing or failing: NumPy's draws are the same
+            return self.keep(spec)
+        sequences = int(np.prod(spec.batch, dtype=np.int64))
+        params = dropout_parameters(self.seed, self.p)
+        factors = np.empty((spec.nq, spec.nk), np.float32)  # 1 where kept, 0 where dropped
+        words = np.empty(32 * (spec.nk // 64 + 2), np.uint32)  # a row's Philox words, whole vector steps
+        keep = np.empty((sequences, spec.hq, spec.nq, spec.nk), np.bool_)
+        for s in range(sequences):
+            for h in range(spec.hq):
+                _dropout_factors(factors, words, params, np.float32(1), np.float32(0), 0, 0, h, s)
+                np.greater(factors, 0.5, out=keep[s, h])
+        return keep.reshape(spec.scores_shape)
+
 
 def _is_torch_generator(x):
     torch = sys.modules.get("torch")  # a torch.Generator exists only once torch is imported

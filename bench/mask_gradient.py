@@ -1,7 +1,7 @@
 """A training step with a learned additive bias (T5's position bias as SDPA's attn_mask): attnkit
 against torch's SDPA, with and without the bias's gradient, taking turns in one process.
 
-    python -m attnkit.bench.mask_gradient [--shape 2,8,512,64] [--dtype float32] [--rounds 7]
+    python -m attnkit.bench.mask_gradient [--shape 2,8,512,64] [--dtype float32] [--dropout 0.1] [--rounds 7]
 
 Each step: the forward with the (1, H, N, N) bias, then the backward of out.sum(). Prints the
 median step of each contender. attnkit computes the bias's gradient with the NumPy specification
@@ -23,6 +23,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m attnkit.bench.mask_gradient", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="2,8,512,64", metavar="B,H,N,D")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dropout", type=float, default=0.0, help="attention dropout (T5 trains with 0.1)")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     try:
@@ -38,7 +39,7 @@ def main(argv=None):
 
     def step(function, bias_grad):
         mask = bias.clone().requires_grad_(bias_grad)
-        function(q, k, v, attn_mask=mask).sum().backward()
+        function(q, k, v, attn_mask=mask, dropout_p=args.dropout).sum().backward()
 
     attnkit.warmup([args.dtype])
     times = {}
@@ -49,7 +50,8 @@ def main(argv=None):
                 step(function, bias_grad)
                 if round_:
                     times.setdefault((name, bias_grad), []).append(time.perf_counter() - start)
-    print(f"B{batch} H{heads} N{n} D{d} {args.dtype}, a (1, H, N, N) bias; median of {args.rounds} steps")
+    print(f"B{batch} H{heads} N{n} D{d} {args.dtype}, a (1, H, N, N) bias, dropout {args.dropout}; "
+          f"median of {args.rounds} steps")
     print("| contender | bias without grad | bias with grad |")
     print("| --- | ---: | ---: |")
     for name in contenders:

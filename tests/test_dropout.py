@@ -277,3 +277,18 @@ def test_explain_takes_attentions_dropout_arguments():
     with pytest.raises(ValueError, match="dropout_p must be in"):
         attnkit.explain(q, k, v, dropout_p=2.0)
 
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 100), (1, 2, 5, 0), (3, 1, 1, 1030)], ids=["B2-H3", "no-keys", "decode"])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_the_whole_keep_mask_drawn_by_the_kernels_is_the_references(shape, p):
+    """Dropout.keep_drawn_by_kernels (a mask's gradient needs the whole mask): reference.dropout's bits."""
+    from attnkit.dropout import Dropout
+    from attnkit.validation import validate_attention
+
+    b, h, nq, nk = shape
+    q, k = np.zeros((b, h, nq, 8), np.float32), np.zeros((b, h, nk, 8), np.float32)
+    spec = validate_attention(q, k, k, causal=False, mask=None, scale=None, window=None, softcap=None)
+    seed = 0x0F1E_2D3C_4B5A_6978 + nk
+    drawn = Dropout(p, seed).keep_drawn_by_kernels(spec)
+    np.testing.assert_array_equal(drawn, keep_mask(seed, p, b, h, nq, nk))

@@ -171,9 +171,11 @@ class ReferenceBackend(Backend):
         large as the mask broadcast to (..., Hq, Nq, Nk), which T5's learned position bias is."""
         arrays = tuple(map(_arrays.to_numpy, (q, k, v, out, d_out, lse)))
         mask_n = _arrays.to_numpy(mask)
+        # the whole keep mask: the kernels' draws (the same bits) rather than the reference's NumPy ones
+        drop = {} if dropout is None else dict(dropout_p=dropout.p, dropout_keep=dropout.keep_drawn_by_kernels(spec))
         with _blas_threads_while_helpers_compile():
             *_, d_mask = reference_attention_backward(
-                *arrays, mask=mask_n, return_mask_grad=True, **_dense_dropout(dropout, spec), **_options(spec, alibi),
+                *arrays, mask=mask_n, return_mask_grad=True, **drop, **_options(spec, alibi),
             )  # fmt: skip
         return _arrays.like(d_mask, mask)
 
