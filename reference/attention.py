@@ -281,9 +281,9 @@ def sum_to_shape(x, shape):
 
 def attention_backward(
     q, k, v, out, d_out, lse, *, causal=False, mask=None, scale=None, window=None, softcap=None, dropout_p=0.0,
-    dropout_keep=None, align=None, alibi_slopes=None, sinks=None, return_mask_grad=False,
+    dropout_keep=None, align=None, alibi_slopes=None, sinks=None,
 ):  # fmt: skip
-    """Gradients of attention() with respect to q, k and v (and the sinks, and an additive mask).
+    """Gradients of attention() with respect to q, k and v (and the sinks, when given).
 
     FlashAttention-2's formulation, written densely: the probabilities are
     rebuilt from the saved lse, and delta_i = sum_c dO_ic O_ic replaces the
@@ -295,22 +295,42 @@ def attention_backward(
         d_out: (..., Hq, Nq, Dv) gradient of the loss with respect to out.
         lse: (..., Hq, Nq) the forward's log-sum-exp.
 
-        return_mask_grad: also return the gradient of an additive (float) mask,
-            which is added to the scores after the softcap: the scores'
-            gradient p * (dp - delta), summed to the mask's shape.
-
     Returns:
         (dq, dk, dv) with the shapes and dtypes of q, k and v, then dsinks
         (Hq,) when sinks are given: -sum over rows of p_sink * delta, since the
         sink's score moves every row's normaliser and carries no value.
         Gradients from query heads that share a kv head, and from broadcast
         leading axes, are summed. Rows with no visible key contribute nothing
-        to dq, dk, dv. Last, d_mask with the mask's shape and dtype when
-        return_mask_grad.
+        to dq, dk, dv.
     """
+    return _gradients(
+        q, k, v, out, d_out, lse, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
+        dropout_p=dropout_p, dropout_keep=dropout_keep, align=align, alibi_slopes=alibi_slopes, sinks=sinks,
+    )  # fmt: skip
+
+
+def attention_mask_gradient(
+    q, k, v, out, d_out, lse, *, mask, causal=False, scale=None, window=None, softcap=None, dropout_p=0.0,
+    dropout_keep=None, align=None, alibi_slopes=None,
+):  # fmt: skip
+    """The gradient of attention() with respect to an additive (float) mask, with the mask's shape
+    and dtype: the mask is added to the scores after the softcap, so its gradient is the scores'
+    gradient p * (dp - delta) of attention_backward, summed over the axes the mask broadcasts.
+    Arguments as for attention_backward."""
+    if mask is None or np.asarray(mask).dtype == np.bool_:
+        raise ValueError("attention_mask_gradient needs an additive (float) mask; a boolean one has no gradient")
+    return _gradients(
+        q, k, v, out, d_out, lse, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap,
+        dropout_p=dropout_p, dropout_keep=dropout_keep, align=align, alibi_slopes=alibi_slopes, of_mask=True,
+    )  # fmt: skip
+
+
+def _gradients(
+    q, k, v, out, d_out, lse, *, causal, mask, scale, window, softcap, dropout_p, dropout_keep, align,
+    alibi_slopes, sinks=None, of_mask=False,
+):  # fmt: skip
+    """attention_backward's gradients, or with of_mask the mask's alone (dq, dk, dv not formed)."""
     shapes = (q.shape, k.shape, v.shape)
-    if return_mask_grad and (mask is None or np.asarray(mask).dtype == np.bool_):
-        raise ValueError("return_mask_grad needs an additive (float) mask; a boolean one has no gradient")
     q, k, v = (x.reshape((1,) * (3 - x.ndim) + x.shape) if x.ndim < 3 else x for x in (q, k, v))
     ct = compute_dtype(q.dtype)
     scale = resolve_scale(scale, q.shape[-1])
@@ -330,9 +350,11 @@ def attention_backward(
         d_sinks = d_sinks.astype(np.asarray(sinks).dtype)
     extra = () if sinks is None else (d_sinks,)
     if nk == 0:
+        if of_mask:
+            return np.zeros(np.shape(mask), np.asarray(mask).dtype)
         grads = (np.zeros(shapes[0], ct), np.zeros(shapes[1], ct), np.zeros(shapes[2], ct))
         grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
-        return grads + extra + ((np.zeros(np.shape(mask), np.asarray(mask).dtype),) if return_mask_grad else ())
+        return grads + extra
 
     s, _, tanh_capped = _scores(
         qc, kc, causal=causal, mask=mask, scale=scale, window=window, softcap=softcap, align=align,
@@ -341,16 +363,16 @@ def attention_backward(
     safe_lse = np.where(lse == -np.inf, ct(0), lse)[..., None]  # (..., Hq, Nq, 1)
     p = np.exp(s - safe_lse)  # weights; exactly 0 for invisible keys
     drop = _dropout_factor(dropout_p, dropout_keep, ct)
-    kept = p if drop is None else p * drop
 
     v_rep = _expand_kv_heads(vc, hq)  # (..., Hq, Nk, Dv)
-    dv_rep = np.matmul(np.swapaxes(kept, -1, -2), d_out)  # (..., Hq, Nk, Dv)
     dp = np.matmul(d_out, np.swapaxes(v_rep, -1, -2))  # (..., Hq, Nq, Nk)
     if drop is not None:
         dp = dp * drop
     ds = p * (dp - delta)  # gradient of the (capped, masked) scores
-    if return_mask_grad:  # the mask is added after the softcap: its gradient is this one
-        extra += (sum_to_shape(ds, np.shape(mask)).astype(np.asarray(mask).dtype),)
+    if of_mask:  # the mask is added after the softcap: its gradient is this one
+        return sum_to_shape(ds, np.shape(mask)).astype(np.asarray(mask).dtype)
+    kept = p if drop is None else p * drop
+    dv_rep = np.matmul(np.swapaxes(kept, -1, -2), d_out)  # (..., Hq, Nk, Dv)
     if tanh_capped is not None:
         ds = ds * (1 - tanh_capped * tanh_capped)
     ds = ds * ct(scale)  # now the gradient of q.k

@@ -11,6 +11,7 @@ import numpy as np
 from .. import _arrays
 from ..reference import attention as reference_attention
 from ..reference import attention_backward as reference_attention_backward
+from ..reference import attention_mask_gradient
 from ..reference.varlen import varlen_attention, varlen_attention_backward
 from .base import Backend
 
@@ -174,9 +175,7 @@ class ReferenceBackend(Backend):
         # the whole keep mask: the kernels' draws (the same bits) rather than the reference's NumPy ones
         drop = {} if dropout is None else dict(dropout_p=dropout.p, dropout_keep=dropout.keep_drawn_by_kernels(spec))
         with _blas_threads_while_helpers_compile():
-            *_, d_mask = reference_attention_backward(
-                *arrays, mask=mask_n, return_mask_grad=True, **drop, **_options(spec, alibi),
-            )  # fmt: skip
+            d_mask = attention_mask_gradient(*arrays, mask=mask_n, **drop, **_options(spec, alibi))
         return _arrays.like(d_mask, mask)
 
     def _backward(self, q, k, v, mask, out, d_out, lse, spec, alibi, dropout):
