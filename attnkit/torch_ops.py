@@ -46,10 +46,12 @@ friendly entry point.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
+from ._arrays import holds_no_data
 from .op_codes import CAUSAL_CODES, CAUSAL_NAMES, window_of
 from .sinks import sink_gradient
 
@@ -263,13 +265,9 @@ def _score_count(q, k, cu_seqlens_q, cu_seqlens_k):
     """How many scores the call forms, times Hq: per batch entry Nq * Nk; a packed call's
     sequences each on their own. Offsets without data (fake, meta) give the most there could be,
     total_q * total_k (torch's count for its own varlen kernels takes the worst case too)."""
-    import math
-
     if cu_seqlens_q is None:
         batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3])
         return math.prod(batch) * q.shape[-3] * q.shape[-2] * k.shape[-2]
-    from ._arrays import holds_no_data
-
     if holds_no_data(cu_seqlens_q) or holds_no_data(cu_seqlens_k):
         return q.shape[0] * q.shape[1] * k.shape[1]
     lengths_q, lengths_k = (x.detach().cpu().to(torch.int64).diff() for x in (cu_seqlens_q, cu_seqlens_k))

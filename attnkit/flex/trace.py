@@ -622,6 +622,20 @@ def _check_slots(graph, captures):
             graph.fail(f"captures a {tensor.dim()}-D tensor; the Triton kernel reads at most {TRITON_AXES} axes")
 
 
+def _read_from_outside(fn):
+    """(name, value) of what function fn reads from outside: its closure cells (empty ones
+    skipped) and the globals its code names."""
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        yield name, value
+    for name in fn.__code__.co_names:
+        if name in fn.__globals__:
+            yield name, fn.__globals__[name]
+
+
 def _fingerprint(fn, keep, depth=0):
     """Identities of everything fn reads from outside: closure cells and the globals its code names,
     through nested functions (and_masks' closures); numbers and strings by value. A new object in
@@ -635,14 +649,7 @@ def _fingerprint(fn, keep, depth=0):
             return (id(fn), tuple(_fingerprint(x, keep, depth + 1) for x in fn))
         return (id(fn),)
     parts = [id(fn.__code__)]
-    for cell in fn.__closure__ or ():
-        try:
-            parts.append(_fingerprint(cell.cell_contents, keep, depth + 1))
-        except ValueError:  # an empty cell
-            parts.append(None)
-    for name in fn.__code__.co_names:
-        if name in fn.__globals__:
-            parts.append(_fingerprint(fn.__globals__[name], keep, depth + 1))
+    parts += [_fingerprint(value, keep, depth + 1) for _, value in _read_from_outside(fn)]
     for value in (fn.__defaults__ or ()) + tuple((fn.__kwdefaults__ or {}).values()):
         parts.append(_fingerprint(value, keep, depth + 1))
     return tuple(parts)
@@ -655,20 +662,8 @@ _told_recompiles = set()
 
 def _numbers_read(fn):
     """{name: value} of the Python numbers (not bools) fn reads from its closure and its globals."""
-    numbers = {}
-    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
-    for name, cell in cells.items():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            numbers[name] = value
-    for name in fn.__code__.co_names:
-        value = fn.__globals__.get(name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            numbers[name] = value
-    return numbers
+    return {name: value for name, value in _read_from_outside(fn)
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}  # fmt: skip
 
 
 def _caller_stacklevel():
