@@ -255,3 +255,38 @@ def test_bf16_groups_of_up_to_eight_rows_read_keys_in_order_wherever_they_are(mo
     assert out.dtype == np.uint16  # bf16 out; the plain implementation's output rounded to bf16 too
     assert_within_rule("out", bf16_to_float32(out), out64, bf16_to_float32(bf16_bits(out32)), 2)
     assert_within_rule("lse", lse, lse64, lse32, 2)
+
+
+def _cache_view(kind, values):
+    """A (B, H, N, D) view of another layout made from the array `values` (B, H, N, D): what a caller
+    may hand a decode. The overlapping views hold other values than `values`: compare with what they hold."""
+    b, h, n, d = values.shape
+    if kind == "flash_attn_layout":  # (B, N, H, D) memory: read in place
+        return np.ascontiguousarray(values.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    if kind == "rows_reversed":  # a reversed NumPy view: the rows run backwards in memory
+        return np.ascontiguousarray(values[:, :, ::-1])[:, :, ::-1]
+    if kind == "heads_reversed":
+        return np.ascontiguousarray(values.transpose(0, 2, 1, 3)[:, :, ::-1]).transpose(0, 2, 1, 3)[:, ::-1]
+    item = values.itemsize
+    row_step = {"rows_overlapping": item, "rows_repeated": 0}[kind]  # an unfolded sequence, an expanded key
+    return np.lib.stride_tricks.as_strided(np.ascontiguousarray(values), (b, h, n, d),
+                                           (h * n * d * item, n * d * item, row_step, item), writeable=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16], ids=["float32", "float64", "bf16"])
+@pytest.mark.parametrize(
+    "kind", ["flash_attn_layout", "rows_reversed", "heads_reversed", "rows_overlapping", "rows_repeated"]
+)
+def test_decode_reads_what_any_strided_cache_holds(kind, dtype):
+    """K and V that are not C-contiguous: the decode kernel reads flash-attn's layout in place and
+    copies what it cannot read so (rows that overlap or run backwards: float64's BLAS products take a
+    row's stride as a leading dimension). Before the copy, such float64 caches gave wrong values or NaN."""
+    rng = np.random.default_rng(len(kind))
+    arrays = [rng.standard_normal(shape) for shape in ((2, 8, 3, 64), (2, 2, 300, 64), (2, 2, 300, 64))]
+    arrays = [bf16_bits(x) if dtype == np.uint16 else x.astype(dtype) for x in arrays]
+    q, k, v = arrays[0], *(_cache_view(kind, x) for x in arrays[1:])
+    with kernel.recording() as launches:
+        out, lse = kernel.flash_forward(q, k, v, None, scale=0.125, causal="bottom_right", window=None, softcap=None)
+    assert [x.worker.removesuffix("_serial") for x in launches] == ["decode"]
+    held = [(bf16_to_float32(np.ascontiguousarray(x)) if dtype == np.uint16 else x).astype(np.float64) for x in (q, k, v)]
+    _assert_matches_the_reference(out, lse, *held, dtype, scale=0.125, causal="bottom_right")

@@ -86,9 +86,15 @@ def _rows_in_place(x, dtype):
     C-contiguous: rows contiguous, heads interleaved (a (B, N, H, C) cache seen as (B, H, N, C),
     flash-attn's layout). Then neither C- nor F-contiguous, aligned and writeable: Numba types it as
     a layout 'A' array, which the decode kernel's entry has a signature for (its worker takes K and V
-    as 'A' arrays whatever their layout)."""
-    return (type(x) is np.ndarray and x.dtype == dtype and x.ndim == 4 and x.strides[3] == x.itemsize
-            and x.flags.aligned and x.flags.writeable and not x.flags.c_contiguous and not x.flags.f_contiguous)
+    as 'A' arrays whatever their layout). A row's stride is a leading dimension to the kernels
+    (float64's BLAS products): rows that overlap (an expanded or unfolded view) or run backwards (a
+    reversed NumPy view) are copied, as are batch or head axes that run backwards."""
+    if not (type(x) is np.ndarray and x.dtype == dtype and x.ndim == 4 and x.flags.aligned and x.flags.writeable
+            and not x.flags.c_contiguous and not x.flags.f_contiguous):  # fmt: skip
+        return False
+    batch_step, head_step, row_step, column_step = x.strides
+    return (column_step == x.itemsize and batch_step >= 0 and head_step >= 0
+            and (row_step >= x.shape[3] * x.itemsize or x.shape[2] == 1))  # fmt: skip
 
 
 def _key_value_arrays(k, v, dtype, in_place):
