@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.flash_attn import flash_attn_with_kvcache
+from attnkit.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from attnkit.reference import attention as reference_attention
 from attnkit.reference import attention_backward as reference_backward
 from attnkit.reference.dropout import keep_mask
@@ -388,6 +388,87 @@ def kv_cache(rng, large=False):
     return description, run
 
 
+def flash_attn(rng, large=False):
+    """flash_attn_func and flash_attn_varlen_func: (B, N, H, D) and (total, H, D) tensors, bottom-right
+    alignment, window_size with -1, softcap 0 as none, ALiBi, learnable sinks; results and gradients
+    against the reference per sequence. With dropout: out is S_dmask's kept weights times V."""
+    dtype = DTYPES[rng.integers(len(DTYPES))]
+    packed = bool(rng.random() < 0.4)
+    batch = int(rng.integers(1, 4))
+    hkv = int(rng.choice([1, 2]))
+    hq = hkv * int(rng.choice([1, 2, 4]))
+    d = int(rng.choice([16, 32, 64, 128]))
+    longer = [500] if large else []
+    if packed:
+        lengths_q = [int(rng.choice([0, 1, 7, 40] + longer)) for _ in range(batch)]
+        lengths_k = [int(rng.choice([1, 9, 40, 70] + longer)) for _ in range(batch)]
+    else:
+        lengths_q = [int(rng.choice([1, 7, 40] + longer))] * batch
+        lengths_k = [int(rng.choice([1, 9, 40, 70] + longer))] * batch
+    options = dict(
+        causal=bool(rng.random() < 0.5),
+        window_size=(-1, -1) if rng.random() < 0.6 else (int(rng.choice([-1, 0, 5, 30])), int(rng.choice([-1, 0, 3]))),
+        softcap=0.0 if rng.random() < 0.7 else 15.0,
+        softmax_scale=None if rng.random() < 0.6 else float(rng.uniform(0.05, 1.0)),
+        alibi_slopes=None if rng.random() < 0.8 else torch.tensor(rng.uniform(0, 0.3, (hq,) if packed else (batch, hq))).float(),
+        learnable_sink=None if rng.random() < 0.8 else torch.tensor(rng.standard_normal(hq)).float().requires_grad_(),
+        dropout_p=0.0 if rng.random() < 0.8 else 0.3,
+    )  # fmt: skip
+    cu_q = np.concatenate([[0], np.cumsum(lengths_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lengths_k)]).astype(np.int32)
+
+    def make(tokens, heads, width):
+        shape = (int(tokens[-1]), heads, width) if packed else (batch, int(tokens[1]), heads, width)
+        return torch.tensor(rng.standard_normal(shape)).to(dtype).requires_grad_()
+
+    q, k, v = make(cu_q, hq, d), make(cu_k, hkv, d), make(cu_k, hkv, d)
+    description = (f"{dtype} {'flash_attn_varlen_func' if packed else 'flash_attn_func'} batch {batch} H {hq}/{hkv} "
+                   f"D {d} lengths q {lengths_q} k {lengths_k} {describe(options)}")  # fmt: skip
+
+    def sequence(x, i, offsets):  # sequence i of a (total, H, D) or (B, N, H, D) tensor as (H, N, D) float64
+        x = x[offsets[i] : offsets[i + 1]] if packed else x[i]
+        return float64(x).transpose(1, 0, 2)
+
+    def run():
+        if packed:
+            results = flash_attn_varlen_func(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), max(lengths_q),
+                                             max(lengths_k), return_attn_probs=True, **options)  # fmt: skip
+        else:
+            results = flash_attn_func(q, k, v, return_attn_probs=True, **options)
+        out, lse, probs = results
+        sinks, p = options["learnable_sink"], options["dropout_p"]
+        if p:  # the weights S_dmask holds (dropped ones negated), kept and scaled, times V
+            for i in range(batch):
+                weights = np.clip(float64(probs[i]), 0, None)[:, : lengths_q[i], : lengths_k[i]] / (1 - p)
+                values = np.repeat(sequence(v, i, cu_k), hq // hkv, axis=0)
+                # S_dmask is float32 for float64 calls too
+                check(f"out[{i}] from S_dmask", sequence(out, i, cu_q), weights @ values,
+                      torch.float32 if dtype == torch.float64 else dtype)  # fmt: skip
+            return
+        d_out = torch.tensor(rng.standard_normal(out.shape)).to(dtype)
+        out.backward(d_out)
+        window = tuple(None if side < 0 else side for side in options["window_size"])
+        slopes = float64(options["alibi_slopes"])
+        for i in range(batch):
+            spec = dict(
+                causal="bottom_right" if options["causal"] else False,
+                align=None if options["causal"] else "bottom_right",
+                window=None if window == (None, None) else window, softcap=options["softcap"] or None,
+                scale=options["softmax_scale"], sinks=float64(sinks),
+                alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[i]),
+            )  # fmt: skip
+            arrays = [sequence(x, i, offsets) for x, offsets in ((q, cu_q), (k, cu_k), (v, cu_k), (d_out, cu_q))]
+            want, plain = reference_gradients(*arrays, dtype, **spec)
+            check(f"out[{i}]", sequence(out, i, cu_q), want[0], dtype)
+            lse_i = lse[:, cu_q[i] : cu_q[i + 1]] if packed else lse[i]
+            check(f"lse[{i}]", lse_i, want[1], dtype)
+            for j, (name, x, offsets) in enumerate((("dq", q, cu_q), ("dk", k, cu_k), ("dv", v, cu_k))):
+                check(f"{name}[{i}]", sequence(x.grad, i, offsets), want[2 + j], dtype, gradient=True,
+                      plain=plain[2 + j])  # fmt: skip
+
+    return description, run
+
+
 def odd_layout(rng, x):
     """x, or the same values in another memory layout: reversed strides, a step, Fortran order,
     read-only, a zero-stride (broadcast) leading axis."""
@@ -514,6 +595,7 @@ ENTRY_POINTS = {
     "varlen": varlen,
     "sdpa": sdpa,
     "kv_cache": kv_cache,
+    "flash_attn": flash_attn,
     "numpy_arrays": numpy_arrays,
     "compiled": compiled,
 }
