@@ -86,6 +86,39 @@ def test_mask_gradient_matches_autograd_of_the_explicit_computation(backend, opt
         assert_close(got.detach().double(), want.detach(), atol=tolerance * scale, rtol=tolerance, name=name)
 
 
+STEP_BYTES = {"one_head": 1, "two_heads": 2 * NQ * NK * 4, "three_heads": 3 * NQ * NK * 4}
+
+
+@pytest.mark.parametrize("step_bytes", list(STEP_BYTES))
+@pytest.mark.parametrize("mask_shape", list(MASK_SHAPES) + ["batch_and_head_broadcast"])
+@pytest.mark.parametrize("option", ["plain", "dropout", "alibi_sinks"])
+def test_mask_gradient_a_few_heads_at_a_time_is_the_whole_one(monkeypatch, option, mask_shape, step_bytes):
+    """The reference backend computes a mask's gradient a few query heads a step (one head, a divisor
+    of the GQA group, or whole groups: three heads' bytes give one group of two): concatenated along a
+    mask's head axis or summed where the mask's heads broadcast, the same as one step over all heads."""
+    from attnkit.backends import reference as reference_backend
+
+    features = OPTIONS[option]
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(B, HQ, NQ, D, generator=g)
+    k, v = torch.randn(B, HKV, NK, D, generator=g), torch.randn(B, HKV, NK, DV, generator=g)
+    shape = MASK_SHAPES.get(mask_shape, (1, 1, NQ, NK))
+    mask = torch.randn(shape, generator=g)
+    alibi = torch.rand(HQ, generator=g) * 0.3 if features.get("alibi") else None
+    sinks = torch.randn(HQ, generator=g) if features.get("sinks") else None
+
+    def mask_grad(step_bytes):
+        monkeypatch.setattr(reference_backend, "_MASK_GRADIENT_STEP_BYTES", step_bytes)
+        leaf = mask.clone().requires_grad_()
+        out = attnkit.attention(q, k, v, mask=leaf, alibi_slopes=alibi, sinks=sinks, dropout_p=features.get("dropout_p", 0.0),
+                                dropout_seed=5, backend="auto")  # fmt: skip
+        out.backward(torch.ones_like(out))
+        return leaf.grad
+
+    whole = mask_grad(1 << 40)
+    assert_close(mask_grad(STEP_BYTES[step_bytes]), whole, atol=1e-6, rtol=1e-6, name="dmask")
+
+
 def test_mask_gradient_through_sdpa_alone():
     """Only the mask requires grad (a frozen model's learned bias): the call still differentiates."""
     g = torch.Generator().manual_seed(3)

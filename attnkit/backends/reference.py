@@ -85,6 +85,26 @@ def _head_steps(spec, mask, dropout, return_weights):
             for h in range(0, spec.hkv, step)]  # fmt: skip
 
 
+# A mask's gradient is computed a few query heads at a time, each step's scores at most this many bytes
+# (B2 N512 fp32: 2 MiB a head, one head a step; tiny calls in one step)
+_MASK_GRADIENT_STEP_BYTES = 1 << 20
+
+
+def _mask_gradient_steps(spec):
+    """[(query heads, kv heads)] slices of a dense call for mask_gradient: whole kv groups, or a
+    divisor of the group's query heads (a step then reads one kv head), each step's scores at most
+    _MASK_GRADIENT_STEP_BYTES when a head allows."""
+    group = spec.hq // spec.hkv
+    per_head = max(1, score_count(spec) // max(spec.hq, 1) * (8 if spec.dtype == "float64" else 4))
+    step = max(1, _MASK_GRADIENT_STEP_BYTES // per_head)
+    if step >= group:
+        step -= step % group  # whole groups
+        return [(slice(h, min(h + step, spec.hq)), slice(h // group, min(h + step, spec.hq) // group))
+                for h in range(0, spec.hq, step)]  # fmt: skip
+    step = max(d for d in range(1, step + 1) if group % d == 0)  # within a group: one kv head
+    return [(slice(h, h + step), slice(h // group, h // group + 1)) for h in range(0, spec.hq, step)]
+
+
 def _steps_options(steps, spec, alibi, mask):
     """(query heads, kv heads, keyword arguments) of each step: the call's options, its mask
     ((..., Hq or 1, Nq, Nk), or (Nq, Nk)) and ALiBi slopes (..., Hq) cut to the step's query heads."""
@@ -100,14 +120,8 @@ _NO_LIMIT = contextlib.nullcontext()
 _BLAS_CONTROLLER = []  # threadpoolctl's controller, made at the first limit (it lists the loaded libraries)
 
 
-def _blas_threads_while_helpers_compile():
-    """A context manager: NumPy's BLAS on one thread while helper processes compile kernels
-    (kernels/warmup.py), else nothing. Beside two compiling helpers on two cores, OpenBLAS's threads
-    wait for cores the helpers hold: a first call standing in for the kernel (fp32 B1 H32/8 N1024
-    causal) took 1.1-3.1 s beside two busy processes with its threads, 0.42-0.52 s on one (0.30
-    against 0.32 s on a quiet machine; #24)."""
-    if not _helpers_compiling():
-        return _NO_LIMIT
+def _one_blas_thread():
+    """A context manager: NumPy's BLAS on one thread (nothing where threadpoolctl cannot)."""
     try:
         if not _BLAS_CONTROLLER:
             from threadpoolctl import ThreadpoolController
@@ -116,6 +130,15 @@ def _blas_threads_while_helpers_compile():
         return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
     except Exception:  # threadpoolctl cannot read this process's libraries: the call runs as it is
         return _NO_LIMIT
+
+
+def _blas_threads_while_helpers_compile():
+    """A context manager: NumPy's BLAS on one thread while helper processes compile kernels
+    (kernels/warmup.py), else nothing. Beside two compiling helpers on two cores, OpenBLAS's threads
+    wait for cores the helpers hold: a first call standing in for the kernel (fp32 B1 H32/8 N1024
+    causal) took 1.1-3.1 s beside two busy processes with its threads, 0.42-0.52 s on one (0.30
+    against 0.32 s on a quiet machine; #24)."""
+    return _one_blas_thread() if _helpers_compiling() else _NO_LIMIT
 
 
 class ReferenceBackend(Backend):
@@ -169,13 +192,26 @@ class ReferenceBackend(Backend):
         """The gradient of an additive mask (dense calls), like mask: the scores' gradient summed to
         its shape, from the specification whatever backend ran the call (out and lse from any
         backend are the same function). The kernels never store the scores' gradient; it is as
-        large as the mask broadcast to (..., Hq, Nq, Nk), which T5's learned position bias is."""
-        arrays = tuple(map(_arrays.to_numpy, (q, k, v, out, d_out, lse)))
+        large as the mask broadcast to (..., Hq, Nq, Nk), which T5's learned position bias is.
+
+        A few query heads at a time (_mask_gradient_steps), on one BLAS thread: a step's
+        temporaries stay in the caches, and OpenBLAS's threads do not spin on the cores the
+        kernels' next call needs. T5's bias step (python -m attnkit.bench.mask_gradient, B2 H8
+        N512 D64 fp32) took 105-127 ms whole with NumPy's threads (torch: 71 ms)."""
+        qn, kn, vn, on, don, lse_n = map(_arrays.to_numpy, (q, k, v, out, d_out, lse))
         mask_n = _arrays.to_numpy(mask)
         # the whole keep mask: the kernels' draws (the same bits) rather than the reference's NumPy ones
-        drop = {} if dropout is None else dict(dropout_p=dropout.p, dropout_keep=dropout.keep_drawn_by_kernels(spec))
-        with _blas_threads_while_helpers_compile():
-            d_mask = attention_mask_gradient(*arrays, mask=mask_n, **drop, **_options(spec, alibi))
+        keep = None if dropout is None else dropout.keep_drawn_by_kernels(spec)
+        head_axis = mask_n.ndim >= 3 and mask_n.shape[-3] == spec.hq  # else the mask's heads broadcast: a sum
+        parts = []
+        with _one_blas_thread():
+            for heads, kv_heads, options in _steps_options(_mask_gradient_steps(spec), spec, alibi, mask_n):
+                drop = {} if keep is None else dict(dropout_p=dropout.p, dropout_keep=keep[..., heads, :, :])
+                parts.append(attention_mask_gradient(
+                    qn[..., heads, :, :], kn[..., kv_heads, :, :], vn[..., kv_heads, :, :], on[..., heads, :, :],
+                    don[..., heads, :, :], lse_n[..., heads, :], **options, **drop,
+                ))  # fmt: skip
+        d_mask = np.concatenate(parts, axis=-3) if head_axis else sum(parts[1:], parts[0])
         return _arrays.like(d_mask, mask)
 
     def _backward(self, q, k, v, mask, out, d_out, lse, spec, alibi, dropout):
