@@ -70,6 +70,13 @@ def reference_gradients(q, k, v, d_out, dtype, **spec):
     return exact, [None, None, *reference_backward(q, k, v, off_by_a_rounding, d_out, lse, **spec)]
 
 
+def check_results(got, want, plain, dtype):
+    """check() of [out, lse, dq, dk, dv, dsinks or None] against reference_gradients' two lists."""
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv", "dsinks")[: 5 + (got[5] is not None)]):
+        checked_dtype = torch.float32 if name == "dsinks" and dtype == torch.float64 else dtype  # sinks: float32
+        check(name, got[i], want[i], checked_dtype, gradient=i >= 2, plain=plain[i])
+
+
 def float64(x):
     """A tensor or array as a float64 NumPy array (None and bool masks pass through)."""
     if x is None:
@@ -171,10 +178,7 @@ def dense(rng, large=False):
             batch = int(np.prod(lead, dtype=np.int64))
             spec["dropout_keep"] = keep_mask(seed, options["dropout_p"], batch, hq, nq, nk).reshape(lead + (hq, nq, nk))
         want, plain = reference_gradients(*(float64(x) for x in (q, k, v)), float64(d_out), dtype, **spec)
-        for i, name in enumerate(("out", "lse", "dq", "dk", "dv", "dsinks")[: 5 + (sinks is not None)]):
-            # the sinks are float32 whatever q's dtype
-            checked_dtype = torch.float32 if name == "dsinks" and dtype == torch.float64 else dtype
-            check(name, got[i], want[i], checked_dtype, gradient=i >= 2, plain=plain[i])
+        check_results(got, want, plain, dtype)
 
     return description, run
 
@@ -251,9 +255,7 @@ def varlen(rng, large=False):
                     whole[3][:, keys], whole[4][:, keys] = part[3], part[4]
                     if sinks is not None:
                         whole[5] += part[5]
-        for i, name in enumerate(("out", "lse", "dq", "dk", "dv", "dsinks")[: 5 + (sinks is not None)]):
-            checked_dtype = torch.float32 if name == "dsinks" and dtype == torch.float64 else dtype
-            check(name, got[i], want[i], checked_dtype, gradient=i >= 2, plain=plain[i])
+        check_results(got, want, plain, dtype)
 
     return description, run
 
