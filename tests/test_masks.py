@@ -166,6 +166,22 @@ def test_an_additive_padding_mask_runs_as_key_ranges(dtype):
         run_and_check(q, k, v, d_out, mask, dtype=dtype)
 
 
+def test_masks_whose_first_rows_look_like_padding_but_later_ones_differ():
+    """The mask plan looks at the first rows before a pass over the whole (a learned bias costs no
+    padding check): rows that agree there and differ later are still not key padding."""
+    rng = np.random.default_rng(8)
+    nq, nk = 40, 70
+    q, k, v, d_out = inputs(rng, 2, 2, nq, nk, 16)
+    padding = _additive_padding([70, 33], nq, nk).copy()
+    padding[1, 0, nq - 1, 5] = 0.75  # the last query of the second sequence: one key biased
+    assert kernel.plan_mask(padding, nq, nk).kind == "additive"
+    run_and_check(q, k, v, d_out, padding)
+    visible = np.broadcast_to(rng.random((2, 1, 1, nk)) < 0.7, (2, 1, nq, nk)).copy()
+    visible[0, 0, 30, :3] = ~visible[0, 0, 30, :3]  # rows 0 and 1 equal, row 30 not
+    assert kernel.plan_mask(visible, nq, nk).kind == "bool"
+    run_and_check(q, k, v, d_out, visible)
+
+
 def test_an_additive_mask_hiding_a_row_whole_stays_additive():
     """A row whose every entry is finfo.min averages its keys (the additive arithmetic, torch's
     too), where the boolean mask would give zeros: such a mask is not converted; nor is one of

@@ -231,8 +231,8 @@ def _mask_plan(mask, dtype, nk, block_q, block_k, rows_unrestricted=False):
     if mask is None or mask.size == 0:  # no keys or no rows: nothing for a mask to hide
         return (no_bool, no_additive, full_range, all_visible), 0
     if mask.dtype == np.bool_:
-        if mask.shape[2] > 1 and np.array_equal(mask, np.broadcast_to(mask[:, :, :1], mask.shape)):
-            mask = mask[:, :, :1]  # the same for every query: key padding
+        if _same_for_every_query(mask):
+            mask = mask[:, :, :1]  # key padding
         if mask.shape[2] == 1:
             ranges = _key_ranges(mask[:, :, 0])
             if ranges is not None:
@@ -240,19 +240,28 @@ def _mask_plan(mask, dtype, nk, block_q, block_k, rows_unrestricted=False):
         states = _tile_summary(mask, ~mask, block_q, block_k)
         return (_kernel_array(mask, np.bool_), no_additive, full_range, states), _HAS_BOOL_MASK
     mask = _kernel_array(mask, dtype)
-    if rows_unrestricted:
-        rows = mask  # checked on one query's row when every query's is the same (key padding): one pass
-        if mask.shape[2] > 1 and np.array_equal(mask, np.broadcast_to(mask[:, :, :1], mask.shape)):
-            rows = mask[:, :, :1]
+    first_row = mask[0, 0, 0]  # a mask of other values there (a learned bias) is no padding mask: no pass
+    if rows_unrestricted and np.logical_or(first_row == 0, first_row <= _HIDDEN_ADDITIVE).all():
+        rows = mask[:, :, :1] if _same_for_every_query(mask) else mask  # key padding: one query's row
         visible = rows == 0
         if np.logical_or(visible, rows <= _HIDDEN_ADDITIVE).all() and visible.any(axis=-1).all():
             return _mask_plan(visible, dtype, nk, block_q, block_k)
     visible = mask == 0
-    overflowing = (mask < _ADDITIVE_FLOOR) & (mask > -np.inf)
-    if overflowing.any():
-        mask = np.where(overflowing, mask.dtype.type(_ADDITIVE_FLOOR), mask)
+    if mask.min() < _ADDITIVE_FLOOR:  # -inf, or finite entries below the floor (one pass finds neither)
+        overflowing = (mask < _ADDITIVE_FLOOR) & (mask > -np.inf)
+        if overflowing.any():
+            mask = np.where(overflowing, mask.dtype.type(_ADDITIVE_FLOOR), mask)
     states = _tile_summary(visible, mask == -np.inf, block_q, block_k)
     return (no_bool, mask, full_range, states), _HAS_ADDITIVE_MASK
+
+
+def _same_for_every_query(mask):
+    """Whether every query's row of mask (B, H, Mq, Nk) is the same (a key padding mask): the second
+    row is compared first, so a mask whose rows differ there costs no pass over the whole."""
+    if mask.shape[2] < 2:
+        return False
+    return (np.array_equal(mask[:, :, 1], mask[:, :, 0])
+            and np.array_equal(mask, np.broadcast_to(mask[:, :, :1], mask.shape)))  # fmt: skip
 
 
 def _rows_unrestricted(table, packed):
