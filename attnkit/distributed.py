@@ -175,9 +175,17 @@ def _pieces(x, n_pieces):
     return [x.contiguous()] if n_pieces == 1 else [p.contiguous() for p in x.chunk(n_pieces, dim=2)]
 
 
+def _accumulation_dtype(dtype):
+    """What the ring merges and accumulates in: float32, float64 for float64 inputs (which attention()
+    computes in float64 throughout; the ring's float32 sums left them float32-accurate)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _merge(out, lse, part_out, part_lse):
-    """Running (out, lse) in float32 with one more normalised partial: weights exp(lse_i - lse), in place."""
-    part_out, part_lse = part_out.float(), part_lse.float()
+    """Running (out, lse) with one more normalised partial: weights exp(lse_i - lse), in place;
+    in float32 (float64 for float64 inputs)."""
+    accumulate = _accumulation_dtype(part_out.dtype)
+    part_out, part_lse = part_out.to(accumulate), part_lse.to(accumulate)
     if out is None:
         return part_out, part_lse  # the kernel's own fresh tensors: safe to update in place
     new = torch.logaddexp(lse, part_lse)
@@ -253,7 +261,8 @@ class _Block:
 
 
 def _ring_forward(q, k, v, causal, scale, layout, group):
-    """(out in q's dtype, lse float32) of this rank's queries against every rank's keys."""
+    """(out in q's dtype, lse float32 (float64 for float64 q)) of this rank's queries against every
+    rank's keys."""
     world, rank = _group_info(group)
     ring = _Ring(group, world, rank)
     n_pieces = len(_chunk_ids(layout, rank, world)) if causal else 1
@@ -281,7 +290,8 @@ def _ring_backward(q, k, v, out, lse, d_out, causal, scale, layout, group):
     q_pieces, out_pieces, d_out_pieces, lse_pieces = (
         _pieces(x, n_pieces) for x in (q, out, d_out, lse[..., None]))
     lse_pieces = [x[..., 0] for x in lse_pieces]
-    dq_pieces = [torch.zeros(p.shape, dtype=torch.float32, device=q.device) for p in q_pieces]
+    accumulate = _accumulation_dtype(q.dtype)
+    dq_pieces = [torch.zeros(p.shape, dtype=accumulate, device=q.device) for p in q_pieces]
     layout_of = _Block(k, v, n_pieces)
     block = layout_of.pack(k, v)
     incoming = None  # dK/dV accumulated for the block in hand by the ranks it visited before
@@ -289,7 +299,7 @@ def _ring_backward(q, k, v, out, lse, d_out, causal, scale, layout, group):
         source = (rank - step) % world
         wait_kv = ring.shift(block, _TAG_KV) if step < world - 1 else None
         kv = layout_of.unpack(block)
-        accumulated = torch.zeros(block.numel(), dtype=torch.float32, device=block.device)  # its dK/dV, by piece
+        accumulated = torch.zeros(block.numel(), dtype=accumulate, device=block.device)  # its dK/dV, by piece
         grads_of = layout_of.unpack(accumulated)
         for qi, ki, seen in _block_pairs(layout, rank, source, world, causal):
             dq_part, dk_part, dv_part = attention_backward(
@@ -338,7 +348,8 @@ def ring_attention(q, k, v, *, causal=False, scale=None, layout="contiguous", gr
         layout: "contiguous" or "zigzag" (see the module docstring); every
             rank must use the same one, and have cut with it.
         group: the process group (default: the world).
-        return_lse: also return lse (B, Hq, N_local) float32.
+        return_lse: also return lse (B, Hq, N_local), float32 (float64 for
+            float64 q, which the ring also merges and accumulates in).
 
     Returns:
         out (B, Hq, N_local, Dv) in q's dtype (and lse): this rank's rows of
