@@ -19,16 +19,21 @@ import argparse
 import sys
 import time
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import attnkit
-from attnkit.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from attnkit.reference import attention as reference_attention
-from attnkit.reference import attention_backward as reference_backward
-from attnkit.reference.dropout import keep_mask
-from attnkit.testing import assert_close
+if not torch.cuda.is_available():  # the Triton kernels run under the interpreter (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import attnkit  # noqa: E402
+from attnkit.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
+from attnkit.reference import attention as reference_attention  # noqa: E402
+from attnkit.reference import attention_backward as reference_backward  # noqa: E402
+from attnkit.reference.dropout import keep_mask  # noqa: E402
+from attnkit.testing import assert_close  # noqa: E402
 
 # Error allowed per unit of the expected values' size (outputs; gradients get 4x): what the kernels'
 # arithmetic in each dtype leaves over thousands of random calls, with a margin.
@@ -471,6 +476,98 @@ def flash_attn(rng, large=False):
     return description, run
 
 
+def triton_kernel(rng, large=False):
+    """The Triton kernels themselves (kernels/triton_attention.py: dense and packed, forward and
+    backward), on a GPU or, without one, under Triton's interpreter on the CPU: every option."""
+    from attnkit.kernels import triton_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = [torch.float32, torch.float32, torch.float16][rng.integers(3)]
+    packed = bool(rng.random() < 0.3)
+    batch, hkv = int(rng.integers(1, 4 if packed else 3)), int(rng.choice([1, 2]))
+    hq = hkv * int(rng.choice([1, 2, 3]))
+    longer = [200] if large else []
+    if packed:
+        lengths_q = [int(rng.choice([0, 1, 9, 33] + longer)) for _ in range(batch)]
+        lengths_k = [int(rng.choice([0, 1, 16, 40] + longer)) for _ in range(batch)]
+    else:
+        lengths_q = [int(rng.choice([1, 2, 17, 40, 70] + longer))] * batch
+        lengths_k = [int(rng.choice([1, 5, 33, 64, 90] + longer))] * batch
+    d = int(rng.choice([8, 16, 40, 64] + ([128] if large else [])))
+    dv = d if packed or rng.random() < 0.7 else int(rng.choice([8, 24]))
+    causal = [None, "top_left", "bottom_right"][rng.integers(3)]
+    options = dict(
+        scale=float(rng.uniform(0.1, 0.5)),
+        causal=causal,
+        align=["top_left", "bottom_right"][rng.integers(2)] if packed or (not causal and rng.random() < 0.4) else None,
+        window=draw_window(rng),
+        softcap=None if rng.random() < 0.75 else 10.0,
+        alibi=None if rng.random() < 0.8 else torch.tensor(rng.uniform(0, 0.4, hq if rng.random() < 0.5 else (batch, hq))).float(),
+        dropout_p=0.0 if rng.random() < 0.75 else 0.3,
+        dropout_seed=int(rng.integers(0, 2**40)),
+    )  # fmt: skip
+    if packed and causal:
+        options["causal"] = options["align"]  # a packed call's causal follows its alignment
+    sinks = None if rng.random() < 0.8 else torch.tensor(rng.standard_normal(hq)).float().to(device)
+    mask = None
+    if not packed and rng.random() < 0.3:
+        mask = torch.tensor(rng.random((batch, 1, lengths_q[0], lengths_k[0])) < 0.7)
+        if rng.random() < 0.5:
+            mask = torch.tensor(rng.standard_normal((1, hq, lengths_q[0], lengths_k[0]))).to(dtype)
+    cu_q = np.concatenate([[0], np.cumsum(lengths_q)]).astype(np.int64)
+    cu_k = np.concatenate([[0], np.cumsum(lengths_k)]).astype(np.int64)
+
+    def make(heads, tokens, width):
+        shape = (heads, int(tokens[-1]), width) if packed else (batch, heads, int(tokens[1]), width)
+        return torch.tensor(rng.standard_normal(shape)).to(dtype).to(device)
+
+    q, k, v, d_out = make(hq, cu_q, d), make(hkv, cu_k, d), make(hkv, cu_k, dv), make(hq, cu_q, dv)
+    description = (f"{dtype} {'packed' if packed else 'dense'} on {device} batch {batch} H {hq}/{hkv} D {d}/{dv} "
+                   f"lengths q {lengths_q} k {lengths_k} mask {None if mask is None else mask.dtype} sinks "
+                   f"{sinks is not None} {describe(options)}")  # fmt: skip
+
+    def sequence(x, i, offsets):  # sequence i as (H, N, X) float64
+        return float64(x[:, offsets[i] : offsets[i + 1]] if packed else x[i])
+
+    def run():
+        kernel_options = dict(options, alibi=None if options["alibi"] is None else options["alibi"].to(device))
+        if packed:
+            out, lse = triton_attention.varlen_forward(q, k, v, cu_q, cu_k, sinks=sinks, **kernel_options)
+            grads = triton_attention.varlen_backward(q, k, v, out, d_out, lse, cu_q, cu_k, **kernel_options)
+        else:
+            device_mask = None if mask is None else mask.to(device)
+            out, lse = triton_attention.flash_forward(q, k, v, device_mask, sinks=sinks, **kernel_options)
+            grads = triton_attention.flash_backward(q, k, v, device_mask, out, d_out, lse, **kernel_options)
+        got = [out.cpu(), lse.cpu(), *(g.cpu() for g in grads), None]  # sinks' gradient: attnkit.sinks, not the kernel
+        want = [np.zeros(x.shape) for x in got[:5]]
+        want[1][:] = -np.inf  # packed rows of no sequence
+        plain = [None, None] + ([np.zeros(x.shape) for x in got[2:5]] if dtype == torch.float16 else [None] * 3)
+        slopes, p = float64(options["alibi"]), options["dropout_p"]
+        for i in range(batch):
+            rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            spec = dict(
+                scale=options["scale"], causal=options["causal"] or False, align=None if options["causal"] else options["align"],
+                window=options["window"], softcap=options["softcap"], sinks=float64(sinks), dropout_p=p,
+                mask=None if mask is None else float64(mask)[min(i, mask.shape[0] - 1)],
+                alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[i]),
+                dropout_keep=keep_mask(options["dropout_seed"], p, 1, hq, lengths_q[i], lengths_k[i],
+                                       first_sequence=i)[0] if p else None,
+            )  # fmt: skip
+            arrays = [sequence(x, i, offsets) for x, offsets in ((q, cu_q), (k, cu_k), (v, cu_k), (d_out, cu_q))]
+            exact, from_rounded = reference_gradients(*arrays, dtype, **spec)
+            for whole, part in ((want, exact), (plain, from_rounded)):
+                for j, offsets in enumerate((cu_q, cu_q, cu_q, cu_k, cu_k)):
+                    if whole[j] is not None:
+                        index = slice(offsets[i], offsets[i + 1])
+                        if packed:
+                            whole[j][:, index] = part[j]
+                        else:
+                            whole[j][i] = part[j]
+        check_results(got, want, plain, dtype)
+
+    return description, run
+
+
 def odd_layout(rng, x):
     """x, or the same values in another memory layout: reversed strides, a step, Fortran order,
     read-only, a zero-stride (broadcast) leading axis."""
@@ -598,6 +695,7 @@ ENTRY_POINTS = {
     "sdpa": sdpa,
     "kv_cache": kv_cache,
     "flash_attn": flash_attn,
+    "triton_kernel": triton_kernel,
     "numpy_arrays": numpy_arrays,
     "compiled": compiled,
 }

@@ -12,7 +12,8 @@ import pytest
 import random_calls
 
 SEED = int(os.environ.get("ATTNKIT_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
-CASES = {"dense": 40, "varlen": 25, "sdpa": 25, "kv_cache": 25, "flash_attn": 25, "numpy_arrays": 25, "compiled": 4}
+CASES = {"dense": 40, "varlen": 25, "sdpa": 25, "kv_cache": 25, "flash_attn": 25, "triton_kernel": 10, "numpy_arrays": 25,
+         "compiled": 4}
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,8 @@ CASES = {"dense": 40, "varlen": 25, "sdpa": 25, "kv_cache": 25, "flash_attn": 25
     ids=[f"{entry_point}-{index}" for entry_point, count in CASES.items() for index in range(count)],
 )
 def test_random_call_matches_the_reference(entry_point, index):
+    if entry_point == "triton_kernel":
+        pytest.importorskip("triton")  # attnkit[gpu]
     random_calls.run_case(entry_point, SEED, index)
 
 
