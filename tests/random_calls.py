@@ -417,10 +417,12 @@ def flash_attn(rng, large=False):
         window_size=(-1, -1) if rng.random() < 0.6 else (int(rng.choice([-1, 0, 5, 30])), int(rng.choice([-1, 0, 3]))),
         softcap=0.0 if rng.random() < 0.7 else 15.0,
         softmax_scale=None if rng.random() < 0.6 else float(rng.uniform(0.05, 1.0)),
-        alibi_slopes=None if rng.random() < 0.8 else torch.tensor(rng.uniform(0, 0.3, (hq,) if packed else (batch, hq))).float(),
+        alibi_slopes=None if rng.random() < 0.8 else torch.tensor(rng.uniform(0, 0.3, hq if packed else (batch, hq))),
         learnable_sink=None if rng.random() < 0.8 else torch.tensor(rng.standard_normal(hq)).float().requires_grad_(),
         dropout_p=0.0 if rng.random() < 0.8 else 0.3,
     )  # fmt: skip
+    if options["alibi_slopes"] is not None:
+        options["alibi_slopes"] = options["alibi_slopes"].float()
     cu_q = np.concatenate([[0], np.cumsum(lengths_q)]).astype(np.int32)
     cu_k = np.concatenate([[0], np.cumsum(lengths_k)]).astype(np.int32)
 
@@ -502,10 +504,12 @@ def triton_kernel(rng, large=False):
         align=["top_left", "bottom_right"][rng.integers(2)] if packed or (not causal and rng.random() < 0.4) else None,
         window=draw_window(rng),
         softcap=None if rng.random() < 0.75 else 10.0,
-        alibi=None if rng.random() < 0.8 else torch.tensor(rng.uniform(0, 0.4, hq if rng.random() < 0.5 else (batch, hq))).float(),
+        alibi=None if rng.random() < 0.8 else torch.tensor(rng.uniform(0, 0.4, [hq, (batch, hq)][rng.integers(2)])),
         dropout_p=0.0 if rng.random() < 0.75 else 0.3,
         dropout_seed=int(rng.integers(0, 2**40)),
     )  # fmt: skip
+    if options["alibi"] is not None:
+        options["alibi"] = options["alibi"].float()
     if packed and causal:
         options["causal"] = options["align"]  # a packed call's causal follows its alignment
     sinks = None if rng.random() < 0.8 else torch.tensor(rng.standard_normal(hq)).float().to(device)
@@ -546,7 +550,8 @@ def triton_kernel(rng, large=False):
         for i in range(batch):
             rows, keys = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
             spec = dict(
-                scale=options["scale"], causal=options["causal"] or False, align=None if options["causal"] else options["align"],
+                scale=options["scale"], causal=options["causal"] or False,
+                align=None if options["causal"] else options["align"],
                 window=options["window"], softcap=options["softcap"], sinks=float64(sinks), dropout_p=p,
                 mask=None if mask is None else float64(mask)[min(i, mask.shape[0] - 1)],
                 alibi_slopes=None if slopes is None else (slopes if slopes.ndim == 1 else slopes[i]),

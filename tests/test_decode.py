@@ -269,8 +269,8 @@ def _cache_view(kind, values):
         return np.ascontiguousarray(values.transpose(0, 2, 1, 3)[:, :, ::-1]).transpose(0, 2, 1, 3)[:, ::-1]
     item = values.itemsize
     row_step = {"rows_overlapping": item, "rows_repeated": 0}[kind]  # an unfolded sequence, an expanded key
-    return np.lib.stride_tricks.as_strided(np.ascontiguousarray(values), (b, h, n, d),
-                                           (h * n * d * item, n * d * item, row_step, item), writeable=True)  # fmt: skip
+    strides = (h * n * d * item, n * d * item, row_step, item)
+    return np.lib.stride_tricks.as_strided(np.ascontiguousarray(values), (b, h, n, d), strides, writeable=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16], ids=["float32", "float64", "bf16"])
@@ -288,5 +288,6 @@ def test_decode_reads_what_any_strided_cache_holds(kind, dtype):
     with kernel.recording() as launches:
         out, lse = kernel.flash_forward(q, k, v, None, scale=0.125, causal="bottom_right", window=None, softcap=None)
     assert [x.worker.removesuffix("_serial") for x in launches] == ["decode"]
-    held = [(bf16_to_float32(np.ascontiguousarray(x)) if dtype == np.uint16 else x).astype(np.float64) for x in (q, k, v)]
+    held = [(bf16_to_float32(np.ascontiguousarray(x)) if dtype == np.uint16 else x).astype(np.float64)
+            for x in (q, k, v)]  # fmt: skip
     _assert_matches_the_reference(out, lse, *held, dtype, scale=0.125, causal="bottom_right")

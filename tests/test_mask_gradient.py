@@ -110,8 +110,8 @@ def test_mask_gradient_a_few_heads_at_a_time_is_the_whole_one(monkeypatch, optio
     def mask_grad(step_bytes):
         monkeypatch.setattr(reference_backend, "_MASK_GRADIENT_STEP_BYTES", step_bytes)
         leaf = mask.clone().requires_grad_()
-        out = attnkit.attention(q, k, v, mask=leaf, alibi_slopes=alibi, sinks=sinks, dropout_p=features.get("dropout_p", 0.0),
-                                dropout_seed=5, backend="auto")  # fmt: skip
+        out = attnkit.attention(q, k, v, mask=leaf, alibi_slopes=alibi, sinks=sinks,
+                                dropout_p=features.get("dropout_p", 0.0), dropout_seed=5)  # fmt: skip
         out.backward(torch.ones_like(out))
         return leaf.grad
 

@@ -12,8 +12,8 @@ import pytest
 import random_calls
 
 SEED = int(os.environ.get("ATTNKIT_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
-CASES = {"dense": 40, "varlen": 25, "sdpa": 25, "kv_cache": 25, "flash_attn": 25, "triton_kernel": 10, "numpy_arrays": 25,
-         "compiled": 4}
+CASES = {"dense": 40, "varlen": 25, "sdpa": 25, "kv_cache": 25, "flash_attn": 25, "triton_kernel": 10,
+         "numpy_arrays": 25, "compiled": 4}
 
 
 @pytest.mark.parametrize(

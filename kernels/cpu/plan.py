@@ -247,7 +247,7 @@ def _mask_plan(mask, dtype, nk, block_q, block_k, rows_unrestricted=False):
         if np.logical_or(visible, rows <= _HIDDEN_ADDITIVE).all() and visible.any(axis=-1).all():
             return _mask_plan(visible, dtype, nk, block_q, block_k)
     visible = mask == 0
-    if mask.min() < _ADDITIVE_FLOOR:  # -inf, or finite entries below the floor (one pass finds neither)
+    if mask.min() < _ADDITIVE_FLOOR:  # -inf or entries below the floor: only then look for the latter
         overflowing = (mask < _ADDITIVE_FLOOR) & (mask > -np.inf)
         if overflowing.any():
             mask = np.where(overflowing, mask.dtype.type(_ADDITIVE_FLOOR), mask)
