@@ -29,7 +29,10 @@ if not torch.cuda.is_available():  # the Triton kernels run under the interprete
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import attnkit  # noqa: E402
-from attnkit.flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache  # noqa: E402
+from attnkit.flash_attn import (  # noqa: E402
+    flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache,
+)  # fmt: skip
 from attnkit.reference import attention as reference_attention  # noqa: E402
 from attnkit.reference import attention_backward as reference_backward  # noqa: E402
 from attnkit.reference.dropout import keep_mask  # noqa: E402
@@ -396,9 +399,10 @@ def kv_cache(rng, large=False):
 
 
 def flash_attn(rng, large=False):
-    """flash_attn_func and flash_attn_varlen_func: (B, N, H, D) and (total, H, D) tensors, bottom-right
-    alignment, window_size with -1, softcap 0 as none, ALiBi, learnable sinks; results and gradients
-    against the reference per sequence. With dropout: out is S_dmask's kept weights times V."""
+    """flash_attn_func and flash_attn_varlen_func, and their kvpacked / qkvpacked forms: (B, N, H, D)
+    and (total, H, D) tensors, bottom-right alignment, window_size with -1, softcap 0 as none, ALiBi,
+    learnable sinks; results and gradients against the reference per sequence. With dropout: out is
+    S_dmask's kept weights times V."""
     dtype = DTYPES[rng.integers(len(DTYPES))]
     packed = bool(rng.random() < 0.4)
     batch = int(rng.integers(1, 4))
@@ -431,20 +435,47 @@ def flash_attn(rng, large=False):
         return torch.tensor(rng.standard_normal(shape)).to(dtype).requires_grad_()
 
     q, k, v = make(cu_q, hq, d), make(cu_k, hkv, d), make(cu_k, hkv, d)
-    description = (f"{dtype} {'flash_attn_varlen_func' if packed else 'flash_attn_func'} batch {batch} H {hq}/{hkv} "
-                   f"D {d} lengths q {lengths_q} k {lengths_k} {describe(options)}")  # fmt: skip
+    # the kvpacked / qkvpacked variants: K and V (and Q) stacked on the axis before the heads
+    packing = ["", "kv"][rng.integers(2)]
+    if hq == hkv and lengths_q == lengths_k and rng.random() < 0.5:
+        packing = "qkv"
+    stacked = None
+    if packing:
+        stacked = torch.stack([x.detach() for x in ((q, k, v) if packing == "qkv" else (k, v))], dim=-3)
+        stacked.requires_grad_()
+    name = f"flash_attn_{'varlen_' if packed else ''}{packing + 'packed_' if packing else ''}func"
+    description = (f"{dtype} {name} batch {batch} H {hq}/{hkv} D {d} lengths q {lengths_q} k {lengths_k} "
+                   f"{describe(options)}")  # fmt: skip
+
+    def call():
+        """(out, lse, S_dmask) and [dq, dk, dv] as they will be once out is differentiated."""
+        offsets = [torch.tensor(cu_q), torch.tensor(cu_k)]
+        if packing == "qkv":
+            arguments = (stacked, offsets[0], max(lengths_q)) if packed else (stacked,)
+            function = flash_attn_varlen_qkvpacked_func if packed else flash_attn_qkvpacked_func
+        elif packing == "kv":
+            arguments = (q, stacked, *offsets, max(lengths_q), max(lengths_k)) if packed else (q, stacked)
+            function = flash_attn_varlen_kvpacked_func if packed else flash_attn_kvpacked_func
+        else:
+            arguments = (q, k, v, *offsets, max(lengths_q), max(lengths_k)) if packed else (q, k, v)
+            function = flash_attn_varlen_func if packed else flash_attn_func
+        results = function(*arguments, return_attn_probs=True, **options)
+
+        def gradients():
+            if packing == "qkv":
+                return [stacked.grad.select(-3, i) for i in range(3)]
+            if packing == "kv":
+                return [q.grad, stacked.grad.select(-3, 0), stacked.grad.select(-3, 1)]
+            return [q.grad, k.grad, v.grad]
+
+        return results, gradients
 
     def sequence(x, i, offsets):  # sequence i of a (total, H, D) or (B, N, H, D) tensor as (H, N, D) float64
         x = x[offsets[i] : offsets[i + 1]] if packed else x[i]
         return float64(x).transpose(1, 0, 2)
 
     def run():
-        if packed:
-            results = flash_attn_varlen_func(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k), max(lengths_q),
-                                             max(lengths_k), return_attn_probs=True, **options)  # fmt: skip
-        else:
-            results = flash_attn_func(q, k, v, return_attn_probs=True, **options)
-        out, lse, probs = results
+        (out, lse, probs), gradients = call()
         sinks, p = options["learnable_sink"], options["dropout_p"]
         if p:  # the weights S_dmask holds (dropped ones negated), kept and scaled, times V
             for i in range(batch):
@@ -471,8 +502,8 @@ def flash_attn(rng, large=False):
             check(f"out[{i}]", sequence(out, i, cu_q), want[0], dtype)
             lse_i = lse[:, cu_q[i] : cu_q[i + 1]] if packed else lse[i]
             check(f"lse[{i}]", lse_i, want[1], dtype)
-            for j, (name, x, offsets) in enumerate((("dq", q, cu_q), ("dk", k, cu_k), ("dv", v, cu_k))):
-                check(f"{name}[{i}]", sequence(x.grad, i, offsets), want[2 + j], dtype, gradient=True,
+            for j, (name, grad, offsets) in enumerate(zip(("dq", "dk", "dv"), gradients(), (cu_q, cu_k, cu_k))):
+                check(f"{name}[{i}]", sequence(grad, i, offsets), want[2 + j], dtype, gradient=True,
                       plain=plain[2 + j])  # fmt: skip
 
     return description, run
