@@ -159,12 +159,14 @@ def check_block_table(block_table, batch, num_blocks, stops, page_size):
 
 
 def rotate(x, cos, sin, positions, interleaved):
-    """x (B, N, H, D) rotated at positions (B, N) by cos / sin (L, R/2) on its first R features."""
+    """x (B, N, H, D) rotated at positions (B, N) by cos / sin (L, R/2) on its first R features, in
+    float32 (float64 for float64 x, which float32 arithmetic left float32-accurate)."""
     torch = _torch()
     half = cos.shape[1]
-    c = cos[positions][:, :, None, :].to(torch.float32)  # (B, N, 1, R/2)
-    s = sin[positions][:, :, None, :].to(torch.float32)
-    xf = x.to(torch.float32)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    c = cos[positions][:, :, None, :].to(compute)  # (B, N, 1, R/2)
+    s = sin[positions][:, :, None, :].to(compute)
+    xf = x.to(compute)
     if interleaved:  # GPT-J: pairs (0, 1), (2, 3), ...
         x1, x2 = xf[..., 0 : 2 * half : 2], xf[..., 1 : 2 * half : 2]
         rotated = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)

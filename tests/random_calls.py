@@ -319,8 +319,22 @@ def sdpa(rng, large=False):
     return description, run
 
 
+def rotated(x, positions, cos, sin, interleaved):
+    """x (N, H, D) float64 with rotary embeddings at positions (N,): cos, sin (L, R/2) rotate its first R
+    columns, as pairs (0, 1), (2, 3)... when interleaved (GPT-J), else (i, i + R/2) (GPT-NeoX)."""
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]  # (N, 1, R/2)
+    half = c.shape[-1]
+    first, second = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (slice(0, half),
+                                                                                     slice(half, 2 * half))
+    out = x.copy()
+    out[..., first] = x[..., first] * c - x[..., second] * s
+    out[..., second] = x[..., first] * s + x[..., second] * c
+    return out
+
+
 def kv_cache(rng, large=False):
-    """attnkit.flash_attn.flash_attn_with_kvcache: contiguous and paged caches, appends, left pads."""
+    """attnkit.flash_attn.flash_attn_with_kvcache: contiguous and paged caches, appends, left pads,
+    rotary embeddings (the appended keys and the queries), learnable sinks."""
     dtype = DTYPES[rng.integers(len(DTYPES))]
     batch = int(rng.integers(1, 5))
     hkv = int(rng.choice([1, 2]))
@@ -342,6 +356,12 @@ def kv_cache(rng, large=False):
     window = (-1, -1) if rng.random() < 0.7 else (int(rng.integers(0, 20)), int(rng.choice([-1, 0, 3])))
     softcap = 0.0 if rng.random() < 0.7 else 20.0
     slopes = None if rng.random() < 0.8 else torch.tensor(rng.uniform(0, 0.3, hq)).float()
+    sinks = None if rng.random() < 0.85 else torch.tensor(rng.standard_normal(hq)).float()
+    rotary = None
+    if rng.random() < 0.3:  # (cos, sin) over every position the call reaches, interleaved or not
+        angles = rng.uniform(0, 2 * np.pi, (capacity + nq, int(rng.choice([d // 4, d // 2]))))
+        cos, sin = (torch.tensor(f(angles)).to(dtype) for f in (np.cos, np.sin))
+        rotary = (cos, sin, bool(rng.random() < 0.5))
 
     def make(shape):
         return torch.tensor(rng.standard_normal(shape)).to(dtype)
@@ -360,7 +380,8 @@ def kv_cache(rng, large=False):
     description = (f"{dtype} batch {batch} H {hq}/{hkv} D {d} Nq {nq} appended {appended} page {page} capacity "
                    f"{capacity} lengths {lengths.tolist()} left_pad {None if left_pad is None else left_pad.tolist()} "
                    f"batch_index {None if batch_index is None else batch_index.tolist()} causal {causal} window "
-                   f"{window} softcap {softcap} alibi {slopes is not None}")  # fmt: skip
+                   f"{window} softcap {softcap} alibi {slopes is not None} sinks {sinks is not None} rotary "
+                   f"{None if rotary is None else (tuple(rotary[0].shape), 'interleaved' if rotary[2] else 'halves')}")
 
     def sequence(cache, i):  # (capacity, Hkv, D): sequence i's cache, a view
         if paged:
@@ -368,29 +389,41 @@ def kv_cache(rng, large=False):
         return cache[batch_index[i] if batch_index is not None else i]
 
     def run():
-        want_k = [sequence(k_cache, i).clone() for i in range(batch)]
-        want_v = [sequence(v_cache, i).clone() for i in range(batch)]
-        for i in range(batch):
-            if appended:
-                want_k[i][lengths[i] : lengths[i] + appended] = k_new[i]
-                want_v[i][lengths[i] : lengths[i] + appended] = v_new[i]
+        before = [(sequence(k_cache, i).clone(), sequence(v_cache, i).clone()) for i in range(batch)]
+        cos, sin, interleaved = rotary or (None, None, True)
         out, lse = flash_attn_with_kvcache(
             q, k_cache, v_cache, k_new, v_new, cache_seqlens=torch.tensor(lengths.astype(np.int32)),
             cache_batch_idx=None if batch_index is None else torch.tensor(batch_index),
             cache_leftpad=None if left_pad is None else torch.tensor(left_pad), block_table=block_table,
             causal=causal, window_size=window, softcap=softcap, alibi_slopes=slopes, return_softmax_lse=True,
+            rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved, learnable_sink=sinks,
         )  # fmt: skip
-        for i in range(batch):  # the new keys and values landed where they belong, and nothing else moved
-            assert torch.equal(sequence(k_cache, i), want_k[i]), f"k cache of sequence {i}"
-            assert torch.equal(sequence(v_cache, i), want_v[i]), f"v cache of sequence {i}"
+        # Queries sit at cache_seqlens + i when causal or local, all at cache_seqlens otherwise (flash-attn's rule)
+        query_steps = np.arange(nq) if causal or window != (-1, -1) else np.zeros(nq, np.int64)
         visible_window = None if window == (-1, -1) else tuple(None if x < 0 else x for x in window)
         for i in range(batch):
+            new_rows = np.arange(lengths[i], lengths[i] + appended)
+            kept = np.setdiff1d(np.arange(capacity), new_rows)
+            keys, values = sequence(k_cache, i), sequence(v_cache, i)
+            # the new keys and values landed where they belong (keys rotated), and nothing else moved
+            assert torch.equal(keys[kept], before[i][0][kept]), f"k cache of sequence {i}"
+            assert torch.equal(values[kept], before[i][1][kept]), f"v cache of sequence {i}"
+            if appended:
+                assert torch.equal(values[new_rows], v_new[i]), f"appended values of sequence {i}"
+                if rotary is None:
+                    assert torch.equal(keys[new_rows], k_new[i]), f"appended keys of sequence {i}"
+                else:
+                    check(f"appended keys of sequence {i}", keys[new_rows],
+                          rotated(float64(k_new[i]), new_rows, float64(cos), float64(sin), interleaved), dtype)
+            queries = float64(q[i])  # (Nq, Hq, D)
+            if rotary is not None:
+                queries = rotated(queries, lengths[i] + query_steps, float64(cos), float64(sin), interleaved)
             first, end = (0 if left_pad is None else int(left_pad[i])), int(lengths[i]) + appended
-            keys, values = (float64(x[i][first:end]).transpose(1, 0, 2) for x in (want_k, want_v))
             want, want_lse = reference_attention(
-                float64(q[i]).transpose(1, 0, 2), keys, values, causal="bottom_right" if causal else False,
-                align=None if causal else "bottom_right", window=visible_window, softcap=softcap or None,
-                alibi_slopes=float64(slopes), return_lse=True,
+                queries.transpose(1, 0, 2), *(float64(x[first:end]).transpose(1, 0, 2) for x in (keys, values)),
+                causal="bottom_right" if causal else False, align=None if causal else "bottom_right",
+                window=visible_window, softcap=softcap or None, alibi_slopes=float64(slopes), sinks=float64(sinks),
+                return_lse=True,
             )  # fmt: skip
             check(f"out[{i}]", float64(out[i]).transpose(1, 0, 2), want, dtype)
             check(f"lse[{i}]", lse[i], want_lse, dtype)

@@ -28,6 +28,7 @@ from attnkit.flash_attn import (
 )
 from attnkit.reference.varlen import varlen_attention as reference, varlen_attention_backward as reference_backward
 from attnkit.testing import assert_within_rule, max_error
+from random_calls import rotated
 
 # (lengths_q, lengths_k, Hq, Hkv, D, causal, window, softcap, alibi)
 CASES = [
@@ -201,20 +202,6 @@ def test_dropout_runs_in_the_kernel():
 # ---------------------------------------------------------------------------
 
 
-def rotate(x, cos, sin, positions, interleaved):
-    """NumPy rotary embedding: x (N, H, D) at positions (N,), cos / sin (L, R/2)."""
-    x = x.copy()
-    half = cos.shape[1]
-    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
-    if interleaved:
-        a, b = x[..., 0 : 2 * half : 2].copy(), x[..., 1 : 2 * half : 2].copy()
-        x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2] = a * c - b * s, a * s + b * c
-    else:
-        a, b = x[..., :half].copy(), x[..., half : 2 * half].copy()
-        x[..., :half], x[..., half : 2 * half] = a * c - b * s, a * s + b * c
-    return x
-
-
 KV_CASES = [
     # (page size or None, Nq, N_new, causal, window, rotary, interleaved, leftpad, batch_idx)
     (None, 1, 1, True, None, False, False, False, False),
@@ -286,13 +273,13 @@ def test_kvcache_against_reference(case):
 
     for b in range(batch):
         pos = filled[b]  # rotary positions: absolute cache positions, as flash-attn's kernel has them
-        new_k = rotate(k_new[b], cos, sin, pos + np.arange(n_new), interleaved) if rotary else k_new[b]
+        new_k = rotated(k_new[b], pos + np.arange(n_new), cos, sin, interleaved) if rotary else k_new[b]
         logical[0][b, filled[b] : filled[b] + n_new] = new_k
         logical[1][b, filled[b] : filled[b] + n_new] = v_new[b]
         keys = slice(starts[b], filled[b] + n_new)
         q_b = q[b]
         if rotary:
-            q_b = rotate(q_b, cos, sin, pos + (np.arange(nq) if causal or window else np.zeros(nq, int)), interleaved)
+            q_b = rotated(q_b, pos + (np.arange(nq) if causal or window else np.zeros(nq, int)), cos, sin, interleaved)
         expected, expected_lse = reference(
             q_b.transpose(1, 0, 2).astype(np.float64), logical[0][b, keys].transpose(1, 0, 2).astype(np.float64),
             logical[1][b, keys].transpose(1, 0, 2).astype(np.float64), [0, nq], [0, keys.stop - keys.start],
@@ -481,6 +468,23 @@ def test_rotary_decode_needs_only_the_positions_it_reads():
     with pytest.raises(ValueError, match=f"rotary_cos has {filled} positions; this call needs {filled + n_new}"):
         flash_attn_with_kvcache(q, *(x.clone() for x in cache), k_new, v_new, rotary_cos=angles[:filled].cos(),
                                 rotary_sin=angles[:filled].sin(), cache_seqlens=filled)  # fmt: skip
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "halves"])
+def test_rotary_keeps_float64(interleaved):
+    """A float64 cache's appended keys (and queries) are rotated in float64: float32 arithmetic left
+    them ~1e-7 off NumPy's float64 rotation (found by tests/random_calls.py)."""
+    rng = np.random.default_rng(5)
+    batch, filled, n_new, d = 2, 5, 3, 32
+    k_cache, v_cache = (torch.from_numpy(rng.standard_normal((batch, 12, 2, d))) for _ in range(2))
+    q, k_new, v_new = (torch.from_numpy(rng.standard_normal((batch, n, h, d))) for n, h in ((1, 4), (3, 2), (3, 2)))
+    angles = rng.uniform(0, 2 * np.pi, (12, 8))
+    cos, sin = np.cos(angles), np.sin(angles)
+    flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=filled, rotary_cos=torch.from_numpy(cos),
+                            rotary_sin=torch.from_numpy(sin), rotary_interleaved=interleaved)  # fmt: skip
+    for b in range(batch):
+        want = rotated(k_new[b].numpy(), filled + np.arange(n_new), cos, sin, interleaved)
+        np.testing.assert_allclose(k_cache[b, filled : filled + n_new].numpy(), want, rtol=0, atol=1e-12)
 
 
 def test_refusals_are_runtime_errors_too():
