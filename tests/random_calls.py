@@ -16,10 +16,9 @@ tests/test_random_calls.py runs a few cases of each with a new seed in every sui
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-
-import os
 
 import numpy as np
 import torch
@@ -90,7 +89,7 @@ def float64(x):
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
-        x = x.detach()
+        x = x.detach().cpu()  # the Triton entry's tensors may live on a GPU
         return x.numpy() if x.dtype == torch.bool else x.double().numpy()
     return x if x.dtype == bool else x.astype(np.float64)
 
