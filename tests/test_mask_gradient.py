@@ -119,6 +119,19 @@ def test_mask_gradient_a_few_heads_at_a_time_is_the_whole_one(monkeypatch, optio
     assert_close(mask_grad(STEP_BYTES[step_bytes]), whole, atol=1e-6, rtol=1e-6, name="dmask")
 
 
+@pytest.mark.parametrize("mask_shape", [(NQ, NK), (1, 1, NQ, NK), (B, 0, NQ, NK)], ids=["2d", "broadcast", "per_head"])
+def test_mask_gradient_of_a_call_with_no_query_heads_is_zero(mask_shape):
+    """q with no heads: no score reaches the mask, so its gradient is zeros of its shape (planning
+    the steps of a few heads divided by a group size of 0 before: ZeroDivisionError)."""
+    q = torch.randn(B, 0, NQ, D, requires_grad=True)
+    k, v = torch.randn(B, 1, NK, D), torch.randn(B, 1, NK, DV)
+    mask = torch.randn(mask_shape, requires_grad=True)
+    out = attnkit.attention(q, k, v, mask=mask)
+    out.sum().backward()
+    assert out.shape == (B, 0, NQ, DV)
+    assert mask.grad.shape == mask.shape and not mask.grad.any()
+
+
 def test_mask_gradient_through_sdpa_alone():
     """Only the mask requires grad (a frozen model's learned bias): the call still differentiates."""
     g = torch.Generator().manual_seed(3)

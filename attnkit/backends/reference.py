@@ -94,8 +94,10 @@ def _mask_gradient_steps(spec):
     """[(query heads, kv heads)] slices of a dense call for mask_gradient: whole kv groups, or a
     divisor of the group's query heads (a step then reads one kv head), each step's scores at most
     _MASK_GRADIENT_STEP_BYTES when a head allows."""
+    if spec.hq == 0:  # no query heads: one empty step (the gradient is zeros)
+        return [(slice(0, 0), slice(0, spec.hkv))]
     group = spec.hq // spec.hkv
-    per_head = max(1, score_count(spec) // max(spec.hq, 1) * (8 if spec.dtype == "float64" else 4))
+    per_head = max(1, score_count(spec) // spec.hq * (8 if spec.dtype == "float64" else 4))
     step = max(1, _MASK_GRADIENT_STEP_BYTES // per_head)
     if step >= group:
         step -= step % group  # whole groups
