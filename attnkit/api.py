@@ -74,13 +74,9 @@ def _attend_traced(q, k, v, mask, alibi, spec, backend, *, return_weights, dropo
                          "for it, or detach the mask")
     device_type = spec.device.split(":")[0] if compiling else "cpu"
     wanted = {"cpu": "numba", "cuda": "triton"}.get(device_type)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string; got {type(backend).__name__}")
-    from .backends import BACKENDS
+    from .backends import BACKENDS, check_backend_name
 
-    if not compiling and backend not in ("auto", *BACKENDS):  # any backend's results have these shapes
-        names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
-        raise ValueError(f"backend must be one of {names}; got {backend!r}")
+    check_backend_name(backend)  # without data any backend's results have the operators' shapes
     if compiling and backend not in ("auto", wanted):
         raise ValueError(
             f"under torch.compile attnkit runs {wanted!r} on {device_type} tensors; got backend={backend!r}"

@@ -178,7 +178,7 @@ def _pieces(x, n_pieces):
 def _accumulation_dtype(dtype):
     """What the ring merges and accumulates in: float32, float64 for float64 inputs (which attention()
     computes in float64 throughout; the ring's float32 sums left them float32-accurate)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _merge(out, lse, part_out, part_lse):

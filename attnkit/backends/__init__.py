@@ -68,6 +68,15 @@ def _refusal(backend, spec, request):
     return backend.unavailable_reason() or backend.unsupported_reason(spec, request)
 
 
+def check_backend_name(requested):
+    """TypeError / ValueError unless requested is "auto" or a backend's name."""
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string; got {type(requested).__name__}")
+    if requested != "auto" and requested not in BACKENDS:
+        names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
+        raise ValueError(f"backend must be one of {names}; got {requested!r}")
+
+
 def choose_backend(spec, requested, request, warn=True, stacklevel=4, start_compiling=True):
     """Pick the backend for one call; raise ValueError if a named one cannot run it.
 
@@ -75,12 +84,8 @@ def choose_backend(spec, requested, request, warn=True, stacklevel=4, start_comp
     AttnkitFallbackWarning. start_compiling=False (attnkit.explain): say what
     the call would run on without starting any compilation.
     """
-    if not isinstance(requested, str):
-        raise TypeError(f"backend must be a string; got {type(requested).__name__}")
+    check_backend_name(requested)
     if requested != "auto":
-        if requested not in BACKENDS:
-            names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
-            raise ValueError(f"backend must be one of {names}; got {requested!r}")
         backend = BACKENDS[requested]
         reason = _refusal(backend, spec, request)
         if reason:

@@ -50,6 +50,11 @@ def score_count(spec):
     return math.prod(spec.batch) * spec.hq * spec.nq * spec.nk
 
 
+def _score_bytes(spec):
+    """The bytes of a call's scores in the reference's compute dtype."""
+    return score_count(spec) * (8 if spec.dtype == "float64" else 4)
+
+
 # Standing in for a kernel (helpers compiling), a dense call of more than this many bytes of scores
 # runs a few kv heads (and their query heads) at a time: each step's temporaries (scores, weights,
 # their gradients: ~8 arrays of the scores' size in the backward) then fit a step's share, and are
@@ -77,7 +82,7 @@ def _head_steps(spec, mask, dropout, return_weights):
         return None
     if mask is not None and mask.ndim >= 3 and mask.shape[-3] not in (1, spec.hq):
         return None
-    per_kv_head = score_count(spec) // spec.hkv * (8 if spec.dtype == "float64" else 4)
+    per_kv_head = _score_bytes(spec) // spec.hkv
     if per_kv_head * spec.hkv <= _SCORES_PER_STEP_BYTES:
         return None
     step, group = max(1, _SCORES_PER_STEP_BYTES // per_kv_head), spec.hq // spec.hkv
@@ -97,7 +102,7 @@ def _mask_gradient_steps(spec):
     if spec.hq == 0:  # no query heads: one empty step (the gradient is zeros)
         return [(slice(0, 0), slice(0, spec.hkv))]
     group = spec.hq // spec.hkv
-    per_head = max(1, score_count(spec) // spec.hq * (8 if spec.dtype == "float64" else 4))
+    per_head = max(1, _score_bytes(spec) // spec.hq)
     step = max(1, _MASK_GRADIENT_STEP_BYTES // per_head)
     if step >= group:
         step -= step % group  # whole groups
@@ -151,10 +156,9 @@ class ReferenceBackend(Backend):
     def stand_in_refusal(self, spec):
         """None when the reference can stand in for a kernel still compiling on this call (small
         enough: STAND_IN_BYTES), else why not."""
-        scores = score_count(spec)
-        size = scores * (8 if spec.dtype == "float64" else 4)
+        size = _score_bytes(spec)
         if size > STAND_IN_BYTES:
-            return f"{scores:,} scores ({size / 2**20:.0f} MiB) are more than the reference stands in for"
+            return f"{score_count(spec):,} scores ({size / 2**20:.0f} MiB) are more than the reference stands in for"
         return None
 
     def forward(self, q, k, v, mask, spec, *, alibi=None, return_weights=False, dropout=None, sinks=None):
