@@ -4,8 +4,9 @@ against torch's SDPA, with and without the bias's gradient, taking turns in one 
     python -m attnkit.bench.mask_gradient [--shape 2,8,512,64] [--dtype float32] [--dropout 0.1] [--rounds 7]
 
 Each step: the forward with the (1, H, N, N) bias, then the backward of out.sum(). Prints the
-median step of each contender. attnkit computes the bias's gradient with the NumPy specification
-beside its kernels' backward (README: the mask), which this measures.
+median step of each contender, and what the kernels' host-side plan of the bias costs a call.
+attnkit computes the bias's gradient with the NumPy specification beside its kernels' backward
+(README: the mask), which this measures.
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ def main(argv=None):
     for name in contenders:
         cells = [f"{1e3 * statistics.median(times[name, grad]):.1f} ms" for grad in (False, True)]
         print(f"| {name} | {cells[0]} | {cells[1]} |")
+    # The host-side summary of the bias the kernels' forward makes (and the backward again)
+    from attnkit.kernels.numba_attention import plan_mask
+
+    bias_array = bias.float().numpy()
+    plans = []
+    for _ in range(args.rounds * 3):
+        start = time.perf_counter()
+        plan_mask(bias_array, n, n)
+        plans.append(time.perf_counter() - start)
+    print(f"the kernels' mask plan of the bias: {1e3 * statistics.median(plans):.2f} ms a call (median of "
+          f"{len(plans)}; once in the forward, once in the backward)")
 
 
 if __name__ == "__main__":
